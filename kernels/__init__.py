@@ -1,0 +1,14 @@
+"""Compiled compute routines behind :mod:`jacobians`.
+
+Everything here works on *flat* problems: a function from a 1-D array of size
+``n`` to a 1-D array of size ``m`` and its ``(m, n)`` Jacobian matrix, or on
+stacks of small square matrices. Argument checking, pytrees and layouts are the
+business of :mod:`jacobians`; this package never imports it.
+"""
+
+from ._basis import basis_map as basis_map
+from ._det import slogdet as slogdet
+from ._forward import forward as forward
+from ._reverse import reverse as reverse
+
+__all__ = ["basis_map", "forward", "reverse", "slogdet"]

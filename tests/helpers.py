@@ -1,0 +1,28 @@
+"""One tree-aware allclose and a tolerance table keyed by dtype."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOL = {
+    np.dtype("float32"): dict(rtol=2e-4, atol=2e-5),
+    np.dtype("float64"): dict(rtol=1e-10, atol=1e-12),
+    np.dtype("complex64"): dict(rtol=2e-4, atol=2e-5),
+    np.dtype("complex128"): dict(rtol=1e-10, atol=1e-12),
+}
+
+
+def assert_tree_allclose(actual, expected, **tol):
+    """Same structure, shapes and dtypes; every element close (tolerance from the dtype)."""
+    sa, se = jax.tree_util.tree_structure(actual), jax.tree_util.tree_structure(expected)
+    assert sa == se, f"structure {sa} != {se}"
+    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.shape == e.shape, f"shape {a.shape} != {e.shape}"
+        assert a.dtype == e.dtype, f"dtype {a.dtype} != {e.dtype}"
+        np.testing.assert_allclose(a, e, **(tol or TOL.get(a.dtype, dict(rtol=0, atol=0))))
+
+
+def randn(rng, shape, dtype=jnp.float64):
+    """Fresh standard-normal draws (never zeros), as a JAX array."""
+    return jnp.asarray(rng.standard_normal(shape), dtype=dtype)

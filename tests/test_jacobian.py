@@ -1,0 +1,316 @@
+"""The engine: agreement with jax.jacfwd/jacrev, the book's examples, caching, errors."""
+
+import enum
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_tree_allclose, randn
+
+import jacobians
+
+_R = np.random.default_rng(0)
+A43 = jnp.asarray(_R.standard_normal((4, 3)))
+A73 = jnp.asarray(_R.standard_normal((7, 3)))
+A26 = jnp.asarray(_R.standard_normal((2, 6)))
+B22 = jnp.asarray(_R.standard_normal((2, 2)))
+
+# name -> (function, input shape). Constants are cast to the input's dtype so
+# that float32 runs stay float32.
+FUNCS = {
+    "elementwise": (lambda x: jnp.sin(x) * x, (5,)),
+    "matvec": (lambda x: A43.astype(x.dtype) @ x, (3,)),
+    "tall_tanh": (lambda x: jnp.tanh(A73.astype(x.dtype) @ x), (3,)),
+    "wide_tanh": (lambda x: jnp.tanh(A26.astype(x.dtype) @ x), (6,)),
+    "matrix_to_matrix": (lambda X: jnp.sin(X.T @ X) @ B22.astype(X.dtype), (3, 2)),
+    "to_scalar": (lambda x: jnp.sum(x**3), (4,)),
+    "from_scalar": (lambda t: jnp.stack([jnp.sin(t), jnp.cos(t), t**2]), ()),
+    "matrix_valued": (lambda x: jnp.outer(jnp.exp(x), x[:2]), (3,)),
+}
+
+
+@pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.parametrize("mode", ["fwd", "rev", "auto"])
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_agrees_with_jax(rng, name, mode, chunk_size):
+    f, shape = FUNCS[name]
+    x = randn(rng, shape)
+    got = jacobians.jacobian(f, mode=mode, chunk_size=chunk_size)(x)
+    assert_tree_allclose(got, jax.jacfwd(f)(x))
+    assert_tree_allclose(got, jax.jacrev(f)(x))
+
+
+@pytest.mark.parametrize("name", ["elementwise", "tall_tanh", "wide_tanh", "matrix_to_matrix"])
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_float32(rng, name, mode):
+    f, shape = FUNCS[name]
+    x = randn(rng, shape, jnp.float32)
+    got = jacobians.jacobian(f, mode=mode, chunk_size=2)(x)
+    assert got.dtype == jnp.float32
+    ref = jax.jacfwd(lambda x: f(x.astype(jnp.float64)))(x.astype(jnp.float64))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_sizes_all_agree(rng):
+    f, shape = FUNCS["matrix_valued"]
+    x = randn(rng, shape)
+    ref = jax.jacrev(f)(x)
+    for mode in ("fwd", "rev"):
+        for k in range(1, 8):
+            assert_tree_allclose(jacobians.jacobian(f, mode=mode, chunk_size=k)(x), ref)
+
+
+def test_auto_picks_cheaper_mode(monkeypatch, rng):
+    import kernels
+
+    used = []
+    for name in ("forward", "reverse"):
+        orig = getattr(kernels, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            used.append(_name)
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(kernels, name, spy)
+    jacobians.jacobian(FUNCS["tall_tanh"][0])(randn(rng, (3,)))  # 3 -> 7: forward
+    jacobians.jacobian(FUNCS["wide_tanh"][0])(randn(rng, (6,)))  # 6 -> 2: reverse
+    jacobians.jacobian(lambda x: x * 2.0)(randn(rng, (4,)))  # square: forward
+    assert used == ["forward", "reverse", "forward"]
+
+
+def _pytree_fun(params, x):
+    h = jnp.tanh(params["W"] @ x + params["b"])
+    return {"h": h, "s": jnp.sum(h * x[: h.shape[0]]), "pair": (h**2, x)}
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1), (1, 0)])
+def test_pytrees_and_argnums(rng, mode, argnums):
+    params = {"W": randn(rng, (2, 3)), "b": randn(rng, (2,))}
+    x = randn(rng, (3,))
+    got = jacobians.jacobian(_pytree_fun, argnums, mode=mode, chunk_size=2)(params, x)
+    assert_tree_allclose(got, jax.jacfwd(_pytree_fun, argnums)(params, x))
+
+
+def test_has_aux(rng):
+    def f(x):
+        y = jnp.sin(x) * x[0]
+        return y, {"norm": jnp.linalg.norm(y), "tag": jnp.arange(3)}
+
+    x = randn(rng, (4,))
+    for mode in ("fwd", "rev"):
+        jac, aux = jacobians.jacobian(f, mode=mode, has_aux=True, chunk_size=3)(x)
+        ref_jac, ref_aux = jax.jacfwd(f, has_aux=True)(x)
+        assert_tree_allclose(jac, ref_jac)
+        assert_tree_allclose(aux, ref_aux)
+
+
+class Act(enum.Enum):
+    SIN = "sin"
+    TANH = "tanh"
+
+
+def test_static_non_array_arguments(rng):
+    def f(x, kind, act, scale, *, power=2):
+        y = getattr(jnp, act.value)(x) * scale
+        return y**power if kind == "pow" else y
+
+    x = randn(rng, (3,))
+    for kind, act in (("pow", Act.SIN), ("plain", Act.TANH)):
+        got = jacobians.jacobian(f)(x, kind, act, 1.5, power=3)
+        ref = jax.jacfwd(lambda x: f(x, kind, act, 1.5, power=3))(x)
+        assert_tree_allclose(got, ref)
+
+
+def test_python_float_input():
+    got = jacobians.jacobian(lambda t: jnp.stack([jnp.sin(t), t**2]))(0.7)
+    np.testing.assert_allclose(got, [np.cos(0.7), 1.4], rtol=1e-6)
+
+
+def test_holomorphic(rng):
+    f = lambda z: z**2 + jnp.sin(z)  # noqa: E731
+    z = jax.lax.complex(randn(rng, (3,)), randn(rng, (3,)))
+    for mode in ("fwd", "rev"):
+        got = jacobians.jacobian(f, mode=mode, holomorphic=True)(z)
+        assert_tree_allclose(got, jax.jacfwd(f, holomorphic=True)(z))
+
+
+def test_complex_output_real_input_uses_forward(rng):
+    f = lambda x: jnp.exp(jax.lax.complex(jnp.zeros_like(x), x))  # noqa: E731
+    x = randn(rng, (3,))
+    assert_tree_allclose(jacobians.jacobian(f)(x), jax.jacfwd(f)(x))
+
+
+def test_no_retrace_on_second_call(rng):
+    traces = []
+
+    def f(x, flag):
+        traces.append(1)
+        return jnp.sin(x) * 2.0 if flag == "a" else jnp.cos(x)
+
+    jf = jacobians.jacobian(f)
+    jf(randn(rng, (4,)), "a")
+    n = len(traces)
+    jf(randn(rng, (4,)), "a")  # same shapes, dtypes and static value: cached
+    assert len(traces) == n
+    jf(randn(rng, (5,)), "a")  # a new shape traces again
+    assert len(traces) > n
+
+
+def test_jit_vmap_and_determinism(rng):
+    f, _ = FUNCS["tall_tanh"]
+    xs = randn(rng, (5, 3))
+    jf = jacobians.jacobian(f)
+    batched = jax.vmap(jf)(xs)
+    assert_tree_allclose(batched, jax.vmap(jax.jacfwd(f))(xs))
+    assert_tree_allclose(jax.jit(jf)(xs[0]), jf(xs[0]))
+    np.testing.assert_array_equal(jf(xs[1]), jf(xs[1]))
+
+
+def test_does_not_mutate_numpy_input(rng):
+    x = rng.standard_normal(4)
+    before = x.copy()
+    jacobians.jacobian(lambda x: jnp.sin(x) * x, chunk_size=3)(x)
+    np.testing.assert_array_equal(x, before)
+
+
+# --- The book's worked examples ---------------------------------------------------
+
+
+def test_book_example_5_63_to_5_66():
+    f = lambda x: jnp.stack([-2 * x[0] + x[1], x[0] + x[1]])  # noqa: E731
+    J = jacobians.jacobian(f)(jnp.array([0.3, -1.2]))
+    np.testing.assert_array_equal(J, [[-2.0, 1.0], [1.0, 1.0]])
+
+
+def test_book_example_5_9_linear_map(rng):
+    A = randn(rng, (4, 3))
+    for mode in ("fwd", "rev"):
+        J = jacobians.jacobian(lambda x: A @ x, mode=mode)(randn(rng, (3,)))
+        np.testing.assert_allclose(J, A, rtol=1e-14)  # (5.68)
+
+
+def test_book_example_5_10_chain_rule(rng):
+    f = lambda x: jnp.exp(x[0] * x[1] ** 2)  # noqa: E731
+    g = lambda t: jnp.stack([t * jnp.cos(t), t * jnp.sin(t)])  # noqa: E731
+    t = jnp.asarray(rng.uniform(0.2, 1.5))
+    x1, x2 = t * jnp.cos(t), t * jnp.sin(t)
+    closed = jnp.exp(x1 * x2**2) * (  # (5.74c)
+        x2**2 * (jnp.cos(t) - t * jnp.sin(t)) + 2 * x1 * x2 * (jnp.sin(t) + t * jnp.cos(t))
+    )
+    np.testing.assert_allclose(jacobians.jacobian(lambda t: f(g(t)))(t), closed, rtol=1e-12)
+    # (5.74a): the product of the 1x2 and 2x1 Jacobians.
+    df_dx = jacobians.jacobian(f)(g(t))
+    dx_dt = jacobians.jacobian(g)(t)
+    np.testing.assert_allclose(df_dx @ dx_dt, closed, rtol=1e-12)
+
+
+def test_book_example_5_11_least_squares(rng):
+    N, D = 6, 3
+    Phi, y, theta = randn(rng, (N, D)), randn(rng, (N,)), randn(rng, (D,))
+    L = lambda th: jnp.sum((y - Phi @ th) ** 2)  # noqa: E731
+    closed = -2 * (y - Phi @ theta) @ Phi  # (5.83)
+    for mode in ("fwd", "rev"):
+        np.testing.assert_allclose(jacobians.jacobian(L, mode=mode)(theta), closed, rtol=1e-12)
+
+
+# --- jacobian_matrix ------------------------------------------------------------------
+
+
+def test_jacobian_matrix_figure_5_7(rng):
+    def A_of_x(x):  # A in R^{4x2}, x in R^3
+        return jnp.stack([jnp.sin(x[:2]) * x[2], x[:2] ** 2, jnp.exp(x[1:]), x[::2] * x[1]])
+
+    x = randn(rng, (3,))
+    T = jax.jacfwd(A_of_x)(x)  # (4, 2, 3), approach 1
+    MC = jacobians.jacobian_matrix(A_of_x)(x)
+    MF = jacobians.jacobian_matrix(A_of_x, order="F", mode="rev", chunk_size=5)(x)
+    assert MC.shape == MF.shape == (8, 3)
+    for i in range(4):
+        for j in range(2):
+            np.testing.assert_allclose(MC[2 * i + j], T[i, j], rtol=1e-13)
+            np.testing.assert_allclose(MF[i + 4 * j], T[i, j], rtol=1e-13)
+
+
+def test_jacobian_matrix_of_matrix_input(rng):
+    A, B = randn(rng, (2, 3)), randn(rng, (4, 5))
+    X = randn(rng, (3, 4))
+    M = jacobians.jacobian_matrix(lambda X: A @ X @ B, order="F")(X)
+    np.testing.assert_allclose(M, jnp.kron(B.T, A), rtol=1e-12)  # vec(AXB) = (B^T kron A) vec(X)
+
+
+def test_jacobian_matrix_has_aux(rng):
+    M, aux = jacobians.jacobian_matrix(lambda x: (jnp.outer(x, x), x.sum()), has_aux=True)(
+        randn(rng, (2,))
+    )
+    assert M.shape == (4, 2) and aux.shape == ()
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(mode="forward"), ValueError, r"mode must be one of \('fwd', 'rev', 'auto'\), got 'forward'"),
+        (dict(chunk_size=0), ValueError, r"chunk_size must be >= 1 .* got 0"),
+        (dict(chunk_size=-3), ValueError, r"chunk_size must be >= 1 .* got -3"),
+        (dict(chunk_size=2.5), TypeError, r"chunk_size must be a positive int or None, got 2.5"),
+        (dict(chunk_size=True), TypeError, r"chunk_size must be a positive int or None, got True"),
+        (dict(argnums="x"), TypeError, r"argnums must be an int or a tuple of ints, got 'x'"),
+        (dict(argnums=()), ValueError, r"argnums must name at least one argument"),
+        (dict(argnums=(0, 0)), ValueError, r"argnums must not repeat an argument"),
+    ],
+)
+def test_bad_options_raise_at_construction(kwargs, exc, match):
+    traced = []
+    with pytest.raises(exc, match=match):
+        jacobians.jacobian(lambda x: traced.append(1) or x, **kwargs)
+    assert not traced
+
+
+def test_bad_matrix_options():
+    with pytest.raises(ValueError, match=r"order must be 'C' .* or 'F' .*got 'K'"):
+        jacobians.jacobian_matrix(jnp.sin, order="K")
+    with pytest.raises(ValueError, match=r"argnums must be a single int, got \(0, 1\)"):
+        jacobians.jacobian_matrix(jnp.sin, argnums=(0, 1))
+    with pytest.raises(ValueError, match=r"single array input and a single array output"):
+        jacobians.jacobian_matrix(lambda x: (x, x))(jnp.ones(2))
+
+
+def test_not_callable():
+    with pytest.raises(TypeError, match=r"fun must be callable, got ndarray"):
+        jacobians.jacobian(np.ones(3))
+
+
+def test_bad_inputs(rng):
+    jf = jacobians.jacobian(lambda x, y=None: x * 2.0)
+    with pytest.raises(TypeError, match=r"real floating-point inputs, but argument 0 has dtype int32"):
+        jf(jnp.arange(3, dtype=jnp.int32))
+    with pytest.raises(TypeError, match=r"argument 0, a Python int \(3\)"):
+        jf(3)
+    with pytest.raises(TypeError, match=r"must hold arrays, but a leaf of argument 0 is a str"):
+        jf("abc")
+    with pytest.raises(TypeError, match=r"complex64.*pass holomorphic=True"):
+        jf(jnp.ones(2, jnp.complex64))
+    with pytest.raises(TypeError, match=r"holomorphic=True requires complex inputs, but argument 0 has dtype float64"):
+        jacobians.jacobian(jnp.sin, holomorphic=True)(jnp.ones(2))
+    with pytest.raises(ValueError, match=r"argnums=2 but the function was called with 1 positional"):
+        jacobians.jacobian(jnp.sin, argnums=2)(jnp.ones(2))
+    with pytest.raises(TypeError, match=r"neither an array nor hashable"):
+        jf(jnp.ones(2), {1, 2})
+    with pytest.raises(TypeError, match=r"argument 0\['b'\] has dtype int64"):
+        jacobians.jacobian(lambda p: p["a"] * 2.0)({"a": jnp.ones(2), "b": jnp.arange(2)})
+
+
+def test_bad_outputs(rng):
+    x = randn(rng, (3,))
+    with pytest.raises(TypeError, match=r"fun must return floating-point arrays, but output has dtype int"):
+        jacobians.jacobian(lambda x: jnp.argsort(x))(x)
+    with pytest.raises(TypeError, match=r"has_aux=True requires fun to return a pair"):
+        jacobians.jacobian(lambda x: x * 2.0, has_aux=True)(x)
+    with pytest.raises(TypeError, match=r"mode='rev' needs real outputs"):
+        jacobians.jacobian(lambda x: jax.lax.complex(x, x), mode="rev")(x)
+    with pytest.raises(TypeError, match=r"holomorphic=True requires complex outputs"):
+        jacobians.jacobian(lambda z: jnp.abs(z), holomorphic=True)(jax.lax.complex(x, x))
