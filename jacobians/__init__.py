@@ -8,6 +8,8 @@ flattenings (section 5.4), the chain rule on tensors and the identities of 5.5.
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+from . import contract as contract
+from . import identities as identities
 from . import layout as layout
 from ._jacobian import jacobian as jacobian
 from ._jacobian import jacobian_matrix as jacobian_matrix
@@ -17,4 +19,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = ["jacobian", "jacobian_matrix", "layout"]
+__all__ = ["contract", "identities", "jacobian", "jacobian_matrix", "layout"]

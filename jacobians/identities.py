@@ -1,0 +1,192 @@
+"""Closed-form Jacobians of section 5.5, in the library's numerator layout.
+
+Each function returns exactly what :func:`jacobians.jacobian` of the same map
+returns (shape ``out_shape + in_shape``, see :mod:`jacobians.layout`), computed
+from einsums and outer products: no autodiff. They double as the floor in the
+benchmarks. Scalar-valued maps of a vector ``x`` therefore return a vector of
+``x``'s shape (the book's ``1 x N`` row vector with the singleton dropped).
+"""
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "bilinear",
+    "bilinear_inverse",
+    "det",
+    "gram",
+    "inner",
+    "inverse",
+    "least_squares",
+    "linear",
+    "linear_wrt_matrix",
+    "quadratic",
+    "weighted_least_squares",
+]
+
+
+def _arr(x, name: str, ndim: int, where: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.ndim != ndim:
+        raise ValueError(f"jacobians.identities.{where}: {name} must be {ndim}-D, got shape {tuple(x.shape)}.")
+    return x
+
+
+def _square(X, where: str) -> jax.Array:
+    X = _arr(X, "X", 2, where)
+    if X.shape[0] != X.shape[1]:
+        raise ValueError(f"jacobians.identities.{where}: X must be square, got shape {tuple(X.shape)}.")
+    return X
+
+
+def _match(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"jacobians.identities.{where}: {msg}")
+
+
+def linear(A: jax.Array) -> jax.Array:
+    """``d(Ax)/dx = A`` (5.68). Shape ``(M, N)`` for ``A`` of shape ``(M, N)``."""
+    return _arr(A, "A", 2, "linear")
+
+
+def linear_wrt_matrix(A: jax.Array, x: jax.Array) -> jax.Array:
+    """``d(Ax)/dA`` (5.85)-(5.92): ``J[i, k, l] = delta_ik x_l``.
+
+    Args:
+      A: shape ``(M, N)`` (only its shape and dtype matter: the map is linear in A).
+      x: shape ``(N,)``.
+
+    Returns:
+      Shape ``(M, M, N)``.
+    """
+    A, x = _arr(A, "A", 2, "linear_wrt_matrix"), _arr(x, "x", 1, "linear_wrt_matrix")
+    _match(A.shape[1] == x.shape[0], "linear_wrt_matrix", f"A {tuple(A.shape)} and x {tuple(x.shape)} do not chain.")
+    eye = jnp.eye(A.shape[0], dtype=x.dtype)
+    return jnp.einsum("ik,l->ikl", eye, x)
+
+
+def gram(R: jax.Array) -> jax.Array:
+    """``dK/dR`` for ``K = R^T R`` (5.93)-(5.98).
+
+    ``J[p, q, i, j] = delta_jp R_iq + delta_jq R_ip``, which is (5.98) casewise
+    (``2 R_iq`` when ``j = p = q``).
+
+    Args:
+      R: shape ``(M, N)``.
+
+    Returns:
+      Shape ``(N, N, M, N)``.
+    """
+    R = _arr(R, "R", 2, "gram")
+    eye = jnp.eye(R.shape[1], dtype=R.dtype)
+    return jnp.einsum("jp,iq->pqij", eye, R) + jnp.einsum("jq,ip->pqij", eye, R)
+
+
+def least_squares(Phi: jax.Array, y: jax.Array, theta: jax.Array) -> jax.Array:
+    """``d||y - Phi theta||^2/d theta = -2 (y - Phi theta)^T Phi`` (5.83).
+
+    Args:
+      Phi: shape ``(N, D)``; y: shape ``(N,)``; theta: shape ``(D,)``.
+
+    Returns:
+      Shape ``(D,)``.
+    """
+    where = "least_squares"
+    Phi, y, theta = _arr(Phi, "Phi", 2, where), _arr(y, "y", 1, where), _arr(theta, "theta", 1, where)
+    _match(
+        Phi.shape == (y.shape[0], theta.shape[0]),
+        where,
+        f"Phi {tuple(Phi.shape)} must be (len(y), len(theta)) = ({y.shape[0]}, {theta.shape[0]}).",
+    )
+    return -2 * (y - Phi @ theta) @ Phi
+
+
+def det(X: jax.Array) -> jax.Array:
+    """``d det(X)/dX = det(X) X^{-T}`` ((5.101) with f the identity).
+
+    Args:
+      X: shape ``(N, N)``, invertible.
+
+    Returns:
+      Shape ``(N, N)``.
+    """
+    X = _square(X, "det")
+    return jnp.linalg.det(X) * jnp.linalg.inv(X).T
+
+
+def inverse(X: jax.Array) -> jax.Array:
+    """``d X^{-1}/dX`` (5.102): ``J[i, j, k, l] = -(X^{-1})_ik (X^{-1})_lj``.
+
+    Args:
+      X: shape ``(N, N)``, invertible.
+
+    Returns:
+      Shape ``(N, N, N, N)``.
+    """
+    Xi = jnp.linalg.inv(_square(X, "inverse"))
+    return -jnp.einsum("ik,lj->ijkl", Xi, Xi)
+
+
+def bilinear_inverse(a: jax.Array, X: jax.Array, b: jax.Array) -> jax.Array:
+    """``d a^T X^{-1} b/dX = -(X^{-1})^T a b^T (X^{-1})^T`` (5.103).
+
+    Args:
+      a, b: shape ``(N,)``; X: shape ``(N, N)``, invertible.
+
+    Returns:
+      Shape ``(N, N)``.
+    """
+    where = "bilinear_inverse"
+    X = _square(X, where)
+    a, b = _arr(a, "a", 1, where), _arr(b, "b", 1, where)
+    _match(a.shape == b.shape == X.shape[:1], where, f"a {tuple(a.shape)}, X {tuple(X.shape)}, b {tuple(b.shape)} do not chain.")
+    Xi = jnp.linalg.inv(X)
+    return -jnp.outer(Xi.T @ a, Xi @ b)
+
+
+def inner(a: jax.Array) -> jax.Array:
+    """``d x^T a/dx = d a^T x/dx = a^T`` (5.104), (5.105). Shape ``(N,)``."""
+    return _arr(a, "a", 1, "inner")
+
+
+def bilinear(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``d a^T X b/dX = a b^T`` (5.106). Shape ``(M, N)`` for a ``(M,)``, b ``(N,)``."""
+    return jnp.outer(_arr(a, "a", 1, "bilinear"), _arr(b, "b", 1, "bilinear"))
+
+
+def quadratic(B: jax.Array, x: jax.Array) -> jax.Array:
+    """``d x^T B x/dx = x^T (B + B^T)`` (5.107).
+
+    Args:
+      B: shape ``(N, N)``; x: shape ``(N,)``.
+
+    Returns:
+      Shape ``(N,)``.
+    """
+    B, x = _square(B, "quadratic"), _arr(x, "x", 1, "quadratic")
+    _match(B.shape[0] == x.shape[0], "quadratic", f"B {tuple(B.shape)} and x {tuple(x.shape)} do not chain.")
+    return x @ B + B @ x
+
+
+def weighted_least_squares(x: jax.Array, A: jax.Array, s: jax.Array, W: jax.Array) -> jax.Array:
+    """``d/ds (x - As)^T W (x - As) = -2 (x - As)^T W A`` for symmetric W (5.108).
+
+    Computed as ``-(x - As)^T (W + W^T) A``, which is (5.108) when ``W`` is
+    symmetric and stays the right derivative when it is not.
+
+    Args:
+      x: shape ``(N,)``; A: shape ``(N, S)``; s: shape ``(S,)``; W: shape ``(N, N)``.
+
+    Returns:
+      Shape ``(S,)``.
+    """
+    where = "weighted_least_squares"
+    x, A, s = _arr(x, "x", 1, where), _arr(A, "A", 2, where), _arr(s, "s", 1, where)
+    W = _square(W, where)
+    _match(
+        A.shape == (x.shape[0], s.shape[0]) and W.shape[0] == x.shape[0],
+        where,
+        f"x {tuple(x.shape)}, A {tuple(A.shape)}, s {tuple(s.shape)}, W {tuple(W.shape)} do not chain.",
+    )
+    r = x - A @ s
+    return -(r @ W + W @ r) @ A

@@ -1,0 +1,86 @@
+"""Contractions: the chain rule on tensors, JVP/VJP from explicit Jacobians, traces."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import randn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jacobians
+from jacobians import contract
+
+shapes = st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple)
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def _random_map(rng, in_shape, out_shape):
+    """A smooth nonlinear map between tensors of the given shapes."""
+    n, m = int(np.prod(in_shape)), int(np.prod(out_shape))
+    W = randn(rng, (m, n)) / np.sqrt(max(n, 1))
+    b = randn(rng, (m,))
+    return lambda x: jnp.tanh(W @ jnp.reshape(x, (n,)) + b).reshape(out_shape) * 2.0
+
+
+@SETTINGS
+@given(in_shape=shapes, mid_shape=shapes, out_shape=shapes, seed=st.integers(0, 2**31))
+def test_chain_equals_jacobian_of_composition(in_shape, mid_shape, out_shape, seed):
+    rng = np.random.default_rng(seed)
+    g, f = _random_map(rng, in_shape, mid_shape), _random_map(rng, mid_shape, out_shape)
+    x = randn(rng, in_shape)
+    outer = jax.jacfwd(f)(g(x))
+    inner = jax.jacfwd(g)(x)
+    got = contract.chain(outer, inner, len(mid_shape))
+    assert got.shape == out_shape + in_shape
+    np.testing.assert_allclose(got, jax.jacfwd(lambda x: f(g(x)))(x), rtol=1e-10, atol=1e-12)
+
+
+@SETTINGS
+@given(in_shape=shapes, out_shape=shapes, seed=st.integers(0, 2**31))
+def test_matvec_vecmat_are_jvp_vjp(in_shape, out_shape, seed):
+    rng = np.random.default_rng(seed)
+    f = _random_map(rng, in_shape, out_shape)
+    x, v, u = randn(rng, in_shape), randn(rng, in_shape), randn(rng, out_shape)
+    J = jacobians.jacobian(f)(x)
+    np.testing.assert_allclose(contract.matvec(J, v), jax.jvp(f, (x,), (v,))[1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(contract.vecmat(u, J), jax.vjp(f, x)[1](u)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_trace_remark_after_5_108(rng):
+    D, E, F = 3, 4, 2
+    T = randn(rng, (D, D, E, F))
+    got = contract.trace(T, (0,), (1,))
+    assert got.shape == (E, F)
+    np.testing.assert_allclose(got, sum(T[d, d] for d in range(D)), rtol=1e-13)
+    # Matrix-by-matrix blocks: the trace of the (DE x DE) flattening.
+    B = randn(rng, (D, E, D, E))
+    np.testing.assert_allclose(contract.trace(B, (0, 1), (2, 3)), jnp.trace(B.reshape(D * E, D * E)), rtol=1e-13)
+    # Traces of a 2-D Jacobian and (5.100): d tr(f(X))/dX = tr(df/dX) over the output axes.
+    X = randn(rng, (3, 3))
+    f = lambda X: jnp.sin(X) @ X  # noqa: E731
+    np.testing.assert_allclose(
+        contract.trace(jacobians.jacobian(f)(X), 0, 1), jax.grad(lambda X: jnp.trace(f(X)))(X), rtol=1e-12
+    )
+    # Negative axes and a middle pair.
+    C = randn(rng, (2, 3, 4, 3))
+    np.testing.assert_allclose(contract.trace(C, -1, 1), jnp.einsum("ajbj->ab", C), rtol=1e-13)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"middle shapes differ: outer \(2, 3\) ends in \(3,\) but inner \(4, 5\) starts with \(4,\)"):
+        contract.chain(jnp.ones((2, 3)), jnp.ones((4, 5)), 1)
+    with pytest.raises(ValueError, match=r"mid_ndim=3 must lie in \[0, 2\]"):
+        contract.chain(jnp.ones((2, 3)), jnp.ones((3, 5)), 3)
+    with pytest.raises(ValueError, match=r"J of shape \(2, 3\) must end in v's shape \(2,\)"):
+        contract.matvec(jnp.ones((2, 3)), jnp.ones(2))
+    with pytest.raises(ValueError, match=r"J of shape \(2, 3\) must start with u's shape \(3,\)"):
+        contract.vecmat(jnp.ones(3), jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"paired axes 0 and 1 of T with shape \(2, 3\) have different sizes 2 and 3"):
+        contract.trace(jnp.ones((2, 3)), 0, 1)
+    with pytest.raises(ValueError, match=r"must have the same length"):
+        contract.trace(jnp.ones((2, 2, 2)), (0, 1), (2,))
+    with pytest.raises(ValueError, match=r"must be distinct axes"):
+        contract.trace(jnp.ones((2, 2)), 0, 0)
+    with pytest.raises(ValueError, match=r"axis 5 in axes2 is out of range for a rank-2 tensor"):
+        contract.trace(jnp.ones((2, 2)), 0, 5)

@@ -1,0 +1,117 @@
+"""Every closed form of section 5.5 equals jacobians.jacobian of the same map."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import randn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jacobians
+from jacobians import identities as I
+
+SETTINGS = settings(max_examples=15, deadline=None)
+dims = st.integers(1, 4)
+
+
+def _well_conditioned(rng, n):
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return jnp.asarray(Q * rng.uniform(0.5, 2.0, n))  # singular values in [0.5, 2]
+
+
+def close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+@SETTINGS
+@given(M=dims, N=dims, seed=st.integers(0, 2**31))
+def test_linear_maps(M, N, seed):
+    rng = np.random.default_rng(seed)
+    A, x = randn(rng, (M, N)), randn(rng, (N,))
+    close(I.linear(A), jacobians.jacobian(lambda x: A @ x)(x))
+    close(I.linear_wrt_matrix(A, x), jacobians.jacobian(lambda A: A @ x)(A))
+    a, b = randn(rng, (M,)), randn(rng, (N,))
+    X = randn(rng, (M, N))
+    close(I.bilinear(a, b), jacobians.jacobian(lambda X: a @ X @ b)(X))
+    close(I.inner(b), jacobians.jacobian(lambda x: x @ b)(x))
+    close(I.inner(b), jacobians.jacobian(lambda x: b @ x)(x))
+
+
+@SETTINGS
+@given(M=dims, N=dims, seed=st.integers(0, 2**31))
+def test_gram(M, N, seed):
+    R = randn(np.random.default_rng(seed), (M, N))
+    close(I.gram(R), jacobians.jacobian(lambda R: R.T @ R)(R))
+
+
+def test_gram_casewise_5_98(rng):
+    M, N = 3, 4
+    R = randn(rng, (M, N))
+    J = I.gram(R)
+    assert J.shape == (N, N, M, N)
+    for p in range(N):
+        for q in range(N):
+            for i in range(M):
+                for j in range(N):
+                    if j == p and p != q:
+                        want = R[i, q]
+                    elif j == q and p != q:
+                        want = R[i, p]
+                    elif j == p and p == q:
+                        want = 2 * R[i, q]
+                    else:
+                        want = 0.0
+                    assert J[p, q, i, j] == want, (p, q, i, j)
+
+
+@SETTINGS
+@given(N=dims, D=dims, seed=st.integers(0, 2**31))
+def test_least_squares(N, D, seed):
+    rng = np.random.default_rng(seed)
+    Phi, y, th = randn(rng, (N, D)), randn(rng, (N,)), randn(rng, (D,))
+    close(I.least_squares(Phi, y, th), jacobians.jacobian(lambda th: jnp.sum((y - Phi @ th) ** 2))(th))
+
+
+@SETTINGS
+@given(N=dims, seed=st.integers(0, 2**31))
+def test_inverse_family(N, seed):
+    rng = np.random.default_rng(seed)
+    X = _well_conditioned(rng, N)
+    a, b = randn(rng, (N,)), randn(rng, (N,))
+    close(I.det(X), jacobians.jacobian(jnp.linalg.det)(X))
+    close(I.inverse(X), jacobians.jacobian(jnp.linalg.inv)(X))
+    close(I.bilinear_inverse(a, X, b), jacobians.jacobian(lambda X: a @ jnp.linalg.inv(X) @ b)(X))
+
+
+@SETTINGS
+@given(N=dims, S=dims, seed=st.integers(0, 2**31))
+def test_quadratic_forms(N, S, seed):
+    rng = np.random.default_rng(seed)
+    B, x = randn(rng, (N, N)), randn(rng, (N,))
+    close(I.quadratic(B, x), jacobians.jacobian(lambda x: x @ B @ x)(x))
+    A, s, xx = randn(rng, (N, S)), randn(rng, (S,)), randn(rng, (N,))
+    W0 = randn(rng, (N, N))
+    for W in (W0 + W0.T, W0):  # symmetric as in (5.108), and a general W
+        close(
+            I.weighted_least_squares(xx, A, s, W),
+            jacobians.jacobian(lambda s, W=W: (xx - A @ s) @ W @ (xx - A @ s))(s),
+        )
+    Ws = W0 + W0.T
+    close(I.weighted_least_squares(xx, A, s, Ws), -2 * (xx - A @ s) @ Ws @ A)  # (5.108) verbatim
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"identities.inverse: X must be square, got shape \(2, 3\)"):
+        I.inverse(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"identities.linear: A must be 2-D, got shape \(3,\)"):
+        I.linear(jnp.ones(3))
+    with pytest.raises(ValueError, match=r"A \(2, 3\) and x \(4,\) do not chain"):
+        I.linear_wrt_matrix(jnp.ones((2, 3)), jnp.ones(4))
+    with pytest.raises(ValueError, match=r"Phi \(3, 2\) must be \(len\(y\), len\(theta\)\) = \(3, 3\)"):
+        I.least_squares(jnp.ones((3, 2)), jnp.ones(3), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"B \(2, 2\) and x \(3,\) do not chain"):
+        I.quadratic(jnp.ones((2, 2)), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"do not chain"):
+        I.weighted_least_squares(jnp.ones(3), jnp.ones((3, 2)), jnp.ones(2), jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"do not chain"):
+        I.bilinear_inverse(jnp.ones(2), jnp.eye(3), jnp.ones(3))
