@@ -11,6 +11,12 @@ from importlib.metadata import version as _version
 from . import contract as contract
 from . import identities as identities
 from . import layout as layout
+from ._det import det as det
+from ._det import log_abs_det as log_abs_det
+from ._det import slogdet as slogdet
+from ._gradcheck import GradcheckResult as GradcheckResult
+from ._gradcheck import assert_gradcheck as assert_gradcheck
+from ._gradcheck import gradcheck as gradcheck
 from ._jacobian import jacobian as jacobian
 from ._jacobian import jacobian_matrix as jacobian_matrix
 
@@ -19,4 +25,16 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = ["contract", "identities", "jacobian", "jacobian_matrix", "layout"]
+__all__ = [
+    "GradcheckResult",
+    "assert_gradcheck",
+    "contract",
+    "det",
+    "gradcheck",
+    "identities",
+    "jacobian",
+    "jacobian_matrix",
+    "layout",
+    "log_abs_det",
+    "slogdet",
+]

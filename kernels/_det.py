@@ -51,7 +51,8 @@ def _lu_slogdet(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         logabs = logabs + jnp.log(jnp.abs(pivot))
         # Swap row 0 with row p, then eliminate below the pivot.
         rest = a[..., 1:, :]
-        moved = (jnp.arange(1, m) == p[..., None])[..., None]
+        rows = jnp.expand_dims(jnp.arange(1, m), tuple(range(p.ndim)))
+        moved = (rows == p[..., None])[..., None]
         rest = jnp.where(moved, a[..., :1, :], rest)
         # A zero pivot means the column below the diagonal is all zero: the
         # matrix is singular (already recorded) and the factor is 0.
