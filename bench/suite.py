@@ -25,6 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# PyTorch's OpenMP workers busy-wait after each op by default, stealing the
+# cores from whatever is timed next; make them sleep instead (set before torch
+# is imported).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @dataclass(frozen=True)
 class Case:
@@ -147,17 +152,26 @@ def run_case(case: Case, quick: bool, repeat: int) -> dict:
         except Exception as e:  # noqa: BLE001 - a failing implementation is a result
             row["status"] = "failed"
             row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-    # Interleave implementations round by round; slow ones get fewer rounds.
-    deadline = time.perf_counter() + (20 if not quick else 3)
-    for r in range(repeat):
-        for impl_name, call in timed.items():
-            row = rows[impl_name]
-            if r >= 3 and row["inner"] == 1 and time.perf_counter() > deadline:
-                continue
-            t0 = time.perf_counter()
-            for _ in range(row["inner"]):
-                call()
-            row["samples_s"].append((time.perf_counter() - t0) / row["inner"])
+    # Interleave implementations round by round, rotating the order so that no
+    # implementation always runs right after the same neighbour. Each kind
+    # (jax, torch, numpy) is timed in its own phase: BLAS and OpenMP worker
+    # threads keep spinning after a call and would slow whatever runs next.
+    # Slow implementations get fewer rounds.
+    for kind in ("jax", "torch", "numpy"):
+        order = [(n, c) for n, c in timed.items() if rows[n]["kind"] == kind]
+        if not order:
+            continue
+        time.sleep(0.2)  # let the previous phase's workers go idle
+        deadline = time.perf_counter() + (20 if not quick else 3)
+        for r in range(repeat):
+            for impl_name, call in order[r % len(order):] + order[: r % len(order)]:
+                row = rows[impl_name]
+                if r >= 3 and row["inner"] == 1 and time.perf_counter() > deadline:
+                    continue
+                t0 = time.perf_counter()
+                for _ in range(row["inner"]):
+                    call()
+                row["samples_s"].append((time.perf_counter() - t0) / row["inner"])
     for row in rows.values():
         s = row.pop("samples_s", None)
         if s:

@@ -58,9 +58,13 @@ def _central_fd(f_batched: Callable, x: np.ndarray, h: float = 1e-6) -> np.ndarr
     return np.moveaxis(d, 0, -1).reshape(d.shape[1:] + x.shape)
 
 
-def _dense_impls(w: Workload, f: Callable, x, chunk: int, torch_f: Callable | None, fd: Callable | None):
+def _dense_impls(w: Workload, f: Callable, x, chunk: int, torch_f: Callable | None, fd: Callable | None,
+                 modes: bool = False):
     w.impls["jacobians"] = Impl(jacobians.jacobian(f))
     w.impls[f"jacobians[chunk={chunk}]"] = Impl(jacobians.jacobian(f, chunk_size=chunk))
+    if modes:  # each mode against the raw JAX call of the same mode
+        w.impls["jacobians[fwd]"] = Impl(jacobians.jacobian(f, mode="fwd"))
+        w.impls["jacobians[rev]"] = Impl(jacobians.jacobian(f, mode="rev"))
     w.impls["jax.jacfwd"] = Impl(jax.jit(jax.jacfwd(f)))
     w.impls["jax.jacrev"] = Impl(jax.jit(jax.jacrev(f)))
     _torch_impls(w, torch_f, x)
@@ -96,7 +100,7 @@ def tall_or_wide(n: int, m: int, dtype, rng) -> Workload:
         return getattr(tf, name.split(".")[-1])(g)
 
     # Auto mode pushes min(n, m) basis vectors; the chunk is an eighth of them.
-    _dense_impls(w, f, x, max(1, min(n, m) // 8), torch_f, lambda X: np.tanh(X @ A64.T))
+    _dense_impls(w, f, x, max(1, min(n, m) // 8), torch_f, lambda X: np.tanh(X @ A64.T), modes=True)
     return w
 
 
@@ -124,7 +128,7 @@ def mlp(n: int, dtype, rng) -> Workload:
         return getattr(tf, name.split(".")[-1])(g)
 
     _dense_impls(w, f, x, max(1, n // 8), torch_f,
-                 lambda X: np.tanh(np.tanh(X @ N[0].T + N[2]) @ N[1].T + N[3]))
+                 lambda X: np.tanh(np.tanh(X @ N[0].T + N[2]) @ N[1].T + N[3]), modes=True)
     return w
 
 
