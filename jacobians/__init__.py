@@ -19,6 +19,9 @@ from ._gradcheck import assert_gradcheck as assert_gradcheck
 from ._gradcheck import gradcheck as gradcheck
 from ._jacobian import jacobian as jacobian
 from ._jacobian import jacobian_matrix as jacobian_matrix
+from ._sparse import sparse_jacobian as sparse_jacobian
+from ._sparsity import SparsityPattern as SparsityPattern
+from ._sparsity import sparsity as sparsity
 
 try:
     __version__ = _version("jacobians")
@@ -27,6 +30,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "GradcheckResult",
+    "SparsityPattern",
     "assert_gradcheck",
     "contract",
     "det",
@@ -37,4 +41,6 @@ __all__ = [
     "layout",
     "log_abs_det",
     "slogdet",
+    "sparse_jacobian",
+    "sparsity",
 ]

@@ -7,8 +7,21 @@ business of :mod:`jacobians`; this package never imports it.
 """
 
 from ._basis import basis_map as basis_map
+from ._coloring import color_columns as color_columns
+from ._coloring import color_rows as color_rows
+from ._compressed import compressed_forward as compressed_forward
+from ._compressed import compressed_reverse as compressed_reverse
 from ._det import slogdet as slogdet
 from ._forward import forward as forward
 from ._reverse import reverse as reverse
 
-__all__ = ["basis_map", "forward", "reverse", "slogdet"]
+__all__ = [
+    "basis_map",
+    "color_columns",
+    "color_rows",
+    "compressed_forward",
+    "compressed_reverse",
+    "forward",
+    "reverse",
+    "slogdet",
+]
