@@ -52,6 +52,8 @@ class Case:
             "gram": lambda: f"{p['m']}x{p['n']}",
             "logdet3": lambda: f"{p['points']:.0e}".replace("+0", ""),
             "logdet16": lambda: f"{p['points']:.0e}".replace("+0", ""),
+            "stencil1d": lambda: f"{p['n']}",
+            "stencil2d": lambda: f"{p['k']}x{p['k']}",
         }[self.workload]()
         return f"{self.workload}_{shape}_{dt}"
 
@@ -68,6 +70,8 @@ CASES = [
     Case("gram", dict(m=48, n=48), dict(m=6, n=6)),
     Case("logdet3", dict(points=100_000), dict(points=1_000)),
     Case("logdet16", dict(points=10_000), dict(points=200)),
+    Case("stencil1d", dict(n=10_000), dict(n=200)),
+    Case("stencil2d", dict(k=100), dict(k=10)),
 ]
 
 TOL = {"float32": 2e-3, "float64": 1e-6}  # max |error| relative to max(1, max |reference|)
@@ -92,12 +96,14 @@ def _build(case: Case, quick: bool):
         "gram": lambda: workloads.gram(p["m"], p["n"], dtype, rng),
         "logdet3": lambda: workloads.logdet3(p["points"], dtype, rng),
         "logdet16": lambda: workloads.logdet16(p["points"], dtype, rng),
+        "stencil1d": lambda: workloads.stencil1d(p["n"], dtype, rng),
+        "stencil2d": lambda: workloads.stencil2d(p["k"], dtype, rng),
     }
     return builders[case.workload]()
 
 
 def _runner(impl, x):
-    """A zero-argument call that returns a finished NumPy result, and its input."""
+    """A zero-argument call that finishes its work, and a conversion of its result for checking."""
     if impl.kind == "torch":
         import torch
 
@@ -108,7 +114,22 @@ def _runner(impl, x):
         return (lambda: impl.fn(xn)), np.asarray
     import jax
 
-    return (lambda: jax.block_until_ready(impl.fn(x))), np.asarray
+    return (lambda: jax.block_until_ready(impl.fn(x))), (lambda r: r)
+
+
+def _error(out, reference) -> tuple[float, str | None]:
+    """Max abs difference to the reference, or a reason the shapes cannot match."""
+    from .workloads import SparseRef, coo_max_abs_diff, to_coo
+
+    if isinstance(reference, SparseRef):
+        keys, vals = to_coo(out, reference.m, reference.n)
+        return coo_max_abs_diff(reference, keys, vals), None
+    if hasattr(out, "todense"):  # a sparse result against a dense reference
+        out = out.todense()
+    out = np.asarray(out, np.float64)
+    if out.shape != reference.shape:
+        return float("inf"), f"shape {out.shape} vs {reference.shape}"
+    return float(np.max(np.abs(out - reference))) if out.size else 0.0, None
 
 
 def _xla_bytes(impl, x):
@@ -125,7 +146,8 @@ def run_case(case: Case, quick: bool, repeat: int) -> dict:
     """Check, compile, then time every implementation of one case."""
     name = case.name(quick)
     w = _build(case, quick)
-    scale = max(1.0, float(np.max(np.abs(w.reference))))
+    ref_vals = w.reference.vals if hasattr(w.reference, "vals") else w.reference
+    scale = max(1.0, float(np.max(np.abs(ref_vals))))
     rows, timed = {}, {}
     for impl_name, impl in w.impls.items():
         row = rows[impl_name] = {"impl": impl_name, "kind": impl.kind}
@@ -134,12 +156,14 @@ def run_case(case: Case, quick: bool, repeat: int) -> dict:
             t0 = time.perf_counter()
             out = to_np(call())
             row["compile_s"] = time.perf_counter() - t0
-            err = float(np.max(np.abs(np.asarray(out, np.float64) - w.reference)))
+            err, why = _error(out, w.reference)
             row["max_abs_err"] = err
-            if out.shape != w.reference.shape or not err <= TOL[case.dtype] * scale:
+            if why or not err <= TOL[case.dtype] * scale:
                 row["status"] = "wrong"
-                row["error"] = f"shape {out.shape} vs {w.reference.shape}, max abs err {err:.3g}"
+                row["error"] = why or f"max abs err {err:.3g}"
                 continue
+            if impl_name in w.colors:
+                row["colors"] = w.colors[impl_name]
             t0 = time.perf_counter()
             call()
             once = time.perf_counter() - t0
@@ -184,6 +208,24 @@ def run_case(case: Case, quick: bool, repeat: int) -> dict:
             row["ratio_to_jacobians"] = row["median_s"] / base
     for impl_name, why in w.skipped.items():
         rows[impl_name] = {"impl": impl_name, "status": "skipped", "error": why}
+    # Sparse engines: detection + colouring, timed on their own (Python, no compile).
+    detect = {}
+    for impl_name, fn in w.detect.items():
+        t0 = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t0
+        samples = []
+        for _ in range(3 if not quick else 1):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        detect[impl_name] = {"impl": f"detect+colour: {impl_name}", "kind": "detect", "status": "ok",
+                             "compile_s": first, "median_s": float(np.median(samples)), "rounds": len(samples)}
+    base = detect.get("jacobians", {}).get("median_s")
+    for row in detect.values():
+        if base:
+            row["ratio_to_jacobians"] = row["median_s"] / base
+        rows[row["impl"]] = row
     return {"name": name, "workload": case.workload, "dtype": case.dtype, "params": case.sizes(quick),
             "status": "ok", "results": list(rows.values())}
 
@@ -251,19 +293,20 @@ def _fmt_time(s):
 
 
 def table(report: dict, markdown: bool = False) -> str:
-    head = ["case", "implementation", "status", "median", "IQR", "x jacobians", "max |err|", "compile", "XLA MB", "case RSS MB"]
+    head = ["case", "implementation", "status", "median", "IQR", "x jacobians", "max |err|", "compile", "colours", "XLA MB", "case RSS MB"]
     lines = []
     for c in report["cases"]:
         if c["status"] != "ok":
-            lines.append([c["name"], "-", "FAILED", "-", "-", "-", "-", "-", "-", c.get("error", "")])
+            lines.append([c["name"], "-", "FAILED", "-", "-", "-", "-", "-", "-", "-", c.get("error", "")])
             continue
         for r in c["results"]:
             lines.append([
-                c["name"], r["impl"], r["status"] if r["status"] == "ok" else r.get("error", r["status"]),
+                c["name"], r["impl"], r["status"] if r["status"] == "ok" else r.get("error", r["status"])[:70],
                 _fmt_time(r.get("median_s")), _fmt_time(r.get("iqr_s")),
                 f"{r['ratio_to_jacobians']:.2f}" if "ratio_to_jacobians" in r else "-",
                 f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else "-",
                 _fmt_time(r.get("compile_s")),
+                str(r.get("colors", "-")),
                 f"{r['xla_bytes'] / 2**20:.2f}" if r.get("xla_bytes") else "-",
                 f"{c['peak_rss_mb']:.0f}" if c.get("peak_rss_mb") else "-",
             ])

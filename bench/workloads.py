@@ -16,10 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
+import jax.experimental.sparse
 import jax.numpy as jnp
 import numpy as np
 
 import jacobians
+import kernels
 
 try:  # torch is optional: never a dependency
     import torch
@@ -37,9 +39,11 @@ class Impl:
 @dataclass
 class Workload:
     x: object
-    reference: np.ndarray
+    reference: object  # a dense np.ndarray, or a SparseRef
     impls: dict[str, Impl] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    colors: dict[str, int] = field(default_factory=dict)  # sparse engines: JVPs/VJPs used
+    detect: dict[str, Callable] = field(default_factory=dict)  # sparse engines: detection + colouring
 
 
 TORCH_NAMES = ("torch.func.jacfwd", "torch.func.jacrev")
@@ -144,6 +148,7 @@ def elementwise(n: int, dtype, rng) -> Workload:
         return getattr(tf, name.split(".")[-1])(lambda x: torch.sin(x) * x)
 
     _dense_impls(w, f, x, max(1, n // 8), torch_f, lambda X: np.sin(X) * X)
+    w.impls["jacobians.sparse_jacobian"] = Impl(jacobians.sparse_jacobian(f))
     return w
 
 
@@ -158,6 +163,7 @@ def gram(m: int, n: int, dtype, rng) -> Workload:
         return getattr(tf, name.split(".")[-1])(lambda R: R.T @ R)
 
     _dense_impls(w, f, R, max(1, m * n // 8), torch_f, lambda X: np.swapaxes(X, -1, -2) @ X)
+    w.impls["jacobians.sparse_jacobian"] = Impl(jacobians.sparse_jacobian(f))
     return w
 
 
@@ -239,4 +245,143 @@ def logdet16(points: int, dtype, rng, d: int = 16) -> Workload:
         _torch_logdet(lambda x: x + 0.5 * torch.tanh(Wt @ x + bt)) if torch else None,
         lambda X: X + 0.5 * np.tanh(X @ W64.T + b64),
     )
+    return w
+
+
+# --- sparse Jacobians ---------------------------------------------------------------------
+
+try:
+    import sparsejac
+except ImportError:  # pragma: no cover - optional comparison
+    sparsejac = None
+try:
+    import asdex
+except ImportError:  # pragma: no cover - optional comparison
+    asdex = None
+
+
+@dataclass
+class SparseRef:
+    """A Jacobian given by its nonzeros in the flattened (m, n) matrix."""
+
+    m: int
+    n: int
+    keys: np.ndarray  # row * n + col, sorted
+    vals: np.ndarray
+
+
+def to_coo(result, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat keys and values of a BCOO or dense Jacobian, duplicates summed, sorted."""
+    if hasattr(result, "indices") and hasattr(result, "data"):
+        idx = np.asarray(result.indices)
+        shape = tuple(result.shape)
+        flat = np.ravel_multi_index(idx.T, shape) if idx.size else np.zeros(0, np.int64)
+        vals = np.asarray(result.data, np.float64)
+    else:
+        a = np.asarray(result, np.float64).reshape(-1)
+        flat = np.nonzero(a)[0]
+        vals = a[flat]
+    keys, inv = np.unique(flat, return_inverse=True)
+    return keys, np.bincount(inv, weights=vals, minlength=keys.size)
+
+
+def coo_max_abs_diff(ref: SparseRef, keys, vals) -> float:
+    allk = np.union1d(ref.keys, keys)
+    a = np.zeros(allk.size)
+    b = np.zeros(allk.size)
+    a[np.searchsorted(allk, ref.keys)] = ref.vals
+    b[np.searchsorted(allk, keys)] = vals
+    return float(np.max(np.abs(a - b))) if allk.size else 0.0
+
+
+def _sparse_impls(w: Workload, f_flat: Callable, x_flat, rows, cols, m: int, n: int, dense_ok: bool):
+    """jacobians.sparse_jacobian against sparsejac (pattern by hand), asdex and dense jacfwd."""
+    w.impls["jacobians.sparse_jacobian"] = Impl(jacobians.sparse_jacobian(f_flat))
+    if sparsejac is not None:
+        pattern = jax.experimental.sparse.BCOO(
+            (jnp.ones(len(rows), x_flat.dtype), jnp.asarray(np.stack([rows, cols], 1))), shape=(m, n)
+        )
+        # sparsejac seeds its JVPs in the default float dtype (float64 here, with
+        # x64 on): differentiate a float64 view and cast inside.
+        sj = jax.jit(sparsejac.jacfwd(lambda v: f_flat(v.astype(x_flat.dtype)), sparsity=pattern))
+        w.impls["sparsejac.jacfwd (pattern by hand)"] = Impl(lambda x: sj(x.astype(jnp.float64)))
+    else:
+        w.skipped["sparsejac.jacfwd (pattern by hand)"] = "skipped: sparsejac not installed"
+    if asdex is not None:
+        coloring = asdex.jacobian_coloring(f_flat, x_flat)
+        w.impls["asdex"] = Impl(jax.jit(asdex.jacobian_from_coloring(f_flat, coloring)))
+        w.colors["asdex"] = int(coloring.num_colors)
+        w.detect["asdex"] = lambda: asdex.jacobian_coloring(f_flat, x_flat)
+    else:
+        w.skipped["asdex"] = "skipped: asdex not installed"
+    if dense_ok:
+        w.impls["jax.jacfwd"] = Impl(jax.jit(jax.jacfwd(f_flat)))
+    else:
+        w.skipped["jax.jacfwd"] = f"skipped: dense Jacobian too large ({m} x {n})"
+    plan = jacobians.sparse_jacobian(f_flat).plan(x_flat)
+    w.colors["jacobians.sparse_jacobian"] = plan.n_colors
+
+    def detect_ours():
+        p = jacobians.sparsity(f_flat, x_flat)
+        return kernels.color_columns(p.rows, p.cols, n)
+
+    w.detect["jacobians"] = detect_ours
+
+
+def stencil1d(n: int, dtype, rng) -> Workload:
+    """Nonlinear 1-D residual r_i = u_i^2 - u_{i-1} u_{i+1} + sin(u_i) - 2 u_i, i = 1..n-2."""
+    u = _rand(rng, (n,), dtype)
+
+    def f(u):
+        return u[1:-1] ** 2 - u[:-2] * u[2:] + jnp.sin(u[1:-1]) - 2.0 * u[1:-1]
+
+    un = np.asarray(u, np.float64)
+    i = np.arange(1, n - 1)
+    rows = np.concatenate([i - 1, i - 1, i - 1])
+    cols = np.concatenate([i - 1, i, i + 1])
+    vals = np.concatenate([-un[i + 1], 2 * un[i] + np.cos(un[i]) - 2, -un[i - 1]])
+    keys = rows * n + cols
+    order = np.argsort(keys)
+    w = Workload(u, SparseRef(n - 2, n, keys[order], vals[order]))
+    at = jnp.asarray(np.stack([rows, cols], 1))
+
+    def closed(u):  # the hand-written nonzeros in a BCOO
+        data = jnp.concatenate([-u[2:], 2 * u[1:-1] + jnp.cos(u[1:-1]) - 2, -u[:-2]])
+        return jax.experimental.sparse.BCOO((data, at), shape=(n - 2, n))
+
+    w.impls["closed-form"] = Impl(jax.jit(closed))
+    _sparse_impls(w, f, u, rows, cols, n - 2, n, dense_ok=n <= 2048)
+    return w
+
+
+def stencil2d(k: int, dtype, rng) -> Workload:
+    """5-point Laplacian plus a cubic on a k x k grid (zero boundary), flattened to R^{k^2}."""
+    U = _rand(rng, (k * k,), dtype)
+
+    def f(u):
+        V = u.reshape(k, k)
+        P = jnp.pad(V, 1)
+        return (P[:-2, 1:-1] + P[2:, 1:-1] + P[1:-1, :-2] + P[1:-1, 2:] - 4.0 * V + V**3).reshape(-1)
+
+    idx = np.arange(k * k).reshape(k, k)
+    Un = np.asarray(U, np.float64)
+    rows, cols, vals = [idx.ravel()], [idx.ravel()], [3 * Un**2 - 4.0]
+    for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        src = idx[max(di, 0) : k + min(di, 0), max(dj, 0) : k + min(dj, 0)]
+        dst = idx[max(-di, 0) : k + min(-di, 0), max(-dj, 0) : k + min(-dj, 0)]
+        rows.append(dst.ravel())
+        cols.append(src.ravel())
+        vals.append(np.ones(src.size))
+    rows, cols, vals = map(np.concatenate, (rows, cols, vals))
+    keys = rows * k * k + cols
+    order = np.argsort(keys)
+    w = Workload(U, SparseRef(k * k, k * k, keys[order], vals[order]))
+    at, n_const = jnp.asarray(np.stack([rows, cols], 1)), rows.size - k * k
+
+    def closed(u):  # the hand-written nonzeros in a BCOO
+        data = jnp.concatenate([3 * u**2 - 4.0, jnp.ones(n_const, u.dtype)])
+        return jax.experimental.sparse.BCOO((data, at), shape=(k * k, k * k))
+
+    w.impls["closed-form"] = Impl(jax.jit(closed))
+    _sparse_impls(w, f, U, rows, cols, k * k, k * k, dense_ok=k * k <= 2048)
     return w

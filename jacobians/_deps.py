@@ -57,11 +57,22 @@ def identity(shape, offset: int) -> Deps:
     return Deps(shape, np.arange(n + 1, dtype=np.int64), offset + np.arange(n, dtype=np.int64))
 
 
+def unique(keys: np.ndarray) -> np.ndarray:
+    """Sorted unique int64 keys (sort-based: faster here than np.unique's hashing)."""
+    keys = np.sort(keys.astype(np.int64, copy=False))
+    if keys.size < 2:
+        return keys
+    keep = np.empty(keys.size, bool)
+    keep[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+    return keys[keep]
+
+
 def from_coo(shape, rows: np.ndarray, cols: np.ndarray, n_inputs: int) -> Deps:
     """Deps from (element, input) pairs, removing duplicates."""
     shape = tuple(int(s) for s in shape)
     size = math.prod(shape)
-    key = np.unique(rows.astype(np.int64) * max(n_inputs, 1) + cols.astype(np.int64))
+    key = unique(rows.astype(np.int64) * max(n_inputs, 1) + cols.astype(np.int64))
     r, c = np.divmod(key, max(n_inputs, 1))
     indptr = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=size))]).astype(np.int64)
     return Deps(shape, indptr, c)
@@ -103,7 +114,7 @@ def union(ds: Sequence[Deps], shape, n_inputs: int) -> Deps:
 
 def everything(ds: Sequence[Deps], shape, n_inputs: int) -> Deps:
     """The conservative answer: every output element depends on every input dependency."""
-    cols = np.unique(np.concatenate([d.indices for d in ds] + [np.zeros(0, np.int64)]))
+    cols = unique(np.concatenate([d.indices for d in ds] + [np.zeros(0, np.int64)]))
     size = math.prod(shape)
     indptr = np.arange(size + 1, dtype=np.int64) * cols.size
     return Deps(tuple(int(s) for s in shape), indptr, np.tile(cols, size))

@@ -164,10 +164,17 @@ def sparse_jacobian(
             return jsparse.BCOO((data, indices), shape=pattern.shape, indices_sorted=True, unique_indices=True)
 
         p = plans[key] = _Plan(pattern, "fwd" if use_fwd else "rev", colors, n_colors, jax.jit(compute))
+        if all(hasattr(a, "shape") and hasattr(a, "dtype") for a in args):
+            plans[tuple((a.shape, a.dtype) for a in args)] = p
         return p
 
     def jac_fun(*args):
-        return plan(*args).compute(*args)
+        # Fast path: arrays only, keyed by shapes and dtypes, no pytree work.
+        try:
+            p = plans.get(tuple((a.shape, a.dtype) for a in args))
+        except AttributeError:
+            p = None
+        return (p or plan(*args)).compute(*args)
 
     jac_fun.plan = plan
     return jac_fun

@@ -32,7 +32,7 @@ class SparsityPattern:
         self.out_shape = tuple(int(s) for s in out_shape)
         self.in_shape = tuple(int(s) for s in in_shape)
         m, n = math.prod(self.out_shape), math.prod(self.in_shape)
-        key = np.unique(np.asarray(rows, np.int64) * max(n, 1) + np.asarray(cols, np.int64))
+        key = _deps.unique(np.asarray(rows, np.int64) * max(n, 1) + np.asarray(cols, np.int64))
         self.rows, self.cols = np.divmod(key, max(n, 1))
         if key.size and (self.rows[-1] >= m or self.rows[0] < 0 or self.cols.max() >= n):
             raise ValueError(f"SparsityPattern: an index lies outside the shape {self.shape}.")

@@ -7,8 +7,6 @@ done greedily three ways (DSATUR, smallest-last and largest-first orders),
 keeping the one with fewest colours.
 """
 
-import heapq
-
 import numpy as np
 
 _PAIRS_MAX = 1 << 26
@@ -18,7 +16,7 @@ def _conflicts(rows: np.ndarray, cols: np.ndarray, n_cols: int) -> tuple[np.ndar
     """CSR adjacency of the column intersection graph (columns that share a row)."""
     order = np.lexsort((cols, rows))
     r, c = rows[order], cols[order]
-    starts = np.searchsorted(r, np.unique(r))
+    starts = np.flatnonzero(np.concatenate([[True], r[1:] != r[:-1]]))
     lens = np.diff(np.append(starts, r.size))
     # All ordered pairs (a, b) of columns within each row.
     pair_row = np.repeat(np.arange(lens.size), lens * lens)
@@ -26,7 +24,9 @@ def _conflicts(rows: np.ndarray, cols: np.ndarray, n_cols: int) -> tuple[np.ndar
     within = np.arange(pair_row.size) - np.repeat(np.cumsum(lens * lens) - lens * lens, lens * lens)
     a = c[base + within // np.repeat(lens, lens * lens)]
     b = c[base + within % np.repeat(lens, lens * lens)]
-    key = np.unique(a.astype(np.int64) * n_cols + b)
+    key = np.sort(a.astype(np.int64) * n_cols + b)
+    if key.size:
+        key = key[np.concatenate([[True], key[1:] != key[:-1]])]
     a, b = np.divmod(key, n_cols)
     keep = a != b
     a, b = a[keep], b[keep]
@@ -55,7 +55,8 @@ def color_columns(rows: np.ndarray, cols: np.ndarray, n_cols: int) -> np.ndarray
         # column conflicts anyway, so give each its own colour (always valid).
         return np.arange(n_cols, dtype=np.int64)
     indptr, adj = _conflicts(rows, cols, n_cols)
-    adj_list = [a.tolist() for a in np.split(adj, indptr[1:-1])]
+    flat, ptr = adj.tolist(), indptr.tolist()
+    adj_list = [flat[ptr[j] : ptr[j + 1]] for j in range(n_cols)]
     # Greedy in three classic orders; keep the colouring with fewest colours.
     # The columns of one row all conflict, so the longest row is a lower bound:
     # stop as soon as it is reached.
@@ -82,24 +83,39 @@ def _greedy(adj_list: list[list[int]], order: list[int]) -> np.ndarray:
 
 
 def _dsatur(adj_list: list[list[int]]) -> np.ndarray:
-    """DSATUR: colour next the vertex seeing the most distinct colours (then highest degree)."""
+    """DSATUR: colour next the vertex seeing the most distinct colours (ties: higher degree).
+
+    Colours seen by each vertex are a Python int bitmask; vertices wait in one
+    stack per saturation level (stale entries are skipped when popped).
+    """
     n = len(adj_list)
     color = [-1] * n
-    seen: list[set[int]] = [set() for _ in range(n)]
-    heap = [(0, -len(adj_list[v]), v) for v in range(n)]
-    heapq.heapify(heap)
-    while heap:
-        s, d, v = heapq.heappop(heap)
-        if color[v] != -1 or -s != len(seen[v]):
-            continue  # coloured already, or a stale entry
-        c = 0
-        while c in seen[v]:
-            c += 1
+    seen = [0] * n
+    sat = [0] * n
+    degree = np.fromiter((len(a) for a in adj_list), np.int64, n)
+    by_degree = np.lexsort((-np.arange(n), degree)).tolist()  # largest degree last
+    buckets: list[list[int]] = [by_degree]
+    top = 0
+    for _ in range(n):
+        while True:
+            while not buckets[top]:
+                top -= 1
+            v = buckets[top].pop()
+            if color[v] == -1 and sat[v] == top:
+                break
+        m = seen[v]
+        c = (~m & (m + 1)).bit_length() - 1  # the smallest colour not seen
         color[v] = c
+        bit = 1 << c
         for u in adj_list[v]:
-            if color[u] == -1 and c not in seen[u]:
-                seen[u].add(c)
-                heapq.heappush(heap, (-len(seen[u]), -len(adj_list[u]), u))
+            if color[u] == -1 and not seen[u] & bit:
+                seen[u] |= bit
+                s = sat[u] = sat[u] + 1
+                if s == len(buckets):
+                    buckets.append([])
+                buckets[s].append(u)
+                if s > top:
+                    top = s
     return np.asarray(color, np.int64)
 
 

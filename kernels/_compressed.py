@@ -36,7 +36,8 @@ def compressed_forward(
     seeds = jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], x.dtype)  # (c, n)
     push = lambda t: jax.jvp(fun, (x,), (t,))[1]  # noqa: E731
     compressed = jax.vmap(push, out_axes=-1)(seeds)  # (m, c)
-    return compressed[rows, colors[cols]]
+    # One flat gather with precomputed indices decompresses.
+    return compressed.reshape(-1)[np.asarray(rows) * n_colors + colors[cols]]
 
 
 def compressed_reverse(
@@ -62,4 +63,4 @@ def compressed_reverse(
     y, pullback = jax.vjp(fun, x)
     seeds = jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], y.dtype)  # (c, m)
     compressed = jax.vmap(lambda c: pullback(c)[0])(seeds)  # (c, n)
-    return compressed[colors[rows], cols]
+    return compressed.reshape(-1)[colors[rows] * x.shape[0] + np.asarray(cols)]
