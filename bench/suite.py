@@ -188,7 +188,7 @@ def run_case(case: Case, quick: bool, repeat: int) -> dict:
         time.sleep(0.2)  # let the previous phase's workers go idle
         deadline = time.perf_counter() + (20 if not quick else 3)
         for r in range(repeat):
-            for impl_name, call in order[r % len(order):] + order[: r % len(order)]:
+            for impl_name, call in order[r % len(order) :] + order[: r % len(order)]:
                 row = rows[impl_name]
                 if r >= 3 and row["inner"] == 1 and time.perf_counter() > deadline:
                     continue
@@ -219,15 +219,27 @@ def run_case(case: Case, quick: bool, repeat: int) -> dict:
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
-        detect[impl_name] = {"impl": f"detect+colour: {impl_name}", "kind": "detect", "status": "ok",
-                             "compile_s": first, "median_s": float(np.median(samples)), "rounds": len(samples)}
+        detect[impl_name] = {
+            "impl": f"detect+colour: {impl_name}",
+            "kind": "detect",
+            "status": "ok",
+            "compile_s": first,
+            "median_s": float(np.median(samples)),
+            "rounds": len(samples),
+        }
     base = detect.get("jacobians", {}).get("median_s")
     for row in detect.values():
         if base:
             row["ratio_to_jacobians"] = row["median_s"] / base
         rows[row["impl"]] = row
-    return {"name": name, "workload": case.workload, "dtype": case.dtype, "params": case.sizes(quick),
-            "status": "ok", "results": list(rows.values())}
+    return {
+        "name": name,
+        "workload": case.workload,
+        "dtype": case.dtype,
+        "params": case.sizes(quick),
+        "status": "ok",
+        "results": list(rows.values()),
+    }
 
 
 def _versions() -> dict:
@@ -248,7 +260,7 @@ def _machine() -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), cpu)
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
     except OSError:
         pass
     return {
@@ -263,13 +275,28 @@ def _machine() -> dict:
 def _run_isolated(case: Case, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "case.json")
-        cmd = [sys.executable, "-m", "bench", "--_worker", case.name(args.quick), "--_out", out,
-               "--repeat", str(args.repeat)] + (["--quick"] if args.quick else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench",
+            "--_worker",
+            case.name(args.quick),
+            "--_out",
+            out,
+            "--repeat",
+            str(args.repeat),
+        ] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.exists(out):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return {"name": case.name(args.quick), "workload": case.workload, "dtype": case.dtype,
-                    "status": "failed", "error": f"exit {proc.returncode}: " + " | ".join(tail), "results": []}
+            return {
+                "name": case.name(args.quick),
+                "workload": case.workload,
+                "dtype": case.dtype,
+                "status": "failed",
+                "error": f"exit {proc.returncode}: " + " | ".join(tail),
+                "results": [],
+            }
         with open(out) as fh:
             return json.load(fh)
 
@@ -278,9 +305,15 @@ def _run_here(case: Case, args) -> dict:
     try:
         return run_case(case, args.quick, args.repeat)
     except Exception as e:  # noqa: BLE001
-        return {"name": case.name(args.quick), "workload": case.workload, "dtype": case.dtype,
-                "status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0],
-                "trace": traceback.format_exc()[-2000:], "results": []}
+        return {
+            "name": case.name(args.quick),
+            "workload": case.workload,
+            "dtype": case.dtype,
+            "status": "failed",
+            "error": f"{type(e).__name__}: {e}".splitlines()[0],
+            "trace": traceback.format_exc()[-2000:],
+            "results": [],
+        }
 
 
 def _fmt_time(s):
@@ -293,30 +326,48 @@ def _fmt_time(s):
 
 
 def table(report: dict, markdown: bool = False) -> str:
-    head = ["case", "implementation", "status", "median", "IQR", "x jacobians", "max |err|", "compile", "colours", "XLA MB", "case RSS MB"]
+    head = [
+        "case",
+        "implementation",
+        "status",
+        "median",
+        "IQR",
+        "x jacobians",
+        "max |err|",
+        "compile",
+        "colours",
+        "XLA MB",
+        "case RSS MB",
+    ]
     lines = []
     for c in report["cases"]:
         if c["status"] != "ok":
             lines.append([c["name"], "-", "FAILED", "-", "-", "-", "-", "-", "-", "-", c.get("error", "")])
             continue
         for r in c["results"]:
-            lines.append([
-                c["name"], r["impl"], r["status"] if r["status"] == "ok" else r.get("error", r["status"])[:70],
-                _fmt_time(r.get("median_s")), _fmt_time(r.get("iqr_s")),
-                f"{r['ratio_to_jacobians']:.2f}" if "ratio_to_jacobians" in r else "-",
-                f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else "-",
-                _fmt_time(r.get("compile_s")),
-                str(r.get("colors", "-")),
-                f"{r['xla_bytes'] / 2**20:.2f}" if r.get("xla_bytes") else "-",
-                f"{c['peak_rss_mb']:.0f}" if c.get("peak_rss_mb") else "-",
-            ])
+            lines.append(
+                [
+                    c["name"],
+                    r["impl"],
+                    r["status"] if r["status"] == "ok" else r.get("error", r["status"])[:70],
+                    _fmt_time(r.get("median_s")),
+                    _fmt_time(r.get("iqr_s")),
+                    f"{r['ratio_to_jacobians']:.2f}" if "ratio_to_jacobians" in r else "-",
+                    f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else "-",
+                    _fmt_time(r.get("compile_s")),
+                    str(r.get("colors", "-")),
+                    f"{r['xla_bytes'] / 2**20:.2f}" if r.get("xla_bytes") else "-",
+                    f"{c['peak_rss_mb']:.0f}" if c.get("peak_rss_mb") else "-",
+                ]
+            )
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(str(v) for v in row) + " |" for row in lines]
         return "\n".join(out)
     widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*map(str, r)) for r in lines])
+    rule = fmt.format(*("-" * w for w in widths))
+    return "\n".join([fmt.format(*head), rule] + [fmt.format(*map(str, r)) for r in lines])
 
 
 def plot(report: dict, path: str) -> None:
@@ -333,8 +384,16 @@ def plot(report: dict, path: str) -> None:
         res = [r for r in c["results"] if "ratio_to_jacobians" in r]
         names = [r["impl"] for r in res]
         ratios = [r["ratio_to_jacobians"] for r in res]
-        colors = ["tab:green" if n.startswith("jacobians") else "tab:blue" if n.startswith("jax")
-                  else "tab:orange" if n.startswith("torch") else "tab:gray" for n in names]
+        colors = [
+            "tab:green"
+            if n.startswith("jacobians")
+            else "tab:blue"
+            if n.startswith("jax")
+            else "tab:orange"
+            if n.startswith("torch")
+            else "tab:gray"
+            for n in names
+        ]
         ax.barh(names, ratios, color=colors)
         ax.set_xscale("log")
         ax.axvline(1.0, color="k", lw=0.8)
@@ -342,7 +401,7 @@ def plot(report: dict, path: str) -> None:
         ax.tick_params(labelsize=7)
         ax.set_xlabel("time relative to jacobians (log)", fontsize=8)
         ax.invert_yaxis()
-    for ax in list(axes.flat)[len(cases):]:
+    for ax in list(axes.flat)[len(cases) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -352,14 +411,33 @@ def main(argv=None) -> int:
     names = sorted({c.workload for c in CASES} | {c.name(False) for c in CASES} | {c.name(True) for c in CASES})
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes; the whole suite in well under a minute")
-    ap.add_argument("--only", action="append", metavar="NAME", help=f"run only these cases or workloads: {', '.join(sorted({c.workload for c in CASES}))} or a case name")
-    ap.add_argument("--repeat", type=int, default=None, help="timing rounds per implementation (default 15; 3 with --quick)")
+    workload_names = ", ".join(sorted({c.workload for c in CASES}))
+    ap.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help=f"run only these workloads ({workload_names}) or cases; repeatable",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=None, help="timing rounds per implementation (default 15; 3 with --quick)"
+    )
     ap.add_argument("--json", metavar="PATH", help="write machine, versions, command and all figures as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG of times relative to jacobians (needs matplotlib)")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     iso = ap.add_mutually_exclusive_group()
-    iso.add_argument("--isolate", dest="isolate", action="store_true", default=None, help="one subprocess per case (default without --quick): per-case peak RSS")
-    iso.add_argument("--no-isolate", dest="isolate", action="store_false", help="run all cases in this process (default with --quick)")
+    iso.add_argument(
+        "--isolate",
+        dest="isolate",
+        action="store_true",
+        default=None,
+        help="one subprocess per case (default without --quick): per-case peak RSS",
+    )
+    iso.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        help="run all cases in this process (default with --quick)",
+    )
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -385,16 +463,24 @@ def main(argv=None) -> int:
         except ImportError:
             ap.error("--plot needs matplotlib: pip install -e '.[bench]'")
     isolate = (not args.quick) if args.isolate is None else args.isolate
-    selected = [c for c in CASES if not args.only or {c.workload, c.name(args.quick), c.name(not args.quick)} & set(args.only)]
+    wanted = set(args.only or [])
+    selected = [c for c in CASES if not wanted or {c.workload, c.name(args.quick), c.name(not args.quick)} & wanted]
     try:
         from tqdm import tqdm
     except ImportError:  # progress bar is a nicety
+
         def tqdm(it, **_):
             return it
 
-    report = {"command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
-              "quick": args.quick, "isolated": isolate, "repeat": args.repeat,
-              "machine": _machine(), "versions": _versions(), "cases": []}
+    report = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "quick": args.quick,
+        "isolated": isolate,
+        "repeat": args.repeat,
+        "machine": _machine(),
+        "versions": _versions(),
+        "cases": [],
+    }
     bar = tqdm(selected, desc="bench", unit="case", file=sys.stderr)
     for case in bar:
         if hasattr(bar, "set_postfix_str"):

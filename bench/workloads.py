@@ -62,8 +62,9 @@ def _central_fd(f_batched: Callable, x: np.ndarray, h: float = 1e-6) -> np.ndarr
     return np.moveaxis(d, 0, -1).reshape(d.shape[1:] + x.shape)
 
 
-def _dense_impls(w: Workload, f: Callable, x, chunk: int, torch_f: Callable | None, fd: Callable | None,
-                 modes: bool = False):
+def _dense_impls(
+    w: Workload, f: Callable, x, chunk: int, torch_f: Callable | None, fd: Callable | None, modes: bool = False
+):
     w.impls["jacobians"] = Impl(jacobians.jacobian(f))
     w.impls[f"jacobians[chunk={chunk}]"] = Impl(jacobians.jacobian(f, chunk_size=chunk))
     if modes:  # each mode against the raw JAX call of the same mode
@@ -131,8 +132,9 @@ def mlp(n: int, dtype, rng) -> Workload:
         g = lambda x: torch.tanh(T[1] @ torch.tanh(T[0] @ x + T[2]) + T[3])  # noqa: E731
         return getattr(tf, name.split(".")[-1])(g)
 
-    _dense_impls(w, f, x, max(1, n // 8), torch_f,
-                 lambda X: np.tanh(np.tanh(X @ N[0].T + N[2]) @ N[1].T + N[3]), modes=True)
+    _dense_impls(
+        w, f, x, max(1, n // 8), torch_f, lambda X: np.tanh(np.tanh(X @ N[0].T + N[2]) @ N[1].T + N[3]), modes=True
+    )
     return w
 
 
@@ -172,12 +174,8 @@ def gram(m: int, n: int, dtype, rng) -> Workload:
 
 def _logdet_impls(w: Workload, f: Callable, xs, closed: Callable, torch_f, fd: Callable):
     w.impls["jacobians.log_abs_det"] = Impl(jacobians.log_abs_det(f, batched=True))
-    w.impls["jax vmap(jacfwd)+slogdet"] = Impl(
-        jax.jit(jax.vmap(lambda x: jnp.linalg.slogdet(jax.jacfwd(f)(x))[1]))
-    )
-    w.impls["jax vmap(jacrev)+slogdet"] = Impl(
-        jax.jit(jax.vmap(lambda x: jnp.linalg.slogdet(jax.jacrev(f)(x))[1]))
-    )
+    w.impls["jax vmap(jacfwd)+slogdet"] = Impl(jax.jit(jax.vmap(lambda x: jnp.linalg.slogdet(jax.jacfwd(f)(x))[1])))
+    w.impls["jax vmap(jacrev)+slogdet"] = Impl(jax.jit(jax.vmap(lambda x: jnp.linalg.slogdet(jax.jacrev(f)(x))[1])))
     w.impls["closed-form"] = Impl(jax.jit(closed))
     names = ("torch.func vmap(jacfwd)+slogdet", "torch.func vmap(jacrev)+slogdet")
     _torch_impls(w, torch_f, xs, names)
@@ -241,7 +239,10 @@ def logdet16(points: int, dtype, rng, d: int = 16) -> Workload:
     Wt, bt = (_t(W), _t(b)) if torch else (None, None)
     W64, b64 = np.asarray(W, np.float64), np.asarray(b, np.float64)
     _logdet_impls(
-        w, f, xs, closed,
+        w,
+        f,
+        xs,
+        closed,
         _torch_logdet(lambda x: x + 0.5 * torch.tanh(Wt @ x + bt)) if torch else None,
         lambda X: X + 0.5 * np.tanh(X @ W64.T + b64),
     )

@@ -25,8 +25,7 @@ def check_mode(mode: Any, where: str) -> str:
 def check_order(order: Any, where: str) -> str:
     if order not in ORDERS:
         raise ValueError(
-            f"{where}: order must be 'C' (row-major) or 'F' (column-stacking, the book's vec), "
-            f"got {order!r}."
+            f"{where}: order must be 'C' (row-major) or 'F' (column-stacking, the book's vec), got {order!r}."
         )
     return order
 
@@ -46,9 +45,7 @@ def check_argnums(argnums: Any, where: str) -> tuple[int, ...]:
     items = argnums if isinstance(argnums, Sequence) and not isinstance(argnums, str) else (argnums,)
     for a in items:
         if isinstance(a, bool) or not isinstance(a, int | np.integer):
-            raise TypeError(
-                f"{where}: argnums must be an int or a tuple of ints, got {argnums!r}."
-            )
+            raise TypeError(f"{where}: argnums must be an int or a tuple of ints, got {argnums!r}.")
     items = tuple(int(a) for a in items)
     if not items:
         raise ValueError(f"{where}: argnums must name at least one argument, got {argnums!r}.")
@@ -146,8 +143,7 @@ class CallSplitter:
             if not -n <= a < n:
                 shown = self.argnums if len(self.argnums) > 1 else self.argnums[0]
                 raise ValueError(
-                    f"{self.where}: argnums={shown} but the function was called with {n} "
-                    "positional argument(s)."
+                    f"{self.where}: argnums={shown} but the function was called with {n} positional argument(s)."
                 )
             positions.append(a % n)
         if len(set(positions)) != len(positions):

@@ -130,26 +130,111 @@ def _broadcast_to(d: Deps, shape) -> Deps:
 # --- the interpreter ------------------------------------------------------------------------
 
 ELEMENTWISE = {
-    "neg", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "asinh", "acosh",
-    "atanh", "exp", "exp2", "log", "log1p", "expm1", "sqrt", "rsqrt", "cbrt", "abs", "sign",
-    "floor", "ceil", "round", "is_finite", "logistic", "erf", "erfc", "erf_inv", "lgamma",
-    "digamma", "integer_pow", "pow", "add", "add_any", "sub", "mul", "div", "rem", "max", "min",
-    "atan2", "nextafter", "square", "conj", "real", "imag", "complex", "select_n", "clamp",
-    "convert_element_type", "reduce_precision", "copy", "copy_p", "polygamma", "igamma",
-    "igammac", "bessel_i0e", "bessel_i1e", "zeta", "regularized_incomplete_beta", "tan",
-    "optimization_barrier", "stop_gradient",
+    "neg",
+    "sin",
+    "cos",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "sinh",
+    "cosh",
+    "tanh",
+    "asinh",
+    "acosh",
+    "atanh",
+    "exp",
+    "exp2",
+    "log",
+    "log1p",
+    "expm1",
+    "sqrt",
+    "rsqrt",
+    "cbrt",
+    "abs",
+    "sign",
+    "floor",
+    "ceil",
+    "round",
+    "is_finite",
+    "logistic",
+    "erf",
+    "erfc",
+    "erf_inv",
+    "lgamma",
+    "digamma",
+    "integer_pow",
+    "pow",
+    "add",
+    "add_any",
+    "sub",
+    "mul",
+    "div",
+    "rem",
+    "max",
+    "min",
+    "atan2",
+    "nextafter",
+    "square",
+    "conj",
+    "real",
+    "imag",
+    "complex",
+    "select_n",
+    "clamp",
+    "convert_element_type",
+    "reduce_precision",
+    "copy",
+    "copy_p",
+    "polygamma",
+    "igamma",
+    "igammac",
+    "bessel_i0e",
+    "bessel_i1e",
+    "zeta",
+    "regularized_incomplete_beta",
+    "tan",
+    "optimization_barrier",
+    "stop_gradient",
 }
 MOVES = {
     # primitive: positions of the operands whose data moves (the others are indices/params)
-    "reshape": (0,), "transpose": (0,), "broadcast_in_dim": (0,), "squeeze": (0,),
-    "expand_dims": (0,), "slice": (0,), "dynamic_slice": (0,), "rev": (0,), "gather": (0,),
-    "concatenate": None, "pad": (0,), "dynamic_update_slice": (0, 1),
+    "reshape": (0,),
+    "transpose": (0,),
+    "broadcast_in_dim": (0,),
+    "squeeze": (0,),
+    "expand_dims": (0,),
+    "slice": (0,),
+    "dynamic_slice": (0,),
+    "rev": (0,),
+    "gather": (0,),
+    "concatenate": None,
+    "pad": (0,),
+    "dynamic_update_slice": (0, 1),
 }
-REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
-              "argmax", "argmin", "reduce_xor"}
+REDUCTIONS = {
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_prod",
+    "reduce_and",
+    "reduce_or",
+    "argmax",
+    "argmin",
+    "reduce_xor",
+}
 CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
-SCATTERS = {"scatter-add", "scatter_add", "scatter", "scatter-mul", "scatter_mul", "scatter-min",
-            "scatter_min", "scatter-max", "scatter_max"}
+SCATTERS = {
+    "scatter-add",
+    "scatter_add",
+    "scatter",
+    "scatter-mul",
+    "scatter_mul",
+    "scatter-min",
+    "scatter_min",
+    "scatter-max",
+    "scatter_max",
+}
 
 
 def _differentiable(aval) -> bool:
@@ -397,7 +482,8 @@ class Interpreter:
 
     def _cond(self, eqn, ins, out_avals):
         results = [self.run_closed(br, ins[1:]) for br in eqn.params["branches"]]
-        return [union(list(outs), a.shape, self.n) for outs, a in zip(zip(*results, strict=True), out_avals, strict=True)]
+        per_output = zip(*results, strict=True)
+        return [union(list(outs), a.shape, self.n) for outs, a in zip(per_output, out_avals, strict=True)]
 
     def _while(self, eqn, ins):
         p = eqn.params
@@ -460,8 +546,7 @@ def detect(fun, args: Sequence, argnum: int) -> tuple[tuple, tuple, np.ndarray, 
     n = math.prod(in_shape)
     interp = Interpreter(n)
     invals = [
-        identity(v.aval.shape, 0) if i == x_leaf else empty(v.aval.shape)
-        for i, v in enumerate(closed.jaxpr.invars)
+        identity(v.aval.shape, 0) if i == x_leaf else empty(v.aval.shape) for i, v in enumerate(closed.jaxpr.invars)
     ]
     (out,) = interp.run(closed.jaxpr, closed.consts, invals)
     for name in sorted(interp.unknown):

@@ -58,7 +58,11 @@ def _build(fun: Callable, batched: bool, where: str, finish: Callable) -> Callab
         raise TypeError(f"{where}: batched must be True or False, got {batched!r}.")
     one = _sign_logabs(fun, where)
     if batched:
-        compute = jax.jit(lambda xs, *args: finish(*jax.vmap(one, in_axes=(0,) + (None,) * len(args))(xs, *args)))
+
+        def batch(xs, *args):
+            return finish(*jax.vmap(one, in_axes=(0,) + (None,) * len(args))(xs, *args))
+
+        compute = jax.jit(batch)
     else:
         compute = jax.jit(lambda x, *args: finish(*one(x, *args)))
 
@@ -95,7 +99,7 @@ def slogdet(fun: Callable, *, batched: bool = False) -> Callable:
     Raises:
       ValueError: input and output sizes differ (on the first call).
     """
-    return _build(fun, batched, "jacobians.slogdet", lambda s, l: (s, l))
+    return _build(fun, batched, "jacobians.slogdet", lambda sign, logabs: (sign, logabs))
 
 
 def log_abs_det(fun: Callable, *, batched: bool = False) -> Callable:
@@ -104,7 +108,7 @@ def log_abs_det(fun: Callable, *, batched: bool = False) -> Callable:
     See :func:`slogdet` for the arguments. Returns a function
     ``(x, *args) -> logabsdet`` (shape ``(batch,)`` when batched).
     """
-    return _build(fun, batched, "jacobians.log_abs_det", lambda s, l: l)
+    return _build(fun, batched, "jacobians.log_abs_det", lambda sign, logabs: logabs)
 
 
 def det(fun: Callable, *, batched: bool = False) -> Callable:
@@ -119,4 +123,4 @@ def det(fun: Callable, *, batched: bool = False) -> Callable:
       >>> jacobians.det(f)(jnp.array([1.0, 2.0]))
       Array(-3., dtype=float32)
     """
-    return _build(fun, batched, "jacobians.det", lambda s, l: s * jnp.exp(l))
+    return _build(fun, batched, "jacobians.det", lambda sign, logabs: sign * jnp.exp(logabs))

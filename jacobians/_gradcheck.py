@@ -164,8 +164,7 @@ def gradcheck(
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
-            f"{where}: x must be a real floating-point array, got dtype {x.dtype}. "
-            "Cast it with x.astype(jnp.float64)."
+            f"{where}: x must be a real floating-point array, got dtype {x.dtype}. Cast it with x.astype(jnp.float64)."
         )
     if h is None:
         h = _default_h(x.dtype, method)

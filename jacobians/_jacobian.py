@@ -51,8 +51,7 @@ def _check_outputs(plan: _Plan, out_shapes: Any) -> None:
         where = f"output{jax.tree_util.keystr(path)}"
         if plan.holomorphic and not jnp.issubdtype(leaf.dtype, jnp.complexfloating):
             raise TypeError(
-                f"{plan.where}: holomorphic=True requires complex outputs, but {where} has dtype "
-                f"{leaf.dtype}."
+                f"{plan.where}: holomorphic=True requires complex outputs, but {where} has dtype {leaf.dtype}."
             )
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             raise TypeError(

@@ -113,8 +113,7 @@ def sparse_jacobian(
         raise ValueError(f"{where}: output must be one of {OUTPUTS}, got {output!r}.")
     if isinstance(sparsity, str) and sparsity != "auto":
         raise ValueError(
-            f"{where}: sparsity must be 'auto', a SparsityPattern, a boolean array or a BCOO, "
-            f"got {sparsity!r}."
+            f"{where}: sparsity must be 'auto', a SparsityPattern, a boolean array or a BCOO, got {sparsity!r}."
         )
     plans: dict = {}
 

@@ -75,8 +75,7 @@ def matvec(J: jax.Array, v: jax.Array) -> jax.Array:
     J, v = jnp.asarray(J), jnp.asarray(v)
     if v.ndim > J.ndim or J.shape[J.ndim - v.ndim :] != v.shape:
         raise ValueError(
-            f"jacobians.contract.matvec: J of shape {tuple(J.shape)} must end in v's shape "
-            f"{tuple(v.shape)}."
+            f"jacobians.contract.matvec: J of shape {tuple(J.shape)} must end in v's shape {tuple(v.shape)}."
         )
     return jnp.tensordot(J, v, axes=v.ndim)
 
@@ -97,8 +96,7 @@ def vecmat(u: jax.Array, J: jax.Array) -> jax.Array:
     u, J = jnp.asarray(u), jnp.asarray(J)
     if u.ndim > J.ndim or J.shape[: u.ndim] != u.shape:
         raise ValueError(
-            f"jacobians.contract.vecmat: J of shape {tuple(J.shape)} must start with u's shape "
-            f"{tuple(u.shape)}."
+            f"jacobians.contract.vecmat: J of shape {tuple(J.shape)} must start with u's shape {tuple(u.shape)}."
         )
     return jnp.tensordot(u, J, axes=u.ndim)
 

@@ -102,7 +102,7 @@ def least_squares(Phi: jax.Array, y: jax.Array, theta: jax.Array) -> jax.Array:
 
 
 def det(X: jax.Array) -> jax.Array:
-    """``d det(X)/dX = det(X) X^{-T}`` ((5.101) with f the identity).
+    """The gradient of a determinant, ``d|X|/dX = |X| X^{-T}``: (5.101) with f the identity.
 
     Args:
       X: shape ``(N, N)``, invertible.
@@ -139,13 +139,21 @@ def bilinear_inverse(a: jax.Array, X: jax.Array, b: jax.Array) -> jax.Array:
     where = "bilinear_inverse"
     X = _square(X, where)
     a, b = _arr(a, "a", 1, where), _arr(b, "b", 1, where)
-    _match(a.shape == b.shape == X.shape[:1], where, f"a {tuple(a.shape)}, X {tuple(X.shape)}, b {tuple(b.shape)} do not chain.")
+    shapes = f"a {tuple(a.shape)}, X {tuple(X.shape)}, b {tuple(b.shape)}"
+    _match(a.shape == b.shape == X.shape[:1], where, f"{shapes} do not chain.")
     Xi = jnp.linalg.inv(X)
     return -jnp.outer(Xi.T @ a, Xi @ b)
 
 
 def inner(a: jax.Array) -> jax.Array:
-    """``d x^T a/dx = d a^T x/dx = a^T`` (5.104), (5.105). Shape ``(N,)``."""
+    """The gradient of an inner product, ``d x^T a/dx = d a^T x/dx = a^T``: (5.104), (5.105).
+
+    Args:
+      a: shape ``(N,)``.
+
+    Returns:
+      Shape ``(N,)``.
+    """
     return _arr(a, "a", 1, "inner")
 
 

@@ -41,10 +41,7 @@ def _check_ndim(name: str, k, array, what: str, where: str) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer):
         raise TypeError(f"{where}: {name} must be an int, got {k!r}.")
     if not 0 <= k <= array.ndim:
-        raise ValueError(
-            f"{where}: {name}={k} must lie in [0, {array.ndim}] for {what} of shape "
-            f"{tuple(array.shape)}."
-        )
+        raise ValueError(f"{where}: {name}={k} must lie in [0, {array.ndim}] for {what} of shape {tuple(array.shape)}.")
     return int(k)
 
 
@@ -82,9 +79,7 @@ def to_matrix(J: jax.Array, out_ndim: int, order: str = "C") -> jax.Array:
     return J.reshape(rows, cols)
 
 
-def to_tensor(
-    M: jax.Array, out_shape: Sequence[int], in_shape: Sequence[int], order: str = "C"
-) -> jax.Array:
+def to_tensor(M: jax.Array, out_shape: Sequence[int], in_shape: Sequence[int], order: str = "C") -> jax.Array:
     """Inverse of :func:`to_matrix`: a matrix back to ``out_shape + in_shape``.
 
     Args:
@@ -110,9 +105,9 @@ def to_tensor(
         )
     if order == "C":
         return M.reshape(out_shape + in_shape)
-    k, l = len(out_shape), len(in_shape)
+    k = len(out_shape)
     T = M.reshape(out_shape[::-1] + in_shape[::-1])
-    return jnp.transpose(T, _rev(k) + _rev(l, k))
+    return jnp.transpose(T, _rev(k) + _rev(len(in_shape), k))
 
 
 def to_denominator(J: jax.Array, out_ndim: int) -> jax.Array:
@@ -196,9 +191,7 @@ def commutation_matrix(m: int, n: int, dtype=None) -> jax.Array:
     """
     for name, v in (("m", m), ("n", n)):
         if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-            raise ValueError(
-                f"jacobians.layout.commutation_matrix: {name} must be a positive int, got {v!r}."
-            )
+            raise ValueError(f"jacobians.layout.commutation_matrix: {name} must be a positive int, got {v!r}.")
     i, j = np.meshgrid(np.arange(m), np.arange(n), indexing="ij")
     K = np.zeros((m * n, m * n))
     # A[i, j] sits at i + m*j in vec(A) and at j + n*i in vec(A.T).

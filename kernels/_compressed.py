@@ -35,9 +35,9 @@ def compressed_forward(
     """
     seeds = jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], x.dtype)  # (c, n)
     push = lambda t: jax.jvp(fun, (x,), (t,))[1]  # noqa: E731
-    compressed = jax.vmap(push, out_axes=-1)(seeds)  # (m, c)
+    compressed = jax.vmap(push)(seeds)  # (c, m): the layout vmap produces, no transpose
     # One flat gather with precomputed indices decompresses.
-    return compressed.reshape(-1)[np.asarray(rows) * n_colors + colors[cols]]
+    return compressed.reshape(-1)[colors[cols] * compressed.shape[1] + np.asarray(rows)]
 
 
 def compressed_reverse(

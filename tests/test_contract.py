@@ -68,7 +68,9 @@ def test_trace_remark_after_5_108(rng):
 
 
 def test_errors():
-    with pytest.raises(ValueError, match=r"middle shapes differ: outer \(2, 3\) ends in \(3,\) but inner \(4, 5\) starts with \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"middle shapes differ: outer \(2, 3\) ends in \(3,\) but inner \(4, 5\) starts with \(4,\)"
+    ):
         contract.chain(jnp.ones((2, 3)), jnp.ones((4, 5)), 1)
     with pytest.raises(ValueError, match=r"mid_ndim=3 must lie in \[0, 2\]"):
         contract.chain(jnp.ones((2, 3)), jnp.ones((3, 5)), 3)

@@ -241,9 +241,7 @@ def test_jacobian_matrix_of_matrix_input(rng):
 
 
 def test_jacobian_matrix_has_aux(rng):
-    M, aux = jacobians.jacobian_matrix(lambda x: (jnp.outer(x, x), x.sum()), has_aux=True)(
-        randn(rng, (2,))
-    )
+    M, aux = jacobians.jacobian_matrix(lambda x: (jnp.outer(x, x), x.sum()), has_aux=True)(randn(rng, (2,)))
     assert M.shape == (4, 2) and aux.shape == ()
 
 

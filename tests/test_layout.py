@@ -108,7 +108,10 @@ def test_errors():
         layout.to_matrix(J, 1.5)
     with pytest.raises(ValueError, match=r"order must be 'C' .* got 'A'"):
         layout.to_matrix(J, 1, order="A")
-    with pytest.raises(ValueError, match=r"M has shape \(6, 4\) but out_shape=\(2, 2\) and in_shape=\(4,\) need a matrix of shape \(4, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"M has shape \(6, 4\) but out_shape=\(2, 2\) and in_shape=\(4,\) need a matrix of shape \(4, 4\)",
+    ):
         layout.to_tensor(jnp.ones((6, 4)), (2, 2), (4,))
     with pytest.raises(ValueError, match=r"v must be 1-D of size prod\(\(2, 3\)\) = 6, got shape \(5,\)"):
         layout.unvec(jnp.ones(5), (2, 3))

@@ -59,10 +59,18 @@ FUNCS = {
     "banded_const_matmul": (lambda x: jnp.tanh(A_BANDED @ x), (6,), True),
     "dense_const_matmul": (lambda x: A_DENSE @ jnp.sin(x), (6,), True),
     "gram": (lambda R: R.T @ R, (3, 2), True),
-    "reductions": (lambda X: jnp.concatenate([jnp.sum(X**2, axis=1), jnp.max(X, axis=0), jnp.prod(X[:, :2], axis=1)]), (3, 4), False),  # max: value-dependent
+    "reductions": (
+        lambda X: jnp.concatenate([jnp.sum(X**2, axis=1), jnp.max(X, axis=0), jnp.prod(X[:, :2], axis=1)]),
+        (3, 4),
+        False,
+    ),  # max: value-dependent
     "cumsum": (lambda x: jnp.cumsum(x[::-1] ** 2), (6,), True),
     "transpose_reshape": (lambda X: jnp.transpose(X.reshape(2, 3, 2), (2, 0, 1))[..., ::-1] * 2.0, (3, 4), True),
-    "gather_scatter": (lambda x: x.at[jnp.array([0, 2, 2])].add(x[jnp.array([5, 4, 1])] ** 2)[jnp.array([0, 2, 3, 3])], (6,), True),
+    "gather_scatter": (
+        lambda x: x.at[jnp.array([0, 2, 2])].add(x[jnp.array([5, 4, 1])] ** 2)[jnp.array([0, 2, 3, 3])],
+        (6,),
+        True,
+    ),
     "dynamic_slice": (lambda x: jax.lax.dynamic_slice(x, (2,), (3,)) * x[:3], (7,), True),
     "dynamic_update_slice": (lambda x: jax.lax.dynamic_update_slice(x, x[:2] ** 2, (3,)), (6,), True),
     "select": (lambda x: jnp.where(x > 0, x**2, jnp.cos(x)), (5,), True),
@@ -208,7 +216,9 @@ def test_unknown_primitive_warns_and_stays_conservative(rng):
 
 def test_errors(rng):
     x = randn(rng, (9,))
-    with pytest.raises(ValueError, match=r"pattern has shape \(9, 9\) but the Jacobian has shape out.shape \+ in.shape = \(7, 9\)"):
+    with pytest.raises(
+        ValueError, match=r"pattern has shape \(9, 9\) but the Jacobian has shape out.shape \+ in.shape = \(7, 9\)"
+    ):
         jacobians.sparse_jacobian(stencil_1d, sparsity=np.ones((9, 9), bool))(x)
     with pytest.raises(ValueError, match=r"pattern has shape \(6, 8\) but the Jacobian"):
         jacobians.sparse_jacobian(stencil_1d, sparsity=jacobians.sparsity(stencil_1d, jnp.ones(8)).to_bcoo())(x)
