@@ -424,6 +424,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write machine, versions, command and all figures as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG of times relative to jacobians (needs matplotlib)")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--from-json", metavar="PATH", help="re-render the table (and --plot) of a saved --json run")
     iso = ap.add_mutually_exclusive_group()
     iso.add_argument(
         "--isolate",
@@ -462,6 +463,13 @@ def main(argv=None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             ap.error("--plot needs matplotlib: pip install -e '.[bench]'")
+    if args.from_json:
+        with open(args.from_json) as fh:
+            report = json.load(fh)
+        print(table(report, args.markdown))
+        if args.plot:
+            plot(report, args.plot)
+        return 0
     isolate = (not args.quick) if args.isolate is None else args.isolate
     wanted = set(args.only or [])
     selected = [c for c in CASES if not wanted or {c.workload, c.name(args.quick), c.name(not args.quick)} & wanted]

@@ -54,10 +54,6 @@ def check_argnums(argnums: Any, where: str) -> tuple[int, ...]:
     return items
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
-
-
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
 
 

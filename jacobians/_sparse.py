@@ -18,7 +18,7 @@ from jax.experimental import sparse as jsparse
 import kernels
 
 from . import _args
-from ._sparsity import SparsityPattern, _abstract, check_array_argnum
+from ._sparsity import SparsityPattern, abstract_args
 from ._sparsity import sparsity as _detect
 
 OUTPUTS = ("bcoo", "dense")
@@ -122,14 +122,8 @@ def sparse_jacobian(
         key = (treedef, tuple((np.shape(a), getattr(a, "dtype", type(a))) for a in leaves))
         if key in plans:
             return plans[key]
-        i = check_array_argnum(argnums, len(args), where)
-        avals = [jax.tree_util.tree_map(_abstract, a) for a in args]
+        i, avals = abstract_args(args, argnums, where)
         x = avals[i]
-        if not isinstance(x, jax.ShapeDtypeStruct) or not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(
-                f"{where}: argument {i} must be a single real floating-point array, got "
-                f"{getattr(x, 'dtype', type(x).__name__)}."
-            )
         if isinstance(sparsity, str):
             pattern = _detect(fun, *avals, argnums=i)
         else:

@@ -130,12 +130,22 @@ def _abstract(a):
     return a if isinstance(a, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
 
 
-def check_array_argnum(argnums, n_args: int, where: str) -> int:
+def abstract_args(args: tuple, argnums, where: str) -> tuple[int, list]:
+    """Check ``argnums`` names a single real floating-point array; shape/dtype structs of ``args``."""
+    n_args = len(args)
     if isinstance(argnums, bool) or not isinstance(argnums, int | np.integer):
         raise TypeError(f"{where}: argnums must be a single int, got {argnums!r}.")
     if not -n_args <= argnums < n_args:
         raise ValueError(f"{where}: argnums={argnums} but there are {n_args} positional argument(s).")
-    return int(argnums) % n_args
+    i = int(argnums) % n_args
+    avals = [jax.tree_util.tree_map(_abstract, a) for a in args]
+    x = avals[i]
+    if not isinstance(x, jax.ShapeDtypeStruct) or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{where}: argument {i} must be a single real floating-point array, got "
+            f"{getattr(x, 'dtype', type(x).__name__)}."
+        )
+    return i, avals
 
 
 def sparsity(fun: Callable, *args, argnums: int = 0) -> SparsityPattern:
@@ -161,14 +171,7 @@ def sparsity(fun: Callable, *args, argnums: int = 0) -> SparsityPattern:
       3
     """
     where = "jacobians.sparsity"
-    i = check_array_argnum(argnums, len(args), where)
-    avals = [jax.tree_util.tree_map(_abstract, a) for a in args]
-    x = avals[i]
-    if not isinstance(x, jax.ShapeDtypeStruct) or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{where}: argument {i} must be a single real floating-point array, got "
-            f"{getattr(x, 'dtype', type(x).__name__)}."
-        )
+    i, avals = abstract_args(args, argnums, where)
     out = jax.eval_shape(fun, *avals)
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise ValueError(f"{where}: fun must return a single array, got {jax.tree_util.tree_structure(out)}.")
