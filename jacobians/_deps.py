@@ -247,6 +247,7 @@ class Interpreter:
     def __init__(self, n_inputs: int):
         self.n = n_inputs
         self.unknown: set[str] = set()
+        self.seen: set[str] = set()  # every primitive met, nested ones included
 
     def run(self, jaxpr, consts: Sequence, args: Sequence[Deps]) -> list[Deps]:
         env = {}
@@ -278,6 +279,7 @@ class Interpreter:
 
     def eqn(self, eqn, ins: list[Deps]) -> list[Deps]:
         name = eqn.primitive.name
+        self.seen.add(name)
         out_avals = [v.aval for v in eqn.outvars]
         folded = self._fold(eqn, ins, out_avals)
         if folded is not None:
@@ -537,8 +539,13 @@ def _stack(parts: Sequence[Deps]) -> Deps:
     return Deps((size,), np.concatenate(indptr), np.concatenate([d.indices for d in parts]))
 
 
-def detect(fun, args: Sequence, argnum: int) -> tuple[tuple, tuple, np.ndarray, np.ndarray]:
-    """Trace ``fun(*args)`` abstractly; return ``(out_shape, in_shape, rows, cols)`` of its pattern."""
+def detect(fun, args: Sequence, argnum: int) -> tuple[tuple, tuple, np.ndarray, np.ndarray, set[str]]:
+    """Trace ``fun(*args)`` abstractly.
+
+    Returns:
+      ``(out_shape, in_shape, rows, cols, primitives)``: the pattern's nonzeros in the
+      flattened matrix and the names of all primitives met.
+    """
     closed = jax.make_jaxpr(fun)(*args)
     leaves_per_arg = [len(jax.tree_util.tree_leaves(a)) for a in args]
     x_leaf = sum(leaves_per_arg[:argnum])
@@ -555,4 +562,4 @@ def detect(fun, args: Sequence, argnum: int) -> tuple[tuple, tuple, np.ndarray, 
             "outputs depends on all of its inputs (the pattern stays correct, maybe denser).",
             stacklevel=3,
         )
-    return tuple(out.shape), in_shape, out.rows(), out.indices
+    return tuple(out.shape), in_shape, out.rows(), out.indices, interp.seen

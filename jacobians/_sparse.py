@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
+from jax.extend import core as jcore
 
 import kernels
 
 from . import _args
-from ._sparsity import SparsityPattern, abstract_args
-from ._sparsity import sparsity as _detect
+from ._sparsity import SparsityPattern, abstract_args, detect
 
 OUTPUTS = ("bcoo", "dense")
 
@@ -31,6 +31,16 @@ class _Plan:
     colors: np.ndarray
     n_colors: int
     compute: Callable
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Names of all primitives in a jaxpr, nested ones included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jcore.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
 
 
 def _coerce_pattern(given, out_shape, in_shape, where: str) -> SparsityPattern:
@@ -125,16 +135,23 @@ def sparse_jacobian(
         i, avals = abstract_args(args, argnums, where)
         x = avals[i]
         if isinstance(sparsity, str):
-            pattern = _detect(fun, *avals, argnums=i)
+            pattern, prims = detect(fun, avals, i, where)
         else:
             out = jax.eval_shape(fun, *avals)
             pattern = _coerce_pattern(sparsity, out.shape, x.shape, where)
+            prims = _primitives(jax.make_jaxpr(fun)(*avals).jaxpr)
         m, n = math.prod(pattern.out_shape), math.prod(pattern.in_shape)
         col_colors = kernels.color_columns(pattern.rows, pattern.cols, n) if mode != "rev" else None
         row_colors = kernels.color_rows(pattern.rows, pattern.cols, m) if mode != "fwd" else None
         n_col = int(col_colors.max()) + 1 if col_colors is not None and n else 0
         n_row = int(row_colors.max()) + 1 if row_colors is not None and m else 0
         use_fwd = mode == "fwd" or (mode == "auto" and n_col <= n_row)
+        if mode == "auto":
+            # JAX cannot push JVPs through custom_vjp, nor pull VJPs through while_loop.
+            if "custom_vjp_call" in prims and "while" not in prims:
+                use_fwd = False
+            elif "while" in prims and "custom_vjp_call" not in prims:
+                use_fwd = True
         colors, n_colors = (col_colors, n_col) if use_fwd else (row_colors, n_row)
         rows, cols = pattern.rows, pattern.cols
         indices = jnp.asarray(pattern.indices())

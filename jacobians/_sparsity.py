@@ -170,10 +170,14 @@ def sparsity(fun: Callable, *args, argnums: int = 0) -> SparsityPattern:
       >>> jacobians.sparsity(lambda x: jnp.sin(x) * x, jnp.ones(3)).nnz
       3
     """
-    where = "jacobians.sparsity"
+    return detect(fun, args, argnums, "jacobians.sparsity")[0]
+
+
+def detect(fun: Callable, args: tuple, argnums, where: str) -> tuple[SparsityPattern, set[str]]:
+    """:func:`sparsity`, plus the names of the primitives met in the jaxpr."""
     i, avals = abstract_args(args, argnums, where)
     out = jax.eval_shape(fun, *avals)
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise ValueError(f"{where}: fun must return a single array, got {jax.tree_util.tree_structure(out)}.")
-    out_shape, in_shape, rows, cols = _deps.detect(fun, avals, i)
-    return SparsityPattern(out_shape, in_shape, rows, cols)
+    out_shape, in_shape, rows, cols, prims = _deps.detect(fun, avals, i)
+    return SparsityPattern(out_shape, in_shape, rows, cols), prims

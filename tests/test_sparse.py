@@ -48,6 +48,14 @@ def softplus(x):
 
 softplus.defjvp(lambda p, t: (softplus(p[0]), jax.nn.sigmoid(p[0]) * t[0]))
 
+
+@jax.custom_vjp
+def clip_grad_square(x):
+    return x**2
+
+
+clip_grad_square.defvjp(lambda x: (x**2, x), lambda x, g: (jnp.clip(2 * x * g, -1.0, 1.0),))
+
 # name -> (function, input shape, whether the detected pattern is exact)
 FUNCS = {
     "elementwise": (lambda x: jnp.sin(x) * x + jnp.exp(-x), (7,), True),
@@ -78,14 +86,21 @@ FUNCS = {
     "fori_loop": (fori, (5,), True),
     "while_loop": (while_shift, (5,), False),
     "custom_jvp_and_jit": (lambda x: jax.jit(lambda v: softplus(v) * v[::-1])(x), (6,), True),
+    "custom_vjp": (lambda x: clip_grad_square(x)[::-1] + jnp.roll(x, 2), (6,), True),
+    "scatter_set": (lambda x: x.at[jnp.array([1, 4])].set(jnp.sin(x[:2])), (6,), False),  # overwritten: conservative
     "matrix_input_output": (lambda X: jnp.tanh(X) @ jnp.asarray(np.eye(4)[:, :2]), (3, 4), True),
 }
+
+
+def _reference(f, x):
+    # JAX pushes no JVP through custom_vjp and pulls no VJP through while_loop.
+    return jax.jacrev(f)(x) if f is FUNCS["custom_vjp"][0] else jax.jacfwd(f)(x)
 
 
 def _dense_nonzeros(f, shape, rng, draws=3):
     nz = 0
     for _ in range(draws):
-        nz = nz | (np.asarray(jax.jacfwd(f)(randn(rng, shape))) != 0)
+        nz = nz | (np.asarray(_reference(f, randn(rng, shape))) != 0)
     return nz
 
 
@@ -105,10 +120,10 @@ def test_pattern_contains_nonzeros(rng, name):
 @pytest.mark.parametrize("mode", ["fwd", "rev", "auto"])
 def test_sparse_equals_dense(rng, name, mode):
     f, shape, _ = FUNCS[name]
-    if name == "while_loop" and mode == "rev":
-        pytest.skip("JAX cannot reverse-differentiate a while_loop")
+    if (name, mode) in (("while_loop", "rev"), ("custom_vjp", "fwd")):
+        pytest.skip("JAX cannot reverse-differentiate a while_loop, nor push JVPs through custom_vjp")
     x = randn(rng, shape)
-    ref = jax.jacfwd(f)(x)
+    ref = _reference(f, x)
     dense = jacobians.sparse_jacobian(f, mode=mode, output="dense")(x)
     np.testing.assert_allclose(dense, ref, rtol=1e-12, atol=1e-12)
     bcoo = jacobians.sparse_jacobian(f, mode=mode)(x)
@@ -236,3 +251,10 @@ def test_errors(rng):
         jacobians.sparsity(stencil_1d, x, argnums=(0,))
     with pytest.raises(ValueError, match=r"fun must return a single array"):
         jacobians.sparsity(lambda x: (x, x), x)
+
+
+def test_auto_mode_respects_what_jax_can_differentiate(rng):
+    f_vjp, shape, _ = FUNCS["custom_vjp"]
+    assert jacobians.sparse_jacobian(f_vjp).plan(randn(rng, shape)).mode == "rev"
+    f_while, shape, _ = FUNCS["while_loop"]
+    assert jacobians.sparse_jacobian(f_while).plan(randn(rng, shape)).mode == "fwd"
