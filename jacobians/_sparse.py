@@ -103,7 +103,9 @@ def sparse_jacobian(
         array of shape ``out.shape + in.shape``, or a ``BCOO`` of that shape.
         A given pattern must contain every nonzero, or those are lost.
       mode: ``"fwd"`` (column colouring), ``"rev"`` (row colouring) or
-        ``"auto"`` (whichever needs fewer colours; forward on ties).
+        ``"auto"`` (whichever needs fewer colours, forward on ties; but reverse
+        when ``fun`` contains a ``custom_vjp`` and forward when it contains a
+        ``while_loop``, the only directions JAX can differentiate those in).
       output: ``"bcoo"`` for a ``jax.experimental.sparse.BCOO`` of shape
         ``out.shape + in.shape``, or ``"dense"`` for a dense array equal to
         :func:`jacobians.jacobian`.
