@@ -139,9 +139,9 @@ def sparse_jacobian(
         if isinstance(sparsity, str):
             pattern, prims = detect(fun, avals, i, where)
         else:
-            out = jax.eval_shape(fun, *avals)
-            pattern = _coerce_pattern(sparsity, out.shape, x.shape, where)
-            prims = _primitives(jax.make_jaxpr(fun)(*avals).jaxpr)
+            closed = jax.make_jaxpr(fun)(*avals)  # one trace: the output shape and the primitives
+            pattern = _coerce_pattern(sparsity, closed.out_avals[0].shape, x.shape, where)
+            prims = _primitives(closed.jaxpr)
         m, n = math.prod(pattern.out_shape), math.prod(pattern.in_shape)
         col_colors = kernels.color_columns(pattern.rows, pattern.cols, n) if mode != "rev" else None
         row_colors = kernels.color_rows(pattern.rows, pattern.cols, m) if mode != "fwd" else None
