@@ -292,9 +292,12 @@ class Interpreter:
         return [o if _differentiable(a) else empty(a.shape) for o, a in zip(outs, out_avals, strict=True)]
 
     def _fold(self, eqn, ins, out_avals):
-        if not ins or any(d.const is None or d.nnz for d in ins):
-            if ins or eqn.primitive.name not in ("iota",):
+        # Fold when every input is a known constant (or, with no inputs, an iota).
+        if ins:
+            if any(d.const is None or d.nnz for d in ins):
                 return None
+        elif eqn.primitive.name != "iota":
+            return None
         if sum(math.prod(a.shape) for a in out_avals) > _FOLD_MAX:
             return None
         try:

@@ -18,12 +18,13 @@ def _conflicts(rows: np.ndarray, cols: np.ndarray, n_cols: int) -> tuple[np.ndar
     r, c = rows[order], cols[order]
     starts = np.flatnonzero(np.concatenate([[True], r[1:] != r[:-1]]))
     lens = np.diff(np.append(starts, r.size))
-    # All ordered pairs (a, b) of columns within each row.
-    pair_row = np.repeat(np.arange(lens.size), lens * lens)
-    base = np.repeat(starts, lens * lens)
-    within = np.arange(pair_row.size) - np.repeat(np.cumsum(lens * lens) - lens * lens, lens * lens)
-    a = c[base + within // np.repeat(lens, lens * lens)]
-    b = c[base + within % np.repeat(lens, lens * lens)]
+    # All ordered pairs (a, b) of columns within each row: lens^2 per row.
+    sq = lens * lens
+    base = np.repeat(starts, sq)
+    within = np.arange(int(sq.sum())) - np.repeat(np.cumsum(sq) - sq, sq)
+    width = np.repeat(lens, sq)
+    a = c[base + within // width]
+    b = c[base + within % width]
     key = np.sort(a.astype(np.int64) * n_cols + b)
     if key.size:
         key = key[np.concatenate([[True], key[1:] != key[:-1]])]

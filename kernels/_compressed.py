@@ -13,6 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _seeds(colors: np.ndarray, n_colors: int, dtype) -> jax.Array:
+    """The 0/1 seed rows, shape ``(n_colors, len(colors))``: row ``c`` marks colour ``c``."""
+    return jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], dtype)
+
+
 def compressed_forward(
     fun: Callable[[jax.Array], jax.Array],
     x: jax.Array,
@@ -33,7 +38,7 @@ def compressed_forward(
     Returns:
       The values, shape ``(len(rows),)``.
     """
-    seeds = jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], x.dtype)  # (c, n)
+    seeds = _seeds(colors, n_colors, x.dtype)  # (c, n)
     push = lambda t: jax.jvp(fun, (x,), (t,))[1]  # noqa: E731
     compressed = jax.vmap(push)(seeds)  # (c, m): the layout vmap produces, no transpose
     # One flat gather with precomputed indices decompresses.
@@ -61,6 +66,6 @@ def compressed_reverse(
       The values, shape ``(len(rows),)``.
     """
     y, pullback = jax.vjp(fun, x)
-    seeds = jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], y.dtype)  # (c, m)
+    seeds = _seeds(colors, n_colors, y.dtype)  # (c, m)
     compressed = jax.vmap(lambda c: pullback(c)[0])(seeds)  # (c, n)
     return compressed.reshape(-1)[colors[rows] * x.shape[0] + np.asarray(cols)]
