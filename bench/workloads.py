@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jacobians
-import kernels
+from jacobians import kernels
 
 try:  # torch is optional: never a dependency
     import torch

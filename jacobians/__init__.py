@@ -10,6 +10,7 @@ from importlib.metadata import version as _version
 
 from . import contract as contract
 from . import identities as identities
+from . import kernels as kernels
 from . import layout as layout
 from ._det import det as det
 from ._det import log_abs_det as log_abs_det
@@ -36,6 +37,7 @@ __all__ = [
     "det",
     "gradcheck",
     "identities",
+    "kernels",
     "jacobian",
     "jacobian_matrix",
     "layout",

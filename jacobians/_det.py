@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import kernels
+from . import kernels
 
 from ._jacobian import jacobian_matrix
 

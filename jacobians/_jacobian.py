@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-import kernels
+from . import kernels
 
 from . import _args, layout
 

@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 from jax.extend import core as jcore
 
-import kernels
+from . import kernels
 
 from . import _args
 from ._sparsity import SparsityPattern, abstract_args, detect

@@ -12,7 +12,7 @@ import pytest
 from helpers import randn
 
 import jacobians
-import kernels
+from jacobians import kernels
 
 
 def flow3(x):

@@ -62,7 +62,7 @@ def test_chunk_sizes_all_agree(rng):
 
 
 def test_auto_picks_cheaper_mode(monkeypatch, rng):
-    import kernels
+    from jacobians import kernels
 
     used = []
     for name in ("forward", "reverse"):

@@ -10,7 +10,7 @@ import pytest
 from helpers import randn
 
 import jacobians
-import kernels
+from jacobians import kernels
 from jacobians import _deps
 
 _R = np.random.default_rng(1)
