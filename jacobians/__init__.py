@@ -20,6 +20,7 @@ from ._gradcheck import assert_gradcheck as assert_gradcheck
 from ._gradcheck import gradcheck as gradcheck
 from ._jacobian import jacobian as jacobian
 from ._jacobian import jacobian_matrix as jacobian_matrix
+from ._sparse import SparsePlan as SparsePlan
 from ._sparse import sparse_jacobian as sparse_jacobian
 from ._sparsity import SparsityPattern as SparsityPattern
 from ._sparsity import sparsity as sparsity
@@ -31,6 +32,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "GradcheckResult",
+    "SparsePlan",
     "SparsityPattern",
     "assert_gradcheck",
     "contract",

@@ -1,25 +1,66 @@
-"""Option checking and the split of a call into traced and static parts.
+"""The one argument pipeline every transformation uses.
 
-Options are checked in Python when a transformation is built, before anything
-is traced, so that a typo fails at once and says what was expected.
+A transformation (``jacobian``, ``sparse_jacobian``, ``hessian``, the
+determinants, ...) is a :class:`Transform`: it checks ``fun`` and ``argnums``
+when it is built, and on each call splits ``fun(*args, **kwargs)`` into
+
+- the *traced* leaves: the differentiated ones and every other array;
+- a hashable :class:`CallSpec`: the pytree structure, which positional
+  arguments are differentiated, and the *static* leaves (strings, enums,
+  Python numbers, any hashable non-array), compiled in as constants and keyed
+  exactly by type and value (``1``, ``1.0`` and ``True`` differ, so do ``0.0``
+  and ``-0.0``; NaN equals NaN).
+
+One compiled function is cached per ``CallSpec`` (a bounded LRU); it receives
+the traced leaves, rebuilds the call and runs the engine. :class:`Problem`
+then gives every engine the same flat view of the call: the differentiated
+arguments raveled to one vector ``x`` of size ``n``, the outputs raveled to one
+vector of size ``m``, and the way back to pytrees of numerator-layout blocks.
+Options are checked in Python before anything is traced, so a typo fails at
+once and says what was expected.
 """
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import collections
+import functools
+import math
+import struct
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 MODES = ("fwd", "rev", "auto")
 ORDERS = ("C", "F")
+CACHE_MAX = 64  # compiled functions kept per transformation
+RECOMPILE_WARN = 8  # distinct static values of one call structure before we warn
+
+ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
+TRACED_TYPES = ARRAY_TYPES + (jax.ShapeDtypeStruct,)  # leaves passed to the compiled function
+_TRACER_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
 
 
-def check_mode(mode: Any, where: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"{where}: mode must be one of {MODES}, got {mode!r}.")
-    return mode
+# --- option checks ----------------------------------------------------------------------------
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str], where: str) -> str:
+    """``value`` must be one of ``choices`` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{where}: {name} must be one of {tuple(choices)}, got {value!r}.")
+    return value
+
+
+def check_mode(mode: Any, where: str, modes: Sequence[str] = MODES) -> str:
+    return check_choice(mode, "mode", modes, where)
 
 
 def check_order(order: Any, where: str) -> str:
@@ -40,6 +81,12 @@ def check_chunk_size(chunk_size: Any, where: str) -> int | None:
     return int(chunk_size)
 
 
+def check_bool(value: Any, name: str, where: str) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{where}: {name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
 def check_argnums(argnums: Any, where: str) -> tuple[int, ...]:
     """Normalise ``argnums`` to a non-empty tuple of distinct ints."""
     items = argnums if isinstance(argnums, Sequence) and not isinstance(argnums, str) else (argnums,)
@@ -54,12 +101,15 @@ def check_argnums(argnums: Any, where: str) -> tuple[int, ...]:
     return items
 
 
-ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
+def check_fun(fun: Any, where: str) -> Callable:
+    if not callable(fun):
+        raise TypeError(f"{where}: fun must be callable, got {type(fun).__name__}.")
+    return fun
 
 
-def check_diff_leaf(leaf: Any, where: str, label: str) -> jax.Array:
+def _diff_leaf(leaf: Any, where: str, label: str):
     """Accept an array or a Python float/complex as a leaf to differentiate."""
-    if isinstance(leaf, ARRAY_TYPES):
+    if isinstance(leaf, ARRAY_TYPES) or isinstance(leaf, jax.ShapeDtypeStruct):
         return leaf
     if isinstance(leaf, bool | int):
         raise TypeError(
@@ -70,12 +120,11 @@ def check_diff_leaf(leaf: Any, where: str, label: str) -> jax.Array:
         return jnp.asarray(leaf)
     raise TypeError(
         f"{where}: differentiated arguments must hold arrays, but {label} is a "
-        f"{type(leaf).__name__} ({leaf!r}). Move non-array values to an argument "
-        "that is not in argnums."
+        f"{type(leaf).__name__} ({leaf!r}). Move non-array values to an argument that is not in argnums."
     )
 
 
-def check_diff_dtypes(diff: tuple, positions: tuple[int, ...], where: str, holomorphic: bool):
+def check_diff_dtypes(diff: tuple, positions: tuple[int, ...], where: str, holomorphic: bool, allow_complex=False):
     """Check the dtypes of the differentiated arguments (at trace time)."""
     for i, arg in zip(positions, diff, strict=True):
         for path, x in jax.tree_util.tree_flatten_with_path(arg)[0]:
@@ -86,7 +135,9 @@ def check_diff_dtypes(diff: tuple, positions: tuple[int, ...], where: str, holom
                         f"{where}: holomorphic=True requires complex inputs, but {label} has "
                         f"dtype {x.dtype}. Cast it to a complex dtype or drop holomorphic=True."
                     )
-            elif not jnp.issubdtype(x.dtype, jnp.floating):
+            elif not jnp.issubdtype(x.dtype, jnp.floating) and not (
+                allow_complex and jnp.issubdtype(x.dtype, jnp.complexfloating)
+            ):
                 hint = (
                     " For holomorphic functions pass holomorphic=True."
                     if jnp.issubdtype(x.dtype, jnp.complexfloating)
@@ -98,34 +149,44 @@ def check_diff_dtypes(diff: tuple, positions: tuple[int, ...], where: str, holom
                 )
 
 
+def static_key(value: Any) -> Any:
+    """A hashable key equal only for values that behave the same when compiled in.
+
+    ``1``, ``1.0`` and ``True`` differ (the type is part of the key); floats
+    are keyed by their bits, so ``0.0`` and ``-0.0`` differ and NaN equals NaN.
+    """
+    if isinstance(value, float):
+        return (float, struct.pack("<d", value) if value == value else b"nan")
+    if isinstance(value, complex):
+        return (complex, static_key(value.real), static_key(value.imag))
+    return (type(value), value)
+
+
+# --- the call split ---------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class CallSpec:
-    """The static part of a call ``fun(*args, **kwargs)``.
-
-    The call's leaves (``tree_flatten((args, kwargs))``) split into the
-    differentiated ones, other arrays (both traced) and static values (any
-    other hashable leaf: a string flag, an enum, a Python number), which are
-    compiled in as constants.
-    """
+    """The static part of a call ``fun(*args, **kwargs)``: the key of the compilation cache."""
 
     treedef: Any
     n_args: int
     positions: tuple[int, ...]  # differentiated positional args, in argnums order
     arg_slices: tuple[tuple[int, int], ...]  # leaf range of each positional arg
-    static: tuple[tuple[int, Any], ...]  # (leaf index, value)
+    static_keys: tuple[tuple[int, Any], ...]  # (leaf index, static_key(value))
+    static: tuple[tuple[int, Any], ...] = field(compare=False, hash=False)  # (leaf index, value)
 
-    def rebuild(self, traced: list) -> tuple[list, dict, tuple]:
+    def rebuild(self, traced: Sequence) -> tuple[list, dict, tuple]:
         """``(args, kwargs, diff_args)`` from the traced leaves in call order."""
         it = iter(traced)
         static = dict(self.static)
-        n = self.treedef.num_leaves
-        leaves = [static[i] if i in static else next(it) for i in range(n)]
+        leaves = [static[i] if i in static else next(it) for i in range(self.treedef.num_leaves)]
         args, kwargs = self.treedef.unflatten(leaves)
         return list(args), kwargs, tuple(args[i] for i in self.positions)
 
 
-class CallSplitter:
-    """Split calls into traced leaves and a hashable :class:`CallSpec`, caching per structure."""
+class _Splitter:
+    """Split calls into traced leaves and a :class:`CallSpec`, caching the layout per structure."""
 
     def __init__(self, argnums: tuple[int, ...], where: str):
         self.argnums = argnums
@@ -169,18 +230,225 @@ class CallSplitter:
         for i, leaf in enumerate(leaves):
             if i in diff_idx:
                 if not isinstance(leaf, ARRAY_TYPES):
-                    leaf = check_diff_leaf(leaf, self.where, f"a leaf of argument {diff_idx[i]}")
+                    leaf = _diff_leaf(leaf, self.where, f"a leaf of argument {diff_idx[i]}")
                 traced.append(leaf)
-            elif isinstance(leaf, ARRAY_TYPES):
+            elif isinstance(leaf, TRACED_TYPES):
                 traced.append(leaf)
             else:
                 try:
                     hash(leaf)
                 except TypeError:
                     raise TypeError(
-                        f"{self.where}: a non-differentiated argument holds a "
-                        f"{type(leaf).__name__}, which is neither an array nor hashable; "
-                        "pass arrays or hashable values."
+                        f"{self.where}: a non-differentiated argument holds a {type(leaf).__name__}, which is "
+                        "neither an array nor hashable; pass arrays or hashable values."
                     ) from None
                 static.append((i, leaf))
-        return CallSpec(treedef, len(args), positions, slices, tuple(static)), traced
+        keys = tuple((i, static_key(v)) for i, v in static)
+        return CallSpec(treedef, len(args), positions, slices, keys, tuple(static)), traced
+
+
+class Transform:
+    """A built transformation: the argument pipeline around an engine.
+
+    ``build(spec)`` returns the function to run for one call structure (usually
+    a ``jax.jit`` of the engine with ``spec`` bound); it receives the traced
+    leaves in call order. Built functions are cached (LRU, ``CACHE_MAX``).
+    """
+
+    def __init__(self, fun: Callable, argnums: Any, where: str, build: Callable[[CallSpec], Callable]):
+        self.fun = check_fun(fun, where)
+        self.argnums = check_argnums(argnums, where)
+        self.int_argnums = not isinstance(argnums, tuple | list)
+        self.where = where
+        self.split = _Splitter(self.argnums, where)
+        self.build = build
+        self.cache: collections.OrderedDict[CallSpec, Callable] = collections.OrderedDict()
+        self._variants: dict = collections.defaultdict(set)  # treedef -> static keys seen
+        self._warned = False
+
+    def compiled(self, args: tuple, kwargs: dict) -> tuple[Callable, list, CallSpec]:
+        """The built function for this call, its traced leaves and the call's spec."""
+        spec, traced = self.split(args, kwargs)
+        fn = self.cache.get(spec)
+        if fn is None:
+            fn = self._new(spec)
+        return fn, traced, spec
+
+    def _new(self, spec: CallSpec) -> Callable:
+        variants = self._variants[spec.treedef]
+        variants.add(spec.static_keys)
+        if len(variants) > RECOMPILE_WARN and not self._warned:
+            self._warned = True
+            changing = sorted({i for keys in variants for i, k in keys if (i, k) not in spec.static_keys})
+            paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+                spec.treedef.unflatten(range(spec.treedef.num_leaves)))[0]]
+            named = ", ".join(f"(args, kwargs){paths[i]}" for i in changing) or "a static argument"
+            warnings.warn(
+                f"{self.where}: recompiling for the {len(variants)}th value of {named}; non-array arguments "
+                "are compiled in as constants. Pass a value that changes between calls as a jnp array.",
+                stacklevel=4,
+            )
+        fn = self.build(spec)
+        self.cache[spec] = fn
+        if len(self.cache) > CACHE_MAX:
+            self.cache.popitem(last=False)
+        return fn
+
+    def __call__(self, *args, **kwargs):
+        fn, traced, _ = self.compiled(args, kwargs)
+        try:
+            return fn(*traced)
+        except _TRACER_ERRORS as e:
+            raise TracedControlFlowError(self.where, e) from e
+
+
+def wrap(t: Transform) -> Callable:
+    """The user-facing function of a transformation: ``fun``'s name and docstring, ``t``'s behaviour."""
+
+    @functools.wraps(t.fun)
+    def transformed(*args, **kwargs):
+        return t(*args, **kwargs)
+
+    transformed.transform = t
+    return transformed
+
+
+class TracedControlFlowError(TypeError):
+    """``fun`` used a traced value where Python needs a concrete one (``if``, ``int()``, NumPy)."""
+
+    def __init__(self, where: str, cause: Exception):
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(
+            f"{where}: fun was compiled with jax.jit and used the value of a traced array in Python control "
+            "flow or a NumPy call (`if x > 0`, `int(x)`, `np.asarray(x)`), which cannot be compiled. Write the "
+            "branch with jnp.where or jax.lax.cond (loops: jax.lax.fori_loop / while_loop), or pass the value "
+            f"as a non-array (static) argument. JAX said: {first}"
+        )
+
+
+# --- the flat view of a call ------------------------------------------------------------------
+
+
+def promote(*dtypes):
+    """The dtype of a block holding d(out)/d(in), under JAX's standard rules even under strict promotion."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(*dtypes)
+
+
+@dataclass
+class Problem:
+    """One call, seen flat: ``flat(x) -> (y, aux)`` with ``x`` of shape ``(n,)`` and ``y`` of shape ``(m,)``.
+
+    Built inside the engine's trace by :func:`problem`.
+    """
+
+    flat: Callable
+    x: jax.Array
+    out_leaves: list  # ShapeDtypeStructs of the output leaves
+    out_treedef: Any
+    in_leaves: list  # the differentiated leaves
+    in_treedef: Any  # of the differentiated argument (int argnums) or the tuple of them
+    out_dtype: Any
+
+    @property
+    def n(self) -> int:
+        return self.x.size
+
+    @property
+    def m(self) -> int:
+        return sum(math.prod(s.shape) for s in self.out_leaves)
+
+    def blocks(self, jac: jax.Array, dtype_of=None) -> Any:
+        """Cut the flat ``(m, n)`` Jacobian into the pytree of ``out.shape + in.shape`` blocks."""
+        dtype_of = dtype_of or (lambda out, x: promote(out.dtype, x.dtype))
+        rows, o = [], 0
+        for out in self.out_leaves:
+            mo = math.prod(out.shape)
+            row, i = [], 0
+            for x in self.in_leaves:
+                ni = x.size
+                block = jac if (mo, ni) == tuple(jac.shape) else jac[o : o + mo, i : i + ni]
+                row.append(block.reshape(out.shape + x.shape).astype(dtype_of(out, x)))
+                i += ni
+            rows.append(self.in_treedef.unflatten(row))
+            o += mo
+        return self.out_treedef.unflatten(rows)
+
+
+def problem(
+    fun: Callable,
+    spec: CallSpec,
+    traced: Sequence,
+    *,
+    where: str,
+    has_aux: bool = False,
+    holomorphic: bool = False,
+    int_argnums: bool = True,
+    allow_complex: bool = False,
+    check_outputs: Callable | None = None,
+) -> Problem:
+    """The flat view of ``fun(*args, **kwargs)`` for an engine (call inside its trace)."""
+    args, kwargs, diff = spec.rebuild(traced)
+    check_diff_dtypes(diff, spec.positions, where, holomorphic, allow_complex)
+
+    def call(diff_args):
+        a = list(args)
+        for p, d in zip(spec.positions, diff_args, strict=True):
+            a[p] = d
+        return fun(*a, **kwargs)
+
+    shapes = output_shapes(call, diff, where, has_aux)
+    (check_outputs or functools.partial(check_float_outputs, holomorphic=holomorphic))(shapes, where)
+    out_leaves, out_treedef = jax.tree_util.tree_flatten(shapes)
+    in_tree = diff[0] if int_argnums else diff
+    in_leaves, in_treedef = jax.tree_util.tree_flatten(in_tree)
+    x, unravel = ravel_pytree(diff)
+    out_dtype = promote(*(s.dtype for s in out_leaves))
+
+    def flat(x_flat):
+        res = call(unravel(x_flat))
+        out, aux = res if has_aux else (res, None)
+        ys = [jnp.ravel(y).astype(out_dtype) for y in jax.tree_util.tree_leaves(out)]
+        return (ys[0] if len(ys) == 1 else jnp.concatenate(ys)), aux
+
+    return Problem(flat, x, out_leaves, out_treedef, in_leaves, in_treedef, out_dtype)
+
+
+def output_shapes(call: Callable, diff: tuple, where: str, has_aux: bool) -> Any:
+    """``jax.eval_shape`` of the call (no evaluation), the aux part removed."""
+    try:
+        shapes = jax.eval_shape(call, diff)
+    except _TRACER_ERRORS as e:
+        raise TracedControlFlowError(where, e) from e
+    except TypeError as e:
+        if "is not a valid JAX type" not in str(e):
+            raise
+        raise TypeError(f"{where}: fun must return arrays (a pytree of arrays); {str(e).splitlines()[0]}") from e
+    if has_aux:
+        if not (isinstance(shapes, tuple | list) and len(shapes) == 2):
+            raise TypeError(
+                f"{where}: has_aux=True requires fun to return a pair (output, aux), "
+                f"got {jax.tree_util.tree_structure(shapes)}."
+            )
+        shapes = shapes[0]
+    return shapes
+
+
+def check_float_outputs(shapes: Any, where: str, holomorphic: bool = False) -> None:
+    """Every output leaf must be a floating-point (or, holomorphic, complex) array."""
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    if not leaves_with_path:
+        raise ValueError(f"{where}: fun returned no arrays to differentiate.")
+    for path, leaf in leaves_with_path:
+        label = f"output{jax.tree_util.keystr(path)}"
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            raise TypeError(f"{where}: fun must return arrays, but {label} is a {type(leaf).__name__}.")
+        if holomorphic and not jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(f"{where}: holomorphic=True requires complex outputs, but {label} has dtype {dtype}.")
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{where}: fun must return floating-point arrays, but {label} has dtype "
+                f"{dtype}; integer outputs have no derivative. Return it as aux "
+                "(has_aux=True) if it is not to be differentiated."
+            )

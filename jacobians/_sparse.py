@@ -1,9 +1,11 @@
 """Sparse Jacobians: detected pattern, colouring, one JVP/VJP per colour.
 
-``sparse_jacobian`` detects the pattern (:func:`jacobians.sparsity`) and
-colours it once per input shape and dtype, caches both, and compiles the
-evaluation: ``c`` JVPs (column colouring) or VJPs (row colouring) instead of
-``n`` or ``m``, then a gather with precomputed indices.
+``sparse_jacobian`` detects the pattern of the flat map ``x (n,) -> y (m,)``
+(:func:`jacobians.sparsity`), colours its columns (forward) or rows (reverse)
+and evaluates ``c`` JVPs or VJPs instead of ``n`` or ``m``, then decompresses
+with one precomputed gather. The pattern, colouring and direction form a
+:class:`SparsePlan`, made once per call structure and input shapes, public,
+and reusable (``sparsity=plan``, or saved to and loaded from ``.npz``).
 """
 
 import math
@@ -14,41 +16,71 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
-from jax.extend import core as jcore
 
-from . import kernels
-
-from . import _args
-from ._sparsity import SparsityPattern, abstract_args, detect
+from . import _args, kernels
+from ._sparsity import Detected, SparsityPattern, _abstract, detect_call
 
 OUTPUTS = ("bcoo", "dense")
+_FORMAT = 1  # version of the .npz plan file
 
 
-@dataclass
-class _Plan:
+@dataclass(frozen=True, eq=False)
+class SparsePlan:
+    """How ``sparse_jacobian`` evaluates one Jacobian: pattern, direction and colouring.
+
+    Attributes:
+      pattern: the :class:`SparsityPattern` of the flat ``(m, n)`` Jacobian
+        (output and input leaves raveled and concatenated in pytree order).
+      mode: ``"fwd"`` (columns coloured, one JVP per colour) or ``"rev"`` (rows, VJPs).
+      colors: the colour of each column (``"fwd"``, shape ``(n,)``) or row (``"rev"``, ``(m,)``).
+      n_colors: the number of JVPs/VJPs one evaluation costs.
+    """
+
     pattern: SparsityPattern
     mode: str
     colors: np.ndarray
     n_colors: int
-    compute: Callable
+
+    def save(self, path) -> None:
+        """Write the plan to a ``.npz`` file (NumPy arrays only: no pickles)."""
+        p = self.pattern
+        np.savez(
+            path,
+            format=np.int64(_FORMAT),
+            m=np.int64(math.prod(p.out_shape)),
+            n=np.int64(math.prod(p.in_shape)),
+            rows=p.rows,
+            cols=p.cols,
+            mode=np.array(self.mode),
+            colors=self.colors,
+            n_colors=np.int64(self.n_colors),
+        )
+
+    @classmethod
+    def load(cls, path) -> "SparsePlan":
+        """Read a plan written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as f:
+            if int(f["format"]) != _FORMAT:
+                raise ValueError(f"SparsePlan.load: {path} has plan format {int(f['format'])}, expected {_FORMAT}.")
+            pattern = SparsityPattern((int(f["m"]),), (int(f["n"]),), f["rows"], f["cols"])
+            return cls(pattern, str(f["mode"]), np.asarray(f["colors"], np.int64), int(f["n_colors"]))
+
+    def __repr__(self) -> str:
+        p = self.pattern
+        return (
+            f"SparsePlan(mode={self.mode!r}, n_colors={self.n_colors}, m={math.prod(p.out_shape)}, "
+            f"n={math.prod(p.in_shape)}, nnz={p.nnz})"
+        )
 
 
-def _primitives(jaxpr) -> set[str]:
-    """Names of all primitives in a jaxpr, nested ones included."""
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for sub in jcore.jaxprs_in_params(eqn.params):
-            names |= _primitives(sub)
-    return names
-
-
-def _coerce_pattern(given, out_shape, in_shape, where: str) -> SparsityPattern:
+def _coerce_pattern(given, det_shape: tuple, where: str) -> SparsityPattern:
+    """A user's pattern as a flat ``(m, n)`` SparsityPattern; ``det_shape`` is ``out.shape + in.shape``."""
+    out_shape, in_shape = det_shape
     expected = tuple(out_shape) + tuple(in_shape)
+    m, n = math.prod(out_shape), math.prod(in_shape)
     if isinstance(given, SparsityPattern):
         pattern = given
     elif isinstance(given, jsparse.BCOO):
-        idx = np.asarray(given.indices)
         if given.n_batch or given.n_dense:
             raise ValueError(f"{where}: a BCOO sparsity pattern must have no batch or dense dimensions.")
         if tuple(given.shape) != expected:
@@ -56,6 +88,7 @@ def _coerce_pattern(given, out_shape, in_shape, where: str) -> SparsityPattern:
                 f"{where}: the sparsity pattern has shape {tuple(given.shape)} but the Jacobian has "
                 f"shape out.shape + in.shape = {expected}."
             )
+        idx = np.asarray(given.indices)
         k = len(out_shape)
         rows = np.ravel_multi_index(idx[:, :k].T, out_shape) if k else np.zeros(len(idx), np.int64)
         cols = np.ravel_multi_index(idx[:, k:].T, in_shape) if in_shape else np.zeros(len(idx), np.int64)
@@ -64,129 +97,193 @@ def _coerce_pattern(given, out_shape, in_shape, where: str) -> SparsityPattern:
         mask = np.asarray(given)
         if mask.dtype != bool:
             raise TypeError(f"{where}: a dense sparsity pattern must be a boolean array, got {mask.dtype}.")
-        if mask.shape != expected:
+        if mask.shape != expected and mask.shape != (m, n):
             raise ValueError(
                 f"{where}: the sparsity pattern has shape {mask.shape} but the Jacobian has "
                 f"shape out.shape + in.shape = {expected}."
             )
-        pattern = SparsityPattern.from_dense(mask, len(out_shape))
-    if pattern.shape != expected:
+        pattern = SparsityPattern.from_dense(mask.reshape(m, n), 1)
+    if pattern.shape != expected and pattern.shape != (m, n):
         raise ValueError(
             f"{where}: the sparsity pattern has shape {pattern.shape} but the Jacobian has "
-            f"shape out.shape + in.shape = {expected}."
+            f"shape out.shape + in.shape = {expected} (or the flat (m, n) = {(m, n)})."
         )
-    return pattern
+    return SparsityPattern((m,), (n,), pattern.rows, pattern.cols)
+
+
+def _make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str]) -> SparsePlan:
+    m, n = math.prod(det_pattern.out_shape), math.prod(det_pattern.in_shape)
+    rows, cols = det_pattern.rows, det_pattern.cols
+    if mode == "auto":
+        # JAX cannot push JVPs through custom_vjp, nor pull VJPs through while_loop.
+        has_vjp = bool({"custom_vjp_call", "custom_vjp_call_jaxpr"} & primitives)
+        has_while = "while" in primitives
+        if has_vjp != has_while:
+            mode = "rev" if has_vjp else "fwd"
+    col_colors = kernels.color_columns(rows, cols, n) if mode != "rev" else None
+    row_colors = kernels.color_rows(rows, cols, m) if mode != "fwd" else None
+    n_col = int(col_colors.max()) + 1 if col_colors is not None and n else 0
+    n_row = int(row_colors.max()) + 1 if row_colors is not None and m else 0
+    use_fwd = mode == "fwd" or (mode == "auto" and n_col <= n_row)
+    if use_fwd:
+        return SparsePlan(det_pattern, "fwd", col_colors, n_col)
+    return SparsePlan(det_pattern, "rev", row_colors, n_row)
+
+
+class _Engine:
+    """Plans per call structure and shapes; the jitted evaluation reads the plan at trace time."""
+
+    def __init__(self, fun, argnums, sparsity, mode, output, has_aux, where):
+        self.sparsity, self.mode, self.output, self.has_aux = sparsity, mode, output, has_aux
+        self.plans: dict = {}
+        self.t = _args.Transform(fun, argnums, where, self._build)
+
+    def _key(self, spec, avals):
+        return spec, tuple((tuple(np.shape(a)), np.dtype(a.dtype)) for a in avals)
+
+    def plan_for(self, spec, avals) -> tuple[SparsePlan, Detected | None, dict]:
+        key = self._key(spec, avals)
+        hit = self.plans.get(key)
+        if hit is not None:
+            return hit
+        t, given = self.t, self.sparsity
+        if isinstance(given, SparsePlan):
+            plan, det = given, None
+        else:
+            det = None
+            if isinstance(given, str):  # "auto": detect
+                det = detect_call(t, spec, avals, has_aux=self.has_aux)
+                pattern, prims = det.pattern, det.primitives
+            else:
+                det = _shapes_only(t, spec, avals, self.has_aux)
+                shape = (det.out_leaves[0].shape, det.in_leaves[0].shape) if det.single else (
+                    (math.prod(det.pattern.out_shape),), (math.prod(det.pattern.in_shape),))
+                pattern, prims = _coerce_pattern(given, shape, t.where), det.primitives
+            plan = _make_plan(pattern, self.mode, prims)
+        hit = self.plans[key] = (plan, det, {})
+        return hit
+
+    def _build(self, spec):
+        return jax.jit(lambda *traced: self._compute(spec, traced))
+
+    def _compute(self, spec, traced):
+        t = self.t
+        avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
+        plan, _, _ = self.plan_for(spec, avals)
+        p = _args.problem(t.fun, spec, traced, where=t.where, has_aux=self.has_aux, int_argnums=t.int_argnums)
+        m, n = p.m, p.n
+        pm, pn = math.prod(plan.pattern.out_shape), math.prod(plan.pattern.in_shape)
+        if (pm, pn) != (m, n):
+            raise ValueError(
+                f"{t.where}: the given plan is for a Jacobian of flat shape {(pm, pn)}, but this call's is {(m, n)}."
+            )
+        rows, cols = plan.pattern.rows, plan.pattern.cols
+        kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
+        data, aux = kernel(p.flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols)
+        det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
+
+        def block(b):
+            (r0, r1), (c0, c1), out_shape, in_shape = b
+            keep = np.flatnonzero((rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1))
+            dtype = _args.promote(p.out_dtype, p.x.dtype)
+            vals = data[keep].astype(dtype) if keep.size < data.size else data.astype(dtype)
+            sub = SparsityPattern(out_shape, in_shape, rows[keep] - r0, cols[keep] - c0)
+            if self.output == "dense":
+                size = (math.prod(out_shape), math.prod(in_shape))
+                return jnp.zeros(size, dtype).at[sub.rows, sub.cols].set(vals).reshape(sub.shape)
+            return jsparse.BCOO((vals, jnp.asarray(sub.indices())), shape=sub.shape, indices_sorted=True,
+                                unique_indices=True)
+
+        result = det.tree(block)
+        return (result, aux) if self.has_aux else result
+
+    def plan(self, *args, **kwargs) -> SparsePlan:
+        spec, traced = self.t.split(args, kwargs)
+        return self.plan_for(spec, [_abstract(a) for a in traced])[0]
+
+
+def _shapes_only(t, spec, avals, has_aux) -> Detected:
+    """The output structure and the primitives met (no detection), from one trace."""
+    from ._sparsity import trace_flat
+
+    closed, _, p = trace_flat(t, spec, avals, has_aux=has_aux)
+    m, n = p.m, p.n
+    prims = _primitives(closed.jaxpr)
+    return Detected(SparsityPattern((m,), (n,), [], []), p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef,
+                    prims)
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Names of all primitives in a jaxpr, nested ones included."""
+    from jax.extend import core as jcore
+
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jcore.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
 
 
 def sparse_jacobian(
     fun: Callable,
-    argnums: int = 0,
+    argnums: int | tuple[int, ...] = 0,
     *,
-    sparsity: str | SparsityPattern | np.ndarray | jsparse.BCOO = "auto",
+    sparsity: "str | SparsePlan | SparsityPattern | np.ndarray | jsparse.BCOO" = "auto",
     mode: str = "auto",
     output: str = "bcoo",
+    has_aux: bool = False,
 ) -> Callable:
     """A Jacobian that pays only for its nonzeros: one JVP or VJP per colour.
 
-    The pattern is detected from the jaxpr (:func:`jacobians.sparsity`) or
-    given; columns (forward) or rows (reverse) are greedily coloured so that
-    same-coloured ones share no row (column); the Jacobian is then ``c``
-    JVPs/VJPs and a gather. Detection and colouring run once per input shapes
-    and dtypes and are cached; the evaluation is jit-compiled.
+    The pattern of the flat map (all differentiated leaves raveled into
+    ``x (n,)``, all outputs into ``y (m,)``) is detected from the jaxpr
+    (:func:`jacobians.sparsity`) or given; columns (forward) or rows (reverse)
+    are coloured so that same-coloured ones share no row (column); the
+    Jacobian is then ``c`` JVPs/VJPs and a gather. Planning runs on the host
+    once per call structure and input shapes (also inside a ``jax.jit``); the
+    evaluation is jit-compiled. Arguments as :func:`jacobians.jacobian`
+    (pytrees, ``argnums`` tuples, kwargs, hashable statics, ``has_aux``).
 
     Args:
-      fun: maps arrays to a single array; differentiated in argument
-        ``argnums``, a single real floating-point array. Other arguments must
-        be arrays (their values are unknown to the detection).
-      argnums: a single int.
-      sparsity: ``"auto"`` (detect), a :class:`SparsityPattern`, a boolean
-        array of shape ``out.shape + in.shape``, or a ``BCOO`` of that shape.
-        A given pattern must contain every nonzero, or those are lost.
-      mode: ``"fwd"`` (column colouring), ``"rev"`` (row colouring) or
-        ``"auto"`` (whichever needs fewer colours, forward on ties; but reverse
-        when ``fun`` contains a ``custom_vjp`` and forward when it contains a
-        ``while_loop``, the only directions JAX can differentiate those in).
-      output: ``"bcoo"`` for a ``jax.experimental.sparse.BCOO`` of shape
-        ``out.shape + in.shape``, or ``"dense"`` for a dense array equal to
-        :func:`jacobians.jacobian`.
+      fun: the function; differentiated arguments hold real floating-point arrays.
+        The values of other array arguments are unknown to the detection.
+      argnums: an int or a tuple of ints.
+      sparsity: ``"auto"`` (detect), a :class:`SparsePlan` (no detection, no
+        colouring: ``fun`` is traced once), a :class:`SparsityPattern`, a
+        boolean array or a ``BCOO`` of shape ``out.shape + in.shape`` (one array
+        in and out) or of the flat ``(m, n)``. A given pattern must contain every
+        nonzero, or those are lost.
+      mode: ``"fwd"`` (column colouring), ``"rev"`` (row colouring) or ``"auto"``
+        (fewer colours, forward on ties; reverse when ``fun`` contains a
+        ``custom_vjp`` and forward when it contains a ``while_loop``, the only
+        directions JAX can differentiate those in).
+      output: ``"bcoo"``: each block a ``jax.experimental.sparse.BCOO`` of shape
+        ``out.shape + in.shape``; ``"dense"``: dense blocks equal to
+        :func:`jacobians.jacobian`'s.
+      has_aux: ``fun`` returns ``(output, aux)``; the result is ``(jacobian, aux)``.
 
     Returns:
-      A function with ``fun``'s signature returning the Jacobian. It has
-      attributes ``plan(*args)`` (the cached pattern, mode and colours).
+      A function with ``fun``'s signature returning the Jacobian in the pytree
+      structure ``jacobian`` gives. Its ``plan(*args, **kwargs)`` returns the
+      :class:`SparsePlan` for those arguments (shapes suffice).
 
     Raises:
-      ValueError: unknown ``mode``/``output``; a given pattern of the wrong shape.
+      ValueError: unknown ``mode``/``output``; a given pattern or plan of the wrong shape.
     """
     where = "jacobians.sparse_jacobian"
-    if not callable(fun):
-        raise TypeError(f"{where}: fun must be callable, got {type(fun).__name__}.")
+    _args.check_fun(fun, where)
     mode = _args.check_mode(mode, where)
-    if output not in OUTPUTS:
-        raise ValueError(f"{where}: output must be one of {OUTPUTS}, got {output!r}.")
+    _args.check_choice(output, "output", OUTPUTS, where)
+    _args.check_bool(has_aux, "has_aux", where)
     if isinstance(sparsity, str) and sparsity != "auto":
         raise ValueError(
-            f"{where}: sparsity must be 'auto', a SparsityPattern, a boolean array or a BCOO, got {sparsity!r}."
+            f"{where}: sparsity must be 'auto', a SparsePlan, a SparsityPattern, a boolean array or a BCOO, "
+            f"got {sparsity!r}."
         )
-    plans: dict = {}
-
-    def plan(*args) -> _Plan:
-        leaves, treedef = jax.tree_util.tree_flatten(args)
-        key = (treedef, tuple((np.shape(a), getattr(a, "dtype", type(a))) for a in leaves))
-        if key in plans:
-            return plans[key]
-        i, avals = abstract_args(args, argnums, where)
-        x = avals[i]
-        if isinstance(sparsity, str):
-            pattern, prims = detect(fun, avals, i, where)
-        else:
-            closed = jax.make_jaxpr(fun)(*avals)  # one trace: the output shape and the primitives
-            pattern = _coerce_pattern(sparsity, closed.out_avals[0].shape, x.shape, where)
-            prims = _primitives(closed.jaxpr)
-        m, n = math.prod(pattern.out_shape), math.prod(pattern.in_shape)
-        col_colors = kernels.color_columns(pattern.rows, pattern.cols, n) if mode != "rev" else None
-        row_colors = kernels.color_rows(pattern.rows, pattern.cols, m) if mode != "fwd" else None
-        n_col = int(col_colors.max()) + 1 if col_colors is not None and n else 0
-        n_row = int(row_colors.max()) + 1 if row_colors is not None and m else 0
-        use_fwd = mode == "fwd" or (mode == "auto" and n_col <= n_row)
-        if mode == "auto":
-            # JAX cannot push JVPs through custom_vjp, nor pull VJPs through while_loop.
-            if "custom_vjp_call" in prims and "while" not in prims:
-                use_fwd = False
-            elif "while" in prims and "custom_vjp_call" not in prims:
-                use_fwd = True
-        colors, n_colors = (col_colors, n_col) if use_fwd else (row_colors, n_row)
-        rows, cols = pattern.rows, pattern.cols
-        indices = jnp.asarray(pattern.indices())
-        kernel = kernels.compressed_forward if use_fwd else kernels.compressed_reverse
-
-        def compute(*args):
-            def flat(xf):
-                a = list(args)
-                a[i] = xf.reshape(pattern.in_shape)
-                return jnp.ravel(fun(*a))
-
-            x_flat = jnp.ravel(args[i])
-            if pattern.nnz:
-                data = kernel(flat, x_flat, colors, max(n_colors, 1), rows, cols)
-            else:
-                data = jnp.zeros(0, jax.eval_shape(flat, x_flat).dtype)
-            if output == "dense":
-                dense = jnp.zeros((m, n), data.dtype).at[rows, cols].set(data)
-                return dense.reshape(pattern.shape)
-            return jsparse.BCOO((data, indices), shape=pattern.shape, indices_sorted=True, unique_indices=True)
-
-        p = plans[key] = _Plan(pattern, "fwd" if use_fwd else "rev", colors, n_colors, jax.jit(compute))
-        if all(hasattr(a, "shape") and hasattr(a, "dtype") for a in args):
-            plans[tuple((a.shape, a.dtype) for a in args)] = p
-        return p
-
-    def jac_fun(*args):
-        # Fast path: arrays only, keyed by shapes and dtypes, no pytree work.
-        try:
-            p = plans.get(tuple((a.shape, a.dtype) for a in args))
-        except AttributeError:
-            p = None
-        return (p or plan(*args)).compute(*args)
-
-    jac_fun.plan = plan
-    return jac_fun
+    if isinstance(sparsity, SparsePlan) and mode != "auto" and mode != sparsity.mode:
+        raise ValueError(f"{where}: mode={mode!r} contradicts the given plan's mode {sparsity.mode!r}.")
+    engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where)
+    wrapped = _args.wrap(engine.t)
+    wrapped.plan = engine.plan
+    return wrapped

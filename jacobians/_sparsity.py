@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _deps
+from . import _args, _deps
 
 
 class SparsityPattern:
@@ -119,6 +119,12 @@ class SparsityPattern:
 
     __hash__ = None  # mutable arrays inside
 
+    def block(self, row_range: tuple[int, int], col_range: tuple[int, int], out_shape, in_shape) -> "SparsityPattern":
+        """The sub-pattern of flat rows ``[r0, r1)`` and columns ``[c0, c1)``, reshaped to ``out_shape + in_shape``."""
+        (r0, r1), (c0, c1) = row_range, col_range
+        keep = (self.rows >= r0) & (self.rows < r1) & (self.cols >= c0) & (self.cols < c1)
+        return SparsityPattern(out_shape, in_shape, self.rows[keep] - r0, self.cols[keep] - c0)
+
     def __repr__(self) -> str:
         return (
             f"SparsityPattern(out_shape={self.out_shape}, in_shape={self.in_shape}, "
@@ -127,57 +133,125 @@ class SparsityPattern:
 
 
 def _abstract(a):
-    return a if isinstance(a, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return a
+    if isinstance(a, _args.ARRAY_TYPES):
+        return jax.ShapeDtypeStruct(np.shape(a), a.dtype)
+    return a
 
 
-def abstract_args(args: tuple, argnums, where: str) -> tuple[int, list]:
-    """Check ``argnums`` names a single real floating-point array; shape/dtype structs of ``args``."""
-    n_args = len(args)
-    if isinstance(argnums, bool) or not isinstance(argnums, int | np.integer):
-        raise TypeError(f"{where}: argnums must be a single int, got {argnums!r}.")
-    if not -n_args <= argnums < n_args:
-        raise ValueError(f"{where}: argnums={argnums} but there are {n_args} positional argument(s).")
-    i = int(argnums) % n_args
-    avals = [jax.tree_util.tree_map(_abstract, a) for a in args]
-    x = avals[i]
-    if not isinstance(x, jax.ShapeDtypeStruct) or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{where}: argument {i} must be a single real floating-point array, got "
-            f"{getattr(x, 'dtype', type(x).__name__)}."
-        )
-    return i, avals
+class Detected:
+    """The flat pattern of one call structure, with what the engines need to cut it into blocks."""
+
+    def __init__(self, pattern: "SparsityPattern", out_leaves, in_leaves, out_treedef, in_treedef, primitives):
+        self.pattern = pattern  # flat: out_shape (m,), in_shape (n,)
+        self.out_leaves, self.in_leaves = out_leaves, in_leaves
+        self.out_treedef, self.in_treedef = out_treedef, in_treedef
+        self.primitives = primitives
+
+    @property
+    def single(self) -> bool:
+        """One array in, one array out: patterns and results keep the tensor shapes."""
+        return len(self.out_leaves) == 1 and len(self.in_leaves) == 1
+
+    def blocks(self, pattern: "SparsityPattern | None" = None) -> list[list[tuple]]:
+        """Per (output leaf, input leaf): ``((r0, r1), (c0, c1), out_shape, in_shape)``."""
+        rows, r0 = [], 0
+        for out in self.out_leaves:
+            mo = math.prod(out.shape)
+            row, c0 = [], 0
+            for x in self.in_leaves:
+                ni = math.prod(x.shape)
+                row.append(((r0, r0 + mo), (c0, c0 + ni), tuple(out.shape), tuple(x.shape)))
+                c0 += ni
+            rows.append(row)
+            r0 += mo
+        return rows
+
+    def tree(self, leaf_fn) -> object:
+        """The pytree (as ``jacobian`` returns) of ``leaf_fn(block)`` over :meth:`blocks`."""
+        return self.out_treedef.unflatten([self.in_treedef.unflatten([leaf_fn(b) for b in row]) for row in self.blocks()])
 
 
-def sparsity(fun: Callable, *args, argnums: int = 0) -> SparsityPattern:
-    """The global sparsity pattern of ``d fun(*args) / d args[argnums]``, from the jaxpr.
+def trace_flat(t: "_args.Transform", spec: "_args.CallSpec", avals: list, *, has_aux=False, holomorphic=False):
+    """``jax.make_jaxpr`` of the call's flat map ``x (n,) -> y (m,)`` with the traced leaves as inputs.
+
+    Returns ``(closed, seeds_positions, meta)``: the closed jaxpr, for each of
+    its inputs the offset of that leaf in ``x`` (``None`` for non-differentiated
+    leaves), and the :class:`Problem` metadata.
+    """
+    meta = {}
+
+    def g(*traced):
+        p = _args.problem(t.fun, spec, traced, where=t.where, has_aux=has_aux, holomorphic=holomorphic,
+                          int_argnums=t.int_argnums)
+        meta["problem"] = p
+        return p.flat(p.x)[0]
+
+    try:
+        closed = jax.make_jaxpr(g)(*avals)
+    except _args._TRACER_ERRORS as e:
+        raise _args.TracedControlFlowError(t.where, e) from e
+    static = {i for i, _ in spec.static}
+    traced_index = [i for i in range(spec.treedef.num_leaves) if i not in static]
+    where_in = {full: k for k, full in enumerate(traced_index)}
+    offsets: list = [None] * len(avals)
+    off = 0
+    for pos in spec.positions:
+        lo, hi = spec.arg_slices[pos]
+        for full in range(lo, hi):
+            k = where_in[full]
+            offsets[k] = off
+            off += math.prod(np.shape(avals[k]))
+    return closed, offsets, meta["problem"]
+
+
+def detect_call(t, spec, avals, *, has_aux=False, max_nnz=None) -> Detected:
+    """Detect the flat pattern of ``t.fun`` for one call structure (host-side, on abstract values)."""
+    closed, offsets, p = trace_flat(t, spec, avals, has_aux=has_aux)
+    n, m = p.n, p.m
+    seeds = [
+        _deps.identity(v.aval.shape, off) if off is not None else _deps.empty(v.aval.shape)
+        for v, off in zip(closed.jaxpr.invars, offsets, strict=True)
+    ]
+    (out,), walker = _deps.detect(closed, seeds, n, where=t.where, max_nnz=max_nnz)
+    pattern = SparsityPattern((m,), (n,), out.rows(), out.indices)
+    return Detected(pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, walker.seen)
+
+
+def _transform(fun, argnums, where) -> "_args.Transform":
+    return _args.Transform(fun, argnums, where, build=lambda spec: None)
+
+
+def sparsity(fun: Callable, *args, argnums: int | tuple[int, ...] = 0, has_aux: bool = False, **kwargs):
+    """The global sparsity pattern of the Jacobian of ``fun`` at ``args``, from the jaxpr.
 
     Found by abstract interpretation of ``jax.make_jaxpr(fun)(*args)``, with no
-    numerical evaluation: ``args`` may be arrays or ``jax.ShapeDtypeStruct``.
-    Conservative: it never misses an entry that can be nonzero for some input.
-    A primitive without a rule makes its outputs depend on all its inputs,
-    with one warning naming it.
+    numerical evaluation: array arguments may be ``jax.ShapeDtypeStruct``s.
+    Conservative: it never misses an entry that can be nonzero for some input
+    (the values of non-differentiated array arguments are unknown to it). A
+    primitive without a rule makes its outputs depend on all its inputs, with
+    one warning naming it. Runs on the host, also inside a ``jax.jit``.
 
     Args:
-      fun: maps arrays to a single array.
-      *args: its arguments (arrays or shape/dtype structs).
-      argnums: which argument (a single floating-point array) to differentiate.
+      fun: the function, with ``jacobian``'s conventions (pytrees, kwargs).
+      *args, **kwargs: its arguments (arrays, shape/dtype structs, or hashable statics).
+      argnums: which positional argument(s) to differentiate.
+      has_aux: ``fun`` returns ``(output, aux)``.
 
     Returns:
-      A :class:`SparsityPattern` of shape ``out.shape + in.shape``.
+      A :class:`SparsityPattern` of shape ``out.shape + in.shape`` for one
+      array in and out; otherwise the pytree of patterns ``jacobian`` would
+      return blocks for.
 
     Example::
 
       >>> jacobians.sparsity(lambda x: jnp.sin(x) * x, jnp.ones(3)).nnz
       3
     """
-    return detect(fun, args, argnums, "jacobians.sparsity")[0]
-
-
-def detect(fun: Callable, args: tuple, argnums, where: str) -> tuple[SparsityPattern, set[str]]:
-    """:func:`sparsity`, plus the names of the primitives met in the jaxpr."""
-    i, avals = abstract_args(args, argnums, where)
-    out = jax.eval_shape(fun, *avals)
-    if not isinstance(out, jax.ShapeDtypeStruct):
-        raise ValueError(f"{where}: fun must return a single array, got {jax.tree_util.tree_structure(out)}.")
-    out_shape, in_shape, rows, cols, prims = _deps.detect(fun, avals, i)
-    return SparsityPattern(out_shape, in_shape, rows, cols), prims
+    where = "jacobians.sparsity"
+    t = _transform(fun, argnums, where)
+    _args.check_bool(has_aux, "has_aux", where)
+    spec, traced = t.split(args, kwargs)
+    det = detect_call(t, spec, [_abstract(a) for a in traced], has_aux=has_aux)
+    return det.tree(lambda b: det.pattern.block(*b))

@@ -29,20 +29,20 @@ def compressed_forward(
     """The nonzeros ``J[rows, cols]`` of a flat ``fun``'s Jacobian, by column colouring.
 
     Args:
-      fun: ``(n,) -> (m,)``.
+      fun: ``(n,) -> ((m,), aux)``.
       x: the point, shape ``(n,)``.
       colors: colour of each column, shape ``(n,)``.
       n_colors: the number of colours (JVPs).
       rows, cols: the nonzeros to extract.
 
     Returns:
-      The values, shape ``(len(rows),)``.
+      ``(values, aux)``: the values, shape ``(len(rows),)``, and ``fun``'s aux.
     """
     seeds = _seeds(colors, n_colors, x.dtype)  # (c, n)
-    push = lambda t: jax.jvp(fun, (x,), (t,))[1]  # noqa: E731
-    compressed = jax.vmap(push)(seeds)  # (c, m): the layout vmap produces, no transpose
+    push = lambda t: jax.jvp(fun, (x,), (t,), has_aux=True)[1:]  # noqa: E731
+    compressed, aux = jax.vmap(push, out_axes=(0, None))(seeds)  # (c, m): vmap's layout, no transpose
     # One flat gather with precomputed indices decompresses.
-    return compressed.reshape(-1)[colors[cols] * compressed.shape[1] + np.asarray(rows)]
+    return compressed.reshape(-1)[colors[cols] * compressed.shape[1] + np.asarray(rows)], aux
 
 
 def compressed_reverse(
@@ -56,16 +56,16 @@ def compressed_reverse(
     """The nonzeros ``J[rows, cols]`` of a flat ``fun``'s Jacobian, by row colouring.
 
     Args:
-      fun: ``(n,) -> (m,)``.
+      fun: ``(n,) -> ((m,), aux)``.
       x: the point, shape ``(n,)``.
       colors: colour of each row, shape ``(m,)``.
       n_colors: the number of colours (VJPs).
       rows, cols: the nonzeros to extract.
 
     Returns:
-      The values, shape ``(len(rows),)``.
+      ``(values, aux)``: the values, shape ``(len(rows),)``, and ``fun``'s aux.
     """
-    y, pullback = jax.vjp(fun, x)
+    y, pullback, aux = jax.vjp(fun, x, has_aux=True)
     seeds = _seeds(colors, n_colors, y.dtype)  # (c, m)
     compressed = jax.vmap(lambda c: pullback(c)[0])(seeds)  # (c, n)
-    return compressed.reshape(-1)[colors[rows] * x.shape[0] + np.asarray(cols)]
+    return compressed.reshape(-1)[colors[rows] * x.shape[0] + np.asarray(cols)], aux

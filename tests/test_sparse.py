@@ -219,9 +219,9 @@ def test_plot():
 
 
 def test_unknown_primitive_warns_and_stays_conservative(rng):
-    f = lambda x: jnp.sort(x) * x  # noqa: E731
+    f = lambda x: jnp.fft.fft(x).real * x  # noqa: E731
     x = randn(rng, (4,))
-    with pytest.warns(UserWarning, match=r"no sparsity rule for primitive 'sort'"):
+    with pytest.warns(UserWarning, match=r"no sparsity rule for 'fft'"):
         p = jacobians.sparsity(f, x)
     assert p.to_dense().all()
     with warnings.catch_warnings():
@@ -243,14 +243,14 @@ def test_errors(rng):
         jacobians.sparse_jacobian(stencil_1d, output="csr")
     with pytest.raises(ValueError, match=r"mode must be one of"):
         jacobians.sparse_jacobian(stencil_1d, mode="both")
-    with pytest.raises(ValueError, match=r"sparsity must be 'auto', a SparsityPattern"):
+    with pytest.raises(ValueError, match=r"sparsity must be 'auto', a SparsePlan, a SparsityPattern"):
         jacobians.sparse_jacobian(stencil_1d, sparsity="detect")
-    with pytest.raises(TypeError, match=r"argument 0 must be a single real floating-point array, got int"):
+    with pytest.raises(TypeError, match=r"real floating-point inputs, but argument 0 has dtype int"):
         jacobians.sparse_jacobian(stencil_1d)(jnp.arange(9))
-    with pytest.raises(TypeError, match=r"argnums must be a single int"):
-        jacobians.sparsity(stencil_1d, x, argnums=(0,))
-    with pytest.raises(ValueError, match=r"fun must return a single array"):
-        jacobians.sparsity(lambda x: (x, x), x)
+    with pytest.raises(TypeError, match=r"argnums must be an int or a tuple of ints, got 'x'"):
+        jacobians.sparsity(stencil_1d, x, argnums="x")
+    with pytest.raises(TypeError, match=r"jacobians.sparsity: fun must return arrays"):
+        jacobians.sparsity(lambda x: "abc", x)
 
 
 def test_auto_mode_respects_what_jax_can_differentiate(rng):

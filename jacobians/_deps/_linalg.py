@@ -1,0 +1,113 @@
+"""Rules for ``dot_general`` and the linear-algebra primitives."""
+
+import math
+
+import numpy as np
+
+from ._sets import everything, from_coo, gather, union
+
+JOIN_MAX = 1 << 25  # largest join through a constant operand before a product counts as dense
+
+# Matrix factorisations and solves: dense within one matrix, independent across batch dimensions.
+BATCHED_DENSE = ("cholesky", "triangular_solve", "lu", "qr", "householder_product", "geqrf", "geqp3",
+                 "eigh", "eig", "svd", "schur", "hessenberg", "tridiagonal", "tridiagonal_solve")
+
+
+def dot_general(lat, eqn, ins):
+    """``dot_general``: output (b, m, n) depends on row (b, m, :) of lhs and column (b, :, n) of rhs.
+
+    A constant operand keeps its zeros: with ``A`` known, ``A @ x`` has row
+    ``i`` depend on exactly the ``x[k]`` with ``A[i, k] != 0`` (stencils
+    written as matrix products stay sparse). Example: ``[[1, 0], [1, 1]] @``
+    sets [{0}, {1}] -> [{0}, {0, 1}]. Reads ``dimension_numbers``.
+    """
+    lhs, rhs = ins
+    shape = eqn.outvars[0].aval.shape
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lf = [i for i in range(len(lhs.shape)) if i not in lc and i not in lb]
+    rf = [i for i in range(len(rhs.shape)) if i not in rc and i not in rb]
+    b = math.prod(lhs.shape[i] for i in lb)
+    m = math.prod(lhs.shape[i] for i in lf)
+    k = math.prod(lhs.shape[i] for i in lc)
+    n = math.prod(rhs.shape[i] for i in rf)
+    # Element numbers of lhs as (b, m, k) and rhs as (b, k, n).
+    lidx = np.transpose(np.arange(lhs.size).reshape(lhs.shape), list(lb) + lf + list(lc)).reshape(b, m, k)
+    ridx = np.transpose(np.arange(rhs.size).reshape(rhs.shape), list(rb) + list(rc) + rf).reshape(b, k, n)
+    parts = []
+    for dep, other, idx, other_idx, is_lhs in ((lhs, rhs, lidx, ridx, True), (rhs, lhs, ridx, lidx, False)):
+        if dep.nnz:
+            parts.append(_dot_part(lat, dep, other, idx, other_idx, is_lhs, (b, m, k, n), shape))
+    return [union(parts, shape, lat.n)]
+
+
+def _dot_part(lat, dep, other, idx, other_idx, is_lhs, bmkn, shape):
+    b_, m_, k_, n_ = bmkn
+    # Position of each element of `dep` as (b, free, k).
+    inv = np.empty(dep.size, np.int64)
+    inv[idx.reshape(-1)] = np.arange(dep.size)
+    if is_lhs:
+        b, f, k = np.unravel_index(inv, (b_, m_, k_))
+    else:
+        b, k, f = np.unravel_index(inv, (b_, k_, n_))
+    rows = dep.rows()
+    rb, rf, rk = b[rows], f[rows], k[rows]
+    if other.const is None or other.nnz or np.all(other.const != 0):
+        # Every k reaches every output of its row: union over k, then broadcast.
+        free = m_ if is_lhs else n_
+        u = from_coo((b_, free), rb * free + rf, dep.indices, lat.n)
+        bb, mm, nn = np.unravel_index(np.arange(b_ * m_ * n_), (b_, m_, n_))
+        return gather(u, (bb * free + (mm if is_lhs else nn)).reshape(shape))
+    # A constant partner: join on k through its nonzeros.
+    vals = np.asarray(other.const).reshape(-1)[other_idx.reshape(-1)].reshape(other_idx.shape)
+    if is_lhs:
+        ob, ok, on = np.nonzero(vals)  # (b, k, n)
+    else:
+        ob, on, ok = np.nonzero(vals)  # (b, m, k)
+    key = ob * k_ + ok
+    order = np.argsort(key, kind="stable")
+    key, on = key[order], on[order]
+    ptr = np.searchsorted(key, np.arange(b_ * k_ + 1))
+    q = rb * k_ + rk
+    cnt = ptr[q + 1] - ptr[q]
+    if int(cnt.sum()) > JOIN_MAX:
+        return everything([dep], shape)
+    rep = np.repeat(np.arange(rows.size), cnt)
+    start = np.repeat(ptr[q], cnt) + (np.arange(rep.size) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+    partner = on[start]
+    out = (rb[rep] * m_ + rf[rep]) * n_ + partner if is_lhs else (rb[rep] * m_ + partner) * n_ + rf[rep]
+    return from_coo(shape, out, dep.indices[rep], lat.n)
+
+
+def batched_dense(lat, eqn, ins):
+    """Factorisations and solves: every output of matrix ``b`` depends on all of matrix ``b``'s inputs.
+
+    The batch dimensions are the leading ``out.ndim - 2`` of the first
+    output (``- 1`` for vector outputs such as eigenvalues) and must lead every
+    operand; otherwise everything reaches everything. Example: ``cholesky``
+    of a (2, 3, 3) stack: each output of matrix 0 depends on all nine inputs
+    of matrix 0 and on none of matrix 1. Reads no parameters.
+    """
+    ref = max((v.aval for v in eqn.outvars), key=lambda a: len(a.shape))
+    batch = tuple(ref.shape[: max(len(ref.shape) - 2, 0)])
+    nb = len(batch)
+    parts = []
+    for d in ins:
+        if not d.nnz:
+            continue
+        if tuple(d.shape[:nb]) != batch:
+            return [everything(ins, v.aval.shape) for v in eqn.outvars]
+        per = math.prod(d.shape[nb:])
+        parts.append(from_coo(batch, d.rows() // max(per, 1), d.indices, lat.n))
+    sets = union(parts, batch, lat.n)
+    outs = []
+    for v in eqn.outvars:
+        shape = v.aval.shape
+        if tuple(shape[:nb]) != batch:
+            return [everything(ins, u.aval.shape) for u in eqn.outvars]
+        per = math.prod(shape[nb:])
+        outs.append(gather(sets, (np.arange(math.prod(shape)) // max(per, 1)).reshape(shape)))
+    return outs
+
+
+RULES = {"dot_general": dot_general}
+RULES.update({name: batched_dense for name in BATCHED_DENSE})

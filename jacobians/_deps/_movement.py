@@ -1,0 +1,116 @@
+"""Rules for data movement and indexing: each output element is a copy of one input element (or fill).
+
+One trick serves every such primitive: run it on the host on arrays of
+element *numbers* (1, 2, ... for the data operands; 0 means padding or fill)
+with the index operands at their known values; each output number says whose
+set the output element takes. Traced indices make everything reach everything.
+Scatters also merge: each update element lands on the output element the
+transposed scatter (a gather) says, and is unioned there.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._sets import broadcast_to, concat, everything, gather, mask, reduce_to, union
+
+# primitive -> positions of the operands whose data moves (None: all of them);
+# the others are indices (which must be known) or shape operands.
+MOVES = {
+    "reshape": (0,),
+    "transpose": (0,),
+    "broadcast_in_dim": (0,),
+    "squeeze": (0,),
+    "expand_dims": (0,),
+    "slice": (0,),
+    "rev": (0,),
+    "tile": (0,),
+    "split": (0,),
+    "concatenate": None,
+    "dynamic_slice": (0,),
+    "dynamic_update_slice": (0, 1),
+    "gather": (0,),
+    "pad": (0,),
+}
+SCATTERS = ("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul", "scatter-min",
+            "scatter_min", "scatter-max", "scatter_max", "scatter-sub", "scatter_sub")
+
+
+def move(lat, eqn, ins):
+    """Outputs take the sets of the input elements they copy.
+
+    Example: ``rev`` of sets [{0}, {1}, {2}] -> [{2}, {1}, {0}]; ``pad`` of
+    [{0}, {1}] with one low zero -> [{}, {0}, {1}]; a ``pad`` value with
+    dependencies reaches exactly the padded positions. Reads each primitive's
+    own parameters by binding it (``fill_value`` of ``gather`` set to 0).
+    """
+    name = eqn.primitive.name
+    data = MOVES[name]
+    data = range(len(ins)) if data is None else data
+    args, parts, offset = [], [], 0
+    for k, d in enumerate(ins):
+        if name == "pad" and k == 1:
+            args.append(np.zeros((), np.int32))  # padding is "no element" (0)
+        elif k in data:
+            # Number the data elements 1, 2, ...; 0 means padding or fill.
+            args.append(offset + 1 + np.arange(d.size, dtype=np.int32).reshape(d.shape))
+            offset += d.size
+            parts.append(d)
+        elif d.const is not None:
+            args.append(d.const)
+        else:  # a traced index: anything may land anywhere
+            return [everything(ins, v.aval.shape) for v in eqn.outvars]
+    params = dict(eqn.params)
+    if "fill_value" in params:
+        params["fill_value"] = 0
+    outs = eqn.primitive.bind(*args, **params)
+    outs = outs if eqn.primitive.multiple_results else [outs]
+    source = concat(parts)
+    results = []
+    for ids in outs:
+        ids = np.asarray(ids).astype(np.int64)
+        res = gather(source, np.where((ids >= 1) & (ids <= offset), ids - 1, -1))
+        if name == "pad" and ins[1].nnz:
+            res = union([res, mask(broadcast_to(ins[1], ids.shape), ids == 0)], ids.shape, lat.n)
+        results.append(res)
+    return results
+
+
+def scatter(lat, eqn, ins):
+    """``scatter*(operand, indices, updates)`` with known indices.
+
+    Each update element is unioned into the output element it lands on; a
+    plain ``scatter`` (``x.at[i].set(v)``) also forgets the overwritten
+    operand entries. Example: ``[{0}, {1}, {2}].at[1].set({5})`` ->
+    [{0}, {5}, {2}]; with ``.add`` -> [{0}, {1, 5}, {2}]. Reads
+    ``dimension_numbers``, ``mode`` and the other scatter parameters through
+    the transposed scatter-add.
+    """
+    operand, indices, updates = ins[0], ins[1], ins[2]
+    shape = eqn.outvars[0].aval.shape
+    size = math.prod(shape)
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    if indices.const is None or (dtype == jnp.float32 and size >= (1 << 24)):
+        return [everything(ins, shape)]
+    zeros = jnp.zeros(shape, dtype)
+
+    def scatter_add(u):
+        return jax.lax.scatter_add_p.bind(zeros, indices.const, u, **eqn.params)
+
+    # The transpose of a scatter-add is the gather with the same indices: it
+    # tells each update element which output element (1-based, 0: dropped) it lands on.
+    ids = jnp.asarray(1 + np.arange(size).reshape(shape), dtype)
+    (where,) = jax.linear_transpose(scatter_add, jax.ShapeDtypeStruct(updates.shape, dtype))(ids)
+    target = np.asarray(where).astype(np.int64).reshape(-1) - 1
+    moved = reduce_to(broadcast_to(updates, updates.shape), target, shape, lat.n)
+    if eqn.primitive.name == "scatter" and operand.nnz:
+        written = np.zeros(size, bool)
+        written[target[target >= 0]] = True
+        operand = mask(operand, ~written)
+    return [union([operand, moved], shape, lat.n)]
+
+
+RULES = {name: move for name in MOVES}
+RULES.update({name: scatter for name in SCATTERS})

@@ -1,0 +1,70 @@
+"""Rules for reductions, cumulative ops and sorts: unions along axes."""
+
+import numpy as np
+
+from ._sets import broadcast_to, from_coo, reduce_to, union
+
+REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
+              "reduce_xor", "argmax", "argmin")
+CUMULATIVE = ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")
+
+
+def _collapse(d, axes, n_inputs):
+    """Union the sets along ``axes`` (removed from the shape)."""
+    if not d.shape:
+        return d
+    keep = [i for i in range(len(d.shape)) if i not in axes]
+    shape = tuple(d.shape[i] for i in keep)
+    coords = np.indices(d.shape).reshape(len(d.shape), -1)
+    target = np.ravel_multi_index(coords[keep], shape) if keep else np.zeros(d.size, np.int64)
+    return reduce_to(d, target, shape, n_inputs)
+
+
+def reduce(lat, eqn, ins):
+    """Union over the reduced ``axes``.
+
+    Example: ``reduce_sum`` over axis 1 of [[{0}, {1}], [{2}, {3}]] -> [{0, 1}, {2, 3}].
+    Reads ``axes``. A 0-d operand (``jnp.sum`` of a scalar) is returned as is.
+    """
+    return [_collapse(ins[0], tuple(eqn.params["axes"]), lat.n)]
+
+
+def cumulative(lat, eqn, ins):
+    """Element ``k`` along ``axis`` takes the union of elements ``0..k`` (``k..L-1`` reversed).
+
+    Example: ``cumsum`` of [{0}, {1}, {2}] -> [{0}, {0, 1}, {0, 1, 2}]. Reads
+    ``axis`` and ``reverse``.
+    """
+    d = ins[0]
+    axis, reverse = eqn.params["axis"], eqn.params["reverse"]
+    length = d.shape[axis]
+    coords = np.indices(d.shape).reshape(len(d.shape), -1)
+    rows, cols = d.rows(), d.indices
+    pos = coords[axis][rows]
+    count = (pos + 1) if reverse else (length - pos)
+    rep = np.repeat(np.arange(rows.size), count)
+    step = np.arange(rep.size) - np.repeat(np.cumsum(count) - count, count)
+    c = coords[:, rows[rep]]
+    c[axis] = pos[rep] + (-step if reverse else step)
+    return [from_coo(d.shape, np.ravel_multi_index(c, d.shape), cols[rep], lat.n)]
+
+
+def along_axis(lat, eqn, ins):
+    """``sort`` / ``top_k``: each output element may come from any element of its line.
+
+    Example: ``sort`` of [{0}, {1}, {2}] -> [{0, 1, 2}] * 3. Reads ``dimension``
+    (``sort``; every operand is permuted by the keys) or the last axis (``top_k``).
+    """
+    axis = eqn.params.get("dimension", -1) % len(ins[0].shape)
+    lines = union([_collapse(d, (axis,), lat.n) for d in ins], tuple(np.delete(ins[0].shape, axis)), lat.n)
+    outs = []
+    for v in eqn.outvars:
+        shape = v.aval.shape
+        expanded = lines.with_shape(shape[:axis] + (1,) + shape[axis + 1 :])
+        outs.append(broadcast_to(expanded, shape))
+    return outs
+
+
+RULES = {name: reduce for name in REDUCTIONS}
+RULES.update({name: cumulative for name in CUMULATIVE})
+RULES.update({"sort": along_axis, "top_k": along_axis})

@@ -1,0 +1,176 @@
+"""Dependency sets: for each element of an array, the input indices it may depend on.
+
+A :class:`Deps` stores the sets of all elements as one CSR boolean matrix of
+shape ``(size, n_inputs)`` (element ``e`` depends on
+``indices[indptr[e]:indptr[e + 1]]``, sorted), plus the array's value when it is
+known at trace time (folded constants: literals, iotas, index arithmetic).
+Every operation here is vectorised NumPy: no Python loop over elements.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class TooDense(Exception):
+    """Raised when a dependency set grows past the analysis's budget (the pattern is dense)."""
+
+
+@dataclass
+class Deps:
+    """Dependency sets of one array (see the module docstring)."""
+
+    shape: tuple[int, ...]
+    indptr: np.ndarray
+    indices: np.ndarray
+    const: np.ndarray | None = None  # the value, when known at trace time
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.size)
+
+    def rows(self) -> np.ndarray:
+        """The element of each stored index, shape ``(nnz,)``."""
+        return np.repeat(np.arange(self.size), np.diff(self.indptr))
+
+    def with_shape(self, shape) -> "Deps":
+        """The same sets (same element order) under another shape of equal size; no value."""
+        return Deps(tuple(int(s) for s in shape), self.indptr, self.indices)
+
+
+def empty(shape, const=None) -> Deps:
+    shape = tuple(int(s) for s in shape)
+    return Deps(shape, np.zeros(math.prod(shape) + 1, np.int64), np.zeros(0, np.int64), const)
+
+
+def identity(shape, offset: int = 0) -> Deps:
+    """Element ``e`` depends on input ``offset + e``: the seed of an analysis."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    return Deps(shape, np.arange(n + 1, dtype=np.int64), offset + np.arange(n, dtype=np.int64))
+
+
+def unique(keys: np.ndarray) -> np.ndarray:
+    """Sorted unique int64 keys (sort-based: faster here than np.unique's hashing)."""
+    keys = np.sort(keys.astype(np.int64, copy=False))
+    if keys.size < 2:
+        return keys
+    keep = np.empty(keys.size, bool)
+    keep[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+    return keys[keep]
+
+
+def from_coo(shape, rows: np.ndarray, cols: np.ndarray, n_inputs: int) -> Deps:
+    """Deps from (element, input) pairs, removing duplicates."""
+    shape = tuple(int(s) for s in shape)
+    size = math.prod(shape)
+    width = max(n_inputs, 1)
+    key = unique(np.asarray(rows, np.int64) * width + np.asarray(cols, np.int64))
+    r, c = np.divmod(key, width)
+    indptr = np.zeros(size + 1, np.int64)
+    np.cumsum(np.bincount(r, minlength=size), out=indptr[1:])
+    return Deps(shape, indptr, c)
+
+
+def gather(d: Deps, idx: np.ndarray) -> Deps:
+    """Element ``j`` of the result takes the set of element ``idx[j]`` of ``d`` (none where -1).
+
+    Example: sets [{0}, {1}, {2}] gathered at [2, -1, 0] -> [{2}, {}, {0}].
+    """
+    idx = np.asarray(idx, np.int64)
+    flat = idx.reshape(-1)
+    valid = (flat >= 0) & (flat < d.size)
+    safe = np.where(valid, flat, 0)
+    starts = d.indptr[safe]
+    lens = np.where(valid, d.indptr[safe + 1] - starts, 0)
+    indptr = np.zeros(flat.size + 1, np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    total = int(indptr[-1])
+    offs = np.arange(total) - np.repeat(indptr[:-1], lens)
+    return Deps(tuple(idx.shape), indptr, d.indices[np.repeat(starts, lens) + offs])
+
+
+def reduce_to(d: Deps, target: np.ndarray, shape, n_inputs: int) -> Deps:
+    """Union the sets of all elements ``e`` into result element ``target[e]`` (dropped where -1).
+
+    Example: sets [{0}, {1}, {2}] with target [0, 0, 1] -> [{0, 1}, {2}].
+    """
+    rows = d.rows()
+    t = np.asarray(target, np.int64).reshape(-1)[rows]
+    keep = t >= 0
+    return from_coo(shape, t[keep], d.indices[keep], n_inputs)
+
+
+def mask(d: Deps, keep: np.ndarray) -> Deps:
+    """Drop the sets of the elements where ``keep`` (same shape as ``d``) is False."""
+    keep = np.asarray(keep, bool).reshape(-1)
+    lens = np.where(keep, np.diff(d.indptr), 0)
+    indptr = np.zeros(d.size + 1, np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    return Deps(d.shape, indptr, d.indices[np.repeat(keep, np.diff(d.indptr))])
+
+
+def union(ds: Sequence[Deps], shape, n_inputs: int) -> Deps:
+    """Element-wise union of same-shaped deps."""
+    ds = [d for d in ds if d.nnz]
+    if not ds:
+        return empty(shape)
+    if len(ds) == 1:
+        return ds[0].with_shape(shape)
+    rows = np.concatenate([d.rows() for d in ds])
+    cols = np.concatenate([d.indices for d in ds])
+    return from_coo(shape, rows, cols, n_inputs)
+
+
+def everything(ds: Sequence[Deps], shape) -> Deps:
+    """The conservative answer: every element depends on every dependency of every input."""
+    cols = unique(np.concatenate([d.indices for d in ds] + [np.zeros(0, np.int64)]))
+    size = math.prod(shape)
+    indptr = np.arange(size + 1, dtype=np.int64) * cols.size
+    return Deps(tuple(int(s) for s in shape), indptr, np.tile(cols, size))
+
+
+def broadcast_to(d: Deps, shape) -> Deps:
+    """Numpy broadcasting of the sets (a size-1 axis repeats its set)."""
+    shape = tuple(shape)
+    if d.shape == shape:
+        return d
+    idx = np.broadcast_to(np.arange(d.size).reshape(d.shape), shape)
+    return gather(d, idx)
+
+
+def concat(parts: Sequence[Deps]) -> Deps:
+    """The element lists of several deps, one after another (a 1-D result)."""
+    if len(parts) == 1:
+        return parts[0].with_shape((parts[0].size,))
+    indptr = [np.zeros(1, np.int64)]
+    base = 0
+    for d in parts:
+        indptr.append(d.indptr[1:] + base)
+        base += d.nnz
+    size = sum(d.size for d in parts)
+    return Deps((size,), np.concatenate(indptr), np.concatenate([d.indices for d in parts]))
+
+
+def compose(shape, rows: np.ndarray, cols: np.ndarray, d: Deps, n_inputs: int) -> Deps:
+    """Sets of a linear map's outputs: element ``rows[t]`` reads element ``cols[t]`` of ``d``.
+
+    The sparse product of a structural pattern with ``d``'s sets. Example: a
+    map with (rows, cols) = ([0, 0, 1], [0, 2, 1]) applied to sets
+    [{5}, {6}, {7}] -> [{5, 7}, {6}].
+    """
+    rows = np.asarray(rows, np.int64)
+    cols = np.asarray(cols, np.int64)
+    starts = d.indptr[cols]
+    lens = d.indptr[cols + 1] - starts
+    total = int(lens.sum())
+    ptr = np.cumsum(lens) - lens
+    offs = np.arange(total) - np.repeat(ptr, lens)
+    return from_coo(shape, np.repeat(rows, lens), d.indices[np.repeat(starts, lens) + offs], n_inputs)
