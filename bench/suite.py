@@ -1,17 +1,23 @@
-"""``python -m bench``: jacobians against raw JAX, torch.func, finite differences and closed forms.
+"""``python -m bench``: jacobians against raw JAX, torch.func, sparse peers, finite differences and closed forms.
 
 Method (after JAX's ``benchmarks/`` and lineax): every implementation is checked
 against the closed form before it is timed (a wrong one is reported, never
 timed); compilation and warm-up happen outside the timed loop, whose every call
 ends in ``block_until_ready``; implementations are interleaved over rounds so
 that machine noise hits them alike; the median and interquartile range over
-rounds are reported, and ratios to ``jacobians`` come from the same run. Each
-case runs in its own subprocess (``--isolate``, the default for full runs) so
-its peak RSS is its own; XLA's compiled memory analysis gives a per-
-implementation figure for the JAX ones.
+rounds are reported, and ratios to ``jacobians`` come from the same run. A ratio
+whose IQR overlaps jacobians' is marked '~', a tie. Each case runs in its own
+subprocess (``--isolate``, the default for full runs) so its peak RSS is its
+own; XLA's compiled memory analysis gives a per-implementation figure for the
+JAX ones (full runs only).
+
+Each case's rows are printed as soon as it finishes; a summary follows. The JSON
+(every figure), a Markdown summary and the plot are saved under ``bench/results/``
+as ``latest.*`` (``latest-quick.*`` with ``--quick``) unless ``--no-save``.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -21,60 +27,116 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import report as rep
 
 # PyTorch's OpenMP workers busy-wait after each op by default, stealing the
 # cores from whatever is timed next; make them sleep instead (set before torch
 # is imported).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Optional peers: import name -> how to install it.
+PEERS = {
+    "torch": "pip install torch --index-url https://download.pytorch.org/whl/cpu (a CPU build; "
+    "plain `pip install torch` also pulls the CUDA packages)",
+    "asdex": "pip install -e '.[bench,peers]'",
+    "sparsejac": "pip install -e '.[bench,peers]'",
+}
+
 
 @dataclass(frozen=True)
 class Case:
     workload: str
     params: dict
-    quick_params: dict
+    quick_params: dict | None  # None: not part of --quick
     dtype: str = "float32"
+    peers: tuple = field(default=("torch",))
 
     def sizes(self, quick: bool) -> dict:
         return self.quick_params if quick else self.params
 
     def name(self, quick: bool) -> str:
         p = self.sizes(quick)
+        if p is None:
+            return ""
         dt = {"float32": "f32", "float64": "f64"}[self.dtype]
+        pts = lambda: f"{p['points']:.0e}".replace("+0", "")  # noqa: E731
         shape = {
             "tall": lambda: f"{p['n']}x{p['m']}",
             "wide": lambda: f"{p['n']}x{p['m']}",
-            "mlp": lambda: f"{p['n']}",
+            "mlp": lambda: f"{p['n']}" if not p.get("m") else f"{p['n']}x{p['h']}x{p['m']}",
+            "resmlp": lambda: f"{p['layers']}x{p['width']}",
+            "conv": lambda: f"{p['cin']}x{p['hw']}x{p['hw']}to{p['cout']}",
             "elementwise": lambda: f"{p['n']}",
             "gram": lambda: f"{p['m']}x{p['n']}",
-            "logdet3": lambda: f"{p['points']:.0e}".replace("+0", ""),
-            "logdet16": lambda: f"{p['points']:.0e}".replace("+0", ""),
+            "logdet3": pts,
+            "logdet": lambda: f"k{p['k']}_{pts()}",
+            "slogdet": lambda: f"k{p['k']}_{pts()}",
             "stencil1d": lambda: f"{p['n']}",
             "stencil2d": lambda: f"{p['k']}x{p['k']}",
         }[self.workload]()
         return f"{self.workload}_{shape}_{dt}"
 
 
-# The case table. Names carry shape and dtype; --quick swaps in small sizes.
+SPARSE_PEERS = ("asdex", "sparsejac")
+
+
+def _logdet_cases() -> list[Case]:
+    # --quick keeps a few: the library's unrolled kernel compiles slowly for k >= 8 (seconds at k = 16, 32).
+    quick = {("logdet", 2, "float32"), ("logdet", 4, "float64")}
+    quick |= {("slogdet", 3, "float32"), ("slogdet", 4, "float64")}
+    cases = []
+    for wl in ("logdet", "slogdet"):
+        for k in (2, 3, 4, 8, 16, 32):
+            for dt in ("float32", "float64"):
+                points = 100_000 if k <= 8 else 10_000
+                q = dict(k=k, points=1_000) if (wl, k, dt) in quick else None
+                cases.append(Case(wl, dict(k=k, points=points), q, dt))
+    return cases
+
+
+# The case table. Names carry shape and dtype; --quick swaps in small sizes (and leaves some out).
 CASES = [
     Case("tall", dict(n=16, m=4096), dict(n=8, m=256)),
     Case("wide", dict(n=4096, m=16), dict(n=256, m=8)),
     Case("mlp", dict(n=256), dict(n=32)),
-    Case("mlp", dict(n=256), dict(n=32), "float64"),
-    Case("mlp", dict(n=1024), dict(n=48)),
-    Case("mlp", dict(n=1024), dict(n=48), "float64"),
+    Case("mlp", dict(n=256), None, "float64"),
+    Case("mlp", dict(n=1024), None),
+    Case("mlp", dict(n=1024), None, "float64"),
+    Case("mlp", dict(n=1024, h=1024, m=16), dict(n=64, h=64, m=4)),
+    Case("resmlp", dict(layers=4, width=512), dict(layers=4, width=32)),
+    Case("conv", dict(cin=3, cout=8, hw=16), dict(cin=2, cout=4, hw=8)),
     Case("elementwise", dict(n=4096), dict(n=256)),
     Case("gram", dict(m=48, n=48), dict(m=6, n=6)),
     Case("logdet3", dict(points=100_000), dict(points=1_000)),
-    Case("logdet16", dict(points=10_000), dict(points=200)),
-    Case("stencil1d", dict(n=10_000), dict(n=200)),
-    Case("stencil2d", dict(k=100), dict(k=10)),
+    *_logdet_cases(),
+    Case("stencil1d", dict(n=10_000), dict(n=200), peers=SPARSE_PEERS),
+    Case("stencil2d", dict(k=100), dict(k=10), peers=SPARSE_PEERS),
 ]
 
 TOL = {"float32": 2e-3, "float64": 1e-6}  # max |error| relative to max(1, max |reference|)
+
+
+def selected_cases(only, quick: bool) -> list[Case]:
+    wanted = set(only or [])
+    out = []
+    for c in CASES:
+        if c.sizes(quick) is None and not (wanted and c.name(False) in wanted):
+            continue  # not part of --quick, unless asked for by its full name
+        if not wanted or {c.workload, c.name(quick), c.name(not quick)} & wanted:
+            out.append(c)
+    return out
+
+
+def missing_peers(cases) -> dict:
+    """The optional peers the selected cases would compare against that are not importable."""
+    wanted = {p for c in cases for p in c.peers}
+    return {p: how for p, how in PEERS.items() if p in wanted and importlib.util.find_spec(p) is None}
 
 
 def _build(case: Case, quick: bool):
@@ -85,17 +147,21 @@ def _build(case: Case, quick: bool):
 
     from . import workloads
 
+    workloads.LITE = quick
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(case.dtype)
-    p = case.sizes(quick)
+    p = case.sizes(quick) or case.params
     builders = {
         "tall": lambda: workloads.tall_or_wide(p["n"], p["m"], dtype, rng),
         "wide": lambda: workloads.tall_or_wide(p["n"], p["m"], dtype, rng),
-        "mlp": lambda: workloads.mlp(p["n"], dtype, rng),
+        "mlp": lambda: workloads.mlp(p["n"], dtype, rng, p.get("h"), p.get("m")),
+        "resmlp": lambda: workloads.resmlp(p["layers"], p["width"], dtype, rng),
+        "conv": lambda: workloads.conv(p["cin"], p["cout"], p["hw"], dtype, rng),
         "elementwise": lambda: workloads.elementwise(p["n"], dtype, rng),
         "gram": lambda: workloads.gram(p["m"], p["n"], dtype, rng),
         "logdet3": lambda: workloads.logdet3(p["points"], dtype, rng),
-        "logdet16": lambda: workloads.logdet16(p["points"], dtype, rng),
+        "logdet": lambda: workloads.logdet(p["k"], p["points"], dtype, rng),
+        "slogdet": lambda: workloads.slogdet(p["k"], p["points"], dtype, rng),
         "stencil1d": lambda: workloads.stencil1d(p["n"], dtype, rng),
         "stencil2d": lambda: workloads.stencil2d(p["k"], dtype, rng),
     }
@@ -133,21 +199,44 @@ def _error(out, reference) -> tuple[float, str | None]:
 
 
 def _xla_bytes(impl, x):
+    """XLA's temp + output allocation; reuses the executable of a jitted function (no second compile)."""
     try:
         import jax
 
-        m = jax.jit(impl.fn).lower(x).compile().memory_analysis()
+        fn = impl.fn if hasattr(impl.fn, "lower") else jax.jit(impl.fn)
+        m = fn.lower(x).compile().memory_analysis()
         return int(m.temp_size_in_bytes + m.output_size_in_bytes)
     except Exception:  # noqa: BLE001 - memory analysis is best-effort per backend
         return None
 
 
-def run_case(case: Case, quick: bool, repeat: int) -> dict:
+def _plan(fn, x) -> str | None:
+    """What the library chose (mode, colours, ...), if the function exposes a ``plan(x)``."""
+    get = getattr(fn, "plan", None)
+    if not callable(get):
+        return None
+    try:
+        p = get(x)
+    except Exception:  # noqa: BLE001 - a plan is a nicety
+        return None
+    bits = [str(getattr(p, a)) for a in ("method", "mode") if getattr(p, a, None) is not None]
+    if getattr(p, "n_colors", None) is not None:
+        bits.append(f"{p.n_colors}c")
+    if getattr(p, "chunk_size", None):
+        bits.append(f"chunk {p.chunk_size}")
+    return " ".join(bits) or type(p).__name__
+
+
+def _is_tie(row: dict, base: dict) -> bool:
+    return row["q25_s"] <= base["q75_s"] and base["q25_s"] <= row["q75_s"]
+
+
+def run_case(case: Case, quick: bool, repeat: int, timing: bool = True) -> dict:
     """Check, compile, then time every implementation of one case."""
-    name = case.name(quick)
+    name = case.name(quick) or case.name(False)
     w = _build(case, quick)
     ref_vals = w.reference.vals if hasattr(w.reference, "vals") else w.reference
-    scale = max(1.0, float(np.max(np.abs(ref_vals))))
+    scale = max(1.0, float(np.max(np.abs(ref_vals)))) if np.size(ref_vals) else 1.0
     rows, timed = {}, {}
     for impl_name, impl in w.impls.items():
         row = rows[impl_name] = {"impl": impl_name, "kind": impl.kind}
@@ -155,22 +244,24 @@ def run_case(case: Case, quick: bool, repeat: int) -> dict:
             call, to_np = _runner(impl, w.x)
             t0 = time.perf_counter()
             out = to_np(call())
-            row["compile_s"] = time.perf_counter() - t0
+            row["compile_s"] = time.perf_counter() - t0 + (impl.compile_s or 0.0)
             err, why = _error(out, w.reference)
             row["max_abs_err"] = err
             if why or not err <= TOL[case.dtype] * scale:
                 row["status"] = "wrong"
-                row["error"] = why or f"max abs err {err:.3g}"
+                row["error"] = why or f"max abs err {err:.3g} > {TOL[case.dtype] * scale:.2g}"
                 continue
+            row["status"] = "ok"
             if impl_name in w.colors:
                 row["colors"] = w.colors[impl_name]
+            if not timing:
+                continue
             t0 = time.perf_counter()
             call()
             once = time.perf_counter() - t0
             row["inner"] = max(1, int(0.005 / max(once, 1e-7)))  # each sample >= ~5 ms
-            row["status"] = "ok"
             row["samples_s"] = []
-            if impl.kind == "jax":
+            if impl.kind == "jax" and not quick:
                 row["xla_bytes"] = _xla_bytes(impl, w.x)
             timed[impl_name] = call
         except Exception as e:  # noqa: BLE001 - a failing implementation is a result
@@ -185,8 +276,8 @@ def run_case(case: Case, quick: bool, repeat: int) -> dict:
         order = [(n, c) for n, c in timed.items() if rows[n]["kind"] == kind]
         if not order:
             continue
-        time.sleep(0.2)  # let the previous phase's workers go idle
-        deadline = time.perf_counter() + (20 if not quick else 3)
+        time.sleep(0.05 if quick else 0.2)  # let the previous phase's workers go idle
+        deadline = time.perf_counter() + (20 if not quick else 2)
         for r in range(repeat):
             for impl_name, call in order[r % len(order) :] + order[: r % len(order)]:
                 row = rows[impl_name]
@@ -199,16 +290,42 @@ def run_case(case: Case, quick: bool, repeat: int) -> dict:
     for row in rows.values():
         s = row.pop("samples_s", None)
         if s:
-            row["median_s"] = float(np.median(s))
-            row["iqr_s"] = float(np.subtract(*np.percentile(s, [75, 25])))
+            q25, q75 = np.percentile(s, [25, 75])
+            row.update(median_s=float(np.median(s)), q25_s=float(q25), q75_s=float(q75), iqr_s=float(q75 - q25))
             row["rounds"] = len(s)
-    base = next((r["median_s"] for n, r in rows.items() if n.startswith("jacobians") and "median_s" in r), None)
-    for row in rows.values():
-        if base and "median_s" in row:
-            row["ratio_to_jacobians"] = row["median_s"] / base
+    base_name = next((n for n, r in rows.items() if n.startswith("jacobians") and "median_s" in r), None)
+    if base_name is None:  # untimed (--check) or the library failed: still name what a ratio would be against
+        base_name = next((n for n in rows if n.startswith("jacobians")), None)
+    if base_name:
+        base = rows[base_name]
+        base["base"] = True
+        plan = _plan(w.impls[base_name].fn, w.x)
+        if plan:
+            base["plan"] = plan
+        for row in rows.values():
+            if "median_s" in row and "median_s" in base:
+                row["ratio_to_jacobians"] = row["median_s"] / base["median_s"]
+                if row is not base:
+                    row["tie"] = _is_tie(row, base)
     for impl_name, why in w.skipped.items():
-        rows[impl_name] = {"impl": impl_name, "status": "skipped", "error": why}
-    # Sparse engines: detection + colouring, timed on their own (Python, no compile).
+        rows[impl_name] = {"impl": impl_name, "kind": "skipped", "status": "skipped", "error": why}
+    if timing:
+        _time_detection(w, rows, quick)
+    order = list(rep.FAMILIES)
+    results = sorted(rows.values(), key=lambda r: (r["kind"] == "detect", order.index(rep.family(r["impl"]))))
+    return {
+        "name": name,
+        "workload": case.workload,
+        "dtype": case.dtype,
+        "params": case.sizes(quick) or case.params,
+        "reference": w.reference_note,
+        "status": "ok",
+        "results": results,
+    }
+
+
+def _time_detection(w, rows: dict, quick: bool) -> None:
+    """Sparse engines: detection + colouring, timed on their own (Python, no compile)."""
     detect = {}
     for impl_name, fn in w.detect.items():
         t0 = time.perf_counter()
@@ -219,34 +336,32 @@ def run_case(case: Case, quick: bool, repeat: int) -> dict:
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
+        q25, q75 = np.percentile(samples, [25, 75])
         detect[impl_name] = {
             "impl": f"detect+colour: {impl_name}",
             "kind": "detect",
             "status": "ok",
             "compile_s": first,
             "median_s": float(np.median(samples)),
+            "q25_s": float(q25),
+            "q75_s": float(q75),
+            "iqr_s": float(q75 - q25),
             "rounds": len(samples),
         }
-    base = detect.get("jacobians", {}).get("median_s")
-    for row in detect.values():
+    base = detect.get("jacobians")
+    for impl_name, row in detect.items():
         if base:
-            row["ratio_to_jacobians"] = row["median_s"] / base
+            row["ratio_to_jacobians"] = row["median_s"] / base["median_s"]
+            if impl_name != "jacobians":
+                row["tie"] = _is_tie(row, base)
         rows[row["impl"]] = row
-    return {
-        "name": name,
-        "workload": case.workload,
-        "dtype": case.dtype,
-        "params": case.sizes(quick),
-        "status": "ok",
-        "results": list(rows.values()),
-    }
 
 
 def _versions() -> dict:
     import importlib.metadata as md
 
     v = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "numpy", "jacobians", "torch"):
+    for pkg in ("jax", "jaxlib", "numpy", "jacobians", "torch", "asdex", "sparsejac"):
         try:
             v[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -272,145 +387,64 @@ def _machine() -> dict:
     }
 
 
+def _failed(case: Case, quick: bool, error: str, **extra) -> dict:
+    return {
+        "name": case.name(quick) or case.name(False),
+        "workload": case.workload,
+        "dtype": case.dtype,
+        "status": "failed",
+        "error": error,
+        "results": [],
+        **extra,
+    }
+
+
 def _run_isolated(case: Case, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "case.json")
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench",
-            "--_worker",
-            case.name(args.quick),
-            "--_out",
-            out,
-            "--repeat",
-            str(args.repeat),
-        ] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, "-m", "bench", "--_worker", case.name(args.quick) or case.name(False)]
+        cmd += ["--_out", out, "--repeat", str(args.repeat)]
+        cmd += (["--quick"] if args.quick else []) + (["--check"] if args.check else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.exists(out):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return {
-                "name": case.name(args.quick),
-                "workload": case.workload,
-                "dtype": case.dtype,
-                "status": "failed",
-                "error": f"exit {proc.returncode}: " + " | ".join(tail),
-                "results": [],
-            }
+            return _failed(case, args.quick, f"exit {proc.returncode}: " + " | ".join(tail))
         with open(out) as fh:
             return json.load(fh)
 
 
 def _run_here(case: Case, args) -> dict:
     try:
-        return run_case(case, args.quick, args.repeat)
+        return run_case(case, args.quick, args.repeat, timing=not args.check)
     except Exception as e:  # noqa: BLE001
-        return {
-            "name": case.name(args.quick),
-            "workload": case.workload,
-            "dtype": case.dtype,
-            "status": "failed",
-            "error": f"{type(e).__name__}: {e}".splitlines()[0],
-            "trace": traceback.format_exc()[-2000:],
-            "results": [],
-        }
+        msg = f"{type(e).__name__}: {e}".splitlines()[0]
+        return _failed(case, args.quick, msg, trace=traceback.format_exc()[-2000:])
 
 
-def _fmt_time(s):
-    if s is None:
-        return "-"
-    for unit, f in (("s", 1), ("ms", 1e-3), ("us", 1e-6)):
-        if s >= f:
-            return f"{s / f:.3g} {unit}"
-    return f"{s * 1e9:.3g} ns"
+def _show_path(p: str) -> str:
+    rel = os.path.relpath(p)
+    return rel if not rel.startswith("..") else p
 
 
-def table(report: dict, markdown: bool = False) -> str:
-    head = [
-        "case",
-        "implementation",
-        "status",
-        "median",
-        "IQR",
-        "x jacobians",
-        "max |err|",
-        "compile",
-        "colours",
-        "XLA MB",
-        "case RSS MB",
-    ]
-    lines = []
-    for c in report["cases"]:
-        if c["status"] != "ok":
-            lines.append([c["name"], "-", "FAILED", "-", "-", "-", "-", "-", "-", "-", c.get("error", "")])
-            continue
-        for r in c["results"]:
-            lines.append(
-                [
-                    c["name"],
-                    r["impl"],
-                    r["status"] if r["status"] == "ok" else r.get("error", r["status"])[:70],
-                    _fmt_time(r.get("median_s")),
-                    _fmt_time(r.get("iqr_s")),
-                    f"{r['ratio_to_jacobians']:.2f}" if "ratio_to_jacobians" in r else "-",
-                    f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else "-",
-                    _fmt_time(r.get("compile_s")),
-                    str(r.get("colors", "-")),
-                    f"{r['xla_bytes'] / 2**20:.2f}" if r.get("xla_bytes") else "-",
-                    f"{c['peak_rss_mb']:.0f}" if c.get("peak_rss_mb") else "-",
-                ]
-            )
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(str(v) for v in row) + " |" for row in lines]
-        return "\n".join(out)
-    widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    rule = fmt.format(*("-" * w for w in widths))
-    return "\n".join([fmt.format(*head), rule] + [fmt.format(*map(str, r)) for r in lines])
-
-
-def plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = [c for c in report["cases"] if c["status"] == "ok"]
-    cols = 3
-    rows = -(-len(cases) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
-    for ax, c in zip(axes.flat, cases, strict=False):
-        res = [r for r in c["results"] if "ratio_to_jacobians" in r]
-        names = [r["impl"] for r in res]
-        ratios = [r["ratio_to_jacobians"] for r in res]
-        colors = [
-            "tab:green"
-            if n.startswith("jacobians")
-            else "tab:blue"
-            if n.startswith("jax")
-            else "tab:orange"
-            if n.startswith("torch")
-            else "tab:gray"
-            for n in names
-        ]
-        ax.barh(names, ratios, color=colors)
-        ax.set_xscale("log")
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_title(c["name"], fontsize=10)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel("time relative to jacobians (log)", fontsize=8)
-        ax.invert_yaxis()
-    for ax in list(axes.flat)[len(cases) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def save(report: dict, out_dir: str, stem: str) -> list[str]:
+    """Write ``stem.json``, ``stem.md`` and (with matplotlib) ``stem.png`` under ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "md", "png")]
+    with open(paths[0], "w") as fh:
+        json.dump(report, fh, indent=1)
+    with open(paths[1], "w") as fh:
+        fh.write(rep.markdown(report))
+    try:
+        rep.plot(report, paths[2])
+    except ImportError:
+        paths[2] = None
+    return [p for p in paths if p]
 
 
 def main(argv=None) -> int:
-    names = sorted({c.workload for c in CASES} | {c.name(False) for c in CASES} | {c.name(True) for c in CASES})
+    names = sorted({c.workload for c in CASES} | {c.name(q) for c in CASES for q in (False, True)} - {""})
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes; the whole suite in well under a minute")
+    ap.add_argument("--quick", action="store_true", help="small sizes, a subset of cases; under a minute on 2 cores")
     workload_names = ", ".join(sorted({c.workload for c in CASES}))
     ap.add_argument(
         "--only",
@@ -419,12 +453,24 @@ def main(argv=None) -> int:
         help=f"run only these workloads ({workload_names}) or cases; repeatable",
     )
     ap.add_argument(
-        "--repeat", type=int, default=None, help="timing rounds per implementation (default 15; 3 with --quick)"
+        "--repeat", type=int, default=None, help="timing rounds per implementation (default 15; 5 with --quick)"
     )
-    ap.add_argument("--json", metavar="PATH", help="write machine, versions, command and all figures as JSON")
-    ap.add_argument("--plot", metavar="PATH", help="write a PNG of times relative to jacobians (needs matplotlib)")
-    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    ap.add_argument("--from-json", metavar="PATH", help="re-render the table (and --plot) of a saved --json run")
+    ap.add_argument(
+        "--check", action="store_true", help="only check every implementation against its reference; no timing"
+    )
+    ap.add_argument(
+        "--out",
+        metavar="DIR",
+        default=RESULTS_DIR,
+        help="where to save latest.{json,md,png} (latest-quick.* with --quick); default bench/results",
+    )
+    ap.add_argument("--no-save", action="store_true", help="write nothing unless --json/--plot say where")
+    ap.add_argument("--json", metavar="PATH", help="also write machine, versions, command and all figures as JSON")
+    ap.add_argument("--plot", metavar="PATH", help="also write the PNG of times relative to jacobians (matplotlib)")
+    ap.add_argument(
+        "--markdown", action="store_true", help="print the report as Markdown on stdout (progress goes to stderr)"
+    )
+    ap.add_argument("--from-json", metavar="PATH", help="re-render the table (and --plot) of a saved run")
     iso = ap.add_mutually_exclusive_group()
     iso.add_argument(
         "--isolate",
@@ -443,7 +489,7 @@ def main(argv=None) -> int:
     ap.add_argument("--_out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.repeat is None:
-        args.repeat = 3 if args.quick else 15
+        args.repeat = 5 if args.quick else 15
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
     for n in args.only or []:
@@ -451,7 +497,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown case or workload {n!r}; choose from: {', '.join(names)}")
 
     if args._worker:
-        case = next(c for c in CASES if c.name(args.quick) == args._worker)
+        case = next(c for c in CASES if args._worker in (c.name(args.quick), c.name(False)))
         result = _run_here(case, args)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         with open(args._out, "w") as fh:
@@ -463,41 +509,62 @@ def main(argv=None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             ap.error("--plot needs matplotlib: pip install -e '.[bench]'")
+    out = sys.stderr if args.markdown else sys.stdout  # with --markdown, stdout is only the Markdown
+
+    def say(s=""):
+        print(s, file=out, flush=True)
+
     if args.from_json:
         with open(args.from_json) as fh:
             report = json.load(fh)
-        print(table(report, args.markdown))
+        print(rep.markdown(report) if args.markdown else rep.text(report), flush=True)
         if args.plot:
-            plot(report, args.plot)
+            rep.plot(report, args.plot)
         return 0
+
     isolate = (not args.quick) if args.isolate is None else args.isolate
-    wanted = set(args.only or [])
-    selected = [c for c in CASES if not wanted or {c.workload, c.name(args.quick), c.name(not args.quick)} & wanted]
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress bar is a nicety
-
-        def tqdm(it, **_):
-            return it
-
+    selected = selected_cases(args.only, args.quick)
     report = {
         "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
+        "check_only": args.check,
         "isolated": isolate,
         "repeat": args.repeat,
         "machine": _machine(),
         "versions": _versions(),
+        "missing_peers": missing_peers(selected),
         "cases": [],
     }
-    bar = tqdm(selected, desc="bench", unit="case", file=sys.stderr)
-    for case in bar:
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(case.name(args.quick))
-        report["cases"].append(_run_isolated(case, args) if isolate else _run_here(case, args))
-    print(table(report, args.markdown))
+    say(rep.preamble(report))
+    say(rep.header())
+    tty = sys.stderr.isatty()
+    t_start = time.perf_counter()
+    for i, case in enumerate(selected, 1):
+        if tty:
+            sys.stderr.write(f"\r\033[K  running {case.name(args.quick) or case.name(False)} ({i}/{len(selected)})")
+            sys.stderr.flush()
+        result = _run_isolated(case, args) if isolate else _run_here(case, args)
+        report["cases"].append(result)
+        if tty:
+            sys.stderr.write("\r\033[K")
+        say(rep.case_rows(result))
+    report["wall_s"] = time.perf_counter() - t_start
+    say()
+    say(rep.summary(report))
+    say()
+    say(f"{len(selected)} cases in {report['wall_s']:.0f} s.")
+    written = []
+    if not args.no_save and not args.check:
+        written += save(report, args.out, "latest-quick" if args.quick else "latest")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)
+        written.append(args.json)
     if args.plot:
-        plot(report, args.plot)
+        rep.plot(report, args.plot)
+        written.append(args.plot)
+    if written:
+        say("Saved: " + ", ".join(_show_path(p) for p in written))
+    if args.markdown:
+        print(rep.markdown(report), flush=True)
     return 0

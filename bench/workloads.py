@@ -1,17 +1,28 @@
 """The workloads: for each, a JAX function, the implementations to time and a closed form.
 
 Each builder takes sizes, a dtype and a NumPy generator and returns a
-:class:`Workload`: the input, the closed-form answer (the correctness check and
-the floor), and the implementations by name. Implementation names:
+:class:`Workload`: the input, the reference answer (the correctness check),
+and the implementations by name. The reference is the closed form, jitted once
+and evaluated at the input (that call is the closed form's compilation), or a
+NumPy float64 computation where there is no JAX closed form. Implementation
+names:
 
 - ``jacobians``: the library with default options; ``jacobians[chunk=k]``:
-  chunked; ``jacobians.log_abs_det``: the batched determinant.
-- ``jax.jacfwd`` / ``jax.jacrev``: ``jax.jit`` of the raw transformations.
-- ``torch.func.*``: PyTorch's functional transforms, when torch is importable.
+  chunked; ``jacobians[fwd]``/``[rev]``: a forced mode;
+  ``jacobians.log_abs_det``: the batched determinant;
+  ``jacobians.kernels.slogdet``: the determinant kernel alone.
+- ``jax.jacfwd`` / ``jax.jacrev`` (and ``jax vmap(...)``, ``jnp.linalg...``):
+  ``jax.jit`` of the raw JAX transformations.
+- ``torch.func.*`` / ``torch.linalg.*``: PyTorch, when torch is importable.
+- ``asdex``, ``sparsejac.*``: the sparse peers, when importable.
 - ``numpy-fd``: central finite differences in NumPy (float64), vectorised.
 - ``closed-form``: the hand-written Jacobian in JAX (the floor).
+
+A peer that is not installed gets no row at all; the suite says once, at the
+top, which peers are missing and how to install them.
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +30,7 @@ import jax
 import jax.experimental.sparse
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 import jacobians
 from jacobians import kernels
@@ -28,12 +40,21 @@ try:  # torch is optional: never a dependency
     import torch.func as tf
 except ImportError:  # pragma: no cover - depends on the machine
     torch = None
+try:
+    import sparsejac
+except ImportError:  # pragma: no cover - optional comparison
+    sparsejac = None
+try:
+    import asdex
+except ImportError:  # pragma: no cover - optional comparison
+    asdex = None
 
 
 @dataclass
 class Impl:
     fn: Callable
     kind: str = "jax"  # "jax" | "torch" | "numpy"
+    compile_s: float | None = None  # compiled while building the workload (the closed form)
 
 
 @dataclass
@@ -41,9 +62,10 @@ class Workload:
     x: object
     reference: object  # a dense np.ndarray, or a SparseRef
     impls: dict[str, Impl] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why (never "not installed")
     colors: dict[str, int] = field(default_factory=dict)  # sparse engines: JVPs/VJPs used
     detect: dict[str, Callable] = field(default_factory=dict)  # sparse engines: detection + colouring
+    reference_note: str = "closed form"
 
 
 TORCH_NAMES = ("torch.func.jacfwd", "torch.func.jacrev")
@@ -51,6 +73,22 @@ TORCH_NAMES = ("torch.func.jacfwd", "torch.func.jacrev")
 
 def _rand(rng, shape, dtype, scale=1.0):
     return jnp.asarray(rng.standard_normal(shape) * scale, dtype=dtype)
+
+
+def _closed(closed: Callable, x) -> tuple[np.ndarray, Impl]:
+    """Jit the closed form once; its value at ``x`` is the reference, its first call the compile time."""
+    fn = jax.jit(closed)
+    t0 = time.perf_counter()
+    ref = jax.block_until_ready(fn(x))
+    t = time.perf_counter() - t0
+    return np.asarray(ref, np.float64), Impl(fn, compile_s=t)
+
+
+def _workload_from_closed(closed: Callable, x) -> Workload:
+    ref, impl = _closed(closed, x)
+    w = Workload(x, ref)
+    w.impls["closed-form"] = impl
+    return w
 
 
 def _central_fd(f_batched: Callable, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
@@ -62,79 +100,173 @@ def _central_fd(f_batched: Callable, x: np.ndarray, h: float = 1e-6) -> np.ndarr
     return np.moveaxis(d, 0, -1).reshape(d.shape[1:] + x.shape)
 
 
+# --quick builds the "lite" variant of a workload: no chunked or forced-mode
+# variants (each one is another compilation), except where ``modes`` says the
+# forced modes are the point of the workload.
+LITE = False
+
+
 def _dense_impls(
-    w: Workload, f: Callable, x, chunk: int, torch_f: Callable | None, fd: Callable | None, modes: bool = False
+    w: Workload, f: Callable, x, chunk: int, torch_f: Callable | None, fd: Callable | None, modes: bool | str = False
 ):
     w.impls["jacobians"] = Impl(jacobians.jacobian(f))
-    w.impls[f"jacobians[chunk={chunk}]"] = Impl(jacobians.jacobian(f, chunk_size=chunk))
-    if modes:  # each mode against the raw JAX call of the same mode
+    if not LITE:
+        w.impls[f"jacobians[chunk={chunk}]"] = Impl(jacobians.jacobian(f, chunk_size=chunk))
+    if modes == "always" or (modes and not LITE):  # each mode against the raw JAX call of the same mode
         w.impls["jacobians[fwd]"] = Impl(jacobians.jacobian(f, mode="fwd"))
         w.impls["jacobians[rev]"] = Impl(jacobians.jacobian(f, mode="rev"))
     w.impls["jax.jacfwd"] = Impl(jax.jit(jax.jacfwd(f)))
     w.impls["jax.jacrev"] = Impl(jax.jit(jax.jacrev(f)))
-    _torch_impls(w, torch_f, x)
+    _torch_impls(w, torch_f)
     if fd is not None:
         w.impls["numpy-fd"] = Impl(lambda x: _central_fd(fd, x), "numpy")
 
 
-def _torch_impls(w: Workload, torch_f, x, names=TORCH_NAMES):
-    if torch is None or torch_f is None:
-        for n in names:
-            w.skipped[n] = "skipped: torch not installed" if torch is None else "skipped: no torch version"
+def _torch_impls(w: Workload, torch_f, names=TORCH_NAMES):
+    if torch is None or torch_f is None:  # the suite reports missing torch once, at the top
         return
     for n in names:
         w.impls[n] = Impl(torch_f(n), "torch")
 
 
 def _t(a):
-    return torch.from_numpy(np.array(a))
+    return torch.from_numpy(np.array(a)) if torch is not None else None
+
+
+def _torch_jac(g):
+    """torch.func.jacfwd / jacrev of ``g``, by implementation name."""
+    return lambda name: getattr(tf, name.split(".")[-1])(g)
+
+
+# --- dense Jacobians ----------------------------------------------------------------------
 
 
 def tall_or_wide(n: int, m: int, dtype, rng) -> Workload:
     """f(x) = tanh(A x), R^n -> R^m."""
     A = _rand(rng, (m, n), dtype, 1 / np.sqrt(n))
     x = _rand(rng, (n,), dtype)
-    f = lambda x: jnp.tanh(A @ x)  # noqa: E731
-    y = jnp.tanh(A @ x)
-    w = Workload(x, np.asarray((1 - y**2)[:, None] * A))
-    w.impls["closed-form"] = Impl(jax.jit(lambda x: (1 - jnp.tanh(A @ x) ** 2)[:, None] * A))
-    At, A64 = (_t(A) if torch else None), np.asarray(A, np.float64)
-
-    def torch_f(name):
-        g = lambda x: torch.tanh(At @ x)  # noqa: E731
-        return getattr(tf, name.split(".")[-1])(g)
-
+    w = _workload_from_closed(lambda x: (1 - jnp.tanh(A @ x) ** 2)[:, None] * A, x)
+    At, A64 = _t(A), np.asarray(A, np.float64)
     # Auto mode pushes min(n, m) basis vectors; the chunk is an eighth of them.
-    _dense_impls(w, f, x, max(1, min(n, m) // 8), torch_f, lambda X: np.tanh(X @ A64.T), modes=True)
+    _dense_impls(
+        w,
+        lambda x: jnp.tanh(A @ x),
+        x,
+        max(1, min(n, m) // 8),
+        torch and _torch_jac(lambda x: torch.tanh(At @ x)),
+        lambda X: np.tanh(X @ A64.T),
+        modes="always",
+    )
     return w
 
 
-def mlp(n: int, dtype, rng) -> Workload:
-    """f(x) = tanh(W2 tanh(W1 x + b1) + b2), n = m = h."""
-    W1, W2 = _rand(rng, (n, n), dtype, 1 / np.sqrt(n)), _rand(rng, (n, n), dtype, 1 / np.sqrt(n))
-    b1, b2 = _rand(rng, (n,), dtype, 0.1), _rand(rng, (n,), dtype, 0.1)
+def mlp(n: int, dtype, rng, h: int | None = None, m: int | None = None) -> Workload:
+    """f(x) = tanh(W2 tanh(W1 x + b1) + b2), R^n -> R^h -> R^m (square when h = m = n)."""
+    h, m = h or n, m or n
+    W1, W2 = _rand(rng, (h, n), dtype, 1 / np.sqrt(n)), _rand(rng, (m, h), dtype, 1 / np.sqrt(h))
+    b1, b2 = _rand(rng, (h,), dtype, 0.1), _rand(rng, (m,), dtype, 0.1)
     x = _rand(rng, (n,), dtype)
 
     def f(x):
         return jnp.tanh(W2 @ jnp.tanh(W1 @ x + b1) + b2)
 
     def closed(x):
-        h = jnp.tanh(W1 @ x + b1)
-        y = jnp.tanh(W2 @ h + b2)
-        return ((1 - y**2)[:, None] * (W2 * (1 - h**2)[None, :])) @ W1
+        z = jnp.tanh(W1 @ x + b1)
+        y = jnp.tanh(W2 @ z + b2)
+        return ((1 - y**2)[:, None] * (W2 * (1 - z**2)[None, :])) @ W1
 
-    w = Workload(x, np.asarray(closed(x)))
-    w.impls["closed-form"] = Impl(jax.jit(closed))
-    T = [(_t(a) if torch else None) for a in (W1, W2, b1, b2)]
+    w = _workload_from_closed(closed, x)
+    T = [_t(a) for a in (W1, W2, b1, b2)]
     N = [np.asarray(a, np.float64) for a in (W1, W2, b1, b2)]
-
-    def torch_f(name):
-        g = lambda x: torch.tanh(T[1] @ torch.tanh(T[0] @ x + T[2]) + T[3])  # noqa: E731
-        return getattr(tf, name.split(".")[-1])(g)
-
     _dense_impls(
-        w, f, x, max(1, n // 8), torch_f, lambda X: np.tanh(np.tanh(X @ N[0].T + N[2]) @ N[1].T + N[3]), modes=True
+        w,
+        f,
+        x,
+        max(1, min(n, m) // 8),
+        torch and _torch_jac(lambda x: torch.tanh(T[1] @ torch.tanh(T[0] @ x + T[2]) + T[3])),
+        lambda X: np.tanh(np.tanh(X @ N[0].T + N[2]) @ N[1].T + N[3]),
+        modes=True,
     )
+    return w
+
+
+def resmlp(layers: int, width: int, dtype, rng) -> Workload:
+    """A residual MLP: h <- h + tanh(W h + b) per layer; J = prod (I + diag(1 - t^2) W)."""
+    Ws = [_rand(rng, (width, width), dtype, 1 / np.sqrt(width)) for _ in range(layers)]
+    bs = [_rand(rng, (width,), dtype, 0.1) for _ in range(layers)]
+    x = _rand(rng, (width,), dtype)
+
+    def f(x):
+        for W, b in zip(Ws, bs, strict=True):
+            x = x + jnp.tanh(W @ x + b)
+        return x
+
+    def closed(x):
+        J = jnp.eye(width, dtype=x.dtype)
+        for W, b in zip(Ws, bs, strict=True):
+            t = jnp.tanh(W @ x + b)
+            J = J + ((1 - t**2)[:, None] * W) @ J  # (I + diag(1 - t^2) W) J
+            x = x + t
+        return J
+
+    w = _workload_from_closed(closed, x)
+    Wt, bt = [_t(W) for W in Ws], [_t(b) for b in bs]
+    W64, b64 = [np.asarray(W, np.float64) for W in Ws], [np.asarray(b, np.float64) for b in bs]
+
+    def g(x):
+        for W, b in zip(Wt, bt, strict=True):
+            x = x + torch.tanh(W @ x + b)
+        return x
+
+    def fd(X):
+        for W, b in zip(W64, b64, strict=True):
+            X = X + np.tanh(X @ W.T + b)
+        return X
+
+    _dense_impls(w, f, x, max(1, width // 8), torch and _torch_jac(g), fd, modes=True)
+    return w
+
+
+def conv(cin: int, cout: int, hw: int, dtype, rng) -> Workload:
+    """y = tanh(conv3x3(x) + b), SAME padding, x of shape (cin, hw, hw) -> (cout, hw, hw).
+
+    Closed form: the constant convolution matrix C (the conv applied to the basis
+    vectors, built once), then J = diag(1 - y^2) C.
+    """
+    K = _rand(rng, (cout, cin, 3, 3), dtype, 1 / np.sqrt(9 * cin))
+    b = _rand(rng, (cout,), dtype, 0.1)
+    x = _rand(rng, (cin, hw, hw), dtype)
+    n, m = cin * hw * hw, cout * hw * hw
+
+    def lin(x):
+        return lax.conv_general_dilated(x[None], K, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))[0]
+
+    def f(x):
+        return jnp.tanh(lin(x) + b[:, None, None])
+
+    # Column j of C is the conv of basis vector j (exact: each entry is one kernel weight).
+    C = jax.jit(jax.vmap(lin))(jnp.eye(n, dtype=dtype).reshape(n, cin, hw, hw)).reshape(n, m).T
+    bflat = jnp.repeat(b, hw * hw)
+
+    def closed(x):
+        y = jnp.tanh(C @ x.reshape(-1) + bflat)
+        return ((1 - y**2)[:, None] * C).reshape((cout, hw, hw, cin, hw, hw))
+
+    w = _workload_from_closed(closed, x)
+    K64, b64 = np.asarray(K, np.float64), np.asarray(b, np.float64)
+
+    def np_f(X):  # (N, cin, hw, hw) -> (N, cout, hw, hw), float64, by sliding windows
+        P = np.pad(X, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        win = np.lib.stride_tricks.sliding_window_view(P, (3, 3), axis=(2, 3))  # (N, cin, hw, hw, 3, 3)
+        y = np.tensordot(win, K64, axes=([1, 4, 5], [1, 2, 3]))  # (N, hw, hw, cout)
+        return np.tanh(np.moveaxis(y, -1, 1) + b64[:, None, None])
+
+    Kt, bt = _t(K), _t(b)
+
+    def g(x):
+        return torch.tanh(torch.nn.functional.conv2d(x[None], Kt, bt, padding=1)[0])
+
+    _dense_impls(w, f, x, max(1, min(n, m) // 8), torch and _torch_jac(g), np_f, modes=True)
     return w
 
 
@@ -142,14 +274,8 @@ def elementwise(n: int, dtype, rng) -> Workload:
     """f(x) = sin(x) * x: a diagonal Jacobian, stored dense."""
     x = _rand(rng, (n,), dtype)
     f = lambda x: jnp.sin(x) * x  # noqa: E731
-    closed = lambda x: jnp.diag(jnp.cos(x) * x + jnp.sin(x))  # noqa: E731
-    w = Workload(x, np.asarray(closed(x)))
-    w.impls["closed-form"] = Impl(jax.jit(closed))
-
-    def torch_f(name):
-        return getattr(tf, name.split(".")[-1])(lambda x: torch.sin(x) * x)
-
-    _dense_impls(w, f, x, max(1, n // 8), torch_f, lambda X: np.sin(X) * X)
+    w = _workload_from_closed(lambda x: jnp.diag(jnp.cos(x) * x + jnp.sin(x)), x)
+    _dense_impls(w, f, x, max(1, n // 8), torch and _torch_jac(lambda x: torch.sin(x) * x), lambda X: np.sin(X) * X)
     w.impls["jacobians.sparse_jacobian"] = Impl(jacobians.sparse_jacobian(f))
     return w
 
@@ -158,13 +284,10 @@ def gram(m: int, n: int, dtype, rng) -> Workload:
     """K = R^T R for R of shape (m, n): an (n, n, m, n) Jacobian (Example 5.13)."""
     R = _rand(rng, (m, n), dtype)
     f = lambda R: R.T @ R  # noqa: E731
-    w = Workload(R, np.asarray(jacobians.identities.gram(R)))
-    w.impls["closed-form"] = Impl(jax.jit(jacobians.identities.gram))
-
-    def torch_f(name):
-        return getattr(tf, name.split(".")[-1])(lambda R: R.T @ R)
-
-    _dense_impls(w, f, R, max(1, m * n // 8), torch_f, lambda X: np.swapaxes(X, -1, -2) @ X)
+    w = _workload_from_closed(jacobians.identities.gram, R)
+    _dense_impls(
+        w, f, R, max(1, m * n // 8), torch and _torch_jac(lambda R: R.T @ R), lambda X: np.swapaxes(X, -1, -2) @ X
+    )
     w.impls["jacobians.sparse_jacobian"] = Impl(jacobians.sparse_jacobian(f))
     return w
 
@@ -172,13 +295,14 @@ def gram(m: int, n: int, dtype, rng) -> Workload:
 # --- batched log|det J| -------------------------------------------------------------------
 
 
-def _logdet_impls(w: Workload, f: Callable, xs, closed: Callable, torch_f, fd: Callable):
+def _logdet_impls(w: Workload, f: Callable, torch_g, fd: Callable):
     w.impls["jacobians.log_abs_det"] = Impl(jacobians.log_abs_det(f, batched=True))
     w.impls["jax vmap(jacfwd)+slogdet"] = Impl(jax.jit(jax.vmap(lambda x: jnp.linalg.slogdet(jax.jacfwd(f)(x))[1])))
     w.impls["jax vmap(jacrev)+slogdet"] = Impl(jax.jit(jax.vmap(lambda x: jnp.linalg.slogdet(jax.jacrev(f)(x))[1])))
-    w.impls["closed-form"] = Impl(jax.jit(closed))
-    names = ("torch.func vmap(jacfwd)+slogdet", "torch.func vmap(jacrev)+slogdet")
-    _torch_impls(w, torch_f, xs, names)
+    if torch is not None and torch_g is not None:
+        for name in ("torch.func vmap(jacfwd)+slogdet", "torch.func vmap(jacrev)+slogdet"):
+            jac = tf.jacfwd(torch_g) if "jacfwd" in name else tf.jacrev(torch_g)
+            w.impls[name] = Impl(lambda xs, jac=jac: torch.linalg.slogdet(torch.vmap(jac)(xs))[1], "torch")
 
     def fd_logdet(xs):
         xs = np.asarray(xs, np.float64)
@@ -187,14 +311,6 @@ def _logdet_impls(w: Workload, f: Callable, xs, closed: Callable, torch_f, fd: C
         return np.linalg.slogdet(np.stack(cols, axis=-1))[1]
 
     w.impls["numpy-fd"] = Impl(fd_logdet, "numpy")
-
-
-def _torch_logdet(g):
-    def make(name):
-        jac = tf.jacfwd(g) if "jacfwd" in name else tf.jacrev(g)
-        return lambda xs: torch.linalg.slogdet(torch.vmap(jac)(xs))[1]
-
-    return make
 
 
 def logdet3(points: int, dtype, rng) -> Workload:
@@ -208,7 +324,7 @@ def logdet3(points: int, dtype, rng) -> Workload:
         x0, x1, x2 = xs[:, 0], xs[:, 1], xs[:, 2]
         return 0.1 * x2 + jnp.log(jnp.abs(1 + 0.2 * x0 * x1 * jnp.cos(x1)))
 
-    w = Workload(xs, np.asarray(closed(xs)))
+    w = _workload_from_closed(closed, xs)
 
     def g(x):
         return torch.stack([x[0] + torch.sin(x[1]), x[1] * torch.exp(0.1 * x[2]), x[2] + x[0] ** 2])
@@ -216,49 +332,90 @@ def logdet3(points: int, dtype, rng) -> Workload:
     def fd(X):
         return np.stack([X[:, 0] + np.sin(X[:, 1]), X[:, 1] * np.exp(0.1 * X[:, 2]), X[:, 2] + X[:, 0] ** 2], -1)
 
-    _logdet_impls(w, f, xs, closed, _torch_logdet(g) if torch else None, fd)
+    _logdet_impls(w, f, torch and g, fd)
     return w
 
 
-def logdet16(points: int, dtype, rng, d: int = 16) -> Workload:
-    """log|det J| of the invertible residual map f(x) = x + 0.5 tanh(W x + b), W of norm < 1."""
-    W = rng.standard_normal((d, d))
+def _small_det(J):
+    """Determinant of a (..., k, k) stack by its cofactor formula, k <= 3 (the closed form)."""
+    k = J.shape[-1]
+    if k == 1:
+        return J[..., 0, 0]
+    if k == 2:
+        return J[..., 0, 0] * J[..., 1, 1] - J[..., 0, 1] * J[..., 1, 0]
+    a, b, c = J[..., 0, 0], J[..., 0, 1], J[..., 0, 2]
+    d, e, f = J[..., 1, 0], J[..., 1, 1], J[..., 1, 2]
+    g, h, i = J[..., 2, 0], J[..., 2, 1], J[..., 2, 2]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def _flow(k: int, dtype, rng):
+    """The invertible residual map f(x) = x + 0.5 tanh(W x + b), ||W||_2 = 0.9, R^k -> R^k."""
+    W = rng.standard_normal((k, k))
     W = jnp.asarray(0.9 * W / np.linalg.norm(W, 2), dtype)
-    b = _rand(rng, (d,), dtype, 0.1)
-    xs = _rand(rng, (points, d), dtype)
+    b = _rand(rng, (k,), dtype, 0.1)
 
     def f(x):
         return x + 0.5 * jnp.tanh(W @ x + b)
 
-    def closed(xs):  # J = I + 0.5 diag(1 - tanh^2) W, then a batched slogdet
+    def jac(xs):  # the analytic Jacobians I + 0.5 diag(1 - tanh^2) W, (B, k, k)
         s = 1 - jnp.tanh(xs @ W.T + b) ** 2
-        J = jnp.eye(d, dtype=xs.dtype) + 0.5 * s[:, :, None] * W[None]
-        return jnp.linalg.slogdet(J)[1]
+        return jnp.eye(k, dtype=xs.dtype) + 0.5 * s[:, :, None] * W[None]
 
-    w = Workload(xs, np.asarray(closed(xs)))
-    Wt, bt = (_t(W), _t(b)) if torch else (None, None)
+    return f, jac, W, b
+
+
+def logdet(k: int, points: int, dtype, rng) -> Workload:
+    """log|det J| at many points of the k-dimensional flow ``x + 0.5 tanh(W x + b)``.
+
+    Closed form: the analytic Jacobians, then the cofactor determinant (k <= 3)
+    or ``jnp.linalg.slogdet`` (k > 3).
+    """
+    f, jac, W, b = _flow(k, dtype, rng)
+    xs = _rand(rng, (points, k), dtype)
+
+    def closed(xs):
+        J = jac(xs)
+        return jnp.log(jnp.abs(_small_det(J))) if k <= 3 else jnp.linalg.slogdet(J)[1]
+
+    w = _workload_from_closed(closed, xs)
+    Wt, bt = _t(W), _t(b)
     W64, b64 = np.asarray(W, np.float64), np.asarray(b, np.float64)
     _logdet_impls(
         w,
         f,
-        xs,
-        closed,
-        _torch_logdet(lambda x: x + 0.5 * torch.tanh(Wt @ x + bt)) if torch else None,
+        torch and (lambda x: x + 0.5 * torch.tanh(Wt @ x + bt)),
         lambda X: X + 0.5 * np.tanh(X @ W64.T + b64),
     )
     return w
 
 
-# --- sparse Jacobians ---------------------------------------------------------------------
+def slogdet(k: int, points: int, dtype, rng) -> Workload:
+    """The determinant kernel alone: (sign, log|det|) of a precomputed (B, k, k) stack of Jacobians.
 
-try:
-    import sparsejac
-except ImportError:  # pragma: no cover - optional comparison
-    sparsejac = None
-try:
-    import asdex
-except ImportError:  # pragma: no cover - optional comparison
-    asdex = None
+    Each implementation returns ``(B, 2)``: sign and log|det| side by side. The
+    reference is NumPy's float64 ``slogdet`` of the same stack.
+    """
+    _, jac, _, _ = _flow(k, dtype, rng)
+    J = jax.jit(jac)(_rand(rng, (points, k), dtype))
+    w = Workload(J, np.stack(np.linalg.slogdet(np.asarray(J, np.float64)), -1), reference_note="numpy float64")
+    w.impls["jacobians.kernels.slogdet"] = Impl(jax.jit(lambda J: jnp.stack(kernels.slogdet(J), -1)))
+    w.impls["jax vmap(slogdet)"] = Impl(jax.jit(jax.vmap(lambda a: jnp.stack(jnp.linalg.slogdet(a)))))
+    w.impls["jnp.linalg.slogdet (batched)"] = Impl(jax.jit(lambda J: jnp.stack(jnp.linalg.slogdet(J), -1)))
+    if k <= 3:
+
+        def closed(J):
+            d = _small_det(J)
+            return jnp.stack([jnp.sign(d), jnp.log(jnp.abs(d))], -1)
+
+        w.impls["closed-form"] = Impl(jax.jit(closed))
+    if torch is not None:
+        w.impls["torch.linalg.slogdet"] = Impl(lambda J: torch.stack(torch.linalg.slogdet(J), -1), "torch")
+    w.impls["numpy.linalg.slogdet"] = Impl(lambda J: np.stack(np.linalg.slogdet(J), -1), "numpy")
+    return w
+
+
+# --- sparse Jacobians ---------------------------------------------------------------------
 
 
 @dataclass
@@ -306,19 +463,15 @@ def _sparse_impls(w: Workload, f_flat: Callable, x_flat, rows, cols, m: int, n: 
         # x64 on): differentiate a float64 view and cast inside.
         sj = jax.jit(sparsejac.jacfwd(lambda v: f_flat(v.astype(x_flat.dtype)), sparsity=pattern))
         w.impls["sparsejac.jacfwd (pattern by hand)"] = Impl(lambda x: sj(x.astype(jnp.float64)))
-    else:
-        w.skipped["sparsejac.jacfwd (pattern by hand)"] = "skipped: sparsejac not installed"
     if asdex is not None:
         coloring = asdex.jacobian_coloring(f_flat, x_flat)
         w.impls["asdex"] = Impl(jax.jit(asdex.jacobian_from_coloring(f_flat, coloring)))
         w.colors["asdex"] = int(coloring.num_colors)
         w.detect["asdex"] = lambda: asdex.jacobian_coloring(f_flat, x_flat)
-    else:
-        w.skipped["asdex"] = "skipped: asdex not installed"
     if dense_ok:
         w.impls["jax.jacfwd"] = Impl(jax.jit(jax.jacfwd(f_flat)))
     else:
-        w.skipped["jax.jacfwd"] = f"skipped: dense Jacobian too large ({m} x {n})"
+        w.skipped["jax.jacfwd"] = f"not run: dense Jacobian too large ({m} x {n})"
     plan = jacobians.sparse_jacobian(f_flat).plan(x_flat)
     w.colors["jacobians.sparse_jacobian"] = plan.n_colors
 
@@ -343,7 +496,7 @@ def stencil1d(n: int, dtype, rng) -> Workload:
     vals = np.concatenate([-un[i + 1], 2 * un[i] + np.cos(un[i]) - 2, -un[i - 1]])
     keys = rows * n + cols
     order = np.argsort(keys)
-    w = Workload(u, SparseRef(n - 2, n, keys[order], vals[order]))
+    w = Workload(u, SparseRef(n - 2, n, keys[order], vals[order]), reference_note="numpy float64")
     at = jnp.asarray(np.stack([rows, cols], 1))
 
     def closed(u):  # the hand-written nonzeros in a BCOO
@@ -376,7 +529,7 @@ def stencil2d(k: int, dtype, rng) -> Workload:
     rows, cols, vals = map(np.concatenate, (rows, cols, vals))
     keys = rows * k * k + cols
     order = np.argsort(keys)
-    w = Workload(U, SparseRef(k * k, k * k, keys[order], vals[order]))
+    w = Workload(U, SparseRef(k * k, k * k, keys[order], vals[order]), reference_note="numpy float64")
     at, n_const = jnp.asarray(np.stack([rows, cols], 1)), rows.size - k * k
 
     def closed(u):  # the hand-written nonzeros in a BCOO

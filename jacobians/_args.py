@@ -385,9 +385,14 @@ def problem(
     holomorphic: bool = False,
     int_argnums: bool = True,
     allow_complex: bool = False,
-    check_outputs: Callable | None = None,
+    lazy: bool = False,
 ) -> Problem:
-    """The flat view of ``fun(*args, **kwargs)`` for an engine (call inside its trace)."""
+    """The flat view of ``fun(*args, **kwargs)`` for an engine (call inside its trace).
+
+    With ``lazy=True`` the output structure is not found by a separate
+    ``jax.eval_shape``: it is recorded when the engine first traces ``flat``
+    (one trace of ``fun`` in all, for engines whose plan does not need ``m``).
+    """
     args, kwargs, diff = spec.rebuild(traced)
     check_diff_dtypes(diff, spec.positions, where, holomorphic, allow_complex)
 
@@ -397,21 +402,38 @@ def problem(
             a[p] = d
         return fun(*a, **kwargs)
 
-    shapes = output_shapes(call, diff, where, has_aux)
-    (check_outputs or functools.partial(check_float_outputs, holomorphic=holomorphic))(shapes, where)
-    out_leaves, out_treedef = jax.tree_util.tree_flatten(shapes)
     in_tree = diff[0] if int_argnums else diff
     in_leaves, in_treedef = jax.tree_util.tree_flatten(in_tree)
     x, unravel = ravel_pytree(diff)
-    out_dtype = promote(*(s.dtype for s in out_leaves))
+    prob = Problem(None, x, [], None, in_leaves, in_treedef, None)
+
+    def record(shapes):
+        check_float_outputs(shapes, where, holomorphic)
+        leaves, prob.out_treedef = jax.tree_util.tree_flatten(shapes)
+        prob.out_leaves = [jax.ShapeDtypeStruct(np.shape(s), s.dtype) for s in leaves]
+        prob.out_dtype = promote(*(s.dtype for s in leaves))
+
+    if not lazy:
+        record(output_shapes(call, diff, where, has_aux))
 
     def flat(x_flat):
         res = call(unravel(x_flat))
-        out, aux = res if has_aux else (res, None)
-        ys = [jnp.ravel(y).astype(out_dtype) for y in jax.tree_util.tree_leaves(out)]
+        out, aux = _split_aux(res, where) if has_aux else (res, None)
+        if prob.out_treedef is None:
+            record(out)
+        ys = [jnp.ravel(y).astype(prob.out_dtype) for y in jax.tree_util.tree_leaves(out)]
         return (ys[0] if len(ys) == 1 else jnp.concatenate(ys)), aux
 
-    return Problem(flat, x, out_leaves, out_treedef, in_leaves, in_treedef, out_dtype)
+    prob.flat = flat
+    return prob
+
+
+def _split_aux(res: Any, where: str) -> tuple:
+    if not (isinstance(res, tuple | list) and len(res) == 2):
+        raise TypeError(
+            f"{where}: has_aux=True requires fun to return a pair (output, aux), got {jax.tree_util.tree_structure(res)}."
+        )
+    return res[0], res[1]
 
 
 def output_shapes(call: Callable, diff: tuple, where: str, has_aux: bool) -> Any:
@@ -424,14 +446,7 @@ def output_shapes(call: Callable, diff: tuple, where: str, has_aux: bool) -> Any
         if "is not a valid JAX type" not in str(e):
             raise
         raise TypeError(f"{where}: fun must return arrays (a pytree of arrays); {str(e).splitlines()[0]}") from e
-    if has_aux:
-        if not (isinstance(shapes, tuple | list) and len(shapes) == 2):
-            raise TypeError(
-                f"{where}: has_aux=True requires fun to return a pair (output, aux), "
-                f"got {jax.tree_util.tree_structure(shapes)}."
-            )
-        shapes = shapes[0]
-    return shapes
+    return _split_aux(shapes, where)[0] if has_aux else shapes
 
 
 def check_float_outputs(shapes: Any, where: str, holomorphic: bool = False) -> None:

@@ -170,16 +170,25 @@ class _Engine:
         t = self.t
         avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
         plan, _, _ = self.plan_for(spec, avals)
-        p = _args.problem(t.fun, spec, traced, where=t.where, has_aux=self.has_aux, int_argnums=t.int_argnums)
-        m, n = p.m, p.n
+        p = _args.problem(
+            t.fun, spec, traced, where=t.where, has_aux=self.has_aux, int_argnums=t.int_argnums, lazy=True
+        )
         pm, pn = math.prod(plan.pattern.out_shape), math.prod(plan.pattern.in_shape)
-        if (pm, pn) != (m, n):
-            raise ValueError(
-                f"{t.where}: the given plan is for a Jacobian of flat shape {(pm, pn)}, but this call's is {(m, n)}."
-            )
+
+        def flat(x):  # the plan's shape, checked as soon as the output is known
+            y, aux = p.flat(x)
+            if (pm, pn) != (p.m, p.n):
+                raise ValueError(
+                    f"{t.where}: the given plan is for a Jacobian of flat shape {(pm, pn)}, but this call's is "
+                    f"{(p.m, p.n)}."
+                )
+            return y, aux
+
+        if pn != p.n:
+            flat(p.x)
         rows, cols = plan.pattern.rows, plan.pattern.cols
         kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
-        data, aux = kernel(p.flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols)
+        data, aux = kernel(flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols)
         det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
 
         def block(b):

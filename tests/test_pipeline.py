@@ -1,0 +1,157 @@
+"""The one argument pipeline: every transformation accepts and checks arguments the same way."""
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_tree_allclose, randn
+
+import jacobians
+
+# Every transformation built from a function of (x, *rest, **kwargs).
+TRANSFORMS = {
+    "jacobian": lambda f, **kw: jacobians.jacobian(f, **kw),
+    "sparse_jacobian": lambda f, **kw: jacobians.sparse_jacobian(f, output="dense", **kw),
+}
+
+
+def _tree_fun(a, b, scale=1.0, *, flag="on"):
+    out = {"p": jnp.sin(a["u"]) * b, "q": a["v"] ** 2 * scale}
+    return out if flag == "on" else {"p": out["p"] * 0.0, "q": out["q"]}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1), (1, 0)])
+def test_pytrees_argnums_kwargs_statics_agree_with_jacfwd(name, argnums, rng):
+    a = {"u": randn(rng, (3,)), "v": randn(rng, (2, 2))}
+    b = randn(rng, (3,))
+    got = TRANSFORMS[name](_tree_fun, argnums=argnums)(a, b, 2.0, flag="on")
+    want = jax.jacfwd(_tree_fun, argnums=argnums)(a, b, 2.0, flag="on")
+    assert_tree_allclose(got, want)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_has_aux(name, rng):
+    f = lambda x: (jnp.cumsum(x) ** 2, {"n": jnp.sum(x)})  # noqa: E731
+    x = randn(rng, (4,))
+    jac, aux = TRANSFORMS[name](f, has_aux=True)(x)
+    want, want_aux = jax.jacfwd(f, has_aux=True)(x)
+    assert_tree_allclose((jac, aux), (want, want_aux))
+
+
+def test_static_values_keyed_by_type_and_sign(rng):
+    calls = []
+
+    def f(x, c):
+        calls.append((type(c), c))
+        if isinstance(c, bool):
+            return x * 3.0
+        if isinstance(c, float):
+            return x * (math.copysign(5.0, c) if c == 0 else 1.0 / c)
+        return x * 2.0
+
+    jf = jacobians.jacobian(f)
+    x = randn(rng, (2,))
+    results = [np.asarray(jf(x, c))[0, 0] for c in (1, 1.0, True, 0.5, -0.0, 0.0)]
+    assert results[:4] == [2.0, 1.0, 3.0, 2.0]
+    assert results[4] == -5.0 and results[5] == 5.0
+    jf(x, float("nan"))
+    n = len(calls)
+    jf(x, float("nan"))
+    assert len(calls) == n, "a NaN static argument must not recompile on every call"
+
+
+def test_recompiling_for_changing_statics_warns_once(rng):
+    jf = jacobians.jacobian(lambda x, c: x * c)
+    x = randn(rng, (2,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for c in range(1, 14):
+            jf(x, float(c))
+    msgs = [str(w.message) for w in caught if "recompiling" in str(w.message)]
+    assert len(msgs) == 1
+    assert "[0][1]" in msgs[0] and "jnp array" in msgs[0]
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_python_control_flow_explained(name, rng):
+    def f(x):
+        return x if x.sum() > 0 else -x
+
+    with pytest.raises(TypeError, match=rf"jacobians.{name}: fun was compiled with jax.jit .* jnp.where"):
+        TRANSFORMS[name](f)(randn(rng, (3,)))
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_errors_name_the_call(name, rng):
+    x = randn(rng, (3,))
+    with pytest.raises(TypeError, match=rf"jacobians.{name}: fun must be callable, got int"):
+        TRANSFORMS[name](3)
+    with pytest.raises(TypeError, match=rf"jacobians.{name}: argnums must be an int or a tuple of ints"):
+        TRANSFORMS[name](jnp.sin, argnums=1.5)
+    with pytest.raises(ValueError, match=rf"jacobians.{name}: argnums=2 but the function was called with 1"):
+        TRANSFORMS[name](jnp.sin, argnums=2)(x)
+    with pytest.raises(TypeError, match=rf"jacobians.{name}: has_aux must be True or False"):
+        TRANSFORMS[name](jnp.sin, has_aux="yes")
+    with pytest.raises(TypeError, match=rf"jacobians.{name}: fun must return arrays"):
+        TRANSFORMS[name](lambda x: "abc")(x)
+    with pytest.raises(TypeError, match=rf"jacobians.{name}: .*argument 0 has dtype int"):
+        TRANSFORMS[name](jnp.sin)(jnp.arange(3))
+
+
+def test_no_retrace_on_repeat_calls(rng):
+    for name, make in TRANSFORMS.items():
+        count = []
+
+        def f(x):
+            count.append(1)
+            return jnp.sin(x) * x[0]
+
+        jf = make(f)
+        x = randn(rng, (4,))
+        jf(x)
+        n = len(count)
+        jf(x + 1.0)
+        assert len(count) == n, name
+
+
+def test_sparse_plan_round_trip(tmp_path, rng):
+    def f(x):
+        return x[1:] * x[:-1] + jnp.sin(x[1:])
+
+    x = randn(rng, (9,))
+    sj = jacobians.sparse_jacobian(f, output="dense")
+    plan = sj.plan(x)
+    assert plan.mode in ("fwd", "rev") and plan.n_colors == 2
+    path = tmp_path / "plan.npz"
+    plan.save(path)
+    loaded = jacobians.SparsePlan.load(path)
+    assert loaded.pattern == plan.pattern and loaded.n_colors == plan.n_colors
+    np.testing.assert_array_equal(loaded.colors, plan.colors)
+
+    traces = []
+
+    def g(x):
+        traces.append(1)
+        return f(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jacobians.sparse_jacobian(g, sparsity=loaded, output="dense")(x)
+    assert len(traces) == 1, "a given plan must need a single trace and no detection"
+    np.testing.assert_allclose(got, jax.jacfwd(f)(x), rtol=1e-13)
+    with pytest.raises(ValueError, match=r"plan is for a Jacobian of flat shape \(8, 9\), but this call's is \(9, 10\)"):
+        jacobians.sparse_jacobian(f, sparsity=loaded)(randn(rng, (10,)))
+
+
+def test_sparse_pytree_blocks_are_bcoo(rng):
+    a, b = randn(rng, (4,)), randn(rng, (4,))
+    f = lambda a, b: (a * b, jnp.cumsum(b))  # noqa: E731
+    got = jacobians.sparse_jacobian(f, argnums=(0, 1))(a, b)
+    want = jax.jacfwd(f, argnums=(0, 1))(a, b)
+    for g, w in zip(jax.tree_util.tree_leaves(got, is_leaf=lambda z: hasattr(z, "todense")),
+                    jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g.todense(), w, rtol=1e-13)
