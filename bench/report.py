@@ -72,7 +72,19 @@ def ratio_cell(row: dict | None, markdown: bool = False) -> str:
 
 
 def _clip(s: str, w: int) -> str:
-    return s if len(s) <= w else s[: w - 1] + "…"
+    return s if len(s) <= w else s[: w - 3] + "..."
+
+
+def _wrap(s: str, indent: str = "    ") -> str:
+    return textwrap.fill(s, WIDTH, subsequent_indent=indent, break_on_hyphens=False)
+
+
+def missing_lines(report: dict) -> list[str]:
+    """'Not installed' lines, one per install command: the peers it brings."""
+    by_how = {}
+    for peer, how in (report.get("missing_peers") or {}).items():
+        by_how.setdefault(how, []).append(peer)
+    return [f"{', '.join(peers)}: {how}" for how, peers in by_how.items()]
 
 
 # --- the per-case table (streamed as each case finishes) --------------------------------
@@ -107,7 +119,7 @@ def case_title(case: dict) -> str:
         bits.append(f"checked against: {case['reference']}")
     if case.get("peak_rss_mb"):
         bits.append(f"peak RSS {case['peak_rss_mb']:.0f} MB")
-    return _clip(" · ".join(bits), WIDTH)
+    return _clip(" | ".join(bits), WIDTH)
 
 
 def case_rows(case: dict) -> str:
@@ -155,8 +167,10 @@ def preamble(report: dict) -> str:
             WIDTH,
         ),
     ]
-    for peer, how in (report.get("missing_peers") or {}).items():
-        lines.append(_clip(f"Not installed, so no {peer} rows: {how}", WIDTH))
+    missing = missing_lines(report)
+    if missing:
+        lines.append("Not installed, so their rows are left out:")
+        lines += [_wrap("  " + m, "      ") for m in missing]
     if report.get("quick"):
         lines.append("Quick run: small sizes and few rounds; read it as a smoke test, not as timings.")
     lines += [LEGEND, ""]
@@ -245,8 +259,21 @@ SUMMARY_COLUMNS = [  # (title, width, align): 96 columns
 ]
 
 
+def check_summary(report: dict) -> str:
+    """For --check: how many implementations agree with their reference, and which do not."""
+    rows = [(c["name"], r) for c in report["cases"] for r in c["results"] if r["status"] != "skipped"]
+    bad = [f"{name}: {r['impl']} ({r['status']})" for name, r in rows if r["status"] != "ok"]
+    bad += [f"{c['name']}: FAILED ({c.get('error', '')})" for c in report["cases"] if c["status"] != "ok"]
+    head = f"Checked {len(rows)} implementations in {len(report['cases'])} cases against their references: "
+    if not bad:
+        return head + "all agree."
+    return "\n".join([head + f"{len(bad)} do not:"] + [_clip("  " + b, WIDTH) for b in bad])
+
+
 def summary(report: dict) -> str:
     """The per-case ratios, in the README's form, fitting WIDTH columns."""
+    if report.get("check_only"):
+        return check_summary(report)
 
     def line(cells):
         out = []
@@ -309,8 +336,10 @@ def markdown(report: dict) -> str:
         f"JAX backend {m.get('jax_backend', '?')}. Versions: {vers}.",
         "",
     ]
-    for peer, how in (report.get("missing_peers") or {}).items():
-        parts.append(f"- Not installed, so no {peer} rows: {how}")
+    missing = missing_lines(report)
+    if missing:
+        parts.append("Not installed, so their rows are left out:")
+        parts += [""] + [f"- {m}" for m in missing]
     parts += [
         "",
         "Ratios are time relative to `jacobians` in the same case: above 1 means `jacobians` is faster. "
@@ -417,7 +446,9 @@ def plot(report: dict, path: str) -> None:
     cols = min(3, len(cases))
     nrows = -(-len(cases) // cols)
     most = max(len(rows) for _, rows in cases)
-    fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, (0.32 * most + 1.3) * nrows + 1.4), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(6.2 * cols, (0.32 * most + 1.3) * nrows + 0.8), squeeze=False, layout="constrained"
+    )
     for ax, (c, rows) in zip(axes.flat, cases, strict=False):
         base = next((r for r in rows if r.get("base")), None) or next(
             (r for r in rows if r.get("ratio_to_jacobians") == 1.0), rows[0]
@@ -459,16 +490,16 @@ def plot(report: dict, path: str) -> None:
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if span > 300 else (1.0, 3.0)))
             ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            right = max(max(hi), max(ratios)) * 4
+            right = max(max(hi), max(ratios)) * 6
         else:
-            ax.set_xlim(0, max(max(hi), max(ratios), 1.0) * 1.25)
+            ax.set_xlim(0, max(max(hi), max(ratios), 1.0) * 1.3)
             right = None
-        for i, r in enumerate(rows):
-            ax.text(ratios[i], i, " " + ratio_cell(r), va="center", ha="left", fontsize=7)
+        for i, r in enumerate(rows):  # the figure, right of the whisker
+            ax.text(max(ratios[i], hi[i]), i, "  " + ratio_cell(r), va="center", ha="left", fontsize=7)
         if right:
             ax.set_xlim(right=right)
         ax.set_yticks(list(y))
-        ax.set_yticklabels([textwrap.fill(r["impl"], 24) for r in rows], fontsize=7)
+        ax.set_yticklabels([textwrap.fill(r["impl"], 24, break_long_words=False) for r in rows], fontsize=7)
         ax.invert_yaxis()
         ax.tick_params(axis="x", labelsize=7)
         ax.set_title(c["name"], fontsize=9)
@@ -482,15 +513,20 @@ def plot(report: dict, path: str) -> None:
         Patch(facecolor="white", edgecolor="black", hatch="///", label="~ tie: IQRs overlap"),
         Patch(color="tab:green", alpha=0.15, label="jacobians' IQR"),
     ]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
     quick = " (quick run: a smoke test, not timings)" if report.get("quick") else ""
-    fig.suptitle(
+    title = (
         "Time of each implementation relative to jacobians in the same case; left of the black line: faster than "
-        f"jacobians{quick}. Whiskers: interquartile range.",
-        fontsize=9,
-        y=1 - 0.25 / fig.get_figheight(),
+        f"jacobians{quick}. Whiskers: interquartile range."
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))
+    fig.legend(
+        handles=handles,
+        loc="outside upper center",
+        ncol=min(len(handles), 8),
+        fontsize=8,
+        frameon=False,
+        title=title,
+        title_fontsize=9,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -522,6 +522,7 @@ def main(argv=None) -> int:
             rep.plot(report, args.plot)
         return 0
 
+    t_start = time.perf_counter()
     isolate = (not args.quick) if args.isolate is None else args.isolate
     selected = selected_cases(args.only, args.quick)
     report = {
@@ -538,7 +539,6 @@ def main(argv=None) -> int:
     say(rep.preamble(report))
     say(rep.header())
     tty = sys.stderr.isatty()
-    t_start = time.perf_counter()
     for i, case in enumerate(selected, 1):
         if tty:
             sys.stderr.write(f"\r\033[K  running {case.name(args.quick) or case.name(False)} ({i}/{len(selected)})")
@@ -552,7 +552,7 @@ def main(argv=None) -> int:
     say()
     say(rep.summary(report))
     say()
-    say(f"{len(selected)} cases in {report['wall_s']:.0f} s.")
+    say(f"{len(selected)} cases in {report['wall_s']:.0f} s (JAX start-up included).")
     written = []
     if not args.no_save and not args.check:
         written += save(report, args.out, "latest-quick" if args.quick else "latest")

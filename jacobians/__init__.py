@@ -18,11 +18,16 @@ from ._det import slogdet as slogdet
 from ._gradcheck import GradcheckResult as GradcheckResult
 from ._gradcheck import assert_gradcheck as assert_gradcheck
 from ._gradcheck import gradcheck as gradcheck
+from ._hessian import hessian as hessian
+from ._hessian import hvp as hvp
+from ._hessian import value_and_jacobian as value_and_jacobian
+from ._hessian import value_grad_and_hessian as value_grad_and_hessian
 from ._jacobian import jacobian as jacobian
 from ._jacobian import jacobian_matrix as jacobian_matrix
 from ._sparse import SparsePlan as SparsePlan
 from ._sparse import sparse_jacobian as sparse_jacobian
 from ._sparsity import SparsityPattern as SparsityPattern
+from ._sparsity import hessian_sparsity as hessian_sparsity
 from ._sparsity import sparsity as sparsity
 
 try:
@@ -38,6 +43,9 @@ __all__ = [
     "contract",
     "det",
     "gradcheck",
+    "hessian",
+    "hessian_sparsity",
+    "hvp",
     "identities",
     "kernels",
     "jacobian",
@@ -47,4 +55,6 @@ __all__ = [
     "slogdet",
     "sparse_jacobian",
     "sparsity",
+    "value_and_jacobian",
+    "value_grad_and_hessian",
 ]

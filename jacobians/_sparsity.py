@@ -255,3 +255,54 @@ def sparsity(fun: Callable, *args, argnums: int | tuple[int, ...] = 0, has_aux: 
     spec, traced = t.split(args, kwargs)
     det = detect_call(t, spec, [_abstract(a) for a in traced], has_aux=has_aux)
     return det.tree(lambda b: det.pattern.block(*b))
+
+
+def detect_hessian(t, spec, avals, *, has_aux=False, max_nnz=None) -> Detected:
+    """The symmetric flat ``(n, n)`` Hessian pattern of a scalar ``t.fun`` (host-side, abstract)."""
+    from ._deps import _second  # the second-order lattice builds on the first-order rules
+
+    closed, offsets, p = trace_flat(t, spec, avals, has_aux=has_aux)
+    if p.m != 1 or any(s.shape != () for s in p.out_leaves):
+        shown = p.out_leaves[0].shape if len(p.out_leaves) == 1 else p.out_treedef
+        raise ValueError(
+            f"{t.where}: fun must return a scalar (shape ()), but its output is {shown}. For the second "
+            "derivatives of a tensor-valued function use jacobians.jacobian(jacobians.jacobian(fun))."
+        )
+    n = p.n
+    seeds = [
+        _deps.identity(v.aval.shape, off) if off is not None else _deps.empty(v.aval.shape)
+        for v, off in zip(closed.jaxpr.invars, offsets, strict=True)
+    ]
+    lat = _second.HessianLattice(n, max_nnz)
+    walker = _deps.Walker(lat)
+    walker.run(closed, seeds)
+    rows, cols = lat.pairs()
+    pattern = SparsityPattern((n,), (n,), np.concatenate([rows, cols]), np.concatenate([cols, rows]))
+    return Detected(pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, walker.seen)
+
+
+def hessian_sparsity(fun: Callable, *args, argnums: int | tuple[int, ...] = 0, has_aux: bool = False, **kwargs):
+    """The global sparsity pattern of the Hessian of a scalar ``fun``, from the jaxpr.
+
+    A second-order analysis on the same walker as :func:`sparsity`: it tracks
+    which pairs of inputs meet in a nonlinear operation (a product
+    ``x_i * x_j``, a nonlinear function of a sum), not just which inputs the
+    output reads: the Hessian of ``sum(x ** 2)`` is diagonal, of ``sum(A @ x)``
+    zero. Conservative (never misses an entry that can be nonzero) and
+    symmetric by construction. Arguments as :func:`sparsity`.
+
+    Returns:
+      A :class:`SparsityPattern` of shape ``x.shape + x.shape`` for one array
+      argument; otherwise the nested pytree ``jacobians.hessian`` returns.
+
+    Example::
+
+      >>> jacobians.hessian_sparsity(lambda x: jnp.sum(x ** 2), jnp.ones(3)).nnz
+      3
+    """
+    where = "jacobians.hessian_sparsity"
+    t = _transform(fun, argnums, where)
+    _args.check_bool(has_aux, "has_aux", where)
+    spec, traced = t.split(args, kwargs)
+    det = detect_hessian(t, spec, [_abstract(a) for a in traced], has_aux=has_aux)
+    return det.tree(lambda b: det.pattern.block(*b))

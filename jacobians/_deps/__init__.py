@@ -166,4 +166,4 @@ def detect(closed, seeds: Sequence[Deps], n: int, *, where: str, max_nnz: int | 
     return outs, walker
 
 
-__all__ = ["Deps", "DepsLattice", "TooDense", "detect", "empty", "identity", "union", "unique"]
+__all__ = ["Deps", "DepsLattice", "TooDense", "Walker", "detect", "empty", "identity", "union", "unique"]

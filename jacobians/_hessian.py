@@ -1,0 +1,327 @@
+"""Second order: Hessians, Hessian-vector products, and values computed in the same pass.
+
+The Hessian of a scalar ``f`` is the Jacobian of its gradient (section 5.8):
+``H[i..., j...] = d^2 f / d x_i d x_j``, of shape ``x.shape + x.shape`` (for
+pytrees and ``argnums`` tuples, block ``H[i][j]`` has shape
+``x_i.shape + x_j.shape``, as ``jax.hessian`` gives). Modes name the outer
+and the inner differentiation: ``"fwd_rev"`` is forward over reverse
+(``jax.hessian``'s), ``"rev_rev"``, ``"rev_fwd"`` and ``"fwd_fwd"`` the others.
+``"auto"`` takes forward over reverse, and falls back to ``"rev_rev"`` where a
+``custom_vjp`` forbids forward mode and to ``"fwd_fwd"`` where a ``while_loop``
+forbids reverse mode.
+"""
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from . import _args, kernels
+
+HESSIAN_MODES = ("fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd", "auto")
+
+
+def _check_scalar(shapes, where: str) -> None:
+    _args.check_float_outputs(shapes, where)
+    leaves = jax.tree_util.tree_leaves(shapes)
+    if len(leaves) != 1 or leaves[0].shape != ():
+        shown = leaves[0].shape if len(leaves) == 1 else jax.tree_util.tree_structure(shapes)
+        raise ValueError(
+            f"{where}: fun must return a scalar (shape ()), but its output is {shown}. For the second "
+            "derivatives of a tensor-valued function use jacobians.jacobian(jacobians.jacobian(fun))."
+        )
+
+
+def _gradient(p: _args.Problem, inner: str) -> Callable:
+    """``x -> (grad f(x), (f(x), aux))`` with the inner mode, for a flat scalar problem."""
+
+    def scalar(x):
+        y, aux = p.flat(x)
+        return y[0], aux
+
+    if inner == "rev":
+
+        def grad(x):
+            (value, aux), g = jax.value_and_grad(scalar, has_aux=True)(x)
+            return g, (value, aux)
+
+    else:
+
+        def grad(x):
+            value, g, aux = jax.vmap(
+                lambda t: jax.jvp(scalar, (x,), (t,), has_aux=True), out_axes=(None, 0, None)
+            )(jnp.eye(x.shape[0], dtype=x.dtype))
+            return g, (value, aux)
+
+    return grad
+
+
+_NO_FWD = "custom_vjp"  # JAX: "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+_NO_REV = "Reverse-mode differentiation does not work for lax.while_loop"
+
+
+def _auto(run: Callable, where: str):
+    """Run forward over reverse; fall back where JAX cannot differentiate in one of the directions."""
+    try:
+        return run("fwd_rev")
+    except TypeError as e:
+        if _NO_FWD not in str(e):
+            raise
+        first = e
+        fallback = "rev_rev"
+    except ValueError as e:
+        if _NO_REV not in str(e):
+            raise
+        first = e
+        fallback = "fwd_fwd"
+    try:
+        return run(fallback)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{where}: no mode can differentiate fun twice: it contains both a custom_vjp (no forward "
+            f"mode) and a while_loop with a dynamic trip count (no reverse mode). JAX said: {first}"
+        ) from e
+
+
+def _second(p: _args.Problem, mode: str, chunk_size, where: str):
+    """``(H (n, n), g (n,), value, aux)`` by the given mode."""
+
+    def run(m):
+        outer, inner = m.split("_")
+        kernel = kernels.forward if outer == "fwd" else kernels.reverse
+        g, H, (value, aux) = kernel(_gradient(p, inner), p.x, chunk_size)
+        return H, g, value, aux
+
+    return _auto(run, where) if mode == "auto" else run(mode)
+
+
+def _hess_blocks(p: _args.Problem, H):
+    rows, i = [], 0
+    for xi in p.in_leaves:
+        row, j = [], 0
+        for xj in p.in_leaves:
+            dtype = _args.promote(p.out_dtype, xi.dtype, xj.dtype)
+            row.append(H[i : i + xi.size, j : j + xj.size].reshape(xi.shape + xj.shape).astype(dtype))
+            j += xj.size
+        rows.append(p.in_treedef.unflatten(row))
+        i += xi.size
+    return p.in_treedef.unflatten(rows)
+
+
+def _grad_tree(p: _args.Problem, g):
+    leaves, i = [], 0
+    for x in p.in_leaves:
+        leaves.append(g[i : i + x.size].reshape(x.shape).astype(_args.promote(p.out_dtype, x.dtype)))
+        i += x.size
+    return p.in_treedef.unflatten(leaves)
+
+
+def _problem(t, spec, traced, has_aux):
+    return _args.problem(
+        t.fun, spec, traced, where=t.where, has_aux=has_aux, int_argnums=t.int_argnums,
+    )
+
+
+def _compute_hessian(t, spec, opts, *traced):
+    p = _problem(t, spec, traced, opts["has_aux"])
+    _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where)
+    H, g, value, aux = _second(p, opts["mode"], opts["chunk_size"], t.where)
+    H = _hess_blocks(p, H)
+    if opts["with_value"]:
+        out = (value.reshape(()).astype(p.out_leaves[0].dtype), _grad_tree(p, g), H)
+        out = p.out_treedef.unflatten([out[0]]), out[1], out[2]
+    else:
+        out = H
+    return (out, aux) if opts["has_aux"] else out
+
+
+def _build_hessian(fun, argnums, mode, has_aux, chunk_size, with_value, where):
+    opts = dict(
+        mode=_args.check_mode(mode, where, HESSIAN_MODES),
+        has_aux=_args.check_bool(has_aux, "has_aux", where),
+        chunk_size=_args.check_chunk_size(chunk_size, where),
+        with_value=with_value,
+    )
+    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute_hessian, t, spec, opts)))
+    return _args.wrap(t)
+
+
+def hessian(
+    fun: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    mode: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable:
+    """The Hessian of a scalar ``fun``: the Jacobian of its gradient (section 5.8, (5.147)).
+
+    Same results and structure as ``jax.hessian``: for input leaves ``x_i``,
+    ``x_j`` block ``H[i][j]`` has shape ``x_i.shape + x_j.shape``. Compiled and
+    cached per call structure, like :func:`jacobians.jacobian`.
+
+    Args:
+      fun: returns a scalar (shape ``()``), differentiated in ``argnums``.
+      argnums: an int or a tuple of ints.
+      mode: ``"fwd_rev"``, ``"rev_rev"``, ``"rev_fwd"``, ``"fwd_fwd"`` (outer over
+        inner) or ``"auto"`` (forward over reverse; ``"rev_rev"`` where a
+        ``custom_vjp`` forbids forward mode, ``"fwd_fwd"`` where a ``while_loop``
+        forbids reverse mode).
+      has_aux: ``fun`` returns ``(value, aux)``; the result is ``(H, aux)``.
+      chunk_size: at most this many Hessian-vector products at a time (bounds memory).
+
+    Returns:
+      A function returning the Hessian pytree.
+
+    Raises:
+      ValueError: a non-scalar output (use ``jacobian(jacobian(fun))``), unknown mode.
+      TypeError: integer inputs; a function no mode can differentiate twice.
+
+    Example::
+
+      >>> jacobians.hessian(lambda x: x[0] ** 2 * x[1])(jnp.array([1.0, 2.0]))
+      Array([[4., 2.],
+             [2., 0.]], dtype=float32)
+    """
+    return _build_hessian(fun, argnums, mode, has_aux, chunk_size, False, "jacobians.hessian")
+
+
+def value_grad_and_hessian(
+    fun: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    mode: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable:
+    """``(f(x), grad f(x), H(x))`` from one pass (the value and gradient ride along the Hessian's).
+
+    Arguments as :func:`hessian`. Returns a function giving ``(value, grad, H)``
+    (``((value, grad, H), aux)`` with ``has_aux``); ``grad`` has the structure of
+    the differentiated arguments, ``H`` that of :func:`hessian`.
+    """
+    return _build_hessian(fun, argnums, mode, has_aux, chunk_size, True, "jacobians.value_grad_and_hessian")
+
+
+def _compute_hvp(t, spec, mode, tangents, *traced):
+    p = _problem(t, spec, traced, False)
+    _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where)
+    v, _ = ravel_pytree(tangents)
+    if v.shape != p.x.shape:
+        raise ValueError(
+            f"{t.where}: tangents must match the differentiated arguments, with {p.x.size} entries in all; "
+            f"got {v.size}."
+        )
+    v = v.astype(p.x.dtype)
+
+    def run(m):
+        outer, inner = m.split("_")
+        grad = _gradient(p, inner)
+        if outer == "fwd":
+            return jax.jvp(lambda x: grad(x)[0], (p.x,), (v,))[1]
+        # H is symmetric: H v is the VJP of the gradient with v.
+        return jax.vjp(lambda x: grad(x)[0], p.x)[1](v)[0]
+
+    hv = _auto(run, t.where) if mode == "auto" else run(mode)
+    return _grad_tree(p, hv)
+
+
+def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[int, ...] = 0, mode: str = "auto"):
+    """The Hessian-vector product ``H(x) v`` of a scalar ``fun``, without forming ``H``.
+
+    Called like ``jax.jvp(fun, primals, tangents)``: ``primals`` is the tuple of
+    ``fun``'s positional arguments and ``tangents`` a tuple with one entry per
+    differentiated argument (``argnums``), each of its argument's structure.
+    Compiled and cached per call structure.
+
+    Args:
+      fun: returns a scalar.
+      primals: a tuple of ``fun``'s positional arguments.
+      tangents: a tuple matching the differentiated arguments.
+      argnums: an int or a tuple of ints.
+      mode: as for :func:`hessian`.
+
+    Returns:
+      ``H v``: for an int ``argnums`` the structure of that argument, else a tuple.
+
+    Example::
+
+      >>> jacobians.hvp(lambda x: jnp.sum(x ** 3), (jnp.array([1.0, 2.0]),), (jnp.array([1.0, 0.0]),))
+      Array([6., 0.], dtype=float32)
+    """
+    where = "jacobians.hvp"
+    mode = _args.check_mode(mode, where, HESSIAN_MODES)
+    if not isinstance(primals, tuple | list) or not isinstance(tangents, tuple | list):
+        raise TypeError(
+            f"{where}: primals and tangents must be tuples (as for jax.jvp), got {type(primals).__name__} and "
+            f"{type(tangents).__name__}."
+        )
+    key = (fun, _args.check_argnums(argnums, where), isinstance(argnums, tuple | list), mode)
+    t = _HVP_CACHE.get(key)
+    if t is None:
+        if len(_HVP_CACHE) >= _args.CACHE_MAX:
+            _HVP_CACHE.pop(next(iter(_HVP_CACHE)))
+        t = _HVP_CACHE[key] = _args.Transform(
+            fun, argnums, where, lambda spec: jax.jit(lambda tg, *traced: _compute_hvp(t, spec, mode, tg, *traced))
+        )
+    fn, traced, spec = t.compiled(tuple(primals), {})
+    if len(tangents) != len(spec.positions):
+        raise ValueError(
+            f"{where}: tangents must have one entry per differentiated argument ({len(spec.positions)}), got "
+            f"{len(tangents)}."
+        )
+    tg = tuple(tangents)
+    try:
+        return fn(tg, *traced)
+    except _args._TRACER_ERRORS as e:
+        raise _args.TracedControlFlowError(where, e) from e
+
+
+_HVP_CACHE: dict = {}
+
+
+def _compute_value_and_jacobian(t, spec, opts, *traced):
+    p = _problem(t, spec, traced, opts["has_aux"])
+    complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
+    mode = opts["mode"]
+    if mode == "auto" or complex_out:
+        mode = "fwd" if (complex_out or p.n <= p.m) else "rev"
+    kernel = kernels.forward if mode == "fwd" else kernels.reverse
+    y, jac, aux = kernel(p.flat, p.x, opts["chunk_size"])
+    leaves, o = [], 0
+    for out in p.out_leaves:
+        size = out.size if hasattr(out, "size") else 1
+        leaves.append(y[o : o + size].reshape(out.shape).astype(out.dtype))
+        o += size
+    value = p.out_treedef.unflatten(leaves)
+    if opts["has_aux"]:
+        return (value, aux), p.blocks(jac)
+    return value, p.blocks(jac)
+
+
+def value_and_jacobian(
+    fun: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    mode: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable:
+    """``(fun(x), J(x))`` from one pass: the value is the primal of the JVPs/VJPs.
+
+    Arguments as :func:`jacobians.jacobian` (``mode`` ``"fwd"``, ``"rev"`` or
+    ``"auto"``). Returns a function giving ``(value, jacobian)``, or, as
+    ``jax.value_and_grad`` does with ``has_aux``, ``((value, aux), jacobian)``.
+    """
+    where = "jacobians.value_and_jacobian"
+    opts = dict(
+        mode=_args.check_mode(mode, where),
+        has_aux=_args.check_bool(has_aux, "has_aux", where),
+        chunk_size=_args.check_chunk_size(chunk_size, where),
+    )
+    t = _args.Transform(
+        fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute_value_and_jacobian, t, spec, opts))
+    )
+    return _args.wrap(t)
