@@ -248,14 +248,14 @@ def summary_rows(report: dict) -> list[dict]:
     return out
 
 
-SUMMARY_COLUMNS = [  # (title, width, align): 96 columns
+SUMMARY_COLUMNS = [  # (title, width, align): 99 columns
     ("case", 22, "<"),
     ("jacobians", 9, ">"),
     ("best raw JAX (x)", 16, "<"),
     ("torch", 7, ">"),
     ("best peer (x)", 14, "<"),
     ("closed", 7, ">"),
-    ("plan", 9, "<"),
+    ("plan", 12, "<"),
 ]
 
 

@@ -261,7 +261,7 @@ def run_case(case: Case, quick: bool, repeat: int, timing: bool = True) -> dict:
             once = time.perf_counter() - t0
             row["inner"] = max(1, int(0.005 / max(once, 1e-7)))  # each sample >= ~5 ms
             row["samples_s"] = []
-            if impl.kind == "jax" and not quick:
+            if impl.kind == "jax" and w.memory and not quick:
                 row["xla_bytes"] = _xla_bytes(impl, w.x)
             timed[impl_name] = call
         except Exception as e:  # noqa: BLE001 - a failing implementation is a result
@@ -462,7 +462,12 @@ def main(argv=None) -> int:
         "--out",
         metavar="DIR",
         default=RESULTS_DIR,
-        help="where to save latest.{json,md,png} (latest-quick.* with --quick); default bench/results",
+        help="where to save latest.{json,md,png} (latest-quick.* with --quick); default: bench/results",
+    )
+    ap.add_argument(
+        "--name",
+        metavar="STEM",
+        help="file name stem of the saved results (default latest, or latest-quick with --quick)",
     )
     ap.add_argument("--no-save", action="store_true", help="write nothing unless --json/--plot say where")
     ap.add_argument("--json", metavar="PATH", help="also write machine, versions, command and all figures as JSON")
@@ -555,7 +560,7 @@ def main(argv=None) -> int:
     say(f"{len(selected)} cases in {report['wall_s']:.0f} s (JAX start-up included).")
     written = []
     if not args.no_save and not args.check:
-        written += save(report, args.out, "latest-quick" if args.quick else "latest")
+        written += save(report, args.out, args.name or ("latest-quick" if args.quick else "latest"))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)
@@ -563,8 +568,8 @@ def main(argv=None) -> int:
     if args.plot:
         rep.plot(report, args.plot)
         written.append(args.plot)
-    if written:
-        say("Saved: " + ", ".join(_show_path(p) for p in written))
+    for p in written:  # one per line: a path is the one thing that may pass 100 columns
+        say(f"Saved: {_show_path(p)}")
     if args.markdown:
         print(rep.markdown(report), flush=True)
     return 0

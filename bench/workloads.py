@@ -66,6 +66,7 @@ class Workload:
     colors: dict[str, int] = field(default_factory=dict)  # sparse engines: JVPs/VJPs used
     detect: dict[str, Callable] = field(default_factory=dict)  # sparse engines: detection + colouring
     reference_note: str = "closed form"
+    memory: bool = True  # report XLA's memory analysis (it recompiles a library call; off where compiles are slow)
 
 
 TORCH_NAMES = ("torch.func.jacfwd", "torch.func.jacrev")
@@ -311,6 +312,7 @@ def _logdet_impls(w: Workload, f: Callable, torch_g, fd: Callable):
         return np.linalg.slogdet(np.stack(cols, axis=-1))[1]
 
     w.impls["numpy-fd"] = Impl(fd_logdet, "numpy")
+    w.memory = False
 
 
 def logdet3(points: int, dtype, rng) -> Workload:
@@ -398,7 +400,8 @@ def slogdet(k: int, points: int, dtype, rng) -> Workload:
     """
     _, jac, _, _ = _flow(k, dtype, rng)
     J = jax.jit(jac)(_rand(rng, (points, k), dtype))
-    w = Workload(J, np.stack(np.linalg.slogdet(np.asarray(J, np.float64)), -1), reference_note="numpy float64")
+    ref = np.stack(np.linalg.slogdet(np.asarray(J, np.float64)), -1)
+    w = Workload(J, ref, reference_note="numpy float64", memory=False)
     w.impls["jacobians.kernels.slogdet"] = Impl(jax.jit(lambda J: jnp.stack(kernels.slogdet(J), -1)))
     w.impls["jax vmap(slogdet)"] = Impl(jax.jit(jax.vmap(lambda a: jnp.stack(jnp.linalg.slogdet(a)))))
     w.impls["jnp.linalg.slogdet (batched)"] = Impl(jax.jit(lambda J: jnp.stack(jnp.linalg.slogdet(J), -1)))

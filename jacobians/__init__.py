@@ -25,6 +25,7 @@ from ._hessian import value_grad_and_hessian as value_grad_and_hessian
 from ._jacobian import jacobian as jacobian
 from ._jacobian import jacobian_matrix as jacobian_matrix
 from ._sparse import SparsePlan as SparsePlan
+from ._sparse import sparse_hessian as sparse_hessian
 from ._sparse import sparse_jacobian as sparse_jacobian
 from ._sparsity import SparsityPattern as SparsityPattern
 from ._sparsity import hessian_sparsity as hessian_sparsity
@@ -53,6 +54,7 @@ __all__ = [
     "layout",
     "log_abs_det",
     "slogdet",
+    "sparse_hessian",
     "sparse_jacobian",
     "sparsity",
     "value_and_jacobian",

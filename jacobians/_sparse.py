@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 from . import _args, kernels
-from ._sparsity import Detected, SparsityPattern, _abstract, detect_call
+from ._sparsity import Detected, SparsityPattern, _abstract, detect_call, detect_hessian
 
 OUTPUTS = ("bcoo", "dense")
 _FORMAT = 1  # version of the .npz plan file
@@ -33,13 +33,17 @@ class SparsePlan:
         (output and input leaves raveled and concatenated in pytree order).
       mode: ``"fwd"`` (columns coloured, one JVP per colour) or ``"rev"`` (rows, VJPs).
       colors: the colour of each column (``"fwd"``, shape ``(n,)``) or row (``"rev"``, ``(m,)``).
-      n_colors: the number of JVPs/VJPs one evaluation costs.
+      n_colors: the number of JVPs/VJPs (Hessian-vector products) one evaluation costs.
+      coloring: ``"column"``/``"row"`` (Jacobians: same-coloured columns/rows share
+        no row/column), or, for Hessians, ``"column"``, ``"star"`` (direct
+        decompression) or ``"acyclic"`` (decompression by substitution).
     """
 
     pattern: SparsityPattern
     mode: str
     colors: np.ndarray
     n_colors: int
+    coloring: str = "column"
 
     def save(self, path) -> None:
         """Write the plan to a ``.npz`` file (NumPy arrays only: no pickles)."""
@@ -54,6 +58,7 @@ class SparsePlan:
             mode=np.array(self.mode),
             colors=self.colors,
             n_colors=np.int64(self.n_colors),
+            coloring=np.array(self.coloring),
         )
 
     @classmethod
@@ -63,12 +68,14 @@ class SparsePlan:
             if int(f["format"]) != _FORMAT:
                 raise ValueError(f"SparsePlan.load: {path} has plan format {int(f['format'])}, expected {_FORMAT}.")
             pattern = SparsityPattern((int(f["m"]),), (int(f["n"]),), f["rows"], f["cols"])
-            return cls(pattern, str(f["mode"]), np.asarray(f["colors"], np.int64), int(f["n_colors"]))
+            return cls(pattern, str(f["mode"]), np.asarray(f["colors"], np.int64), int(f["n_colors"]),
+                       str(f["coloring"]))
 
     def __repr__(self) -> str:
         p = self.pattern
         return (
-            f"SparsePlan(mode={self.mode!r}, n_colors={self.n_colors}, m={math.prod(p.out_shape)}, "
+            f"SparsePlan(mode={self.mode!r}, coloring={self.coloring!r}, n_colors={self.n_colors}, "
+            f"m={math.prod(p.out_shape)}, "
             f"n={math.prod(p.in_shape)}, nnz={p.nnz})"
         )
 
@@ -126,15 +133,35 @@ def _make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str]) ->
     n_row = int(row_colors.max()) + 1 if row_colors is not None and m else 0
     use_fwd = mode == "fwd" or (mode == "auto" and n_col <= n_row)
     if use_fwd:
-        return SparsePlan(det_pattern, "fwd", col_colors, n_col)
-    return SparsePlan(det_pattern, "rev", row_colors, n_row)
+        return SparsePlan(det_pattern, "fwd", col_colors, n_col, "column")
+    return SparsePlan(det_pattern, "rev", row_colors, n_row, "row")
+
+
+def _make_hessian_plan(pattern: SparsityPattern, mode: str, coloring: str) -> SparsePlan:
+    n = math.prod(pattern.in_shape)
+    rows, cols = pattern.rows, pattern.cols
+    options = {"column": lambda: kernels.color_columns(rows, cols, n)}
+    symmetric = getattr(kernels, "color_symmetric", None)
+    if symmetric is not None:
+        options["star"] = lambda: symmetric(rows, cols, n, method="star")
+        options["acyclic"] = lambda: symmetric(rows, cols, n, method="acyclic")
+    if coloring != "auto" and coloring not in options:
+        raise ValueError(f"jacobians.sparse_hessian: coloring {coloring!r} is not available here.")
+    best = None
+    for name in (coloring,) if coloring != "auto" else tuple(k for k in ("acyclic", "star", "column") if k in options):
+        colors = np.asarray(options[name](), np.int64)
+        c = int(colors.max()) + 1 if n and rows.size else 0
+        if best is None or c < best[1]:
+            best = (colors, c, name)
+    return SparsePlan(pattern, mode, best[0], best[1], best[2])
 
 
 class _Engine:
     """Plans per call structure and shapes; the jitted evaluation reads the plan at trace time."""
 
-    def __init__(self, fun, argnums, sparsity, mode, output, has_aux, where):
+    def __init__(self, fun, argnums, sparsity, mode, output, has_aux, where, coloring=None):
         self.sparsity, self.mode, self.output, self.has_aux = sparsity, mode, output, has_aux
+        self.coloring = coloring  # None: a Jacobian; else a Hessian with this colouring choice
         self.plans: dict = {}
         self.t = _args.Transform(fun, argnums, where, self._build)
 
@@ -151,15 +178,27 @@ class _Engine:
             plan, det = given, None
         else:
             det = None
-            if isinstance(given, str):  # "auto": detect
+            if isinstance(given, str) and self.coloring is not None:
+                det = detect_hessian(t, spec, avals, has_aux=self.has_aux)
+                pattern, prims = det.pattern, det.primitives
+            elif isinstance(given, str):  # "auto": detect
                 det = detect_call(t, spec, avals, has_aux=self.has_aux)
                 pattern, prims = det.pattern, det.primitives
             else:
                 det = _shapes_only(t, spec, avals, self.has_aux)
-                shape = (det.out_leaves[0].shape, det.in_leaves[0].shape) if det.single else (
-                    (math.prod(det.pattern.out_shape),), (math.prod(det.pattern.in_shape),))
+                n = math.prod(det.pattern.in_shape)
+                if self.coloring is not None:  # a Hessian: in.shape + in.shape
+                    single = len(det.in_leaves) == 1
+                    shape = (det.in_leaves[0].shape,) * 2 if single else ((n,), (n,))
+                else:
+                    shape = (det.out_leaves[0].shape, det.in_leaves[0].shape) if det.single else (
+                        (math.prod(det.pattern.out_shape),), (n,))
                 pattern, prims = _coerce_pattern(given, shape, t.where), det.primitives
-            plan = _make_plan(pattern, self.mode, prims)
+            if self.coloring is not None:
+                _check_symmetric(pattern, t.where)
+                plan = _make_hessian_plan(pattern, self.mode, self.coloring)
+            else:
+                plan = _make_plan(pattern, self.mode, prims)
         hit = self.plans[key] = (plan, det, {})
         return hit
 
@@ -187,9 +226,13 @@ class _Engine:
         if pn != p.n:
             flat(p.x)
         rows, cols = plan.pattern.rows, plan.pattern.cols
-        kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
-        data, aux = kernel(flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols)
-        det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
+        if self.coloring is not None:
+            data, aux = _hessian_values(p, plan, t.where)
+            det = Detected(plan.pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, set())
+        else:
+            kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
+            data, aux = kernel(flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols)
+            det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
 
         def block(b):
             (r0, r1), (c0, c1), out_shape, in_shape = b
@@ -209,6 +252,51 @@ class _Engine:
     def plan(self, *args, **kwargs) -> SparsePlan:
         spec, traced = self.t.split(args, kwargs)
         return self.plan_for(spec, [_abstract(a) for a in traced])[0]
+
+
+def _check_symmetric(pattern: SparsityPattern, where: str) -> None:
+    m, n = math.prod(pattern.out_shape), math.prod(pattern.in_shape)
+    if m != n:
+        raise ValueError(f"{where}: a Hessian pattern must be square, got flat shape {(m, n)}.")
+    key = np.sort(pattern.rows * n + pattern.cols)
+    tkey = np.sort(pattern.cols * n + pattern.rows)
+    if not np.array_equal(key, tkey):
+        raise ValueError(f"{where}: a Hessian pattern must be symmetric; the given one is not.")
+
+
+def _hessian_values(p, plan: SparsePlan, where: str):
+    """The pattern's nonzeros of the Hessian: one Hessian-vector product per colour, then decompression."""
+    from ._hessian import _auto, _gradient
+
+    def check_scalar():
+        if p.m != 1 or any(s.shape != () for s in p.out_leaves):
+            raise ValueError(f"{where}: fun must return a scalar (shape ()), got output {p.out_leaves[0].shape}.")
+
+    n, c = p.n, max(plan.n_colors, 1)
+    rows, cols = plan.pattern.rows, plan.pattern.cols
+
+    def run(mode):
+        grad = _gradient(p, "rev")
+
+        def g(x):
+            gr, (_, aux) = grad(x)
+            return gr, aux
+
+        if mode == "fwd_rev":
+            compressed, aux = kernels.compressed_jvps(g, p.x, plan.colors, c)
+        else:  # H is symmetric: S^T H = (H S)^T, pulled back through the gradient
+            _, pull, aux = jax.vjp(g, p.x, has_aux=True)
+            seeds = jnp.asarray(plan.colors[None, :] == np.arange(c)[:, None], p.x.dtype)
+            compressed = jax.vmap(lambda s: pull(s)[0])(seeds)
+        check_scalar()
+        return compressed, aux
+
+    mode = plan.mode if plan.mode in ("fwd_rev", "rev_rev") else "auto"
+    compressed, aux = _auto(run, where) if mode == "auto" else run(mode)
+    if plan.coloring == "column":
+        return compressed.reshape(-1)[plan.colors[cols] * n + rows], aux
+    decompress = kernels.symmetric_decompression(rows, cols, plan.colors, plan.coloring)
+    return decompress(compressed), aux
 
 
 def _shapes_only(t, spec, avals, has_aux) -> Detected:
@@ -293,6 +381,68 @@ def sparse_jacobian(
     if isinstance(sparsity, SparsePlan) and mode != "auto" and mode != sparsity.mode:
         raise ValueError(f"{where}: mode={mode!r} contradicts the given plan's mode {sparsity.mode!r}.")
     engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where)
+    wrapped = _args.wrap(engine.t)
+    wrapped.plan = engine.plan
+    return wrapped
+
+
+HESSIAN_MODES = ("auto", "fwd_rev", "rev_rev")
+COLORINGS = ("auto", "star", "acyclic", "column")
+
+
+def sparse_hessian(
+    fun: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    sparsity: "str | SparsePlan | SparsityPattern | np.ndarray | jsparse.BCOO" = "auto",
+    coloring: str = "auto",
+    mode: str = "auto",
+    output: str = "bcoo",
+    has_aux: bool = False,
+) -> Callable:
+    """The Hessian of a scalar ``fun`` that pays only for its nonzeros: one Hessian-vector product per colour.
+
+    The symmetric pattern comes from :func:`jacobians.hessian_sparsity` (or is
+    given); the inputs are coloured symmetrically and the Hessian is ``c``
+    forward-over-reverse products ``H @ s_k`` and a decompression with
+    precomputed indices. Planning runs once per call structure and shapes;
+    arguments and results as :func:`jacobians.hessian` (pytrees of blocks, each a
+    ``BCOO`` or dense).
+
+    Args:
+      fun: returns a scalar.
+      argnums: an int or a tuple of ints.
+      sparsity: ``"auto"`` (detect), a :class:`SparsePlan`, or a symmetric
+        :class:`SparsityPattern` / boolean array / ``BCOO`` of shape
+        ``x.shape + x.shape`` (one array) or the flat ``(n, n)``.
+      coloring: ``"star"`` (direct decompression), ``"acyclic"`` (fewer colours,
+        decompression by substitution), ``"column"`` (a distance-2 colouring:
+        direct, more colours) or ``"auto"`` (the one with fewest colours).
+      mode: ``"fwd_rev"``, ``"rev_rev"`` (where a ``custom_vjp`` forbids forward
+        mode) or ``"auto"``.
+      output: ``"bcoo"`` or ``"dense"``.
+      has_aux: ``fun`` returns ``(value, aux)``.
+
+    Returns:
+      A function returning the Hessian (``(H, aux)`` with ``has_aux``); its
+      ``plan(*args, **kwargs)`` returns the :class:`SparsePlan`.
+
+    Raises:
+      ValueError: a non-scalar output; a given pattern that is not square or not
+        symmetric; unknown ``coloring``, ``mode`` or ``output``.
+    """
+    where = "jacobians.sparse_hessian"
+    _args.check_fun(fun, where)
+    mode = _args.check_mode(mode, where, HESSIAN_MODES)
+    coloring = _args.check_choice(coloring, "coloring", COLORINGS, where)
+    _args.check_choice(output, "output", OUTPUTS, where)
+    _args.check_bool(has_aux, "has_aux", where)
+    if isinstance(sparsity, str) and sparsity != "auto":
+        raise ValueError(
+            f"{where}: sparsity must be 'auto', a SparsePlan, a SparsityPattern, a boolean array or a BCOO, "
+            f"got {sparsity!r}."
+        )
+    engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where, coloring=coloring)
     wrapped = _args.wrap(engine.t)
     wrapped.plan = engine.plan
     return wrapped

@@ -10,6 +10,7 @@ from ._basis import basis_map as basis_map
 from ._coloring import color_columns as color_columns
 from ._coloring import color_rows as color_rows
 from ._compressed import compressed_forward as compressed_forward
+from ._compressed import compressed_jvps as compressed_jvps
 from ._compressed import compressed_reverse as compressed_reverse
 from ._det import slogdet as slogdet
 from ._forward import forward as forward
@@ -20,6 +21,7 @@ __all__ = [
     "color_columns",
     "color_rows",
     "compressed_forward",
+    "compressed_jvps",
     "compressed_reverse",
     "forward",
     "reverse",

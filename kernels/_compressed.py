@@ -7,6 +7,7 @@ The seeds and the decompression indices are constants; nothing loops in Python.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,25 @@ import numpy as np
 def _seeds(colors: np.ndarray, n_colors: int, dtype) -> jax.Array:
     """The 0/1 seed rows, shape ``(n_colors, len(colors))``: row ``c`` marks colour ``c``."""
     return jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], dtype)
+
+
+def compressed_jvps(
+    fun: Callable[[jax.Array], tuple[jax.Array, Any]],
+    x: jax.Array,
+    colors: np.ndarray,
+    n_colors: int,
+) -> tuple[jax.Array, Any]:
+    """``(J @ S)^T``: one JVP per colour, shape ``(n_colors, m)``, and ``fun``'s aux.
+
+    Args:
+      fun: ``(n,) -> ((m,), aux)``.
+      x: the point, shape ``(n,)``.
+      colors: colour of each column, shape ``(n,)``.
+      n_colors: the number of colours (JVPs).
+    """
+    seeds = _seeds(colors, n_colors, x.dtype)  # (c, n)
+    push = lambda t: jax.jvp(fun, (x,), (t,), has_aux=True)[1:]  # noqa: E731
+    return jax.vmap(push, out_axes=(0, None))(seeds)  # (c, m): vmap's layout, no transpose
 
 
 def compressed_forward(
@@ -38,9 +58,7 @@ def compressed_forward(
     Returns:
       ``(values, aux)``: the values, shape ``(len(rows),)``, and ``fun``'s aux.
     """
-    seeds = _seeds(colors, n_colors, x.dtype)  # (c, n)
-    push = lambda t: jax.jvp(fun, (x,), (t,), has_aux=True)[1:]  # noqa: E731
-    compressed, aux = jax.vmap(push, out_axes=(0, None))(seeds)  # (c, m): vmap's layout, no transpose
+    compressed, aux = compressed_jvps(fun, x, colors, n_colors)
     # One flat gather with precomputed indices decompresses.
     return compressed.reshape(-1)[colors[cols] * compressed.shape[1] + np.asarray(rows)], aux
 

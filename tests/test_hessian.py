@@ -1,0 +1,122 @@
+"""Second order: hessian, hvp, value_* and sparse Hessians agree with jax.hessian."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_tree_allclose, randn
+
+import jacobians
+
+MODES = ("fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd", "auto")
+
+
+def rosenbrock(x):
+    return jnp.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
+
+
+def _loss(p, x):
+    return jnp.sum(jnp.tanh(p["W"] @ x + p["b"]) ** 2) + jnp.sum(x**3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1)])
+def test_hessian_matches_jax(mode, argnums, rng):
+    p = {"W": randn(rng, (2, 3)), "b": randn(rng, (2,))}
+    x = randn(rng, (3,))
+    assert_tree_allclose(jacobians.hessian(_loss, argnums, mode=mode)(p, x), jax.hessian(_loss, argnums)(p, x))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_hessian_chunks_and_float32(chunk, rng):
+    x = randn(rng, (5,))
+    assert_tree_allclose(jacobians.hessian(rosenbrock, chunk_size=chunk)(x), jax.hessian(rosenbrock)(x))
+    x32 = x.astype(jnp.float32)
+    np.testing.assert_allclose(jacobians.hessian(rosenbrock)(x32), jax.hessian(rosenbrock)(x32), rtol=2e-5, atol=1e-3)
+
+
+def test_value_grad_hessian_and_hvp(rng):
+    x = randn(rng, (6,))
+    v, g, H = jacobians.value_grad_and_hessian(rosenbrock)(x)
+    assert_tree_allclose((v, g, H), (rosenbrock(x), jax.grad(rosenbrock)(x), jax.hessian(rosenbrock)(x)))
+    t = randn(rng, (6,))
+    for mode in MODES:
+        np.testing.assert_allclose(jacobians.hvp(rosenbrock, (x,), (t,), mode=mode), H @ t, rtol=1e-10)
+    val, J = jacobians.value_and_jacobian(jnp.sin)(x)
+    assert_tree_allclose((val, J), (jnp.sin(x), jnp.diag(jnp.cos(x))))
+    (val, aux), J = jacobians.value_and_jacobian(lambda x: (jnp.sin(x), 3), has_aux=True)(x)
+    assert aux == 3
+
+
+def test_hessian_custom_vjp_and_while(rng):
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sum(jnp.sin(x))
+
+    f.defvjp(lambda x: (f(x), x), lambda x, ct: (ct * jnp.cos(x),))
+    x = randn(rng, (3,))
+    np.testing.assert_allclose(jacobians.hessian(f)(x), jnp.diag(-jnp.sin(x)), rtol=1e-12)
+
+    def g(x):
+        return jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] * c[0][0], c[1] + 1), (x, 0))[0].sum()
+
+    np.testing.assert_allclose(jacobians.hessian(g)(x), jax.jacfwd(jax.jacfwd(g))(x), rtol=1e-10)
+
+
+def test_hessian_errors(rng):
+    x = randn(rng, (3,))
+    with pytest.raises(ValueError, match=r"jacobians.hessian: fun must return a scalar \(shape \(\)\), but its output is \(3,\).*jacobian\(jacobians.jacobian"):
+        jacobians.hessian(jnp.sin)(x)
+    with pytest.raises(ValueError, match=r"jacobians.hessian: mode must be one of \('fwd_rev'"):
+        jacobians.hessian(jnp.sum, mode="fwd")
+    with pytest.raises(TypeError, match=r"jacobians.hessian: .*argument 0 has dtype int"):
+        jacobians.hessian(jnp.sum)(jnp.arange(3))
+    with pytest.raises(ValueError, match=r"jacobians.sparse_hessian: coloring must be one of"):
+        jacobians.sparse_hessian(jnp.sum, coloring="greedy")
+    with pytest.raises(ValueError, match=r"jacobians.sparse_hessian: a Hessian pattern must be symmetric"):
+        jacobians.sparse_hessian(jnp.sum, sparsity=np.triu(np.ones((3, 3), bool)))(x)
+    with pytest.raises(ValueError, match=r"jacobians.sparse_hessian: a Hessian pattern must be square"):
+        jacobians.sparse_hessian(jnp.sum, sparsity=np.ones((3, 4), bool))(x)
+
+
+A = np.random.default_rng(0).standard_normal((4, 6))
+HESS_CASES = {
+    # name: (f, n, exact)
+    "diagonal": (lambda x: jnp.sum(x**2) + jnp.sum(jnp.exp(x)), 6, True),
+    "zero": (lambda x: jnp.sum(jnp.asarray(A) @ x), 6, True),
+    "banded": (rosenbrock, 8, True),
+    "arrowhead": (lambda x: x[0] * jnp.sum(x) + jnp.sum(jnp.sin(x)), 6, True),
+    "block": (lambda x: jnp.sum(jnp.tanh(x[:3].sum()) + jnp.cos(x[3:].sum())), 6, True),
+    "mlp": (lambda x: jnp.sum(jnp.tanh(jnp.asarray(A) @ x)), 6, True),
+    "division": (lambda x: jnp.sum(x[:3] / x[3:]), 6, True),
+    "scan": (lambda x: jax.lax.scan(lambda c, xi: (c * xi, None), 1.0, x[:3])[0] + x[4] ** 2, 6, True),
+    "relu": (lambda x: jnp.sum(jax.nn.relu(x) * x[::-1]), 6, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HESS_CASES))
+def test_hessian_sparsity_sound_and_sparse_hessian(name, rng):
+    f, n, exact = HESS_CASES[name]
+    x = randn(rng, (n,))
+    pattern = jacobians.hessian_sparsity(f, x).to_dense()
+    np.testing.assert_array_equal(pattern, pattern.T)
+    nz = np.zeros((n, n), bool)
+    for _ in range(3):
+        nz |= np.asarray(jax.hessian(f)(randn(rng, (n,)))) != 0
+    assert not (nz & ~pattern).any(), "the Hessian pattern misses a nonzero"
+    if exact:
+        np.testing.assert_array_equal(pattern, nz)
+    for coloring in ("auto", "column"):
+        got = jacobians.sparse_hessian(f, coloring=coloring, output="dense")(x)
+        np.testing.assert_allclose(got, jax.hessian(f)(x), rtol=1e-10, atol=1e-12)
+
+
+def test_sparse_hessian_plan_round_trip(tmp_path, rng):
+    x = randn(rng, (10,))
+    sh = jacobians.sparse_hessian(rosenbrock)
+    plan = sh.plan(x)
+    assert plan.n_colors <= 3
+    plan.save(tmp_path / "h.npz")
+    loaded = jacobians.SparsePlan.load(tmp_path / "h.npz")
+    got = jacobians.sparse_hessian(rosenbrock, sparsity=loaded)(x)
+    np.testing.assert_allclose(got.todense(), jax.hessian(rosenbrock)(x), rtol=1e-10)
