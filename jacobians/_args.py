@@ -326,6 +326,37 @@ class TracedControlFlowError(TypeError):
         )
 
 
+# --- directions JAX cannot differentiate in ----------------------------------------------------
+
+_NO_FWD = "custom_vjp"  # JAX: "can't apply forward-mode autodiff (jvp) to a custom_vjp function."
+_NO_REV = "Reverse-mode differentiation does not work for lax.while_loop"
+
+
+def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where: str):
+    """``run(preferred)``; where JAX cannot push JVPs (a ``custom_vjp``) run ``no_fwd``, where it cannot
+    pull VJPs (a ``while_loop`` with a dynamic trip count) run ``no_rev``. Both failing is explained."""
+    try:
+        return run(preferred)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        if _NO_REV in msg:
+            alt = no_rev
+        elif _NO_FWD in msg and "forward-mode" in msg:
+            alt = no_fwd
+        else:
+            raise
+        if alt == preferred:
+            raise
+        first = e
+    try:
+        return run(alt)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{where}: no mode can differentiate fun: it contains a custom_vjp (no forward mode) and a "
+            f"while_loop with a dynamic trip count (no reverse mode). JAX said: {str(first).splitlines()[0]}"
+        ) from e
+
+
 # --- the flat view of a call ------------------------------------------------------------------
 
 

@@ -58,31 +58,10 @@ def _gradient(p: _args.Problem, inner: str) -> Callable:
     return grad
 
 
-_NO_FWD = "custom_vjp"  # JAX: "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
-_NO_REV = "Reverse-mode differentiation does not work for lax.while_loop"
-
-
 def _auto(run: Callable, where: str):
-    """Run forward over reverse; fall back where JAX cannot differentiate in one of the directions."""
-    try:
-        return run("fwd_rev")
-    except TypeError as e:
-        if _NO_FWD not in str(e):
-            raise
-        first = e
-        fallback = "rev_rev"
-    except ValueError as e:
-        if _NO_REV not in str(e):
-            raise
-        first = e
-        fallback = "fwd_fwd"
-    try:
-        return run(fallback)
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"{where}: no mode can differentiate fun twice: it contains both a custom_vjp (no forward "
-            f"mode) and a while_loop with a dynamic trip count (no reverse mode). JAX said: {first}"
-        ) from e
+    """Forward over reverse; reverse over reverse where a custom_vjp forbids forward mode, forward over
+    forward where a while_loop forbids reverse mode."""
+    return _args.with_fallback(run, "fwd_rev", "rev_rev", "fwd_fwd", where)
 
 
 def _second(p: _args.Problem, mode: str, chunk_size, where: str):

@@ -45,8 +45,15 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
         )
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
     mode = _choose_mode(opts["mode"], p.n, p.m, complex_out, opts["holomorphic"], where)
-    kernel = kernels.forward if mode == "fwd" else kernels.reverse
-    _, jac, aux = kernel(p.flat, p.x, opts["chunk_size"])
+
+    def run(mode):
+        kernel = kernels.forward if mode == "fwd" else kernels.reverse
+        return kernel(p.flat, p.x, opts["chunk_size"])
+
+    if opts["mode"] == "auto" and not complex_out:
+        _, jac, aux = _args.with_fallback(run, mode, "rev", "fwd", where)
+    else:
+        _, jac, aux = run(mode)
     if order is not None:
         (out,), (xin,) = p.out_leaves, p.in_leaves
         result = jac.astype(_args.promote(out.dtype, xin.dtype))

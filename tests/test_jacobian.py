@@ -7,38 +7,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import assert_tree_allclose, randn
+from registry import CASES, names
 
 import jacobians
 
-_R = np.random.default_rng(0)
-A43 = jnp.asarray(_R.standard_normal((4, 3)))
-A73 = jnp.asarray(_R.standard_normal((7, 3)))
-A26 = jnp.asarray(_R.standard_normal((2, 6)))
-B22 = jnp.asarray(_R.standard_normal((2, 2)))
-
-# name -> (function, input shape). Constants are cast to the input's dtype so
-# that float32 runs stay float32.
-FUNCS = {
-    "elementwise": (lambda x: jnp.sin(x) * x, (5,)),
-    "matvec": (lambda x: A43.astype(x.dtype) @ x, (3,)),
-    "tall_tanh": (lambda x: jnp.tanh(A73.astype(x.dtype) @ x), (3,)),
-    "wide_tanh": (lambda x: jnp.tanh(A26.astype(x.dtype) @ x), (6,)),
-    "matrix_to_matrix": (lambda X: jnp.sin(X.T @ X) @ B22.astype(X.dtype), (3, 2)),
-    "to_scalar": (lambda x: jnp.sum(x**3), (4,)),
-    "from_scalar": (lambda t: jnp.stack([jnp.sin(t), jnp.cos(t), t**2]), ()),
-    "matrix_valued": (lambda x: jnp.outer(jnp.exp(x), x[:2]), (3,)),
-}
+# name -> (function, input shape), from the shared registry.
+FUNCS = {n: (c.fun, c.shape) for n, c in CASES.items()}
+DENSE = names("dense")
+# Every case with the default mode; the dense, book, flow, control-flow and custom-rule cases in
+# every mode JAX can differentiate them in; chunking on the dense ones. (Sparse cases run
+# through both directions in test_sparse.py.)
+ALL_MODES = set(names(exclude=("sparse",))) | set(names("control")) | set(names("custom"))
+AGREE = [(n, "auto", None) for n in sorted(CASES)]
+AGREE += [(n, m, None) for n in sorted(ALL_MODES) for m in ("fwd", "rev") if getattr(CASES[n], m)]
+AGREE += [(n, m, k) for n in DENSE for m in ("fwd", "rev") for k in (1, 3)]
 
 
-@pytest.mark.parametrize("name", FUNCS)
-@pytest.mark.parametrize("mode", ["fwd", "rev", "auto"])
-@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+@pytest.mark.parametrize("name, mode, chunk_size", AGREE)
 def test_agrees_with_jax(rng, name, mode, chunk_size):
-    f, shape = FUNCS[name]
-    x = randn(rng, shape)
-    got = jacobians.jacobian(f, mode=mode, chunk_size=chunk_size)(x)
-    assert_tree_allclose(got, jax.jacfwd(f)(x))
-    assert_tree_allclose(got, jax.jacrev(f)(x))
+    c = CASES[name]
+    x = randn(rng, c.shape)
+    got = jacobians.jacobian(c.fun, mode=mode, chunk_size=chunk_size)(x)
+    assert_tree_allclose(got, c.reference(x))
 
 
 @pytest.mark.parametrize("name", ["elementwise", "tall_tanh", "wide_tanh", "matrix_to_matrix"])
