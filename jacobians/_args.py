@@ -40,6 +40,10 @@ CACHE_MAX = 64  # compiled functions kept per transformation
 RECOMPILE_WARN = 8  # distinct static values of one call structure before we warn
 
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
+try:  # the concrete jax.Array type, checked by identity (cheaper than isinstance)
+    from jax._src.array import ArrayImpl as _ARRAY_IMPL
+except ImportError:  # pragma: no cover - a JAX without it: every call takes the general path
+    _ARRAY_IMPL = None
 TRACED_TYPES = ARRAY_TYPES + (jax.ShapeDtypeStruct,)  # leaves passed to the compiled function
 _TRACER_ERRORS = (
     jax.errors.ConcretizationTypeError,
@@ -265,6 +269,7 @@ class Transform:
         self.cache: collections.OrderedDict[CallSpec, Callable] = collections.OrderedDict()
         self._variants: dict = collections.defaultdict(set)  # treedef -> static keys seen
         self._warned = False
+        self._fast: dict[int, Callable] = {}  # calls of k plain jax arrays, no kwargs: no split needed
 
     def compiled(self, args: tuple, kwargs: dict) -> tuple[Callable, list, CallSpec]:
         """The built function for this call, its traced leaves and the call's spec."""
@@ -295,7 +300,15 @@ class Transform:
         return fn
 
     def __call__(self, *args, **kwargs):
-        fn, traced, _ = self.compiled(args, kwargs)
+        # The common call (positional jax arrays) skips the split: its spec depends only on the count.
+        fn = None if kwargs else self._fast.get(len(args))
+        if fn is not None and all(type(a) is _ARRAY_IMPL for a in args):
+            traced = args
+        else:
+            fn, traced, spec = self.compiled(args, kwargs)
+            if not kwargs and not spec.static and len(traced) == len(args):
+                if all(type(a) is _ARRAY_IMPL for a in args):
+                    self._fast[len(args)] = fn
         try:
             return fn(*traced)
         except _TRACER_ERRORS as e:
