@@ -12,7 +12,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_only_top_level_name_is_jacobians():
-    dist = importlib.metadata.distribution("jacobians")
+    # The installed distribution (a stale egg-info left in the source tree by a build is not it).
+    dists = [d for d in importlib.metadata.distributions(name="jacobians")
+             if pathlib.Path(str(d.locate_file(""))).resolve() != ROOT]
+    assert dists, "jacobians is not installed (pip install -e .)"
+    dist = dists[0]
     assert dist.read_text("top_level.txt").split() == ["jacobians"]
     modules = []
     for f in dist.files or ():
