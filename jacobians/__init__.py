@@ -12,6 +12,8 @@ from . import contract as contract
 from . import identities as identities
 from . import kernels as kernels
 from . import layout as layout
+from ._batch import CoupledBatchError as CoupledBatchError
+from ._batch import batch_jacobian as batch_jacobian
 from ._det import det as det
 from ._det import log_abs_det as log_abs_det
 from ._det import slogdet as slogdet
@@ -37,10 +39,12 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "CoupledBatchError",
     "GradcheckResult",
     "SparsePlan",
     "SparsityPattern",
     "assert_gradcheck",
+    "batch_jacobian",
     "contract",
     "det",
     "gradcheck",

@@ -1,0 +1,265 @@
+"""Per-example Jacobians of batch-first functions, with the independence of the examples proved first.
+
+For ``f(X)`` with ``X`` of shape ``(B, n)`` the per-example Jacobians
+``(B, m, n)`` are the diagonal blocks of the ``(B, m, B, n)`` Jacobian. When
+example ``b``'s output reads only example ``b``'s input, the off-diagonal
+blocks vanish and the blocks come from ``n`` JVPs over the whole batch (a
+tangent with feature ``j`` set in every example) or ``m`` VJPs of the
+batch-summed output: not ``B * n``. That premise is checked, not assumed: the
+dependency lattice runs on the jaxpr with every element labelled by its
+example, and any element that mixes examples (a batch mean, BatchNorm, a sort
+or attention across the batch) is reported with the primitive and the line
+that does it.
+"""
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _args, _deps, kernels
+from ._walker import Walker
+
+
+class CoupledBatchError(ValueError):
+    """The examples of a batch are not independent: ``batch_jacobian`` would be wrong."""
+
+
+class _BatchLattice(_deps.DepsLattice):
+    """Dependency sets over example labels; remembers the first equation that mixes examples."""
+
+    name = "jacobians batch independence"
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.culprit = None
+
+    def post(self, eqn, outs):
+        outs = super().post(eqn, outs)
+        if self.culprit is None and any(o.nnz and np.diff(o.indptr).max() > 1 for o in outs):
+            self.culprit = eqn
+        return outs
+
+
+def _where(eqn) -> str:
+    try:
+        from jax._src import source_info_util
+
+        return source_info_util.summarize(eqn.source_info) or "a line inside JAX"
+    except Exception:  # noqa: BLE001 - a location is a courtesy
+        return "an unknown location"
+
+
+def _move_to_front(x, axis):
+    return jnp.moveaxis(x, axis, 0) if axis != 0 else x
+
+
+def _prove(t, spec, avals, in_axes, out_axes, has_aux, batch: int):
+    """Raise :class:`CoupledBatchError` unless output example ``b`` reads only input example ``b``."""
+    from ._sparsity import trace_flat
+
+    def labels(aval, axis):
+        shape = aval.shape
+        idx = np.broadcast_to(np.arange(shape[axis]).reshape([-1 if i == axis else 1 for i in range(len(shape))]),
+                              shape)
+        return _deps.Deps(tuple(shape), np.arange(idx.size + 1, dtype=np.int64), idx.reshape(-1).astype(np.int64))
+
+    closed, offsets, p = trace_flat(t, spec, avals, has_aux=has_aux)
+    # Seeds: every differentiated leaf is labelled by example along its batch axis.
+    seeds = [
+        labels(v.aval, in_axes) if off is not None else _deps.empty(v.aval.shape)
+        for v, off in zip(closed.jaxpr.invars, offsets, strict=True)
+    ]
+    lat = _BatchLattice(batch)
+    (flat_out,) = Walker(lat).run(closed, seeds)
+    # Cut the flat output back into leaves and check each element's labels against its example.
+    off = 0
+    for leaf in p.out_leaves:
+        size = math.prod(leaf.shape)
+        ax = out_axes % len(leaf.shape)
+        ex = np.broadcast_to(
+            np.arange(leaf.shape[ax]).reshape([-1 if i == ax else 1 for i in range(len(leaf.shape))]), leaf.shape
+        ).reshape(-1)
+        ptr = flat_out.indptr[off : off + size + 1]
+        lens = np.diff(ptr)
+        owners = np.repeat(ex, lens)
+        got = flat_out.indices[ptr[0] : ptr[-1]]
+        bad = np.flatnonzero(got != owners)
+        if bad.size:
+            elem = np.searchsorted(np.cumsum(lens), bad[0], side="right")
+            b_out, b_in = int(ex[elem]), int(got[bad[0]])
+            if lat.culprit is not None:
+                how = f"'{lat.culprit.primitive.name}' at {_where(lat.culprit)} combines several examples"
+            else:
+                how = "a data movement along the batch axis (a roll, reverse or gather across examples) reorders them"
+            raise CoupledBatchError(
+                f"{t.where}: the examples are not independent: output example {b_out} depends on input example "
+                f"{b_in}; {how}. batch_jacobian would silently drop those derivatives. Write the per-example "
+                "function and use jax.vmap(jacobians.jacobian(f_single)), or jacobians.jacobian(f) for the full "
+                f"(B, ..., B, ...) tensor."
+            )
+        off += size
+
+
+def _compute(t, spec, opts, *traced):
+    where = t.where
+    in_axes, out_axes = opts["in_axes"], opts["out_axes"]
+    args, kwargs, diff = spec.rebuild(traced)
+    _args.check_diff_dtypes(diff, spec.positions, where, False)
+    in_tree = diff[0] if t.int_argnums else diff
+    in_leaves, in_treedef = jax.tree_util.tree_flatten(in_tree)
+    for x in in_leaves:
+        if x.ndim == 0 or not -x.ndim <= in_axes < x.ndim:
+            raise ValueError(f"{where}: in_axes={in_axes} is not an axis of a differentiated leaf of shape {x.shape}.")
+    batches = {x.shape[in_axes] for x in in_leaves}
+    if len(batches) != 1:
+        raise ValueError(f"{where}: the differentiated leaves disagree on the batch size: {sorted(batches)}.")
+    (batch,) = batches
+    in_ax = in_axes % in_leaves[0].ndim
+    fronts = [_move_to_front(x, in_ax) for x in in_leaves]
+    feats = [math.prod(x.shape[1:]) for x in fronts]
+    n = sum(feats)
+
+    def call(leaves_front):
+        leaves = [jnp.moveaxis(x, 0, in_ax) if in_ax else x for x in leaves_front]
+        tree = in_treedef.unflatten(leaves)
+        a = list(args)
+        for pos, d in zip(spec.positions, (tree,) if t.int_argnums else tree, strict=True):
+            a[pos] = d
+        res = t.fun(*a, **kwargs)
+        return res if opts["has_aux"] else (res, None)
+
+    out, _ = jax.eval_shape(call, fronts)
+    _args.check_float_outputs(out, where)
+    out_leaves, out_treedef = jax.tree_util.tree_flatten(out)
+    for o in out_leaves:
+        if o.ndim == 0 or not -o.ndim <= out_axes < o.ndim or o.shape[out_axes] != batch:
+            raise ValueError(
+                f"{where}: every output needs the batch axis out_axes={out_axes} of size {batch}, got shape {o.shape}."
+            )
+    key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
+    if key not in opts["proved"]:  # once per call structure and shapes, on the host
+        avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
+        _prove(t, spec, avals, in_ax, out_axes, opts["has_aux"], batch)
+        opts["proved"].add(key)
+    out_dtype = _args.promote(*(o.dtype for o in out_leaves))
+    x_dtype = _args.promote(*(x.dtype for x in in_leaves))
+
+    def per_example(y):  # (B, m_total) from the output pytree
+        return jnp.concatenate(
+            [jnp.moveaxis(o, out_axes, 0).reshape(batch, -1).astype(out_dtype) for o in jax.tree_util.tree_leaves(y)],
+            axis=1,
+        )
+
+    m = sum(math.prod(o.shape) for o in out_leaves) // batch
+
+    def shifted(v):  # feature j of every example moves together: the batch-sum trick, forward
+        parts, o = [], 0
+        for x, k in zip(fronts, feats, strict=True):
+            parts.append(x + v[o : o + k].reshape(x.shape[1:]).astype(x.dtype)[None])
+            o += k
+        y, aux = call(parts)
+        return per_example(y).reshape(-1), aux
+
+    def summed(xflat):  # the outputs summed over the batch: the batch-sum trick, reverse
+        parts, o = [], 0
+        for x, k in zip(fronts, feats, strict=True):
+            parts.append(xflat[o : o + batch * k].reshape(x.shape).astype(x.dtype))
+            o += batch * k
+        y, aux = call(parts)
+        return per_example(y).sum(axis=0), aux
+
+    def run(mode):
+        if mode == "fwd":
+            _, jac, aux = kernels.forward(shifted, jnp.zeros(n, x_dtype), opts["chunk_size"])
+            return jac.reshape(batch, m, n), aux
+        xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
+        _, jac, aux = kernels.reverse(summed, xflat, opts["chunk_size"])  # (m, B * n) in leaf blocks
+        blocks, o = [], 0
+        for x, k in zip(fronts, feats, strict=True):
+            blocks.append(jac[:, o : o + batch * k].reshape(m, batch, k))
+            o += batch * k
+        return jnp.transpose(jnp.concatenate(blocks, axis=2), (1, 0, 2)), aux
+
+    preferred = opts["mode"] if opts["mode"] != "auto" else ("fwd" if n <= m else "rev")
+    if opts["mode"] == "auto":
+        jac, aux = _args.with_fallback(run, preferred, "rev", "fwd", where)
+    else:
+        jac, aux = run(preferred)
+
+    rows, r = [], 0
+    for o in out_leaves:
+        oshape = tuple(int(d) for d in np.delete(o.shape, out_axes % len(o.shape)))
+        mo = math.prod(oshape)
+        row, c = [], 0
+        for x, k in zip(fronts, feats, strict=True):
+            dtype = _args.promote(o.dtype, x.dtype)
+            row.append(jac[:, r : r + mo, c : c + k].reshape((batch,) + oshape + x.shape[1:]).astype(dtype))
+            c += k
+        rows.append(in_treedef.unflatten(row))
+        r += mo
+    result = out_treedef.unflatten(rows)
+    return (result, aux) if opts["has_aux"] else result
+
+
+def batch_jacobian(
+    fun: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    in_axes: int = 0,
+    out_axes: int = 0,
+    mode: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable:
+    """Per-example Jacobians of a batch-first function, after proving the examples independent.
+
+    For ``fun(X)`` with a batch axis ``in_axes`` on every differentiated leaf
+    and ``out_axes`` on every output, returns, for each output and input leaf,
+    the blocks ``d out[b] / d in[b]`` of shape ``(B,) + out_example.shape +
+    in_example.shape`` (numerator layout per example, (5.58)), pytrees as
+    :func:`jacobians.jacobian`. Before evaluating (once per call structure) it
+    proves from the jaxpr that example ``b``'s output reads only example
+    ``b``'s input; otherwise it raises :class:`CoupledBatchError` naming the
+    primitive and line that couples them. Evaluation uses ``n`` JVPs or ``m``
+    VJPs over the whole batch (per-example sizes), not ``B`` times as many.
+
+    Args:
+      fun: batch-first function.
+      argnums: an int or a tuple of ints.
+      in_axes, out_axes: the batch axis of the differentiated leaves and of the outputs (ints).
+      mode: ``"fwd"``, ``"rev"`` or ``"auto"`` (fewer passes; falls back where JAX
+        cannot differentiate in that direction).
+      has_aux: ``fun`` returns ``(output, aux)``.
+      chunk_size: at most this many JVPs/VJPs at a time.
+
+    Returns:
+      A function returning the per-example Jacobians (``(jac, aux)`` with ``has_aux``).
+
+    Raises:
+      CoupledBatchError: the examples are not independent (a batch mean, BatchNorm in
+        training mode, a cumulative sum or sort over the batch, attention across it).
+
+    Example::
+
+      >>> X = jnp.arange(6.0).reshape(3, 2)
+      >>> jacobians.batch_jacobian(lambda X: X ** 2)(X).shape
+      (3, 2, 2)
+    """
+    where = "jacobians.batch_jacobian"
+    for name, ax in (("in_axes", in_axes), ("out_axes", out_axes)):
+        if isinstance(ax, bool) or not isinstance(ax, int | np.integer):
+            raise TypeError(f"{where}: {name} must be an int, got {ax!r}.")
+    opts = dict(
+        mode=_args.check_mode(mode, where),
+        has_aux=_args.check_bool(has_aux, "has_aux", where),
+        chunk_size=_args.check_chunk_size(chunk_size, where),
+        in_axes=int(in_axes),
+        out_axes=int(out_axes),
+        proved=set(),
+    )
+    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
+    return _args.wrap(t)
