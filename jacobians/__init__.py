@@ -16,6 +16,11 @@ from ._batch import CoupledBatchError as CoupledBatchError
 from ._batch import batch_jacobian as batch_jacobian
 from ._det import det as det
 from ._det import log_abs_det as log_abs_det
+from ._det import log_volume as log_volume
+from ._divergence import divergence as divergence
+from ._divergence import trace_estimate as trace_estimate
+from ._gauss_newton import GaussNewton as GaussNewton
+from ._gauss_newton import gauss_newton as gauss_newton
 from ._det import slogdet as slogdet
 from ._gradcheck import GradcheckResult as GradcheckResult
 from ._gradcheck import assert_gradcheck as assert_gradcheck
@@ -40,6 +45,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "CoupledBatchError",
+    "GaussNewton",
     "GradcheckResult",
     "SparsePlan",
     "SparsityPattern",
@@ -47,6 +53,8 @@ __all__ = [
     "batch_jacobian",
     "contract",
     "det",
+    "divergence",
+    "gauss_newton",
     "gradcheck",
     "hessian",
     "hessian_sparsity",
@@ -57,10 +65,12 @@ __all__ = [
     "jacobian_matrix",
     "layout",
     "log_abs_det",
+    "log_volume",
     "slogdet",
     "sparse_hessian",
     "sparse_jacobian",
     "sparsity",
+    "trace_estimate",
     "value_and_jacobian",
     "value_grad_and_hessian",
 ]

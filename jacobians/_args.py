@@ -180,6 +180,12 @@ class CallSpec:
     static_keys: tuple[tuple[int, Any], ...]  # (leaf index, static_key(value))
     static: tuple[tuple[int, Any], ...] = field(compare=False, hash=False)  # (leaf index, value)
 
+    def diff_mask(self) -> list[bool]:
+        """For each traced leaf (in call order): is it a leaf of a differentiated argument?"""
+        static = {i for i, _ in self.static}
+        diff = {i for p in self.positions for i in range(*self.arg_slices[p])}
+        return [i in diff for i in range(self.treedef.num_leaves) if i not in static]
+
     def rebuild(self, traced: Sequence) -> tuple[list, dict, tuple]:
         """``(args, kwargs, diff_args)`` from the traced leaves in call order."""
         it = iter(traced)

@@ -1,14 +1,21 @@
-"""Jacobian determinants (section 5.3, Figure 5.5): the volume change of a map.
+"""Jacobian determinants (section 5.3, Figure 5.5) and log-volumes: the volume change of a map.
 
-For maps whose input and output have the same total size; the Jacobian is
-flattened row-major to a square matrix (:func:`jacobians.jacobian_matrix`), so
-matrix-valued maps such as ``X -> AX`` work too. The Jacobian is built by
-forward mode and its determinant by :func:`kernels.slogdet` (closed forms up to
-3x3, an unrolled LU above). With ``batched=True`` and several devices the batch
-is sharded across them with ``jax.sharding`` and XLA's SPMD partitioner.
+For maps whose input and output have the same total size, the Jacobian is
+flattened row-major to a square matrix (all differentiated leaves raveled into
+``x``, all outputs into ``y``), so matrix-valued maps such as ``X -> AX`` work
+too; its determinant comes from :func:`kernels.slogdet` (closed forms for
+small sizes, an unrolled LU above). For rectangular maps ``R^n -> R^m``,
+``m >= n``, the log-volume ``1/2 log det(J^T J)`` is the sum of ``log |R_ii|``
+of a QR factorisation of ``J`` (forming ``J^T J`` would square the condition
+number). Three ways to batch: ``batched=True`` (``x`` has a leading batch axis
+and ``fun`` is written for one point; with several devices the batch is
+padded to a multiple of the device count and sharded with ``jax.sharding``),
+``batch_first=True`` (``fun`` is written on batches; the examples' independence
+is proved first, as :func:`jacobians.batch_jacobian` does), or neither.
 """
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -16,105 +23,153 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import kernels
-
-from ._jacobian import jacobian_matrix
+from . import _args, kernels
 
 
-def _sign_logabs(fun: Callable, where: str) -> Callable:
-    jac = jacobian_matrix(fun, mode="fwd")
+def _flat_jacobian(p: _args.Problem, where: str, square: bool):
+    if square and p.m != p.n:
+        out = [tuple(o.shape) for o in p.out_leaves]
+        ins = [tuple(x.shape) for x in p.in_leaves]
+        raise ValueError(
+            f"{where}: a Jacobian determinant needs fun's input and output to have the same total size, but the "
+            f"input has size {p.n} (shape {ins[0] if len(ins) == 1 else ins}) and the output size {p.m} "
+            f"(shape {out[0] if len(out) == 1 else out})."
+        )
+    if not square and p.m < p.n:
+        raise ValueError(
+            f"{where}: a log-volume needs at least as many outputs as inputs (m >= n), got m = {p.m}, n = {p.n}; "
+            "J^T J is singular otherwise."
+        )
+    _, J, _ = kernels.forward(p.flat, p.x)
+    return J
 
-    def one(x, *args):
-        J = jac(x, *args)
-        if J.shape[0] != J.shape[1]:
-            out = jax.eval_shape(fun, x, *args)
-            raise ValueError(
-                f"{where}: a Jacobian determinant needs fun's input and output to have the same "
-                f"total size, but the input has size {J.shape[1]} (shape {tuple(x.shape)}) and "
-                f"the output size {J.shape[0]} (shape {tuple(out.shape)})."
-            )
-        return kernels.slogdet(J)
 
-    return one
+def _log_volume(J):
+    """``(1, 1/2 log det(J^T J))`` through ``R`` of ``J = QR``."""
+    R = jnp.linalg.qr(J, mode="r")
+    d = jnp.abs(jnp.diagonal(R, axis1=-2, axis2=-1))
+    return jnp.ones((), J.dtype), jnp.sum(jnp.log(d), axis=-1)
 
 
-def _pad_and_shard(xs: jax.Array) -> tuple[jax.Array, int]:
+def _compute(t, spec, opts, *traced):
+    where, square = t.where, opts["kind"] != "log_volume"
+    reduce = kernels.slogdet if square else _log_volume
+    diff_mask = spec.diff_mask()
+    if opts["batch_first"]:
+        args, kwargs, _ = spec.rebuild(traced)
+        leaves = jax.tree_util.tree_leaves(opts["batch_jac"](*args, **kwargs))
+        xs = [x for x, d in zip(traced, diff_mask, strict=True) if d]
+        if len(leaves) != 1 or len(xs) != 1:
+            raise ValueError(f"{where}: batch_first=True needs one array input and one array output.")
+        (J,), (x,) = leaves, xs
+        J = J.reshape(J.shape[0], -1, math.prod(np.shape(x)[1:]))  # (B, m, n) per example
+        if square and J.shape[1] != J.shape[2]:
+            raise ValueError(f"{where}: a Jacobian determinant needs square per-example Jacobians, got {J.shape[1:]}.")
+        return opts["finish"](*reduce(J))
+
+    def one(*leaves):
+        p = _args.problem(t.fun, spec, leaves, where=where, int_argnums=True)
+        return reduce(_flat_jacobian(p, where, square))
+
+    if not opts["batched"]:
+        return opts["finish"](*one(*traced))
+    for x, d in zip(traced, diff_mask, strict=True):
+        if d and np.ndim(x) == 0:
+            raise ValueError(f"{where}: batched=True needs x with a leading batch axis, got a scalar.")
+    in_axes = tuple(0 if d else None for d in diff_mask)
+    return opts["finish"](*jax.vmap(one, in_axes=in_axes)(*traced))
+
+
+def _pad_and_shard(traced: list, diff_mask: list) -> tuple[list, int]:
     """Pad the batch to a multiple of the device count and shard it across devices."""
     devices = jax.devices()
-    b = xs.shape[0]
+    b = next(np.shape(x)[0] for x, d in zip(traced, diff_mask, strict=True) if d)
     pad = -b % len(devices)
-    if pad:
-        # Repeat the last point rather than pad with zeros: no spurious
-        # singular Jacobians or NaNs in the padding (it is dropped anyway).
-        xs = jnp.concatenate([xs, jnp.repeat(xs[-1:], pad, axis=0)])
     mesh = Mesh(np.asarray(devices), ("batch",))
-    return jax.device_put(xs, NamedSharding(mesh, PartitionSpec("batch"))), b
+    out = []
+    for x, d in zip(traced, diff_mask, strict=True):
+        if d:
+            x = jnp.asarray(x)
+            if pad:
+                # Repeat the last point rather than pad with zeros: no spurious
+                # singular Jacobians or NaNs in the padding (it is dropped anyway).
+                x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
+            x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("batch")))
+        out.append(x)
+    return out, b
 
 
-def _build(fun: Callable, batched: bool, where: str, finish: Callable) -> Callable:
-    if not callable(fun):
-        raise TypeError(f"{where}: fun must be callable, got {type(fun).__name__}.")
-    if not isinstance(batched, bool):
-        raise TypeError(f"{where}: batched must be True or False, got {batched!r}.")
-    one = _sign_logabs(fun, where)
-    if batched:
+def _build(fun, argnums, batched, batch_first, where, kind, finish):
+    batched = _args.check_bool(batched, "batched", where)
+    batch_first = _args.check_bool(batch_first, "batch_first", where)
+    if batched and batch_first:
+        raise ValueError(f"{where}: choose batched=True (fun takes one point) or batch_first=True (fun takes a "
+                         "batch), not both.")
+    opts = dict(batched=batched, batch_first=batch_first, kind=kind, finish=finish)
+    if batch_first:
+        from ._batch import batch_jacobian
 
-        def batch(xs, *args):
-            return finish(*jax.vmap(one, in_axes=(0,) + (None,) * len(args))(xs, *args))
-
-        compute = jax.jit(batch)
-    else:
-        compute = jax.jit(lambda x, *args: finish(*one(x, *args)))
+        opts["batch_jac"] = batch_jacobian(fun, argnums)
+    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
 
     @functools.wraps(fun)
-    def wrapped(x, *args):
-        if not batched:
-            return compute(x, *args)
-        x = jnp.asarray(x)
-        if x.ndim == 0:
-            raise ValueError(f"{where}: batched=True needs x with a leading batch axis, got a scalar.")
-        if jax.device_count() == 1:  # the common case pays nothing for sharding
-            return compute(x, *args)
-        xs, b = _pad_and_shard(x)
-        return jax.tree_util.tree_map(lambda r: r[:b], compute(xs, *args))
+    def wrapped(*args, **kwargs):
+        if not batched or jax.device_count() == 1:  # the common case pays nothing for sharding
+            return t(*args, **kwargs)
+        fn, traced, spec = t.compiled(args, kwargs)
+        mask = spec.diff_mask()
+        for x, d in zip(traced, mask, strict=True):
+            if d and np.ndim(x) == 0:
+                raise ValueError(f"{where}: batched=True needs x with a leading batch axis, got a scalar.")
+        sharded, b = _pad_and_shard(traced, mask)
+        return jax.tree_util.tree_map(lambda r: r[:b], fn(*sharded))
 
+    wrapped.transform = t
     return wrapped
 
 
-def slogdet(fun: Callable, *, batched: bool = False) -> Callable:
-    """Sign and log of the absolute Jacobian determinant of ``fun``.
-
+_ARGS_DOC = """
     Args:
-      fun: ``fun(x, *args)``, differentiated in ``x``; input and output of the
-        same total size. Extra arguments (arrays) are passed through.
-      batched: ``x`` has a leading batch axis; one value per point. Sharded
-        across devices when there are several.
+      fun: differentiated in ``argnums`` (default the first argument); input and
+        output of the same total size (``log_volume``: output size >= input size).
+        Other arguments (arrays, pytrees, kwargs, hashable statics) pass through.
+      argnums: an int or a tuple of ints.
+      batched: ``x`` has a leading batch axis and ``fun`` takes one point; one value
+        per point. Sharded across devices when there are several.
+      batch_first: ``fun`` takes a batch (leading axis) and its examples are
+        independent (proved from the jaxpr; :class:`jacobians.CoupledBatchError`
+        otherwise); one value per example.
+"""
 
+
+def slogdet(fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False) -> Callable:
+    """Sign and log of the absolute Jacobian determinant of ``fun``.
+    {args}
     Returns:
-      A function ``(x, *args) -> (sign, logabsdet)``, each a scalar (shape
-      ``(batch,)`` when batched). A singular Jacobian gives sign 0 and
-      logabsdet ``-inf``; logabsdet stays finite where det would under- or
-      overflow.
+      A function returning ``(sign, logabsdet)``, each a scalar (shape ``(batch,)``
+      when batched). A singular Jacobian gives sign 0 and logabsdet ``-inf``; an
+      infinite entry gives ``+inf`` (as ``jnp.linalg.slogdet``); logabsdet stays finite
+      where det would under- or overflow.
 
     Raises:
       ValueError: input and output sizes differ (on the first call).
     """
-    return _build(fun, batched, "jacobians.slogdet", lambda sign, logabs: (sign, logabs))
+    return _build(fun, argnums, batched, batch_first, "jacobians.slogdet", "slogdet", lambda s, la: (s, la))
 
 
-def log_abs_det(fun: Callable, *, batched: bool = False) -> Callable:
+def log_abs_det(fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False) -> Callable:
     """``log |det(dfun/dx)|``, the change-of-variables term of flows.
 
-    See :func:`slogdet` for the arguments. Returns a function
-    ``(x, *args) -> logabsdet`` (shape ``(batch,)`` when batched).
+    See :func:`slogdet` for the arguments. Returns a function giving
+    ``logabsdet`` (shape ``(batch,)`` when batched).
     """
-    return _build(fun, batched, "jacobians.log_abs_det", lambda sign, logabs: logabs)
+    return _build(fun, argnums, batched, batch_first, "jacobians.log_abs_det", "slogdet", lambda s, la: la)
 
 
-def det(fun: Callable, *, batched: bool = False) -> Callable:
+def det(fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False) -> Callable:
     """``det(dfun/dx)``, the volume scaling of section 5.3 (Figure 5.5).
 
-    See :func:`slogdet` for the arguments. Returns a function ``(x, *args) -> det``
+    See :func:`slogdet` for the arguments. Returns a function giving ``det``
     (shape ``(batch,)`` when batched), computed as ``sign * exp(logabsdet)``.
 
     Example (5.61)-(5.66)::
@@ -123,4 +178,26 @@ def det(fun: Callable, *, batched: bool = False) -> Callable:
       >>> jacobians.det(f)(jnp.array([1.0, 2.0]))
       Array(-3., dtype=float32)
     """
-    return _build(fun, batched, "jacobians.det", lambda sign, logabs: sign * jnp.exp(logabs))
+    return _build(fun, argnums, batched, batch_first, "jacobians.det", "slogdet", lambda s, la: s * jnp.exp(la))
+
+
+def log_volume(fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False) -> Callable:
+    """``1/2 log det(J^T J)``: the log-volume change of a map ``R^n -> R^m``, ``m >= n`` (injective flows).
+
+    Computed from a QR factorisation of ``J`` (the sum of ``log |R_ii|``), stable
+    where forming ``J^T J`` squares the condition number; equals
+    :func:`log_abs_det` for square maps; ``-inf`` where ``J`` has an exactly zero
+    direction. See :func:`slogdet` for the arguments.
+
+    Raises:
+      ValueError: fewer outputs than inputs.
+
+    Example::
+
+      >>> jacobians.log_volume(lambda x: jnp.concatenate([x, x]))(jnp.ones(2))  # J = [I; I]: det(J^T J) = 4
+      Array(0.6931472, dtype=float32)
+    """
+    return _build(fun, argnums, batched, batch_first, "jacobians.log_volume", "log_volume", lambda s, la: la)
+
+
+slogdet.__doc__ = slogdet.__doc__.format(args=_ARGS_DOC)

@@ -1,0 +1,171 @@
+"""The Gauss-Newton matrix ``J^T J`` as an operator: products, its exact diagonal, and the matrix.
+
+For least squares ``1/2 ||f(x)||^2`` the Gauss-Newton (and Levenberg-Marquardt)
+step needs ``J^T J v`` and often ``diag(J^T J)`` (the squared column norms of
+``J``, a Jacobi preconditioner), without forming ``J``. ``mv`` linearises
+``f`` and transposes the linearisation: one JVP and one VJP. Where ``f`` has a
+``custom_vjp`` (no forward mode), ``J v`` comes from transposing the pullback.
+``diagonal()`` is exact: with ``J``'s columns coloured so that same-coloured
+columns share no row, the compressed product ``J S`` holds every entry of
+every column exactly once, so the squared column norms are sums of squares
+of compressed entries: one JVP per colour.
+"""
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from . import _args, _deps, kernels
+from ._sparsity import detect_call
+
+
+def _linear_maps(p: _args.Problem, mode: str):
+    """``(J v, J^T u)`` as functions of flat vectors, linearised once.
+
+    ``"fwd"``: ``jax.linearize`` and its transpose. ``"rev"`` (a ``custom_vjp`` has
+    no forward mode): the pullback, and ``J v`` by transposing the pullback.
+    """
+    f = lambda x: p.flat(x)[0]  # noqa: E731
+    if mode == "fwd":
+        _, jvp = jax.linearize(f, p.x)
+        vjp = jax.linear_transpose(jvp, p.x)
+        return jvp, lambda u: vjp(u)[0]
+    y, pull = jax.vjp(f, p.x)
+    jvp_t = jax.linear_transpose(lambda u: pull(u)[0], jax.ShapeDtypeStruct(y.shape, y.dtype))
+    return (lambda v: jvp_t(v)[0]), (lambda u: pull(u)[0])
+
+
+def _either(run, where):
+    """Forward linearisation, or the pullback where a custom_vjp forbids forward mode."""
+    return _args.with_fallback(run, "fwd", "rev", "fwd", where)
+
+
+def _mv(t, spec, v, *traced):
+    p = _args.problem(t.fun, spec, traced, where=t.where, int_argnums=t.int_argnums)
+    vf = ravel_pytree(v)[0].astype(p.x.dtype)
+    if vf.shape != p.x.shape:
+        raise ValueError(f"{t.where}: mv needs a vector with {p.n} entries (the inputs' structure), got {vf.size}.")
+
+    def run(mode):
+        jv, jtu = _linear_maps(p, mode)
+        return jtu(jv(vf))
+
+    return _unflat(p, _either(run, t.where))
+
+
+def _unflat(p: _args.Problem, flat):
+    leaves, i = [], 0
+    for x in p.in_leaves:
+        leaves.append(flat[i : i + x.size].reshape(x.shape).astype(x.dtype))
+        i += x.size
+    return p.in_treedef.unflatten(leaves)
+
+
+def _diagonal(t, spec, plans, *traced):
+    p = _args.problem(t.fun, spec, traced, where=t.where, int_argnums=t.int_argnums)
+    n = p.n
+    key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
+    plan = plans.get(key)
+    if plan is None:
+        try:
+            avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
+            pat = detect_call(t, spec, avals, max_nnz=16 * n + 1024).pattern
+            plan = (pat.rows, pat.cols, kernels.color_columns(pat.rows, pat.cols, n))
+        except _deps.TooDense:
+            plan = None
+        plans[key] = plan
+    if plan is None:  # dense: every column by its own JVP
+        seeds = jnp.eye(n, dtype=p.x.dtype)
+    else:
+        rows, cols, colors = plan
+        c = int(colors.max()) + 1 if n else 0
+        seeds = jnp.asarray(colors[None, :] == np.arange(c)[:, None], p.x.dtype)
+    compressed = _either(lambda mode: jax.vmap(_linear_maps(p, mode)[0])(seeds), t.where)  # (c, m)
+    if plan is None:  # column j of J in row j
+        return _unflat(p, jnp.sum(compressed * compressed, axis=1))
+    vals = compressed.reshape(-1)[colors[cols] * p.m + rows]  # J[rows, cols]
+    return _unflat(p, jax.ops.segment_sum(vals * vals, jnp.asarray(cols), num_segments=n))
+
+
+def _materialise(t, spec, *traced):
+    p = _args.problem(t.fun, spec, traced, where=t.where, int_argnums=t.int_argnums)
+    _, J, _ = kernels.forward(p.flat, p.x) if p.n <= p.m else kernels.reverse(p.flat, p.x)
+    return J.T @ J
+
+
+class GaussNewton:
+    """``J^T J`` at one point, as an operator (``J`` in the book's numerator layout, flattened).
+
+    Methods:
+      mv(v): ``J^T (J v)``, ``v`` with the structure of the differentiated arguments.
+      diagonal(): ``diag(J^T J)`` (the squared column norms of ``J``), same structure.
+      materialise(): the dense ``(n, n)`` matrix ``J^T J`` (inputs raveled).
+    """
+
+    def __init__(self, gn, args, kwargs):
+        self._gn, self._args, self._kwargs = gn, args, kwargs
+
+    def _call(self, name, *extra):
+        fn, traced, _ = self._gn.compiled(name, self._args, self._kwargs)
+        return fn(*extra, *traced)
+
+    def mv(self, v):
+        """``J^T (J v)``: one JVP and one VJP."""
+        return self._call("mv", v)
+
+    def diagonal(self):
+        """``diag(J^T J)``, exactly: one JVP per colour of ``J``'s column colouring (``n`` if dense)."""
+        return self._call("diagonal")
+
+    def materialise(self):
+        """The dense ``(n, n)`` matrix ``J^T J``."""
+        return self._call("materialise")
+
+
+class _GN:
+    def __init__(self, fun, argnums, where):
+        plans: dict = {}
+        self.t = {
+            "mv": _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_mv, self.t["mv"], spec))),
+            "diagonal": _args.Transform(
+                fun, argnums, where, lambda spec: jax.jit(functools.partial(_diagonal, self.t["diagonal"], spec, plans))
+            ),
+            "materialise": _args.Transform(
+                fun, argnums, where, lambda spec: jax.jit(functools.partial(_materialise, self.t["materialise"], spec))
+            ),
+        }
+
+    def compiled(self, name, args, kwargs):
+        return self.t[name].compiled(args, kwargs)
+
+
+def gauss_newton(fun: Callable, argnums: int | tuple[int, ...] = 0) -> Callable:
+    """The Gauss-Newton operator ``J^T J`` of ``fun`` (for ``1/2 ||fun(x)||^2``), without forming ``J``.
+
+    Args:
+      fun: the residual function (any output pytree; flattened).
+      argnums: an int or a tuple of ints.
+
+    Returns:
+      A function of ``fun``'s arguments returning a :class:`GaussNewton` operator
+      with ``mv(v)``, ``diagonal()`` and ``materialise()``, each compiled and cached.
+
+    Example::
+
+      >>> gn = jacobians.gauss_newton(lambda x: jnp.stack([x[0] * x[1], x[1]]))(jnp.array([1.0, 2.0]))
+      >>> gn.diagonal()
+      Array([4., 2.], dtype=float32)
+    """
+    where = "jacobians.gauss_newton"
+    gn = _GN(fun, argnums, where)
+
+    @functools.wraps(fun)
+    def at(*args, **kwargs):
+        gn.compiled("mv", args, kwargs)  # checks the arguments now, not at the first product
+        return GaussNewton(gn, args, kwargs)
+
+    return at

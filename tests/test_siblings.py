@@ -1,0 +1,108 @@
+"""Jacobian quantities without the Jacobian: divergence, trace estimators, log-volumes, Gauss-Newton."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import randn
+from registry import CASES
+
+import jacobians
+
+SQUARE = ["elementwise", "planar_flow", "coupling_flow", "stencil_2d", "block_diagonal", "scan_static_stencil",
+          "custom_vjp", "while_shift", "banded_const_matmul"]
+
+
+@pytest.mark.parametrize("name", SQUARE)
+def test_divergence_equals_trace(name, rng):
+    c = CASES[name]
+    x = randn(rng, c.shape)
+    want = np.trace(np.asarray(c.reference(x)).reshape(x.size, x.size))
+    for chunk in (None, 1, 3):
+        np.testing.assert_allclose(jacobians.divergence(c.fun, chunk_size=chunk)(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_estimators_unbiased_with_honest_errors(rng):
+    A = randn(rng, (8, 8))
+    f = lambda x: jnp.tanh(A @ x) + 0.5 * x  # noqa: E731
+    x = randn(rng, (8,))
+    exact = float(jnp.trace(jax.jacfwd(f)(x)))
+    for estimator, probes in (("hutchinson", "rademacher"), ("hutchinson", "gaussian"), ("hutch++", "rademacher")):
+        est = jax.jit(jax.vmap(lambda k: jacobians.trace_estimate(f, num_probes=9, estimator=estimator,
+                                                                  probes=probes)(x, key=k)))
+        vals, errs = est(jax.random.split(jax.random.key(3), 400))
+        vals, errs = np.asarray(vals), np.asarray(errs)
+        # The mean over 400 keys is within 4 standard errors of the exact trace (unbiased) ...
+        assert abs(vals.mean() - exact) < 4 * vals.std() / np.sqrt(len(vals)) + 1e-12, estimator
+        # ... and each estimate's error bar covers the truth about as often as a normal one would.
+        covered = np.mean(np.abs(vals - exact) <= 2 * errs + 1e-12)
+        assert covered > 0.8, (estimator, probes, covered)
+    a = jacobians.trace_estimate(f, num_probes=5)(x, key=jax.random.key(0))
+    b = jacobians.trace_estimate(f, num_probes=5)(x, key=jax.random.key(0))
+    assert a == b
+
+
+def test_log_volume(rng):
+    g = lambda x: jnp.concatenate([jnp.sin(x), x[:3] ** 2, jnp.cumsum(x)])  # noqa: E731
+    x = randn(rng, (5,))
+    J = np.asarray(jax.jacfwd(g)(x))
+    np.testing.assert_allclose(jacobians.log_volume(g)(x), 0.5 * np.linalg.slogdet(J.T @ J)[1], rtol=1e-12)
+    xs = randn(rng, (4, 5))
+    want = [0.5 * np.linalg.slogdet(np.asarray(jax.jacfwd(g)(p)).T @ np.asarray(jax.jacfwd(g)(p)))[1] for p in xs]
+    np.testing.assert_allclose(jacobians.log_volume(g, batched=True)(xs), want, rtol=1e-12)
+    sq = CASES["planar_flow"]
+    np.testing.assert_allclose(jacobians.log_volume(sq.fun)(x[:4]), jacobians.log_abs_det(sq.fun)(x[:4]), rtol=1e-12)
+    # Condition number 1e7: J^T J would square it to 1e14; the QR route stays accurate.
+    U, _ = np.linalg.qr(np.asarray(randn(rng, (7, 4))))
+    V, _ = np.linalg.qr(np.asarray(randn(rng, (4, 4))))
+    s = np.array([1.0, 1e-2, 1e-5, 1e-7])
+    M = jnp.asarray(U @ np.diag(s) @ V.T)
+    got = float(jacobians.log_volume(lambda x: M @ x)(x[:4]))
+    assert abs(got - np.sum(np.log(s))) <= 1e-10 * abs(np.sum(np.log(s)))
+    assert jacobians.log_volume(lambda x: jnp.stack([x[0], x[0], 2 * x[0]]))(x[:2]) == -np.inf
+
+
+@pytest.mark.parametrize("name", ["tall_tanh", "stencil_1d", "custom_vjp", "conv_same"])
+def test_gauss_newton(name, rng):
+    c = CASES[name]
+    x = randn(rng, c.shape)
+    J = np.asarray(c.reference(x)).reshape(-1, x.size)
+    gn = jacobians.gauss_newton(c.fun)(x)
+    v = randn(rng, c.shape)
+    np.testing.assert_allclose(gn.mv(v).reshape(-1), J.T @ (J @ np.asarray(v).reshape(-1)), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gn.diagonal().reshape(-1), np.diag(J.T @ J), rtol=1e-12, atol=1e-12)
+    if c.fwd:
+        np.testing.assert_allclose(gn.materialise(), J.T @ J, rtol=1e-10, atol=1e-12)
+
+
+def test_determinants_take_the_pipeline(rng):
+    A = randn(rng, (4, 4))
+    x = randn(rng, (4,))
+
+    def f(x, scale=1.0, *, shift):
+        return jnp.tanh(A @ x) * scale + x + shift
+
+    want = np.linalg.slogdet(np.asarray(jax.jacfwd(f)(x, 2.0, shift=1.0)))[1]
+    np.testing.assert_allclose(jacobians.log_abs_det(f)(x, 2.0, shift=1.0), want, rtol=1e-12)
+    fb = lambda X: jnp.tanh(X @ A.T) + X  # noqa: E731
+    X = randn(rng, (3, 4))
+    np.testing.assert_allclose(jacobians.log_abs_det(fb, batch_first=True)(X),
+                               jacobians.log_abs_det(lambda x: fb(x[None])[0], batched=True)(X), rtol=1e-12)
+    with pytest.raises(jacobians.CoupledBatchError, match="reduce_sum"):
+        jacobians.log_abs_det(lambda X: X - X.mean(0, keepdims=True) + X**2, batch_first=True)(X)
+
+
+def test_errors(rng):
+    x = randn(rng, (4,))
+    with pytest.raises(ValueError, match=r"jacobians.divergence: a trace needs .* the input has 4 entries and the output 2"):
+        jacobians.divergence(lambda x: x[:2])(x)
+    with pytest.raises(ValueError, match=r"jacobians.log_volume: a log-volume needs at least as many outputs .* m = 2, n = 4"):
+        jacobians.log_volume(lambda x: x[:2])(x)
+    with pytest.raises(ValueError, match=r"jacobians.trace_estimate: num_probes must be a positive int, got 0"):
+        jacobians.trace_estimate(jnp.sin, num_probes=0)
+    with pytest.raises(TypeError, match=r"jacobians.trace_estimate: the returned function needs a PRNG key"):
+        jacobians.trace_estimate(jnp.sin, num_probes=2)(x)
+    with pytest.raises(ValueError, match=r"estimator must be one of \('hutchinson', 'hutch\+\+'\)"):
+        jacobians.trace_estimate(jnp.sin, num_probes=2, estimator="exact")
+    with pytest.raises(ValueError, match=r"choose batched=True .* or batch_first=True"):
+        jacobians.det(jnp.sin, batched=True, batch_first=True)
