@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _args, _deps, kernels
 from ._sparsity import detect_call
+from ._walker import has_custom_vjp
 
 ESTIMATORS = ("hutchinson", "hutch++")
 PROBES = ("rademacher", "gaussian")
@@ -149,24 +150,35 @@ def _estimate(t, spec, opts, key, *traced):
     n, k = p.n, opts["num_probes"]
     dtype = p.x.dtype
     f = lambda x: p.flat(x)[0]  # noqa: E731
-    _, jvp = jax.linearize(f, p.x)
+    # tr(J) = tr(J^T): estimate with J (JVPs) or, where a custom_vjp forbids forward mode, J^T (VJPs).
+    if has_custom_vjp(jax.make_jaxpr(f)(p.x)):
+        _, pull = jax.vjp(f, p.x)
+        apply = jax.vmap(lambda v: pull(v)[0])
+    else:
+        apply = jax.vmap(lambda v: jax.jvp(f, (p.x,), (v,))[1])
     if opts["estimator"] == "hutchinson":
         Z = _probes(key, (k, n), opts["probes"], dtype)
-        samples = jnp.einsum("kn,kn->k", Z, jax.vmap(jvp)(Z))
-        return jnp.mean(samples), jnp.std(samples, ddof=1) / math.sqrt(k) if k > 1 else jnp.asarray(jnp.inf, dtype)
+        samples = jnp.einsum("kn,kn->k", Z, apply(Z))
+        return jnp.mean(samples), _stderr(samples)
     # Hutch++: a third of the probes sketch the range, a third take the sketch's trace exactly,
     # a third estimate the trace of what the sketch leaves out.
     s = max(1, k // 3)
     r = max(1, k - 2 * s)
     k1, k2 = jax.random.split(key)
     S = _probes(k1, (s, n), opts["probes"], dtype)
-    Q, _ = jnp.linalg.qr(jax.vmap(jvp)(S).T)  # (n, s)
-    exact = jnp.trace(Q.T @ jax.vmap(jvp)(Q.T).T)
+    Q, _ = jnp.linalg.qr(apply(S).T)  # (n, s)
+    exact = jnp.trace(Q.T @ apply(Q.T).T)
     G = _probes(k2, (r, n), opts["probes"], dtype)
     Gp = G - (G @ Q) @ Q.T  # project out the sketch
-    samples = jnp.einsum("kn,kn->k", Gp, jax.vmap(jvp)(Gp))
-    stderr = jnp.std(samples, ddof=1) / math.sqrt(r) if r > 1 else jnp.asarray(jnp.inf, dtype)
-    return exact + jnp.mean(samples), stderr
+    samples = jnp.einsum("kn,kn->k", Gp, apply(Gp))
+    return exact + jnp.mean(samples), _stderr(samples)
+
+
+def _stderr(samples):
+    k = samples.shape[0]
+    if k < 2:
+        return jnp.asarray(jnp.inf, samples.dtype)
+    return jnp.std(samples, ddof=1) / math.sqrt(k)
 
 
 def trace_estimate(

@@ -21,6 +21,7 @@ from jax.flatten_util import ravel_pytree
 
 from . import _args, _deps, kernels
 from ._sparsity import detect_call
+from ._walker import has_custom_vjp
 
 
 def _linear_maps(p: _args.Problem, mode: str):
@@ -39,9 +40,14 @@ def _linear_maps(p: _args.Problem, mode: str):
     return (lambda v: jvp_t(v)[0]), (lambda u: pull(u)[0])
 
 
-def _either(run, where):
-    """Forward linearisation, or the pullback where a custom_vjp forbids forward mode."""
-    return _args.with_fallback(run, "fwd", "rev", "fwd", where)
+def _either(p: _args.Problem, run):
+    """Forward linearisation, or the pullback where a custom_vjp forbids forward mode.
+
+    (``jax.linearize`` of a ``custom_vjp`` fails only when compiled, too late to
+    fall back; so look at the jaxpr first.)
+    """
+    closed = jax.make_jaxpr(lambda x: p.flat(x)[0])(p.x)
+    return run("rev" if has_custom_vjp(closed) else "fwd")
 
 
 def _mv(t, spec, v, *traced):
@@ -54,7 +60,7 @@ def _mv(t, spec, v, *traced):
         jv, jtu = _linear_maps(p, mode)
         return jtu(jv(vf))
 
-    return _unflat(p, _either(run, t.where))
+    return _unflat(p, _either(p, run))
 
 
 def _unflat(p: _args.Problem, flat):
@@ -84,7 +90,7 @@ def _diagonal(t, spec, plans, *traced):
         rows, cols, colors = plan
         c = int(colors.max()) + 1 if n else 0
         seeds = jnp.asarray(colors[None, :] == np.arange(c)[:, None], p.x.dtype)
-    compressed = _either(lambda mode: jax.vmap(_linear_maps(p, mode)[0])(seeds), t.where)  # (c, m)
+    compressed = _either(p, lambda mode: jax.vmap(_linear_maps(p, mode)[0])(seeds))  # (c, m)
     if plan is None:  # column j of J in row j
         return _unflat(p, jnp.sum(compressed * compressed, axis=1))
     vals = compressed.reshape(-1)[colors[cols] * p.m + rows]  # J[rows, cols]

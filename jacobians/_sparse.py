@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 from . import _args, kernels
+from ._walker import primitives
 from ._sparsity import Detected, SparsityPattern, _abstract, detect_call, detect_hessian
 
 OUTPUTS = ("bcoo", "dense")
@@ -305,21 +306,9 @@ def _shapes_only(t, spec, avals, has_aux) -> Detected:
 
     closed, _, p = trace_flat(t, spec, avals, has_aux=has_aux)
     m, n = p.m, p.n
-    prims = _primitives(closed.jaxpr)
+    prims = primitives(closed.jaxpr)
     return Detected(SparsityPattern((m,), (n,), [], []), p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef,
                     prims)
-
-
-def _primitives(jaxpr) -> set[str]:
-    """Names of all primitives in a jaxpr, nested ones included."""
-    from jax.extend import core as jcore
-
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for sub in jcore.jaxprs_in_params(eqn.params):
-            names |= _primitives(sub)
-    return names
 
 
 def sparse_jacobian(

@@ -184,7 +184,7 @@ def trace_flat(t: "_args.Transform", spec: "_args.CallSpec", avals: list, *, has
 
     def g(*traced):
         p = _args.problem(t.fun, spec, traced, where=t.where, has_aux=has_aux, holomorphic=holomorphic,
-                          int_argnums=t.int_argnums)
+                          int_argnums=t.int_argnums, lazy=True)
         meta["problem"] = p
         return p.flat(p.x)[0]
 

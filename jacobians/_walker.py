@@ -296,3 +296,19 @@ class Walker:
         outs = self._run(body, consts + final + sl)
         ys = [lat.spread(y, a) for y, a, ya in zip(outs[nk:], out_avals[nk:], y_avals, strict=True)]
         return final + ys
+
+
+def primitives(jaxpr) -> set[str]:
+    """Names of all primitives in a (closed) jaxpr, nested ones included (no walk, no lattice)."""
+    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, jcore.ClosedJaxpr) else jaxpr
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jcore.jaxprs_in_params(eqn.params):
+            names |= primitives(sub)
+    return names
+
+
+def has_custom_vjp(jaxpr) -> bool:
+    """True when JAX cannot push JVPs through the jaxpr (it contains a ``custom_vjp``)."""
+    return bool({"custom_vjp_call", "custom_vjp_call_jaxpr"} & primitives(jaxpr))

@@ -440,3 +440,16 @@ _first_times_ones.defjvp(lambda p, t: (_first_times_ones(*p), t[0]))  # the rule
 @case((3,), "custom", "sparse", "square")
 def custom_rule_denser_than_primal(x):
     return _first_times_ones(x)
+
+
+@jax.custom_vjp
+def _scaled_sin(x):
+    return jnp.sin(x) * 2.0
+
+
+_scaled_sin.defvjp(lambda x: (_scaled_sin(x), jnp.cos(x)), lambda c, g: (2.0 * c * g,))
+
+
+@case((5,), "custom", "sparse", "square", fwd=False)
+def custom_vjp_linear_rule(x):
+    return _scaled_sin(x)[::-1] * x
