@@ -143,7 +143,8 @@ def check_diff_dtypes(diff: tuple, positions: tuple[int, ...], where: str, holom
                 allow_complex and jnp.issubdtype(x.dtype, jnp.complexfloating)
             ):
                 hint = (
-                    " For holomorphic functions pass holomorphic=True."
+                    " For a holomorphic function pass holomorphic=True; for a real-valued function of complex "
+                    "inputs use reverse mode (mode='rev' or 'auto', jax.jacrev's convention)."
                     if jnp.issubdtype(x.dtype, jnp.complexfloating)
                     else " Cast it with x.astype(jnp.float32) (or float64)."
                 )
@@ -385,6 +386,25 @@ def promote(*dtypes):
         return jnp.result_type(*dtypes)
 
 
+def _weak(x) -> bool:
+    return bool(getattr(getattr(x, "aval", x), "weak_type", False))
+
+
+def cast(x: jax.Array, dtype, weak: bool = False) -> jax.Array:
+    """``x`` in ``dtype``; weakly typed (as JAX's own derivatives of Python scalars are) when ``weak``."""
+    if x.dtype == dtype and _weak(x) == weak:
+        return x
+    if weak and _convert_weak is not None:
+        return _convert_weak(x, dtype, weak_type=True)
+    return x.astype(dtype)
+
+
+try:  # JAX has no public way to make a weakly typed array from a traced one
+    from jax._src.lax.lax import _convert_element_type as _convert_weak
+except ImportError:  # pragma: no cover
+    _convert_weak = None
+
+
 @dataclass
 class Problem:
     """One call, seen flat: ``flat(x) -> (y, aux)`` with ``x`` of shape ``(n,)`` and ``y`` of shape ``(m,)``.
@@ -418,7 +438,8 @@ class Problem:
             for x in self.in_leaves:
                 ni = x.size
                 block = jac if (mo, ni) == tuple(jac.shape) else jac[o : o + mo, i : i + ni]
-                row.append(block.reshape(out.shape + x.shape).astype(dtype_of(out, x)))
+                block = block.reshape(out.shape + x.shape)
+                row.append(cast(block, dtype_of(out, x), weak=_weak(out) and _weak(x)))
                 i += ni
             rows.append(self.in_treedef.unflatten(row))
             o += mo
@@ -460,7 +481,7 @@ def problem(
     def record(shapes):
         check_float_outputs(shapes, where, holomorphic)
         leaves, prob.out_treedef = jax.tree_util.tree_flatten(shapes)
-        prob.out_leaves = [jax.ShapeDtypeStruct(np.shape(s), s.dtype) for s in leaves]
+        prob.out_leaves = [jax.ShapeDtypeStruct(np.shape(s), s.dtype, weak_type=_weak(s)) for s in leaves]
         prob.out_dtype = promote(*(s.dtype for s in leaves))
 
     if not lazy:

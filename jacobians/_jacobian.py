@@ -32,10 +32,13 @@ def _choose_mode(mode: str, n: int, m: int, complex_out: bool, holomorphic: bool
 
 def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
     where = t.where
+    # Real-valued functions of complex inputs: reverse mode, with jax.jacrev's convention.
+    complex_ok = not opts["holomorphic"] and opts["mode"] != "fwd" and opts["order"] is None
     p = _args.problem(
         t.fun, spec, traced, where=where, has_aux=opts["has_aux"], holomorphic=opts["holomorphic"],
-        int_argnums=t.int_argnums,
+        int_argnums=t.int_argnums, allow_complex=complex_ok,
     )
+    complex_in = jnp.issubdtype(p.x.dtype, jnp.complexfloating) and not opts["holomorphic"]
     order = opts["order"]
     if order is not None and (len(p.out_leaves) != 1 or len(p.in_leaves) != 1):
         raise ValueError(
@@ -44,13 +47,21 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
             "jacobians.jacobian for pytrees."
         )
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
-    mode = _choose_mode(opts["mode"], p.n, p.m, complex_out, opts["holomorphic"], where)
+    if complex_in:
+        if complex_out:
+            raise TypeError(
+                f"{where}: fun has complex inputs and complex outputs; pass holomorphic=True for a holomorphic "
+                "function (a non-holomorphic complex map has no complex Jacobian)."
+            )
+        mode = "rev"
+    else:
+        mode = _choose_mode(opts["mode"], p.n, p.m, complex_out, opts["holomorphic"], where)
 
     def run(mode):
         kernel = kernels.forward if mode == "fwd" else kernels.reverse
         return kernel(p.flat, p.x, opts["chunk_size"])
 
-    if opts["mode"] == "auto" and not complex_out:
+    if opts["mode"] == "auto" and not complex_out and not complex_in:
         _, jac, aux = _args.with_fallback(run, mode, "rev", "fwd", where)
     else:
         _, jac, aux = run(mode)

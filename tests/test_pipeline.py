@@ -155,3 +155,34 @@ def test_sparse_pytree_blocks_are_bcoo(rng):
     for g, w in zip(jax.tree_util.tree_leaves(got, is_leaf=lambda z: hasattr(z, "todense")),
                     jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(g.todense(), w, rtol=1e-13)
+
+
+def test_weak_types_follow_jax():
+    for make in (jacobians.jacobian, jax.jacfwd):
+        j = make(lambda x: x * 2.0)(1.0)
+        assert j.weak_type and (j * jnp.float32(1)).dtype == jnp.float32
+    assert not jacobians.jacobian(lambda x: x * 2.0)(jnp.ones(2)).weak_type
+
+
+def test_real_function_of_complex_inputs_matches_jacrev(rng):
+    f = lambda z: jnp.abs(z) ** 2 + jnp.real(z[::-1] * z)  # noqa: E731
+    z = jnp.asarray(rng.standard_normal(3) + 1j * rng.standard_normal(3))
+    assert_tree_allclose(jacobians.jacobian(f)(z), jax.jacrev(f)(z))
+    assert_tree_allclose(jacobians.jacobian(f, mode="rev")(z), jax.jacrev(f)(z))
+    with pytest.raises(TypeError, match=r"for a real-valued function of complex inputs use reverse mode"):
+        jacobians.jacobian(f, mode="fwd")(z)
+    with pytest.raises(TypeError, match=r"complex inputs and complex outputs; pass holomorphic=True"):
+        jacobians.jacobian(lambda z: z * jnp.conj(z))(z)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_check_finds_a_missed_entry(mode, rng):
+    from registry import stencil_1d
+
+    x = randn(rng, (9,))
+    pattern = jacobians.sparsity(stencil_1d, x).to_dense()
+    ok = jacobians.sparse_jacobian(stencil_1d, sparsity=pattern, check=True, mode=mode)(x)
+    np.testing.assert_allclose(ok.todense(), jax.jacfwd(stencil_1d)(x), rtol=1e-13)
+    pattern[3, 4] = False
+    with pytest.raises(ValueError, match=r"pattern misses entry \(row 3, column 4\) of the flat Jacobian"):
+        jacobians.sparse_jacobian(stencil_1d, sparsity=pattern, check=True, mode=mode)(x)
