@@ -102,7 +102,12 @@ def jacobian(
 
     Same results and pytree structure as ``jax.jacfwd``/``jax.jacrev``: for an
     output leaf of shape ``out.shape`` and an input leaf of shape ``in.shape``
-    the block has shape ``out.shape + in.shape``. The returned function is
+    the block has shape ``out.shape + in.shape``. One difference, on purpose:
+    with mixed precisions each block has dtype ``promote(out.dtype, in.dtype)``
+    whatever the mode (``jax.jacfwd`` gives the output's dtype and ``jax.jacrev``
+    the input's, so their answers differ from each other). Derivatives of
+    Python scalars are weakly typed, as JAX's. A real-valued function of complex
+    inputs is differentiated in reverse mode with ``jax.jacrev``'s convention. The returned function is
     jit-compiled and cached: a second call with the same shapes and dtypes does
     not re-trace ``fun``.
 
