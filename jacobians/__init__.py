@@ -26,9 +26,11 @@ from ._gradcheck import GradcheckResult as GradcheckResult
 from ._gradcheck import assert_gradcheck as assert_gradcheck
 from ._gradcheck import gradcheck as gradcheck
 from ._hessian import hessian as hessian
+from ._planner import JacobianPlan as JacobianPlan
 from ._hessian import hvp as hvp
 from ._hessian import value_and_jacobian as value_and_jacobian
 from ._hessian import value_grad_and_hessian as value_grad_and_hessian
+from ._jacobian import explain as explain
 from ._jacobian import jacobian as jacobian
 from ._jacobian import jacobian_matrix as jacobian_matrix
 from ._sparse import SparsePlan as SparsePlan
@@ -47,6 +49,7 @@ __all__ = [
     "CoupledBatchError",
     "GaussNewton",
     "GradcheckResult",
+    "JacobianPlan",
     "SparsePlan",
     "SparsityPattern",
     "assert_gradcheck",
@@ -54,6 +57,7 @@ __all__ = [
     "contract",
     "det",
     "divergence",
+    "explain",
     "gauss_newton",
     "gradcheck",
     "hessian",

@@ -9,10 +9,13 @@ an output leaf of shape ``out.shape`` with respect to an input leaf of shape
 import functools
 from collections.abc import Callable
 
+import warnings
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from . import _args, kernels, layout
+from . import _args, _deps, _planner, _sparse, _sparsity, kernels, layout
 
 
 def _choose_mode(mode: str, n: int, m: int, complex_out: bool, holomorphic: bool, where: str) -> str:
@@ -47,6 +50,11 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
             "jacobians.jacobian for pytrees."
         )
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
+    if _planned(opts, complex_in or complex_out):
+        plan = _plan(t, spec, traced, opts)
+        if plan.method == "compressed":
+            return opts["engine"]._compute(spec, traced)
+        opts = dict(opts, mode=plan.mode)
     if complex_in:
         if complex_out:
             raise TypeError(
@@ -75,6 +83,38 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
     return (result, aux) if opts["has_aux"] else result
 
 
+def _planned(opts, complex_any: bool) -> bool:
+    """The planner chooses for ``mode="auto"`` on real tensor-valued results without chunking."""
+    return opts["mode"] == "auto" and opts["order"] is None and opts["chunk_size"] is None and not complex_any
+
+
+def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
+    """The cached plan for this call structure and these shapes (made on the host at trace time)."""
+    avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
+    key = (spec, tuple((a.shape, np.dtype(a.dtype)) for a in avals))
+    plan = opts["plans"].get(key)
+    if plan is None:
+        engine = opts["engine"]
+        closed, offsets, p = _sparsity.trace_flat(engine.t, spec, avals, has_aux=opts["has_aux"])
+
+        def detect(budget):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a primitive without a rule only makes the plan dense
+                return _sparsity.detect_traced(engine.t, closed, offsets, p, max_nnz=budget)
+
+        def color(det, mode):
+            rows, cols = det.pattern.rows, det.pattern.cols
+            work = min(np.sum(np.bincount(rows) ** 2), np.sum(np.bincount(cols) ** 2)) if rows.size else 0
+            if work > _planner.COLOR_WORK_MAX:  # colouring would cost more than it can save at a first call
+                raise _deps.TooDense("colouring")
+            return _sparse._make_plan(det.pattern, mode, det.primitives)
+
+        plan = opts["plans"][key] = _planner.choose(closed, p.n, p.m, detect, color)
+        if plan.method == "compressed":  # the sparse engine evaluates it with no new detection
+            engine.plans[engine._key(spec, avals)] = (plan.sparse_plan, None, {})
+    return plan
+
+
 def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where):
     opts = dict(
         mode=_args.check_mode(mode, where),
@@ -82,11 +122,48 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where):
         has_aux=_args.check_bool(has_aux, "has_aux", where),
         holomorphic=_args.check_bool(holomorphic, "holomorphic", where),
         order=order,
+        plans={},
     )
+    # The compressed method runs through the sparse engine (dense output, same blocks).
+    opts["engine"] = _sparse._Engine(fun, argnums, "auto", "auto", "dense", opts["has_aux"], where)
     # One jitted function per call structure: jit's C++ fast path then
     # dispatches repeat calls without hashing any Python state.
     t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
-    return _args.wrap(t)
+    wrapped = _args.wrap(t)
+
+    def plan(*args, **kwargs) -> _planner.JacobianPlan:
+        """The plan ``mode="auto"`` makes for these arguments (shapes suffice); see :func:`jacobians.explain`."""
+        spec, traced = t.split(args, kwargs)
+        if opts["mode"] != "auto" or not _planned(opts, False):
+            n_m = _sizes(t, spec, traced, opts)
+            mode = opts["mode"] if opts["mode"] != "auto" else ("fwd" if n_m[0] <= n_m[1] else "rev")
+            return _planner.JacobianPlan("dense", mode, n_m[0] if mode == "fwd" else n_m[1], *n_m,
+                                         reason="mode fixed by the caller or chunked: no planning")
+        return _plan(t, spec, traced, opts)
+
+    wrapped.plan = plan
+    return wrapped
+
+
+def _sizes(t, spec, traced, opts) -> tuple[int, int]:
+    avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
+    _, _, p = _sparsity.trace_flat(t, spec, avals, has_aux=opts["has_aux"])
+    return p.n, p.m
+
+
+def explain(fun: Callable, *args, argnums=0, has_aux: bool = False, **kwargs) -> _planner.JacobianPlan:
+    """The method ``jacobians.jacobian(fun)`` (``mode="auto"``) uses at these arguments, and why.
+
+    Returns the :class:`JacobianPlan`: the candidates (dense forward, dense
+    reverse, compressed forward or reverse) with their estimated costs, and the
+    choice; ``print`` it for a table. Arguments may be ``jax.ShapeDtypeStruct``s.
+
+    Example::
+
+      >>> print(jacobians.explain(lambda x: jnp.sin(x) * 2.0, jnp.ones(100)).method)
+      compressed
+    """
+    return jacobian(fun, argnums, has_aux=has_aux).plan(*args, **kwargs)
 
 
 def jacobian(

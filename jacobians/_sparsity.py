@@ -208,14 +208,17 @@ def trace_flat(t: "_args.Transform", spec: "_args.CallSpec", avals: list, *, has
 
 def detect_call(t, spec, avals, *, has_aux=False, max_nnz=None) -> Detected:
     """Detect the flat pattern of ``t.fun`` for one call structure (host-side, on abstract values)."""
-    closed, offsets, p = trace_flat(t, spec, avals, has_aux=has_aux)
-    n, m = p.n, p.m
+    return detect_traced(t, *trace_flat(t, spec, avals, has_aux=has_aux), max_nnz=max_nnz)
+
+
+def detect_traced(t, closed, offsets, p, *, max_nnz=None) -> Detected:
+    """:func:`detect_call` on an already traced flat map (``trace_flat``'s results)."""
     seeds = [
         _deps.identity(v.aval.shape, off) if off is not None else _deps.empty(v.aval.shape)
         for v, off in zip(closed.jaxpr.invars, offsets, strict=True)
     ]
-    (out,), walker = _deps.detect(closed, seeds, n, where=t.where, max_nnz=max_nnz)
-    pattern = SparsityPattern((m,), (n,), out.rows(), out.indices)
+    (out,), walker = _deps.detect(closed, seeds, p.n, where=t.where, max_nnz=max_nnz)
+    pattern = SparsityPattern((p.m,), (p.n,), out.rows(), out.indices)
     return Detected(pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, walker.seen)
 
 

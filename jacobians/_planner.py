@@ -1,0 +1,132 @@
+"""The planner: which exact method ``jacobian(f)`` uses by default, chosen from the jaxpr.
+
+Candidates: dense forward (``n`` JVPs), dense reverse (``m`` VJPs), and
+compressed forward or reverse (one JVP/VJP per colour of the detected pattern,
+then a gather into the dense result). Every pass costs about one evaluation
+of ``f``; the cost model counts passes times an estimate of one pass (the
+FLOPs of ``dot_general`` and convolutions, element counts elsewhere, read from
+the jaxpr) plus the decompression (a gather of ``nnz`` entries into the dense
+``m x n`` result). The sparsity analysis stops early once the pattern passes a
+density budget, so a dense function costs little to plan. ``custom_vjp``
+forces reverse mode and a ``while_loop`` forward mode. Plans are cached per
+call structure and shapes.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from jax.extend import core as jcore
+
+from . import _deps
+from ._walker import primitives
+
+PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
+DENSITY_BUDGET = 0.25  # stop detecting once nnz > this fraction of m * n (dense enough)
+NNZ_CAP = 1 << 22  # and never hold more than this many entries while planning
+COLOR_WORK_MAX = 1 << 23  # conflict pairs a colouring may visit while planning a first call
+
+
+@dataclass(frozen=True)
+class JacobianPlan:
+    """What ``jacobian`` does for one call structure, and why.
+
+    Attributes:
+      method: ``"dense"`` or ``"compressed"``.
+      mode: ``"fwd"`` or ``"rev"``.
+      passes: the number of JVPs/VJPs.
+      n, m: total input and output sizes.
+      nnz: entries of the detected pattern (``None``: dense or not analysed).
+      costs: the candidates and their estimated costs (arbitrary units: FLOPs).
+      reason: one line on the choice.
+    """
+
+    method: str
+    mode: str
+    passes: int
+    n: int
+    m: int
+    nnz: int | None = None
+    costs: dict = field(default_factory=dict)
+    reason: str = ""
+    sparse_plan: object = field(default=None, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        lines = [f"jacobian plan: {self.method} {self.mode}, {self.passes} passes (n={self.n}, m={self.m}"
+                 + (f", nnz={self.nnz}" if self.nnz is not None else "") + ")"]
+        for name, cost in sorted(self.costs.items(), key=lambda kv: kv[1]):
+            lines.append(f"  {name:<16} {cost:12.4g}{'  <- chosen' if name == self.key else ''}")
+        if self.reason:
+            lines.append(f"  {self.reason}")
+        return "\n".join(lines)
+
+    @property
+    def key(self) -> str:
+        return f"{self.method} {self.mode}"
+
+
+def pass_cost(closed) -> float:
+    """One evaluation's cost from the jaxpr: FLOPs of products and convolutions, element counts elsewhere."""
+    total = 0.0
+    for eqn in closed.jaxpr.eqns:
+        name = eqn.primitive.name
+        out = sum(math.prod(v.aval.shape) for v in eqn.outvars)
+        if name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            k = math.prod(eqn.invars[0].aval.shape[i] for i in lc)
+            total += 2.0 * out * k
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            total += 2.0 * out * math.prod(rhs) / max(rhs[0], 1)
+        else:
+            subs = jcore.jaxprs_in_params(eqn.params)
+            total += out + sum(pass_cost(jcore.ClosedJaxpr(s, [])) for s in subs)
+    return max(total, 1.0)
+
+
+def choose(closed, n: int, m: int, detect, color) -> JacobianPlan:
+    """Plan for a flat map ``R^n -> R^m`` whose jaxpr is ``closed``.
+
+    Args:
+      closed: the flat map's closed jaxpr.
+      detect: ``detect(max_nnz) -> SparsePlan-like pattern`` (raises ``TooDense``).
+      color: ``color(pattern, mode) -> SparsePlan`` for a forced or free direction.
+    """
+    prims = primitives(closed)
+    no_fwd = bool({"custom_vjp_call", "custom_vjp_call_jaxpr"} & prims)
+    no_rev = "while" in prims
+    if no_fwd and no_rev:
+        forced = None
+    else:
+        forced = "rev" if no_fwd else ("fwd" if no_rev else None)
+    f = pass_cost(closed)
+    costs = {}
+    if forced != "rev":
+        costs["dense fwd"] = n * f
+    if forced != "fwd":
+        # Ties go to reverse: on square maps its batched products run faster on CPU.
+        costs["dense rev"] = m * f * (0.999 if n == m else 1.0)
+    dense_key = min(costs, key=costs.get) if costs else "dense fwd"
+    best_dense = costs.get(dense_key, n * f)
+    reason = f"one pass ~ {f:.3g} FLOPs"
+    budget = min(int(DENSITY_BUDGET * n * m), NNZ_CAP)
+    plan = None
+    if n * m > 0 and min(n, m) > 2:
+        try:
+            pattern = detect(budget)
+            plan = color(pattern, forced or "auto")
+        except _deps.TooDense as e:
+            what = "colouring it would cost more than it saves" if "colouring" in str(e) else (
+                "detection stopped at the density budget")
+            reason += f"; the pattern is dense ({what})"
+    if plan is not None:
+        nnz = plan.pattern.nnz
+        cost = plan.n_colors * f * (1 + PASS_OVERHEAD) + nnz
+        costs[f"compressed {plan.mode}"] = cost
+        if cost < best_dense:
+            return JacobianPlan("compressed", plan.mode, plan.n_colors, n, m, nnz, costs,
+                                reason + f"; {plan.n_colors} colours", plan)
+        return JacobianPlan("dense", dense_key.split()[1], n if "fwd" in dense_key else m, n, m, nnz, costs,
+                            reason + f"; {plan.n_colors} colours do not pay for the decompression")
+    mode = dense_key.split()[1]
+    return JacobianPlan("dense", mode, n if mode == "fwd" else m, n, m, None, costs, reason)
+
