@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, kernels
+from . import _args, _deps, _mesh, kernels
 from ._walker import Walker
 
 
@@ -120,6 +120,13 @@ def _compute(t, spec, opts, *traced):
     (batch,) = batches
     in_ax = in_axes % in_leaves[0].ndim
     fronts = [_move_to_front(x, in_ax) for x in in_leaves]
+    shards, real_batch = opts["shards"], batch
+    if shards is not None and shards.count > 1:
+        # Split the batch across the mesh: pad with copies of the last example, trim afterwards.
+        pad = -batch % shards.count
+        fronts = [shards.constrain(jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x)
+                  for x in fronts]
+        batch += pad
     feats = [math.prod(x.shape[1:]) for x in fronts]
     n = sum(feats)
 
@@ -132,13 +139,14 @@ def _compute(t, spec, opts, *traced):
         res = t.fun(*a, **kwargs)
         return res if opts["has_aux"] else (res, None)
 
-    out, _ = jax.eval_shape(call, fronts)
+    out, _ = jax.eval_shape(call, [x[:real_batch] for x in fronts] if batch != real_batch else fronts)
     _args.check_float_outputs(out, where)
     out_leaves, out_treedef = jax.tree_util.tree_flatten(out)
     for o in out_leaves:
-        if o.ndim == 0 or not -o.ndim <= out_axes < o.ndim or o.shape[out_axes] != batch:
+        if o.ndim == 0 or not -o.ndim <= out_axes < o.ndim or o.shape[out_axes] != real_batch:
             raise ValueError(
-                f"{where}: every output needs the batch axis out_axes={out_axes} of size {batch}, got shape {o.shape}."
+                f"{where}: every output needs the batch axis out_axes={out_axes} of size {real_batch}, got shape "
+                f"{o.shape}."
             )
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
     if key not in opts["proved"]:  # once per call structure and shapes, on the host
@@ -154,7 +162,7 @@ def _compute(t, spec, opts, *traced):
             axis=1,
         )
 
-    m = sum(math.prod(o.shape) for o in out_leaves) // batch
+    m = sum(math.prod(o.shape) for o in out_leaves) // real_batch
 
     def shifted(v):  # feature j of every example moves together: the batch-sum trick, forward
         parts, o = [], 0
@@ -202,6 +210,9 @@ def _compute(t, spec, opts, *traced):
         rows.append(in_treedef.unflatten(row))
         r += mo
     result = out_treedef.unflatten(rows)
+    if batch != real_batch:
+        result = jax.tree_util.tree_map(lambda a: a[:real_batch], result)
+    result = _mesh.shard_result(result, shards, lambda leaf: 0)
     return (result, aux) if opts["has_aux"] else result
 
 
@@ -214,6 +225,8 @@ def batch_jacobian(
     mode: str = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
+    mesh=None,
+    mesh_axis=None,
 ) -> Callable:
     """Per-example Jacobians of a batch-first function, after proving the examples independent.
 
@@ -235,6 +248,8 @@ def batch_jacobian(
         cannot differentiate in that direction).
       has_aux: ``fun`` returns ``(output, aux)``.
       chunk_size: at most this many JVPs/VJPs at a time.
+      mesh, mesh_axis: split the batch across the devices of a mesh (padded to a
+        multiple of the device count; see :func:`jacobians.jacobian`).
 
     Returns:
       A function returning the per-example Jacobians (``(jac, aux)`` with ``has_aux``).
@@ -260,6 +275,7 @@ def batch_jacobian(
         in_axes=int(in_axes),
         out_axes=int(out_axes),
         proved=set(),
+        shards=_mesh.resolve(mesh, where, mesh_axis),
     )
     t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
     return _args.wrap(t)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import _args, kernels
+from . import _args, _mesh, kernels
 
 
 def _flat_jacobian(p: _args.Problem, where: str, square: bool):
@@ -77,7 +77,18 @@ def _compute(t, spec, opts, *traced):
         if d and np.ndim(x) == 0:
             raise ValueError(f"{where}: batched=True needs x with a leading batch axis, got a scalar.")
     in_axes = tuple(0 if d else None for d in diff_mask)
-    return opts["finish"](*jax.vmap(one, in_axes=in_axes)(*traced))
+    shards = opts["shards"]
+    if shards is None or shards.count <= 1:
+        return opts["finish"](*jax.vmap(one, in_axes=in_axes)(*traced))
+    # Split the batch across the mesh: pad with copies of the last point, trim afterwards.
+    b = next(np.shape(x)[0] for x, d in zip(traced, diff_mask, strict=True) if d)
+    pad = -b % shards.count
+    padded = [
+        shards.constrain(jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x) if d else x
+        for x, d in zip(traced, diff_mask, strict=True)
+    ]
+    out = opts["finish"](*jax.vmap(one, in_axes=in_axes)(*padded))
+    return _mesh.shard_result(jax.tree_util.tree_map(lambda r: r[:b], out), shards, lambda leaf: 0)
 
 
 def _pad_and_shard(traced: list, diff_mask: list) -> tuple[list, int]:
@@ -99,22 +110,23 @@ def _pad_and_shard(traced: list, diff_mask: list) -> tuple[list, int]:
     return out, b
 
 
-def _build(fun, argnums, batched, batch_first, where, kind, finish):
+def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, mesh_axis=None):
     batched = _args.check_bool(batched, "batched", where)
     batch_first = _args.check_bool(batch_first, "batch_first", where)
     if batched and batch_first:
         raise ValueError(f"{where}: choose batched=True (fun takes one point) or batch_first=True (fun takes a "
                          "batch), not both.")
-    opts = dict(batched=batched, batch_first=batch_first, kind=kind, finish=finish)
+    shards = _mesh.resolve(mesh, where, mesh_axis)
+    opts = dict(batched=batched, batch_first=batch_first, kind=kind, finish=finish, shards=shards)
     if batch_first:
         from ._batch import batch_jacobian
 
-        opts["batch_jac"] = batch_jacobian(fun, argnums)
+        opts["batch_jac"] = batch_jacobian(fun, argnums, mesh=mesh, mesh_axis=mesh_axis)
     t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
-        if not batched or jax.device_count() == 1:  # the common case pays nothing for sharding
+        if not batched or shards is not None or jax.device_count() == 1:  # one device pays nothing for sharding
             return t(*args, **kwargs)
         fn, traced, spec = t.compiled(args, kwargs)
         mask = spec.diff_mask()
@@ -139,10 +151,15 @@ _ARGS_DOC = """
       batch_first: ``fun`` takes a batch (leading axis) and its examples are
         independent (proved from the jaxpr; :class:`jacobians.CoupledBatchError`
         otherwise); one value per example.
+      mesh, mesh_axis: split the batch across the devices of a ``jax.sharding.Mesh``
+        (or ``"auto"``); by default a batch is split across all local devices when
+        there are several.
 """
 
 
-def slogdet(fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False) -> Callable:
+def slogdet(
+    fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False, mesh=None, mesh_axis=None
+) -> Callable:
     """Sign and log of the absolute Jacobian determinant of ``fun``.
     {args}
     Returns:
@@ -154,19 +171,25 @@ def slogdet(fun: Callable, argnums=0, *, batched: bool = False, batch_first: boo
     Raises:
       ValueError: input and output sizes differ (on the first call).
     """
-    return _build(fun, argnums, batched, batch_first, "jacobians.slogdet", "slogdet", lambda s, la: (s, la))
+    return _build(fun, argnums, batched, batch_first, "jacobians.slogdet", "slogdet", lambda s, la: (s, la), mesh,
+                  mesh_axis)
 
 
-def log_abs_det(fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False) -> Callable:
+def log_abs_det(
+    fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False, mesh=None, mesh_axis=None
+) -> Callable:
     """``log |det(dfun/dx)|``, the change-of-variables term of flows.
 
     See :func:`slogdet` for the arguments. Returns a function giving
     ``logabsdet`` (shape ``(batch,)`` when batched).
     """
-    return _build(fun, argnums, batched, batch_first, "jacobians.log_abs_det", "slogdet", lambda s, la: la)
+    return _build(fun, argnums, batched, batch_first, "jacobians.log_abs_det", "slogdet", lambda s, la: la, mesh,
+                  mesh_axis)
 
 
-def det(fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False) -> Callable:
+def det(
+    fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False, mesh=None, mesh_axis=None
+) -> Callable:
     """``det(dfun/dx)``, the volume scaling of section 5.3 (Figure 5.5).
 
     See :func:`slogdet` for the arguments. Returns a function giving ``det``
@@ -178,10 +201,13 @@ def det(fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = 
       >>> jacobians.det(f)(jnp.array([1.0, 2.0]))
       Array(-3., dtype=float32)
     """
-    return _build(fun, argnums, batched, batch_first, "jacobians.det", "slogdet", lambda s, la: s * jnp.exp(la))
+    return _build(fun, argnums, batched, batch_first, "jacobians.det", "slogdet", lambda s, la: s * jnp.exp(la), mesh,
+                  mesh_axis)
 
 
-def log_volume(fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False) -> Callable:
+def log_volume(
+    fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False, mesh=None, mesh_axis=None
+) -> Callable:
     """``1/2 log det(J^T J)``: the log-volume change of a map ``R^n -> R^m``, ``m >= n`` (injective flows).
 
     Computed from a QR factorisation of ``J`` (the sum of ``log |R_ii|``), stable
@@ -198,7 +224,8 @@ def log_volume(fun: Callable, argnums=0, *, batched: bool = False, batch_first: 
       >>> round(float(v), 5)  # log 2
       0.69315
     """
-    return _build(fun, argnums, batched, batch_first, "jacobians.log_volume", "log_volume", lambda s, la: la)
+    return _build(fun, argnums, batched, batch_first, "jacobians.log_volume", "log_volume", lambda s, la: la, mesh,
+                  mesh_axis)
 
 
 slogdet.__doc__ = slogdet.__doc__.format(args=_ARGS_DOC)

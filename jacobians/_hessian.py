@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from . import _args, kernels
+from . import _args, _mesh, kernels
 
 HESSIAN_MODES = ("fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd", "auto")
 
@@ -64,13 +64,13 @@ def _auto(run: Callable, where: str):
     return _args.with_fallback(run, "fwd_rev", "rev_rev", "fwd_fwd", where)
 
 
-def _second(p: _args.Problem, mode: str, chunk_size, where: str):
+def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None):
     """``(H (n, n), g (n,), value, aux)`` by the given mode."""
 
     def run(m):
         outer, inner = m.split("_")
         kernel = kernels.forward if outer == "fwd" else kernels.reverse
-        g, H, (value, aux) = kernel(_gradient(p, inner), p.x, chunk_size)
+        g, H, (value, aux) = kernel(_gradient(p, inner), p.x, chunk_size, shards)
         return H, g, value, aux
 
     return _auto(run, where) if mode == "auto" else run(mode)
@@ -106,7 +106,7 @@ def _problem(t, spec, traced, has_aux):
 def _compute_hessian(t, spec, opts, *traced):
     p = _problem(t, spec, traced, opts["has_aux"])
     _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where)
-    H, g, value, aux = _second(p, opts["mode"], opts["chunk_size"], t.where)
+    H, g, value, aux = _second(p, opts["mode"], opts["chunk_size"], t.where, opts["shards"])
     H = _hess_blocks(p, H)
     if opts["with_value"]:
         out = (value.reshape(()).astype(p.out_leaves[0].dtype), _grad_tree(p, g), H)
@@ -116,8 +116,9 @@ def _compute_hessian(t, spec, opts, *traced):
     return (out, aux) if opts["has_aux"] else out
 
 
-def _build_hessian(fun, argnums, mode, has_aux, chunk_size, with_value, where):
+def _build_hessian(fun, argnums, mode, has_aux, chunk_size, with_value, where, mesh=None, mesh_axis=None):
     opts = dict(
+        shards=_mesh.resolve(mesh, where, mesh_axis),
         mode=_args.check_mode(mode, where, HESSIAN_MODES),
         has_aux=_args.check_bool(has_aux, "has_aux", where),
         chunk_size=_args.check_chunk_size(chunk_size, where),
@@ -134,6 +135,8 @@ def hessian(
     mode: str = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
+    mesh=None,
+    mesh_axis=None,
 ) -> Callable:
     """The Hessian of a scalar ``fun``: the Jacobian of its gradient (section 5.8, (5.147)).
 
@@ -150,6 +153,8 @@ def hessian(
         forbids reverse mode).
       has_aux: ``fun`` returns ``(value, aux)``; the result is ``(H, aux)``.
       chunk_size: at most this many Hessian-vector products at a time (bounds memory).
+      mesh, mesh_axis: split the Hessian-vector products across a mesh's devices
+        (see :func:`jacobians.jacobian`).
 
     Returns:
       A function returning the Hessian pytree.
@@ -164,7 +169,7 @@ def hessian(
       Array([[4., 2.],
              [2., 0.]], dtype=float32)
     """
-    return _build_hessian(fun, argnums, mode, has_aux, chunk_size, False, "jacobians.hessian")
+    return _build_hessian(fun, argnums, mode, has_aux, chunk_size, False, "jacobians.hessian", mesh, mesh_axis)
 
 
 def value_grad_and_hessian(

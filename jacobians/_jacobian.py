@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _planner, _sparse, _sparsity, kernels, layout
+from . import _args, _deps, _mesh, _planner, _sparse, _sparsity, kernels, layout
 
 
 def _choose_mode(mode: str, n: int, m: int, complex_out: bool, holomorphic: bool, where: str) -> str:
@@ -67,7 +67,7 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
 
     def run(mode):
         kernel = kernels.forward if mode == "fwd" else kernels.reverse
-        return kernel(p.flat, p.x, opts["chunk_size"])
+        return kernel(p.flat, p.x, opts["chunk_size"], opts["shards"])
 
     if opts["mode"] == "auto" and not complex_out and not complex_in:
         _, jac, aux = _args.with_fallback(run, mode, "rev", "fwd", where)
@@ -80,6 +80,10 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
             result = layout.to_matrix(result.reshape(out.shape + xin.shape), len(out.shape), order="F")
     else:
         result = p.blocks(jac)
+        # Sharded along the basis axis: the first input axis (forward) or output axis (reverse) of each block.
+        ndims = [len(o.shape) for o in p.out_leaves]
+        basis_axis = ndims[0] if (mode == "fwd" and len(set(ndims)) == 1) else (0 if mode == "rev" else None)
+        result = _mesh.shard_result(result, opts["shards"], lambda leaf: basis_axis)
     return (result, aux) if opts["has_aux"] else result
 
 
@@ -115,8 +119,9 @@ def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
     return plan
 
 
-def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where):
+def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, mesh=None, mesh_axis=None):
     opts = dict(
+        shards=_mesh.resolve(mesh, where, mesh_axis),
         mode=_args.check_mode(mode, where),
         chunk_size=_args.check_chunk_size(chunk_size, where),
         has_aux=_args.check_bool(has_aux, "has_aux", where),
@@ -125,7 +130,8 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where):
         plans={},
     )
     # The compressed method runs through the sparse engine (dense output, same blocks).
-    opts["engine"] = _sparse._Engine(fun, argnums, "auto", "auto", "dense", opts["has_aux"], where)
+    opts["engine"] = _sparse._Engine(fun, argnums, "auto", "auto", "dense", opts["has_aux"], where,
+                                     shards=opts["shards"])
     # One jitted function per call structure: jit's C++ fast path then
     # dispatches repeat calls without hashing any Python state.
     t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
@@ -174,6 +180,8 @@ def jacobian(
     has_aux: bool = False,
     holomorphic: bool = False,
     chunk_size: int | None = None,
+    mesh=None,
+    mesh_axis=None,
 ) -> Callable:
     """The Jacobian of ``fun``, compiled, in the book's numerator layout (5.58).
 
@@ -202,6 +210,11 @@ def jacobian(
       holomorphic: ``fun`` is holomorphic in complex inputs.
       chunk_size: push at most this many basis vectors at a time, bounding
         peak memory; ``None`` pushes all at once. Any value >= 1 works.
+      mesh: ``None`` (one device), a ``jax.sharding.Mesh`` or ``"auto"`` (every
+        device of every process): the basis vectors (or colours) are split across
+        the mesh's devices and the result comes back sharded along its basis
+        axis; ``chunk_size`` then counts vectors per device.
+      mesh_axis: the mesh axis name(s) to split over (default: all of them).
 
     Returns:
       A function with ``fun``'s signature returning the Jacobian pytree
@@ -219,7 +232,7 @@ def jacobian(
       Array([[-2.,  1.],
              [ 1.,  1.]], dtype=float32)
     """
-    return _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, None, "jacobians.jacobian")
+    return _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, None, "jacobians.jacobian", mesh, mesh_axis)
 
 
 def jacobian_matrix(

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _args, kernels
+from . import _args, _mesh, kernels
 from ._walker import primitives
 from ._sparsity import Detected, SparsityPattern, _abstract, detect_call, detect_hessian
 
@@ -161,8 +161,9 @@ def _make_hessian_plan(pattern: SparsityPattern, mode: str, coloring: str) -> Sp
 class _Engine:
     """Plans per call structure and shapes; the jitted evaluation reads the plan at trace time."""
 
-    def __init__(self, fun, argnums, sparsity, mode, output, has_aux, where, coloring=None):
+    def __init__(self, fun, argnums, sparsity, mode, output, has_aux, where, coloring=None, shards=None):
         self.sparsity, self.mode, self.output, self.has_aux = sparsity, mode, output, has_aux
+        self.shards = shards
         self.coloring = coloring  # None: a Jacobian; else a Hessian with this colouring choice
         self.plans: dict = {}
         self.t = _args.Transform(fun, argnums, where, self._build)
@@ -229,11 +230,11 @@ class _Engine:
             flat(p.x)
         rows, cols = plan.pattern.rows, plan.pattern.cols
         if self.coloring is not None:
-            data, aux = _hessian_values(p, plan, t.where)
+            data, aux = _hessian_values(p, plan, t.where, self.shards)
             det = Detected(plan.pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, set())
         else:
             kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
-            data, aux = kernel(flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols)
+            data, aux = kernel(flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols, self.shards)
             det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
 
         def block(b):
@@ -324,7 +325,7 @@ def _check_symmetric(pattern: SparsityPattern, where: str) -> None:
         raise ValueError(f"{where}: a Hessian pattern must be symmetric; the given one is not.")
 
 
-def _hessian_values(p, plan: SparsePlan, where: str):
+def _hessian_values(p, plan: SparsePlan, where: str, shards=None):
     """The pattern's nonzeros of the Hessian: one Hessian-vector product per colour, then decompression."""
     from ._hessian import _auto, _gradient
 
@@ -343,11 +344,11 @@ def _hessian_values(p, plan: SparsePlan, where: str):
             return gr, aux
 
         if mode == "fwd_rev":
-            compressed, aux = kernels.compressed_jvps(g, p.x, plan.colors, c)
+            compressed, aux = kernels.compressed_jvps(g, p.x, plan.colors, c, shards)
         else:  # H is symmetric: S^T H = (H S)^T, pulled back through the gradient
             _, pull, aux = jax.vjp(g, p.x, has_aux=True)
             seeds = jnp.asarray(plan.colors[None, :] == np.arange(c)[:, None], p.x.dtype)
-            compressed = jax.vmap(lambda s: pull(s)[0])(seeds)
+            compressed = kernels.sharded_vmap(lambda s: pull(s)[0], seeds, shards)
         check_scalar()
         return compressed, aux
 
@@ -379,6 +380,8 @@ def sparse_jacobian(
     output: str = "bcoo",
     has_aux: bool = False,
     check: bool = False,
+    mesh=None,
+    mesh_axis=None,
 ) -> Callable:
     """A Jacobian that pays only for its nonzeros: one JVP or VJP per colour.
 
@@ -413,6 +416,8 @@ def sparse_jacobian(
         and raise a ``ValueError`` naming the first missed entry when the pattern
         misses a nonzero (use it to validate a hand-written pattern). Skipped under
         a trace (inside ``jit``), where values are unknown.
+      mesh, mesh_axis: split the colours across the devices of a mesh (see
+        :func:`jacobians.jacobian`).
 
     Returns:
       A function with ``fun``'s signature returning the Jacobian in the pytree
@@ -434,7 +439,7 @@ def sparse_jacobian(
         )
     if isinstance(sparsity, SparsePlan) and mode != "auto" and mode != sparsity.mode:
         raise ValueError(f"{where}: mode={mode!r} contradicts the given plan's mode {sparsity.mode!r}.")
-    engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where)
+    engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where, shards=_mesh.resolve(mesh, where, mesh_axis))
     return _wrap(engine, _args.check_bool(check, "check", where))
 
 
@@ -467,6 +472,8 @@ def sparse_hessian(
     output: str = "bcoo",
     has_aux: bool = False,
     check: bool = False,
+    mesh=None,
+    mesh_axis=None,
 ) -> Callable:
     """The Hessian of a scalar ``fun`` that pays only for its nonzeros: one Hessian-vector product per colour.
 
@@ -491,6 +498,7 @@ def sparse_hessian(
       output: ``"bcoo"`` or ``"dense"``.
       has_aux: ``fun`` returns ``(value, aux)``.
       check: validate the pattern on the first concrete call, as for :func:`sparse_jacobian`.
+      mesh, mesh_axis: split the colours across the devices of a mesh.
 
     Returns:
       A function returning the Hessian (``(H, aux)`` with ``has_aux``); its
@@ -511,5 +519,6 @@ def sparse_hessian(
             f"{where}: sparsity must be 'auto', a SparsePlan, a SparsityPattern, a boolean array or a BCOO, "
             f"got {sparsity!r}."
         )
-    engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where, coloring=coloring)
+    engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where, coloring=coloring,
+                     shards=_mesh.resolve(mesh, where, mesh_axis))
     return _wrap(engine, _args.check_bool(check, "check", where))

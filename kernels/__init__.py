@@ -6,7 +6,9 @@ stacks of small square matrices. Argument checking, pytrees and layouts are the
 business of :mod:`jacobians`; this package never imports it.
 """
 
+from ._basis import Shards as Shards
 from ._basis import basis_map as basis_map
+from ._basis import sharded_vmap as sharded_vmap
 from ._coloring import color_columns as color_columns
 from ._coloring import color_rows as color_rows
 from ._compressed import compressed_forward as compressed_forward
@@ -17,6 +19,7 @@ from ._forward import forward as forward
 from ._reverse import reverse as reverse
 
 __all__ = [
+    "Shards",
     "basis_map",
     "color_columns",
     "color_rows",
@@ -25,5 +28,6 @@ __all__ = [
     "compressed_reverse",
     "forward",
     "reverse",
+    "sharded_vmap",
     "slogdet",
 ]

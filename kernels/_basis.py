@@ -1,6 +1,7 @@
 """Apply a linear map to every standard basis vector, optionally in chunks."""
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +13,49 @@ def _one_hot_rows(start: jax.Array | int, count: int, size: int, dtype) -> jax.A
     return (rows[:, None] == jnp.arange(size)[None, :]).astype(dtype)
 
 
+class Shards(NamedTuple):
+    """How to split a stack of basis vectors (or seeds) across devices.
+
+    ``count`` devices share the stack's leading axis; ``constrain(a, axis=0)``
+    pins an array's ``axis`` to them (``jax.lax.with_sharding_constraint``) when
+    it divides evenly.
+    """
+
+    count: int
+    constrain: Callable[[jax.Array], jax.Array]
+
+
+def sharded_vmap(apply: Callable, seeds: jax.Array, shards: "Shards | None", out_axes=0):
+    """``vmap(apply)(seeds)``, the seeds split across devices (padded with zero rows to a multiple).
+
+    The padding rows are dropped from the results; the shapes are static, so
+    nothing recompiles per call.
+    """
+    if shards is None or shards.count <= 1:
+        return jax.vmap(apply, out_axes=out_axes)(seeds)
+    k = seeds.shape[0]
+    pad = -k % shards.count
+    if pad:
+        seeds = jnp.concatenate([seeds, jnp.zeros((pad,) + seeds.shape[1:], seeds.dtype)])
+    out = jax.vmap(apply, out_axes=out_axes)(shards.constrain(seeds))
+    if not pad:
+        return out
+
+    def trim(a, ax):
+        return a if ax is None else jax.lax.slice_in_dim(a, 0, k, axis=ax % a.ndim)
+
+    if isinstance(out_axes, tuple):
+        return tuple(jax.tree_util.tree_map(lambda a, ax=ax: trim(a, ax), o) for o, ax in zip(out, out_axes))
+    return jax.tree_util.tree_map(lambda a: trim(a, out_axes), out)
+
+
 def basis_map(
     apply: Callable[[jax.Array], jax.Array],
     size: int,
     dtype,
     chunk_size: int | None = None,
     axis: int = 0,
+    shards: Shards | None = None,
 ) -> jax.Array:
     """Stack ``apply(e_i)`` for the standard basis vectors ``e_0, ..., e_{size-1}``.
 
@@ -30,14 +68,17 @@ def basis_map(
         ``size``; ``None`` pushes all of them in one ``vmap``.
       axis: where the basis index goes in the result: 0 gives ``(size, r)``,
         1 gives ``(r, size)``.
+      shards: split the basis vectors across devices (``chunk_size`` then counts
+        vectors per device).
 
     Returns:
       The stacked results, ``apply(e_i)`` at index ``i`` along ``axis``.
     """
-    if chunk_size is None or chunk_size >= size:
-        return jax.vmap(apply, out_axes=axis)(jnp.eye(size, dtype=dtype))
+    per = shards.count if shards is not None else 1
+    if chunk_size is None or chunk_size * per >= size:
+        return sharded_vmap(apply, jnp.eye(size, dtype=dtype), shards, out_axes=axis)
 
-    k = chunk_size
+    k = chunk_size * per
     probe = jax.eval_shape(apply, jax.ShapeDtypeStruct((size,), dtype))
     shape = list(probe.shape)
     shape.insert(axis, size)
@@ -47,7 +88,7 @@ def basis_map(
         # it recomputes a few columns but every step pushes exactly k vectors,
         # and the result is written in place into the loop-carried buffer.
         start = jnp.minimum(i * k, size - k)
-        block = jax.vmap(apply, out_axes=axis)(_one_hot_rows(start, k, size, dtype))
+        block = sharded_vmap(apply, _one_hot_rows(start, k, size, dtype), shards, out_axes=axis)
         return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis)
 
     out = jnp.zeros(shape, probe.dtype)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._basis import Shards, sharded_vmap
+
 
 def _seeds(colors: np.ndarray, n_colors: int, dtype) -> jax.Array:
     """The 0/1 seed rows, shape ``(n_colors, len(colors))``: row ``c`` marks colour ``c``."""
@@ -24,6 +26,7 @@ def compressed_jvps(
     x: jax.Array,
     colors: np.ndarray,
     n_colors: int,
+    shards: Shards | None = None,
 ) -> tuple[jax.Array, Any]:
     """``(J @ S)^T``: one JVP per colour, shape ``(n_colors, m)``, and ``fun``'s aux.
 
@@ -32,10 +35,11 @@ def compressed_jvps(
       x: the point, shape ``(n,)``.
       colors: colour of each column, shape ``(n,)``.
       n_colors: the number of colours (JVPs).
+      shards: split the colours across devices.
     """
     seeds = _seeds(colors, n_colors, x.dtype)  # (c, n)
     push = lambda t: jax.jvp(fun, (x,), (t,), has_aux=True)[1:]  # noqa: E731
-    return jax.vmap(push, out_axes=(0, None))(seeds)  # (c, m): vmap's layout, no transpose
+    return sharded_vmap(push, seeds, shards, out_axes=(0, None))  # (c, m): vmap's layout, no transpose
 
 
 def compressed_forward(
@@ -45,6 +49,7 @@ def compressed_forward(
     n_colors: int,
     rows: np.ndarray,
     cols: np.ndarray,
+    shards: Shards | None = None,
 ) -> jax.Array:
     """The nonzeros ``J[rows, cols]`` of a flat ``fun``'s Jacobian, by column colouring.
 
@@ -58,7 +63,7 @@ def compressed_forward(
     Returns:
       ``(values, aux)``: the values, shape ``(len(rows),)``, and ``fun``'s aux.
     """
-    compressed, aux = compressed_jvps(fun, x, colors, n_colors)
+    compressed, aux = compressed_jvps(fun, x, colors, n_colors, shards)
     # One flat gather with precomputed indices decompresses.
     return compressed.reshape(-1)[colors[cols] * compressed.shape[1] + np.asarray(rows)], aux
 
@@ -70,6 +75,7 @@ def compressed_reverse(
     n_colors: int,
     rows: np.ndarray,
     cols: np.ndarray,
+    shards: Shards | None = None,
 ) -> jax.Array:
     """The nonzeros ``J[rows, cols]`` of a flat ``fun``'s Jacobian, by row colouring.
 
@@ -85,5 +91,5 @@ def compressed_reverse(
     """
     y, pullback, aux = jax.vjp(fun, x, has_aux=True)
     seeds = _seeds(colors, n_colors, y.dtype)  # (c, m)
-    compressed = jax.vmap(lambda c: pullback(c)[0])(seeds)  # (c, n)
+    compressed = sharded_vmap(lambda c: pullback(c)[0], seeds, shards)  # (c, n)
     return compressed.reshape(-1)[colors[rows] * x.shape[0] + np.asarray(cols)], aux

@@ -1,0 +1,63 @@
+"""Scale-out: splitting basis vectors, colours or batches across the devices of a ``jax.sharding`` mesh.
+
+The basis axis is the natural parallel axis of a Jacobian: every JVP (VJP,
+Hessian-vector product) is independent. With ``mesh=`` the engines stack
+their seeds, pad the stack to a multiple of the device count with zero seeds
+(shapes stay static: nothing recompiles per call), pin it across the mesh with
+``jax.lax.with_sharding_constraint`` and let XLA's SPMD partitioner split the
+vmapped passes; results come back sharded along their basis axis. Under
+``jax.distributed.initialize`` the mesh may span processes: ``mesh="auto"``
+takes every device of every process.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .kernels import Shards
+
+
+def resolve(mesh, where: str, axis=None) -> Shards | None:
+    """``None``, ``"auto"`` or a ``Mesh`` (optionally the axis names to split over) -> :class:`Shards`."""
+    if mesh is None:
+        return None
+    if isinstance(mesh, str):
+        if mesh != "auto":
+            raise ValueError(f"{where}: mesh must be None, 'auto' or a jax.sharding.Mesh, got {mesh!r}.")
+        mesh = Mesh(np.asarray(jax.devices()), ("devices",))
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{where}: mesh must be None, 'auto' or a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    names = tuple(mesh.axis_names) if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+    missing = [a for a in names if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(
+            f"{where}: the mesh has axes {tuple(mesh.axis_names)}, but mesh_axis names {tuple(missing)}."
+        )
+    mine = {d.process_index for d in mesh.devices.flat}
+    if jax.process_index() not in mine:
+        raise ValueError(
+            f"{where}: the mesh holds no device of this process (process {jax.process_index()}); build it from "
+            "jax.devices() of the running jax.distributed process set."
+        )
+    count = int(np.prod([mesh.shape[a] for a in names]))
+
+    def constrain(a, axis=0):
+        if a.ndim == 0 or a.shape[axis] % count:
+            return a  # jax.Array shards split evenly: an uneven axis stays as XLA lays it out
+        spec = [None] * a.ndim
+        spec[axis] = names if len(names) > 1 else names[0]
+        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    return Shards(count, constrain)
+
+
+def shard_result(tree, shards: Shards | None, axis_of):
+    """Pin each leaf of a result along its basis axis ``axis_of(leaf)`` (``None``: leave it)."""
+    if shards is None or shards.count <= 1:
+        return tree
+
+    def pin(leaf):
+        ax = axis_of(leaf)
+        return leaf if ax is None or ax >= leaf.ndim else shards.constrain(leaf, ax)
+
+    return jax.tree_util.tree_map(pin, tree)
