@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from . import _host_eval
+
 FOLD_MAX = 1 << 20  # fold equations whose outputs have at most this many elements
 UNROLL_MAX = 1 << 12  # scan steps walked one by one before falling back to a fixed point
 LOOP_MAX = 256  # fixed-point iterations before a loop's carry is declared unknown
@@ -123,11 +125,14 @@ def _fold(lat: Lattice, eqn, ins: list) -> list | None:
         return None
     if sum(math.prod(v.aval.shape) for v in eqn.outvars) > FOLD_MAX:
         return None
-    try:
-        out = bind(eqn, values)
-    except Exception:  # noqa: BLE001 - folding is an optimisation only
-        return None
-    out = out if eqn.primitive.multiple_results else [out]
+    dtypes = [v.aval.dtype for v in eqn.outvars]
+    out = _host_eval.evaluate(eqn.primitive.name, eqn.params, values, dtypes)
+    if out is None:
+        try:
+            out = bind(eqn, values)
+        except Exception:  # noqa: BLE001 - folding is an optimisation only
+            return None
+        out = out if eqn.primitive.multiple_results else [out]
     return [lat.constant(np.asarray(o), v.aval) for o, v in zip(out, eqn.outvars, strict=True)]
 
 

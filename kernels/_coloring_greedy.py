@@ -1,0 +1,120 @@
+"""Greedy partial distance-2 colouring of columns in a given order, as a compiled loop.
+
+Each row keeps a bitmask of the colours already used by its columns. The
+colours forbidden for column ``j`` are then the OR of its rows' masks, so a
+column costs ``O(len(j) * words)``, never a walk over its rows' columns: the
+greedy pass is ``O(nnz)`` however full the rows. Colouring ``j`` with ``c``
+sets bit ``c`` in its rows' masks (bit ``c`` is clear there by construction,
+so a scatter-add sets it).
+
+The loop runs on the CPU as one ``lax.while_loop`` over columns. Its body is
+kept branch-free and reads the masks once before writing them once (XLA then
+updates them in place). Long columns would force a wide padded table on every
+step; the few longer than the table width are coloured first on the host.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ._coloring_graph import Structure, bucket, padded, to_host
+
+
+def first_free(words: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The smallest colour whose bit is clear in a bitmask.
+
+    Args:
+      words: the mask, uint32 ``(W,)``; colour ``c`` is bit ``c % 32`` of word ``c // 32``.
+
+    Returns:
+      ``(word, bit, color, full)``: the word index (int32), the colour's bit as a
+      uint32 mask, the colour (int32), and whether every bit was set (then the
+      others are meaningless).
+    """
+    inv = ~words
+    free = inv != 0
+    idx = jnp.arange(words.shape[0], dtype=jnp.int32)
+    w = jnp.min(jnp.where(free, idx, words.shape[0] - 1))
+    x = inv[w]
+    low = x & (~x + np.uint32(1))  # lowest set bit
+    color = w * 32 + (31 - lax.clz(low)).astype(jnp.int32)
+    return w, low, color, ~jnp.any(free)
+
+
+@jax.jit
+def _greedy_loop(order: jax.Array, col_rows: jax.Array, masks: jax.Array, count: jax.Array):
+    """Colour ``order[:count]`` greedily; ``col_rows`` padded with an out-of-range row."""
+    n = col_rows.shape[0]
+
+    def cond(state):
+        t, full = state[0], state[1]
+        return (t < count) & ~full
+
+    def body(state):
+        t, _, masks, colors = state
+        j = order[t]
+        rj = col_rows[j]
+        seen = masks.at[rj].get(mode="fill", fill_value=0)  # (K, W)
+        forbidden = lax.reduce(seen, np.uint32(0), lax.bitwise_or, (0,))
+        w, low, c, full = first_free(forbidden)
+        masks = masks.at[rj, w].add(low, mode="drop")
+        return t + 1, full, masks, colors.at[j].set(c)
+
+    state = (jnp.int32(0), jnp.bool_(False), masks, jnp.zeros(n, jnp.int32))
+    _, full, _, colors = lax.while_loop(cond, body, state)
+    return colors, full
+
+
+def _host_column(masks: np.ndarray, rows: np.ndarray) -> int | None:
+    """Colour one column on the host: OR its rows' masks, take the first free bit, record it."""
+    inv = ~np.bitwise_or.reduce(masks[rows], axis=0)
+    free = np.flatnonzero(inv)
+    if not free.size:
+        return None
+    w = int(free[0])
+    x = int(inv[w])
+    bit = (x & -x).bit_length() - 1
+    masks[rows, w] |= np.uint32(1 << bit)
+    return 32 * w + bit
+
+
+def greedy_columns(s: Structure, order: np.ndarray, n_words: int) -> np.ndarray | None:
+    """Greedy distance-2 colouring of the columns of ``s``, visiting them in ``order``.
+
+    Args:
+      s: the pattern.
+      order: a permutation of ``range(s.n_cols)``.
+      n_words: 32-colour words per row mask.
+
+    Returns:
+      Colours, int64 ``(n_cols,)`` (empty columns get 0), or None when some column
+      found all ``32 * n_words`` colours taken (retry with more words).
+    """
+    n, m = s.n_cols, s.n_rows
+    lens = s.col_len
+    nonempty = lens > 0
+    mean = s.rows.size / max(int(nonempty.sum()), 1)
+    width = min(bucket(lens.max(initial=1)), bucket(2 * mean, lo=4))
+    long = lens > width
+    m_pad = bucket(m, lo=1024)
+    masks = np.zeros((m_pad, n_words), np.uint32)
+    colors = np.zeros(n, np.int64)
+    order = np.asarray(order, np.int64)
+    # Long columns first (a greedy order that puts them early anyway, largest first, loses nothing).
+    for j in order[long[order]]:
+        c = _host_column(masks, s.col_rows[s.col_ptr[j] : s.col_ptr[j + 1]])
+        if c is None:
+            return None
+        colors[j] = c
+    light = order[nonempty[order] & ~long[order]]
+    if light.size:
+        n_pad = bucket(n, lo=1024)
+        table = padded(s.col_ptr, s.col_rows, nonempty & ~long, width, n_pad, m_pad)
+        seq = np.zeros(bucket(light.size, lo=1024), np.int32)
+        seq[: light.size] = light
+        out, full = _greedy_loop(*to_host(seq, table, masks), jnp.int32(light.size))
+        if bool(full):
+            return None
+        colors[light] = np.asarray(out)[light]
+    return colors
