@@ -113,7 +113,7 @@ def greedy_columns(s: Structure, order: np.ndarray, n_words: int) -> np.ndarray 
         table = padded(s.col_ptr, s.col_rows, nonempty & ~long, width, n_pad, m_pad)
         seq = np.zeros(bucket(light.size, lo=1024), np.int32)
         seq[: light.size] = light
-        out, full = _greedy_loop(*to_host(seq, table, masks), jnp.int32(light.size))
+        out, full = _greedy_loop(*to_host(seq, table, masks, np.int32(light.size)))
         if bool(full):
             return None
         colors[light] = np.asarray(out)[light]

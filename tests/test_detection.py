@@ -95,13 +95,13 @@ def test_pytree_patterns(rng):
 @pytest.mark.parametrize(
     "f",
     [
-        lambda x: jax.lax.pad(x, -1, ((2, -1, 1), (-1, 3, 0))),
+        lambda x: jax.lax.pad(x, np.int32(-1), ((2, -1, 1), (-1, 3, 0))),
         lambda x: jax.lax.slice(x, (1, 0), (4, 3), (2, 2)),
         lambda x: jax.lax.dynamic_slice(x, (3, -2), (2, 2)),
         lambda x: jax.lax.dynamic_update_slice(x, x[:2, :2] * 0 + 7, (9, 1)),
         lambda x: jnp.concatenate([jnp.tile(x[:1], (2, 1)), x[::-1], x.T.reshape(4, 3)]),
         lambda x: jnp.split(x, [1, 3], axis=0)[1],
-        lambda x: jax.lax.broadcast_in_dim(x[0], (2, 3, 3), (2,)) + jax.lax.iota(jnp.int32, 3),
+        lambda x: jax.lax.broadcast_in_dim(x[0], (2, 3, 3), (2,)) + jax.lax.iota(jnp.int32, 3)[None, None],
         lambda x: jnp.where(x > 5, x, -x) * 2 - 1,
     ],
 )
