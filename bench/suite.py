@@ -79,7 +79,7 @@ class Case:
             "slogdet": lambda: f"k{p['k']}_{pts()}",
             "stencil1d": lambda: f"{p['n']}",
             "stencil2d": lambda: f"{p['k']}x{p['k']}",
-        }[self.workload]()
+        }.get(self.workload, lambda: "x".join(str(v) for v in p.values()))()
         return f"{self.workload}_{shape}_{dt}"
 
 
@@ -117,6 +117,18 @@ CASES = [
     *_logdet_cases(),
     Case("stencil1d", dict(n=10_000), dict(n=200), peers=SPARSE_PEERS),
     Case("stencil2d", dict(k=100), dict(k=10), peers=SPARSE_PEERS),
+    # Second order (dense and sparse Hessians), per-example Jacobians, exact divergences.
+    Case("hessian_mlp", dict(n=256), dict(n=32)),
+    Case("hessian_mlp", dict(n=1024), None),
+    Case("hessian_pairwise", dict(atoms=64), dict(atoms=8)),
+    Case("hessian_pairwise", dict(atoms=256), None),
+    Case("rosenbrock", dict(n=10_000), dict(n=200), peers=SPARSE_PEERS),
+    Case("laplacian_energy", dict(k=100), dict(k=10), peers=SPARSE_PEERS),
+    Case("arrowhead", dict(n=10_000), dict(n=200), peers=SPARSE_PEERS),
+    Case("banded", dict(n=10_000), dict(n=200), peers=SPARSE_PEERS),
+    Case("batch_mlp", dict(batch=256, n=64), dict(batch=16, n=8)),
+    Case("divergence_mlp", dict(n=1024), dict(n=32), peers=()),
+    Case("divergence_stencil", dict(n=10_000), dict(n=200), peers=()),
 ]
 
 TOL = {"float32": 2e-3, "float64": 1e-6}  # max |error| relative to max(1, max |reference|)
@@ -165,6 +177,8 @@ def _build(case: Case, quick: bool):
         "stencil1d": lambda: workloads.stencil1d(p["n"], dtype, rng),
         "stencil2d": lambda: workloads.stencil2d(p["k"], dtype, rng),
     }
+    if case.workload not in builders:  # the newer workloads take their sizes as keywords
+        return getattr(workloads, case.workload)(**p, dtype=dtype, rng=rng)
     return builders[case.workload]()
 
 

@@ -542,3 +542,218 @@ def stencil2d(k: int, dtype, rng) -> Workload:
     w.impls["closed-form"] = Impl(jax.jit(closed))
     _sparse_impls(w, f, U, rows, cols, k * k, k * k, dense_ok=k * k <= 2048)
     return w
+
+
+# --- second order, batches and traces ----------------------------------------------------------
+
+
+def _ref64(fn, x):
+    """A float64 reference from JAX autodiff (where no closed form is written out)."""
+    return np.asarray(fn(jnp.asarray(np.asarray(x), jnp.float64)))  # the suite runs with x64 enabled
+
+
+def hessian_mlp(n: int, dtype, rng) -> Workload:
+    """The Hessian of an MLP loss L(x) = 1/2 ||tanh(W2 tanh(W1 x))||^2, x in R^n."""
+    W1 = _rand(rng, (n, n), dtype, 1 / np.sqrt(n))
+    W2 = _rand(rng, (n, n), dtype, 1 / np.sqrt(n))
+
+    def loss(x):
+        return 0.5 * jnp.sum(jnp.tanh(W2.astype(x.dtype) @ jnp.tanh(W1.astype(x.dtype) @ x)) ** 2)
+
+    x = _rand(rng, (n,), dtype)
+    w = Workload(x, _ref64(jax.hessian(loss), x), reference_note="jax.hessian float64")
+    _hessian_impls(w, loss, n, lambda v: 0.5 * torch.sum(torch.tanh(_t(W2) @ torch.tanh(_t(W1) @ v)) ** 2))
+    return w
+
+
+def hessian_pairwise(atoms: int, dtype, rng) -> Workload:
+    """The Hessian of a smooth pairwise energy E(x) = sum_{i<j} exp(-|x_i - x_j|^2), atoms in 3-D."""
+    iu = np.triu_indices(atoms, 1)
+
+    def energy(x):
+        X = x.reshape(atoms, 3)
+        d2 = jnp.sum((X[:, None, :] - X[None, :, :]) ** 2, axis=-1)
+        return jnp.sum(jnp.exp(-d2[iu]))
+
+    x = _rand(rng, (3 * atoms,), dtype, 0.7)
+
+    def torch_energy(v):
+        X = v.reshape(atoms, 3)
+        d2 = torch.sum((X[:, None, :] - X[None, :, :]) ** 2, dim=-1)
+        return torch.sum(torch.exp(-d2[iu]))
+
+    w = Workload(x, _ref64(jax.hessian(energy), x), reference_note="jax.hessian float64")
+    _hessian_impls(w, energy, 3 * atoms, torch_energy)
+    return w
+
+
+def _hessian_impls(w: Workload, f: Callable, n: int, torch_f):
+    w.impls["jacobians"] = Impl(jacobians.hessian(f))
+    w.impls[f"jacobians[chunk={max(1, n // 8)}]"] = Impl(jacobians.hessian(f, chunk_size=max(1, n // 8)))
+    w.impls["jax.hessian"] = Impl(jax.jit(jax.hessian(f)))
+    if torch is not None:
+        w.impls["torch.func.hessian"] = Impl(tf.hessian(torch_f), "torch")
+
+
+def _sparse_hessian_impls(w: Workload, f: Callable, x, dense_ok: bool):
+    w.impls["jacobians.sparse_hessian"] = Impl(jacobians.sparse_hessian(f))
+    plan = jacobians.sparse_hessian(f).plan(x)
+    w.colors["jacobians.sparse_hessian"] = plan.n_colors
+
+    def detect_ours():
+        return jacobians.sparse_hessian(f).plan(x)
+
+    w.detect["jacobians"] = detect_ours
+    if asdex is not None:
+        coloring = asdex.hessian_coloring(f, x)
+        w.impls["asdex"] = Impl(jax.jit(asdex.hessian_from_coloring(f, coloring)))
+        w.colors["asdex"] = int(coloring.num_colors)
+        w.detect["asdex"] = lambda: asdex.hessian_coloring(f, x)
+    if dense_ok:
+        w.impls["jax.hessian"] = Impl(jax.jit(jax.hessian(f)))
+
+
+def _sym_ref(n, rows, cols, vals) -> SparseRef:
+    keys = np.asarray(rows) * n + np.asarray(cols)
+    order = np.argsort(keys)
+    return SparseRef(n, n, keys[order], np.asarray(vals, np.float64)[order])
+
+
+def rosenbrock(n: int, dtype, rng) -> Workload:
+    """The chained Rosenbrock function: a tridiagonal Hessian."""
+    x = _rand(rng, (n,), dtype, 0.5)
+
+    def f(x):
+        return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+
+    xn = np.asarray(x, np.float64)
+    d = np.zeros(n)
+    d[:-1] += 1200 * xn[:-1] ** 2 - 400 * xn[1:] + 2
+    d[1:] += 200
+    off = -400 * xn[:-1]
+    i = np.arange(n - 1)
+    w = Workload(x, _sym_ref(n, np.r_[np.arange(n), i, i + 1], np.r_[np.arange(n), i + 1, i], np.r_[d, off, off]),
+                 reference_note="closed form (numpy float64)")
+    _sparse_hessian_impls(w, f, x, dense_ok=n <= 10_000)
+    return w
+
+
+def arrowhead(n: int, dtype, rng) -> Workload:
+    """f(x) = x_0 sum(x) + sum(sin x): a dense first row and column plus the diagonal."""
+    x = _rand(rng, (n,), dtype)
+
+    def f(x):
+        return x[0] * jnp.sum(x) + jnp.sum(jnp.sin(x))
+
+    xn = np.asarray(x, np.float64)
+    d = -np.sin(xn)
+    d[0] += 2
+    j = np.arange(1, n)
+    w = Workload(x, _sym_ref(n, np.r_[np.arange(n), np.zeros(n - 1, int), j], np.r_[np.arange(n), j, np.zeros(n - 1, int)],
+                             np.r_[d, np.ones(n - 1), np.ones(n - 1)]), reference_note="closed form (numpy float64)")
+    _sparse_hessian_impls(w, f, x, dense_ok=n <= 10_000)
+    return w
+
+
+def banded(n: int, dtype, rng, band: int = 3) -> Workload:
+    """f(x) = sum_i sum_{k=1..band} c_k x_i x_{i+k} + sum cos(x): a banded Hessian."""
+    c = np.arange(1.0, band + 1)
+    x = _rand(rng, (n,), dtype)
+
+    def f(x):
+        return sum(c[k - 1] * jnp.sum(x[:-k] * x[k:]) for k in range(1, band + 1)) + jnp.sum(jnp.cos(x))
+
+    xn = np.asarray(x, np.float64)
+    rows, cols, vals = [np.arange(n)], [np.arange(n)], [-np.cos(xn)]
+    for k in range(1, band + 1):
+        i = np.arange(n - k)
+        rows += [i, i + k]
+        cols += [i + k, i]
+        vals += [np.full(n - k, c[k - 1])] * 2
+    w = Workload(x, _sym_ref(n, *map(np.concatenate, (rows, cols, vals))), reference_note="closed form (numpy float64)")
+    _sparse_hessian_impls(w, f, x, dense_ok=n <= 10_000)
+    return w
+
+
+def laplacian_energy(k: int, dtype, rng) -> Workload:
+    """E(u) = 1/2 sum over grid edges (u_i - u_j)^2 + 1/4 sum u^4 on a k x k grid: H = L + diag(3 u^2)."""
+    x = _rand(rng, (k * k,), dtype)
+
+    def f(u):
+        U = u.reshape(k, k)
+        return 0.5 * (jnp.sum((U[1:] - U[:-1]) ** 2) + jnp.sum((U[:, 1:] - U[:, :-1]) ** 2)) + 0.25 * jnp.sum(u**4)
+
+    idx = np.arange(k * k).reshape(k, k)
+    a = np.r_[idx[1:].ravel(), idx[:, 1:].ravel()]
+    b = np.r_[idx[:-1].ravel(), idx[:, :-1].ravel()]
+    deg = np.bincount(np.r_[a, b], minlength=k * k).astype(float)
+    xn = np.asarray(x, np.float64)
+    ref = _sym_ref(k * k, np.r_[np.arange(k * k), a, b], np.r_[np.arange(k * k), b, a],
+                   np.r_[deg + 3 * xn**2, -np.ones(a.size), -np.ones(a.size)])
+    w = Workload(x, ref, reference_note="closed form (numpy float64)")
+    _sparse_hessian_impls(w, f, x, dense_ok=k * k <= 10_000)
+    return w
+
+
+def batch_mlp(batch: int, n: int, dtype, rng) -> Workload:
+    """Per-example Jacobians of a batch-first MLP f(X) = tanh(tanh(X W1^T) W2^T), X of shape (B, n)."""
+    W1 = _rand(rng, (n, n), dtype, 1 / np.sqrt(n))
+    W2 = _rand(rng, (n, n), dtype, 1 / np.sqrt(n))
+    X = _rand(rng, (batch, n), dtype)
+
+    def f(X):
+        return jnp.tanh(jnp.tanh(X @ W1.T) @ W2.T)
+
+    def single(x):
+        return jnp.tanh(W2 @ jnp.tanh(W1 @ x))
+
+    W1n, W2n, Xn = (np.asarray(a, np.float64) for a in (W1, W2, X))
+    H = np.tanh(Xn @ W1n.T)
+    Y = np.tanh(H @ W2n.T)
+    ref = (1 - Y**2)[:, :, None] * np.einsum("ij,bj,jk->bik", W2n, 1 - H**2, W1n)
+    w = Workload(X, ref)
+    w.impls["jacobians.batch_jacobian"] = Impl(jacobians.batch_jacobian(f))
+    w.impls["vmap(jacobians.jacobian)"] = Impl(jax.jit(jax.vmap(jacobians.jacobian(single))))
+    w.impls["jax.vmap(jax.jacrev)"] = Impl(jax.jit(jax.vmap(jax.jacrev(single))))
+    w.impls["jax.vmap(jax.jacfwd)"] = Impl(jax.jit(jax.vmap(jax.jacfwd(single))))
+    if torch is not None:
+        tsingle = lambda v: torch.tanh(_t(W2) @ torch.tanh(_t(W1) @ v))  # noqa: E731
+        w.impls["torch.func.vmap(jacrev)"] = Impl(tf.vmap(tf.jacrev(tsingle)), "torch")
+    return w
+
+
+def divergence_mlp(n: int, dtype, rng) -> Workload:
+    """The exact divergence tr(J) of a square MLP vector field, R^n -> R^n."""
+    W1 = _rand(rng, (n, n), dtype, 1 / np.sqrt(n))
+    W2 = _rand(rng, (n, n), dtype, 1 / np.sqrt(n))
+
+    def f(x):
+        return jnp.tanh(W2 @ jnp.tanh(W1 @ x))
+
+    x = _rand(rng, (n,), dtype)
+    W1n, W2n, xn = (np.asarray(a, np.float64) for a in (W1, W2, x))
+    h = np.tanh(W1n @ xn)
+    y = np.tanh(W2n @ h)
+    ref = np.asarray(np.einsum("i,ij,j,ji->", 1 - y**2, W2n, 1 - h**2, W1n))
+    w = Workload(x, ref)
+    w.impls["jacobians.divergence"] = Impl(jacobians.divergence(f))
+    w.impls["trace(jax.jacfwd)"] = Impl(jax.jit(lambda x: jnp.trace(jax.jacfwd(f)(x))))
+    w.impls["trace(jax.jacrev)"] = Impl(jax.jit(lambda x: jnp.trace(jax.jacrev(f)(x))))
+    return w
+
+
+def divergence_stencil(n: int, dtype, rng) -> Workload:
+    """The exact divergence of a 1-D reaction-diffusion field (periodic): a tridiagonal Jacobian."""
+    x = _rand(rng, (n,), dtype)
+
+    def f(u):
+        return jnp.roll(u, 1) - 2 * u + jnp.roll(u, -1) + u**3
+
+    ref = np.asarray(np.sum(-2 + 3 * np.asarray(x, np.float64) ** 2))
+    w = Workload(x, ref)
+    w.impls["jacobians.divergence"] = Impl(jacobians.divergence(f))
+    if n <= 4096:
+        w.impls["trace(jax.jacfwd)"] = Impl(jax.jit(lambda x: jnp.trace(jax.jacfwd(f)(x))))
+    else:
+        w.skipped["trace(jax.jacfwd)"] = f"not run: dense Jacobian too large ({n} x {n})"
+    return w
