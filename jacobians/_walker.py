@@ -251,7 +251,11 @@ class Walker:
 
     def _while(self, eqn, ins):
         p = eqn.params
-        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        n_carry = len(eqn.outvars)
+        body_in = p["body_jaxpr"].jaxpr.invars
+        # Constant counts from the parameters, or (should a JAX drop them) from the arities.
+        nb = p.get("body_nconsts", len(body_in) - n_carry)
+        nc = p.get("cond_nconsts", len(ins) - nb - n_carry)
         consts, carry = ins[nc : nc + nb], ins[nc + nb :]
         avals = [v.aval for v in eqn.outvars]
         out = self._fixed_point(lambda c: self._run(p["body_jaxpr"], consts + c), carry, avals)
@@ -263,9 +267,15 @@ class Walker:
     def _scan(self, eqn, ins):
         p = eqn.params
         lat = self.lat
-        nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
+        nk, length, body = p["num_carry"], p["length"], p["jaxpr"]
+        nc = p.get("num_consts")
+        if nc is None:  # xs are the trailing operands with one more axis than the body's inputs
+            body_in = body.jaxpr.invars
+            n_xs = 0
+            while n_xs < len(ins) - nk and len(eqn.invars[-1 - n_xs].aval.shape) == len(body_in[-1 - n_xs].aval.shape) + 1:
+                n_xs += 1
+            nc = len(ins) - nk - n_xs
         consts, carry, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
-        body = p["jaxpr"]
         x_avals = [v.aval for v in body.jaxpr.invars[nc + nk :]]
         y_avals = [v.aval for v in body.jaxpr.outvars[nk:]]
         out_avals = [v.aval for v in eqn.outvars]
