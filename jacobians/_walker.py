@@ -267,8 +267,19 @@ class Walker:
     def _scan(self, eqn, ins):
         p = eqn.params
         lat = self.lat
-        nk, length, body = p["num_carry"], p["length"], p["jaxpr"]
-        nc = p.get("num_consts")
+        length, body = p["length"], p["jaxpr"]
+        nk, nc = p.get("num_carry"), p.get("num_consts")
+        groups = p.get("ft_in")
+        if nk is None and groups is not None:  # JAX 0.11: operand groups (consts, carry, xs)
+            try:
+                groups = list(groups)
+                if len(groups) == 3:
+                    nc, nk = len(groups[0]), len(groups[1])
+            except TypeError:
+                pass
+        if nk is None:  # a JAX whose scan parameters we cannot read: the conservative answer, with the warning
+            self.unknown.add("scan (parameters of this JAX version)")
+            return lat.default(eqn, ins)
         if nc is None:  # xs are the trailing operands with one more axis than the body's inputs
             body_in = body.jaxpr.invars
             n_xs = 0
