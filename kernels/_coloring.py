@@ -1,150 +1,88 @@
-"""Greedy colouring of Jacobian columns (or rows) for compressed evaluation.
+"""Colour Jacobian columns (or rows) so that one JVP (VJP) serves each colour.
 
-Two columns may share a colour (be pushed through one JVP together) when no
-row has a nonzero in both; then each nonzero of ``J @ seed`` comes from exactly
-one column. This is a distance-2 colouring of the bipartite row/column graph,
-done greedily three ways (DSATUR, smallest-last and largest-first orders),
-keeping the one with fewest colours.
+Two columns may share a colour when no row has a nonzero in both; then each
+nonzero of ``J @ seed`` comes from exactly one column. This is a partial
+distance-2 colouring of the bipartite row/column graph. It is computed on the
+compressed row and column structure (never a list of conflicting pairs):
+
+1. the longest row is a lower bound (its columns all conflict); a row holding
+   every nonempty column settles it at once;
+2. greedy in largest-first order (:mod:`._coloring_greedy`), ``O(nnz)``;
+3. if that misses the bound and the pattern's rows and columns are short,
+   DSATUR (:mod:`._coloring_dsatur`), kept only when it uses fewer colours.
 """
 
 import numpy as np
 
-_PAIRS_MAX = 1 << 26
+from ._coloring_dsatur import dsatur_affordable, dsatur_columns
+from ._coloring_graph import Structure, bucket, structure
+from ._coloring_greedy import greedy_columns
+
+# Row masks hold n_rows x n_colors bits; past this many 32-bit words, give each column its own colour.
+_MASK_WORDS_MAX = 1 << 26
 
 
-def _conflicts(rows: np.ndarray, cols: np.ndarray, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """CSR adjacency of the column intersection graph (columns that share a row)."""
-    order = np.lexsort((cols, rows))
-    r, c = rows[order], cols[order]
-    starts = np.flatnonzero(np.concatenate([[True], r[1:] != r[:-1]]))
-    lens = np.diff(np.append(starts, r.size))
-    # All ordered pairs (a, b) of columns within each row: lens^2 per row.
-    sq = lens * lens
-    base = np.repeat(starts, sq)
-    within = np.arange(int(sq.sum())) - np.repeat(np.cumsum(sq) - sq, sq)
-    width = np.repeat(lens, sq)
-    a = c[base + within // width]
-    b = c[base + within % width]
-    key = np.sort(a.astype(np.int64) * n_cols + b)
-    if key.size:
-        key = key[np.concatenate([[True], key[1:] != key[:-1]])]
-    a, b = np.divmod(key, n_cols)
-    keep = a != b
-    a, b = a[keep], b[keep]
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=n_cols))])
-    return indptr, b
+def _conflict_degree(s: Structure) -> np.ndarray:
+    """Per column, ``sum over its rows of (row length - 1)``: an upper bound on its conflicts."""
+    return np.bincount(s.cols, weights=s.row_len[s.rows] - 1, minlength=s.n_cols).astype(np.int64)
+
+
+def _color(s: Structure) -> np.ndarray:
+    """Colour the columns of ``s``: bound, greedy, then DSATUR if worth it (see the module docstring)."""
+    nonempty = s.col_len > 0
+    if not s.rows.size:
+        return np.zeros(s.n_cols, np.int64)
+    bound = int(s.row_len.max())
+    if bound == int(nonempty.sum()):  # one row holds every nonempty column: all conflict
+        colors = np.zeros(s.n_cols, np.int64)
+        colors[nonempty] = np.arange(bound)
+        return colors
+    degree = _conflict_degree(s)
+    order = np.lexsort((np.arange(s.n_cols), -degree))  # largest first, then by index
+    n_words = bucket(-(-(bound + 1) // 32))  # powers of two: fewer compilations
+    while True:
+        if s.n_rows * n_words > _MASK_WORDS_MAX:
+            # Too many colours to track per row: every column its own colour is always valid.
+            colors = np.zeros(s.n_cols, np.int64)
+            colors[nonempty] = np.arange(int(nonempty.sum()))
+            return colors
+        colors = greedy_columns(s, order, n_words)
+        if colors is not None:
+            break
+        n_words *= 4
+    n_colors = int(colors.max()) + 1
+    if n_colors > bound and dsatur_affordable(s):
+        better = dsatur_columns(s, degree, n_colors)
+        if better is not None:
+            colors = better
+    return colors
 
 
 def color_columns(rows: np.ndarray, cols: np.ndarray, n_cols: int) -> np.ndarray:
     """Colour the columns of a sparsity pattern so that same-coloured columns share no row.
 
     Args:
-      rows, cols: the nonzeros of an ``(m, n_cols)`` pattern.
+      rows, cols: the nonzeros of an ``(m, n_cols)`` pattern, shape ``(nnz,)``; repeats allowed.
       n_cols: the number of columns.
 
     Returns:
-      ``colors`` of shape ``(n_cols,)``, values ``0 .. n_colors - 1``; columns
-      with no nonzero get colour 0.
+      ``colors`` of shape ``(n_cols,)``, int64, values ``0 .. n_colors - 1``;
+      columns with no nonzero get colour 0.
     """
     rows = np.asarray(rows, np.int64)
-    cols = np.asarray(cols, np.int64)
-    if rows.size == 0:
-        return np.zeros(n_cols, np.int64)
-    row_len = np.bincount(rows)
-    if int(np.sum(row_len.astype(np.int64) ** 2)) > _PAIRS_MAX:
-        # Rows so full that the conflict graph would not fit: nearly every
-        # column conflicts anyway, so give each its own colour (always valid).
-        return np.arange(n_cols, dtype=np.int64)
-    indptr, adj = _conflicts(rows, cols, n_cols)
-    flat, ptr = adj.tolist(), indptr.tolist()
-    adj_list = [flat[ptr[j] : ptr[j + 1]] for j in range(n_cols)]
-    # Greedy in three classic orders; keep the colouring with fewest colours.
-    # The columns of one row all conflict, so the longest row is a lower bound:
-    # stop as soon as it is reached.
-    bound = int(row_len.max())
-    best = _dsatur(adj_list)
-    for order in (_smallest_last, lambda a: np.argsort(-np.diff(indptr), kind="stable").tolist()):
-        if int(best.max()) + 1 <= bound:
-            break
-        other = _greedy(adj_list, order(adj_list))
-        if other.max() < best.max():
-            best = other
-    return best
-
-
-def _greedy(adj_list: list[list[int]], order: list[int]) -> np.ndarray:
-    color = [-1] * len(adj_list)
-    for j in order:
-        used = {color[k] for k in adj_list[j]}
-        c = 0
-        while c in used:
-            c += 1
-        color[j] = c
-    return np.asarray(color, np.int64)
-
-
-def _dsatur(adj_list: list[list[int]]) -> np.ndarray:
-    """DSATUR: colour next the vertex seeing the most distinct colours (ties: higher degree).
-
-    Colours seen by each vertex are a Python int bitmask; vertices wait in one
-    stack per saturation level (stale entries are skipped when popped).
-    """
-    n = len(adj_list)
-    color = [-1] * n
-    seen = [0] * n
-    sat = [0] * n
-    degree = np.fromiter((len(a) for a in adj_list), np.int64, n)
-    by_degree = np.lexsort((-np.arange(n), degree)).tolist()  # largest degree last
-    buckets: list[list[int]] = [by_degree]
-    top = 0
-    for _ in range(n):
-        while True:
-            while not buckets[top]:
-                top -= 1
-            v = buckets[top].pop()
-            if color[v] == -1 and sat[v] == top:
-                break
-        m = seen[v]
-        c = (~m & (m + 1)).bit_length() - 1  # the smallest colour not seen
-        color[v] = c
-        bit = 1 << c
-        for u in adj_list[v]:
-            if color[u] == -1 and not seen[u] & bit:
-                seen[u] |= bit
-                s = sat[u] = sat[u] + 1
-                if s == len(buckets):
-                    buckets.append([])
-                buckets[s].append(u)
-                if s > top:
-                    top = s
-    return np.asarray(color, np.int64)
-
-
-def _smallest_last(adj_list: list[list[int]]) -> list[int]:
-    """Smallest-last order: repeatedly remove a vertex of least remaining degree, then reverse."""
-    n = len(adj_list)
-    degree = [len(a) for a in adj_list]
-    buckets: list[set[int]] = [set() for _ in range(max(degree, default=0) + 1)]
-    for v, d in enumerate(degree):
-        buckets[d].add(v)
-    removed = [False] * n
-    order = []
-    low = 0
-    for _ in range(n):
-        low = max(low - 1, 0)
-        while not buckets[low]:
-            low += 1
-        v = buckets[low].pop()
-        removed[v] = True
-        order.append(v)
-        for u in adj_list[v]:
-            if not removed[u]:
-                buckets[degree[u]].discard(u)
-                degree[u] -= 1
-                buckets[degree[u]].add(u)
-    return order[::-1]
+    n_rows = int(rows.max()) + 1 if rows.size else 0
+    return _color(structure(rows, cols, n_rows, n_cols))
 
 
 def color_rows(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> np.ndarray:
-    """Colour rows so that same-coloured rows share no column (for reverse mode)."""
+    """Colour rows so that same-coloured rows share no column (for reverse mode).
+
+    Args:
+      rows, cols: the nonzeros of an ``(n_rows, n)`` pattern, shape ``(nnz,)``.
+      n_rows: the number of rows.
+
+    Returns:
+      ``colors`` of shape ``(n_rows,)``, int64, values ``0 .. n_colors - 1``;
+      rows with no nonzero get colour 0.
+    """
     return color_columns(cols, rows, n_rows)

@@ -8,6 +8,7 @@ placement on the host CPU (the loops are sequential; they belong on the CPU
 even when an accelerator is the default device).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -61,7 +62,10 @@ def structure(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> S
         raise ValueError(f"rows and cols differ in length: {rows.shape} vs {cols.shape}")
     if rows.size and (rows.min() < 0 or cols.min() < 0 or rows.max() >= n_rows or cols.max() >= n_cols):
         raise ValueError(f"a nonzero lies outside the {n_rows} x {n_cols} pattern")
-    keys = np.unique(rows * n_cols + cols)  # sorted by row, then column
+    keys = rows * n_cols + cols  # row-major order
+    if keys.size > 1 and not np.all(keys[1:] > keys[:-1]):
+        keys = np.sort(keys)  # (np.unique hashes first: several times slower on big patterns)
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
     rows, cols = np.divmod(keys, n_cols) if n_cols else (keys, keys)
     row_ptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=row_ptr[1:])
@@ -69,11 +73,6 @@ def structure(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> S
     col_ptr = np.zeros(n_cols + 1, np.int64)
     np.cumsum(np.bincount(cols, minlength=n_cols), out=col_ptr[1:])
     return Structure(n_rows, n_cols, rows, cols, row_ptr, col_ptr, rows[by_col])
-
-
-def transpose(s: Structure) -> Structure:
-    """The same pattern with rows and columns exchanged."""
-    return structure(s.cols, s.rows, s.n_cols, s.n_rows)
 
 
 def padded(ptr: np.ndarray, idx: np.ndarray, keep: np.ndarray, width: int, n_out: int, fill: int) -> np.ndarray:
@@ -92,11 +91,10 @@ def padded(ptr: np.ndarray, idx: np.ndarray, keep: np.ndarray, width: int, n_out
       The table, list ``k`` in row ``k``.
     """
     out = np.full((n_out, width), fill, np.int32)
-    lens = np.diff(ptr)
-    owner = np.repeat(np.arange(lens.size), lens)
-    take = keep[owner]
-    pos = np.arange(idx.size) - ptr[owner]
-    out[owner[take], pos[take]] = idx[take]
+    lens = np.where(keep, np.diff(ptr), 0)
+    for p in range(min(width, int(lens.max(initial=0)))):  # one pass per table column: O(n * width)
+        (k,) = np.nonzero(lens > p)
+        out[k, p] = idx[ptr[k] + p]
     return out
 
 
@@ -111,7 +109,22 @@ def host_cpu() -> jax.Device:
     return jax.devices("cpu")[0]
 
 
-def to_host(*arrays: np.ndarray) -> list[jax.Array]:
-    """Commit NumPy arrays to the CPU device, so the jitted loops run there."""
+def start_on_host(loop: Callable, *arrays: np.ndarray, **static) -> tuple[jax.Array, ...]:
+    """Start a jitted loop now, on the CPU; its outputs arrive asynchronously.
+
+    The colourings are planned while the user's function is being traced (a
+    ``jax.jit`` around ``sparse_jacobian``): evaluate eagerly regardless.
+
+    Args:
+      loop: the jitted function.
+      *arrays: its array arguments, committed to the CPU device first.
+      **static: its static keyword arguments.
+    """
     cpu = host_cpu()
-    return [jax.device_put(a, cpu) for a in arrays]
+    with jax.ensure_compile_time_eval():
+        return loop(*(jax.device_put(a, cpu) for a in arrays), **static)
+
+
+def run_on_host(loop: Callable, *arrays: np.ndarray, **static) -> tuple[np.ndarray, ...]:
+    """:func:`start_on_host`, then wait for the outputs, as NumPy arrays."""
+    return tuple(np.asarray(o) for o in start_on_host(loop, *arrays, **static))
