@@ -23,7 +23,6 @@ from ._walker import primitives
 PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
 DENSITY_BUDGET = 0.25  # stop detecting once nnz > this fraction of m * n (dense enough)
 NNZ_CAP = 1 << 22  # and never hold more than this many entries while planning
-COLOR_WORK_MAX = 1 << 23  # conflict pairs a colouring may visit while planning a first call
 
 
 @dataclass(frozen=True)
@@ -114,10 +113,8 @@ def choose(closed, n: int, m: int, detect, color) -> JacobianPlan:
         try:
             pattern = detect(budget)
             plan = color(pattern, forced or "auto")
-        except _deps.TooDense as e:
-            what = "colouring it would cost more than it saves" if "colouring" in str(e) else (
-                "detection stopped at the density budget")
-            reason += f"; the pattern is dense ({what})"
+        except _deps.TooDense:
+            reason += "; the pattern is dense (detection stopped at the density budget)"
     if plan is not None:
         nnz = plan.pattern.nnz
         cost = plan.n_colors * f * (1 + PASS_OVERHEAD) + nnz

@@ -129,14 +129,28 @@ def _make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str]) ->
         has_while = "while" in primitives
         if has_vjp != has_while:
             mode = "rev" if has_vjp else "fwd"
-    col_colors = kernels.color_columns(rows, cols, n) if mode != "rev" else None
-    row_colors = kernels.color_rows(rows, cols, m) if mode != "fwd" else None
-    n_col = int(col_colors.max()) + 1 if col_colors is not None and n else 0
-    n_row = int(row_colors.max()) + 1 if row_colors is not None and m else 0
-    use_fwd = mode == "fwd" or (mode == "auto" and n_col <= n_row)
-    if use_fwd:
-        return SparsePlan(det_pattern, "fwd", col_colors, n_col, "column")
-    return SparsePlan(det_pattern, "rev", row_colors, n_row, "row")
+    def fwd():
+        colors = kernels.color_columns(rows, cols, n)
+        return SparsePlan(det_pattern, "fwd", colors, int(colors.max()) + 1 if n else 0, "column")
+
+    def rev():
+        colors = kernels.color_rows(rows, cols, m)
+        return SparsePlan(det_pattern, "rev", colors, int(colors.max()) + 1 if m else 0, "row")
+
+    if mode != "auto":
+        return fwd() if mode == "fwd" else rev()
+    # The longest row bounds the column colours from below, the longest column the row colours.
+    # Colour the direction with the lower bound first; the other only if its bound leaves clear room to
+    # win (a direction whose every column conflicts can take long to colour and never pays).
+    lb_fwd = int(np.bincount(rows).max()) if rows.size else 0
+    lb_rev = int(np.bincount(cols).max()) if cols.size else 0
+    first, second, lb_second = (fwd, rev, lb_rev) if lb_fwd < lb_rev else (rev, fwd, lb_fwd)
+    best = first()
+    if lb_second < 0.75 * best.n_colors:  # greedy rarely lands within a quarter of its bound's rival
+        other = second()
+        if other.n_colors < best.n_colors or (other.n_colors == best.n_colors and other.mode == "fwd"):
+            best = other
+    return best
 
 
 def _make_hessian_plan(pattern: SparsityPattern, mode: str, coloring: str) -> SparsePlan:
