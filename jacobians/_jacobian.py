@@ -58,8 +58,8 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
     if complex_in:
         if complex_out:
             raise TypeError(
-                f"{where}: fun has complex inputs and complex outputs; pass holomorphic=True for a holomorphic "
-                "function (a non-holomorphic complex map has no complex Jacobian)."
+                f"{where}: fun has complex inputs ({p.x.dtype}) and complex outputs ({p.out_dtype}); pass "
+                "holomorphic=True for a holomorphic function (a non-holomorphic complex map has no complex Jacobian)."
             )
         mode = "rev"
     else:
