@@ -105,8 +105,9 @@ def bucket(x: int, lo: int = 1) -> int:
 
 @cache
 def host_cpu() -> jax.Device:
-    """The CPU device that runs the colouring loops."""
-    return jax.devices("cpu")[0]
+    """The CPU device that runs the colouring loops (this process's own: under jax.distributed
+    ``jax.devices()[0]`` may belong to another process)."""
+    return jax.local_devices(backend="cpu")[0]
 
 
 def start_on_host(loop: Callable, *arrays: np.ndarray, **static) -> tuple[jax.Array, ...]:

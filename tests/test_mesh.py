@@ -25,18 +25,19 @@ stencil = lambda u: u[1:-1] ** 2 - u[:-2] * u[2:] + jnp.sin(u[1:-1])
 rosen = lambda x: jnp.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
 flow = lambda x: jnp.tanh(jnp.asarray(W) @ x) + x
 flow_b = lambda X: jnp.tanh(X @ jnp.asarray(W).T) + X
-def results(mesh):
-    return {
-        "jac_fwd": jacobians.jacobian(f, mode="fwd", mesh=mesh)(x),
-        "jac_rev_chunk": jacobians.jacobian(f, mode="rev", chunk_size=1, mesh=mesh)(x),
-        "jac_auto": jacobians.jacobian(f, mesh=mesh)(x),
-        "sparse": jacobians.sparse_jacobian(stencil, output="dense", mesh=mesh)(x),
-        "hessian": jacobians.hessian(rosen, mesh=mesh)(x),
-        "sparse_hessian": jacobians.sparse_hessian(rosen, output="dense", mesh=mesh)(x),
-        "batch_jacobian": jacobians.batch_jacobian(flow_b, mesh=mesh)(X),
-        "logdet_batched": jacobians.log_abs_det(flow, batched=True, mesh=mesh)(X),
-        "logdet_batch_first": jacobians.log_abs_det(flow_b, batch_first=True, mesh=mesh)(X),
-    }
+ENGINES = {
+    "jac_fwd": lambda mesh: jacobians.jacobian(f, mode="fwd", mesh=mesh)(x),
+    "jac_rev_chunk": lambda mesh: jacobians.jacobian(f, mode="rev", chunk_size=1, mesh=mesh)(x),
+    "jac_auto": lambda mesh: jacobians.jacobian(f, mesh=mesh)(x),
+    "sparse": lambda mesh: jacobians.sparse_jacobian(stencil, output="dense", mesh=mesh)(x),
+    "hessian": lambda mesh: jacobians.hessian(rosen, mesh=mesh)(x),
+    "sparse_hessian": lambda mesh: jacobians.sparse_hessian(rosen, output="dense", mesh=mesh)(x),
+    "batch_jacobian": lambda mesh: jacobians.batch_jacobian(flow_b, mesh=mesh)(X),
+    "logdet_batched": lambda mesh: jacobians.log_abs_det(flow, batched=True, mesh=mesh)(X),
+    "logdet_batch_first": lambda mesh: jacobians.log_abs_det(flow_b, batch_first=True, mesh=mesh)(X),
+}
+def results(mesh, names=tuple(ENGINES)):
+    return {k: ENGINES[k](mesh) for k in names}
 """
 
 SINGLE_PROCESS = COMMON + """
@@ -74,13 +75,14 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 """ + COMMON + """
 from jax.experimental import multihost_utils
 assert jax.device_count() == 4 and jax.local_device_count() == 2
-four = results("auto")
+REQUIRED = ("jac_fwd", "sparse", "hessian", "logdet_batched")  # dense and sparse Jacobians, a Hessian, a log-det
+four = {k: v for k, v in results("auto", REQUIRED).items()}
 local = {}
 for k, v in four.items():
     local[k] = np.asarray(multihost_utils.process_allgather(v, tiled=True))
 # One process's own single-device answer, computed on its local device only.
 with jax.default_device(jax.local_devices()[0]):
-    ref = {k: np.asarray(v) for k, v in results(None).items()}
+    ref = {k: np.asarray(v) for k, v in results(None, REQUIRED).items()}
 for k in ref:
     np.testing.assert_allclose(local[k], ref[k], rtol=1e-12, atol=1e-12, err_msg=k)
 print("PROCESS", pid, "OK", flush=True)
@@ -116,13 +118,14 @@ def test_two_processes_over_loopback(tmp_path):
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=240))
+            outs.append(p.communicate(timeout=180))
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.skip("the two-process jax.distributed runtime did not finish in 240 s on this machine")
+        pytest.skip("the two-process jax.distributed runtime did not finish in 180 s on this machine")
     logs = "\n".join(o + e[-2000:] for o, e in outs)
-    if any(p.returncode for p in procs) and ("initialize" in logs and "DEADLINE" in logs.upper()):
-        pytest.skip("jax.distributed could not start its coordinator on the loopback interface here")
+    failed = any(p.returncode for p in procs)
+    if failed and "DEADLINE_EXCEEDED" in logs and "Traceback" not in logs.split("DEADLINE_EXCEEDED")[0][-3000:]:
+        pytest.skip("jax.distributed could not connect its processes over loopback here (a coordination timeout)")
     assert all(p.returncode == 0 for p in procs), logs[-6000:]
     assert "PROCESS 0 OK" in logs and "PROCESS 1 OK" in logs
