@@ -2,10 +2,13 @@
 
 The error is the book's relative metric over all entries of the Jacobian,
 
-    error = sqrt( sum (dh_i - df_i)^2 / sum (dh_i + df_i)^2 ),
+    error = sqrt( sum |dh_i - df_i|^2 / sum |dh_i + df_i|^2 ),
 
 with ``dh`` the finite-difference and ``df`` the analytic Jacobian, both in
-numerator layout ``out.shape + x.shape``.
+numerator layout ``out.shape + x.shape``. Entry ``j`` of ``x`` is perturbed by
+``h * max(1, |x_j|)``, so that the step does not vanish next to a large
+``|x_j|``, and the difference quotient divides by the step actually taken,
+``(x_j + h_j) - x_j`` in ``x``'s dtype.
 """
 
 from collections.abc import Callable
@@ -18,41 +21,67 @@ import numpy as np
 from ._jacobian import jacobian
 
 METHODS = ("central", "forward", "complex")
+STATUSES = ("passed", "failed", "inconclusive")
 
-# Default tolerances. float64: the book's 1e-6. float32 has eps ~ 1.2e-7, so a
-# central difference is accurate to about eps^(2/3) ~ 2.4e-5 relative at best
-# and a forward difference to eps^(1/2) ~ 3.5e-4; the tolerances leave a
-# margin of ~40x above those floors. The complex step has no cancellation and
-# is exact to rounding.
-_TOL = {
-    np.dtype("float64"): {"central": 1e-6, "forward": 1e-6, "complex": 1e-6},
-    np.dtype("float32"): {"central": 1e-3, "forward": 1e-2, "complex": 1e-5},
+# Default (step, tolerance) per dtype and method. Central differences are
+# accurate to about eps^(2/3) at best (truncation O(h^2) against rounding
+# O(eps/h), balanced at h = eps^(1/3)), forward differences to eps^(1/2); the
+# complex step has no cancellation and is exact to rounding. float64 uses the
+# book's 1e-6; float32 leaves ~40x above each floor. The 16-bit types are
+# coarse (bfloat16 keeps 8 bits): their checks catch gross errors (a wrong
+# factor of 1.5, a transposed Jacobian) but not errors of a few percent, and
+# half the balancing step measured best there (functions of |x| ~ 3 curve
+# within eps^(1/3) |x|). Complex x uses the defaults of its real part.
+_EPS64, _EPS32 = float(np.finfo(np.float64).eps), float(np.finfo(np.float32).eps)
+_DEFAULTS = {
+    np.dtype("float64"): {"central": (_EPS64 ** (1 / 3), 1e-6), "forward": (_EPS64**0.5, 1e-6), "complex": (1e-20, 1e-6)},
+    np.dtype("float32"): {"central": (_EPS32 ** (1 / 3), 1e-3), "forward": (_EPS32**0.5, 1e-2), "complex": (1e-10, 1e-5)},
+    np.dtype("float16"): {"central": (0.05, 5e-2), "forward": (2.0**-5, 1e-1)},  # eps = 2^-10
+    np.dtype(jnp.bfloat16): {"central": (0.1, 1e-1), "forward": (2.0**-3.5, 2e-1)},  # eps = 2^-7
 }
 
+# Errors JAX raises when traced code needs a concrete value.
+_TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError)
 
-def _default_h(dtype: np.dtype, method: str) -> float:
-    eps = float(jnp.finfo(dtype).eps)
-    if method == "central":
-        return eps ** (1 / 3)  # balances truncation O(h^2) against rounding O(eps/h)
-    if method == "forward":
-        return eps ** (1 / 2)  # balances truncation O(h) against rounding O(eps/h)
-    return 1e-20 if dtype == np.dtype("float64") else 1e-10  # no cancellation: tiny is fine
+
+def _real_dtype(dtype) -> np.dtype:
+    return np.dtype(jnp.finfo(dtype).dtype)
+
+
+def _number(v: float) -> str:
+    """``3.1e-08``, ``1e-03``, ``0``: two significant digits, without a trailing ``.0``."""
+    if v == 0:
+        return "0"
+    s = f"{v:.1e}"
+    return s.replace(".0e", "e")
+
+
+def _describe(method: str, h: float) -> str:
+    if method == "complex":
+        return f"complex step, h={_number(h)}"
+    return f"{method} differences, step {_number(h)} * max(1, |x_j|)"
 
 
 @dataclass(frozen=True)
 class GradcheckResult:
-    """The outcome of :func:`gradcheck`; truthy when the check passed.
+    """The outcome of :func:`gradcheck`; truthy only when the check passed.
 
     Attributes:
-      error: the book's relative error (``inf`` when the check could not run).
-      passed: ``error < tol`` and both Jacobians finite and of the same shape.
+      error: the book's relative error (``inf`` when no comparison was made).
+      passed: ``status == "passed"``: ``error < tol``, both Jacobians finite
+        and of the same shape.
       tol: the tolerance used.
-      h: the step used.
+      h: the base step; entry ``j`` of ``x`` moves by ``h * max(1, |x_j|)``
+        (the complex step by ``h``).
       method: ``"central"``, ``"forward"`` or ``"complex"``.
       worst_index: index (in ``out.shape + x.shape``) of the largest
         ``|numeric - analytic|``, or ``None``.
       worst_analytic, worst_numeric: the two values at that index.
-      problem: why the check failed before comparing values, or ``""``.
+      problem: what went wrong before values could be compared, or ``""``.
+      status: ``"passed"``, ``"failed"`` (the Jacobian disagrees with the
+        finite differences, is not finite, or has the wrong shape) or
+        ``"inconclusive"`` (the finite differences themselves are not finite or
+        the step vanished, so nothing can be said at this ``x``).
     """
 
     error: float
@@ -61,22 +90,32 @@ class GradcheckResult:
     h: float
     method: str
     worst_index: tuple[int, ...] | None = None
-    worst_analytic: float = float("nan")
-    worst_numeric: float = float("nan")
+    worst_analytic: float | complex = float("nan")
+    worst_numeric: float | complex = float("nan")
     problem: str = field(default="")
+    status: str = field(default="")
+
+    def __post_init__(self):
+        if not self.status:
+            object.__setattr__(self, "status", "passed" if self.passed else "failed")
+        if self.status not in STATUSES:
+            raise ValueError(f"jacobians.GradcheckResult: status must be one of {STATUSES}, got {self.status!r}.")
+        if self.passed != (self.status == "passed"):
+            raise ValueError(f"jacobians.GradcheckResult: passed={self.passed} contradicts status={self.status!r}.")
 
     def __bool__(self) -> bool:
         return self.passed
 
     def __repr__(self) -> str:
-        verdict = "PASSED" if self.passed else "FAILED"
-        lines = [
-            f"gradcheck {verdict}: error {self.error:.3e} {'<' if self.passed else '>='} tol {self.tol:.1e} "
-            f"(method={self.method!r}, h={self.h:.3g})"
-        ]
-        if self.problem:
-            lines.append(f"  problem: {self.problem}")
-        if self.worst_index is not None:
+        how = _describe(self.method, self.h)
+        if self.status == "inconclusive":
+            lines = [f"gradcheck INCONCLUSIVE: {self.problem} ({how})"]
+        elif self.problem:
+            lines = [f"gradcheck FAILED: {self.problem} ({how})"]
+        else:
+            verdict, cmp = ("PASSED", "<") if self.passed else ("FAILED", ">=")
+            lines = [f"gradcheck {verdict}: relative error {_number(self.error)} {cmp} tol {_number(self.tol)} ({how})"]
+        if self.worst_index is not None and not self.passed:
             lines.append(
                 f"  worst entry {self.worst_index}: analytic {self.worst_analytic:.10g}, "
                 f"numeric {self.worst_numeric:.10g}"
@@ -84,38 +123,64 @@ class GradcheckResult:
         return "\n".join(lines)
 
 
-def _finite_differences(fun, x, h, method):
-    """The numeric Jacobian, ``out.shape + x.shape``; perturbed points evaluated in batches."""
-    n = x.size
-    E = jnp.eye(n, dtype=x.dtype).reshape((n,) + x.shape)
-    batch = min(n, 1024)  # bounds memory for large inputs
-    evaluate = lambda pts: jax.lax.map(fun, pts, batch_size=batch)  # noqa: E731
+def _steps(x: jax.Array, h: float, method: str) -> tuple[jax.Array, jax.Array]:
+    """Per-entry perturbations ``h * max(1, |x_j|)`` (flat, in x's dtype) and the steps actually taken."""
+    flat = x.reshape(-1)
     if method == "complex":
-        pts = jax.lax.complex(jnp.broadcast_to(x, E.shape), h * E)
-        d = jnp.imag(evaluate(pts)) / h
+        return jnp.full(flat.shape, h, _real_dtype(x.dtype)), jnp.full(flat.shape, h, _real_dtype(x.dtype))
+    dx = (h * jnp.maximum(1, jnp.abs(flat))).astype(x.dtype)
+    lower = flat - dx if method == "central" else flat
+    return dx, (flat + dx) - lower
+
+
+def _finite_differences(fun, x, dx, step, method, jit):
+    """The numeric Jacobian, ``out.shape + x.shape``.
+
+    All perturbed points are evaluated first and subtracted afterwards: inside
+    one compiled expression XLA may contract ``f(x + h) - f(x - h)`` into a
+    fused multiply-add, whose extra precision on one side only is a spurious
+    difference (``1e12**2 - 1e12**2 != 0``).
+    """
+    n = x.size
+    flat = x.reshape(-1)
+    if method == "complex":
+        ctype = jnp.complex64 if flat.dtype == jnp.float32 else jnp.complex128
+
+        def value(i):
+            pt = flat.astype(ctype).at[i].add(jax.lax.complex(jnp.zeros_like(dx[i]), dx[i]))
+            return jnp.imag(fun(pt.reshape(x.shape))) / dx[i]
+
+        count = n
     else:
-        x0 = x[None]
-        xp = x0 + h * E
-        # Divide by the step actually taken, (x + h) - x, not by h: removes the
-        # representation error of x + h.
-        if method == "central":
-            xm = x0 - h * E
-            step = jnp.sum((xp - xm) * E, axis=tuple(range(1, E.ndim)))
-            d = evaluate(xp) - evaluate(xm)
-        else:
-            step = jnp.sum((xp - x0) * E, axis=tuple(range(1, E.ndim)))
-            d = evaluate(xp) - fun(x)[None]
-        d = d / step.reshape((n,) + (1,) * (d.ndim - 1))
+        count = 2 * n if method == "central" else n
+
+        def value(i):
+            j = i % n
+            sign = jnp.where(i < n, 1, -1).astype(dx.dtype)
+            return fun(flat.at[j].add(sign * dx[j]).reshape(x.shape))
+
+    if jit:
+        # Batches of perturbed points (vmapped), in a loop: bounded memory.
+        vals = jax.jit(lambda: jax.lax.map(value, jnp.arange(count), batch_size=min(count, 1024)))()
+    else:
+        vals = jnp.stack([value(jnp.asarray(i)) for i in range(count)])
+    if method == "complex":
+        d = vals
+    else:
+        lower = vals[n:] if method == "central" else (jax.jit(fun) if jit else fun)(x)[None]
+        d = (vals[:n] - lower) / step.astype(vals.dtype).reshape((n,) + (1,) * (vals.ndim - 1))
     # (n,) + out.shape -> out.shape + x.shape
     return jnp.moveaxis(d, 0, -1).reshape(d.shape[1:] + x.shape)
 
 
 def _nonfinite(a: np.ndarray, name: str) -> str:
+    """``"the <name> Jacobian has 2 non-finite entries (first at (0, 1): nan)"``, or ``""``."""
     bad = ~np.isfinite(a)
     if not bad.any():
         return ""
     first = tuple(int(i) for i in np.argwhere(bad)[0])
-    return f"the {name} Jacobian has {int(bad.sum())} non-finite entries (first at {first}: {a[first]})"
+    count = int(bad.sum())
+    return f"the {name} Jacobian has {count} non-finite {'entry' if count == 1 else 'entries'} (first at {first}: {a[first]})"
 
 
 def gradcheck(
@@ -126,6 +191,7 @@ def gradcheck(
     h: float | None = None,
     method: str = "central",
     tol: float | None = None,
+    jit: bool = True,
 ) -> GradcheckResult:
     """Check a Jacobian against finite differences with the book's relative error.
 
@@ -133,85 +199,146 @@ def gradcheck(
     ``jac_fun(x)`` (an analytic Jacobian you wrote, numerator layout
     ``out.shape + x.shape``) or, when ``jac_fun`` is None, with
     ``jacobians.jacobian(fun)(x)``, which validates custom JVP/VJP rules.
-    Every entry of ``x`` is perturbed; the perturbed points are evaluated in
-    batches (``lax.map`` over vmapped blocks). ``x`` is not modified.
+    Every entry ``x_j`` is perturbed by ``h * max(1, |x_j|)`` and the quotient
+    divides by the step actually taken; ``x`` is not modified.
 
     Args:
       fun: maps an array ``x`` to an array.
-      x: real floating-point array of any shape (a scalar too).
+      x: floating-point array of any shape (a scalar too): float16, bfloat16,
+        float32, float64, or complex (then ``fun`` must be holomorphic: the
+        check compares ``d fun / dz``, perturbing along the real axis).
       jac_fun: the analytic Jacobian to check, or None.
-      h: the step. ``None``: ``eps^(1/3)`` for central, ``eps^(1/2)`` for
-        forward differences and 1e-20 (1e-10 in float32) for the complex step.
-        ``h=1e-4`` with ``method="central"`` in float64 is the book's procedure.
+      h: the base step. ``None``: per dtype and method, about ``eps^(1/3)``
+        for central and ``eps^(1/2)`` for forward differences (0.05 and 0.1
+        central in float16 and bfloat16), 1e-20 (1e-10 in float32) for the
+        complex step. ``h=1e-4, method="central"`` in float64 is the book's
+        procedure.
       method: ``"central"`` (default, error O(h^2)), ``"forward"`` (O(h)), or
         ``"complex"``: ``Im f(x + ih)/h``, exact to rounding for real-analytic
-        functions written with complex-safe operations.
-      tol: pass threshold for the error. ``None``: 1e-6 in float64 (the book's
-        value); in float32 1e-3 (central), 1e-2 (forward), 1e-5 (complex),
-        about 40x the accuracy floor of each method in single precision.
+        functions written with complex-safe operations (float32 and float64
+        real ``x`` only).
+      tol: pass threshold for the error. ``None``: 1e-6 in float64 (the
+        book's value); in float32 1e-3 (central), 1e-2 (forward), 1e-5
+        (complex); in float16 5e-2 and 1e-1; in bfloat16 1e-1 and 2e-1 (these
+        only catch gross errors); complex ``x`` as its real dtype.
+      jit: compile ``fun`` (default). ``jit=False`` evaluates it eagerly, one
+        call per perturbed point, and takes the analytic Jacobian with
+        ``jax.jacfwd`` outside ``jit``: slower, but works for functions with
+        Python control flow on values (``if x.sum() > 0``), which cannot be
+        compiled.
 
     Returns:
-      A :class:`GradcheckResult`, truthy when passed, whose repr is a report.
-      A wrongly shaped or non-finite Jacobian gives a failed result saying so.
+      A :class:`GradcheckResult`, truthy only when passed, whose repr is a
+      report. A Jacobian of the wrong shape, or not finite where the finite
+      differences are, fails; finite differences that are not finite (``fun``
+      undefined or overflowing at ``x +- h``) or a step that vanishes give
+      ``status == "inconclusive"``: the Jacobian could not be checked there.
 
     Raises:
-      ValueError: unknown method, non-positive h or tol.
-      TypeError: ``x`` is not a real floating-point array.
+      ValueError: unknown method, non-positive h or tol, the complex step on
+        complex or 16-bit ``x``.
+      TypeError: ``x`` is not a floating-point array, ``jit`` is not a bool,
+        or (with ``jit=True``) ``fun`` needs concrete values: Python control
+        flow on traced values cannot be compiled.
     """
     where = "jacobians.gradcheck"
     if method not in METHODS:
         raise ValueError(f"{where}: method must be one of {METHODS}, got {method!r}.")
+    if not isinstance(jit, bool):
+        raise TypeError(f"{where}: jit must be True or False, got {jit!r}.")
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise TypeError(
-            f"{where}: x must be a real floating-point array, got dtype {x.dtype}. Cast it with x.astype(jnp.float64)."
+            f"{where}: x must be a floating-point array (real, or complex for a holomorphic fun), got dtype "
+            f"{x.dtype}. Cast it with x.astype(jnp.float64)."
         )
-    if h is None:
-        h = _default_h(x.dtype, method)
-    if tol is None:
-        tol = _TOL.get(np.dtype(x.dtype), _TOL[np.dtype("float32")])[method]
+    real = _real_dtype(x.dtype)
+    is_complex = jnp.issubdtype(x.dtype, jnp.complexfloating)
+    if method == "complex" and (is_complex or real not in (np.dtype("float32"), np.dtype("float64"))):
+        raise ValueError(
+            f"{where}: method='complex' (the complex step) needs real float32 or float64 x, got dtype {x.dtype}; "
+            "use method='central'."
+        )
+    default_h, default_tol = _DEFAULTS[real][method]
+    h = default_h if h is None else h
+    tol = default_tol if tol is None else tol
     for name, v in (("h", h), ("tol", tol)):
-        if not (isinstance(v, int | float) and v > 0):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
             raise ValueError(f"{where}: {name} must be a positive number, got {v!r}.")
     h, tol = float(h), float(tol)
 
-    def failed(problem):
-        return GradcheckResult(float("inf"), False, tol, h, method, problem=problem)
+    def result(status, problem, error=float("inf"), **worst):
+        return GradcheckResult(error, status == "passed", tol, h, method, problem=problem, status=status, **worst)
 
-    out = jax.eval_shape(fun, x)
-    if not hasattr(out, "shape"):
-        return failed(f"fun must return a single array, got {jax.tree_util.tree_structure(out)}")
-    expected = tuple(out.shape) + tuple(x.shape)
-    analytic = jac_fun(x) if jac_fun is not None else jacobian(fun)(x)
-    analytic = np.asarray(analytic)
-    if analytic.shape != expected:
-        return failed(
-            f"the analytic Jacobian has shape {analytic.shape}, expected out.shape + x.shape = "
-            f"{expected} (numerator layout)"
-        )
-    numeric = np.asarray(jax.jit(_finite_differences, static_argnums=(0, 3))(fun, x, h, method))
-    problem = _nonfinite(analytic, "analytic") or _nonfinite(numeric, "finite-difference")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        return result("inconclusive", "x has non-finite entries")
+    try:
+        out = jax.eval_shape(fun, x) if jit else fun(x)
+        if not hasattr(out, "shape"):
+            return result("failed", f"fun must return a single array, got {jax.tree_util.tree_structure(out)}")
+        expected = tuple(out.shape) + tuple(x.shape)
+        if jac_fun is not None:
+            analytic = jac_fun(x)
+        elif jit:
+            analytic = jacobian(fun, holomorphic=is_complex)(x)
+        else:
+            analytic = jax.jacfwd(fun, holomorphic=is_complex)(x)
+        analytic = np.asarray(analytic)
+        if analytic.shape != expected:
+            return result(
+                "failed",
+                f"the analytic Jacobian has shape {analytic.shape}, expected out.shape + x.shape = {expected} "
+                "(numerator layout)",
+            )
+        dx, step = _steps(x, h, method)
+        vanished = np.asarray(step) == 0
+        if vanished.any():
+            j = tuple(int(i) for i in np.unravel_index(int(np.argmax(vanished)), x.shape))
+            return result(
+                "inconclusive",
+                f"the step vanishes at x{list(j) if j else ''} = {np.asarray(x)[j]} (x + h == x in {x.dtype}); "
+                "pass a larger h",
+            )
+        numeric = np.asarray(_finite_differences(fun, x, dx, step, method, jit))
+    except _TRACER_ERRORS as e:
+        if not jit:
+            raise
+        raise TypeError(
+            f"{where}: fun (or its Jacobian) needs concrete values, e.g. Python control flow such as "
+            f"`if x.sum() > 0` on traced values, which cannot be compiled ({type(e).__name__}). Write it with "
+            "jnp.where or jax.lax.cond, or pass jit=False to check it eagerly (one call per perturbed entry)."
+        ) from e
+    problem = _nonfinite(numeric, "finite-difference")
     if problem:
-        return failed(problem)
-
-    diff = numeric - analytic
-    num, den = float(np.sum(diff**2)), float(np.sum((numeric + analytic) ** 2))
+        return result(
+            "inconclusive",
+            f"{problem}: fun is not finite at x +- h, so the Jacobian cannot be checked at this x "
+            "(try another x or a smaller h)",
+        )
+    problem = _nonfinite(analytic, "analytic")
+    if problem:
+        return result("failed", f"{problem} where the finite differences are finite")
+    numeric64 = numeric.astype(np.complex128 if np.iscomplexobj(numeric) else np.float64)
+    analytic64 = analytic.astype(np.complex128 if np.iscomplexobj(analytic) else np.float64)
+    diff = numeric64 - analytic64
+    num, den = float(np.sum(np.abs(diff) ** 2)), float(np.sum(np.abs(numeric64 + analytic64) ** 2))
     error = 0.0 if num == 0 else (float(np.sqrt(num / den)) if den > 0 else float("inf"))
-    worst = np.unravel_index(int(np.argmax(np.abs(diff))), diff.shape) if diff.size else None
-    return GradcheckResult(
-        error=error,
-        passed=error < tol,
-        tol=tol,
-        h=h,
-        method=method,
-        worst_index=None if worst is None else tuple(int(i) for i in worst),
-        worst_analytic=float(analytic[worst]) if worst is not None else float("nan"),
-        worst_numeric=float(numeric[worst]) if worst is not None else float("nan"),
-    )
+    worst = {}
+    if diff.size:
+        k = np.unravel_index(int(np.argmax(np.abs(diff))), diff.shape)
+        scalar = complex if np.iscomplexobj(diff) else float
+        worst = dict(
+            worst_index=tuple(int(i) for i in k),
+            worst_analytic=scalar(analytic64[k]),
+            worst_numeric=scalar(numeric64[k]),
+        )
+    return result("passed" if error < tol else "failed", "", error, **worst)
 
 
 def assert_gradcheck(fun: Callable, x: jax.Array, jac_fun: Callable | None = None, **kwargs) -> GradcheckResult:
-    """Like :func:`gradcheck`, but raise ``AssertionError`` with the report when it fails.
+    """Like :func:`gradcheck`, but raise ``AssertionError`` with the report unless it passed.
+
+    An inconclusive check raises too: nothing was verified.
 
     Returns:
       The passing :class:`GradcheckResult`.

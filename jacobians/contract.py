@@ -16,9 +16,13 @@ import numpy as np
 __all__ = ["chain", "matvec", "trace", "vecmat"]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
 def _int(value, name: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{where}: {name} must be an int, got {value!r}.")
+    if not _is_int(value):
+        raise TypeError(f"{where}: {name} must be an int, got {value!r} (a {type(value).__name__}).")
     return int(value)
 
 
@@ -34,7 +38,8 @@ def chain(outer: jax.Array, inner: jax.Array, mid_ndim: int) -> jax.Array:
       ``d(f o g)/dx``, shape ``out_shape + in_shape``.
 
     Raises:
-      ValueError: ``mid_ndim`` larger than either rank, or the trailing
+      TypeError: ``mid_ndim`` is not an int.
+      ValueError: ``mid_ndim`` negative or larger than either rank, or the trailing
         ``mid_ndim`` axes of ``outer`` differ from the leading ones of ``inner``.
 
     Example::
@@ -102,13 +107,21 @@ def vecmat(u: jax.Array, J: jax.Array) -> jax.Array:
 
 
 def _axes(axes, ndim: int, name: str, where: str) -> tuple[int, ...]:
-    items = (axes,) if isinstance(axes, int | np.integer) else tuple(axes)
+    """An axis or a tuple/list of axes, each an int in ``[-ndim, ndim)``, normalised to ``[0, ndim)``."""
+    items = (axes,) if _is_int(axes) else axes
+    if isinstance(items, np.ndarray) and items.ndim == 1 and np.issubdtype(items.dtype, np.integer):
+        items = tuple(items.tolist())
+    if not isinstance(items, tuple | list):
+        raise TypeError(f"{where}: {name} must be an int or a tuple of ints, got {axes!r} (a {type(axes).__name__}).")
     out = []
     for a in items:
-        a = _int(a, name, where)
+        if not _is_int(a):
+            raise TypeError(f"{where}: {name} must be an int or a tuple of ints, got {axes!r} (entry {a!r}).")
         if not -ndim <= a < ndim:
             raise ValueError(f"{where}: axis {a} in {name} is out of range for a rank-{ndim} tensor.")
-        out.append(a % ndim)
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{where}: {name}={axes!r} repeats an axis.")
     return tuple(out)
 
 
@@ -129,8 +142,9 @@ def trace(T: jax.Array, axes1: int | Sequence[int], axes2: int | Sequence[int]) 
       ``T`` with ``axes1`` and ``axes2`` summed out along their diagonal.
 
     Raises:
-      ValueError: groups of unequal length, repeated or overlapping axes,
-        or paired axes of different sizes.
+      TypeError: an axis is not an int.
+      ValueError: an axis out of range, groups of unequal length, repeated or
+        overlapping axes, or paired axes of different sizes.
     """
     where = "jacobians.contract.trace"
     T = jnp.asarray(T)

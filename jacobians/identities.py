@@ -104,21 +104,39 @@ def least_squares(Phi: jax.Array, y: jax.Array, theta: jax.Array) -> jax.Array:
 def det(X: jax.Array) -> jax.Array:
     """The gradient of a determinant, ``d|X|/dX = |X| X^{-T}``: (5.101) with f the identity.
 
+    ``|X| X^{-T}`` is the cofactor matrix ``adj(X)^T``, which is defined for
+    every ``X``, singular ones included (there ``jacobians.jacobian(jnp.linalg.det)``
+    gives the same). It is computed from the SVD ``X = U S V^T`` as
+    ``det(U) det(V) U diag(prod_{j != i} s_j) V^T``, with the products of the
+    other singular values formed without dividing by ``s_i``.
+
     Args:
-      X: shape ``(N, N)``, invertible.
+      X: shape ``(N, N)``.
 
     Returns:
       Shape ``(N, N)``.
     """
     X = _square(X, "det")
-    return jnp.linalg.det(X) * jnp.linalg.inv(X).T
+    n = X.shape[0]
+    if n == 0:
+        return X
+    U, s, Vt = jnp.linalg.svd(X)
+    # prod_{j != i} s_j as (product of those before i) * (product of those after i).
+    ones = jnp.ones((1,), s.dtype)
+    before = jnp.cumprod(jnp.concatenate([ones, s[:-1]]))
+    after = jnp.cumprod(jnp.concatenate([ones, s[::-1][:-1]]))[::-1]
+    sign = jnp.linalg.slogdet(U)[0] * jnp.linalg.slogdet(Vt)[0]  # each +-1: U and V are orthogonal
+    return (sign * (U * (before * after)[None, :])) @ Vt
 
 
 def inverse(X: jax.Array) -> jax.Array:
     """``d X^{-1}/dX`` (5.102): ``J[i, j, k, l] = -(X^{-1})_ik (X^{-1})_lj``.
 
     Args:
-      X: shape ``(N, N)``, invertible.
+      X: shape ``(N, N)``, invertible. At a singular ``X`` the derivative does
+        not exist and, as with ``jnp.linalg.inv``, the result is not finite
+        (``inf``/``nan``, also under ``jit``): check ``jnp.isfinite`` when ``X``
+        may be singular. Near-singular ``X`` give large finite values.
 
     Returns:
       Shape ``(N, N, N, N)``.
@@ -131,7 +149,8 @@ def bilinear_inverse(a: jax.Array, X: jax.Array, b: jax.Array) -> jax.Array:
     """``d a^T X^{-1} b/dX = -(X^{-1})^T a b^T (X^{-1})^T`` (5.103).
 
     Args:
-      a, b: shape ``(N,)``; X: shape ``(N, N)``, invertible.
+      a, b: shape ``(N,)``; X: shape ``(N, N)``, invertible (at a singular
+        ``X`` the result is not finite, as for :func:`inverse`).
 
     Returns:
       Shape ``(N, N)``.

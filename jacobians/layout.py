@@ -38,11 +38,33 @@ __all__ = [
 
 
 def _check_ndim(name: str, k, array, what: str, where: str) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+    if not _is_int(k):
         raise TypeError(f"{where}: {name} must be an int, got {k!r}.")
     if not 0 <= k <= array.ndim:
         raise ValueError(f"{where}: {name}={k} must lie in [0, {array.ndim}] for {what} of shape {tuple(array.shape)}.")
     return int(k)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+def _check_shape(value, name: str, where: str) -> tuple[int, ...]:
+    """A shape: an int or a tuple/list of non-negative ints (no floats, bools or strings)."""
+    items = (value,) if _is_int(value) else value
+    if isinstance(items, np.ndarray) and items.ndim == 1 and np.issubdtype(items.dtype, np.integer):
+        items = tuple(items.tolist())
+    if not isinstance(items, tuple | list):
+        raise TypeError(f"{where}: {name} must be a tuple of non-negative ints, got {value!r}.")
+    for i, v in enumerate(items):
+        if not _is_int(v):
+            raise TypeError(
+                f"{where}: {name} must be a tuple of non-negative ints, got {value!r} "
+                f"(entry {i} is {v!r}, a {type(v).__name__})."
+            )
+        if v < 0:
+            raise ValueError(f"{where}: {name} must be a tuple of non-negative ints, got {value!r} (entry {i} is {v}).")
+    return tuple(int(v) for v in items)
 
 
 def _rev(k: int, offset: int = 0) -> tuple[int, ...]:
@@ -61,6 +83,7 @@ def to_matrix(J: jax.Array, out_ndim: int, order: str = "C") -> jax.Array:
       Shape ``(prod(out_shape), prod(in_shape))``.
 
     Raises:
+      TypeError: ``out_ndim`` is not an int.
       ValueError: ``out_ndim`` outside ``[0, J.ndim]`` or an unknown order.
 
     Example (Figure 5.7)::
@@ -91,12 +114,14 @@ def to_tensor(M: jax.Array, out_shape: Sequence[int], in_shape: Sequence[int], o
       Shape ``out_shape + in_shape``.
 
     Raises:
-      ValueError: ``M`` is not 2-D or its shape does not match the shapes given.
+      TypeError: a shape is not a tuple of ints.
+      ValueError: a shape has a negative entry, or ``M`` is not 2-D or its
+        shape does not match the shapes given.
     """
     where = "jacobians.layout.to_tensor"
     M = jnp.asarray(M)
     order = _args.check_order(order, where)
-    out_shape, in_shape = tuple(int(s) for s in out_shape), tuple(int(s) for s in in_shape)
+    out_shape, in_shape = _check_shape(out_shape, "out_shape", where), _check_shape(in_shape, "in_shape", where)
     expected = (math.prod(out_shape), math.prod(in_shape))
     if M.shape != expected:
         raise ValueError(
@@ -122,6 +147,10 @@ def to_denominator(J: jax.Array, out_ndim: int) -> jax.Array:
 
     Returns:
       Shape ``in_shape + out_shape``.
+
+    Raises:
+      TypeError: ``out_ndim`` is not an int.
+      ValueError: ``out_ndim`` outside ``[0, J.ndim]``.
     """
     J = jnp.asarray(J)
     k = _check_ndim("out_ndim", out_ndim, J, "J", "jacobians.layout.to_denominator")
@@ -137,6 +166,10 @@ def to_numerator(D: jax.Array, in_ndim: int) -> jax.Array:
 
     Returns:
       Shape ``out_shape + in_shape``.
+
+    Raises:
+      TypeError: ``in_ndim`` is not an int.
+      ValueError: ``in_ndim`` outside ``[0, D.ndim]``.
     """
     D = jnp.asarray(D)
     k = _check_ndim("in_ndim", in_ndim, D, "D", "jacobians.layout.to_numerator")
@@ -161,16 +194,18 @@ def unvec(v: jax.Array, shape: Sequence[int]) -> jax.Array:
 
     Args:
       v: shape ``(prod(shape),)``.
-      shape: the shape to restore.
+      shape: the shape to restore, a tuple of non-negative ints (or an int).
 
     Returns:
       Shape ``shape``.
 
     Raises:
-      ValueError: ``v`` is not 1-D or its size does not match ``shape``.
+      TypeError: ``shape`` is not a tuple of ints.
+      ValueError: ``shape`` has a negative entry, or ``v`` is not 1-D or its
+        size does not match ``shape``.
     """
     v = jnp.asarray(v)
-    shape = tuple(int(s) for s in shape)
+    shape = _check_shape(shape, "shape", "jacobians.layout.unvec")
     if v.ndim != 1 or v.shape[0] != math.prod(shape):
         raise ValueError(
             f"jacobians.layout.unvec: v must be 1-D of size prod({shape}) = {math.prod(shape)}, "
@@ -188,10 +223,23 @@ def commutation_matrix(m: int, n: int, dtype=None) -> jax.Array:
 
     Returns:
       Shape ``(m * n, m * n)``.
+
+    Raises:
+      TypeError: ``m`` or ``n`` is not an int, or ``dtype`` is not a dtype.
+      ValueError: ``m`` or ``n`` is less than 1.
     """
+    where = "jacobians.layout.commutation_matrix"
     for name, v in (("m", m), ("n", n)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-            raise ValueError(f"jacobians.layout.commutation_matrix: {name} must be a positive int, got {v!r}.")
+        if not _is_int(v):
+            raise TypeError(f"{where}: {name} must be a positive int, got {v!r} (a {type(v).__name__}).")
+        if v < 1:
+            raise ValueError(f"{where}: {name} must be a positive int, got {v!r}.")
+    if dtype is not None:
+        try:
+            dtype = jnp.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"{where}: dtype must be a NumPy/JAX dtype or None, got {dtype!r}.") from None
+    m, n = int(m), int(n)
     i, j = np.meshgrid(np.arange(m), np.arange(n), indexing="ij")
     K = np.zeros((m * n, m * n))
     # A[i, j] sits at i + m*j in vec(A) and at j + n*i in vec(A.T).

@@ -12,7 +12,7 @@ import jacobians
 from jacobians import contract
 
 shapes = st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple)
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = settings(max_examples=10, deadline=None)
 
 
 def _random_map(rng, in_shape, out_shape):
@@ -86,3 +86,35 @@ def test_errors():
         contract.trace(jnp.ones((2, 2)), 0, 0)
     with pytest.raises(ValueError, match=r"axis 5 in axes2 is out of range for a rank-2 tensor"):
         contract.trace(jnp.ones((2, 2)), 0, 5)
+
+
+def test_int_and_axes_arguments_are_checked():
+    # Issue "Trust and first run": trace(T, 0.0, 1) failed with "'float' object is not iterable".
+    T = jnp.ones((2, 2, 3, 3))
+    with pytest.raises(TypeError, match=r"jacobians.contract.trace: axes1 must be an int or a tuple of ints, got 0.0 \(a float\)"):
+        contract.trace(T, 0.0, 1)
+    with pytest.raises(TypeError, match=r"trace: axes2 must be an int or a tuple of ints, got \(1, 2.0\) \(entry 2.0\)"):
+        contract.trace(T, (0, 2), (1, 2.0))
+    with pytest.raises(TypeError, match=r"trace: axes1 must be an int or a tuple of ints, got True \(a bool\)"):
+        contract.trace(T, True, 1)
+    with pytest.raises(TypeError, match=r"trace: axes1 must be an int or a tuple of ints, got '0' \(a str\)"):
+        contract.trace(T, "0", 1)
+    with pytest.raises(ValueError, match=r"trace: axes1=\(2, -2\) repeats an axis"):
+        contract.trace(T, (2, -2), (0, 1))
+    with pytest.raises(ValueError, match=r"trace: axis -5 in axes1 is out of range for a rank-4 tensor"):
+        contract.trace(T, -5, 1)
+    with pytest.raises(TypeError, match=r"jacobians.contract.chain: mid_ndim must be an int, got 1.0 \(a float\)"):
+        contract.chain(jnp.ones((2, 3)), jnp.ones((3, 2)), 1.0)
+    with pytest.raises(TypeError, match=r"chain: mid_ndim must be an int, got False \(a bool\)"):
+        contract.chain(jnp.ones((2, 3)), jnp.ones((3, 2)), False)
+    with pytest.raises(ValueError, match=r"chain: mid_ndim=-1 must lie in \[0, 2\]"):
+        contract.chain(jnp.ones((2, 3)), jnp.ones((3, 2)), -1)
+
+
+def test_axes_forms_that_are_accepted(rng):
+    T = randn(rng, (3, 2, 3, 2))
+    want = jnp.einsum("abab->", T)
+    for a1, a2 in (((0, 1), (2, 3)), ([0, 1], [2, 3]), (np.array([0, 1]), np.array([-2, -1])), ((np.int64(0), 1), (2, 3))):
+        np.testing.assert_allclose(contract.trace(T, a1, a2), want, rtol=1e-13)
+    np.testing.assert_array_equal(contract.trace(T, (), ()), T)  # nothing to trace
+    assert contract.chain(jnp.ones((2, 3)), jnp.ones((3, 2)), np.int64(1)).shape == (2, 2)

@@ -22,7 +22,7 @@ def f_mat(X):  # (2, 3) -> (3, 3)
 def test_passes_right_jacobian(rng, method, fun, shape):
     x = randn(rng, shape)
     res = jacobians.gradcheck(fun, x, lambda x: jax.jacrev(fun)(x), method=method)
-    assert res.passed and bool(res), repr(res)
+    assert res.passed and bool(res) and res.status == "passed", repr(res)
     assert res.error < 1e-6
     assert res.method == method
     assert jacobians.gradcheck(fun, x, method=method)  # against jacobians.jacobian
@@ -39,9 +39,9 @@ def test_fails_wrong_jacobian(rng):
     right = jax.jacfwd(f)
     wrong = lambda X: jnp.transpose(right(X), (2, 3, 0, 1))  # noqa: E731
     res = jacobians.gradcheck(f, x, wrong)
-    assert not res and res.error > 1e-3, repr(res)
+    assert not res and res.status == "failed" and res.error > 1e-3, repr(res)
     assert "FAILED" in repr(res) and "worst entry" in repr(res)
-    with pytest.raises(AssertionError, match=r"gradcheck FAILED: error .* >= tol 1.0e-06"):
+    with pytest.raises(AssertionError, match=r"gradcheck FAILED: relative error \S+ >= tol 1e-06 \(central differences"):
         jacobians.assert_gradcheck(f, x, wrong)
     assert jacobians.assert_gradcheck(f, x, right).passed
 
@@ -51,14 +51,14 @@ def test_metric_by_hand(rng):
     f = lambda x: jnp.stack([x[0] * x[1], x[0] ** 3])  # noqa: E731
     J = jax.jacfwd(f)(x)
     off = J + 0.01 * randn(rng, J.shape)
-    h = 1e-4  # the book's procedure
+    h = 1e-4  # the book's procedure, with the step scaled by max(1, |x_j|)
     res = jacobians.gradcheck(f, x, lambda x: off, h=h)
     xn = np.asarray(x)
     dh = np.empty((2, 2))
     for j in range(2):
         e = np.zeros(2)
-        e[j] = h
-        dh[:, j] = (np.asarray(f(xn + e)) - np.asarray(f(xn - e))) / (2 * h)
+        e[j] = h * max(1.0, abs(xn[j]))
+        dh[:, j] = (np.asarray(f(xn + e)) - np.asarray(f(xn - e))) / ((xn + e)[j] - (xn - e)[j])
     df = np.asarray(off)
     expected = np.sqrt(np.sum((dh - df) ** 2) / np.sum((dh + df) ** 2))
     np.testing.assert_allclose(res.error, expected, rtol=1e-6)
@@ -86,6 +86,54 @@ def test_float32_defaults(rng):
     assert not jacobians.gradcheck(f_vec, x, lambda x: 1.01 * jax.jacfwd(f_vec)(x))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_has_its_own_defaults(rng, dtype):
+    # Issue "Trust and first run" (a): float16/bfloat16 used float32's tolerance and failed.
+    for fun, shape in ((jnp.sin, (7,)), (f_vec, (3,)), (jnp.exp, (2, 2))):
+        x = randn(rng, shape, dtype)
+        for method in ("central", "forward"):
+            res = jacobians.gradcheck(fun, x, method=method)
+            assert res.passed, repr(res)
+            assert res.tol >= 5e-2 and res.h >= 2.0**-5
+    x = randn(rng, (5,), dtype)
+    right = jax.jacfwd(jnp.sin)(x)
+    assert not jacobians.gradcheck(jnp.sin, x, lambda x: 1.5 * right)  # gross errors are still caught
+    assert not jacobians.gradcheck(f_vec, randn(rng, (3,), dtype), lambda x: jax.jacfwd(f_vec)(x)[:, ::-1])
+    with pytest.raises(ValueError, match=r"method='complex' \(the complex step\) needs real float32 or float64 x, got dtype"):
+        jacobians.gradcheck(jnp.sin, x, method="complex")
+
+
+def test_each_dtype_gets_its_own_defaults():
+    seen = set()
+    for dtype in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):
+        res = jacobians.gradcheck(jnp.sin, jnp.ones(2, dtype))
+        assert res.passed, repr(res)
+        seen.add((res.h, res.tol))
+    assert len(seen) == 4
+    # Complex x (a holomorphic fun) uses its real part's defaults.
+    r64 = jacobians.gradcheck(jnp.sin, jnp.ones(2, jnp.complex64))
+    r32 = jacobians.gradcheck(jnp.sin, jnp.ones(2, jnp.float32))
+    assert (r64.h, r64.tol) == (r32.h, r32.tol)
+
+
+def test_complex_x_holomorphic(rng):
+    z = jnp.asarray(rng.standard_normal(3) + 1j * rng.standard_normal(3))
+    f = lambda z: jnp.stack([z[0] * z[1], jnp.exp(z[2]) + z[0] ** 2])  # noqa: E731
+    res = jacobians.gradcheck(f, z)
+    assert res.passed and res.error < 1e-8, repr(res)
+    assert not jacobians.gradcheck(f, z, lambda z: jnp.conj(jax.jacfwd(f, holomorphic=True)(z)))
+
+
+@pytest.mark.parametrize("dtype, x0", [(jnp.float32, 1e5), (jnp.float32, 1e3), (jnp.float64, 1e12), (jnp.float16, 100.0)])
+def test_step_scales_with_x(dtype, x0):
+    # Issue (b): an absolute step vanishes next to a large |x| (x + h == x, then 0/0).
+    x = jnp.asarray([x0, -x0, 0.5], dtype)
+    res = jacobians.gradcheck(lambda x: x**2, x)
+    assert res.passed, repr(res)
+    # A wrong derivative at a large x is still caught.
+    assert not jacobians.gradcheck(lambda x: x**2, x, lambda x: jnp.diag(3 * x))
+
+
 def test_default_step_and_tolerance():
     x64, x32 = jnp.ones(2), jnp.ones(2, jnp.float32)
     f = lambda x: x**2  # noqa: E731
@@ -96,10 +144,69 @@ def test_default_step_and_tolerance():
     np.testing.assert_allclose(r.h, np.finfo(np.float32).eps ** 0.5, rtol=1e-6)
 
 
+def test_inconclusive_when_finite_differences_are_not_finite(rng):
+    # Issue (c): fun undefined at x - h says nothing about the Jacobian; not "FAILED".
+    x = jnp.array([0.0, 2.0])
+    res = jacobians.gradcheck(jnp.sqrt, x, lambda x: jnp.diag(0.5 / jnp.sqrt(jnp.maximum(x, 1e-300))))
+    assert res.status == "inconclusive" and not res and not res.passed, repr(res)
+    assert repr(res).startswith("gradcheck INCONCLUSIVE: the finite-difference Jacobian has 1 non-finite entry")
+    assert "cannot be checked at this x" in repr(res)
+    with pytest.raises(AssertionError, match=r"gradcheck INCONCLUSIVE"):
+        jacobians.assert_gradcheck(jnp.sqrt, x)
+    # Overflow in fun at x + h as well.
+    big = jnp.asarray([np.finfo(np.float32).max], jnp.float32)
+    assert jacobians.gradcheck(lambda x: x * 2, big).status == "inconclusive"
+    # A step too small to move x, and a non-finite x.
+    res = jacobians.gradcheck(jnp.sin, jnp.array([1.0, 2.0]), h=1e-30)
+    assert res.status == "inconclusive" and "the step vanishes at x[0] = 1.0 (x + h == x in float64)" in res.problem
+    assert jacobians.gradcheck(jnp.sin, jnp.array([1.0, jnp.inf])).status == "inconclusive"
+
+
+def test_repr_is_honest():
+    # The README example: the book's (5.63)-(5.66) in float32.
+    f = lambda x: jnp.stack([-2 * x[0] + x[1], x[0] + x[1]])  # noqa: E731
+    res = jacobians.gradcheck(f, jnp.array([1.0, 2.0], jnp.float32))
+    text = repr(res)
+    assert res.passed and text.startswith("gradcheck PASSED: relative error ")
+    assert f"relative error {res.error:.1e}".replace(".0e", "e") in text or res.error == 0
+    assert "< tol 1e-03 (central differences, step 4.9e-03 * max(1, |x_j|))" in text
+    assert "worst entry" not in text  # only failures list the worst entry
+    exact = jacobians.gradcheck(lambda x: 2 * x, jnp.ones(2))  # exact: doubling and the steps round exactly
+    assert repr(exact).startswith("gradcheck PASSED: relative error 0 < tol 1e-06")
+    complex_step = jacobians.gradcheck(jnp.sin, jnp.ones(2), method="complex")
+    assert "(complex step, h=1e-20)" in repr(complex_step)
+
+
+def test_python_control_flow(rng):
+    # Issue (d): value-dependent Python control flow cannot be compiled.
+    f = lambda x: x if x.sum() > 0 else -x  # noqa: E731
+    x = jnp.abs(randn(rng, (3,))) + 0.1
+    msg = (
+        r"jacobians.gradcheck: fun \(or its Jacobian\) needs concrete values, e.g. Python control flow such as "
+        r"`if x.sum\(\) > 0` on traced values, which cannot be compiled \(TracerBoolConversionError\). Write it "
+        r"with jnp.where or jax.lax.cond, or pass jit=False"
+    )
+    with pytest.raises(TypeError, match=msg):
+        jacobians.gradcheck(f, x)
+    with pytest.raises(TypeError, match=msg):  # also when the Jacobian is given
+        jacobians.gradcheck(f, x, lambda x: jnp.eye(3))
+    with pytest.raises(TypeError, match=r"needs concrete values.*\(ConcretizationTypeError\)"):
+        jacobians.gradcheck(lambda x: x * int(x[0]), x)
+    for sign in (1.0, -1.0):
+        res = jacobians.gradcheck(f, sign * x, jit=False)
+        assert res.passed and res.error < 1e-9, repr(res)
+        right = lambda x, s=sign: s * jnp.eye(3)  # noqa: E731
+        assert jacobians.gradcheck(f, sign * x, right, jit=False).passed
+        assert not jacobians.gradcheck(f, sign * x, lambda x, s=sign: -s * jnp.eye(3), jit=False)
+    for method in ("forward", "complex"):
+        assert jacobians.gradcheck(f, x, jit=False, method=method).passed
+
+
 def test_does_not_mutate_input(rng):
     x = rng.standard_normal((2, 3))
     before = x.copy()
     jacobians.gradcheck(f_mat, x)
+    jacobians.gradcheck(f_mat, x, jit=False)
     np.testing.assert_array_equal(x, before)
 
 
@@ -107,19 +214,33 @@ def test_bad_jacobians_fail_clearly(rng):
     x = randn(rng, (3,))
     res = jacobians.gradcheck(f_vec, x, lambda x: jnp.ones((3, 4)))
     assert not res and "has shape (3, 4), expected out.shape + x.shape = (4, 3)" in res.problem
+    assert res.status == "failed" and repr(res).startswith("gradcheck FAILED: the analytic Jacobian has shape")
     res = jacobians.gradcheck(f_vec, x, lambda x: jnp.full((4, 3), jnp.nan))
-    assert not res and "analytic Jacobian has 12 non-finite entries" in res.problem
-    res = jacobians.gradcheck(lambda x: jnp.sqrt(x - 10.0), x, lambda x: jnp.ones((3, 3)))
-    assert not res and "finite-difference Jacobian has" in res.problem
-    assert "problem:" in repr(res)
+    assert not res and res.status == "failed" and "analytic Jacobian has 12 non-finite entries" in res.problem
+    res = jacobians.gradcheck(lambda x: (x, x), x)
+    assert res.status == "failed" and "fun must return a single array" in res.problem
+
+
+def test_result_state_is_consistent():
+    with pytest.raises(ValueError, match=r"GradcheckResult: status must be one of \('passed', 'failed', 'inconclusive'\), got 'ok'"):
+        jacobians.GradcheckResult(0.0, True, 1e-6, 1e-5, "central", status="ok")
+    with pytest.raises(ValueError, match=r"GradcheckResult: passed=True contradicts status='inconclusive'"):
+        jacobians.GradcheckResult(0.0, True, 1e-6, 1e-5, "central", status="inconclusive")
+    assert jacobians.GradcheckResult(1.0, False, 1e-6, 1e-5, "central").status == "failed"
 
 
 def test_errors():
     with pytest.raises(ValueError, match=r"method must be one of \('central', 'forward', 'complex'\), got 'backward'"):
         jacobians.gradcheck(jnp.sin, jnp.ones(2), method="backward")
-    with pytest.raises(TypeError, match=r"x must be a real floating-point array, got dtype int"):
+    with pytest.raises(TypeError, match=r"x must be a floating-point array \(real, or complex for a holomorphic fun\), got dtype int"):
         jacobians.gradcheck(jnp.sin, jnp.arange(2))
     with pytest.raises(ValueError, match=r"h must be a positive number, got -0.1"):
         jacobians.gradcheck(jnp.sin, jnp.ones(2), h=-0.1)
     with pytest.raises(ValueError, match=r"tol must be a positive number, got 0"):
         jacobians.gradcheck(jnp.sin, jnp.ones(2), tol=0)
+    with pytest.raises(ValueError, match=r"h must be a positive number, got True"):
+        jacobians.gradcheck(jnp.sin, jnp.ones(2), h=True)
+    with pytest.raises(TypeError, match=r"jacobians.gradcheck: jit must be True or False, got 'no'"):
+        jacobians.gradcheck(jnp.sin, jnp.ones(2), jit="no")
+    with pytest.raises(ValueError, match=r"method='complex' \(the complex step\) needs real float32 or float64 x, got dtype complex128"):
+        jacobians.gradcheck(jnp.sin, jnp.ones(2, jnp.complex128), method="complex")

@@ -117,3 +117,44 @@ def test_errors():
         layout.unvec(jnp.ones(5), (2, 3))
     with pytest.raises(ValueError, match=r"m must be a positive int, got 0"):
         layout.commutation_matrix(0, 2)
+
+
+def test_shape_and_int_arguments_are_checked():
+    # Issue "Trust and first run": unvec(v, (2.5, 2)) truncated the shape; to_tensor(M, (-2, -3), (4,)) failed inside JAX.
+    with pytest.raises(
+        TypeError, match=r"jacobians.layout.unvec: shape must be a tuple of non-negative ints, got \(2.5, 2\) \(entry 0 is 2.5, a float\)"
+    ):
+        layout.unvec(jnp.ones(5), (2.5, 2))
+    with pytest.raises(
+        ValueError, match=r"jacobians.layout.to_tensor: out_shape must be a tuple of non-negative ints, got \(-2, -3\) \(entry 0 is -2\)"
+    ):
+        layout.to_tensor(jnp.ones((6, 4)), (-2, -3), (4,))
+    with pytest.raises(TypeError, match=r"to_tensor: in_shape must be a tuple of non-negative ints, got \(4.0,\) \(entry 0 is 4.0, a float\)"):
+        layout.to_tensor(jnp.ones((6, 4)), (2, 3), (4.0,))
+    with pytest.raises(TypeError, match=r"unvec: shape must be a tuple of non-negative ints, got \(True, 6\) \(entry 0 is True, a bool\)"):
+        layout.unvec(jnp.ones(6), (True, 6))
+    with pytest.raises(TypeError, match=r"unvec: shape must be a tuple of non-negative ints, got '23'"):
+        layout.unvec(jnp.ones(6), "23")
+    with pytest.raises(TypeError, match=r"unvec: shape must be a tuple of non-negative ints, got None"):
+        layout.unvec(jnp.ones(6), None)
+    with pytest.raises(TypeError, match=r"to_denominator: out_ndim must be an int, got True"):
+        layout.to_denominator(jnp.ones((2, 3)), True)
+    with pytest.raises(TypeError, match=r"to_numerator: in_ndim must be an int, got 1.0"):
+        layout.to_numerator(jnp.ones((2, 3)), 1.0)
+    with pytest.raises(TypeError, match=r"commutation_matrix: n must be a positive int, got 2.0 \(a float\)"):
+        layout.commutation_matrix(3, 2.0)
+    with pytest.raises(ValueError, match=r"commutation_matrix: n must be a positive int, got -1"):
+        layout.commutation_matrix(3, -1)
+    with pytest.raises(TypeError, match=r"commutation_matrix: dtype must be a NumPy/JAX dtype or None, got 'blah'"):
+        layout.commutation_matrix(2, 3, dtype="blah")
+
+
+def test_shape_forms_that_are_accepted(rng):
+    A = randn(rng, (2, 3))
+    v = layout.vec(A)
+    for shape in ((2, 3), [2, 3], np.array([2, 3]), (np.int32(2), np.int64(3))):
+        np.testing.assert_array_equal(layout.unvec(v, shape), A)
+    np.testing.assert_array_equal(layout.unvec(v, 6), v)  # an int is a 1-D shape, as in NumPy
+    np.testing.assert_array_equal(layout.to_tensor(jnp.ones((0, 3)), (0, 5), (3,)), jnp.ones((0, 5, 3)))
+    assert layout.to_matrix(randn(rng, (2, 3)), np.int64(1)).shape == (2, 3)
+    assert layout.commutation_matrix(np.int64(2), 3, dtype=jnp.float32).dtype == jnp.float32
