@@ -34,8 +34,16 @@ STATUSES = ("passed", "failed", "inconclusive")
 # within eps^(1/3) |x|). Complex x uses the defaults of its real part.
 _EPS64, _EPS32 = float(np.finfo(np.float64).eps), float(np.finfo(np.float32).eps)
 _DEFAULTS = {
-    np.dtype("float64"): {"central": (_EPS64 ** (1 / 3), 1e-6), "forward": (_EPS64**0.5, 1e-6), "complex": (1e-20, 1e-6)},
-    np.dtype("float32"): {"central": (_EPS32 ** (1 / 3), 1e-3), "forward": (_EPS32**0.5, 1e-2), "complex": (1e-10, 1e-5)},
+    np.dtype("float64"): {
+        "central": (_EPS64 ** (1 / 3), 1e-6),
+        "forward": (_EPS64**0.5, 1e-6),
+        "complex": (1e-20, 1e-6),
+    },
+    np.dtype("float32"): {
+        "central": (_EPS32 ** (1 / 3), 1e-3),
+        "forward": (_EPS32**0.5, 1e-2),
+        "complex": (1e-10, 1e-5),
+    },
     np.dtype("float16"): {"central": (0.05, 5e-2), "forward": (2.0**-5, 1e-1)},  # eps = 2^-10
     np.dtype(jnp.bfloat16): {"central": (0.1, 1e-1), "forward": (2.0**-3.5, 2e-1)},  # eps = 2^-7
 }
@@ -180,7 +188,8 @@ def _nonfinite(a: np.ndarray, name: str) -> str:
         return ""
     first = tuple(int(i) for i in np.argwhere(bad)[0])
     count = int(bad.sum())
-    return f"the {name} Jacobian has {count} non-finite {'entry' if count == 1 else 'entries'} (first at {first}: {a[first]})"
+    entries = "entry" if count == 1 else "entries"
+    return f"the {name} Jacobian has {count} non-finite {entries} (first at {first}: {a[first]})"
 
 
 def gradcheck(

@@ -14,7 +14,7 @@ Here every matrix of a stack is processed at once, vectorised over the batch:
   axis, so each operation is a vector instruction over many matrices).
 - ``k <= _LOOP_MAX``: the same LU with the columns in ``fori_loop`` s (a
   bounded trace, so bounded compile time).
-- larger, or complex: ``jnp.linalg.slogdet``.
+- larger, or complex: ``jnp.linalg.slogdet``, faster there.
 
 The LU is LAPACK's ``getf2`` (first maximal ``|pivot|``, a NaN never chosen
 unless it is first; multipliers through the reciprocal pivot), and
@@ -34,8 +34,7 @@ from jax import custom_batching
 
 _CLOSED_MAX = 4  # closed forms up to this size
 _UNROLL_MAX = 8  # LU with unrolled columns up to this size
-_LOOP_MAX = 16  # LU in loops up to this size; jnp.linalg.slogdet above
-_CHUNK = 256  # matrices per block: 8x8 float64 blocks of 128 KiB stay in L2
+_LOOP_MAX = 20  # LU in loops up to this size; jnp.linalg.slogdet (faster) above
 _GROUP = 4  # columns per fixed-size loop in the looped LU
 
 
@@ -49,45 +48,60 @@ def _det2(a, b, c, d):
 def _closed(a: jax.Array) -> tuple[jax.Array, jax.Array, Callable]:
     """Closed-form ``(sign, logabsdet, bad)`` for ``a`` of shape ``(B, k, k)``, ``k <= 4``.
 
-    ``bad(logabsdet)`` marks the results that may not be exact to rounding
-    (a function, so that the 2x2 test can run on the log). Rounding an
-    intermediate product to a subnormal or to zero loses at most the smallest
-    subnormal times the largest factor it multiplies later, ``M``; requiring
-    ``|det| >= 2^(minexp + 22) * max(M, 1)`` makes that loss negligible. An
-    overflow shows as an infinite or NaN determinant, and an exactly singular
-    matrix as 0: all fail the test and go to the LU.
+    ``bad(logabsdet)`` marks the results that may be less accurate than the
+    LU's (a function, so that the 2x2 test can run on the log), for the LU to
+    redo. Two things can go wrong in an expansion by minors:
+
+    - cancellation: its rounding error is up to a few ``eps * P``, with ``P``
+      the same expansion in absolute values (the permanent of ``|A|``), while
+      partial pivoting keeps the LU's error near ``eps * |det|`` times the
+      growth; results with ``P > 2^12 |det|`` (``2^10`` in float32; 0.02% and
+      0.1% of random Gaussian 3x3 matrices) are redone. A 2x2 determinant, one difference of two
+      products, is as accurate as the LU's (and is ``jnp.linalg.slogdet``'s).
+    - underflow: rounding an intermediate product to a subnormal or to zero
+      loses at most the smallest subnormal times the largest factor ``M`` it
+      multiplies later; ``|det| >= 2^(minexp + 22) max(M, 1)`` makes that
+      negligible. An overflow shows as an infinite or NaN determinant.
+
+    Exactly singular matrices (``det == 0``) are redone too, so that their
+    sign and ``-inf`` follow the LU's zero pivots.
     """
     k = a.shape[-1]
     e = [[a[..., i, j] for j in range(k)] for i in range(k)]
-    m = None  # the largest later factor of a partial product, M above
-    if k == 1:
-        d = e[0][0]
-    elif k == 2:
-        d = _det2(e[0][0], e[0][1], e[1][0], e[1][1])
-    elif k == 3:
+    if k <= 2:
+        d = e[0][0] if k == 1 else _det2(e[0][0], e[0][1], e[1][0], e[1][1])
+        logabs = jnp.log(jnp.abs(d))
+        # No partial product is multiplied again, so the test needs only the
+        # log (an output anyway): no extra pass over the input.
+        limit = np.asarray(-(jnp.finfo(a.dtype).minexp + 22) * np.log(2), a.dtype)
+        return jnp.sign(d), logabs, lambda logabs: ~(jnp.abs(logabs) <= limit)
+
+    def minor(i, j, p, q):  # 2x2 minor of rows i, j and columns p, q, and its absolute version
+        x, y = e[i][p] * e[j][q], e[i][q] * e[j][p]
+        return x - y, jnp.abs(x) + jnp.abs(y)
+
+    if k == 3:
         # Cofactor expansion along the first row.
-        c = [_det2(e[1][1], e[1][2], e[2][1], e[2][2]), _det2(e[1][2], e[1][0], e[2][2], e[2][0])]
-        c.append(_det2(e[1][0], e[1][1], e[2][0], e[2][1]))
-        d = e[0][0] * c[0] + e[0][1] * c[1] + e[0][2] * c[2]
+        c = [minor(1, 2, 1, 2), minor(1, 2, 2, 0), minor(1, 2, 0, 1)]
+        d = sum(e[0][j] * c[j][0] for j in range(3))
+        P = sum(jnp.abs(e[0][j]) * c[j][1] for j in range(3))
         m = functools.reduce(jnp.maximum, [jnp.abs(v) for v in e[0]])
     else:
         # Laplace expansion along the first two rows: each 2x2 minor of rows
-        # 0-1 times its complementary minor of rows 2-3.
+        # 0-1 times its complementary minor of rows 2-3, with signs + - + + - +.
         pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
-        top = [_det2(e[0][i], e[0][j], e[1][i], e[1][j]) for i, j in pairs]
-        bot = [_det2(e[2][i], e[2][j], e[3][i], e[3][j]) for i, j in pairs]
-        d = top[0] * bot[5] - top[1] * bot[4] + top[2] * bot[3] + top[3] * bot[2] - top[4] * bot[1] + top[5] * bot[0]
-        m = functools.reduce(jnp.maximum, [jnp.abs(v) for v in top + bot])
-    logabs = jnp.log(jnp.abs(d))
+        top = [minor(0, 1, i, j) for i, j in pairs]
+        bot = [minor(2, 3, i, j) for i, j in pairs]
+        signs = [1, -1, 1, 1, -1, 1]
+        d = sum(s * top[i][0] * bot[5 - i][0] for i, s in enumerate(signs))
+        P = sum(top[i][1] * bot[5 - i][1] for i in range(6))
+        m = functools.reduce(jnp.maximum, [jnp.abs(v[0]) for v in top + bot])
     info = jnp.finfo(a.dtype)
-    if m is None:
-        # 2x2 and 1x1: no partial product is multiplied again, so the test
-        # needs only the log (an output anyway): no extra pass over the input.
-        limit = np.asarray(-(info.minexp + 22) * np.log(2), a.dtype)
-        return jnp.sign(d), logabs, lambda logabs: ~(jnp.abs(logabs) <= limit)
-    lo = np.asarray(2.0 ** (info.minexp + 22), a.dtype) * jnp.maximum(m, 1)
-    bad = ~((jnp.abs(d) >= lo) & (jnp.abs(d) < jnp.inf))
-    return jnp.sign(d), logabs, lambda logabs: bad
+    ad = jnp.abs(d)
+    ok = (ad >= np.asarray(2.0 ** (info.minexp + 22), a.dtype) * jnp.maximum(m, 1)) & (ad < jnp.inf)
+    ratio = 2.0**12 if info.bits == 64 else 2.0**10  # rounding error below ~3e-12 (f64), ~2e-4 (f32)
+    bad = ~(ok & (P <= ad * np.asarray(ratio, a.dtype)))
+    return jnp.sign(d), jnp.log(ad), lambda logabs: bad
 
 
 # ---------------------------------------------------------------- LU, batch-last
@@ -146,14 +160,29 @@ def _eliminate(A: jax.Array, keep) -> tuple[jax.Array, jax.Array, jax.Array]:
     rows = jnp.arange(1, m, dtype=A.dtype)[:, None, None]
     rest = jnp.where(rows == idx[None, None], A[0][None], A[1:])  # row 0 takes the pivot row's place
     s, r = _reciprocal(P[0])
-    l = (rest[:, 0] * s[None]) * r[None]
-    return P[0], idx != 0, keep(rest[:, 1:] - l[:, None] * P[None, 1:])
+    mult = (rest[:, 0] * s[None]) * r[None]  # the multipliers, column 0 of L
+    return P[0], idx != 0, keep(rest[:, 1:] - mult[:, None] * P[None, 1:])
 
 
 def _from_pivots(neg: jax.Array, zero: jax.Array, logabs: jax.Array) -> tuple[jax.Array, jax.Array]:
     one = jnp.ones((), logabs.dtype)
     sign = jnp.where(zero, jnp.zeros((), logabs.dtype), jnp.where(neg, -one, one))
     return sign, jnp.where(zero, -jnp.inf, logabs)
+
+
+def _lu_small(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The same LU for ``a`` of shape ``(B, k, k)``, ``k <= 2``, elementwise over the batch (one fused pass)."""
+    if a.shape[-1] == 1:
+        p = a[:, 0, 0]
+        return _from_pivots(p < 0, p == 0, jnp.log(jnp.abs(p)))
+    x, y, z, w = a[:, 0, 0], a[:, 0, 1], a[:, 1, 0], a[:, 1, 1]
+    swap = jnp.abs(z) > jnp.abs(x)  # the first maximum; NaN never wins unless first
+    p, q = jnp.where(swap, z, x), jnp.where(swap, w, y)  # the pivot row
+    r0, r1 = jnp.where(swap, x, z), jnp.where(swap, y, w)
+    s, inv = _reciprocal(p)
+    u = r1 - ((r0 * s) * inv) * q
+    neg = swap ^ (p < 0) ^ (u < 0)
+    return _from_pivots(neg, (p == 0) | (u == 0), jnp.log(jnp.abs(p)) + jnp.log(jnp.abs(u)))
 
 
 def _lu_unrolled(A: jax.Array, keep) -> tuple[jax.Array, jax.Array]:
@@ -225,22 +254,35 @@ def _lu_looped(A: jax.Array, keep) -> tuple[jax.Array, jax.Array]:
 def _blocks(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """LU ``(sign, logabsdet)`` of ``a`` of shape ``(B, k, k)``, block by block in a loop.
 
-    A block of ``_CHUNK`` matrices stays in cache; it is transposed to
-    batch-last (contiguous along the batch), which the vectorised loops need.
+    A block of matrices stays in cache. Each trip works on the block in the
+    loop carry and loads the next: as a loop carry XLA materialises it
+    batch-last (contiguous along the batch), which the vectorised loops need,
+    instead of transposing it inside every operation that reads it.
     """
     B, k, _ = a.shape
-    C = min(_CHUNK, B)
+    unrolled = k <= _UNROLL_MAX
+    # Blocks of about 64 KiB (128 KiB for the looped LU, which keeps fewer
+    # temporaries), a power of two of matrices: measured best on a 2-core CPU.
+    budget = (64 if unrolled else 128) * 1024 // (k * k * a.dtype.itemsize)
+    C = min(max(64, 1 << (budget.bit_length() - 1)), 512, B)
     n = -(-B // C)
     flat = a.reshape(-1)  # through 1-D, so that the transpose below is a real copy
-    block = _lu_unrolled if k <= _UNROLL_MAX else _lu_looped
+    block = _lu_unrolled if unrolled else _lu_looped
 
-    def body(_, i):
+    def load(i):
         start = jnp.minimum(i * C, B - C)  # the last block overlaps the one before it
         blk = jax.lax.dynamic_slice_in_dim(flat, start * k * k, C * k * k)
-        return None, block(jnp.transpose(blk.reshape(C, k * k)).reshape(k, k, C), _keeper(i, a.dtype))
+        return jnp.transpose(blk.reshape(C, k * k)).reshape(k, k, C)
+
+    def body(blk, i):
+        sign, logabs = block(blk, _keeper(i, a.dtype))
+        # The next block depends on this one's result, so that it can take
+        # the carry's buffer in place (else XLA copies the block twice).
+        zero = jnp.abs(sign[0]) * 0  # +0.0: x - 0 == x for every x, -0.0 included
+        return load(i + 1) - zero, (sign, logabs)
 
     # At least two trips (a single block is done twice), see _keeper.
-    _, (sign, logabs) = jax.lax.scan(body, None, jnp.arange(max(n, 2)))
+    _, (sign, logabs) = jax.lax.scan(body, load(0), jnp.arange(max(n, 2)))
     sign, logabs = sign[:n], logabs[:n]
     if n * C == B:
         return sign.reshape(-1), logabs.reshape(-1)
@@ -251,30 +293,18 @@ def _blocks(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 # -------------------------------------------------------- closed forms + LU redo
 
 
-def _lapack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``jnp.linalg.slogdet``'s LU (LAPACK's on CPU), also for ``k < 3``, where jnp uses closed forms.
-
-    A 1x1 or 2x2 matrix is padded with the identity to 3x3 (same determinant).
-    """
-    k = a.shape[-1]
-    if k < 3:
-        corner = np.zeros((3, 3), a.dtype)
-        corner[k:, k:] = np.eye(3 - k)
-        a = jnp.pad(a, ((0, 0), (0, 3 - k), (0, 3 - k))) + corner[None]
-    sign, logabs = jnp.linalg.slogdet(a)
-    return sign, logabs
-
-
 def _redo(a: jax.Array, sign: jax.Array, logabs: jax.Array, bad: Callable) -> tuple[jax.Array, jax.Array]:
-    """Replace the closed-form results marked by ``bad(logabs)`` by the LU's.
+    """Replace the closed-form results marked by ``bad(logabs)`` by the LU's (:func:`_blocks`).
 
     Only blocks of ``W`` matrices that hold such a result are gathered and
-    factored, ``few`` blocks per round: a batch with a few singular matrices
-    costs one small LU, one with many at most 16 rounds (about one LU of the
-    whole batch), and one with none a single test. A ``while_loop`` rather
-    than a ``lax.cond``, whose branches would copy the results.
+    factored, up to ``few`` blocks: a batch with a few singular matrices
+    costs one small LU. With more, the whole batch is factored at once (for
+    ``k <= 2`` always, by the elementwise :func:`_lu_small`). A
+    ``while_loop`` (of zero trips when nothing is bad) rather than a
+    ``lax.cond``, whose branches would copy the results.
     """
     B = a.shape[0]
+    small = a.shape[-1] <= 2
     W = min(32, B)
     nb = -(-B // W)
     few = min(nb, max(4, nb // 16))
@@ -283,18 +313,27 @@ def _redo(a: jax.Array, sign: jax.Array, logabs: jax.Array, bad: Callable) -> tu
     def todo(logabs, done):  # (nb, W): bad results in blocks not redone yet
         return jnp.pad(bad(logabs), (0, nb * W - B)).reshape(nb, W) & ~done[:, None]
 
-    def round_(state):
-        sign, logabs, done = state
-        redo = todo(logabs, done)
+    def gathered(sign, logabs, done, redo):
         order = jnp.where(jnp.any(redo, axis=1), -jnp.arange(nb, dtype=jnp.int32), jnp.int32(-nb))
         first = jax.lax.top_k(order, few)[1]  # the first such blocks (and others when there are fewer)
         rows = (first[:, None] * W + offsets[None, :]).reshape(-1)
         inside = jnp.minimum(rows, B - 1)
-        s, l = _lapack(a[inside])
+        new_sign, new_logabs = _blocks(a[inside])
         take = redo[first].reshape(-1)
-        sign = sign.at[rows].set(jnp.where(take, s, sign[inside]), mode="drop")
-        logabs = logabs.at[rows].set(jnp.where(take, l, logabs[inside]), mode="drop")
+        sign = sign.at[rows].set(jnp.where(take, new_sign, sign[inside]), mode="drop")
+        logabs = logabs.at[rows].set(jnp.where(take, new_logabs, logabs[inside]), mode="drop")
         return sign, logabs, done.at[first].set(True)
+
+    def everything(sign, logabs, done, redo):
+        new_sign, new_logabs = _lu_small(a) if small else _blocks(a)
+        take = jnp.pad(bad(logabs), (0, nb * W - B))[:B]
+        return jnp.where(take, new_sign, sign), jnp.where(take, new_logabs, logabs), jnp.ones_like(done)
+
+    def round_(state):
+        redo = todo(state[1], state[2])
+        if small:  # the elementwise LU costs about two closed forms: no gathering
+            return everything(*state, redo)
+        return jax.lax.cond(jnp.sum(jnp.any(redo, axis=1)) <= few, gathered, everything, *state, redo)
 
     done = jnp.zeros((nb,), bool)
     sign, logabs, _ = jax.lax.while_loop(lambda state: jnp.any(todo(state[1], state[2])), round_, (sign, logabs, done))
@@ -352,8 +391,12 @@ def _inverse_transpose(a: jax.Array) -> jax.Array:
     else:
         cof = [
             [
-                _det2(e_[(i + 1) % 3][(j + 1) % 3], e_[(i + 1) % 3][(j + 2) % 3], e_[(i + 2) % 3][(j + 1) % 3],
-                      e_[(i + 2) % 3][(j + 2) % 3])
+                _det2(
+                    e_[(i + 1) % 3][(j + 1) % 3],
+                    e_[(i + 1) % 3][(j + 2) % 3],
+                    e_[(i + 2) % 3][(j + 1) % 3],
+                    e_[(i + 2) % 3][(j + 2) % 3],
+                )
                 for j in range(3)
             ]
             for i in range(3)
@@ -383,10 +426,9 @@ def slogdet(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     a = jnp.asarray(a)
     if not jnp.issubdtype(a.dtype, jnp.inexact):
         a = a.astype(jnp.result_type(float))
-    k = a.shape[-1]
-    if a.ndim < 2 or a.shape[-2] != k:
+    if a.ndim < 2 or a.shape[-2] != a.shape[-1]:
         raise ValueError(f"jacobians.kernels.slogdet: a must have shape (..., k, k), got {tuple(a.shape)}.")
-    batch = a.shape[:-2]
+    k, batch = a.shape[-1], a.shape[:-2]
     if k == 0 or a.size == 0:
         return jnp.ones(batch, a.dtype), jnp.zeros(batch, a.dtype)
     if jnp.issubdtype(a.dtype, jnp.complexfloating) or k > _LOOP_MAX:

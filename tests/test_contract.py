@@ -91,9 +91,13 @@ def test_errors():
 def test_int_and_axes_arguments_are_checked():
     # Issue "Trust and first run": trace(T, 0.0, 1) failed with "'float' object is not iterable".
     T = jnp.ones((2, 2, 3, 3))
-    with pytest.raises(TypeError, match=r"jacobians.contract.trace: axes1 must be an int or a tuple of ints, got 0.0 \(a float\)"):
+    with pytest.raises(
+        TypeError, match=r"jacobians.contract.trace: axes1 must be an int or a tuple of ints, got 0.0 \(a float\)"
+    ):
         contract.trace(T, 0.0, 1)
-    with pytest.raises(TypeError, match=r"trace: axes2 must be an int or a tuple of ints, got \(1, 2.0\) \(entry 2.0\)"):
+    with pytest.raises(
+        TypeError, match=r"trace: axes2 must be an int or a tuple of ints, got \(1, 2.0\) \(entry 2.0\)"
+    ):
         contract.trace(T, (0, 2), (1, 2.0))
     with pytest.raises(TypeError, match=r"trace: axes1 must be an int or a tuple of ints, got True \(a bool\)"):
         contract.trace(T, True, 1)
@@ -114,7 +118,12 @@ def test_int_and_axes_arguments_are_checked():
 def test_axes_forms_that_are_accepted(rng):
     T = randn(rng, (3, 2, 3, 2))
     want = jnp.einsum("abab->", T)
-    for a1, a2 in (((0, 1), (2, 3)), ([0, 1], [2, 3]), (np.array([0, 1]), np.array([-2, -1])), ((np.int64(0), 1), (2, 3))):
+    for a1, a2 in (
+        ((0, 1), (2, 3)),
+        ([0, 1], [2, 3]),
+        (np.array([0, 1]), np.array([-2, -1])),
+        ((np.int64(0), 1), (2, 3)),
+    ):
         np.testing.assert_allclose(contract.trace(T, a1, a2), want, rtol=1e-13)
     np.testing.assert_array_equal(contract.trace(T, (), ()), T)  # nothing to trace
     assert contract.chain(jnp.ones((2, 3)), jnp.ones((3, 2)), np.int64(1)).shape == (2, 2)

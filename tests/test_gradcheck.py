@@ -41,7 +41,9 @@ def test_fails_wrong_jacobian(rng):
     res = jacobians.gradcheck(f, x, wrong)
     assert not res and res.status == "failed" and res.error > 1e-3, repr(res)
     assert "FAILED" in repr(res) and "worst entry" in repr(res)
-    with pytest.raises(AssertionError, match=r"gradcheck FAILED: relative error \S+ >= tol 1e-06 \(central differences"):
+    with pytest.raises(
+        AssertionError, match=r"gradcheck FAILED: relative error \S+ >= tol 1e-06 \(central differences"
+    ):
         jacobians.assert_gradcheck(f, x, wrong)
     assert jacobians.assert_gradcheck(f, x, right).passed
 
@@ -99,7 +101,9 @@ def test_half_precision_has_its_own_defaults(rng, dtype):
     right = jax.jacfwd(jnp.sin)(x)
     assert not jacobians.gradcheck(jnp.sin, x, lambda x: 1.5 * right)  # gross errors are still caught
     assert not jacobians.gradcheck(f_vec, randn(rng, (3,), dtype), lambda x: jax.jacfwd(f_vec)(x)[:, ::-1])
-    with pytest.raises(ValueError, match=r"method='complex' \(the complex step\) needs real float32 or float64 x, got dtype"):
+    with pytest.raises(
+        ValueError, match=r"method='complex' \(the complex step\) needs real float32 or float64 x, got dtype"
+    ):
         jacobians.gradcheck(jnp.sin, x, method="complex")
 
 
@@ -124,7 +128,9 @@ def test_complex_x_holomorphic(rng):
     assert not jacobians.gradcheck(f, z, lambda z: jnp.conj(jax.jacfwd(f, holomorphic=True)(z)))
 
 
-@pytest.mark.parametrize("dtype, x0", [(jnp.float32, 1e5), (jnp.float32, 1e3), (jnp.float64, 1e12), (jnp.float16, 100.0)])
+@pytest.mark.parametrize(
+    "dtype, x0", [(jnp.float32, 1e5), (jnp.float32, 1e3), (jnp.float64, 1e12), (jnp.float16, 100.0)]
+)
 def test_step_scales_with_x(dtype, x0):
     # Issue (b): an absolute step vanishes next to a large |x| (x + h == x, then 0/0).
     x = jnp.asarray([x0, -x0, 0.5], dtype)
@@ -222,7 +228,9 @@ def test_bad_jacobians_fail_clearly(rng):
 
 
 def test_result_state_is_consistent():
-    with pytest.raises(ValueError, match=r"GradcheckResult: status must be one of \('passed', 'failed', 'inconclusive'\), got 'ok'"):
+    with pytest.raises(
+        ValueError, match=r"GradcheckResult: status must be one of \('passed', 'failed', 'inconclusive'\), got 'ok'"
+    ):
         jacobians.GradcheckResult(0.0, True, 1e-6, 1e-5, "central", status="ok")
     with pytest.raises(ValueError, match=r"GradcheckResult: passed=True contradicts status='inconclusive'"):
         jacobians.GradcheckResult(0.0, True, 1e-6, 1e-5, "central", status="inconclusive")
@@ -232,7 +240,9 @@ def test_result_state_is_consistent():
 def test_errors():
     with pytest.raises(ValueError, match=r"method must be one of \('central', 'forward', 'complex'\), got 'backward'"):
         jacobians.gradcheck(jnp.sin, jnp.ones(2), method="backward")
-    with pytest.raises(TypeError, match=r"x must be a floating-point array \(real, or complex for a holomorphic fun\), got dtype int"):
+    with pytest.raises(
+        TypeError, match=r"x must be a floating-point array \(real, or complex for a holomorphic fun\), got dtype int"
+    ):
         jacobians.gradcheck(jnp.sin, jnp.arange(2))
     with pytest.raises(ValueError, match=r"h must be a positive number, got -0.1"):
         jacobians.gradcheck(jnp.sin, jnp.ones(2), h=-0.1)
@@ -242,5 +252,7 @@ def test_errors():
         jacobians.gradcheck(jnp.sin, jnp.ones(2), h=True)
     with pytest.raises(TypeError, match=r"jacobians.gradcheck: jit must be True or False, got 'no'"):
         jacobians.gradcheck(jnp.sin, jnp.ones(2), jit="no")
-    with pytest.raises(ValueError, match=r"method='complex' \(the complex step\) needs real float32 or float64 x, got dtype complex128"):
+    with pytest.raises(
+        ValueError, match=r"method='complex' \(the complex step\) needs real float32 or float64 x, got dtype complex128"
+    ):
         jacobians.gradcheck(jnp.sin, jnp.ones(2, jnp.complex128), method="complex")

@@ -122,16 +122,24 @@ def test_errors():
 def test_shape_and_int_arguments_are_checked():
     # Issue "Trust and first run": unvec(v, (2.5, 2)) truncated the shape; to_tensor(M, (-2, -3), (4,)) failed inside JAX.
     with pytest.raises(
-        TypeError, match=r"jacobians.layout.unvec: shape must be a tuple of non-negative ints, got \(2.5, 2\) \(entry 0 is 2.5, a float\)"
+        TypeError,
+        match=r"jacobians.layout.unvec: shape must be a tuple of non-negative ints, got \(2.5, 2\) \(entry 0 is 2.5, a float\)",
     ):
         layout.unvec(jnp.ones(5), (2.5, 2))
     with pytest.raises(
-        ValueError, match=r"jacobians.layout.to_tensor: out_shape must be a tuple of non-negative ints, got \(-2, -3\) \(entry 0 is -2\)"
+        ValueError,
+        match=r"jacobians.layout.to_tensor: out_shape must be a tuple of non-negative ints, got \(-2, -3\) \(entry 0 is -2\)",
     ):
         layout.to_tensor(jnp.ones((6, 4)), (-2, -3), (4,))
-    with pytest.raises(TypeError, match=r"to_tensor: in_shape must be a tuple of non-negative ints, got \(4.0,\) \(entry 0 is 4.0, a float\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"to_tensor: in_shape must be a tuple of non-negative ints, got \(4.0,\) \(entry 0 is 4.0, a float\)",
+    ):
         layout.to_tensor(jnp.ones((6, 4)), (2, 3), (4.0,))
-    with pytest.raises(TypeError, match=r"unvec: shape must be a tuple of non-negative ints, got \(True, 6\) \(entry 0 is True, a bool\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"unvec: shape must be a tuple of non-negative ints, got \(True, 6\) \(entry 0 is True, a bool\)",
+    ):
         layout.unvec(jnp.ones(6), (True, 6))
     with pytest.raises(TypeError, match=r"unvec: shape must be a tuple of non-negative ints, got '23'"):
         layout.unvec(jnp.ones(6), "23")
