@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _mesh, _planner, _sparse, _sparsity, kernels, layout
+from . import _args, _mesh, _planner, _sparse, _sparsity, _structured, kernels, layout
+
+METHODS = ("auto", "dense", "structured", "compressed")
 
 
 def _choose_mode(mode: str, n: int, m: int, complex_out: bool, holomorphic: bool, where: str) -> str:
@@ -50,11 +52,17 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
             "jacobians.jacobian for pytrees."
         )
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
+    method = opts["method"]
+    if method == "compressed":
+        return opts["engine"]._compute(spec, traced)
     if _planned(opts, complex_in or complex_out):
         plan = _plan(t, spec, traced, opts)
         if plan.method == "compressed":
             return opts["engine"]._compute(spec, traced)
+        method = plan.method
         opts = dict(opts, mode=plan.mode)
+    elif method == "structured" and (complex_in or (complex_out and not opts["holomorphic"])):
+        raise TypeError(f"{where}: method='structured' needs real (or holomorphic) functions; use method='dense'.")
     if complex_in:
         if complex_out:
             raise TypeError(
@@ -66,10 +74,16 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
         mode = _choose_mode(opts["mode"], p.n, p.m, complex_out, opts["holomorphic"], where)
 
     def run(mode):
+        if method == "structured":
+            return _structured.jacobian(p.flat, p.x, mode)
         kernel = kernels.forward if mode == "fwd" else kernels.reverse
         return kernel(p.flat, p.x, opts["chunk_size"], opts["shards"])
 
-    if opts["mode"] == "auto" and not complex_out and not complex_in:
+    if method == "structured":
+        if opts["chunk_size"] is not None or opts["shards"] is not None:
+            raise ValueError(f"{where}: method='structured' takes no chunk_size or mesh (it pushes no basis vectors).")
+        _, jac, aux = run(mode)
+    elif opts["mode"] == "auto" and not complex_out and not complex_in:
         _, jac, aux = _args.with_fallback(run, mode, "rev", "fwd", where)
     else:
         _, jac, aux = run(mode)
@@ -89,7 +103,8 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
 
 def _planned(opts, complex_any: bool) -> bool:
     """The planner chooses for ``mode="auto"`` on real tensor-valued results without chunking."""
-    return opts["mode"] == "auto" and opts["order"] is None and opts["chunk_size"] is None and not complex_any
+    return (opts["mode"] == "auto" and opts["method"] in ("auto", "structured") and opts["order"] is None
+            and opts["chunk_size"] is None and not complex_any)
 
 
 def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
@@ -109,15 +124,28 @@ def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
         def color(det, mode):  # colouring costs O(nnz): affordable whenever detection stayed in budget
             return _sparse._make_plan(det.pattern, mode, det.primitives)
 
-        plan = opts["plans"][key] = _planner.choose(closed, p.n, p.m, detect, color)
+        def structured(sweep):  # the sweep's program, traced (not run) for the cost model
+            def g(*tr):
+                q = _args.problem(t.fun, spec, tr, where=t.where, has_aux=opts["has_aux"],
+                                  int_argnums=t.int_argnums, lazy=True)
+                return _structured.jacobian(q.flat, q.x, sweep)[1]
+
+            return jax.make_jaxpr(g)(*avals)
+
+        only = opts["method"] == "structured"
+        use = only or opts["shards"] is None  # on a mesh, the basis vectors are what is split
+        plan = opts["plans"][key] = _planner.choose(closed, p.n, p.m, detect, color, structured if use else None,
+                                                    only_structured=only)
         if plan.method == "compressed":  # the sparse engine evaluates it with no new detection
             engine.plans[engine._key(spec, avals)] = (plan.sparse_plan, None, {})
     return plan
 
 
-def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, mesh=None, mesh_axis=None):
+def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, mesh=None, mesh_axis=None,
+           method="auto"):
     opts = dict(
         shards=_mesh.resolve(mesh, where, mesh_axis),
+        method=_args.check_choice(method, "method", METHODS, where),
         mode=_args.check_mode(mode, where),
         chunk_size=_args.check_chunk_size(chunk_size, where),
         has_aux=_args.check_bool(has_aux, "has_aux", where),
@@ -126,7 +154,8 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
         plans={},
     )
     # The compressed method runs through the sparse engine (dense output, same blocks).
-    opts["engine"] = _sparse._Engine(fun, argnums, "auto", "auto", "dense", opts["has_aux"], where,
+    sparse_mode = opts["mode"] if opts["method"] == "compressed" else "auto"
+    opts["engine"] = _sparse._Engine(fun, argnums, sparse_mode, "auto", "dense", opts["has_aux"], where,
                                      shards=opts["shards"])
     # One jitted function per call structure: jit's C++ fast path then
     # dispatches repeat calls without hashing any Python state.
@@ -136,11 +165,13 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
     def plan(*args, **kwargs) -> _planner.JacobianPlan:
         """The plan ``mode="auto"`` makes for these arguments (shapes suffice); see :func:`jacobians.explain`."""
         spec, traced = t.split(args, kwargs)
-        if opts["mode"] != "auto" or not _planned(opts, False):
+        if opts["method"] == "compressed" or not _planned(opts, False):
             n_m = _sizes(t, spec, traced, opts)
             mode = opts["mode"] if opts["mode"] != "auto" else ("fwd" if n_m[0] <= n_m[1] else "rev")
-            return _planner.JacobianPlan("dense", mode, n_m[0] if mode == "fwd" else n_m[1], *n_m,
-                                         reason="mode fixed by the caller or chunked: no planning")
+            method = "dense" if opts["method"] == "auto" else opts["method"]
+            passes = 1 if method == "structured" else (n_m[0] if mode == "fwd" else n_m[1])
+            return _planner.JacobianPlan(method, mode, passes, *n_m,
+                                         reason="method or mode fixed by the caller, or chunked: no planning")
         return _plan(t, spec, traced, opts)
 
     wrapped.plan = plan
@@ -173,6 +204,7 @@ def jacobian(
     argnums: int | tuple[int, ...] = 0,
     *,
     mode: str = "auto",
+    method: str = "auto",
     has_aux: bool = False,
     holomorphic: bool = False,
     chunk_size: int | None = None,
@@ -199,9 +231,17 @@ def jacobian(
         Python numbers; these are compiled in as constants).
       argnums: an int or tuple of ints: which positional arguments to
         differentiate. A tuple gives a tuple of Jacobians per output leaf.
-      mode: ``"fwd"`` (one JVP per input entry), ``"rev"`` (one VJP per output
-        entry) or ``"auto"`` (forward when the total input size is <= the total
-        output size, reverse otherwise; decided from shapes, no evaluation).
+      mode: the direction: ``"fwd"`` (from the inputs), ``"rev"`` (from the
+        outputs) or ``"auto"``. With ``method="auto"``, a fixed direction means
+        the dense method (one JVP per input entry, or one VJP per output entry:
+        the same program as ``jax.jacfwd``/``jax.jacrev``), and ``"auto"`` lets
+        the planner choose method and direction from the jaxpr's cost (see
+        :func:`jacobians.explain`).
+      method: ``"auto"`` (the planner), ``"dense"`` (basis vectors; ``mode="auto"``
+        picks forward when the input size is <= the output size), ``"structured"``
+        (one sweep carrying identity, diagonal, selection and dense Jacobians,
+        see the README; no ``chunk_size`` or ``mesh``) or ``"compressed"``
+        (the sparse engine's colouring, dense output).
       has_aux: ``fun`` returns ``(output, aux)``; the result is ``(jac, aux)``.
       holomorphic: ``fun`` is holomorphic in complex inputs.
       chunk_size: push at most this many basis vectors at a time, bounding
@@ -228,7 +268,8 @@ def jacobian(
       Array([[-2.,  1.],
              [ 1.,  1.]], dtype=float32)
     """
-    return _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, None, "jacobians.jacobian", mesh, mesh_axis)
+    return _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, None, "jacobians.jacobian", mesh, mesh_axis,
+                  method)
 
 
 def jacobian_matrix(

@@ -1,12 +1,16 @@
 """The planner: which exact method ``jacobian(f)`` uses by default, chosen from the jaxpr.
 
-Candidates: dense forward (``n`` JVPs), dense reverse (``m`` VJPs), and
+Candidates: dense forward (``n`` JVPs), dense reverse (``m`` VJPs),
 compressed forward or reverse (one JVP/VJP per colour of the detected pattern,
-then a gather into the dense result). Every pass costs about one evaluation
-of ``f``; the cost model counts passes times an estimate of one pass (the
-FLOPs of ``dot_general`` and convolutions, element counts elsewhere, read from
-the jaxpr) plus the decompression (a gather of ``nnz`` entries into the dense
-``m x n`` result). The sparsity analysis stops early once the pattern passes a
+then a gather into the dense result), and the structured forward and reverse
+sweeps (:mod:`._structured`). Every pass costs about one evaluation of ``f``;
+the cost model counts passes times an estimate of one pass (the FLOPs of
+``dot_general`` and convolutions, element counts elsewhere, read from the
+jaxpr) plus the decompression (a gather of ``nnz`` entries into the dense
+``m x n`` result). A structured sweep is costed by the same count over the
+program it generates (traced, not run), and chosen only when it beats the
+best other candidate by ``STRUCTURED_MARGIN``: its selections and scatters
+cost more than their element counts say, and a near tie is not worth them. The sparsity analysis stops early once the pattern passes a
 density budget, so a dense function costs little to plan. ``custom_vjp``
 forces reverse mode and a ``while_loop`` forward mode. Plans are cached per
 call structure and shapes.
@@ -23,6 +27,7 @@ from ._walker import primitives
 PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
 DENSITY_BUDGET = 0.25  # stop detecting once nnz > this fraction of m * n (dense enough)
 NNZ_CAP = 1 << 22  # and never hold more than this many entries while planning
+STRUCTURED_MARGIN = 0.8  # a structured sweep must cost less than this times the best other candidate
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class JacobianPlan:
     """What ``jacobian`` does for one call structure, and why.
 
     Attributes:
-      method: ``"dense"`` or ``"compressed"``.
+      method: ``"dense"``, ``"compressed"`` or ``"structured"``.
       mode: ``"fwd"`` or ``"rev"``.
       passes: the number of JVPs/VJPs.
       n, m: total input and output sizes.
@@ -82,21 +87,59 @@ def pass_cost(closed) -> float:
     return max(total, 1.0)
 
 
-def choose(closed, n: int, m: int, detect, color) -> JacobianPlan:
+def choose(closed, n: int, m: int, detect, color, structured=None, only_structured: bool = False) -> JacobianPlan:
     """Plan for a flat map ``R^n -> R^m`` whose jaxpr is ``closed``.
 
     Args:
       closed: the flat map's closed jaxpr.
       detect: ``detect(max_nnz) -> SparsePlan-like pattern`` (raises ``TooDense``).
       color: ``color(pattern, mode) -> SparsePlan`` for a forced or free direction.
+      structured: ``structured(sweep) -> closed jaxpr`` of that structured
+        sweep's program (``None``: not a candidate; raising: that sweep does not apply).
+      only_structured: choose between the two structured sweeps only.
     """
+    plan = _choose_unstructured(closed, n, m, detect, color, only_structured)
+    if structured is None:
+        return plan
+    forced = _forced(closed)
+    costs = dict(plan.costs)
+    notes = []
+    for sweep in ("fwd", "rev"):
+        if forced not in (None, sweep):
+            continue
+        try:
+            costs[f"structured {sweep}"] = pass_cost(structured(sweep))
+        except Exception as e:  # noqa: BLE001 - a sweep that cannot trace is no candidate; say why
+            notes.append(f"structured {sweep} not possible ({type(e).__name__})")
+    found = {k: v for k, v in costs.items() if k.startswith("structured")}
+    reason = "; ".join([plan.reason] + notes) if notes else plan.reason
+    if not found:
+        if only_structured:
+            raise ValueError("no structured sweep applies to this function: " + "; ".join(notes))
+        return JacobianPlan(plan.method, plan.mode, plan.passes, n, m, plan.nnz, costs, reason, plan.sparse_plan)
+    key = min(found, key=found.get)
+    others = [v for k, v in costs.items() if not k.startswith("structured")]
+    if only_structured or not others or found[key] < STRUCTURED_MARGIN * min(others):
+        return JacobianPlan("structured", key.split()[1], 1, n, m, plan.nnz, costs,
+                            reason + f"; the structured {key.split()[1]} sweep is cheapest")
+    return JacobianPlan(plan.method, plan.mode, plan.passes, n, m, plan.nnz, costs, reason, plan.sparse_plan)
+
+
+def _forced(closed) -> str | None:
+    """``"rev"`` with a ``custom_vjp`` (no JVP), ``"fwd"`` with a ``while_loop`` (no VJP), else ``None``."""
     prims = primitives(closed)
     no_fwd = bool({"custom_vjp_call", "custom_vjp_call_jaxpr"} & prims)
     no_rev = "while" in prims
     if no_fwd and no_rev:
-        forced = None
-    else:
-        forced = "rev" if no_fwd else ("fwd" if no_rev else None)
+        return None
+    return "rev" if no_fwd else ("fwd" if no_rev else None)
+
+
+def _choose_unstructured(closed, n: int, m: int, detect, color, skip: bool = False) -> JacobianPlan:
+    """The best of the dense and compressed candidates."""
+    if skip:
+        return JacobianPlan("dense", "fwd" if n <= m else "rev", min(n, m), n, m)
+    forced = _forced(closed)
     f = pass_cost(closed)
     costs = {}
     if forced != "rev":

@@ -59,11 +59,25 @@ class Lattice:
 
     name = "lattice"
     rules: dict[str, Rule] = {}
+    # A staged lattice carries traced JAX values (an evaluator such as the
+    # structured sweeps): only constant folding runs on the host, and its
+    # results stay small (they become constants of the compiled program).
+    staged = False
+    fold_max = FOLD_MAX
 
     # --- values -----------------------------------------------------------------------
     def constant(self, value: np.ndarray | None, aval) -> Any:
         """A value known at trace time (``None``: known to carry nothing, value unknown)."""
         raise NotImplementedError
+
+    def const(self, c, aval) -> Any:
+        """A closed-over constant of the jaxpr (a tracer when the jaxpr was traced inside a ``jit``)."""
+        known = not (isinstance(c, jax.core.Tracer) or is_opaque(aval))
+        return self.constant(np.asarray(c) if known else None, aval)
+
+    def skip(self, eqn, ins: list) -> list:
+        """The outputs of an equation whose inputs all carry nothing."""
+        return [self.constant(None, v.aval) for v in eqn.outvars]
 
     def value(self, v) -> np.ndarray | None:
         """The folded constant a lattice value holds, if any."""
@@ -123,13 +137,14 @@ def _fold(lat: Lattice, eqn, ins: list) -> list | None:
     values = [lat.value(d) for d in ins]
     if any(x is None for x in values) or (not ins and eqn.primitive.name != "iota"):
         return None
-    if sum(math.prod(v.aval.shape) for v in eqn.outvars) > FOLD_MAX:
+    if sum(math.prod(v.aval.shape) for v in eqn.outvars) > lat.fold_max:
         return None
     dtypes = [v.aval.dtype for v in eqn.outvars]
     out = _host_eval.evaluate(eqn.primitive.name, eqn.params, values, dtypes)
     if out is None:
         try:
-            out = bind(eqn, values)
+            with jax.ensure_compile_time_eval():
+                out = bind(eqn, values)
         except Exception:  # noqa: BLE001 - folding is an optimisation only
             return None
         out = out if eqn.primitive.multiple_results else [out]
@@ -163,6 +178,8 @@ class Walker:
 
     def run(self, closed, args: Sequence) -> list:
         """The lattice values of ``closed``'s outputs given those of its inputs."""
+        if self.lat.staged:
+            return self._run(closed, args)
         with jax.ensure_compile_time_eval():
             return self._run(closed, args)
 
@@ -180,8 +197,7 @@ class Walker:
             return env[v]
 
         for v, c in zip(jaxpr.constvars, consts, strict=True):
-            known = not (isinstance(c, jax.core.Tracer) or is_opaque(v.aval))
-            env[v] = lat.constant(np.asarray(c) if known else None, v.aval)
+            env[v] = lat.const(c, v.aval)
         for v, a in zip(jaxpr.invars, args, strict=True):
             env[v] = a
         for eqn in jaxpr.eqns:
@@ -200,7 +216,7 @@ class Walker:
         if folded is not None:
             return folded
         if all(lat.is_inert(d) for d in ins):
-            return [lat.constant(None, v.aval) for v in eqn.outvars]
+            return lat.skip(eqn, ins)
         rule = lat.rules.get(name)
         if rule is not None:
             outs = rule(lat, eqn, ins)

@@ -1,0 +1,524 @@
+"""Structured accumulation: Jacobians of layer chains at the closed-form floor.
+
+``jax.jacfwd`` pushes the identity through the first layer as a dense product
+(``W1 @ I``) and every elementwise derivative as a dense product; ``jacrev``
+does the mirror image. For ``tanh(W2 tanh(W1 x))`` the closed form (the
+chain rule (5.56) with the book's elementwise Jacobians) is
+``diag(s2) W2 diag(s1) W1``: one matrix product. The two sweeps here reach it
+by carrying each intermediate's Jacobian (forward) or the output's adjoint
+(reverse) as a structure of :mod:`._structure`: zero, a scaled selection
+(identity, diagonal, permutation, broadcast, slice, gather with constant
+indices), or dense. A rule table on the shared walker maps each primitive to a
+family of local derivatives, used by both sweeps:
+
+- ``zero``: floor, sign, comparisons (derivative zero);
+- ``linear``: add, sub, neg, copies, dtype conversions (partials +-1);
+- ``elementwise``: partials from one JVP with a tangent of ones per operand
+  (exact because the Jacobian is diagonal); ``custom_jvp`` functions whose
+  rule is elementwise (relu, softplus) too, so the rule, not the primal, is
+  differentiated;
+- ``select``: movement primitives; the selection map is found on the host by
+  applying the primitive to integer labels, so one rule covers reshape,
+  transpose, broadcast, slice, pad, concatenate, gather, ... Selections
+  compose for free; a reverse broadcast (a sum of columns) densifies;
+- ``reduce_sum``: in reverse a broadcast of the adjoint, a selection;
+- ``dot_general``: with an operand fully contracted, its local Jacobian is
+  the other operand itself (transposed), so a selection becomes a column
+  (row) scaling of it, not a product with the identity;
+- anything else, control flow included: densify and apply the primitive's own
+  JVP (``vmap`` over the Jacobian's columns) or VJP (over its rows), so every
+  jaxpr works, ``custom_jvp``/``custom_vjp`` rules honoured.
+
+The forward sweep is a staged lattice on the walker (values carry traced
+primals and structures). The reverse sweep walks once forward recording the
+equations that touch the input (a tape; nested jaxprs are inlined by the
+walker), then accumulates adjoints over the tape backwards.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _structure as st
+from ._deps import _elementwise
+from ._deps._custom import _local as _custom_local
+from ._walker import Lattice, Walker, bind
+
+LABEL_MAX = (1 << 31) - 2  # integer labels of a selection map fit int32
+
+ZERO = set(_elementwise.ZERO)
+LINEAR = {"add": (1, 1), "add_any": (1, 1), "sub": (1, -1), "neg": (-1,), "copy": (1,), "copy_p": (1,),
+          "convert_element_type": (1,)}
+ELEMENTWISE = (set(_elementwise.NAMES) - set(LINEAR) - {"real", "imag", "complex", "conj", "optimization_barrier"}
+               ) | {"mul", "integer_pow", "pow", "select_n", "logistic"}
+SELECT = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice", "dynamic_slice",
+          "dynamic_update_slice", "gather", "rev", "concatenate", "pad", "select_n", "split"}
+
+
+class SV:
+    """A value in a sweep: its primal and (forward) its structured Jacobian, or (tape) whether it is active."""
+
+    __slots__ = ("primal", "jac")
+
+    def __init__(self, primal, jac=None):
+        self.primal = primal
+        self.jac = jac
+
+
+def _inexact(aval) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _primals(eqn, ins) -> list:
+    out = bind(eqn, [v.primal for v in ins])
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _family(lat, eqn, ins) -> str:
+    """Which local derivative applies to ``eqn`` given which operands are active."""
+    name = eqn.primitive.name
+    active = [i for i, v in enumerate(ins) if v.jac is not None]
+    out = eqn.outvars[0].aval if len(eqn.outvars) == 1 else None
+    if name in ZERO:
+        return "zero"
+    if name == "select_n" and lat.value(ins[0]) is not None:
+        return "select"
+    same_shape = out is not None and all(eqn.invars[i].aval.shape == out.shape for i in active)
+    if name in LINEAR and same_shape:
+        return "linear"
+    if name in ELEMENTWISE and same_shape:
+        return "elementwise"
+    if name == "custom_jvp_call" and same_shape and len(active) == 1 and _diagonal_rule(lat, eqn):
+        return "elementwise"
+    if name in SELECT:
+        return "select"
+    if name == "reduce_sum":
+        return "reduce_sum"
+    if name == "dot_general":
+        return "dot"
+    return "generic"
+
+
+def _diagonal_rule(lat, eqn) -> bool:
+    """The custom rule's Jacobian is diagonal (relu, softplus): each output reads only its own input."""
+    hit = lat.diag_cache.get(id(eqn))
+    if hit is not None and hit[0] is eqn:
+        return hit[1]
+    from ._deps import DepsLattice
+
+    ok = False
+    diff = [v for v in eqn.invars if _inexact(v.aval)]
+    if len(diff) == 1 and len(eqn.outvars) == 1:
+        try:
+            (rows, cols), = _custom_local(DepsLattice(diff[0].aval.size), eqn)
+            ok = rows.size == np.unique(rows).size and bool(np.array_equal(rows, cols))
+        except Exception:  # noqa: BLE001 - an untraceable rule: use the generic JVP
+            ok = False
+    lat.diag_cache[id(eqn)] = (eqn, ok)
+    return ok
+
+
+def _partials(eqn, ins, active) -> list:
+    """The diagonal partial derivative of an elementwise ``eqn`` in each active operand (one JVP of ones each)."""
+    primals = [v.primal for v in ins]
+
+    def f(*vals):
+        a = list(primals)
+        for i, v in zip(active, vals, strict=True):
+            a[i] = v
+        out = bind(eqn, a)
+        return out[0] if eqn.primitive.multiple_results else out
+
+    vary = [jnp.asarray(primals[i]) for i in active]
+    return [jax.jvp(f, vary, [jnp.ones_like(v) if i == k else jnp.zeros_like(v) for i, v in zip(active, vary)])[1]
+            for k in active]
+
+
+def _selection_map(lat, eqn, ins) -> tuple[list, list] | None:
+    """Per output, ``pi`` with ``y[i] = cat(data operands)[pi[i]]`` (``-1``: a constant); the data operand positions."""
+    data = [i for i, v in enumerate(eqn.invars) if _inexact(v.aval) and not (eqn.primitive.name == "select_n" and i == 0)]
+    sizes = [math.prod(eqn.invars[i].aval.shape) for i in data]
+    if sum(sizes) > LABEL_MAX:
+        return None
+    args, off = [], 0
+    for i, v in enumerate(ins):
+        if i in data:
+            shape = eqn.invars[i].aval.shape
+            size = math.prod(shape)
+            label = np.arange(off + 1, off + size + 1, dtype=np.int32) if v.jac is not None else np.zeros(size, np.int32)
+            args.append(label.reshape(shape))
+            off += size
+        else:
+            value = lat.value(v)
+            if value is None:
+                return None
+            args.append(value)
+    try:
+        with jax.ensure_compile_time_eval():
+            out = bind(eqn, args)
+    except Exception:  # noqa: BLE001 - a primitive that will not take integer labels: generic rule
+        return None
+    pis = []
+    for o in (out if eqn.primitive.multiple_results else [out]):
+        pi = np.asarray(o).astype(np.int64) - 1
+        pi[(pi < 0) | (pi >= off)] = -1
+        pis.append(pi)
+    return pis, data
+
+
+def _dot_matrix(eqn, k: int, ins) -> jax.Array | None:
+    """For ``y = dot_general`` with operand ``k`` fully contracted: ``dy/d(operand k)`` as ``(y.size, size_k)``."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if lb or rb:
+        return None
+    b_aval, a_aval = eqn.invars[k].aval, eqn.invars[1 - k].aval
+    bc, ac = (list(lc), list(rc)) if k == 0 else (list(rc), list(lc))
+    if sorted(bc) != list(range(len(b_aval.shape))):
+        return None
+    a_free = [d for d in range(len(a_aval.shape)) if d not in ac]
+    perm = a_free + [ac[bc.index(d)] for d in range(len(b_aval.shape))]
+    out = eqn.outvars[0].aval
+    mat = jnp.transpose(jnp.asarray(ins[1 - k].primal), perm).reshape(math.prod(out.shape), math.prod(b_aval.shape))
+    return mat.astype(out.dtype)
+
+
+# ------------------------------------------------------------------ forward sweep
+
+
+class _Forward(Lattice):
+    """Each value carries its primal and its structured Jacobian ``d value / d x`` (shape ``S + (n,)`` when dense)."""
+
+    name = "structured forward sweep"
+    staged = True
+    fold_max = 4096  # folded values become constants of the compiled program: keep them small
+
+    def __init__(self, n: int):
+        self.n = n
+        self.diag_cache = {}
+        self.rules = {}
+
+    def constant(self, value, aval):
+        return SV(value)
+
+    def const(self, c, aval):
+        return SV(c)
+
+    def value(self, v):
+        return v.primal if v.jac is None and isinstance(v.primal, np.ndarray | np.generic) else None
+
+    def is_inert(self, v) -> bool:
+        return v.jac is None
+
+    def skip(self, eqn, ins):
+        return [SV(o) for o in _primals(eqn, ins)]
+
+    def default(self, eqn, ins):
+        return self.rule(eqn, ins)
+
+    def post(self, eqn, outs):
+        for o, v in zip(outs, eqn.outvars, strict=True):
+            if not _inexact(v.aval):
+                o.jac = None
+        return outs
+
+    def check(self, v, aval):
+        if not isinstance(v, SV):
+            return f"expected a sweep value, got {type(v).__name__}"
+        if tuple(np.shape(v.primal)) != tuple(aval.shape):
+            return f"primal of shape {np.shape(v.primal)}, expected {tuple(aval.shape)}"
+        j = v.jac
+        if isinstance(j, st.Sel) and j.idx.shape != tuple(aval.shape):
+            return f"selection of shape {j.idx.shape}, expected {tuple(aval.shape)}"
+        if j is not None and not isinstance(j, st.Sel) and tuple(j.shape) != tuple(aval.shape) + (self.n,):
+            return f"Jacobian of shape {j.shape}, expected {tuple(aval.shape) + (self.n,)}"
+        return None
+
+    def rule(self, eqn, ins):
+        outs = _primals(eqn, ins)
+        jacs = _FORWARD[_family(self, eqn, ins)](self, eqn, ins)
+        return [SV(o, j) for o, j in zip(outs, jacs, strict=True)]
+
+
+def _fw_zero(lat, eqn, ins):
+    return [None] * len(eqn.outvars)
+
+
+def _fw_linear(lat, eqn, ins):
+    out = eqn.outvars[0].aval
+    signs = LINEAR[eqn.primitive.name]
+    total = None
+    for v, s in zip(ins, signs, strict=False):
+        if v.jac is not None:
+            total = st.add(total, st.cast(st.scale(v.jac, s, True, out.dtype), out.dtype), out.shape, lat.n, True,
+                           out.dtype)
+    return [total]
+
+
+def _fw_elementwise(lat, eqn, ins):
+    out = eqn.outvars[0].aval
+    active = [i for i, v in enumerate(ins) if v.jac is not None]
+    total = None
+    for i, d in zip(active, _partials(eqn, ins, active), strict=True):
+        total = st.add(total, st.scale(st.cast(ins[i].jac, out.dtype), d, True, out.dtype), out.shape, lat.n, True,
+                       out.dtype)
+    return [total]
+
+
+def _fw_select(lat, eqn, ins):
+    if any(not isinstance(v.jac, st.Sel | None) for v in ins):
+        return _fw_generic(lat, eqn, ins)
+    found = _selection_map(lat, eqn, ins)
+    if found is None:
+        return _fw_generic(lat, eqn, ins)
+    pis, data = found
+    parts = [(ins[i].jac, math.prod(eqn.invars[i].aval.shape)) for i in data]
+    return [st.select_forward(parts, pi, v.aval.dtype) for pi, v in zip(pis, eqn.outvars, strict=True)]
+
+
+def _fw_dot(lat, eqn, ins):
+    out = eqn.outvars[0].aval
+    total = None
+    for k in (0, 1):
+        j = ins[k].jac
+        if j is None:
+            continue
+        mat = _dot_matrix(eqn, k, ins) if isinstance(j, st.Sel) else None
+        if mat is None:  # dense: one product with the Jacobian's columns batched (the JVP, vmapped)
+            one = [SV(v.primal, v.jac if i == k else None) for i, v in enumerate(ins)]
+            term = _fw_generic(lat, eqn, one)[0]
+        else:
+            # y = M b: J_y = M J_b, and J_b = diag(scale) P selects (scaled) columns of M.
+            if j.scale is not None:
+                mat = mat * j.scale.reshape(-1).astype(mat.dtype)[None, :]
+            if j.is_identity(lat.n):
+                term = mat.reshape(out.shape + (lat.n,))
+            else:
+                idx = j.idx.reshape(-1)
+                safe = np.where(idx < 0, lat.n, idx)
+                term = jnp.zeros((mat.shape[0], lat.n), mat.dtype).at[:, safe].add(mat, mode="drop")
+                term = term.reshape(out.shape + (lat.n,))
+        total = st.add(total, term, out.shape, lat.n, True, out.dtype)
+    return [total]
+
+
+def _fw_generic(lat, eqn, ins):
+    """The primitive's own JVP over the densified Jacobian's columns (``jax.jacfwd`` for this equation)."""
+    active = [i for i, v in enumerate(ins) if v.jac is not None]
+    primals = [v.primal for v in ins]
+    diff_out = [k for k, v in enumerate(eqn.outvars) if _inexact(v.aval)]
+
+    def f(*vals):
+        a = list(primals)
+        for i, v in zip(active, vals, strict=True):
+            a[i] = v
+        out = bind(eqn, a)
+        out = list(out) if eqn.primitive.multiple_results else [out]
+        return [out[k] for k in diff_out]
+
+    vary = [jnp.asarray(primals[i]) for i in active]
+    dense = [st.densify(ins[i].jac, eqn.invars[i].aval.shape, lat.n, True, vary[j].dtype) for j, i in enumerate(active)]
+    tangents = jax.vmap(lambda *ts: jax.jvp(f, vary, list(ts))[1], in_axes=-1, out_axes=-1)(*dense)
+    jacs = [None] * len(eqn.outvars)
+    for k, t in zip(diff_out, tangents, strict=True):
+        jacs[k] = t
+    return jacs
+
+
+_FORWARD = {"zero": _fw_zero, "linear": _fw_linear, "elementwise": _fw_elementwise, "select": _fw_select,
+            "reduce_sum": _fw_generic, "dot": _fw_dot, "generic": _fw_generic}
+# Control flow and custom rules are rules (not recursed into or joined by the walker): the generic JVP.
+_CONTROL = ("cond", "while", "scan", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+# ------------------------------------------------------------------ reverse sweep
+
+
+class _Tape(_Forward):
+    """The forward half of the reverse sweep: primals, and a tape of the equations that touch ``x``."""
+
+    name = "structured reverse sweep (tape)"
+
+    def __init__(self, m: int):
+        super().__init__(m)
+        self.tape = []
+
+    def check(self, v, aval):
+        if not isinstance(v, SV):
+            return f"expected a sweep value, got {type(v).__name__}"
+        if tuple(np.shape(v.primal)) != tuple(aval.shape):
+            return f"primal of shape {np.shape(v.primal)}, expected {tuple(aval.shape)}"
+        return None
+
+    def rule(self, eqn, ins):
+        outs = [SV(o, True) for o in _primals(eqn, ins)]
+        self.tape.append((eqn, ins, outs))
+        return outs
+
+
+def _rv_zero(lat, eqn, ins, gs):
+    return [None] * len(ins)
+
+
+def _rv_linear(lat, eqn, ins, gs):
+    (g,) = gs
+    signs = LINEAR[eqn.primitive.name]
+    res = []
+    for v, s, var in zip(ins, signs, eqn.invars, strict=False):
+        res.append(st.cast(st.scale(g, s, False, var.aval.dtype), var.aval.dtype) if v.jac is not None else None)
+    return res + [None] * (len(ins) - len(res))
+
+
+def _rv_elementwise(lat, eqn, ins, gs):
+    (g,) = gs
+    active = [i for i, v in enumerate(ins) if v.jac is not None]
+    res = [None] * len(ins)
+    for i, d in zip(active, _partials(eqn, ins, active), strict=True):
+        dtype = eqn.invars[i].aval.dtype
+        res[i] = st.cast(st.scale(g, d, False, d.dtype), dtype)
+    return res
+
+
+def _rv_select(lat, eqn, ins, gs):
+    found = _selection_map(lat, eqn, ins) if all(isinstance(g, st.Sel | None) for g in gs) else None
+    if found is None:
+        return _rv_generic(lat, eqn, ins, gs)
+    pis, data = found
+    # Several outputs (split): one selection over all of them, end to end.
+    g = st.join_outputs(gs, [v.aval for v in eqn.outvars])
+    pi = np.concatenate([p.reshape(-1) for p in pis])
+    res, off = [None] * len(ins), 0
+    for i in data:
+        shape = eqn.invars[i].aval.shape
+        size = math.prod(shape)
+        if ins[i].jac is not None:
+            a = st.select_reverse(g, pi, off, size, shape)
+            if a is None:
+                return _rv_generic(lat, eqn, ins, gs)
+            res[i] = None if isinstance(a, str) else st.cast(a, eqn.invars[i].aval.dtype)
+        off += size
+    return res
+
+
+def _rv_reduce_sum(lat, eqn, ins, gs):
+    (g,) = gs
+    if not isinstance(g, st.Sel):
+        return _rv_generic(lat, eqn, ins, gs)
+    # Every input element feeds exactly one output element: the adjoint is a selection of the output's.
+    shape, axes = eqn.invars[0].aval.shape, eqn.params["axes"]
+    kept = [d for d in range(len(shape)) if d not in axes]
+    pos = np.arange(math.prod(eqn.outvars[0].aval.shape)).reshape([shape[d] for d in kept])
+    sigma = np.broadcast_to(np.expand_dims(pos, tuple(axes)), shape).reshape(-1)
+    idx = g.idx.reshape(-1)[sigma].reshape(shape)
+    scale = None if g.scale is None else jnp.take(g.scale.reshape(-1), jnp.asarray(sigma)).reshape(shape)
+    return [st.Sel(idx, scale)]
+
+
+def _rv_dot(lat, eqn, ins, gs):
+    (g,) = gs
+    out = eqn.outvars[0].aval
+    mats = {k: _dot_matrix(eqn, k, ins) for k in (0, 1) if ins[k].jac is not None}
+    if not isinstance(g, st.Sel) or any(m is None for m in mats.values()):
+        return _rv_generic(lat, eqn, ins, gs)
+    res = [None, None]
+    for k, mat in mats.items():
+        # G_b = G_y M, and G_y = P diag(scale) selects (scaled) rows of M.
+        if g.scale is not None:
+            mat = mat * g.scale.reshape(-1).astype(mat.dtype)[:, None]
+        shape = eqn.invars[k].aval.shape
+        if g.is_identity(lat.n):
+            a = mat.reshape((lat.n,) + shape)
+        else:
+            idx = g.idx.reshape(-1)
+            safe = np.where(idx < 0, lat.n, idx)
+            a = jnp.zeros((lat.n, mat.shape[1]), mat.dtype).at[safe].add(mat, mode="drop").reshape((lat.n,) + shape)
+        res[k] = a.astype(eqn.invars[k].aval.dtype)
+    del out
+    return res
+
+
+def _rv_generic(lat, eqn, ins, gs):
+    """The primitive's own VJP over the densified adjoint's rows (``jax.jacrev`` for this equation)."""
+    active = [i for i, v in enumerate(ins) if v.jac is not None]
+    primals = [v.primal for v in ins]
+    diff_out = [k for k, v in enumerate(eqn.outvars) if _inexact(v.aval)]
+
+    def f(*vals):
+        a = list(primals)
+        for i, v in zip(active, vals, strict=True):
+            a[i] = v
+        out = bind(eqn, a)
+        out = list(out) if eqn.primitive.multiple_results else [out]
+        return [out[k] for k in diff_out]
+
+    vary = [jnp.asarray(primals[i]) for i in active]
+    _, pull = jax.vjp(f, *vary)
+    cts = [st.densify(gs[k], eqn.outvars[k].aval.shape, lat.n, False, eqn.outvars[k].aval.dtype) for k in diff_out]
+    grads = jax.vmap(lambda *c: pull(list(c)))(*cts)
+    res = [None] * len(ins)
+    for i, gr in zip(active, grads, strict=True):
+        res[i] = gr
+    return res
+
+
+_REVERSE = {"zero": _rv_zero, "linear": _rv_linear, "elementwise": _rv_elementwise, "select": _rv_select,
+            "reduce_sum": _rv_reduce_sum, "dot": _rv_dot, "generic": _rv_generic}
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def _install(lat):
+    lat.rules = {name: (lambda lat_, eqn, ins: lat_.rule(eqn, ins)) for name in _CONTROL}
+
+
+def jacobian(flat, x: jax.Array, sweep: str) -> tuple[jax.Array, jax.Array, object]:
+    """The Jacobian of a flat map by one structured sweep.
+
+    Args:
+      flat: ``flat(x) -> (y, aux)``, ``x`` of shape ``(n,)``, ``y`` of shape ``(m,)``.
+      x: the point.
+      sweep: ``"fwd"`` (Jacobians from the input) or ``"rev"`` (adjoints from the output).
+
+    Returns:
+      ``(y, jac, aux)`` with ``jac`` of shape ``(m, n)``, as :func:`jacobians.kernels.forward`.
+    """
+    closed, shapes = jax.make_jaxpr(flat, return_shape=True)(x)
+    aux_tree = jax.tree_util.tree_structure(shapes[1])
+    n, m = x.shape[0], shapes[0].shape[0]
+    if sweep == "fwd":
+        lat = _Forward(n)
+        _install(lat)
+        outs = Walker(lat).run(closed, [SV(x, st.identity((n,)))])
+        y = outs[0]
+        jac = st.densify(y.jac, (m,), n, True, shapes[0].dtype)
+    else:
+        lat = _Tape(m)
+        _install(lat)
+        x_sv = SV(x, True)
+        outs = Walker(lat).run(closed, [x_sv])
+        y = outs[0]
+        adj = _backward(lat, y, x_sv, m)
+        jac = st.densify(adj, (n,), m, False, x.dtype)
+    aux = jax.tree_util.tree_unflatten(aux_tree, [jnp.asarray(o.primal) for o in outs[1:]])
+    return jnp.asarray(y.primal), jac.astype(shapes[0].dtype), aux
+
+
+def _backward(lat: _Tape, y: SV, x: SV, m: int):
+    """Accumulate adjoints ``dy/dv`` over the tape, from ``y`` (the identity) back to ``x``."""
+    if y.jac is None:
+        return None
+    adj = {id(y): st.identity((m,))}
+    for eqn, ins, outs in reversed(lat.tape):
+        gs = [adj.pop(id(o), None) for o in outs]
+        if all(g is None for g in gs):
+            continue
+        family = _family(lat, eqn, ins)
+        if len(gs) > 1 and family not in ("select", "zero"):
+            family = "generic"
+        res = _REVERSE[family](lat, eqn, ins, gs)
+        for v, var, a in zip(ins, eqn.invars, res, strict=True):
+            if a is not None and v.jac is not None:
+                adj[id(v)] = st.add(adj.get(id(v)), a, var.aval.shape, m, False, var.aval.dtype)
+    return adj.get(id(x))
