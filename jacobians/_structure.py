@@ -54,6 +54,11 @@ def identity(shape, other: int | None = None) -> Sel:
     return Sel(np.arange(size, dtype=np.int64).reshape(shape))
 
 
+def kind(a) -> str:
+    """``"zero"``, ``"selection"`` or ``"dense"``."""
+    return "zero" if a is None else ("selection" if isinstance(a, Sel) else "dense")
+
+
 def _scales(a: Sel, shape, dtype) -> jax.Array:
     return jnp.ones(shape, dtype) if a.scale is None else a.scale.astype(dtype)
 
@@ -90,6 +95,12 @@ def add(a, b, shape, other: int, fwd: bool, dtype):
             if a.scale is None and b.scale is None:
                 return Sel(a.idx, jnp.full(shape, 2, dtype))
             return Sel(a.idx, _scales(a, shape, dtype) + _scales(b, shape, dtype))
+        used_a, used_b = a.idx >= 0, b.idx >= 0
+        if not (used_a & used_b).any():  # disjoint lines (x[:k] and x[k:] used apart): still one selection
+            idx = np.where(used_a, a.idx, b.idx)
+            if a.scale is None and b.scale is None:
+                return Sel(idx)
+            return Sel(idx, jnp.where(used_a, _scales(a, shape, dtype), _scales(b, shape, dtype)))
         return densify(a, shape, other, fwd, dtype) + densify(b, shape, other, fwd, dtype)
     if isinstance(b, Sel):
         a, b = b, a

@@ -162,7 +162,8 @@ def _selection_map(lat, eqn, ins) -> tuple[list, list] | None:
         return None
     pis = []
     for o in (out if eqn.primitive.multiple_results else [out]):
-        pi = np.asarray(o).astype(np.int64) - 1
+        pi = np.array(o, dtype=np.int64)
+        pi -= 1  # in place: a 0-d array stays an array
         pi[(pi < 0) | (pi >= off)] = -1
         pis.append(pi)
     return pis, data
@@ -198,6 +199,7 @@ class _Forward(Lattice):
         self.n = n
         self.diag_cache = {}
         self.rules = {}
+        self.log = []  # (primitive, family, structure kinds of the results): what each rule produced
 
     def constant(self, value, aval):
         return SV(value)
@@ -237,7 +239,9 @@ class _Forward(Lattice):
 
     def rule(self, eqn, ins):
         outs = _primals(eqn, ins)
-        jacs = _FORWARD[_family(self, eqn, ins)](self, eqn, ins)
+        family = _family(self, eqn, ins)
+        jacs = _FORWARD[family](self, eqn, ins)
+        self.log.append((eqn.primitive.name, family, [st.kind(j) for j in jacs]))
         return [SV(o, j) for o, j in zip(outs, jacs, strict=True)]
 
 
@@ -473,13 +477,15 @@ def _install(lat):
     lat.rules = {name: (lambda lat_, eqn, ins: lat_.rule(eqn, ins)) for name in _CONTROL}
 
 
-def jacobian(flat, x: jax.Array, sweep: str) -> tuple[jax.Array, jax.Array, object]:
+def jacobian(flat, x: jax.Array, sweep: str, log: list | None = None) -> tuple[jax.Array, jax.Array, object]:
     """The Jacobian of a flat map by one structured sweep.
 
     Args:
       flat: ``flat(x) -> (y, aux)``, ``x`` of shape ``(n,)``, ``y`` of shape ``(m,)``.
       x: the point.
       sweep: ``"fwd"`` (Jacobians from the input) or ``"rev"`` (adjoints from the output).
+      log: if given, extended with ``(primitive, family, kinds)`` per rule applied
+        (kinds: ``"zero"``, ``"selection"`` or ``"dense"`` per result), in sweep order.
 
     Returns:
       ``(y, jac, aux)`` with ``jac`` of shape ``(m, n)``, as :func:`jacobians.kernels.forward`.
@@ -501,6 +507,8 @@ def jacobian(flat, x: jax.Array, sweep: str) -> tuple[jax.Array, jax.Array, obje
         y = outs[0]
         adj = _backward(lat, y, x_sv, m)
         jac = st.densify(adj, (n,), m, False, x.dtype)
+    if log is not None:
+        log.extend(lat.log)
     aux = jax.tree_util.tree_unflatten(aux_tree, [jnp.asarray(o.primal) for o in outs[1:]])
     return jnp.asarray(y.primal), jac.astype(shapes[0].dtype), aux
 
@@ -518,6 +526,7 @@ def _backward(lat: _Tape, y: SV, x: SV, m: int):
         if len(gs) > 1 and family not in ("select", "zero"):
             family = "generic"
         res = _REVERSE[family](lat, eqn, ins, gs)
+        lat.log.append((eqn.primitive.name, family, [st.kind(a) for a, v in zip(res, ins) if v.jac is not None]))
         for v, var, a in zip(ins, eqn.invars, res, strict=True):
             if a is not None and v.jac is not None:
                 adj[id(v)] = st.add(adj.get(id(v)), a, var.aval.shape, m, False, var.aval.dtype)
