@@ -56,7 +56,13 @@ def _dot_part(lat, dep, other, idx, other_idx, is_lhs, bmkn, shape):
         free = m_ if is_lhs else n_
         u = from_coo((b_, free), rb * free + rf, dep.indices, lat.n)
         bb, mm, nn = np.unravel_index(np.arange(b_ * m_ * n_), (b_, m_, n_))
-        return gather(u, (bb * free + (mm if is_lhs else nn)).reshape(shape))
+        target = bb * free + (mm if is_lhs else nn)
+        budget = getattr(lat, "max_nnz", None)
+        if budget is not None and int(np.diff(u.indptr)[target].sum()) > budget:
+            from . import TooDense  # noqa: PLC0415 - the package imports this module
+
+            raise TooDense("dot_general")  # before building a set the planner would throw away
+        return gather(u, target.reshape(shape))
     # A constant partner: join on k through its nonzeros.
     vals = np.asarray(other.const).reshape(-1)[other_idx.reshape(-1)].reshape(other_idx.shape)
     if is_lhs:
