@@ -75,13 +75,13 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
 
     def run(mode):
         if method == "structured":
-            return _structured.jacobian(p.flat, p.x, mode)
+            return _structured.jacobian(p.flat, p.x, mode, chunk_size=opts["chunk_size"])
         kernel = kernels.forward if mode == "fwd" else kernels.reverse
         return kernel(p.flat, p.x, opts["chunk_size"], opts["shards"])
 
     if method == "structured":
-        if opts["chunk_size"] is not None or opts["shards"] is not None:
-            raise ValueError(f"{where}: method='structured' takes no chunk_size or mesh (it pushes no basis vectors).")
+        if opts["shards"] is not None:
+            raise ValueError(f"{where}: method='structured' takes no mesh (it pushes no basis vectors to split).")
         _, jac, aux = run(mode)
     elif opts["mode"] == "auto" and not complex_out and not complex_in:
         _, jac, aux = _args.with_fallback(run, mode, "rev", "fwd", where)
@@ -240,7 +240,8 @@ def jacobian(
       method: ``"auto"`` (the planner), ``"dense"`` (basis vectors; ``mode="auto"``
         picks forward when the input size is <= the output size), ``"structured"``
         (one sweep carrying identity, diagonal, selection and dense Jacobians,
-        see the README; no ``chunk_size`` or ``mesh``) or ``"compressed"``
+        see the README; ``chunk_size`` bounds its columns or rows per step; no
+        ``mesh``) or ``"compressed"``
         (the sparse engine's colouring, dense output).
       has_aux: ``fun`` returns ``(output, aux)``; the result is ``(jac, aux)``.
       holomorphic: ``fun`` is holomorphic in complex inputs.

@@ -201,3 +201,29 @@ def join_outputs(gs, avals) -> Sel:
         for g, a in zip(gs, avals, strict=True)
     ])
     return Sel(idx, scale)
+
+
+def collect(mat: jax.Array, idx: np.ndarray, other: int, axis: int) -> jax.Array:
+    """Sum the lines of ``mat`` along ``axis`` into ``other`` lines: line ``j`` goes to ``idx[j]`` (``-1``: dropped).
+
+    The identity is ``mat`` itself, and a chunk's seed (``idx = j mod other``)
+    a slice-and-add of the chunk-sized blocks; anything else a scatter.
+    """
+    s = idx.size
+    if s == other and np.array_equal(idx, np.arange(s)):
+        return mat
+    if -(-s // other) <= 64 and np.array_equal(idx, np.arange(s) % other):
+        # Blocks of `other` lines; the masked seed left one of them nonzero, the sum keeps it.
+        out = None
+        for start in range(0, s, other):
+            block = jax.lax.slice_in_dim(mat, start, min(start + other, s), axis=axis)
+            if block.shape[axis] < other:
+                pad = [(0, 0), (0, 0)]
+                pad[axis] = (0, other - block.shape[axis])
+                block = jnp.pad(block, pad)
+            out = block if out is None else out + block
+        return out
+    safe = np.where(idx < 0, other, idx)
+    if axis == 0:
+        return jnp.zeros((other, mat.shape[1]), mat.dtype).at[safe].add(mat, mode="drop")
+    return jnp.zeros((other, mat.shape[0]), mat.dtype).at[safe].add(mat.T, mode="drop").T

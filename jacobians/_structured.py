@@ -296,13 +296,7 @@ def _fw_dot(lat, eqn, ins):
             # y = M b: J_y = M J_b, and J_b = diag(scale) P selects (scaled) columns of M.
             if j.scale is not None:
                 mat = mat * j.scale.reshape(-1).astype(mat.dtype)[None, :]
-            if j.is_identity(lat.n):
-                term = mat.reshape(out.shape + (lat.n,))
-            else:
-                idx = j.idx.reshape(-1)
-                safe = np.where(idx < 0, lat.n, idx)
-                term = jnp.zeros((mat.shape[0], lat.n), mat.dtype).at[:, safe].add(mat, mode="drop")
-                term = term.reshape(out.shape + (lat.n,))
+            term = st.collect(mat, j.idx.reshape(-1), lat.n, axis=1).reshape(out.shape + (lat.n,))
         total = st.add(total, term, out.shape, lat.n, True, out.dtype)
     return [total]
 
@@ -431,12 +425,7 @@ def _rv_dot(lat, eqn, ins, gs):
         if g.scale is not None:
             mat = mat * g.scale.reshape(-1).astype(mat.dtype)[:, None]
         shape = eqn.invars[k].aval.shape
-        if g.is_identity(lat.n):
-            a = mat.reshape((lat.n,) + shape)
-        else:
-            idx = g.idx.reshape(-1)
-            safe = np.where(idx < 0, lat.n, idx)
-            a = jnp.zeros((lat.n, mat.shape[1]), mat.dtype).at[safe].add(mat, mode="drop").reshape((lat.n,) + shape)
+        a = st.collect(mat, g.idx.reshape(-1), lat.n, axis=0).reshape((lat.n,) + shape)
         res[k] = a.astype(eqn.invars[k].aval.dtype)
     del out
     return res
@@ -477,7 +466,7 @@ def _install(lat):
     lat.rules = {name: (lambda lat_, eqn, ins: lat_.rule(eqn, ins)) for name in _CONTROL}
 
 
-def jacobian(flat, x: jax.Array, sweep: str, log: list | None = None) -> tuple[jax.Array, jax.Array, object]:
+def jacobian(flat, x: jax.Array, sweep: str, log: list | None = None, chunk_size: int | None = None):
     """The Jacobian of a flat map by one structured sweep.
 
     Args:
@@ -486,6 +475,8 @@ def jacobian(flat, x: jax.Array, sweep: str, log: list | None = None) -> tuple[j
       sweep: ``"fwd"`` (Jacobians from the input) or ``"rev"`` (adjoints from the output).
       log: if given, extended with ``(primitive, family, kinds)`` per rule applied
         (kinds: ``"zero"``, ``"selection"`` or ``"dense"`` per result), in sweep order.
+      chunk_size: at most this many columns (forward) or rows (reverse) at a
+        time, in a loop; ``None``: all at once.
 
     Returns:
       ``(y, jac, aux)`` with ``jac`` of shape ``(m, n)``, as :func:`jacobians.kernels.forward`.
@@ -493,31 +484,59 @@ def jacobian(flat, x: jax.Array, sweep: str, log: list | None = None) -> tuple[j
     closed, shapes = jax.make_jaxpr(flat, return_shape=True)(x)
     aux_tree = jax.tree_util.tree_structure(shapes[1])
     n, m = x.shape[0], shapes[0].shape[0]
+    dtype = shapes[0].dtype
+    total = n if sweep == "fwd" else m
+    if chunk_size is None or chunk_size >= total:
+        outs, jac = _sweep(closed, x, sweep, n, m, total, None, log)
+        aux = jax.tree_util.tree_unflatten(aux_tree, [jnp.asarray(o.primal) for o in outs[1:]])
+        return jnp.asarray(outs[0].primal), jac.astype(dtype), aux
+    # Chunk c seeds the selection idx = j mod k scaled by the mask of [c k, c k + k): the idx
+    # stay static (one trace in a loop) and each chunk yields k columns (rows) of the result.
+    k = chunk_size
+    chunks = -(-total // k)
+    labels = np.arange(total)
+
+    def body(c, out):
+        lo = c * k
+        mask = ((labels >= lo) & (labels < lo + k)).astype(x.dtype if sweep == "fwd" else dtype)
+        _, part = _sweep(closed, x, sweep, n, m, k, st.Sel(labels % k, mask), None)
+        return jax.lax.dynamic_update_slice_in_dim(out, part.astype(dtype), lo, axis=1 if sweep == "fwd" else 0)
+
+    shape = (m, chunks * k) if sweep == "fwd" else (chunks * k, n)
+    jac = jax.lax.fori_loop(0, chunks, body, jnp.zeros(shape, dtype))
+    jac = jac[:, :n] if sweep == "fwd" else jac[:m]
+    y, aux = flat(x)
+    return y, jac, aux
+
+
+def _sweep(closed, x, sweep, n, m, other, seed, log):
+    """One sweep with ``seed`` (``None``: the identity) on the input (forward) or output (reverse) side.
+
+    Returns the walker's outputs and the ``(m, other)`` (forward) or ``(other, n)`` (reverse) result.
+    """
     if sweep == "fwd":
-        lat = _Forward(n)
+        lat = _Forward(other)
         _install(lat)
-        outs = Walker(lat).run(closed, [SV(x, st.identity((n,)))])
-        y = outs[0]
-        jac = st.densify(y.jac, (m,), n, True, shapes[0].dtype)
+        outs = Walker(lat).run(closed, [SV(x, seed or st.identity((n,)))])
+        jac = st.densify(outs[0].jac, (m,), other, True, outs[0].primal.dtype)
     else:
-        lat = _Tape(m)
+        lat = _Tape(other)
         _install(lat)
         x_sv = SV(x, True)
         outs = Walker(lat).run(closed, [x_sv])
-        y = outs[0]
-        adj = _backward(lat, y, x_sv, m)
-        jac = st.densify(adj, (n,), m, False, x.dtype)
+        adj = _backward(lat, outs[0], x_sv, seed or st.identity((m,)))
+        jac = st.densify(adj, (n,), other, False, x.dtype)
     if log is not None:
         log.extend(lat.log)
-    aux = jax.tree_util.tree_unflatten(aux_tree, [jnp.asarray(o.primal) for o in outs[1:]])
-    return jnp.asarray(y.primal), jac.astype(shapes[0].dtype), aux
+    return outs, jac
 
 
-def _backward(lat: _Tape, y: SV, x: SV, m: int):
-    """Accumulate adjoints ``dy/dv`` over the tape, from ``y`` (the identity) back to ``x``."""
+def _backward(lat: _Tape, y: SV, x: SV, seed: st.Sel):
+    """Accumulate adjoints ``dy/dv`` over the tape, from ``y`` (``seed``: the identity, or a chunk) back to ``x``."""
     if y.jac is None:
         return None
-    adj = {id(y): st.identity((m,))}
+    m = lat.n
+    adj = {id(y): seed}
     for eqn, ins, outs in reversed(lat.tape):
         gs = [adj.pop(id(o), None) for o in outs]
         if all(g is None for g in gs):
