@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _mesh, kernels
+from . import _args, _deps, _mesh, _planner, _structured, kernels
 from ._walker import Walker
 
 
@@ -181,19 +181,41 @@ def _compute(t, spec, opts, *traced):
         return per_example(y).sum(axis=0), aux
 
     def run(mode):
+        if mode.startswith("structured"):  # the same batch-sum maps, one structured sweep each
+            if mode.endswith("fwd"):
+                _, jac, aux = _structured.jacobian(shifted, jnp.zeros(n, x_dtype), "fwd")
+                return jac.reshape(batch, m, n), aux
+            xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
+            _, jac, aux = _structured.jacobian(summed, xflat, "rev")
+            return _rev_blocks(jac), aux
         if mode == "fwd":
             _, jac, aux = kernels.forward(shifted, jnp.zeros(n, x_dtype), opts["chunk_size"])
             return jac.reshape(batch, m, n), aux
         xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
         _, jac, aux = kernels.reverse(summed, xflat, opts["chunk_size"])  # (m, B * n) in leaf blocks
+        return _rev_blocks(jac), aux
+
+    def _rev_blocks(jac):
         blocks, o = [], 0
         for x, k in zip(fronts, feats, strict=True):
             blocks.append(jac[:, o : o + batch * k].reshape(m, batch, k))
             o += batch * k
-        return jnp.transpose(jnp.concatenate(blocks, axis=2), (1, 0, 2)), aux
+        return jnp.transpose(jnp.concatenate(blocks, axis=2), (1, 0, 2))
 
     preferred = opts["mode"] if opts["mode"] != "auto" else ("fwd" if n <= m else "rev")
-    if opts["mode"] == "auto":
+    if opts["mode"] == "auto" and opts["chunk_size"] is None and (shards is None or shards.count <= 1):
+        # The planner's choice between the dense batch-sum passes and the structured sweeps.
+        closed = jax.make_jaxpr(lambda v: shifted(v)[0])(jnp.zeros(n, x_dtype))
+        xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
+
+        def structured(sweep):
+            if sweep == "fwd":
+                return jax.make_jaxpr(lambda v: _structured.jacobian(shifted, v, "fwd")[1])(jnp.zeros(n, x_dtype))
+            return jax.make_jaxpr(lambda v: _structured.jacobian(summed, v, "rev")[1])(xflat)
+
+        plan = _planner.choose(closed, n, m, None, None, structured)
+        preferred = f"structured {plan.mode}" if plan.method == "structured" else plan.mode
+    if opts["mode"] == "auto" and not preferred.startswith("structured"):
         jac, aux = _args.with_fallback(run, preferred, "rev", "fwd", where)
     else:
         jac, aux = run(preferred)

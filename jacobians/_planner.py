@@ -92,7 +92,8 @@ def choose(closed, n: int, m: int, detect, color, structured=None, only_structur
 
     Args:
       closed: the flat map's closed jaxpr.
-      detect: ``detect(max_nnz) -> SparsePlan-like pattern`` (raises ``TooDense``).
+      detect: ``detect(max_nnz) -> SparsePlan-like pattern`` (raises ``TooDense``); ``None``:
+        no compressed candidate.
       color: ``color(pattern, mode) -> SparsePlan`` for a forced or free direction.
       structured: ``structured(sweep) -> closed jaxpr`` of that structured
         sweep's program (``None``: not a candidate; raising: that sweep does not apply).
@@ -152,7 +153,7 @@ def _choose_unstructured(closed, n: int, m: int, detect, color, skip: bool = Fal
     reason = f"one pass ~ {f:.3g} FLOPs"
     budget = min(int(DENSITY_BUDGET * n * m), NNZ_CAP)
     plan = None
-    if n * m > 0 and min(n, m) > 2:
+    if detect is not None and n * m > 0 and min(n, m) > 2:
         try:
             pattern = detect(budget)
             plan = color(pattern, forced or "auto")

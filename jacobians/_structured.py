@@ -185,6 +185,108 @@ def _dot_matrix(eqn, k: int, ins) -> jax.Array | None:
     return mat.astype(out.dtype)
 
 
+def _dot_axes(eqn, k: int):
+    """Operand ``k`` (``b``) and the other (``a``) of a ``dot_general`` without batch axes, split into
+    free and contracted axes (contracted axes paired in order): ``(af, ac, bf, bc)``, or ``None``."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if lb or rb:
+        return None
+    bc, ac = (list(lc), list(rc)) if k == 0 else (list(rc), list(lc))
+    a_nd, b_nd = len(eqn.invars[1 - k].aval.shape), len(eqn.invars[k].aval.shape)
+    return [d for d in range(a_nd) if d not in ac], ac, [d for d in range(b_nd) if d not in bc], bc
+
+
+def _row_inverse(idx: np.ndarray, other: int) -> np.ndarray | None:
+    """``inv[r, c] = j`` where ``idx[r, j] == c`` (``-1``: none); ``None`` if a row repeats a ``c``."""
+    r, j = np.nonzero(idx >= 0)
+    c = idx[r, j]
+    keys = r * other + c
+    if np.unique(keys).size != keys.size:
+        return None
+    inv = np.full((idx.shape[0], other), -1, np.int64)
+    inv[r, c] = j
+    return inv
+
+
+def _take_lines(mat: jax.Array, inv: np.ndarray, axis: int) -> jax.Array:
+    """``mat``'s lines along ``axis`` at ``inv`` (a 1-D host array; ``-1``: a zero line)."""
+    if inv.size == mat.shape[axis] and np.array_equal(inv, np.arange(inv.size)):
+        return mat
+    has = inv >= 0
+    out = jnp.take(mat, jnp.asarray(np.where(has, inv, 0)), axis=axis)
+    if has.all():
+        return out
+    mask = jnp.asarray(has).astype(mat.dtype)
+    return out * (mask[None, :] if axis == 1 else mask[:, None])
+
+
+def _fw_dot_free(lat, eqn, k: int, ins):
+    """Forward, operand ``k`` a selection with free axes: ``J[a, fb, c] = A[a, inv[fb, c]] scale[fb, inv[fb, c]]``.
+
+    The product of a dense layer with per-example selections (``I (x) A``) needs no
+    product: ``A``'s columns, gathered once per distinct row of the selection and scaled.
+    """
+    axes = _dot_axes(eqn, k)
+    if axes is None:
+        return None
+    af, ac, bf, bc = axes
+    j = ins[k].jac
+    b_shape, a_shape = eqn.invars[k].aval.shape, eqn.invars[1 - k].aval.shape
+    FB, K = math.prod(b_shape[d] for d in bf), math.prod(b_shape[d] for d in bc)
+    FA = math.prod(a_shape[d] for d in af)
+    inv = _row_inverse(np.transpose(j.idx, bf + bc).reshape(FB, K), lat.n)
+    if inv is None:
+        return None
+    out = eqn.outvars[0].aval
+    A = jnp.transpose(jnp.asarray(ins[1 - k].primal), af + ac).reshape(FA, K).astype(out.dtype)
+    has = inv >= 0
+    if (inv == inv[0]).all():  # the same selection for every free position: one gather, broadcast
+        term = jnp.broadcast_to(_take_lines(A, inv[0], axis=1)[:, None, :], (FA, FB, lat.n))
+    else:
+        term = jnp.take(A, jnp.asarray(np.where(has, inv, 0).reshape(-1)), axis=1).reshape(FA, FB, lat.n)
+        term = term * jnp.asarray(has).astype(out.dtype)[None]
+    if j.scale is not None:
+        scale = jnp.transpose(j.scale, bf + bc).reshape(FB, K).astype(out.dtype)
+        term = term * jnp.take_along_axis(scale, jnp.asarray(np.where(has, inv, 0)), axis=1)[None]
+    if k == 0:  # the result's axes: lhs free, then rhs free
+        term = jnp.transpose(term, (1, 0, 2))
+    return term.reshape(out.shape + (lat.n,))
+
+
+def _rv_dot_free(lat, eqn, k: int, ins, g: st.Sel):
+    """Reverse, operand ``k`` with free axes: ``G[r, fb, j] = A[inv[fb, r], j] scale_y[fb, inv[fb, r]]``."""
+    axes = _dot_axes(eqn, k)
+    if axes is None:
+        return None
+    af, ac, bf, bc = axes
+    b_shape, a_shape = eqn.invars[k].aval.shape, eqn.invars[1 - k].aval.shape
+    FB, K = math.prod(b_shape[d] for d in bf), math.prod(b_shape[d] for d in bc)
+    FA = math.prod(a_shape[d] for d in af)
+    # The output's selection, rows = free positions of b: (FB, FA).
+    idx = g.idx.reshape((FA, FB) if k == 1 else (FB, FA))
+    idx = idx.T if k == 1 else idx
+    inv = _row_inverse(idx, lat.n)
+    if inv is None:
+        return None
+    dtype = eqn.invars[k].aval.dtype
+    A = jnp.transpose(jnp.asarray(ins[1 - k].primal), af + ac).reshape(FA, K).astype(dtype)
+    has = inv >= 0
+    if (inv == inv[0]).all():
+        res = jnp.broadcast_to(_take_lines(A, inv[0], axis=0)[:, None, :], (lat.n, FB, K))
+    else:
+        res = jnp.take(A, jnp.asarray(np.where(has, inv, 0).T.reshape(-1)), axis=0).reshape(lat.n, FB, K)
+        res = res * jnp.asarray(has.T).astype(dtype)[:, :, None]
+    if g.scale is not None:
+        sc = g.scale.reshape((FA, FB) if k == 1 else (FB, FA))
+        sc = (sc.T if k == 1 else sc).astype(dtype)  # (FB, FA)
+        res = res * jnp.take_along_axis(sc, jnp.asarray(np.where(has, inv, 0)), axis=1).T[:, :, None]
+    # (other, free..., contracted...) back to b's axis order.
+    full = (lat.n,) + tuple(b_shape[d] for d in bf) + tuple(b_shape[d] for d in bc)
+    order = bf + bc
+    back = [0] + [1 + order.index(d) for d in range(len(b_shape))]
+    return jnp.transpose(res.reshape(full), back)
+
+
 # ------------------------------------------------------------------ forward sweep
 
 
@@ -289,7 +391,10 @@ def _fw_dot(lat, eqn, ins):
         if j is None:
             continue
         mat = _dot_matrix(eqn, k, ins) if isinstance(j, st.Sel) else None
-        if mat is None:  # dense: one product with the Jacobian's columns batched (the JVP, vmapped)
+        term = _fw_dot_free(lat, eqn, k, ins) if isinstance(j, st.Sel) and mat is None else None
+        if term is not None:
+            pass
+        elif mat is None:  # dense: one product with the Jacobian's columns batched (the JVP, vmapped)
             one = [SV(v.primal, v.jac if i == k else None) for i, v in enumerate(ins)]
             term = _fw_generic(lat, eqn, one)[0]
         else:
@@ -416,11 +521,16 @@ def _rv_reduce_sum(lat, eqn, ins, gs):
 def _rv_dot(lat, eqn, ins, gs):
     (g,) = gs
     out = eqn.outvars[0].aval
-    mats = {k: _dot_matrix(eqn, k, ins) for k in (0, 1) if ins[k].jac is not None}
-    if not isinstance(g, st.Sel) or any(m is None for m in mats.values()):
+    if not isinstance(g, st.Sel):
         return _rv_generic(lat, eqn, ins, gs)
+    mats = {k: _dot_matrix(eqn, k, ins) for k in (0, 1) if ins[k].jac is not None}
     res = [None, None]
     for k, mat in mats.items():
+        if mat is None:  # operand k keeps free axes: I (x) A, row by row
+            res[k] = _rv_dot_free(lat, eqn, k, ins, g)
+            if res[k] is None:
+                return _rv_generic(lat, eqn, ins, gs)
+            continue
         # G_b = G_y M, and G_y = P diag(scale) selects (scaled) rows of M.
         if g.scale is not None:
             mat = mat * g.scale.reshape(-1).astype(mat.dtype)[:, None]

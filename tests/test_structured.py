@@ -261,3 +261,26 @@ def test_chunked_sweeps(rng, sweep):
     for k in (1, 2, 3, 7):
         got = jacobians.jacobian(f, method="structured", mode=sweep, chunk_size=k)(x)
         np.testing.assert_allclose(got, ref, rtol=1e-12, err_msg=f"chunk_size={k}")
+
+
+@pytest.mark.parametrize("sweep", ["fwd", "rev"])
+def test_layers_with_free_axes_gather_instead_of_multiplying(rng, sweep):
+    # X (B, n) @ W^T: the operand keeps a free (batch) axis. Its Jacobian is I (x) W: W's columns
+    # (forward) or rows (reverse) gathered per example, no product with the identity.
+    W1, W2 = randn(rng, (5, 4)), randn(rng, (3, 5))
+    layouts = {
+        "batch_first": lambda X: jnp.tanh(jnp.tanh(X @ W1.T) @ W2.T),
+        "batch_last": lambda X: jnp.tanh(W2 @ jnp.tanh(W1 @ X.T)),
+        "einsum": lambda X: jnp.einsum("bi,ij->jb", X, W1.T) * X[:, :1].T,
+        "gram": lambda X: X.T @ X,
+    }
+    X = randn(rng, (6, 4))
+    for name, f in layouts.items():
+        got, ref = _sweeps(f, X, (sweep,))
+        np.testing.assert_allclose(got[sweep], ref, rtol=1e-12, atol=1e-12, err_msg=name)
+        assert "generic" not in [fam for _, fam, _ in _log(f, X, sweep)], name
+    # Per-example Jacobians (the batch-sum maps of batch_jacobian): the first layer is W1 broadcast
+    # over the batch, the only product is the second layer's.
+    f = layouts["batch_first"]
+    got = jacobians.batch_jacobian(f)(X)
+    np.testing.assert_allclose(got, jax.vmap(jax.jacfwd(lambda x: f(x[None])[0]))(X), rtol=1e-12)
