@@ -227,3 +227,31 @@ def collect(mat: jax.Array, idx: np.ndarray, other: int, axis: int) -> jax.Array
     if axis == 0:
         return jnp.zeros((other, mat.shape[1]), mat.dtype).at[safe].add(mat, mode="drop")
     return jnp.zeros((other, mat.shape[0]), mat.dtype).at[safe].add(mat.T, mode="drop").T
+
+
+def broadcast(a, shape, out):
+    """Forward: the Jacobian of ``v`` broadcast from ``shape`` to ``out`` (size-1 axes or a scalar)."""
+    if a is None or tuple(shape) == tuple(out):
+        return a
+    if isinstance(a, Sel):
+        idx = np.broadcast_to(a.idx, out)
+        return Sel(idx, None if a.scale is None else jnp.broadcast_to(a.scale, out))
+    return jnp.broadcast_to(a.reshape((1,) * (len(out) - len(shape)) + a.shape), tuple(out) + a.shape[-1:])
+
+
+def unbroadcast(g, out, shape, other: int):
+    """Reverse: the adjoint of ``v`` from that of its broadcast to ``out`` (a sum over the broadcast axes)."""
+    if g is None or tuple(shape) == tuple(out):
+        return g
+    size = math.prod(shape)
+    if isinstance(g, Sel):
+        pi = np.broadcast_to(np.arange(size).reshape(shape), out)
+        a = select_reverse(g, pi, 0, size, tuple(shape))
+        if isinstance(a, Sel):
+            return a
+        if isinstance(a, str):
+            return None
+        g = densify(g, out, other, False, g.scale.dtype if g.scale is not None else jnp.float32)
+    padded = (1,) * (len(out) - len(shape)) + tuple(shape)
+    axes = tuple(1 + d for d, (a, b) in enumerate(zip(padded, out, strict=True)) if a == 1 and b != 1)
+    return jnp.sum(g, axis=axes, keepdims=True).reshape((other,) + tuple(shape))

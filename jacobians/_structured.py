@@ -86,9 +86,11 @@ def _family(lat, eqn, ins) -> str:
     if name == "select_n" and lat.value(ins[0]) is not None:
         return "select"
     same_shape = out is not None and all(eqn.invars[i].aval.shape == out.shape for i in active)
-    if name in LINEAR and same_shape:
+    # Element-wise primitives broadcast size-1 axes (and scalars) of their operands.
+    broadcasts = out is not None and all(_broadcastable(eqn.invars[i].aval.shape, out.shape) for i in active)
+    if name in LINEAR and broadcasts:
         return "linear"
-    if name in ELEMENTWISE and same_shape:
+    if name in ELEMENTWISE and broadcasts:
         return "elementwise"
     if name == "custom_jvp_call" and same_shape and len(active) == 1 and _diagonal_rule(lat, eqn):
         return "elementwise"
@@ -99,6 +101,10 @@ def _family(lat, eqn, ins) -> str:
     if name == "dot_general":
         return "dot"
     return "generic"
+
+
+def _broadcastable(shape, out) -> bool:
+    return len(shape) == 0 or (len(shape) == len(out) and all(a in (1, b) for a, b in zip(shape, out, strict=True)))
 
 
 def _diagonal_rule(lat, eqn) -> bool:
@@ -355,10 +361,10 @@ def _fw_linear(lat, eqn, ins):
     out = eqn.outvars[0].aval
     signs = LINEAR[eqn.primitive.name]
     total = None
-    for v, s in zip(ins, signs, strict=False):
+    for v, s, var in zip(ins, signs, eqn.invars, strict=False):
         if v.jac is not None:
-            total = st.add(total, st.cast(st.scale(v.jac, s, True, out.dtype), out.dtype), out.shape, lat.n, True,
-                           out.dtype)
+            j = st.broadcast(st.cast(st.scale(v.jac, s, True, out.dtype), out.dtype), var.aval.shape, out.shape)
+            total = st.add(total, j, out.shape, lat.n, True, out.dtype)
     return [total]
 
 
@@ -367,8 +373,8 @@ def _fw_elementwise(lat, eqn, ins):
     active = [i for i, v in enumerate(ins) if v.jac is not None]
     total = None
     for i, d in zip(active, _partials(eqn, ins, active), strict=True):
-        total = st.add(total, st.scale(st.cast(ins[i].jac, out.dtype), d, True, out.dtype), out.shape, lat.n, True,
-                       out.dtype)
+        j = st.broadcast(st.cast(ins[i].jac, out.dtype), eqn.invars[i].aval.shape, out.shape)
+        total = st.add(total, st.scale(j, d, True, out.dtype), out.shape, lat.n, True, out.dtype)
     return [total]
 
 
@@ -468,8 +474,13 @@ def _rv_linear(lat, eqn, ins, gs):
     (g,) = gs
     signs = LINEAR[eqn.primitive.name]
     res = []
+    out = eqn.outvars[0].aval
     for v, s, var in zip(ins, signs, eqn.invars, strict=False):
-        res.append(st.cast(st.scale(g, s, False, var.aval.dtype), var.aval.dtype) if v.jac is not None else None)
+        a = None
+        if v.jac is not None:
+            a = st.unbroadcast(st.scale(g, s, False, out.dtype), out.shape, var.aval.shape, lat.n)
+            a = st.cast(a, var.aval.dtype)
+        res.append(a)
     return res + [None] * (len(ins) - len(res))
 
 
@@ -477,9 +488,10 @@ def _rv_elementwise(lat, eqn, ins, gs):
     (g,) = gs
     active = [i for i, v in enumerate(ins) if v.jac is not None]
     res = [None] * len(ins)
+    out = eqn.outvars[0].aval
     for i, d in zip(active, _partials(eqn, ins, active), strict=True):
-        dtype = eqn.invars[i].aval.dtype
-        res[i] = st.cast(st.scale(g, d, False, d.dtype), dtype)
+        var = eqn.invars[i].aval
+        res[i] = st.cast(st.unbroadcast(st.scale(g, d, False, d.dtype), out.shape, var.shape, lat.n), var.dtype)
     return res
 
 

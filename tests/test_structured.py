@@ -73,6 +73,7 @@ BINARY = {
     "outer": lambda a, b: (a.reshape(-1)[:, None] * b.reshape(-1)[None, :]).sum(0).reshape(a.shape),
     "concat": lambda a, b: jnp.concatenate([a, b], axis=-1)[..., 1 : 1 + a.shape[-1]],
     "where": lambda a, b: jnp.where(a > 0, a, b),
+    "bcast": lambda a, b: a * b[..., :1] - b[..., -1:],  # size-1 axes broadcast inside mul and sub
 }
 
 
