@@ -81,8 +81,8 @@ def _family(lat, eqn, ins) -> str:
     name = eqn.primitive.name
     active = [i for i, v in enumerate(ins) if v.jac is not None]
     out = eqn.outvars[0].aval if len(eqn.outvars) == 1 else None
-    if name in ZERO:
-        return "zero"
+    if name in ZERO or not any(_inexact(v.aval) for v in eqn.outvars):
+        return "zero"  # zero derivative, or integer results (argmax, iota arithmetic)
     if name == "select_n" and lat.value(ins[0]) is not None:
         return "select"
     same_shape = out is not None and all(eqn.invars[i].aval.shape == out.shape for i in active)
@@ -126,8 +126,8 @@ def _diagonal_rule(lat, eqn) -> bool:
     return ok
 
 
-def _partials(eqn, ins, active) -> list:
-    """The diagonal partial derivative of an elementwise ``eqn`` in each active operand (one JVP of ones each)."""
+def _as_function(eqn, ins, active: list, outputs: list):
+    """``eqn`` as a function of its ``active`` operands (the others fixed) returning ``outputs``; and their values."""
     primals = [v.primal for v in ins]
 
     def f(*vals):
@@ -135,10 +135,16 @@ def _partials(eqn, ins, active) -> list:
         for i, v in zip(active, vals, strict=True):
             a[i] = v
         out = bind(eqn, a)
-        return out[0] if eqn.primitive.multiple_results else out
+        out = list(out) if eqn.primitive.multiple_results else [out]
+        return [out[k] for k in outputs]
 
-    vary = [jnp.asarray(primals[i]) for i in active]
-    return [jax.jvp(f, vary, [jnp.ones_like(v) if i == k else jnp.zeros_like(v) for i, v in zip(active, vary)])[1]
+    return f, [jnp.asarray(primals[i]) for i in active]
+
+
+def _partials(eqn, ins, active) -> list:
+    """The diagonal partial derivative of an elementwise ``eqn`` in each active operand (one JVP of ones each)."""
+    f, vary = _as_function(eqn, ins, active, [0])
+    return [jax.jvp(f, vary, [jnp.ones_like(v) if i == k else jnp.zeros_like(v) for i, v in zip(active, vary)])[1][0]
             for k in active]
 
 
@@ -415,18 +421,8 @@ def _fw_dot(lat, eqn, ins):
 def _fw_generic(lat, eqn, ins):
     """The primitive's own JVP over the densified Jacobian's columns (``jax.jacfwd`` for this equation)."""
     active = [i for i, v in enumerate(ins) if v.jac is not None]
-    primals = [v.primal for v in ins]
     diff_out = [k for k, v in enumerate(eqn.outvars) if _inexact(v.aval)]
-
-    def f(*vals):
-        a = list(primals)
-        for i, v in zip(active, vals, strict=True):
-            a[i] = v
-        out = bind(eqn, a)
-        out = list(out) if eqn.primitive.multiple_results else [out]
-        return [out[k] for k in diff_out]
-
-    vary = [jnp.asarray(primals[i]) for i in active]
+    f, vary = _as_function(eqn, ins, active, diff_out)
     dense = [st.densify(ins[i].jac, eqn.invars[i].aval.shape, lat.n, True, vary[j].dtype) for j, i in enumerate(active)]
     tangents = jax.vmap(lambda *ts: jax.jvp(f, vary, list(ts))[1], in_axes=-1, out_axes=-1)(*dense)
     jacs = [None] * len(eqn.outvars)
@@ -532,7 +528,6 @@ def _rv_reduce_sum(lat, eqn, ins, gs):
 
 def _rv_dot(lat, eqn, ins, gs):
     (g,) = gs
-    out = eqn.outvars[0].aval
     if not isinstance(g, st.Sel):
         return _rv_generic(lat, eqn, ins, gs)
     mats = {k: _dot_matrix(eqn, k, ins) for k in (0, 1) if ins[k].jac is not None}
@@ -549,25 +544,14 @@ def _rv_dot(lat, eqn, ins, gs):
         shape = eqn.invars[k].aval.shape
         a = st.collect(mat, g.idx.reshape(-1), lat.n, axis=0).reshape((lat.n,) + shape)
         res[k] = a.astype(eqn.invars[k].aval.dtype)
-    del out
     return res
 
 
 def _rv_generic(lat, eqn, ins, gs):
     """The primitive's own VJP over the densified adjoint's rows (``jax.jacrev`` for this equation)."""
     active = [i for i, v in enumerate(ins) if v.jac is not None]
-    primals = [v.primal for v in ins]
     diff_out = [k for k, v in enumerate(eqn.outvars) if _inexact(v.aval)]
-
-    def f(*vals):
-        a = list(primals)
-        for i, v in zip(active, vals, strict=True):
-            a[i] = v
-        out = bind(eqn, a)
-        out = list(out) if eqn.primitive.multiple_results else [out]
-        return [out[k] for k in diff_out]
-
-    vary = [jnp.asarray(primals[i]) for i in active]
+    f, vary = _as_function(eqn, ins, active, diff_out)
     _, pull = jax.vjp(f, *vary)
     cts = [st.densify(gs[k], eqn.outvars[k].aval.shape, lat.n, False, eqn.outvars[k].aval.dtype) for k in diff_out]
     grads = jax.vmap(lambda *c: pull(list(c)))(*cts)

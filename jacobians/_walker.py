@@ -19,7 +19,11 @@ dispatched by ``eqn.primitive.name``. The walker supplies everything else, once:
   silently shift the rows of a pattern.
 
 Everything runs on the host under ``jax.ensure_compile_time_eval``, so an
-analysis works whatever JAX trace is active (inside a user's ``jit``).
+analysis works whatever JAX trace is active (inside a user's ``jit``). A
+*staged* lattice (``Lattice.staged``, the structured sweeps) carries traced
+values instead: then only folding runs on the host, closed-over tracers reach
+the lattice through :meth:`Lattice.const`, and equations that carry nothing
+still go to :meth:`Lattice.skip` (which computes their values).
 """
 
 import math
