@@ -116,6 +116,9 @@ def _dense_impls(
     if modes == "always" or (modes and not LITE):  # each mode against the raw JAX call of the same mode
         w.impls["jacobians[fwd]"] = Impl(jacobians.jacobian(f, mode="fwd"))
         w.impls["jacobians[rev]"] = Impl(jacobians.jacobian(f, mode="rev"))
+        if not LITE:  # both structured sweeps, whichever the planner chose
+            for sweep in ("fwd", "rev"):
+                w.impls[f"jacobians[structured {sweep}]"] = Impl(jacobians.jacobian(f, method="structured", mode=sweep))
     w.impls["jax.jacfwd"] = Impl(jax.jit(jax.jacfwd(f)))
     w.impls["jax.jacrev"] = Impl(jax.jit(jax.jacrev(f)))
     _torch_impls(w, torch_f)

@@ -53,6 +53,13 @@ LINEAR = {"add": (1, 1), "add_any": (1, 1), "sub": (1, -1), "neg": (-1,), "copy"
           "convert_element_type": (1,)}
 ELEMENTWISE = (set(_elementwise.NAMES) - set(LINEAR) - {"real", "imag", "complex", "conj", "optimization_barrier"}
                ) | {"mul", "integer_pow", "pow", "select_n", "logistic"}
+# Complex-differentiable element-wise primitives: on complex values their derivative is
+# multiplication by a complex number, which the diagonal structure assumes. Others (abs,
+# max, a complex-to-real conversion) are only real-linear there: generic rule.
+HOLOMORPHIC = set(
+    "neg sin cos tan sinh cosh tanh asin acos atan asinh acosh atanh exp exp2 log log1p expm1 sqrt rsqrt "
+    "square add add_any sub mul div integer_pow pow logistic select_n copy copy_p".split()
+)
 SELECT = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice", "dynamic_slice",
           "dynamic_update_slice", "gather", "rev", "concatenate", "pad", "select_n", "split"}
 
@@ -88,6 +95,11 @@ def _family(lat, eqn, ins) -> str:
     same_shape = out is not None and all(eqn.invars[i].aval.shape == out.shape for i in active)
     # Element-wise primitives broadcast size-1 axes (and scalars) of their operands.
     broadcasts = out is not None and all(_broadcastable(eqn.invars[i].aval.shape, out.shape) for i in active)
+    pointwise = name in LINEAR or name in ELEMENTWISE or name == "custom_jvp_call"
+    if pointwise and any(_is_complex(v) for v in (*eqn.invars, *eqn.outvars)):
+        real_to_complex = name == "convert_element_type" and _is_complex(eqn.outvars[0])
+        if name not in HOLOMORPHIC and not real_to_complex:
+            return "generic"
     if name in LINEAR and broadcasts:
         return "linear"
     if name in ELEMENTWISE and broadcasts:
@@ -101,6 +113,10 @@ def _family(lat, eqn, ins) -> str:
     if name == "dot_general":
         return "dot"
     return "generic"
+
+
+def _is_complex(var) -> bool:
+    return jnp.issubdtype(var.aval.dtype, jnp.complexfloating)
 
 
 def _broadcastable(shape, out) -> bool:
