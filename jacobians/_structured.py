@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _host_eval
 from . import _structure as st
 from ._deps import _elementwise
 from ._deps._custom import _local as _custom_local
@@ -183,13 +184,17 @@ def _selection_map(lat, eqn, ins) -> tuple[list, list] | None:
             if value is None:
                 return None
             args.append(value)
-    try:
-        with jax.ensure_compile_time_eval():
-            out = bind(eqn, args)
-    except Exception:  # noqa: BLE001 - a primitive that will not take integer labels: generic rule
-        return None
+    # NumPy first (no XLA compilation per movement primitive), else the primitive itself.
+    outs = _host_eval.evaluate(eqn.primitive.name, eqn.params, args, [np.dtype(np.int32)] * len(eqn.outvars))
+    if outs is None:
+        try:
+            with jax.ensure_compile_time_eval():
+                out = bind(eqn, args)
+        except Exception:  # noqa: BLE001 - a primitive that will not take integer labels: generic rule
+            return None
+        outs = out if eqn.primitive.multiple_results else [out]
     pis = []
-    for o in (out if eqn.primitive.multiple_results else [out]):
+    for o in outs:
         pi = np.array(o, dtype=np.int64)
         pi -= 1  # in place: a 0-d array stays an array
         pi[(pi < 0) | (pi >= off)] = -1
@@ -199,18 +204,14 @@ def _selection_map(lat, eqn, ins) -> tuple[list, list] | None:
 
 def _dot_matrix(eqn, k: int, ins) -> jax.Array | None:
     """For ``y = dot_general`` with operand ``k`` fully contracted: ``dy/d(operand k)`` as ``(y.size, size_k)``."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    if lb or rb:
+    axes = _dot_axes(eqn, k)
+    if axes is None or axes[2]:  # batch axes, or operand k keeps free axes
         return None
-    b_aval, a_aval = eqn.invars[k].aval, eqn.invars[1 - k].aval
-    bc, ac = (list(lc), list(rc)) if k == 0 else (list(rc), list(lc))
-    if sorted(bc) != list(range(len(b_aval.shape))):
-        return None
-    a_free = [d for d in range(len(a_aval.shape)) if d not in ac]
-    perm = a_free + [ac[bc.index(d)] for d in range(len(b_aval.shape))]
+    af, ac, _, bc = axes
+    b_nd = len(eqn.invars[k].aval.shape)
     out = eqn.outvars[0].aval
-    mat = jnp.transpose(jnp.asarray(ins[1 - k].primal), perm).reshape(math.prod(out.shape), math.prod(b_aval.shape))
-    return mat.astype(out.dtype)
+    mat = jnp.transpose(jnp.asarray(ins[1 - k].primal), af + [ac[bc.index(d)] for d in range(b_nd)])
+    return mat.reshape(math.prod(out.shape), math.prod(eqn.invars[k].aval.shape)).astype(out.dtype)
 
 
 def _dot_axes(eqn, k: int):
