@@ -1,4 +1,6 @@
-"""One tree-aware allclose and a tolerance table keyed by dtype."""
+"""One tree-aware allclose, a tolerance table keyed by dtype, and compiled reference Jacobians."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,3 +28,17 @@ def assert_tree_allclose(actual, expected, **tol):
 def randn(rng, shape, dtype=jnp.float64):
     """Fresh standard-normal draws (never zeros), as a JAX array."""
     return jnp.asarray(rng.standard_normal(shape), dtype=dtype)
+
+
+@functools.cache
+def _compiled_reference(case):
+    return jax.jit(jax.jacfwd(case.fun) if case.fwd else jax.jacrev(case.fun))
+
+
+def reference(case, x):
+    """``case.reference(x)`` (JAX's dense Jacobian) under one ``jax.jit``: one compile per case.
+
+    Run eagerly, jacfwd/jacrev compile every primitive on its own (hundreds of small compiles
+    across the registry); the values are JAX's either way.
+    """
+    return _compiled_reference(case)(x)
