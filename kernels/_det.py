@@ -297,14 +297,15 @@ def _redo(a: jax.Array, sign: jax.Array, logabs: jax.Array, bad: Callable) -> tu
     """Replace the closed-form results marked by ``bad(logabs)`` by the LU's (:func:`_blocks`).
 
     Only blocks of ``W`` matrices that hold such a result are gathered and
-    factored, up to ``few`` blocks: a batch with a few singular matrices
-    costs one small LU. With more, the whole batch is factored at once (for
-    ``k <= 2`` always, by the elementwise :func:`_lu_small`). A
+    factored, ``few`` blocks per round: a batch with a few singular matrices
+    costs one small LU, one with many at most 16 rounds (about one LU of the
+    whole batch). One LU instance in the program keeps compile time under 2 s
+    (a second one, for the whole batch at once, cost ~0.9 s more at k = 3). A
     ``while_loop`` (of zero trips when nothing is bad) rather than a
-    ``lax.cond``, whose branches would copy the results.
+    ``lax.cond``, whose branches would copy the results. (``k <= 2`` goes
+    elementwise instead, see :func:`_stack`.)
     """
     B = a.shape[0]
-    small = a.shape[-1] <= 2
     W = min(32, B)
     nb = -(-B // W)
     few = min(nb, max(4, nb // 16))
@@ -324,16 +325,8 @@ def _redo(a: jax.Array, sign: jax.Array, logabs: jax.Array, bad: Callable) -> tu
         logabs = logabs.at[rows].set(jnp.where(take, new_logabs, logabs[inside]), mode="drop")
         return sign, logabs, done.at[first].set(True)
 
-    def everything(sign, logabs, done, redo):
-        new_sign, new_logabs = _lu_small(a) if small else _blocks(a)
-        take = jnp.pad(bad(logabs), (0, nb * W - B))[:B]
-        return jnp.where(take, new_sign, sign), jnp.where(take, new_logabs, logabs), jnp.ones_like(done)
-
     def round_(state):
-        redo = todo(state[1], state[2])
-        if small:  # the elementwise LU costs about two closed forms: no gathering
-            return everything(*state, redo)
-        return jax.lax.cond(jnp.sum(jnp.any(redo, axis=1)) <= few, gathered, everything, *state, redo)
+        return gathered(*state, todo(state[1], state[2]))
 
     done = jnp.zeros((nb,), bool)
     sign, logabs, _ = jax.lax.while_loop(lambda state: jnp.any(todo(state[1], state[2])), round_, (sign, logabs, done))
@@ -344,6 +337,17 @@ def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(sign, logabsdet)`` of ``a`` of shape ``(B, k, k)``, real floating, ``1 <= k <= _LOOP_MAX``."""
     if a.shape[-1] > _CLOSED_MAX:
         return _blocks(a)
+    if a.shape[-1] <= 2:
+        # The elementwise LU costs about two closed forms: take it, elementwise, only where the
+        # closed form may be inexact, and only when some result is (one test over the batch).
+        sign, logabs, bad = _closed(a)
+        redo = bad(logabs)
+
+        def fix(sign, logabs):
+            lu_sign, lu_logabs = _lu_small(a)
+            return jnp.where(redo, lu_sign, sign), jnp.where(redo, lu_logabs, logabs)
+
+        return jax.lax.cond(jnp.any(redo), fix, lambda s, la: (s, la), sign, logabs)
     return _redo(a, *_closed(a))
 
 
