@@ -6,9 +6,11 @@ pytrees and ``argnums`` tuples, block ``H[i][j]`` has shape
 ``x_i.shape + x_j.shape``, as ``jax.hessian`` gives). Modes name the outer
 and the inner differentiation: ``"fwd_rev"`` is forward over reverse
 (``jax.hessian``'s), ``"rev_rev"``, ``"rev_fwd"`` and ``"fwd_fwd"`` the others.
-``"auto"`` takes forward over reverse, and falls back to ``"rev_rev"`` where a
-``custom_vjp`` forbids forward mode and to ``"fwd_fwd"`` where a ``while_loop``
-forbids reverse mode.
+``"auto"`` takes the structured forward or reverse sweep through the gradient
+where the planner's cost model says it is cheaper (see ``_structured``), else
+forward over reverse, and falls back to ``"rev_rev"`` where a ``custom_vjp``
+forbids forward mode and to ``"fwd_fwd"`` where a ``while_loop`` forbids
+reverse mode.
 """
 
 import functools
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _mesh, kernels
+from . import _args, _mesh, _planner, _structured, kernels
 
 HESSIAN_MODES = ("fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd", "auto")
 
@@ -73,6 +75,20 @@ def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None):
         g, H, (value, aux) = kernel(_gradient(p, inner), p.x, chunk_size, shards)
         return H, g, value, aux
 
+    if mode == "auto" and chunk_size is None and shards is None and not jnp.iscomplexobj(p.x):
+        # The Jacobian of the gradient may be cheaper by a structured sweep (one sweep through
+        # the gradient's jaxpr instead of n JVPs): the planner's cost model decides.
+        grad = _gradient(p, "rev")
+        try:
+            closed = jax.make_jaxpr(lambda x: grad(x)[0])(p.x)
+        except Exception:  # noqa: BLE001 - no reverse-mode gradient (while_loop): the fallbacks below
+            closed = None
+        if closed is not None:
+            plan = _planner.choose(closed, p.n, p.n, None, None,
+                                   lambda sweep: jax.make_jaxpr(lambda x: _structured.jacobian(grad, x, sweep)[1])(p.x))
+            if plan.method == "structured":
+                g, H, (value, aux) = _structured.jacobian(grad, p.x, plan.mode)
+                return H, g, value, aux
     return _auto(run, where) if mode == "auto" else run(mode)
 
 
