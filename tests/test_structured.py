@@ -309,12 +309,12 @@ def test_complex_intermediates_of_real_maps(rng, sweep):
 def test_hessian_through_a_structured_sweep_of_the_gradient(rng):
     # hessian(mode="auto") differentiates the gradient's jaxpr by a structured sweep where the cost
     # model prefers it (MLP losses): the same Hessian as jax.hessian.
-    W1, W2 = randn(rng, (32, 32)) / 6, randn(rng, (32, 32)) / 6
+    W1, W2 = randn(rng, (128, 128)) / 11, randn(rng, (128, 128)) / 11
     loss = lambda x: jnp.sum(jnp.tanh(W2 @ jnp.tanh(W1 @ x)) ** 2)  # noqa: E731
-    x = randn(rng, (32,))
+    x = randn(rng, (128,))
     grad = lambda v: (jax.grad(loss)(v), None)  # noqa: E731
     assert "structured" in jacobians._planner.choose(
-        jax.make_jaxpr(lambda v: grad(v)[0])(x), 32, 32, None, None,
+        jax.make_jaxpr(lambda v: grad(v)[0])(x), 128, 128, None, None,
         lambda s: jax.make_jaxpr(lambda v: _structured.jacobian(grad, v, s)[1])(x),
     ).method
     np.testing.assert_allclose(jacobians.hessian(loss)(x), jax.hessian(loss)(x), rtol=1e-11, atol=1e-12)
