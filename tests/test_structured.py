@@ -259,7 +259,7 @@ def test_chunked_sweeps(rng, sweep):
     f = lambda x: jnp.tanh(W @ jnp.sin(x)) * jnp.sum(x)  # noqa: E731
     x = randn(rng, (5,))
     ref = jax.jacfwd(f)(x)
-    for k in (1, 2, 3, 7):
+    for k in (1, 3):  # one column at a time; chunks of 3 over 5 columns (a partial last chunk)
         got = jacobians.jacobian(f, method="structured", mode=sweep, chunk_size=k)(x)
         np.testing.assert_allclose(got, ref, rtol=1e-12, err_msg=f"chunk_size={k}")
 
