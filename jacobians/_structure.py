@@ -134,13 +134,20 @@ def scale(a, d, fwd: bool, dtype):
     return a * d[..., None] if fwd else a * d[None]
 
 
+def _to(x: jax.Array, dtype) -> jax.Array:
+    # Complex to real keeps the real part (the adjoint of a real-to-complex embedding), explicitly.
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        x = jnp.real(x)
+    return x.astype(dtype)
+
+
 def cast(a, dtype):
     """``a`` in another (floating) dtype."""
     if a is None:
         return None
     if isinstance(a, Sel):
-        return a if a.scale is None else Sel(a.idx, a.scale.astype(dtype))
-    return a.astype(dtype)
+        return a if a.scale is None else Sel(a.idx, _to(a.scale, dtype))
+    return _to(a, dtype)
 
 
 def select_forward(parts, pi: np.ndarray, dtype):

@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent(
             exec(code, env)
             continue
         value = eval(code, env)
-        head = re.split(r"\s{2,}", shown.strip())[0]
+        head = re.split(r" {2,}", shown.strip())[0]
         try:
             want = ast.literal_eval(head)
         except (ValueError, SyntaxError):
