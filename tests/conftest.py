@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 import zlib
 
 import jax
@@ -12,9 +14,39 @@ settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# One XLA compilation cache for this test run, shared by the xdist workers (the controller makes the
+# folder before it starts them; they inherit the variable) and removed when the run ends: a program
+# that another test, worker or fresh closure already compiled to the same HLO is loaded instead of
+# compiled again. Nothing is kept between runs. Subprocess tests do not use it.
+_CACHE_VAR = "JACOBIANS_TEST_COMPILATION_CACHE"
+_OWN_CACHE = _CACHE_VAR not in os.environ
+if _OWN_CACHE:
+    os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="jacobians-test-xla-cache-")
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ.pop(_CACHE_VAR), ignore_errors=True)
+
+
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+# Tests that start a fresh Python and JAX in a subprocess run first: the longest single tests, they
+# then overlap the rest of the run instead of ending it on one worker.
+_FIRST = ("tests/test_mesh.py::", "tests/test_bench.py::test_quick_run", "tests/test_docs.py::test_docstring")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        return next((i for i, prefix in enumerate(_FIRST) if item.nodeid.startswith(prefix)), len(_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture

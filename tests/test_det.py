@@ -1,9 +1,4 @@
-"""Jacobian determinants: the book's example, batches, singular cases, sharding."""
-
-import os
-import subprocess
-import sys
-import textwrap
+"""Jacobian determinants: the book's example, batches, singular cases (sharding: test_mesh.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -29,25 +24,29 @@ def test_book_example_5_61():
     np.testing.assert_allclose(jacobians.log_abs_det(f)(x), np.log(3.0), rtol=1e-14)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 40])
+# One size per regime of the kernel (1x1; closed form; unrolled LU; looped LU; jnp above 20); 2x2 goes
+# through the pipeline in test_book_example_5_61, and every size through the kernel below.
+@pytest.mark.parametrize("n", [1, 3, 5, 16, 40])
 def test_batched_matches_numpy_loop(rng, n):
     W = randn(rng, (n, n)) / np.sqrt(n)
     f = lambda x: jnp.tanh(W @ x) + x  # noqa: E731
     xs = randn(rng, (7, n))
     sign, logabs = jacobians.slogdet(f, batched=True)(xs)
     assert sign.shape == logabs.shape == (7,)
+    J = np.asarray(jax.jit(jax.vmap(jax.jacfwd(f)))(xs))  # JAX's Jacobians, NumPy's slogdet of each
     for i in range(7):
-        s, l = np.linalg.slogdet(np.asarray(jax.jacfwd(f)(xs[i])))
+        s, l = np.linalg.slogdet(J[i])
         assert sign[i] == s
         np.testing.assert_allclose(logabs[i], l, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(jacobians.det(f, batched=True)(xs), sign * np.exp(logabs), rtol=1e-12)
+    if n == 3:  # det's finish (sign * exp(logabs)) is the same at every size: one compile of it
+        np.testing.assert_allclose(jacobians.det(f, batched=True)(xs), sign * np.exp(logabs), rtol=1e-12)
 
 
 def test_float32(rng):
     xs = randn(rng, (9, 3), jnp.float32)
     got = jacobians.log_abs_det(flow3, batched=True)(xs)
     assert got.dtype == jnp.float32
-    ref = [np.linalg.slogdet(np.asarray(jax.jacfwd(flow3)(x), np.float64))[1] for x in np.asarray(xs, np.float64)]
+    ref = np.linalg.slogdet(np.asarray(jax.jit(jax.vmap(jax.jacfwd(flow3)))(xs.astype(jnp.float64))))[1]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -64,7 +63,8 @@ def test_matrix_valued_map(rng):
     )
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 6])
+# 1x1, a closed form, the unrolled LU (2x2 singular stacks: test_kernel_matches_references).
+@pytest.mark.parametrize("n", [1, 3, 6])
 def test_singular_gives_minus_inf(n):
     f = lambda x: x * jnp.arange(n, dtype=x.dtype)  # noqa: E731  (first entry has derivative 0)
     sign, logabs = jacobians.slogdet(f)(jnp.ones(n))
@@ -129,9 +129,13 @@ def _stack(rng, k, dtype):
     return mats, kinds, rs, rl
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 25, 32])  # every regime of the kernel
+# Every regime of the kernel, at its boundaries: closed forms (1, 2, 3, 4: each its own code), the
+# unrolled LU (5, 8), the looped LU (9: two groups of _GROUP=4 columns and a last group of one, as 13,
+# 17; 16: whole groups only, as 12, 20), jnp.linalg.slogdet above 20 (25). float32 for each closed form
+# and once per LU (at its smallest size: the cheapest compile).
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 9, 16, 25])
 def test_kernel_matches_references(rng, k):
-    for dtype in (np.float64, np.float32) if k in (1, 2, 3, 4, 5, 8, 16, 17) else (np.float64,):
+    for dtype in (np.float64, np.float32) if k in (1, 2, 3, 4, 5, 9) else (np.float64,):
         mats, kinds, rs, rl = _stack(rng, k, dtype)
         s, l = (np.asarray(v) for v in slogdet_jit(jnp.asarray(mats)))
         assert s.dtype == l.dtype == dtype
@@ -181,8 +185,9 @@ def test_kernel_mixed_batches_and_shapes(rng):
         rs, rl = np.linalg.slogdet(A)
         np.testing.assert_array_equal(s, rs)
         np.testing.assert_allclose(l, rl, rtol=1e-10)
+    # Batch shapes (2x2 matrices: the batch handling is the same for every k, and their compile is cheap).
     for shape in ((), (2, 5), (0,)):
-        A = randn(rng, shape + (3, 3))
+        A = randn(rng, shape + (2, 2))
         s, l = kernels.slogdet(A)
         assert s.shape == l.shape == shape
         if A.size:
@@ -190,7 +195,7 @@ def test_kernel_mixed_batches_and_shapes(rng):
     s, l = kernels.slogdet(jnp.ones((2, 0, 0)))  # det of a 0x0 matrix is 1
     np.testing.assert_array_equal(s, [1, 1])
     np.testing.assert_array_equal(l, [0, 0])
-    M = rng.integers(-3, 4, (5, 3, 3)) + 10 * np.eye(3, dtype=int)  # integers promote; invertible
+    M = rng.integers(-3, 4, (2, 5, 2, 2)) + 10 * np.eye(2, dtype=int)  # integers promote (same compile as above)
     np.testing.assert_allclose(kernels.slogdet(M)[1], np.linalg.slogdet(M)[1], rtol=1e-10)
     Z = jnp.asarray(rng.standard_normal((5, 3, 3)) + 1j * rng.standard_normal((5, 3, 3)))  # complex: jnp's
     np.testing.assert_allclose(kernels.slogdet(Z)[1], jnp.linalg.slogdet(Z)[1], rtol=1e-12)
@@ -216,7 +221,7 @@ def test_kernel_under_vmap(rng, k):
     assert s[1, 2] == 0 and l[1, 2] == -np.inf
 
 
-@pytest.mark.parametrize("k", [2, 3, 6, 13])
+@pytest.mark.parametrize("k", [1, 2, 3, 6])  # cofactors up to 3x3 (1, 2, 3 each their own), a solve above
 def test_kernel_gradient_equals_jnp(rng, k):
     A = randn(rng, (4, k, k))
 
@@ -259,25 +264,3 @@ def test_errors(rng):
     with pytest.raises(TypeError, match=r"dtype int"):
         jacobians.det(jnp.sin)(jnp.arange(3))
 
-
-def test_sharded_across_four_devices():
-    code = textwrap.dedent(
-        """
-        import jax, jax.numpy as jnp, numpy as np
-        jax.config.update("jax_enable_x64", True)
-        import jacobians
-        assert jax.device_count() == 4, jax.devices()
-        f = lambda x: jnp.stack([x[0] + jnp.sin(x[1]), x[1] * jnp.exp(0.1 * x[2]), x[2] + x[0] ** 2])
-        xs = jnp.asarray(np.random.default_rng(0).standard_normal((10, 3)))
-        sign, logabs = jacobians.slogdet(f, batched=True)(xs)
-        assert logabs.shape == (10,)
-        ref = [np.linalg.slogdet(np.asarray(jax.jacfwd(f)(x))) for x in xs]
-        np.testing.assert_array_equal(sign, [r[0] for r in ref])
-        np.testing.assert_allclose(logabs, [r[1] for r in ref], rtol=1e-12)
-        print("devices used:", len(jacobians.log_abs_det(f, batched=True)(xs).sharding.device_set))
-        """
-    )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "devices used: 4" in out.stdout

@@ -24,25 +24,41 @@ def close(a, b):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
 
 
+# The maps' Jacobians, built once with the maps' constants as (undifferentiated) arguments: examples of
+# the same shapes reuse one compiled function instead of compiling a fresh closure for every example.
+jac_linear = jacobians.jacobian(lambda x, A: A @ x)
+jac_linear_wrt_matrix = jacobians.jacobian(lambda A, x: A @ x)
+jac_bilinear = jacobians.jacobian(lambda X, a, b: a @ X @ b)
+jac_inner_right = jacobians.jacobian(lambda x, b: x @ b)
+jac_inner_left = jacobians.jacobian(lambda x, b: b @ x)
+jac_gram = jacobians.jacobian(lambda R: R.T @ R)
+jac_least_squares = jacobians.jacobian(lambda th, Phi, y: jnp.sum((y - Phi @ th) ** 2))
+jac_det = jacobians.jacobian(jnp.linalg.det)
+jac_inv = jacobians.jacobian(jnp.linalg.inv)
+jac_bilinear_inverse = jacobians.jacobian(lambda X, a, b: a @ jnp.linalg.inv(X) @ b)
+jac_quadratic = jacobians.jacobian(lambda x, B: x @ B @ x)
+jac_weighted = jacobians.jacobian(lambda s, xx, A, W: (xx - A @ s) @ W @ (xx - A @ s))
+
+
 @SETTINGS
 @given(M=dims, N=dims, seed=st.integers(0, 2**31))
 def test_linear_maps(M, N, seed):
     rng = np.random.default_rng(seed)
     A, x = randn(rng, (M, N)), randn(rng, (N,))
-    close(I.linear(A), jacobians.jacobian(lambda x: A @ x)(x))
-    close(I.linear_wrt_matrix(A, x), jacobians.jacobian(lambda A: A @ x)(A))
+    close(I.linear(A), jac_linear(x, A))
+    close(I.linear_wrt_matrix(A, x), jac_linear_wrt_matrix(A, x))
     a, b = randn(rng, (M,)), randn(rng, (N,))
     X = randn(rng, (M, N))
-    close(I.bilinear(a, b), jacobians.jacobian(lambda X: a @ X @ b)(X))
-    close(I.inner(b), jacobians.jacobian(lambda x: x @ b)(x))
-    close(I.inner(b), jacobians.jacobian(lambda x: b @ x)(x))
+    close(I.bilinear(a, b), jac_bilinear(X, a, b))
+    close(I.inner(b), jac_inner_right(x, b))
+    close(I.inner(b), jac_inner_left(x, b))
 
 
 @SETTINGS
 @given(M=dims, N=dims, seed=st.integers(0, 2**31))
 def test_gram(M, N, seed):
     R = randn(np.random.default_rng(seed), (M, N))
-    close(I.gram(R), jacobians.jacobian(lambda R: R.T @ R)(R))
+    close(I.gram(R), jac_gram(R))
 
 
 def test_gram_casewise_5_98(rng):
@@ -70,7 +86,7 @@ def test_gram_casewise_5_98(rng):
 def test_least_squares(N, D, seed):
     rng = np.random.default_rng(seed)
     Phi, y, th = randn(rng, (N, D)), randn(rng, (N,)), randn(rng, (D,))
-    close(I.least_squares(Phi, y, th), jacobians.jacobian(lambda th: jnp.sum((y - Phi @ th) ** 2))(th))
+    close(I.least_squares(Phi, y, th), jac_least_squares(th, Phi, y))
 
 
 @SETTINGS
@@ -79,9 +95,9 @@ def test_inverse_family(N, seed):
     rng = np.random.default_rng(seed)
     X = _well_conditioned(rng, N)
     a, b = randn(rng, (N,)), randn(rng, (N,))
-    close(I.det(X), jacobians.jacobian(jnp.linalg.det)(X))
-    close(I.inverse(X), jacobians.jacobian(jnp.linalg.inv)(X))
-    close(I.bilinear_inverse(a, X, b), jacobians.jacobian(lambda X: a @ jnp.linalg.inv(X) @ b)(X))
+    close(I.det(X), jac_det(X))
+    close(I.inverse(X), jac_inv(X))
+    close(I.bilinear_inverse(a, X, b), jac_bilinear_inverse(X, a, b))
 
 
 @SETTINGS
@@ -89,14 +105,11 @@ def test_inverse_family(N, seed):
 def test_quadratic_forms(N, S, seed):
     rng = np.random.default_rng(seed)
     B, x = randn(rng, (N, N)), randn(rng, (N,))
-    close(I.quadratic(B, x), jacobians.jacobian(lambda x: x @ B @ x)(x))
+    close(I.quadratic(B, x), jac_quadratic(x, B))
     A, s, xx = randn(rng, (N, S)), randn(rng, (S,)), randn(rng, (N,))
     W0 = randn(rng, (N, N))
     for W in (W0 + W0.T, W0):  # symmetric as in (5.108), and a general W
-        close(
-            I.weighted_least_squares(xx, A, s, W),
-            jacobians.jacobian(lambda s, W=W: (xx - A @ s) @ W @ (xx - A @ s))(s),
-        )
+        close(I.weighted_least_squares(xx, A, s, W), jac_weighted(s, xx, A, W))
     Ws = W0 + W0.T
     close(I.weighted_least_squares(xx, A, s, Ws), -2 * (xx - A @ s) @ Ws @ A)  # (5.108) verbatim
 
@@ -123,7 +136,7 @@ def test_det_gradient_at_singular_matrices(N, rank_drop, seed):
     got = I.det(X)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, _cofactors(X), rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(got, jacobians.jacobian(jnp.linalg.det)(X), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(got, jac_det(X), rtol=1e-8, atol=1e-10)
     if r <= N - 2:
         np.testing.assert_allclose(got, 0.0, atol=1e-10)  # rank <= N - 2: every cofactor vanishes
     Y = _well_conditioned(rng, N)  # and at invertible X, (5.101) itself
