@@ -19,7 +19,7 @@ def test_matches_vmap_of_single(mode, chunk, rng):
     W1, W2 = randn(rng, (5, 3)), randn(rng, (4, 5))
     f = _mlp(W1, W2)
     X = randn(rng, (6, 3))
-    want = jax.vmap(jax.jacfwd(lambda x: f(x[None])[0]))(X)
+    want = jax.jit(jax.vmap(jax.jacfwd(lambda x: f(x[None])[0])))(X)
     assert_tree_allclose(jacobians.batch_jacobian(f, mode=mode, chunk_size=chunk)(X), want)
     x32 = X.astype(jnp.float32)
     f32 = _mlp(W1.astype(jnp.float32), W2.astype(jnp.float32))
@@ -32,7 +32,7 @@ def test_pytrees_argnums_axes_aux(rng):
 
     P, X = {"s": randn(rng, (5, 4))}, randn(rng, (5, 4))
     J, aux = jacobians.batch_jacobian(g, argnums=(0, 1), has_aux=True)(P, X)
-    full = jax.jacfwd(lambda P, X: g(P, X)[0], argnums=(0, 1))(P, X)
+    full = jax.jit(jax.jacfwd(lambda P, X: g(P, X)[0], argnums=(0, 1)))(P, X)
     b = np.arange(5)
     assert_tree_allclose(J["a"][1], full["a"][1][b, :, b, :])
     assert_tree_allclose(J["a"][0]["s"], full["a"][0]["s"][b, :, b, :])
