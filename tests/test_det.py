@@ -69,7 +69,8 @@ def test_singular_gives_minus_inf(n):
     f = lambda x: x * jnp.arange(n, dtype=x.dtype)  # noqa: E731  (first entry has derivative 0)
     sign, logabs = jacobians.slogdet(f)(jnp.ones(n))
     assert sign == 0 and logabs == -np.inf
-    assert jacobians.det(f)(jnp.ones(n)) == 0
+    if n == 1:  # det's finish of (0, -inf) is the same at every size: one compile of it
+        assert jacobians.det(f)(jnp.ones(n)) == 0
     sign, logabs = jacobians.slogdet(lambda x: jnp.full(n, jnp.sum(x)))(jnp.ones(n))
     if n > 1:
         assert sign == 0 and logabs == -np.inf

@@ -20,7 +20,13 @@ DENSE = names("dense")
 ALL_MODES = set(names(exclude=("sparse",))) | {"custom_vjp", "while_shift", "scan_xs_per_step", "custom_jvp_and_jit"}
 AGREE = [(n, "auto", None) for n in sorted(CASES)]
 AGREE += [(n, m, None) for n in sorted(ALL_MODES) for m in ("fwd", "rev") if getattr(CASES[n], m)]
-AGREE += [(n, m, k) for n in DENSE for m in ("fwd", "rev") for k in (1, 3)]
+# Chunking (dense engine in both directions on every dense case) depends on the input and output shapes
+# only: chunks of 1 and 3 on one case of each kind (scalar input; scalar output; matrix input and output;
+# matrix output; 3 -> 7, 6 -> 2 and 5 -> 5, uneven chunks of 3). Chunk sizes 1..7 on one case:
+# test_chunk_sizes_all_agree.
+CHUNKED = ["from_scalar", "to_scalar", "matrix_to_matrix", "matrix_valued", "tall_tanh", "wide_tanh", "elementwise"]
+assert set(CHUNKED) <= set(DENSE)
+AGREE += [(n, m, k) for n in CHUNKED for m in ("fwd", "rev") for k in (1, 3)]
 
 
 @pytest.mark.parametrize("name, mode, chunk_size", AGREE)
