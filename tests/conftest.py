@@ -14,22 +14,18 @@ settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-# One XLA compilation cache for this test run, shared by the xdist workers (the controller makes the
-# folder before it starts them; they inherit the variable) and removed when the run ends: a program
-# that another test, worker or fresh closure already compiled to the same HLO is loaded instead of
-# compiled again. Nothing is kept between runs. Subprocess tests do not use it.
-_CACHE_VAR = "JACOBIANS_TEST_COMPILATION_CACHE"
-_OWN_CACHE = _CACHE_VAR not in os.environ
-if _OWN_CACHE:
-    os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="jacobians-test-xla-cache-")
-jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
+# One XLA compilation cache per test process (each xdist worker its own: JAX writes cache files without
+# a lock, so a shared folder could be read half-written), removed when the process ends: a program that
+# another test or a fresh closure already compiled to the same HLO is loaded instead of compiled again.
+# Nothing is kept between runs. Subprocess tests do not use it.
+_CACHE_DIR = tempfile.mkdtemp(prefix="jacobians-test-xla-cache-")
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def pytest_unconfigure(config):
-    if _OWN_CACHE:
-        shutil.rmtree(os.environ.pop(_CACHE_VAR), ignore_errors=True)
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 jax.config.update("jax_enable_x64", True)
