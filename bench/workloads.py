@@ -652,7 +652,9 @@ def arrowhead(n: int, dtype, rng) -> Workload:
     d = -np.sin(xn)
     d[0] += 2
     j = np.arange(1, n)
-    w = Workload(x, _sym_ref(n, np.r_[np.arange(n), np.zeros(n - 1, int), j], np.r_[np.arange(n), j, np.zeros(n - 1, int)],
+    rows = np.r_[np.arange(n), np.zeros(n - 1, int), j]
+    cols = np.r_[np.arange(n), j, np.zeros(n - 1, int)]
+    w = Workload(x, _sym_ref(n, rows, cols,
                              np.r_[d, np.ones(n - 1), np.ones(n - 1)]), reference_note="closed form (numpy float64)")
     _sparse_hessian_impls(w, f, x, dense_ok=n <= 10_000)
     return w

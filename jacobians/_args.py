@@ -353,8 +353,11 @@ _NO_REV = "Reverse-mode differentiation does not work for lax.while_loop"
 
 
 def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where: str):
-    """``run(preferred)``; where JAX cannot push JVPs (a ``custom_vjp``) run ``no_fwd``, where it cannot
-    pull VJPs (a ``while_loop`` with a dynamic trip count) run ``no_rev``. Both failing is explained."""
+    """``run(preferred)``, or the other direction where JAX cannot differentiate in this one.
+
+    Where JAX cannot push JVPs (a ``custom_vjp``) run ``no_fwd``, where it cannot
+    pull VJPs (a ``while_loop`` with a dynamic trip count) run ``no_rev``. Both failing is explained.
+    """
     try:
         return run(preferred)
     except (TypeError, ValueError) as e:
@@ -502,7 +505,8 @@ def problem(
 def _split_aux(res: Any, where: str) -> tuple:
     if not (isinstance(res, tuple | list) and len(res) == 2):
         raise TypeError(
-            f"{where}: has_aux=True requires fun to return a pair (output, aux), got {jax.tree_util.tree_structure(res)}."
+            f"{where}: has_aux=True requires fun to return a pair (output, aux), "
+            f"got {jax.tree_util.tree_structure(res)}."
         )
     return res[0], res[1]
 

@@ -161,7 +161,9 @@ def slogdet(
     fun: Callable, argnums=0, *, batched: bool = False, batch_first: bool = False, mesh=None, mesh_axis=None
 ) -> Callable:
     """Sign and log of the absolute Jacobian determinant of ``fun``.
+
     {args}
+
     Returns:
       A function returning ``(sign, logabsdet)``, each a scalar (shape ``(batch,)``
       when batched). A singular Jacobian gives sign 0 and logabsdet ``-inf``; an

@@ -136,7 +136,9 @@ class _GN:
     def __init__(self, fun, argnums, where):
         plans: dict = {}
         self.t = {
-            "mv": _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_mv, self.t["mv"], spec))),
+            "mv": _args.Transform(
+                fun, argnums, where, lambda spec: jax.jit(functools.partial(_mv, self.t["mv"], spec))
+            ),
             "diagonal": _args.Transform(
                 fun, argnums, where, lambda spec: jax.jit(functools.partial(_diagonal, self.t["diagonal"], spec, plans))
             ),

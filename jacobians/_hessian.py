@@ -61,8 +61,11 @@ def _gradient(p: _args.Problem, inner: str) -> Callable:
 
 
 def _auto(run: Callable, where: str):
-    """Forward over reverse; reverse over reverse where a custom_vjp forbids forward mode, forward over
-    forward where a while_loop forbids reverse mode."""
+    """Forward over reverse, unless JAX cannot differentiate in that order.
+
+    Reverse over reverse where a custom_vjp forbids forward mode, forward over
+    forward where a while_loop forbids reverse mode.
+    """
     return _args.with_fallback(run, "fwd_rev", "rev_rev", "fwd_fwd", where)
 
 

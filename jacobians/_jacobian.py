@@ -7,9 +7,8 @@ an output leaf of shape ``out.shape`` with respect to an input leaf of shape
 """
 
 import functools
-from collections.abc import Callable
-
 import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -10,10 +10,11 @@ jaxpr) plus the decompression (a gather of ``nnz`` entries into the dense
 ``m x n`` result). A structured sweep is costed by the same count over the
 program it generates (traced, not run), and chosen only when it beats the
 best other candidate by ``STRUCTURED_MARGIN``: its selections and scatters
-cost more than their element counts say, and a near tie is not worth them. The sparsity analysis stops early once the pattern passes a
-density budget, so a dense function costs little to plan. ``custom_vjp``
-forces reverse mode and a ``while_loop`` forward mode. Plans are cached per
-call structure and shapes.
+cost more than their element counts say, and a near tie is not worth them.
+The sparsity analysis stops early once the pattern passes a density budget,
+so a dense function costs little to plan. ``custom_vjp`` forces reverse mode
+and a ``while_loop`` forward mode. Plans are cached per call structure and
+shapes.
 """
 
 import math

@@ -19,8 +19,8 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 from . import _args, _mesh, kernels
-from ._walker import primitives
 from ._sparsity import Detected, SparsityPattern, _abstract, detect_call, detect_hessian
+from ._walker import primitives
 
 OUTPUTS = ("bcoo", "dense")
 _FORMAT = 1  # version of the .npz plan file

@@ -170,7 +170,8 @@ class Detected:
 
     def tree(self, leaf_fn) -> object:
         """The pytree (as ``jacobian`` returns) of ``leaf_fn(block)`` over :meth:`blocks`."""
-        return self.out_treedef.unflatten([self.in_treedef.unflatten([leaf_fn(b) for b in row]) for row in self.blocks()])
+        rows = [self.in_treedef.unflatten([leaf_fn(b) for b in row]) for row in self.blocks()]
+        return self.out_treedef.unflatten(rows)
 
 
 def trace_flat(t: "_args.Transform", spec: "_args.CallSpec", avals: list, *, has_aux=False, holomorphic=False):

@@ -64,7 +64,10 @@ def _scales(a: Sel, shape, dtype) -> jax.Array:
 
 
 def densify(a, shape, other: int, fwd: bool, dtype) -> jax.Array:
-    """The dense array of ``a`` for a value of ``shape`` (forward: ``shape + (other,)``; reverse: ``(other,) + shape``)."""
+    """The dense array of ``a`` for a value of ``shape``.
+
+    Forward: ``shape + (other,)``; reverse: ``(other,) + shape``.
+    """
     full = tuple(shape) + (other,) if fwd else (other,) + tuple(shape)
     if a is None:
         return jnp.zeros(full, dtype)

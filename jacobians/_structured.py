@@ -167,7 +167,9 @@ def _partials(eqn, ins, active) -> list:
 
 def _selection_map(lat, eqn, ins) -> tuple[list, list] | None:
     """Per output, ``pi`` with ``y[i] = cat(data operands)[pi[i]]`` (``-1``: a constant); the data operand positions."""
-    data = [i for i, v in enumerate(eqn.invars) if _inexact(v.aval) and not (eqn.primitive.name == "select_n" and i == 0)]
+    data = [
+        i for i, v in enumerate(eqn.invars) if _inexact(v.aval) and not (eqn.primitive.name == "select_n" and i == 0)
+    ]
     sizes = [math.prod(eqn.invars[i].aval.shape) for i in data]
     if sum(sizes) > LABEL_MAX:
         return None
@@ -176,7 +178,9 @@ def _selection_map(lat, eqn, ins) -> tuple[list, list] | None:
         if i in data:
             shape = eqn.invars[i].aval.shape
             size = math.prod(shape)
-            label = np.arange(off + 1, off + size + 1, dtype=np.int32) if v.jac is not None else np.zeros(size, np.int32)
+            label = (
+                np.arange(off + 1, off + size + 1, dtype=np.int32) if v.jac is not None else np.zeros(size, np.int32)
+            )
             args.append(label.reshape(shape))
             off += size
         else:
@@ -215,8 +219,10 @@ def _dot_matrix(eqn, k: int, ins) -> jax.Array | None:
 
 
 def _dot_axes(eqn, k: int):
-    """Operand ``k`` (``b``) and the other (``a``) of a ``dot_general`` without batch axes, split into
-    free and contracted axes (contracted axes paired in order): ``(af, ac, bf, bc)``, or ``None``."""
+    """Operand ``k`` (``b``) and the other (``a``) of a ``dot_general`` without batch axes, by axis role.
+
+    Split into free and contracted axes (contracted axes paired in order): ``(af, ac, bf, bc)``, or ``None``.
+    """
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if lb or rb:
         return None

@@ -303,7 +303,9 @@ class Walker:
         if nc is None:  # xs are the trailing operands with one more axis than the body's inputs
             body_in = body.jaxpr.invars
             n_xs = 0
-            while n_xs < len(ins) - nk and len(eqn.invars[-1 - n_xs].aval.shape) == len(body_in[-1 - n_xs].aval.shape) + 1:
+            while n_xs < len(ins) - nk and (
+                len(eqn.invars[-1 - n_xs].aval.shape) == len(body_in[-1 - n_xs].aval.shape) + 1
+            ):
                 n_xs += 1
             nc = len(ins) - nk - n_xs
         consts, carry, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]

@@ -105,8 +105,10 @@ def bucket(x: int, lo: int = 1) -> int:
 
 @cache
 def host_cpu() -> jax.Device:
-    """The CPU device that runs the colouring loops (this process's own: under jax.distributed
-    ``jax.devices()[0]`` may belong to another process)."""
+    """The CPU device that runs the colouring loops.
+
+    This process's own: under jax.distributed ``jax.devices()[0]`` may belong to another process.
+    """
     return jax.local_devices(backend="cpu")[0]
 
 

@@ -11,12 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import randn, reference
+from registry import CASES
 
 import jacobians
 from jacobians import _walker
-
-from helpers import randn, reference
-from registry import CASES
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -65,7 +65,9 @@ def conv(lat, eqn, ins):
         pos = table[oy[s], kk[s]]
         valid = valid & (pos >= 0)
         ly.append(np.maximum(pos, 0))
-    full = np.broadcast_shapes(ob.shape, oo.shape, ii.shape, valid.shape, *(y.shape for y in oy), *(k.shape for k in kk))
+    full = np.broadcast_shapes(
+        ob.shape, oo.shape, ii.shape, valid.shape, *(y.shape for y in oy), *(k.shape for k in kk)
+    )
     valid = np.broadcast_to(valid, full)
     rows = np.broadcast_to(onum[(ob, oo, *oy)], full)[valid]
     lcols = np.broadcast_to(lnum[(lb, lc, *ly)], full)[valid]

@@ -8,7 +8,7 @@ predicate, and primitives whose derivative vanishes everywhere.
 
 import numpy as np
 
-from ._sets import Deps, broadcast_to, empty, mask, union
+from ._sets import broadcast_to, empty, mask, union
 
 # Differentiable element-wise primitives: every operand may reach the output.
 NAMES = (
