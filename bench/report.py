@@ -119,6 +119,9 @@ def case_title(case: dict) -> str:
         bits.append(f"checked against: {case['reference']}")
     if case.get("peak_rss_mb"):
         bits.append(f"peak RSS {case['peak_rss_mb']:.0f} MB")
+    planned = next((r for r in case.get("results", ()) if r.get("plan_s") is not None), None)
+    if planned:
+        bits.append(f"planning {fmt_time(planned['plan_s'])}")
     return _clip(" | ".join(bits), WIDTH)
 
 
@@ -242,10 +245,19 @@ def summary_rows(report: dict) -> list[dict]:
                 "chunk": chunk,
                 "xla": (chunk.get("xla_bytes"), full.get("xla_bytes")) if chunk and full else None,
                 "plan": (base or {}).get("plan") or "-",
+                "first": _first_call_ratio(base, c["results"]),
                 "wrong": [r["impl"] for r in c["results"] if r["status"] in ("wrong", "failed")],
             }
         )
     return out
+
+
+def _first_call_ratio(base, results) -> str:
+    """The library's first call (trace, plan, compile, run) / the fastest raw-JAX first call, as text."""
+    raw = [r["compile_s"] for r in results if family(r["impl"]) == "raw JAX" and r.get("compile_s")]
+    if not base or not base.get("compile_s") or not raw:
+        return "-"
+    return f"{base['compile_s'] / min(raw):.2f}"
 
 
 SUMMARY_COLUMNS = [  # (title, width, align): 99 columns
@@ -254,8 +266,9 @@ SUMMARY_COLUMNS = [  # (title, width, align): 99 columns
     ("best raw JAX (x)", 16, "<"),
     ("torch", 7, ">"),
     ("best peer (x)", 14, "<"),
-    ("closed", 7, ">"),
-    ("plan", 12, "<"),
+    ("closed", 6, ">"),
+    ("1st", 5, ">"),
+    ("plan", 10, "<"),
 ]
 
 
@@ -301,6 +314,7 @@ def summary(report: dict) -> str:
                     ratio_cell(s["torch"]),
                     _labelled(s["peer"]),
                     ratio_cell(s["closed"]),
+                    s["first"],
                     s["plan"],
                 ]
             )
@@ -351,7 +365,7 @@ def markdown(report: dict) -> str:
     rows = []
     for s in summary_rows(report):
         if "failed" in s:
-            rows.append([s["case"], "FAILED: " + s["failed"]] + ["-"] * 9)
+            rows.append([s["case"], "FAILED: " + s["failed"]] + ["-"] * 10)
             continue
         xla = s["xla"]
         rows.append(
@@ -366,6 +380,7 @@ def markdown(report: dict) -> str:
                 ratio_cell(s["sparse"], True) if s["sparse"] else "-",
                 ratio_cell(s["chunk"], True),
                 f"{xla[0] / 2**20:.2f} / {xla[1] / 2**20:.2f}" if xla and all(xla) else "-",
+                s["first"],
                 s["plan"],
             ]
         )
@@ -382,6 +397,7 @@ def markdown(report: dict) -> str:
                 "sparse_jacobian (x)",
                 "chunk n/8 (x)",
                 "XLA MB, chunk / full",
+                "first call (x raw JAX)",
                 "plan",
             ],
             rows,

@@ -129,6 +129,11 @@ CASES = [
     Case("batch_mlp", dict(batch=256, n=64), dict(batch=16, n=8)),
     Case("divergence_mlp", dict(n=1024), dict(n=32), peers=()),
     Case("divergence_stencil", dict(n=10_000), dict(n=200), peers=()),
+    # Jacobians with respect to model parameters (pytrees of weights), and per-example gradients.
+    Case("param_mlp", dict(d=784, h=512, c=10), dict(d=32, h=16, c=4)),
+    Case("param_cnn", dict(hw=16), dict(hw=8)),
+    Case("param_module", dict(d=64, h=256, c=10), dict(d=8, h=16, c=3)),
+    Case("per_example_grads", dict(batch=64, d=784, h=256, c=10), dict(batch=8, d=16, h=8, c=3)),
 ]
 
 TOL = {"float32": 2e-3, "float64": 1e-6}  # max |error| relative to max(1, max |reference|)
@@ -184,16 +189,21 @@ def _build(case: Case, quick: bool):
 
 def _runner(impl, x):
     """A zero-argument call that finishes its work, and a conversion of its result for checking."""
+    import jax
+
     if impl.kind == "torch":
         import torch
 
-        xt = torch.from_numpy(np.array(x))
-        return (lambda: impl.fn(xt)), (lambda r: r.detach().numpy())
+        # Parameter workloads: torch holds its own copy of the parameters and ignores the pytree.
+        xt = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray | jax.Array) else None
+
+        def to_np(r):
+            return jax.tree_util.tree_map(lambda t: t.detach().numpy(), r, is_leaf=torch.is_tensor)
+
+        return (lambda: impl.fn(xt)), to_np
     if impl.kind == "numpy":
         xn = np.asarray(x)
         return (lambda: impl.fn(xn)), np.asarray
-    import jax
-
     return (lambda: jax.block_until_ready(impl.fn(x))), (lambda r: r)
 
 
@@ -204,6 +214,16 @@ def _error(out, reference) -> tuple[float, str | None]:
     if isinstance(reference, SparseRef):
         keys, vals = to_coo(out, reference.m, reference.n)
         return coo_max_abs_diff(reference, keys, vals), None
+    if not isinstance(reference, np.ndarray):  # pytrees (parameter Jacobians): leaf by leaf, same structure
+        import jax
+
+        ref_leaves, ref_def = jax.tree_util.tree_flatten(reference)
+        out_leaves, out_def = jax.tree_util.tree_flatten(out)
+        if out_def != ref_def:
+            return float("inf"), f"structure {out_def} vs {ref_def}"
+        errs = [_error(o, np.asarray(r)) for o, r in zip(out_leaves, ref_leaves, strict=True)]
+        why = next((w for _, w in errs if w), None)
+        return max((e for e, _ in errs), default=0.0), why
     if hasattr(out, "todense"):  # a sparse result against a dense reference
         out = out.todense()
     out = np.asarray(out, np.float64)
@@ -247,10 +267,13 @@ def _is_tie(row: dict, base: dict) -> bool:
 
 def run_case(case: Case, quick: bool, repeat: int, timing: bool = True) -> dict:
     """Check, compile, then time every implementation of one case."""
+    import jax
+
     name = case.name(quick) or case.name(False)
     w = _build(case, quick)
     ref_vals = w.reference.vals if hasattr(w.reference, "vals") else w.reference
-    scale = max(1.0, float(np.max(np.abs(ref_vals)))) if np.size(ref_vals) else 1.0
+    leaves = [np.asarray(v) for v in jax.tree_util.tree_leaves(ref_vals)]
+    scale = max([1.0] + [float(np.max(np.abs(v))) for v in leaves if v.size])
     rows, timed = {}, {}
     for impl_name, impl in w.impls.items():
         row = rows[impl_name] = {"impl": impl_name, "kind": impl.kind}
@@ -316,6 +339,10 @@ def run_case(case: Case, quick: bool, repeat: int, timing: bool = True) -> dict:
         plan = _plan(w.impls[base_name].fn, w.x)
         if plan:
             base["plan"] = plan
+        if w.explain is not None:  # planning alone, from scratch (a new jacobian object: no cached plan)
+            t0 = time.perf_counter()
+            w.explain()
+            base["plan_s"] = time.perf_counter() - t0
         for row in rows.values():
             if "median_s" in row and "median_s" in base:
                 row["ratio_to_jacobians"] = row["median_s"] / base["median_s"]

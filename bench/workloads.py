@@ -67,6 +67,7 @@ class Workload:
     detect: dict[str, Callable] = field(default_factory=dict)  # sparse engines: detection + colouring
     reference_note: str = "closed form"
     memory: bool = True  # report XLA's memory analysis (it recompiles a library call; off where compiles are slow)
+    explain: Callable | None = None  # a fresh planning run of the library's default (timed as plan_s)
 
 
 TORCH_NAMES = ("torch.func.jacfwd", "torch.func.jacrev")
@@ -551,8 +552,9 @@ def stencil2d(k: int, dtype, rng) -> Workload:
 
 
 def _ref64(fn, x):
-    """A float64 reference from JAX autodiff (where no closed form is written out)."""
-    return np.asarray(fn(jnp.asarray(np.asarray(x), jnp.float64)))  # the suite runs with x64 enabled
+    """A float64 reference from JAX autodiff (where no closed form is written out); ``x`` may be a pytree."""
+    x64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), x)  # the suite runs with x64
+    return jax.tree_util.tree_map(np.asarray, fn(x64))
 
 
 def hessian_mlp(n: int, dtype, rng) -> Workload:
@@ -761,4 +763,220 @@ def divergence_stencil(n: int, dtype, rng) -> Workload:
         w.impls["trace(jax.jacfwd)"] = Impl(jax.jit(lambda x: jnp.trace(jax.jacfwd(f)(x))))
     else:
         w.skipped["trace(jax.jacfwd)"] = f"not run: dense Jacobian too large ({n} x {n})"
+    return w
+
+
+# --- Jacobians with respect to model parameters (pytrees) ------------------------------------------
+# NTK, Gauss-Newton, Laplace and Fisher computations differentiate a model's outputs with respect to a
+# pytree of weights: many inputs (the parameters), few outputs (the logits). References and results
+# are pytrees of numerator-layout blocks, ``out.shape + leaf.shape`` per parameter leaf.
+
+
+def _param_impls(w: Workload, f: Callable, n: int, torch_f=None, fwd_ok: bool = True):
+    """The library (default and forced modes) against jit(jacrev) and jit(jacfwd) on ``f(params)``."""
+    w.impls["jacobians"] = Impl(jacobians.jacobian(f))
+    w.impls["jacobians[rev]"] = Impl(jacobians.jacobian(f, mode="rev"))
+    w.impls["jax.jacrev"] = Impl(jax.jit(jax.jacrev(f)))
+    if fwd_ok:
+        w.impls["jax.jacfwd"] = Impl(jax.jit(jax.jacfwd(f)))
+    else:  # jacfwd pushes the n x n identity: it does not fit
+        w.skipped["jax.jacfwd"] = f"not run: {n} JVPs over an {n} x {n} basis"
+    if torch is not None and torch_f is not None:
+        w.impls["torch.func.jacrev"] = Impl(torch_f, "torch")
+    w.explain = lambda: jacobians.explain(f, w.x)
+
+
+def _nest(flat: dict) -> dict:
+    """``{"l0.w": a}`` (torch's parameter names) -> ``{"l0": {"w": a}}`` (the JAX pytree's structure)."""
+    out: dict = {}
+    for key, v in flat.items():
+        layer, leaf = key.split(".")
+        out.setdefault(layer, {})[leaf] = v
+    return out
+
+
+def _mlp_params(sizes, dtype, rng) -> dict:
+    return {
+        f"l{i}": {"w": _rand(rng, (b, a), dtype, 1 / np.sqrt(a)), "b": _rand(rng, (b,), dtype, 0.1)}
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    }
+
+
+def _mlp_apply(p, x):
+    """tanh hidden layers, linear logits: (d,) -> (c,)."""
+    layers = len(p)
+    for i in range(layers):
+        x = p[f"l{i}"]["w"] @ x + p[f"l{i}"]["b"]
+        if i < layers - 1:
+            x = jnp.tanh(x)
+    return x
+
+
+def param_mlp(d: int, h: int, c: int, dtype, rng) -> Workload:
+    """d(logits)/d(params) of an MLP d-h-h-c (784-512-512-10: 670k parameters) at one input."""
+    p = _mlp_params((d, h, h, c), dtype, rng)
+    x = _rand(rng, (d,), dtype)
+    n = sum(a.size for a in jax.tree_util.tree_leaves(p))
+
+    def f(p):
+        return _mlp_apply(p, x)
+
+    # The closed form (float64): backpropagated layer sensitivities G_l (c, width) times the layer inputs.
+    q = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
+    xn = np.asarray(x, np.float64)
+    h1 = np.tanh(q["l0"]["w"] @ xn + q["l0"]["b"])
+    h2 = np.tanh(q["l1"]["w"] @ h1 + q["l1"]["b"])
+    eye = np.eye(c)
+    g2 = q["l2"]["w"] * (1 - h2**2)[None]
+    g1 = (g2 @ q["l1"]["w"]) * (1 - h1**2)[None]
+    ref = {
+        "l2": {"w": eye[:, :, None] * h2[None, None], "b": eye},
+        "l1": {"w": g2[:, :, None] * h1[None, None], "b": g2},
+        "l0": {"w": g1[:, :, None] * xn[None, None], "b": g1},
+    }
+    w = Workload(p, ref, reference_note="closed form (numpy float64)", memory=False)
+    torch_f = None
+    if torch is not None:
+        tp = {f"{k}.{kk}": _t(v) for k, sub in p.items() for kk, v in sub.items()}
+        tx = _t(x)
+
+        def tnet(tp):
+            z = tx
+            for i in range(3):
+                z = tp[f"l{i}.w"] @ z + tp[f"l{i}.b"]
+                z = torch.tanh(z) if i < 2 else z
+            return z
+
+        jr = tf.jacrev(tnet)
+        torch_f = lambda _p: _nest(jr(tp))  # noqa: E731 - torch keeps its own copy of the parameters
+    _param_impls(w, f, n, torch_f, fwd_ok=n <= 4096)
+    return w
+
+
+def param_cnn(hw: int, dtype, rng) -> Workload:
+    """d(logits)/d(params) of a small CNN: conv 3x3 (1->8), conv 3x3 stride 2 (8->16), dense -> 10."""
+    p = {
+        "c1": {"w": _rand(rng, (8, 1, 3, 3), dtype, 1 / 3), "b": _rand(rng, (8,), dtype, 0.1)},
+        "c2": {"w": _rand(rng, (16, 8, 3, 3), dtype, 1 / np.sqrt(72)), "b": _rand(rng, (16,), dtype, 0.1)},
+    }
+    flat = 16 * (hw // 2) ** 2
+    p["fc"] = {"w": _rand(rng, (10, flat), dtype, 1 / np.sqrt(flat)), "b": _rand(rng, (10,), dtype, 0.1)}
+    img = _rand(rng, (1, 1, hw, hw), dtype)
+    dn = ("NCHW", "OIHW", "NCHW")
+
+    def net(p, img):
+        z = lax.conv_general_dilated(img, p["c1"]["w"], (1, 1), "SAME", dimension_numbers=dn)
+        z = jnp.tanh(z + p["c1"]["b"][None, :, None, None])
+        z = lax.conv_general_dilated(z, p["c2"]["w"], (2, 2), "SAME", dimension_numbers=dn)
+        z = jnp.tanh(z + p["c2"]["b"][None, :, None, None])
+        return p["fc"]["w"] @ z.reshape(-1) + p["fc"]["b"]
+
+    n = sum(a.size for a in jax.tree_util.tree_leaves(p))
+    ref = _ref64(jax.jacrev(lambda q: net(q, img.astype(jnp.float64))), p)
+    w = Workload(p, ref, reference_note="jax.jacrev in float64", memory=False)
+    _param_impls(w, lambda q: net(q, img), n, fwd_ok=n <= 8192)
+    return w
+
+
+@jax.tree_util.register_pytree_node_class
+class _Linear:
+    """An Equinox-style layer: a pytree whose leaves are its arrays, called like a function."""
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x):
+        return self.weight @ x + self.bias
+
+    def tree_flatten(self):
+        return (self.weight, self.bias), None
+
+    @classmethod
+    def tree_unflatten(cls, _, leaves):
+        return cls(*leaves)
+
+
+@jax.tree_util.register_pytree_node_class
+class _Model:
+    """An Equinox-style model: a list of layers and an activation, a pytree of arrays."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = jax.nn.gelu(layer(x))
+        return self.layers[-1](x)
+
+    def tree_flatten(self):
+        return tuple(self.layers), None
+
+    @classmethod
+    def tree_unflatten(cls, _, layers):
+        return cls(layers)
+
+
+def param_module(d: int, h: int, c: int, dtype, rng) -> Workload:
+    """d(outputs)/d(model) for an Equinox-style module (a pytree class), GELU MLP d-h-h-c."""
+    sizes = (d, h, h, c)
+    model = _Model(
+        _Linear(_rand(rng, (b, a), dtype, 1 / np.sqrt(a)), _rand(rng, (b,), dtype, 0.1))
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+    )
+    x = _rand(rng, (d,), dtype)
+    n = sum(a.size for a in jax.tree_util.tree_leaves(model))
+    ref = _ref64(jax.jacrev(lambda m: m(x.astype(jnp.float64))), model)
+    w = Workload(model, ref, reference_note="jax.jacrev in float64", memory=False)
+    _param_impls(w, lambda m: m(x), n, fwd_ok=n <= 4096)
+    return w
+
+
+def per_example_grads(batch: int, d: int, h: int, c: int, dtype, rng) -> Workload:
+    """Per-example parameter gradients of a softmax cross-entropy loss: vmap over examples, params shared.
+
+    ``batch_jacobian`` is the wrong tool here (it differentiates per-example *inputs*); the library's
+    answer is ``jax.vmap(jacobians.jacobian(loss), in_axes=(None, 0, 0))``, i.e. ``jacobian`` composed
+    with ``vmap`` like any JAX transformation.
+    """
+    p = _mlp_params((d, h, c), dtype, rng)
+    X = _rand(rng, (batch, d), dtype)
+    labels = jnp.asarray(rng.integers(0, c, batch))
+
+    def loss(p, x, y):
+        logits = _mlp_apply(p, x)
+        return jax.nn.logsumexp(logits) - logits[y]
+
+    q = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
+    Xn = np.asarray(X, np.float64)
+    hid = np.tanh(Xn @ q["l0"]["w"].T + q["l0"]["b"])  # (B, h)
+    logits = hid @ q["l1"]["w"].T + q["l1"]["b"]
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    g1 = prob - np.eye(c)[np.asarray(labels)]  # (B, c)
+    g0 = (g1 @ q["l1"]["w"]) * (1 - hid**2)  # (B, h)
+    ref = {
+        "l0": {"w": g0[:, :, None] * Xn[:, None, :], "b": g0},
+        "l1": {"w": g1[:, :, None] * hid[:, None, :], "b": g1},
+    }
+    w = Workload(p, ref, reference_note="closed form (numpy float64)", memory=False)
+    w.impls["jacobians.jacobian[vmap]"] = Impl(
+        jax.jit(lambda p: jax.vmap(jacobians.jacobian(loss), in_axes=(None, 0, 0))(p, X, labels))
+    )
+    w.impls["jax.vmap(jax.grad)"] = Impl(
+        jax.jit(lambda p: jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(p, X, labels))
+    )
+    w.impls["jax.vmap(jax.jacrev)"] = Impl(
+        jax.jit(lambda p: jax.vmap(jax.jacrev(loss), in_axes=(None, 0, 0))(p, X, labels))
+    )
+    if torch is not None:
+        tp = {f"{k}.{kk}": _t(v) for k, sub in p.items() for kk, v in sub.items()}
+        tX, tl = _t(X), torch.from_numpy(np.asarray(labels))
+
+        def tloss(tp, x, y):
+            z = torch.tanh(tp["l0.w"] @ x + tp["l0.b"])
+            z = tp["l1.w"] @ z + tp["l1.b"]
+            return torch.logsumexp(z, 0) - z[y]
+
+        g = tf.vmap(tf.grad(tloss), in_dims=(None, 0, 0))
+        w.impls["torch.func.vmap(grad)"] = Impl(lambda _p: _nest(g(tp, tX, tl)), "torch")
     return w
