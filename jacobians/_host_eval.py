@@ -13,6 +13,16 @@ from collections.abc import Callable
 import numpy as np
 
 
+def _reshape(x, *dynamic, new_sizes, dimensions=None, **_):
+    # XLA reads the operand in the axis order ``dimensions`` (``order="F"`` reshapes,
+    # ``lax.reshape(..., dimensions=...)``): a transpose first, then a row-major reshape.
+    if dynamic or any(d is None for d in new_sizes):
+        raise ValueError("dynamic shapes")
+    if dimensions is not None:
+        x = np.transpose(x, tuple(dimensions))
+    return np.reshape(x, tuple(new_sizes))
+
+
 def _broadcast_in_dim(x, shape, broadcast_dimensions, **_):
     expanded = [1] * len(shape)
     for src, dst in enumerate(broadcast_dimensions):
@@ -67,10 +77,19 @@ def _split(x, sizes, axis, **_):
 
 
 def _iota(dtype, shape, dimension, **_):
-    return np.broadcast_to(
-        np.arange(shape[dimension], dtype=dtype).reshape([-1 if i == dimension else 1 for i in range(len(shape))]),
-        shape,
-    )
+    # Integer counts converted once (as XLA's iota of a float type rounds them), not a float arange.
+    line = np.arange(shape[dimension], dtype=np.int64).astype(dtype)
+    return np.broadcast_to(line.reshape([-1 if i == dimension else 1 for i in range(len(shape))]), shape)
+
+
+def _tile(x, reps, **_):
+    if len(reps) != x.ndim:  # np.tile would prepend axes; the primitive never does
+        raise ValueError("reps and rank differ")
+    return np.tile(x, tuple(reps))
+
+
+def _unstack(x, axis, **_):
+    return [np.take(x, i, axis=axis) for i in range(x.shape[axis])]
 
 
 def _convert(x, new_dtype, **_):
@@ -83,7 +102,7 @@ def _select_n(which, *cases):
 
 # Shape-only and integer-exact primitives; float arithmetic is left to XLA (its rounding rules).
 IMPLS: dict[str, Callable] = {
-    "reshape": lambda x, *_, new_sizes, **__: np.reshape(x, new_sizes),
+    "reshape": _reshape,
     "transpose": lambda x, permutation, **_: np.transpose(x, permutation),
     "broadcast_in_dim": lambda x, *_, **p: _broadcast_in_dim(x, **p),
     "squeeze": lambda x, dimensions, **_: np.squeeze(x, tuple(dimensions)),
@@ -95,11 +114,17 @@ IMPLS: dict[str, Callable] = {
     "dynamic_slice": _dynamic_slice,
     "dynamic_update_slice": _dynamic_update_slice,
     "split": _split,
-    "tile": lambda x, reps, **_: np.tile(x, reps),
+    "tile": _tile,
+    "stack": lambda *xs, axis, **_: np.stack(xs, axis=axis),
+    "unstack": _unstack,
     "iota": lambda dtype, shape, dimension, **p: _iota(dtype, shape, dimension),
     "copy": lambda x, **_: np.array(x, copy=True),
     "copy_p": lambda x, **_: np.array(x, copy=True),
 }
+# Integer and boolean arithmetic that NumPy computes as XLA does: two's-complement wrap-around on
+# overflow (ufuncs on arrays of one dtype; scalars are made arrays first). ``and``, ``or``, ``not``
+# and ``xor`` are bitwise in JAX (logical only on booleans, where bitwise is the same). Division,
+# remainder and shifts are left to XLA (division by zero, shift counts past the width).
 INT_OPS = {
     "add": np.add,
     "sub": np.subtract,
@@ -113,10 +138,17 @@ INT_OPS = {
     "ge": np.greater_equal,
     "eq": np.equal,
     "ne": np.not_equal,
-    "and": np.logical_and,
-    "or": np.logical_or,
-    "not": np.logical_not,
+    "and": np.bitwise_and,
+    "or": np.bitwise_or,
+    "xor": np.bitwise_xor,
+    "not": np.invert,
 }
+
+
+def _integers(args) -> bool:
+    """All ``args`` integer or boolean arrays of one dtype (as every lax primitive's operands are)."""
+    dtypes = {np.asarray(a).dtype for a in args}
+    return len(dtypes) == 1 and next(iter(dtypes)).kind in "iub"
 
 
 def evaluate(name: str, params: dict, args: list, out_dtypes: list) -> list | None:
@@ -124,9 +156,10 @@ def evaluate(name: str, params: dict, args: list, out_dtypes: list) -> list | No
     try:
         if name in IMPLS:
             out = IMPLS[name](*args, **params)
-        elif name in INT_OPS and all(np.asarray(a).dtype.kind in "iub" for a in args):
-            out = INT_OPS[name](*args)
-        elif name == "select_n" and all(np.asarray(a).dtype.kind in "iub" for a in args[1:]):
+        elif name in INT_OPS and _integers(args):
+            with np.errstate(all="ignore"):
+                out = INT_OPS[name](*(np.asarray(a) for a in args))
+        elif name == "select_n" and _integers(args[1:]):
             out = _select_n(*args)
         elif name == "convert_element_type" and np.asarray(args[0]).dtype.kind in "iub" and np.dtype(
             params["new_dtype"]
