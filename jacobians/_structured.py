@@ -188,12 +188,14 @@ def _selection_map(lat, eqn, ins) -> tuple[list, list] | None:
             if value is None:
                 return None
             args.append(value)
+    # A gather's fill is a constant (label 0), whatever its value: a fill of k would read as element k - 1.
+    params = dict(eqn.params, fill_value=0) if "fill_value" in eqn.params else eqn.params
     # NumPy first (no XLA compilation per movement primitive), else the primitive itself.
-    outs = _host_eval.evaluate(eqn.primitive.name, eqn.params, args, [np.dtype(np.int32)] * len(eqn.outvars))
+    outs = _host_eval.evaluate(eqn.primitive.name, params, args, [np.dtype(np.int32)] * len(eqn.outvars))
     if outs is None:
         try:
             with jax.ensure_compile_time_eval():
-                out = bind(eqn, args)
+                out = bind(eqn.replace(params=params), args)
         except Exception:  # noqa: BLE001 - a primitive that will not take integer labels: generic rule
             return None
         outs = out if eqn.primitive.multiple_results else [out]

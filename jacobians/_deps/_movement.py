@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.lax import GatherScatterMode
 
 from .. import _host_eval
 from ._sets import broadcast_to, concat, everything, gather, mask, reduce_to, union
@@ -47,7 +48,8 @@ def move(lat, eqn, ins):
     Example: ``rev`` of sets [{0}, {1}, {2}] -> [{2}, {1}, {0}]; ``pad`` of
     [{0}, {1}] with one low zero -> [{}, {0}, {1}]; a ``pad`` value with
     dependencies reaches exactly the padded positions. Reads each primitive's
-    own parameters by binding it (``fill_value`` of ``gather`` set to 0).
+    own parameters by binding it (``fill_value`` of ``gather`` set to 0; a
+    ``promise_in_bounds`` gather read as clamping).
     """
     name = eqn.primitive.name
     data = MOVES[name]
@@ -68,6 +70,10 @@ def move(lat, eqn, ins):
     params = dict(eqn.params)
     if "fill_value" in params:
         params["fill_value"] = 0
+    if params.get("mode") == GatherScatterMode.PROMISE_IN_BOUNDS:
+        # Out of bounds, the forward gather clamps (XLA) and JAX's transpose drops: the clamped
+        # reads contain both.
+        params["mode"] = GatherScatterMode.CLIP
     outs = _host_eval.evaluate(name, params, args, [None] * len(eqn.outvars))
     if outs is None:  # gathers and the rest: XLA runs the primitive on the numbers
         outs = eqn.primitive.bind(*args, **params)
@@ -91,7 +97,8 @@ def scatter(lat, eqn, ins):
     operand entries. Example: ``[{0}, {1}, {2}].at[1].set({5})`` ->
     [{0}, {5}, {2}]; with ``.add`` -> [{0}, {1, 5}, {2}]. Reads
     ``dimension_numbers``, ``mode`` and the other scatter parameters through
-    the transposed scatter-add.
+    the transposed scatter-add; out-of-bounds updates of a ``promise_in_bounds``
+    scatter are read both as dropped and as clamped.
     """
     operand, indices, updates = ins[0], ins[1], ins[2]
     shape = eqn.outvars[0].aval.shape
@@ -100,16 +107,29 @@ def scatter(lat, eqn, ins):
     if indices.const is None or (dtype == jnp.float32 and size >= (1 << 24)):
         return [everything(ins, shape)]
     zeros = jnp.zeros(shape, dtype)
-
-    def scatter_add(u):
-        return jax.lax.scatter_add_p.bind(zeros, indices.const, u, **eqn.params)
-
-    # The transpose of a scatter-add is the gather with the same indices: it
-    # tells each update element which output element (1-based, 0: dropped) it lands on.
     ids = jnp.asarray(1 + np.arange(size).reshape(shape), dtype)
-    (where,) = jax.linear_transpose(scatter_add, jax.ShapeDtypeStruct(updates.shape, dtype))(ids)
-    target = np.asarray(where).astype(np.int64).reshape(-1) - 1
-    moved = reduce_to(broadcast_to(updates, updates.shape), target, shape, lat.n)
+
+    def targets(params):
+        def scatter_add(u):
+            return jax.lax.scatter_add_p.bind(zeros, indices.const, u, **params)
+
+        # The transpose of a scatter-add is the gather with the same indices: it
+        # tells each update element which output element (1-based, 0: dropped) it lands on.
+        (where,) = jax.linear_transpose(scatter_add, jax.ShapeDtypeStruct(updates.shape, dtype))(ids)
+        return np.asarray(where).astype(np.int64).reshape(-1) - 1
+
+    mode = eqn.params.get("mode")
+    moving = broadcast_to(updates, updates.shape)
+    if mode == GatherScatterMode.PROMISE_IN_BOUNDS:
+        # A broken promise is implementation-defined: XLA's scatter drops an out-of-bounds update
+        # (its transposed gather would clamp it); take both, and overwrite only what both write.
+        target = targets(dict(eqn.params, mode=GatherScatterMode.FILL_OR_DROP))
+        clamped = targets(dict(eqn.params, mode=GatherScatterMode.CLIP))
+        moved = union([reduce_to(moving, target, shape, lat.n), reduce_to(moving, clamped, shape, lat.n)],
+                      shape, lat.n)
+    else:
+        target = targets(eqn.params)
+        moved = reduce_to(moving, target, shape, lat.n)
     if eqn.primitive.name == "scatter" and operand.nnz:
         written = np.zeros(size, bool)
         written[target[target >= 0]] = True
