@@ -40,6 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from . import _host_eval
 from . import _structure as st
@@ -91,8 +92,10 @@ def _family(lat, eqn, ins) -> str:
     out = eqn.outvars[0].aval if len(eqn.outvars) == 1 else None
     if name in ZERO or not any(_inexact(v.aval) for v in eqn.outvars):
         return "zero"  # zero derivative, or integer results (argmax, iota arithmetic)
-    if name == "select_n" and lat.value(ins[0]) is not None:
-        return "select"
+    if name == "select_n":
+        # A known predicate: a selection. A traced one picks tangents (never multiplies them by 0,
+        # which would turn an unselected branch's inf or NaN into NaN, as jax.jacfwd does not).
+        return "select" if lat.value(ins[0]) is not None else "where"
     same_shape = out is not None and all(eqn.invars[i].aval.shape == out.shape for i in active)
     # Element-wise primitives broadcast size-1 axes (and scalars) of their operands.
     broadcasts = out is not None and all(_broadcastable(eqn.invars[i].aval.shape, out.shape) for i in active)
@@ -420,6 +423,32 @@ def _fw_select(lat, eqn, ins):
     return [st.select_forward(parts, pi, v.aval.dtype) for pi, v in zip(pis, eqn.outvars, strict=True)]
 
 
+def _which(eqn, ins) -> jax.Array:
+    """The traced predicate of a ``select_n``, broadcast to the output's shape (as ``int32``)."""
+    return jnp.broadcast_to(jnp.asarray(ins[0].primal).astype(jnp.int32), eqn.outvars[0].aval.shape)
+
+
+def _fw_where(lat, eqn, ins):
+    """``select_n(p, *cases)`` with ``p`` traced: row ``i`` of the Jacobian is row ``i`` of case ``p[i]``'s.
+
+    Selections whose used lines agree stay one selection with selected scales; else dense.
+    """
+    out = eqn.outvars[0].aval
+    which, jacs = _which(eqn, ins), [v.jac for v in ins[1:]]
+    if all(isinstance(j, st.Sel | None) for j in jacs):
+        used = [j.idx for j in jacs if j is not None]
+        idx = np.max(np.stack(used), axis=0)
+        if all(((u == idx) | (u < 0)).all() for u in used):
+            if (idx < 0).all():
+                return [None]
+            scales = [jnp.zeros(out.shape, out.dtype) if j is None else
+                      jnp.where(jnp.asarray(j.idx >= 0), st._scales(j, out.shape, out.dtype), 0) for j in jacs]
+            return [st.Sel(idx, lax.select_n(which, *scales))]
+    dense = [st.densify(j, out.shape, lat.n, True, out.dtype) for j in jacs]
+    full = jnp.broadcast_to(which[..., None], out.shape + (lat.n,))
+    return [lax.select_n(full, *dense)]
+
+
 def _fw_dot(lat, eqn, ins):
     out = eqn.outvars[0].aval
     total = None
@@ -457,7 +486,7 @@ def _fw_generic(lat, eqn, ins):
 
 
 _FORWARD = {"zero": _fw_zero, "linear": _fw_linear, "elementwise": _fw_elementwise, "select": _fw_select,
-            "reduce_sum": _fw_generic, "dot": _fw_dot, "generic": _fw_generic}
+            "where": _fw_where, "reduce_sum": _fw_generic, "dot": _fw_dot, "generic": _fw_generic}
 # Control flow and custom rules are rules (not recursed into or joined by the walker): the generic JVP.
 _CONTROL = ("cond", "while", "scan", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 
@@ -537,6 +566,23 @@ def _rv_select(lat, eqn, ins, gs):
     return res
 
 
+def _rv_where(lat, eqn, ins, gs):
+    """``select_n`` with a traced predicate: case ``k``'s adjoint is the output's where ``p == k``, else 0."""
+    (g,) = gs
+    out = eqn.outvars[0].aval
+    which = _which(eqn, ins)
+    res = [None]
+    for k, v in enumerate(ins[1:]):
+        if v.jac is None:
+            res.append(None)
+        elif isinstance(g, st.Sel):
+            zero = jnp.zeros(out.shape, out.dtype)
+            res.append(st.Sel(g.idx, jnp.where(which == k, st._scales(g, out.shape, out.dtype), zero)))
+        else:
+            res.append(jnp.where(which[None] == k, g, jnp.zeros((), g.dtype)))
+    return res
+
+
 def _rv_reduce_sum(lat, eqn, ins, gs):
     (g,) = gs
     if not isinstance(g, st.Sel):
@@ -587,7 +633,7 @@ def _rv_generic(lat, eqn, ins, gs):
 
 
 _REVERSE = {"zero": _rv_zero, "linear": _rv_linear, "elementwise": _rv_elementwise, "select": _rv_select,
-            "reduce_sum": _rv_reduce_sum, "dot": _rv_dot, "generic": _rv_generic}
+            "where": _rv_where, "reduce_sum": _rv_reduce_sum, "dot": _rv_dot, "generic": _rv_generic}
 
 
 # ------------------------------------------------------------------ entry point

@@ -380,3 +380,134 @@ def test_promise_in_bounds_out_of_bounds_gather_pattern_covers_both_readings(rng
     fwd, rev = (np.asarray(jax.jit(jac(f))(x)) for jac in (jax.jacfwd, jax.jacrev))
     pattern = np.asarray(jacobians.sparsity(f, x).to_dense())
     assert not ((fwd != 0) & ~pattern).any() and not ((rev != 0) & ~pattern).any()
+
+
+# ------------------------------------------------------------------ structured sweeps: rules that depend on dtype or mode
+
+_C6 = np.random.default_rng(6).standard_normal(6)
+_I6 = jnp.array([0, 0, 3])  # duplicates
+
+
+def _cases(**funs):
+    return {k: (f, 6) for k, f in funs.items()}
+
+
+STRUCTURED = {
+    "dtypes": _cases(
+        complex_exp_real=lambda x: jnp.real(jnp.exp(x.astype(complex) * 1j) * x.astype(complex)),
+        complex_abs=lambda x: jnp.abs(lax.complex(x, x[::-1] ** 2)),
+        fft_abs=lambda x: jnp.abs(jnp.fft.fft(x)),
+        complex_imag_conj=lambda x: jnp.imag(jnp.conj(lax.complex(x, x**2)) * (1 + 2j)),
+        complex_max=lambda x: jnp.real(jnp.maximum(x, 0.5).astype(complex) * (1 - 1j)) * x,
+        int_operand=lambda x: x * jnp.arange(6).astype(x.dtype),
+        int_roundtrip=lambda x: x.astype(jnp.int32).astype(x.dtype) + x**2,
+        to_f32=lambda x: (x.astype(jnp.float32) ** 2).astype(jnp.float64) + x,
+        to_f16=lambda x: jnp.tanh(x.astype(jnp.float16)).astype(jnp.float64),
+        to_bf16=lambda x: (x.astype(jnp.bfloat16) * 3).astype(jnp.float64),
+        reduce_precision=lambda x: lax.reduce_precision(x, 5, 10) * x,
+        copy=lambda x: jnp.copy(x) * x,
+    ),
+    "piecewise": _cases(
+        round_floor_sign=lambda x: jnp.round(x * 3) * x + jnp.floor(x) * x**2 + jnp.sign(x) * x,
+        rem=lambda x: lax.rem(x, x[::-1] + 3.0) + lax.rem(x * 5, 0.7),
+        clamp_traced=lambda x: lax.clamp(x[::-1] - 0.5, x, x[::-1] + 0.5),
+        clamp_const=lambda x: jnp.clip(x, -0.3, 0.4) * x,
+        max_ties=lambda x: jnp.maximum(x, x) + jnp.minimum(x, x[::-1]),
+        pow_both=lambda x: jnp.abs(x) ** x[::-1],
+        integer_pow_negative=lambda x: (x + 3.0) ** -2,
+        atan2_scalar=lambda x: jnp.arctan2(x, x[0]),
+        div_scalar=lambda x: x / (x[1] + 3.0),
+        is_finite=lambda x: jnp.where(jnp.isfinite(x), x, 0.0),
+    ),
+    "where": _cases(
+        traced=lambda x: jnp.where(x > 0, x**2, jnp.sin(x)),
+        scalar_predicate=lambda x: jnp.where(x.sum() > 0, x**3, x),
+        three_cases=lambda x: lax.select_n(jnp.clip(jnp.floor(x * 2), 0, 2).astype(jnp.int32), x, x**2, jnp.sin(x)),
+        constant_case=lambda x: jnp.where(x > 0, x**2, 0.0) + jnp.where(x < 0.3, 1.0, jnp.sin(x)),
+        permuted=lambda x: jnp.where(x > 0, x, x[::-1]),
+        slices=lambda x: jnp.where(x[:3] > 0, x[:3], x[3:]) * x[3:],
+        broadcast=lambda x: jnp.where(x > 0, x[0], x),
+        dense=lambda x: jnp.where(x > 0, jnp.cumsum(x), x**2),
+    ),
+    "orders": _cases(
+        sort=lambda x: jnp.sort(x) * _C6,
+        sort_two_operands=lambda x: lax.sort((x, x**2), num_keys=1)[1],
+        sort_two_keys=lambda x: sum(lax.sort((jnp.round(x), x, x**3), num_keys=2)[1:]),
+        argsort_take=lambda x: x[jnp.argsort(x)] * _C6,
+        cumsum_reverse=lambda x: lax.cumsum(x**2, reverse=True) + lax.cumsum(x),
+        cummax_reverse=lambda x: lax.cummax(x, reverse=True) * x,
+        cumprod_cumlogsumexp=lambda x: lax.cumprod(x, reverse=True) + lax.cumlogsumexp(x),
+        reduce_max=lambda x: jnp.max(x.reshape(2, 3), axis=1).sum() * x,
+        argmax=lambda x: x * jnp.argmax(x).astype(x.dtype),
+        top_k=lambda x: jnp.concatenate([lax.top_k(x, 3)[0], x]),
+    ),
+    "indexing": _cases(
+        dynamic_update_known=lambda x: lax.dynamic_update_slice(x, x[:2] ** 2, (3,)),
+        dynamic_update_traced=lambda x: lax.dynamic_update_slice(x, x[:2] ** 2, (jnp.argmax(x),)),
+        dynamic_slice_traced=lambda x: jnp.concatenate([lax.dynamic_slice(x, (jnp.argmin(x),), (2,)), x]),
+        scatter_add_duplicates=lambda x: x.at[_I6].add(x[3:] ** 2),
+        scatter_set_duplicates=lambda x: x.at[_I6].set(x[3:] ** 2),
+        scatter_set_unique=lambda x: x.at[jnp.array([0, 1, 3])].set(x[3:] ** 2, unique_indices=True),
+        scatter_mul=lambda x: x.at[jnp.array([0, 1, 3])].mul(x[3:], unique_indices=True),
+        scatter_max=lambda x: x.at[_I6].max(x[3:] ** 2),
+        split=lambda x: jnp.concatenate(jnp.split(x, [2, 3])[::-1]) * x,
+        tile_stack=lambda x: jnp.tile(x[:3], 2) + jnp.stack([x[:3], x[3:]]).ravel(),
+    ),
+    "rules_and_control": _cases(
+        relu_gelu_softplus=lambda x: jax.nn.relu(x) + jax.nn.gelu(x) + jax.nn.softplus(x),
+        logsumexp=lambda x: jax.nn.logsumexp(x) * x,
+        sinc=jnp.sinc,
+        standardize=jax.nn.standardize,
+        fori=lambda x: lax.fori_loop(0, 3, lambda i, v: jnp.sin(v) * x, x),
+        scan=lambda x: lax.scan(lambda c, v: (c * v + 1.0, c), 1.0, x)[1],
+        cond=lambda x: lax.cond(x[0] > 0, lambda v: v**2, jnp.sin, x),
+        batched_outer=lambda x: jnp.einsum("bi,bj->bij", x.reshape(2, 3), x.reshape(2, 3)).ravel(),
+        erf_inv=lambda x: lax.erf_inv(jnp.tanh(x) * 0.5),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+@pytest.mark.parametrize("group", sorted(STRUCTURED))
+def test_structured_sweeps_dtype_and_mode_table(group, mode, rng):
+    import jacobians
+
+    fun, n, rows = _suite(STRUCTURED[group])
+    x = jnp.asarray(rng.standard_normal(n))
+    want = np.asarray(jax.jit(jax.jacfwd(fun))(x))
+    got = np.asarray(jacobians.jacobian(fun, method="structured", mode=mode)(x))
+    bad = ~np.isclose(got, want, rtol=1e-9, atol=1e-12)
+    assert not [k for k, r in rows.items() if bad[r].any()]
+
+
+def test_structured_forward_where_picks_tangents(rng):
+    import jacobians
+
+    # An unselected branch's infinite or NaN derivative (sqrt of a negative) stays out, as in
+    # jax.jacfwd: a traced select_n picks rows, it does not multiply them by 0.
+    def f(x):
+        return jnp.tanh(jnp.where(x > 0, jnp.sqrt(x), x) * 2.0)
+
+    x = jnp.asarray(rng.standard_normal(8))
+    assert (x < 0).any() and (x > 0).any()
+    want = jax.jacfwd(f)(x)
+    for cs in (None, 3):
+        got = jacobians.jacobian(f, method="structured", mode="fwd", chunk_size=cs)(x)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_structured_holomorphic(rng):
+    import jacobians
+
+    W = jnp.asarray(rng.standard_normal((6, 6)) + 1j * rng.standard_normal((6, 6)))
+
+    def f(z):
+        shifted = jnp.pad(z, (1, 2))[jnp.arange(6) + 1] * z.at[jnp.arange(6) + 2].get(mode="fill", fill_value=3.0)
+        return jnp.concatenate([jnp.where(jnp.real(z) > 0, z**2, jnp.sin(z)), jnp.tanh(W @ z), shifted,
+                                jnp.ravel(z.reshape(2, 3), order="F") ** 3])
+
+    z = jnp.asarray(rng.standard_normal(6) + 1j * rng.standard_normal(6))
+    want = jax.jacfwd(f, holomorphic=True)(z)
+    for mode in ("fwd", "rev"):
+        got = jacobians.jacobian(f, method="structured", mode=mode, holomorphic=True)(z)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=mode)
