@@ -279,8 +279,8 @@ def detect_hessian(t, spec, avals, *, has_aux=False, max_nnz=None) -> Detected:
     ]
     lat = _second.HessianLattice(n, max_nnz)
     walker = _deps.Walker(lat)
-    walker.run(closed, seeds)
-    rows, cols = lat.pairs()
+    outs = walker.run(closed, seeds)
+    rows, cols = lat.pairs(outs)  # only pairs that reach the output count
     pattern = SparsityPattern((n,), (n,), np.concatenate([rows, cols]), np.concatenate([cols, rows]))
     return Detected(pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, walker.seen)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._walker import Walker, bind
-from ._sets import compose, concat, empty, everything, identity
+from ._sets import compose, concat, cross, empty, everything, from_coo, identity
 
 _CACHE_MAX = 512
 
@@ -25,19 +25,35 @@ def _diff(aval) -> bool:
     return jnp.issubdtype(aval.dtype, jnp.inexact)
 
 
-def _local(lat, eqn):
-    """``(rows, cols)`` per output: output ``k``'s element ``rows`` reads input element ``cols``.
-
-    Input elements are numbered across the differentiable operands in order.
-    Cached per equation (a loop body is walked many times).
-    """
-    key = id(eqn)
+def _cached(lat, key, eqn, make):
+    """``make()``, once per equation (a loop body is walked many times)."""
     hit = lat.cache.get(key)
     if hit is not None and hit[0] is eqn:
         return hit[1]
+    result = make()
+    if len(lat.cache) > _CACHE_MAX:
+        lat.cache.clear()
+    lat.cache[key] = (eqn, result)
+    return result
+
+
+def _rule_jaxpr(eqn):
+    """The jaxpr of the derivative rule JAX uses for ``eqn``, with how to seed it.
+
+    ``custom_jvp_call``: ``(args, primals, tangents) -> output tangents``;
+    ``custom_vjp_call``: ``(args, primals, cotangents) -> input cotangents``
+    (the pullback). ``args`` are all operands (the differentiable ones are
+    replaced by ``primals``), so both rules see every value they may read.
+
+    Returns:
+      ``(closed, in_avals, out_avals, diff, douts)``: ``diff`` / ``douts`` the
+      positions of the differentiable operands / outputs.
+    """
     in_avals = [v.aval for v in eqn.invars]
     out_avals = [v.aval for v in eqn.outvars]
     diff = [i for i, a in enumerate(in_avals) if _diff(a)]
+    douts = [i for i, a in enumerate(out_avals) if _diff(a)]
+
     def f(args, dargs):
         a = list(args)
         for i, d in zip(diff, dargs, strict=True):
@@ -46,22 +62,11 @@ def _local(lat, eqn):
 
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals]
     dargs = [args[i] for i in diff]
-    sizes = [math.prod(in_avals[i].shape) for i in diff]
-    n_local = sum(sizes)
-    sub = lat.fresh(n_local)
     if eqn.primitive.name == "custom_jvp_call":
         closed = jax.make_jaxpr(lambda a, d, t: jax.jvp(lambda *x: f(a, x), tuple(d), tuple(t))[1])(
             args, dargs, dargs
         )
-        seeds, off = [], 0
-        for s, i in zip(sizes, diff, strict=True):
-            seeds.append(identity(in_avals[i].shape, off))
-            off += s
-        blank = [empty(a.shape) for a in args] + [empty(a.shape) for a in dargs]
-        outs = Walker(sub).run(closed, blank + seeds)
-        result = [(o.rows(), o.indices) for o in outs]
-    else:  # custom_vjp_call: walk the pullback; cotangents are numbered by output element
-        douts = [i for i, a in enumerate(out_avals) if _diff(a)]
+    else:
 
         def pull(a, d, ct):
             out, vjp = jax.vjp(lambda *x: f(a, x), *d)
@@ -72,24 +77,95 @@ def _local(lat, eqn):
 
         cts = [jax.ShapeDtypeStruct(out_avals[i].shape, out_avals[i].dtype) for i in douts]
         closed = jax.make_jaxpr(pull)(args, dargs, cts)
-        out_sizes = [math.prod(a.shape) for a in out_avals]
-        starts = np.concatenate([[0], np.cumsum(out_sizes)])
-        sub = lat.fresh(int(starts[-1]))
-        seeds = [identity(out_avals[i].shape, int(starts[i])) for i in douts]
-        blank = [empty(a.shape) for a in args] + [empty(a.shape) for a in dargs]
-        ins_ct = Walker(sub).run(closed, blank + seeds)
-        # Transpose: input element j (local) reaches output element r (global over outputs).
+    return closed, in_avals, out_avals, diff, douts
+
+
+def _walk(lat, eqn, n_local, primals, third):
+    """Walk the rule's jaxpr over ``n_local`` local inputs, seeding the primals and/or the third group."""
+    closed, in_avals, out_avals, diff, douts = _cached(lat, ("jaxpr", id(eqn)), eqn, lambda: _rule_jaxpr(eqn))
+    blank = [empty(a.shape) for a in in_avals]
+    seeds, off = [], 0
+    for i in diff:
+        seeds.append(identity(in_avals[i].shape, off) if primals else empty(in_avals[i].shape))
+        off += math.prod(in_avals[i].shape)
+    return Walker(lat.fresh(n_local)).run(closed, blank + seeds + third)
+
+
+def _third(eqn, seeded):
+    """Seeds of the rule's third argument group: input tangents (jvp) or output cotangents (vjp)."""
+    in_avals = [v.aval for v in eqn.invars]
+    out_avals = [v.aval for v in eqn.outvars]
+    if eqn.primitive.name == "custom_jvp_call":
+        diff = [i for i, a in enumerate(in_avals) if _diff(a)]
+        seeds, off = [], 0
+        for i in diff:
+            seeds.append(identity(in_avals[i].shape, off) if seeded else empty(in_avals[i].shape))
+            off += math.prod(in_avals[i].shape)
+        return seeds, off
+    douts = [i for i, a in enumerate(out_avals) if _diff(a)]
+    starts = np.concatenate([[0], np.cumsum([math.prod(a.shape) for a in out_avals])]).astype(np.int64)
+    seeds = [identity(out_avals[i].shape, int(starts[i])) if seeded else empty(out_avals[i].shape) for i in douts]
+    return seeds, int(starts[-1])
+
+
+def _n_diff(eqn) -> int:
+    return sum(math.prod(v.aval.shape) for v in eqn.invars if _diff(v.aval))
+
+
+def _local(lat, eqn):
+    """``(rows, cols)`` per output: output ``k``'s element ``rows`` reads input element ``cols``.
+
+    Input elements are numbered across the differentiable operands in order.
+    Cached per equation (a loop body is walked many times).
+    """
+
+    def make():
+        seeds, n_third = _third(eqn, True)
+        if eqn.primitive.name == "custom_jvp_call":
+            outs = _walk(lat, eqn, n_third, False, seeds)
+            return [(o.rows(), o.indices) for o in outs]
+        # custom_vjp_call: the pullback; cotangents are numbered by output element (global over outputs).
+        ins_ct = _walk(lat, eqn, n_third, False, seeds)
         flat = concat(ins_ct) if ins_ct else empty((0,))
-        j = flat.rows()
-        r = flat.indices
+        j, r = flat.rows(), flat.indices  # input element j (local) reaches output element r
+        sizes = [math.prod(v.aval.shape) for v in eqn.outvars]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         result = []
-        for k in range(len(out_avals)):
+        for k in range(len(eqn.outvars)):
             sel = (r >= starts[k]) & (r < starts[k + 1])
             result.append((r[sel] - starts[k], j[sel]))
-    if len(lat.cache) > _CACHE_MAX:
-        lat.cache.clear()
-    lat.cache[key] = (eqn, result)
-    return result
+        return result
+
+    return _cached(lat, id(eqn), eqn, make)
+
+
+def local_pairs(lat, eqn) -> tuple[np.ndarray, np.ndarray]:
+    """Local input pairs ``(i, j)`` whose second derivative JAX may find nonzero: the rule's coefficients.
+
+    JAX differentiates a custom rule twice by differentiating the rule itself:
+    the coefficient of input tangent ``i`` in a ``custom_jvp`` (of output
+    cotangent in the ``custom_vjp`` pullback's input cotangent ``i``) is a
+    function of the primals, and ``(i, j)`` is a pair when it may read primal
+    ``j``. Example: a rule ``t -> t * cos(x)`` gives the pairs ``(e, e)``; the
+    rule of ``relu`` (a select on ``x > 0``) none. Numbered as :func:`_local`'s inputs.
+    """
+
+    def make():
+        n = _n_diff(eqn)
+        if eqn.primitive.name == "custom_jvp_call":
+            tangent = _local(lat, eqn)  # which input tangents each output tangent reads
+            blank, _ = _third(eqn, False)
+            coef = _walk(lat, eqn, n, True, blank)  # which primals each output tangent reads
+            parts = [cross(from_coo(c.shape, r, t, n), c) for (r, t), c in zip(tangent, coef, strict=True)]
+        else:
+            blank, _ = _third(eqn, False)
+            coef = _walk(lat, eqn, n, True, blank)  # which primals each input cotangent reads
+            parts = [cross(identity((n,)), concat(coef))] if coef else []
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    return _cached(lat, ("pairs", id(eqn)), eqn, make)
 
 
 def custom(lat, eqn, ins):

@@ -8,7 +8,7 @@ predicate, and primitives whose derivative vanishes everywhere.
 
 import numpy as np
 
-from ._sets import broadcast_to, empty, mask, union
+from ._sets import Deps, broadcast_to, empty, mask, union
 
 # Differentiable element-wise primitives: every operand may reach the output.
 NAMES = (
@@ -16,7 +16,7 @@ NAMES = (
     "sqrt rsqrt cbrt abs logistic erf erfc erf_inv lgamma digamma polygamma igamma igammac "
     "igamma_grad_a random_gamma_grad bessel_i0e bessel_i1e zeta regularized_incomplete_beta "
     "square add add_any sub div rem max min atan2 conj real imag complex clamp "
-    "convert_element_type reduce_precision copy copy_p optimization_barrier"
+    "convert_element_type reduce_precision copy copy_p"
 ).split()
 # Primitives whose derivative is zero everywhere it exists.
 ZERO = (
@@ -75,6 +75,14 @@ def pow_(lat, eqn, ins):
     return [union(parts, shape, lat.n)]
 
 
+def identity_each(lat, eqn, ins):
+    """``optimization_barrier((a, b, ...))``: each result is its own operand.
+
+    Example: sets [{0}] and [{1}, {2}] -> [{0}] and [{1}, {2}]. Reads no parameters.
+    """
+    return [Deps(d.shape, d.indptr, d.indices, d.const) for d in ins]
+
+
 def select_n(lat, eqn, ins):
     """``select_n(pred, *cases)``: a known predicate picks one case per element.
 
@@ -94,4 +102,5 @@ def select_n(lat, eqn, ins):
 
 RULES = {name: elementwise for name in NAMES}
 RULES.update({name: zero for name in ZERO})
-RULES.update({"mul": mul, "integer_pow": integer_pow, "pow": pow_, "select_n": select_n})
+RULES.update({"mul": mul, "integer_pow": integer_pow, "pow": pow_, "select_n": select_n,
+              "optimization_barrier": identity_each})

@@ -40,6 +40,27 @@ def dot_general(lat, eqn, ins):
     return [union(parts, shape, lat.n)]
 
 
+def contraction_groups(lhs_shape, rhs_shape, dimension_numbers) -> tuple[np.ndarray, np.ndarray, int]:
+    """The (batch, contracted) position ``b * K + k`` of every lhs and rhs element of a ``dot_general``.
+
+    Two elements are multiplied together only if they share it (the second-order
+    lattice crosses the operands' sets group by group). Example: ``x @ y`` with
+    ``x`` (2, 3) and ``y`` (3,) -> lhs groups [0, 1, 2, 0, 1, 2], rhs [0, 1, 2].
+
+    Returns:
+      ``(lhs_keys, rhs_keys, groups)``: keys of shapes ``(lhs.size,)`` and ``(rhs.size,)``, in ``[0, groups)``.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    coords_l = np.indices(lhs_shape).reshape(len(lhs_shape), math.prod(lhs_shape))
+    coords_r = np.indices(rhs_shape).reshape(len(rhs_shape), math.prod(rhs_shape))
+    sizes = [lhs_shape[i] for i in lb] + [lhs_shape[i] for i in lc]
+    if not sizes:
+        return np.zeros(coords_l.shape[1], np.int64), np.zeros(coords_r.shape[1], np.int64), 1
+    lk = np.ravel_multi_index(tuple(coords_l[list(lb) + list(lc)]), sizes)
+    rk = np.ravel_multi_index(tuple(coords_r[list(rb) + list(rc)]), sizes)
+    return lk.astype(np.int64), rk.astype(np.int64), math.prod(sizes)
+
+
 def _dot_part(lat, dep, other, idx, other_idx, is_lhs, bmkn, shape):
     b_, m_, k_, n_ = bmkn
     # Position of each element of `dep` as (b, free, k).

@@ -53,9 +53,10 @@ def along_axis(lat, eqn, ins):
     """``sort`` / ``top_k``: each output element may come from any element of its line.
 
     Example: ``sort`` of [{0}, {1}, {2}] -> [{0, 1, 2}] * 3. Reads ``dimension``
-    (``sort``; every operand is permuted by the keys) or the last axis (``top_k``).
+    (``sort``; every operand is permuted by the keys) or ``axis`` (``top_k``;
+    the last axis in JAX versions without the parameter).
     """
-    axis = eqn.params.get("dimension", -1) % len(ins[0].shape)
+    axis = eqn.params.get("dimension", eqn.params.get("axis", -1)) % len(ins[0].shape)
     lines = union([_collapse(d, (axis,), lat.n) for d in ins], tuple(np.delete(ins[0].shape, axis)), lat.n)
     outs = []
     for v in eqn.outvars:

@@ -1,145 +1,296 @@
 """Which pairs of inputs interact nonlinearly: the Hessian sparsity lattice.
 
 A :class:`HessianLattice` carries the first-order sets of the dependency
-lattice (:class:`Deps`, computed by the same rules) and, on the side, a
-global set of input pairs ``(i, j)`` that meet in a nonlinear operation: the
-Hessian of the output can be nonzero only at such pairs (every second
-derivative of a composition is a sum of terms, each from one operation's own
-second derivative, sections 5.7-5.8). Conservative and symmetric by
-construction. Per primitive family:
+lattice (:class:`Deps`, computed by the same rules) and, on the side, the input
+pairs ``(i, j)`` that meet in a nonlinear operation. The Hessian of a scalar
+``y`` of a composition is a sum of one term per operation ``z = g(u)``:
+``sum_e dy/dz_e * J_u^T (d^2 g_e / du^2) J_u`` (sections 5.7-5.8). A term can
+be nonzero only at the pairs of ``g``'s own second derivative, mapped through
+its operands' sets, and only when ``z`` reaches ``y`` with a possibly nonzero
+derivative. So each operation's pairs are recorded on a node of a graph whose
+edges say which values reach which; at the end only the pairs of nodes that
+reach the output count (``0 * x ** 2`` has no Hessian; nor has a value that only
+feeds ``floor``, a comparison, or an integer). Conservative and symmetric by
+construction. Per primitive family (the claims that depend on the dtype or the
+parameters are checked per equation):
 
-- linear (add, reshapes, slices, sums, products with a constant, ...): no pairs;
-- piecewise linear (abs, max, min, sort, floor, ...): no pairs (JAX's second
-  derivative is zero almost everywhere, and so is the Hessian it returns);
-- bilinear (``mul``, ``dot_general``, convolutions with both operands varying):
-  the pairs across the two operands' sets (``x_i * x_j`` -> (i, j), (j, i));
+- linear (add, data movement, gathers, scatters that set or add, ``select_n``,
+  sums, real and imaginary parts, conversions, ``fft``, ...): no pairs;
+- piecewise linear (max, min, clamp, sorts, ``reduce_max``, ``scatter-min``,
+  and ``abs`` of *real* values; JAX's second derivative is zero there) and
+  primitives with a zero derivative (``floor``, ``sign``, comparisons): no pairs.
+  ``abs`` of a complex value, ``|a + ib| = sqrt(a^2 + b^2)``, is not piecewise linear;
+- bilinear: ``mul`` (the same-position sets crossed), ``dot_general`` (crossed
+  per batch and contracted position: only elements that multiply meet),
+  ``conv_general_dilated`` with both operands varying (the unions crossed),
+  ``scatter-mul`` (the operand crossed with the updates that land on it);
 - ``div``: across the operands and within the divisor's sets;
-- every other nonlinear op (``sin``, ``exp``, ``x ** 2``, factorisations,
-  custom rules, primitives without a rule): all pairs within each element's
-  set (``tanh(x1 + x2)`` -> {1, 2} x {1, 2}).
+- ``x ** y`` with ``y`` in {0, 1}: none;
+- custom rules: JAX differentiates the rule itself, so the pairs are the
+  rule's (see :func:`jacobians._deps._custom.local_pairs`);
+- every other nonlinear op (``sin``, ``exp``, ``abs`` of complex,
+  ``reduce_prod``, ``cumprod``, factorisations, primitives without a rule):
+  all pairs within each element's set (``tanh(x1 + x2)`` -> {1, 2} x {1, 2}).
 """
 
+import hashlib
+
+import jax.numpy as jnp
 import numpy as np
 
-from . import DepsLattice, _elementwise, _linalg, _movement, _reductions
-from ._sets import Deps, TooDense, broadcast_to, union, unique
+from . import DepsLattice, _custom, _elementwise, _linalg, _movement
+from ._sets import Deps, TooDense, broadcast_to, concat, cross, empty, gather, identity, mask, reduce_to, union, unique
 
-LINEAR = (
-    set(_movement.RULES)
-    | {"add", "add_any", "sub", "neg", "convert_element_type", "reduce_precision", "copy", "copy_p", "real",
-       "imag", "complex", "conj", "reduce_sum", "cumsum", "select_n", "optimization_barrier", "transpose",
-       "stop_gradient"}
-)
-PIECEWISE_LINEAR = {"abs", "max", "min", "clamp", "rem", "sort", "top_k", "reduce_max", "reduce_min", "cummax",
-                    "cummin", "argmax", "argmin", "sign", "floor", "ceil", "round"} | set(_elementwise.ZERO)
-BILINEAR = {"mul", "dot_general", "conv_general_dilated"}
+LINEAR = set(_movement.MOVES) | {
+    "scatter", "scatter-add", "scatter_add", "scatter-sub", "scatter_sub", "add", "add_any", "sub", "neg",
+    "convert_element_type", "reduce_precision", "copy", "copy_p", "real", "imag", "complex", "conj", "reduce_sum",
+    "cumsum", "select_n", "optimization_barrier", "transpose", "stop_gradient", "fft",
+}  # fmt: skip
+# Piecewise linear (or of zero derivative). ``abs`` only on real operands: :meth:`HessianLattice.second_order`
+# checks the dtype first (other lattices reading this set must too).
+PIECEWISE_LINEAR = {
+    "abs", "max", "min", "clamp", "rem", "sort", "top_k", "reduce_max", "reduce_min", "cummax", "cummin", "argmax",
+    "argmin", "scatter-min", "scatter_min", "scatter-max", "scatter_max",
+} | set(_elementwise.ZERO)  # fmt: skip
+SCATTER_MUL = ("scatter-mul", "scatter_mul")
+STORE_MAX = 1 << 25  # stored pair keys before the graph is given up (every pair then counts)
+
+
+def _node(d: Deps) -> int | None:
+    return getattr(d, "node", None)
+
+
+def _copy(d: Deps) -> Deps:
+    return Deps(d.shape, d.indptr, d.indices, d.const)
+
+
+def _is_complex(aval) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.complexfloating)
 
 
 class HessianLattice(DepsLattice):
-    """First-order sets, plus the input pairs that interact nonlinearly (in ``self.pairs``)."""
+    """First-order sets, plus the input pairs that interact nonlinearly (read with :meth:`pairs`).
+
+    A value that may carry second derivatives has a ``node``; nodes hold the
+    pairs their equation created and point to the nodes of the operands that
+    reach them. Values without a node carry no pairs.
+    """
 
     name = "jacobians Hessian sparsity detection"
 
     def __init__(self, n: int, max_nnz: int | None = None):
         super().__init__(n, max_nnz)
-        self._pairs: list[np.ndarray] = []  # int64 keys i * n + j
+        self._parents: list[tuple[int, ...]] = []  # node -> the nodes that reach it
+        self._chunks: list[tuple[int, int]] = []  # (node, array id)
+        self._arrays: list[np.ndarray] = []  # distinct pair-key arrays (loop bodies repeat theirs)
+        self._ids: dict[bytes, int] = {}
+        self._always: list[np.ndarray] = []  # pairs that count whatever reaches the output
+        self._stored = 0
 
     def fresh(self, n: int) -> DepsLattice:
-        # Custom rules' local first-order patterns need no pairs.
-        return DepsLattice(n)
+        # Custom rules' local patterns are first-order walks.
+        sub = DepsLattice(n)
+        sub.untraced = self.untraced
+        return sub
 
-    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """The symmetric set of interacting pairs, as sorted ``(rows, cols)``."""
-        n = max(self.n, 1)
-        keys = unique(np.concatenate(self._pairs + [np.zeros(0, np.int64)]))
-        self._pairs = [keys]
-        return np.divmod(keys, n)
+    # --- the graph ---------------------------------------------------------------------------
+    def _new_node(self, parents, keys: np.ndarray | None = None) -> int | None:
+        parents = tuple(sorted({p for p in parents if p is not None}))
+        has_keys = keys is not None and keys.size > 0
+        if not has_keys:
+            if not parents:
+                return None
+            if len(parents) == 1:
+                return parents[0]  # the same reach as its only parent
+        node = len(self._parents)
+        self._parents.append(parents)
+        if has_keys:
+            digest = hashlib.blake2b(keys.tobytes(), digest_size=16).digest()
+            idx = self._ids.get(digest)
+            if idx is None:
+                idx = self._ids[digest] = len(self._arrays)
+                self._arrays.append(keys)
+                self._stored += keys.size
+            self._chunks.append((node, idx))
+            if self._stored > STORE_MAX:  # give up reach for memory: every pair recorded so far counts
+                self._always = [unique(np.concatenate(self._always + self._arrays))]
+                self._arrays, self._ids, self._chunks, self._stored = [], {}, [], 0
+        return node
 
-    # --- pair accumulation -------------------------------------------------------------------
-    def _add_within(self, d: Deps) -> None:
-        """Every element's set with itself: (i, j) for i, j in S_e."""
-        if not d.nnz:
-            return
-        lens = np.diff(d.indptr)
-        sq = lens * lens
-        total = int(sq.sum())
+    def _link(self, out: Deps, srcs, keys: np.ndarray | None = None) -> Deps:
+        """Give ``out`` a node reached from ``srcs``'s nodes (and holding ``keys``), if it can carry pairs."""
+        if not out.nnz:
+            return out
+        node = self._new_node([_node(s) for s in srcs if s.nnz], keys)
+        if node is None:
+            return out
+        if any(out is s for s in srcs) or _node(out) is not None:
+            out = _copy(out)
+        out.node = node
+        return out
+
+    def pairs(self, outs=None) -> tuple[np.ndarray, np.ndarray]:
+        """The symmetric set of interacting pairs, as sorted ``(rows, cols)``.
+
+        Args:
+          outs: the lattice values of the function's outputs; only pairs of
+            nodes that reach them count. ``None``: every pair recorded.
+        """
+        live = np.zeros(len(self._parents), bool)
+        if outs is None:
+            live[:] = True
+        else:
+            stack = [m for m in (_node(o) for o in outs) if m is not None]
+            while stack:
+                m = stack.pop()
+                if not live[m]:
+                    live[m] = True
+                    stack.extend(p for p in self._parents[m] if not live[p])
+        used = sorted({idx for node, idx in self._chunks if live[node]})
+        keys = unique(np.concatenate([self._arrays[i] for i in used] + self._always + [np.zeros(0, np.int64)]))
+        return np.divmod(keys, max(self.n, 1))
+
+    # --- pair sets ---------------------------------------------------------------------------
+    def _budget(self, total: int) -> None:
         if self.max_nnz is not None and total > 16 * self.max_nnz:
             raise TooDense("hessian pairs")
-        base = np.repeat(d.indptr[:-1], sq)
-        within = np.arange(total) - np.repeat(np.cumsum(sq) - sq, sq)
-        width = np.repeat(lens, sq)
-        a = d.indices[base + within // np.maximum(width, 1)]
-        b = d.indices[base + within % np.maximum(width, 1)]
-        self._pairs.append(unique(a * max(self.n, 1) + b))
-        self._compact()
 
-    def _add_across(self, a: Deps, b: Deps) -> None:
-        """Same-position sets of two same-shaped values, crossed both ways."""
-        if not (a.nnz and b.nnz):
-            return
-        la, lb = np.diff(a.indptr), np.diff(b.indptr)
-        cnt = la * lb
-        total = int(cnt.sum())
-        rep = np.repeat(np.arange(a.size), cnt)
-        k = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-        lbr = np.maximum(lb[rep], 1)
-        i = a.indices[a.indptr[rep] + k // lbr]
-        j = b.indices[b.indptr[rep] + k % lbr]
+    def _within(self, d: Deps) -> np.ndarray:
+        """Every element's set with itself: keys of (i, j) for i, j in S_e."""
+        lens = np.diff(d.indptr)
+        self._budget(int((lens * lens).sum()))
+        i, j = cross(d, d)
+        return unique(i * max(self.n, 1) + j)
+
+    def _across(self, a: Deps, b: Deps) -> np.ndarray:
+        """Same-element sets of two values with as many elements, crossed both ways."""
+        self._budget(int((np.diff(a.indptr) * np.diff(b.indptr)).sum()))
+        i, j = cross(a, b)
         n = max(self.n, 1)
-        self._pairs.append(unique(np.concatenate([i * n + j, j * n + i])))
-        self._compact()
+        return unique(np.concatenate([i * n + j, j * n + i]))
 
-    def _compact(self) -> None:
-        if len(self._pairs) > 64:
-            self._pairs = [unique(np.concatenate(self._pairs))]
-
-    def _union_all(self, ins) -> Deps:
-        cols = unique(np.concatenate([d.indices for d in ins] + [np.zeros(0, np.int64)]))
+    def _union_all(self, d: Deps) -> Deps:
+        cols = unique(d.indices)
         return Deps((1,), np.array([0, cols.size], np.int64), cols)
 
     # --- the rule table: first order from the parent, then the pairs ------------------------
-    def default(self, eqn, ins: list) -> list[Deps]:
-        outs = super().default(eqn, ins)
-        self.second_order(eqn, ins, outs)
-        return outs
+    def join(self, vals, aval) -> Deps:
+        return self._link(super().join(vals, aval), vals)
 
-    def second_order(self, eqn, ins: list, outs: list) -> None:
-        """Record the pairs ``eqn`` makes interact, given its operands' and results' first-order sets."""
-        name = eqn.primitive.name
-        if name in LINEAR or name in PIECEWISE_LINEAR:
-            return
-        if name == "integer_pow" and eqn.params["y"] in (0, 1):
-            return
-        if name == "mul" or name == "div":
-            shape = eqn.outvars[0].aval.shape
-            a, b = (broadcast_to(d, shape) for d in ins)
-            self._add_across(a, b)
-            if name == "div":
-                self._add_within(b)
-            return
-        if name in BILINEAR:
-            lhs, rhs = ins
-            if lhs.nnz and rhs.nnz:  # conservative: across the operands' unions
-                self._add_across(self._union_all([lhs]), self._union_all([rhs]))
-            return
-        if name in _reductions.CUMULATIVE or name in ("reduce_prod",) or name in _linalg.BATCHED_DENSE:
-            self._add_within(self._union_all(ins))
-            return
-        if name in _elementwise.NAMES or name in ("integer_pow", "pow"):
-            shape = eqn.outvars[0].aval.shape
-            parts = [broadcast_to(d, shape) for d in ins if d.nnz]
-            self._add_within(union(parts, shape, self.n))
-            return
-        # Custom rules, primitives without a rule: all pairs within each result element's set.
+    def forget(self, v: Deps) -> Deps:
+        return self._link(super().forget(v), [v])
+
+    def index(self, v: Deps, i: int, aval) -> Deps:
+        return self._link(super().index(v, i, aval), [v])
+
+    def stack(self, vals, aval) -> Deps:
+        return self._link(super().stack(vals, aval), vals)
+
+    def collapse(self, v: Deps, aval) -> Deps:
+        return self._link(super().collapse(v, aval), [v])
+
+    def spread(self, v: Deps, aval) -> Deps:
+        return self._link(super().spread(v, aval), [v])
+
+    def default(self, eqn, ins: list) -> list[Deps]:
+        return self.finish(eqn, ins, super().default(eqn, ins))
+
+    def finish(self, eqn, ins: list, outs: list) -> list[Deps]:
+        """Record ``eqn``'s pairs on a node that its results point to, reached from the operands that reach them."""
+        if not any(o.nnz for o in outs):
+            return outs  # constant results: no derivative reaches the output through them
+        keys = self.second_order(eqn, ins, outs)
+        srcs = [d for k, d in enumerate(ins) if d.nnz and self._reaches(eqn, ins, k)]
+        node = self._new_node([_node(d) for d in srcs], keys)
+        if node is None:
+            return outs
+        res = []
         for o in outs:
-            self._add_within(o)
+            if o.nnz:
+                if any(o is d for d in ins) or _node(o) is not None:
+                    o = _copy(o)
+                o.node = node
+            res.append(o)
+        return res
+
+    def _reaches(self, eqn, ins: list, k: int) -> bool:
+        """Whether operand ``k`` may reach a result with a nonzero derivative."""
+        if eqn.primitive.name == "select_n" and k > 0 and ins[0].const is not None:
+            return bool(np.any(np.asarray(ins[0].const) == k - 1))  # a known predicate never picks this case
+        return True
+
+    def second_order(self, eqn, ins: list, outs: list) -> np.ndarray | None:
+        """The pair keys ``i * n + j`` that ``eqn``'s own second derivative may make nonzero (``None``: none)."""
+        name = eqn.primitive.name
+        shape = eqn.outvars[0].aval.shape
+        if name == "abs":  # |x| is piecewise linear on reals; |a + ib| = sqrt(a^2 + b^2) is not
+            return self._within(ins[0]) if _is_complex(eqn.invars[0].aval) else None
+        if name in LINEAR or name in PIECEWISE_LINEAR:
+            return None
+        if name == "integer_pow":
+            return None if eqn.params["y"] in (0, 1) else self._within(ins[0])
+        if name == "pow":
+            base, expo = ins
+            if not expo.nnz and expo.const is not None and np.all(np.isin(np.asarray(expo.const), (0, 1))):
+                return None  # x ** 1, x ** 0
+        if name in ("mul", "div"):
+            a, b = (broadcast_to(d, shape) for d in ins)
+            keys = self._across(a, b) if a.nnz and b.nnz else None
+            if name == "div" and b.nnz:
+                keys = self._within(b) if keys is None else unique(np.concatenate([keys, self._within(b)]))
+            return keys
+        if name == "dot_general":
+            lhs, rhs = ins
+            if not (lhs.nnz and rhs.nnz):
+                return None
+            # Only elements that share a batch and contracted position multiply.
+            lk, rk, g = _linalg.contraction_groups(lhs.shape, rhs.shape, eqn.params["dimension_numbers"])
+            return self._across(reduce_to(lhs, lk, (g,), self.n), reduce_to(rhs, rk, (g,), self.n))
+        if name == "conv_general_dilated":
+            lhs, rhs = ins
+            return self._across(self._union_all(lhs), self._union_all(rhs)) if lhs.nnz and rhs.nnz else None
+        if name in SCATTER_MUL:
+            return self._scatter_mul(eqn, ins)
+        if name in _custom.RULES:
+            try:
+                li, lj = _custom.local_pairs(self, eqn)
+            except Exception:  # noqa: BLE001 - an untraceable rule (first order warned): all pairs within
+                return self._within_all(outs)
+            diff = [d for d, v in zip(ins, eqn.invars, strict=True) if jnp.issubdtype(v.aval.dtype, jnp.inexact)]
+            source = concat(diff) if diff else empty((0,))
+            return self._across(gather(source, li), gather(source, lj))
+        if name in _elementwise.NAMES or name in ("integer_pow", "pow"):
+            return self._within(union([broadcast_to(d, shape) for d in ins if d.nnz], shape, self.n))
+        # reduce_prod, cumprod, cumlogsumexp, factorisations, primitives without a rule: a result element
+        # is a nonlinear function of the inputs in its set.
+        return self._within_all(outs)
+
+    def _within_all(self, outs: list) -> np.ndarray:
+        return unique(np.concatenate([self._within(o) for o in outs] + [np.zeros(0, np.int64)]))
+
+    def _scatter_mul(self, eqn, ins) -> np.ndarray:
+        """``operand.at[i].mul(updates)``: each operand element crossed with the updates landing on it.
+
+        Where several updates land on one element they multiply each other too.
+        Example: [{0}, {1}, {2}].at[[0, 0]].mul([{3}, {4}]) -> (0, 3), (0, 4), (3, 4) and their mirrors.
+        """
+        operand, indices, updates = ins
+        rule = _movement.RULES[eqn.primitive.name]
+        (landed,) = rule(self.fresh(self.n), eqn, [empty(operand.shape), indices, updates])
+        # The same scatter of the update *element numbers* counts the updates landing on each element.
+        (numbers,) = rule(self.fresh(updates.size), eqn, [empty(operand.shape), indices, identity(updates.shape)])
+        keys = [self._across(operand, landed)] if operand.nnz and landed.nnz else []
+        several = np.diff(numbers.indptr) > 1
+        if np.any(several):
+            keys.append(self._within(mask(landed, several.reshape(landed.shape))))
+        return unique(np.concatenate(keys + [np.zeros(0, np.int64)]))
 
 
 def _wrap(rule):
     def rule2(lat, eqn, ins):
         outs = rule(lat, eqn, ins)
         if isinstance(lat, HessianLattice):
-            lat.second_order(eqn, ins, outs)
+            outs = lat.finish(eqn, ins, outs)
         return outs
 
     rule2.__doc__ = rule.__doc__
@@ -147,4 +298,3 @@ def _wrap(rule):
 
 
 HessianLattice.rules = {name: _wrap(rule) for name, rule in DepsLattice.rules.items()}
-

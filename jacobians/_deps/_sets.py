@@ -159,6 +159,21 @@ def concat(parts: Sequence[Deps]) -> Deps:
     return Deps((size,), np.concatenate(indptr), np.concatenate([d.indices for d in parts]))
 
 
+def cross(a: Deps, b: Deps) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``(i, j)`` with ``i`` in ``a``'s set and ``j`` in ``b``'s set of the same element.
+
+    ``a`` and ``b`` have the same number of elements. Example: sets
+    [{0}, {1, 2}] and [{3}, {4}] -> (i, j) = ([0, 1, 2], [3, 4, 4]).
+    """
+    la, lb = np.diff(a.indptr), np.diff(b.indptr)
+    cnt = la * lb
+    total = int(cnt.sum())
+    rep = np.repeat(np.arange(la.size), cnt)
+    k = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    lbr = np.maximum(lb[rep], 1)
+    return a.indices[a.indptr[rep] + k // lbr], b.indices[b.indptr[rep] + k % lbr]
+
+
 def compose(shape, rows: np.ndarray, cols: np.ndarray, d: Deps, n_inputs: int) -> Deps:
     """Sets of a linear map's outputs: element ``rows[t]`` reads element ``cols[t]`` of ``d``.
 

@@ -1,0 +1,308 @@
+"""Trust in the jaxpr analyses' rules whose claims depend on dtypes and parameters (issue 21).
+
+Three properties on fresh random points, never zeros:
+
+- Hessian patterns (``hessian_sparsity``) contain every nonzero of ``jax.hessian``
+  (soundness), over a table of small functions through every second-order rule
+  family with real and complex intermediates; ``sparse_hessian`` equals
+  ``jax.hessian``; a few patterns are pinned exactly (precision).
+- First-order patterns (``sparsity``) contain every nonzero of ``jax.jacfwd``, and
+  the default ``jacobian`` equals it, over rules whose result depends on
+  parameters (convolution geometry, dot batch axes, reverse scans, ``top_k``'s axis).
+- Log-determinants: ``+inf`` for an infinite Jacobian entry, ``-inf`` for a
+  singular one and finite for an underflowing one at every kernel size, and
+  ``jax.grad`` through ``log_abs_det`` above the looped LU's sizes.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import randn
+from jax import lax
+
+import jacobians
+
+
+def _z(x):  # a complex intermediate from a real input of size 6: x[:3] + i x[3:6]
+    return lax.complex(x[:3], x[3:6])
+
+
+@jax.custom_jvp
+def _detached_jvp(x):
+    """Primal x0 * x1; the rule keeps only x0's tangent (a 'stop-gradient on one factor' rule)."""
+    return x[0] * x[1]
+
+
+@_detached_jvp.defjvp
+def _detached_jvp_rule(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _detached_jvp(x), t[0] * x[1]
+
+
+@jax.custom_vjp
+def _detached_vjp(x):
+    return x[0] * x[1]
+
+
+def _detached_vjp_fwd(x):
+    return _detached_vjp(x), x[1]
+
+
+def _detached_vjp_bwd(x1, g):
+    return (jnp.zeros(2).at[0].set(g * x1),)
+
+
+_detached_vjp.defvjp(_detached_vjp_fwd, _detached_vjp_bwd)
+
+
+@jax.custom_vjp
+def _ste_round(x):
+    return jnp.round(x)
+
+
+_ste_round.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+
+def _pow_int(x):
+    with jax.numpy_dtype_promotion("standard"):  # JAX's own rule for an integer exponent promotes
+        return jnp.sum(lax.pow(x, jnp.int32(3)))
+
+
+def _spd(x):  # a symmetric positive definite 3x3 matrix from x[:6]
+    L = jnp.zeros((3, 3)).at[jnp.tril_indices(3)].set(x[:6])
+    return L @ L.T + 3 * jnp.eye(3)
+
+
+def _conv1(lhs, rhs, **kw):
+    return lax.conv_general_dilated(lhs, rhs, window_strides=(1,), padding="SAME", **kw)
+
+
+# name -> (scalar function of x in R^8). Intermediates: real and complex; every second-order rule family.
+HESSIAN_CASES = {
+    # dtype-dependent claims: abs/sign/max of complex and real values
+    "abs_real": lambda x: jnp.sum(jnp.abs(x) * x),
+    "abs_complex": lambda x: jnp.sum(jnp.abs(_z(x))),
+    "abs_complex_squared": lambda x: jnp.sum(jnp.abs(_z(x)) ** 2) + x[7] * x[6],
+    "sign_complex": lambda x: jnp.sum(jnp.real(jnp.sign(_z(x))) * x[:3] ** 2),
+    "real_imag_conj": lambda x: jnp.sum(jnp.real(_z(x) * jnp.conj(_z(x)[::-1])) + jnp.imag(_z(x) ** 2)),
+    "complex_to_real_cast": lambda x: jnp.sum(lax.convert_element_type(jnp.exp(_z(x)), jnp.float64) * x[6]),
+    "complex_div": lambda x: jnp.sum(jnp.real(1 / (_z(x) + 3))),
+    "max_min": lambda x: jnp.sum(jnp.maximum(x[:4], x[4:]) ** 2 + jnp.minimum(x[:4], 0.1) * x[4:]),
+    "clamp_rem": lambda x: jnp.sum(jnp.clip(x, -0.5, 0.5) * x[::-1] + lax.rem(x, 1.7) * x),
+    # powers and products
+    "integer_pow": lambda x: jnp.sum(x[:4] ** 3 + lax.integer_pow(x[4:], 1) * 2 + lax.integer_pow(x[4:], 0)),
+    "pow_float": lambda x: jnp.sum((jnp.abs(x[:4]) + 1) ** 2.5 + (x[4:] ** 2 + 1) ** x[:4]),
+    "pow_int_exponent": lambda x: _pow_int(x),
+    "mul_dependent": lambda x: jnp.sum(x[:4] * x[4:]) + x[0] * x[0],
+    "div_dependent": lambda x: jnp.sum(x[:4] / (2 + x[4:] ** 2)),
+    "zero_times_square": lambda x: jnp.sum(0 * x**2) + jnp.sum(x[:2] * x[2:4]),
+    "select_n": lambda x: jnp.sum(jnp.where(x[:4] > 0, x[:4] ** 2, x[4:] * x[:4])),
+    "stop_gradient": lambda x: jnp.sum(lax.stop_gradient(x) * x**2 + jnp.floor(x) * x),
+    # reductions, scans, sorts
+    "sort": lambda x: jnp.sum(jnp.sort(x)[:4] * x[4:]),
+    "sort_two_keys": lambda x: jnp.sum(lax.sort((jnp.round(x[:4]), x[4:] ** 2), num_keys=2)[1] * x[:4]),
+    "top_k": lambda x: jnp.sum(lax.top_k(x, 3)[0] ** 2),
+    "cumprod": lambda x: jnp.sum(jnp.cumprod(x[:4])) + jnp.sum(lax.cumprod(x[4:], reverse=True)),
+    "cumsum_cummax_cumlogsumexp": lambda x: jnp.sum(
+        jnp.cumsum(x) ** 2 + lax.cummax(x, reverse=True) * x
+    ) + jnp.sum(lax.cumlogsumexp(x[:4], reverse=True) * x[4:]),
+    "reduce_prod": lambda x: jnp.prod(x[:3]) + jnp.prod(x[3:].reshape(1, 5), axis=1)[0],
+    "reduce_max": lambda x: jnp.max(x) ** 2 + jnp.max(x[:4] * x[4:]),
+    "argmax_gather": lambda x: x[jnp.argmax(x)] * x[0] + jnp.sum(x[jnp.argsort(x)][:2] ** 2),
+    # bilinear
+    "dot_both_dependent": lambda x: x[:4] @ x[4:] + jnp.sum(x[:4].reshape(2, 2) @ x[4:].reshape(2, 2)),
+    "dot_batched": lambda x: jnp.sum(jnp.einsum("bi,bi->b", x[:4].reshape(2, 2), x[4:].reshape(2, 2)) ** 2),
+    "dot_self": lambda x: x @ x + jnp.sum(jnp.outer(x[:2], x[6:])),
+    "conv_both_dependent": lambda x: jnp.sum(_conv1(x[None, None, :5], x[None, None, 5:])),
+    # scatters
+    "scatter_set": lambda x: jnp.sum(x.at[jnp.array([0, 1])].set(x[2:4] ** 2) * x[::-1]),
+    "scatter_add": lambda x: jnp.sum(jnp.sin(x.at[jnp.array([0, 0, 5])].add(x[5:8]))),
+    "scatter_mul": lambda x: jnp.sum(x.at[jnp.array([0, 1])].mul(x[2:4], unique_indices=True)),
+    "scatter_min_max": lambda x: jnp.sum(x.at[jnp.array([0, 1])].min(x[2:4]) * x + x.at[jnp.array([3])].max(x[7:])),
+    "dynamic_update_slice": lambda x: jnp.sum(lax.dynamic_update_slice(x, x[:2] * x[6:], (3,)) * x[::-1]),
+    # custom rules
+    "custom_jvp_relu_softplus": lambda x: jnp.sum(jax.nn.relu(x) * x[::-1] + jax.nn.softplus(x)),
+    "custom_jvp_detached": lambda x: _detached_jvp(x[:2]) + x[2] ** 2,
+    "custom_vjp_detached": lambda x: _detached_vjp(x[:2]) + x[2] ** 2,
+    "custom_vjp_ste": lambda x: jnp.sum(_ste_round(x * 3) * x[::-1]),
+    # control flow and nested jaxprs
+    "while": lambda x: lax.fori_loop(0, 3, lambda i, c: c * x[i] + x[i + 4], 1.0),
+    "cond": lambda x: lax.cond(x[0] > 0, lambda: x[1] * x[2], lambda: x[3] ** 2) + lax.cond(
+        x[0] > 10, lambda: x[4] * x[5], lambda: x[6]
+    ),
+    "scan": lambda x: lax.scan(lambda c, xi: (jnp.tanh(c + xi), c * xi), 0.5, x[:4])[1].sum(),
+    "jit_remat": lambda x: jax.jit(lambda y: jnp.sum(jax.checkpoint(jnp.sin)(y[:4]) * y[4:]))(x),
+    # nonlinear element-wise
+    "expm1_logistic_erf_inv": lambda x: jnp.sum(jnp.expm1(x[:3]) + jax.nn.sigmoid(x[3:6] * x[6]))
+    + jnp.sum(jax.scipy.special.erfinv(jnp.tanh(x[6:]) * 0.9)),
+    "atan2_sqrt_complex": lambda x: jnp.sum(jnp.arctan2(x[:4], x[4:])) + jnp.sum(jnp.real(jnp.sqrt(_z(x) + 4))),
+    "fft": lambda x: jnp.sum(jnp.abs(jnp.fft.fft(x[:4])) ** 2) + x[5] * x[6],
+    "reduce_precision": lambda x: jnp.sum(lax.reduce_precision(x**2, exponent_bits=11, mantissa_bits=52) * x),
+    # linear algebra
+    "cholesky_triangular_solve": lambda x: jnp.sum(
+        jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(_spd(x)), x[5:8], lower=True) ** 2
+    ),
+    "lu_det": lambda x: jnp.linalg.det(_spd(x)) + x[7] ** 2,
+    "qr": lambda x: jnp.sum(jnp.linalg.qr(_spd(x))[1] ** 2),
+    "eigh": lambda x: jnp.sum(jnp.linalg.eigvalsh(_spd(x)) ** 3) + x[6] * x[7],
+}
+
+# Patterns pinned exactly: the precision the rules promise.
+EXACT = {
+    "abs_complex": [(i, j) for i in range(3) for j in (i, i + 3)] + [(i + 3, j) for i in range(3) for j in (i, i + 3)],
+    "scatter_mul": [(0, 2), (2, 0), (1, 3), (3, 1)],
+    "zero_times_square": [(0, 2), (2, 0), (1, 3), (3, 1)],
+    "custom_jvp_detached": [(0, 1), (1, 0), (2, 2)],
+    "custom_vjp_detached": [(0, 1), (1, 0), (2, 2)],
+    "dot_batched": [(i, j) for b in (0, 2) for i in (b, b + 1, b + 4, b + 5) for j in (b, b + 1, b + 4, b + 5)],
+}
+
+
+@functools.cache
+def _jax_hessians(name):
+    f = HESSIAN_CASES[name]
+    # Forward mode cannot enter a custom_vjp: reverse over reverse there.
+    return jax.jit(jax.vmap(jax.jacrev(jax.grad(f)) if "vjp" in name else jax.hessian(f)))
+
+
+@pytest.mark.parametrize("name", sorted(HESSIAN_CASES))
+def test_hessian_pattern_sound(name, rng):
+    f = HESSIAN_CASES[name]
+    xs = randn(rng, (3, 8))
+    pattern = np.asarray(jacobians.hessian_sparsity(f, xs[0]).to_dense())
+    np.testing.assert_array_equal(pattern, pattern.T)
+    H = np.asarray(_jax_hessians(name)(xs))
+    assert np.all(np.isfinite(H))
+    missed = np.argwhere(np.any(H != 0, axis=0) & ~pattern)
+    assert not missed.size, f"the Hessian pattern misses nonzeros at {missed.tolist()}"
+    if name in EXACT:
+        want = np.zeros((8, 8), bool)
+        for i, j in EXACT[name]:
+            want[i, j] = True
+        np.testing.assert_array_equal(pattern, want)
+        nz = np.any(H != 0, axis=0)
+        np.testing.assert_array_equal(nz | nz.T, want)  # the pin is JAX's own pattern (symmetrized)
+
+
+@pytest.mark.parametrize(
+    "name", ["abs_complex", "scatter_mul", "custom_jvp_detached", "dot_batched", "complex_div", "cumprod", "while"]
+)
+def test_sparse_hessian_equals_jax(name, rng):
+    f = HESSIAN_CASES[name]
+    x = randn(rng, (8,))
+    got = jacobians.sparse_hessian(f, output="dense")(x)
+    np.testing.assert_allclose(got, _jax_hessians(name)(x[None])[0], rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ first order
+
+
+def _conv(lhs, rhs, **kw):
+    kw.setdefault("window_strides", (1,) * (lhs.ndim - 2))
+    kw.setdefault("padding", "VALID")
+    return lax.conv_general_dilated(lhs, rhs, **kw)
+
+
+_KERNEL = np.array([1.0, 0.0, -2.0, 0.5, 0.0, 3.0]).reshape(2, 1, 3)  # O=2, I=1, K=3, with zeros
+
+# name -> (function, input shape). Rules whose result depends on parameters or dtypes.
+JACOBIAN_CASES = {
+    "reduce_precision": (lambda x: lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10) * x[::-1], (6,)),
+    "complex_to_real_cast": (lambda x: lax.convert_element_type(jnp.exp(_z(x)) * _z(x)[::-1], jnp.float64), (6,)),
+    "abs_sign_complex": (lambda x: jnp.abs(_z(x)) + jnp.real(jnp.sign(_z(x))) + jnp.imag(_z(x) ** 2), (6,)),
+    "cumulative_reverse": (
+        lambda x: jnp.concatenate([
+            lax.cumsum(x, axis=0, reverse=True).ravel(), lax.cumprod(x, axis=1, reverse=True).ravel(),
+            lax.cummax(x, axis=0, reverse=True).ravel(), lax.cumlogsumexp(x, axis=1, reverse=True).ravel(),
+            lax.cummin(x, axis=1).ravel(),
+        ]),
+        (3, 4),
+    ),  # fmt: skip
+    "argmax_index": (lambda x: x * x[jnp.argmax(x[:3])] + jnp.argmin(x).astype(jnp.float64), (6,)),
+    "reduce_max_axes": (lambda x: jnp.concatenate([jnp.max(x, axis=0), jnp.min(x, axis=1), jnp.prod(x, axis=0)]),
+                        (3, 4)),
+    "top_k_axis0": (lambda x: lax.top_k(x, 2, axis=0)[0], (4, 3)),
+    "top_k_last": (lambda x: lax.top_k(x, 2)[0], (3, 4)),
+    "sort_num_keys": (lambda x: jnp.stack(lax.sort((jnp.round(x[0]), x[1], x[2] ** 2), num_keys=2)), (3, 5)),
+    "optimization_barrier": (lambda x: jnp.concatenate(lax.optimization_barrier((x[:2] * 2, jnp.sin(x[2:])))), (5,)),
+    "dot_batch_not_leading": (
+        lambda x: lax.dot_general(x[:24].reshape(2, 3, 4), x[24:].reshape(4, 2, 3), (((2,), (0,)), ((1,), (2,))),
+                                  preferred_element_type=jnp.float64),
+        (48,),
+    ),
+    "dot_constant_zeros": (lambda x: jnp.asarray(np.triu(np.ones((4, 4)))) @ x.reshape(4, 2), (8,)),
+    "conv_const_kernel_geometry": (
+        lambda x: _conv(x.reshape(1, 1, 7), jnp.asarray(_KERNEL[:, :, :3]), window_strides=(2,),
+                        padding=((2, 1),), lhs_dilation=(2,), rhs_dilation=(1,)),
+        (7,),
+    ),
+    "conv_rhs_dilation": (
+        lambda x: _conv(x.reshape(1, 1, 8), jnp.asarray(_KERNEL), padding=((1, 2),), rhs_dilation=(2,)), (8,)
+    ),
+    "conv_feature_groups": (
+        lambda x: _conv(x[:12].reshape(1, 2, 6), x[12:].reshape(2, 1, 3), feature_group_count=2), (18,)
+    ),
+    "conv_batch_groups": (
+        lambda x: _conv(x[:20].reshape(4, 1, 5), x[20:].reshape(2, 1, 3), batch_group_count=2), (26,)
+    ),
+    "conv_dimension_numbers": (
+        lambda x: _conv(x[:20].reshape(5, 2, 2), x[20:].reshape(3, 2, 2), window_strides=(2,), padding=((1, 1),),
+                        dimension_numbers=("WNC", "WIO", "CWN")),
+        (32,),
+    ),
+    "conv_2d_nhwc": (
+        lambda x: _conv(x[:32].reshape(1, 4, 4, 2), x[32:].reshape(2, 2, 1, 4), window_strides=(1, 2),
+                        padding=((1, 0), (0, 1)), lhs_dilation=(1, 2), rhs_dilation=(2, 1), feature_group_count=2,
+                        dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        (48,),
+    ),
+    "linalg_batched": (
+        lambda x: jnp.concatenate([jnp.linalg.svd(x, compute_uv=False).ravel(),
+                                   jnp.linalg.eigvalsh(x @ jnp.swapaxes(x, 1, 2)).ravel()]),
+        (3, 2, 2),
+    ),
+    "custom_jvp_detached": (lambda x: jnp.stack([_detached_jvp(x[:2]), _detached_jvp(x[1:])]), (3,)),
+    "custom_vjp": (lambda x: jnp.stack([_detached_vjp(x[:2]), _ste_round(x[2])]), (3,)),
+    "known_zeros": (
+        lambda x: jnp.concatenate([x * jnp.asarray([0.0, 1, 0, 2]), x ** jnp.asarray([0.0, 1, 2, 0]),
+                                   jnp.where(jnp.asarray([True, False, True, False]), x, x[::-1] * 2)]),
+        (4,),
+    ),
+    "clamp_rem_dependent": (lambda x: jnp.concatenate([lax.clamp(x[:3] - 1, x[3:6], x[6:] + 1), lax.rem(x[3:6], x[6:])]),
+                            (9,)),
+    "scatter_mul": (lambda x: x[:4].at[jnp.array([0, 2])].mul(x[4:], unique_indices=True), (6,)),
+}
+
+
+@functools.cache
+def _jax_jacobians(name):
+    f = JACOBIAN_CASES[name][0]
+    return jax.jit(jax.vmap(jax.jacrev(f) if "vjp" in name else jax.jacfwd(f)))
+
+
+@pytest.mark.parametrize("name", sorted(JACOBIAN_CASES))
+def test_jacobian_pattern_sound(name, rng):
+    f, shape = JACOBIAN_CASES[name]
+    xs = randn(rng, (3, *shape))
+    J = np.asarray(_jax_jacobians(name)(xs))
+    assert np.all(np.isfinite(J))
+    pattern = np.asarray(jacobians.sparsity(f, xs[0]).to_dense()).reshape(J.shape[1:])
+    missed = np.argwhere(np.any(J != 0, axis=0) & ~pattern)
+    assert not missed.size, f"the pattern misses nonzeros at {missed.tolist()}"
+    got = np.asarray(jacobians.jacobian(f)(xs[1]))
+    want = [J[1]]
+    if name == "reduce_precision":  # its JVP and its VJP round the tangent: jacfwd and jacrev differ
+        want.append(np.asarray(jax.jacrev(f)(xs[1])))
+    assert any(np.allclose(got, w, rtol=1e-10, atol=1e-12) for w in want), np.abs(got - J[1]).max()
+
+
+def test_top_k_axis_pattern_is_per_column(rng):
+    # top_k along axis 0 of a (4, 3) matrix: output (k, j) reads column j only.
+    pattern = np.asarray(jacobians.sparsity(lambda x: lax.top_k(x, 2, axis=0)[0], randn(rng, (4, 3))).to_dense())
+    want = np.zeros((2, 3, 4, 3), bool)
+    for j in range(3):
+        want[:, j, :, j] = True
+    np.testing.assert_array_equal(pattern, want)
