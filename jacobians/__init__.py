@@ -32,6 +32,10 @@ from ._hessian import value_grad_and_hessian as value_grad_and_hessian
 from ._jacobian import explain as explain
 from ._jacobian import jacobian as jacobian
 from ._jacobian import jacobian_matrix as jacobian_matrix
+from ._laplacian import LaplacianPlan as LaplacianPlan
+from ._laplacian import hessian_diagonal as hessian_diagonal
+from ._laplacian import laplacian as laplacian
+from ._laplacian import value_grad_and_laplacian as value_grad_and_laplacian
 from ._planner import JacobianPlan as JacobianPlan
 from ._sparse import SparsePlan as SparsePlan
 from ._sparse import sparse_hessian as sparse_hessian
@@ -50,6 +54,7 @@ __all__ = [
     "GaussNewton",
     "GradcheckResult",
     "JacobianPlan",
+    "LaplacianPlan",
     "SparsePlan",
     "SparsityPattern",
     "assert_gradcheck",
@@ -61,12 +66,14 @@ __all__ = [
     "gauss_newton",
     "gradcheck",
     "hessian",
+    "hessian_diagonal",
     "hessian_sparsity",
     "hvp",
     "identities",
     "kernels",
     "jacobian",
     "jacobian_matrix",
+    "laplacian",
     "layout",
     "log_abs_det",
     "log_volume",
@@ -77,4 +84,5 @@ __all__ = [
     "trace_estimate",
     "value_and_jacobian",
     "value_grad_and_hessian",
+    "value_grad_and_laplacian",
 ]

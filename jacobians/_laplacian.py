@@ -1,0 +1,482 @@
+"""Laplacians and Hessian diagonals, exactly, without forming the Hessian.
+
+For ``f: R^n -> R`` the Laplacian is ``tr(H) = sum_i d^2 f / d x_i^2`` and the
+Hessian diagonal ``diag(H)`` (section 5.8). For tensor or pytree arguments
+``x`` is their row-major raveling (as :func:`jacobians.hessian` flattens
+them); an array-valued ``f`` gets one Laplacian per output entry (shape
+``out.shape``) and one Hessian diagonal per output entry (numerator layout,
+``out.shape + in.shape``).
+
+Methods (``method=``):
+
+- ``"forward"``: the forward Laplacian (:mod:`._taylor`): one pass carrying
+  each intermediate's value, its ``n`` first derivatives and its Laplacian
+  (or Hessian diagonal): the Taylor-mode chain rule, about ``n + 1`` columns
+  through every linear operation.
+- ``"sparse"``: the same pass with each intermediate's first derivatives kept
+  only over the inputs it depends on: a network applied per node (or any
+  local operator) costs what its structure costs.
+- ``"hvp"``: one second directional derivative (``s^T H s``, a JVP of a JVP)
+  per colour of a distance-1 colouring of the Hessian pattern
+  (:func:`jacobians.hessian_sparsity`; inputs in one colour share no Hessian
+  entry, so ``s^T H s`` is the sum of their diagonal entries); for the
+  Hessian diagonal one HVP per colour (forward over reverse). A dense
+  Hessian needs ``n``.
+- ``"auto"``: the cheapest by the planner's cost model
+  (:func:`jacobians._planner.pass_cost` of each candidate's program, traced
+  not run); ``f.plan(*args)`` shows the candidates and the choice.
+"""
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _args, _compat, _deps, _planner, _taylor
+from ._deps import _second as _deps_second
+from ._divergence import _diagonal_colors
+
+METHODS = ("auto", "forward", "sparse", "hvp")
+SPARSE_MARGIN = 0.8  # the sparse sweep's gathers cost more than their element counts: it must win by this much
+
+
+@dataclass(frozen=True)
+class LaplacianPlan:
+    """What a Laplacian (or Hessian-diagonal) function does for one call structure, and why.
+
+    Attributes:
+      method: ``"forward"``, ``"sparse"`` or ``"hvp"``.
+      n, m: total input and output sizes.
+      passes: sweeps (``"forward"``: 1, or the number of chunks) or second directional derivatives (``"hvp"``).
+      columns: first-derivative columns per intermediate entry in the sparse sweep, averaged
+        over the entries (``n`` for a dense sweep; ``None`` if not traced).
+      max_columns: the most columns any intermediate holds in that sweep.
+      n_colors: colours of the Hessian's diagonal colouring (``None``: not computed).
+      costs: candidates and their estimated costs (arbitrary units: FLOPs of the traced programs).
+      reason: one line on the choice.
+    """
+
+    method: str
+    n: int
+    m: int
+    passes: int
+    columns: float | None = None
+    max_columns: int | None = None
+    n_colors: int | None = None
+    costs: dict = field(default_factory=dict)
+    reason: str = ""
+    colors: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        head = f"laplacian plan: {self.method}, {self.passes} pass(es) (n={self.n}, m={self.m}"
+        if self.columns is not None:
+            head += f", {self.columns:.3g} columns per entry (max {self.max_columns})"
+        if self.n_colors is not None:
+            head += f", {self.n_colors} colours"
+        lines = [head + ")"]
+        for name, cost in sorted(self.costs.items(), key=lambda kv: kv[1]):
+            lines.append(f"  {name:<10} {cost:12.4g}{'  <- chosen' if name == self.method else ''}")
+        if self.reason:
+            lines.append(f"  {self.reason}")
+        return "\n".join(lines)
+
+
+# --- the methods: each returns (y (m,), J (n, m) or None, second) ------------------------------------
+# second: the Laplacian (m,) for kind "trace", the Hessian diagonal (n, m) for kind "diag".
+
+
+def _sweep_stats(sw: "_taylor.Sweep") -> tuple[float, int]:
+    entries = [(size, k) for _, _, res in sw.lat.log for size, k in res]
+    total = sum(s for s, _ in entries)
+    if not total:
+        return float(sw.lat.n), sw.lat.n
+    return sum(s * k for s, k in entries) / total, max(k for _, k in entries)
+
+
+def _forward(p, kind: str, sparse: bool, chunk, stats: dict | None = None):
+    n = p.n
+    if chunk is None or chunk >= n or sparse:
+        sw = _taylor.sweep(p.flat, p.x, kind, sparse)
+        if stats is not None:
+            stats["columns"], stats["max_columns"] = _sweep_stats(sw)
+        J, S = sw.dense()
+        return sw.y, J, (S[0] if kind == "trace" else S), sw.aux
+    chunks = -(-n // chunk)
+
+    def one(c):
+        sw = _taylor.sweep(p.flat, p.x, kind, False, cols=chunk, start=c * chunk)
+        J, S = sw.dense()
+        return J, S
+
+    J, S = jax.lax.map(one, jnp.arange(chunks))  # (chunks, chunk, m), (chunks, 1 or chunk, m)
+    m = J.shape[-1]
+    J = J.reshape(chunks * chunk, m)[:n]
+    S = jnp.sum(S[:, 0], axis=0) if kind == "trace" else S.reshape(chunks * chunk, m)[:n]
+    y, aux = p.flat(p.x)
+    return y, J, S, jax.tree_util.tree_leaves(aux)
+
+
+def _seeds(colors: np.ndarray, n: int, dtype):
+    n_colors = int(colors.max()) + 1 if n else 0
+    return jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], dtype)  # (c, n)
+
+
+def _map(fn, seeds, chunk):
+    if chunk is None or chunk >= seeds.shape[0]:
+        return jax.vmap(fn)(seeds)
+    return jax.lax.map(fn, seeds, batch_size=chunk)
+
+
+def _hvp(p, kind: str, colors: np.ndarray, chunk, where: str):
+    f = lambda x: p.flat(x)[0]  # noqa: E731
+    x = p.x
+    scalar = p.m == 1
+
+    def directional(s):  # s^T H s per output: the JVP of a JVP
+        return jax.jvp(lambda z: jax.jvp(f, (z,), (s,))[1], (x,), (s,))[1]
+
+    def run(mode):
+        if kind == "trace":
+            if mode == "rev":  # a custom_vjp: s^T (H s), H s by reverse over reverse
+                grad = jax.grad(lambda z: f(z)[0])
+                second = lambda s: jnp.vdot(s, jax.vjp(grad, x)[1](s)[0])[None]  # noqa: E731
+            else:
+                second = directional
+            return jnp.sum(_map(second, _seeds(colors, p.n, x.dtype), chunk), axis=0)  # (m,)
+        if mode == "fwd_fwd" or not scalar:  # one input per pass: d^2 f / dx_j^2 for every output at once
+            return _map(directional, jnp.eye(p.n, dtype=x.dtype), chunk)  # (n, m)
+        grad = jax.grad(lambda z: f(z)[0])
+        if mode == "fwd":
+            hv = lambda s: jax.jvp(grad, (x,), (s,))[1]  # noqa: E731
+        else:
+            hv = lambda s: jax.vjp(grad, x)[1](s)[0]  # noqa: E731
+        prods = _map(hv, _seeds(colors, p.n, x.dtype), chunk)  # (c, n): entry j of colour colors[j] is H[j, j]
+        return prods[jnp.asarray(colors), jnp.arange(p.n)][:, None]
+
+    def checked(mode):  # JAX says "custom_lin" when a JVP of a JVP meets a custom_vjp: say it as jvp does
+        try:
+            return run(mode)
+        except NotImplementedError as e:
+            if "custom_lin" not in str(e):
+                raise
+            raise TypeError(f"{where}: can't apply forward-mode autodiff (jvp) to a custom_vjp function.") from e
+
+    # Reverse over reverse where a custom_vjp forbids JVPs; forward over forward where a while_loop forbids VJPs.
+    if scalar:
+        second = _args.with_fallback(checked, "fwd", "rev", "fwd_fwd", where)
+    else:
+        try:
+            second = checked("fwd")
+        except TypeError as e:
+            if "custom_vjp" not in str(e):
+                raise
+            raise TypeError(
+                f"{where}: method='hvp' on an array-valued function needs forward mode, which a custom_vjp "
+                "forbids; use method='forward' or 'sparse' (they differentiate the custom_vjp's backward rule)."
+            ) from e
+    y, aux = p.flat(x)
+    return y, None, second, jax.tree_util.tree_leaves(aux)
+
+
+# --- planning ----------------------------------------------------------------------------------------
+
+
+def _hessian_colors(p, kind: str) -> np.ndarray:
+    """A distance-1 colouring of the (union over outputs of the) Hessian pattern; singletons if dense."""
+    n = p.n
+    if kind == "diag" and p.m != 1:
+        return np.arange(n)
+    try:
+        closed = jax.make_jaxpr(lambda x: p.flat(x)[0])(p.x)
+        lat = _deps_second.HessianLattice(n, 16 * n + 1024)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a primitive without a rule only makes the pattern denser
+            _deps.Walker(lat).run(closed, [_deps.identity((n,))])
+        rows, cols = lat.pairs()
+    except _deps.TooDense:
+        return np.arange(n)
+    return _diagonal_colors(np.concatenate([rows, cols]), np.concatenate([cols, rows]), n)
+
+
+def _program(p, method: str, opts: dict, colors, meta: dict):
+    """The traced (not run) program of one method: a closed jaxpr ``x -> (y, J, second, *aux)``."""
+
+    def run(x):
+        q = _args.Problem(p.flat, x, p.out_leaves, p.out_treedef, p.in_leaves, p.in_treedef, p.out_dtype)
+        stats = {}
+        if method == "hvp":
+            y, J, S, aux = _hvp(q, opts["kind"], colors, opts["chunk_size"], opts["where"])
+        else:
+            y, J, S, aux = _forward(q, opts["kind"], method == "sparse", opts["chunk_size"], stats)
+        meta.update(stats)
+        meta["n_aux"] = len(aux)
+        if not opts["with_grad"]:
+            J = jnp.zeros((), y.dtype)  # a placeholder: outputs stay positional
+        elif J is None:  # the gradient by one reverse pass
+            J = jax.grad(lambda z: p.flat(z)[0][0])(x)[:, None]
+        return y, J, S, *aux
+
+    return jax.make_jaxpr(run)(p.x)
+
+
+def _choose(p, opts: dict) -> tuple[LaplacianPlan, dict]:
+    """The plan for one call structure, and the programs traced while making it (reusable in this trace)."""
+    n, m = p.n, p.m
+    method, chunk = opts["method"], opts["chunk_size"]
+    programs, costs, notes = {}, {}, []
+    stats = {}
+    colors = None
+    if method in ("auto", "forward"):
+        meta = {}
+        programs["forward"] = (_program(p, "forward", opts, None, meta), meta)
+        costs["forward"] = _planner.pass_cost(programs["forward"][0])
+    if method in ("auto", "sparse") and chunk is None:
+        meta = {}
+        programs["sparse"] = (_program(p, "sparse", opts, None, meta), meta)
+        stats = meta
+        if method == "sparse" or meta["columns"] < n:
+            costs["sparse"] = _planner.pass_cost(programs["sparse"][0])
+        else:
+            notes.append("no sparsity to exploit (every intermediate depends on all inputs)")
+    if method in ("auto", "hvp"):
+        colors = _hessian_colors(p, opts["kind"])
+        n_colors = int(colors.max()) + 1 if n else 0
+        if method == "auto":
+            try:
+                one = _program(p, "hvp", dict(opts, chunk_size=None), np.zeros(n, np.int64), {})
+                costs["hvp"] = n_colors * _planner.pass_cost(one)
+            except TypeError as e:  # not differentiable this way (a custom_vjp): no candidate, say why
+                notes.append(f"hvp not possible ({str(e).splitlines()[0]})")
+    if method == "auto":
+        best = min(costs, key=costs.get)
+        if best == "sparse" and "forward" in costs and costs["sparse"] > SPARSE_MARGIN * costs["forward"]:
+            best = "forward"
+            notes.append("the sparse sweep does not save enough to pay for its gathers")
+        reason = f"the {best} program is cheapest"
+    else:
+        best = method
+        reason = "method fixed by the caller"
+    n_colors = None if colors is None else (int(colors.max()) + 1 if n else 0)
+    passes = n_colors if best == "hvp" else (-(-n // chunk) if chunk and best == "forward" else 1)
+    plan = LaplacianPlan(best, n, m, passes, stats.get("columns"), stats.get("max_columns"), n_colors, costs,
+                         "; ".join([reason] + notes), colors)
+    return plan, {k: v for k, v in programs.items() if k == best}
+
+
+# --- the transformation ------------------------------------------------------------------------------
+
+
+def _check_scalar(p, where: str) -> None:
+    if p.m != 1 or any(s.shape != () for s in p.out_leaves):
+        shown = p.out_leaves[0].shape if len(p.out_leaves) == 1 else p.out_treedef
+        raise ValueError(
+            f"{where}: fun must return a scalar (shape ()) to have a gradient, but its output is {shown}. "
+            "jacobians.laplacian and jacobians.hessian_diagonal take array-valued functions."
+        )
+
+
+def _key(spec, traced):
+    return (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
+
+
+def _plan_in_trace(t, spec, traced, opts, p):
+    key = _key(spec, traced)
+    plan = opts["plans"].get(key)
+    programs = {}
+    if plan is None:
+        plan, programs = _choose(p, opts)
+        opts["plans"][key] = plan
+    return plan, programs
+
+
+def _compute(t, spec, opts, *traced):
+    where = t.where
+    p = _args.problem(t.fun, spec, traced, where=where, has_aux=opts["has_aux"], int_argnums=t.int_argnums)
+    if opts["scalar"]:
+        _check_scalar(p, where)
+    plan, programs = _plan_in_trace(t, spec, traced, opts, p)
+    if plan.method in programs:
+        closed, meta = programs[plan.method]
+    else:
+        meta = {}
+        closed = _program(p, plan.method, opts, plan.colors, meta)
+    outs = _compat.jaxpr_as_fun(closed)(p.x)
+    y, J, S = outs[0], outs[1], outs[2]
+    aux_leaves = outs[3:]
+    n_aux = meta.get("n_aux", len(aux_leaves))
+    aux = None
+    if opts["has_aux"]:
+        aux_tree = jax.tree_util.tree_structure(jax.eval_shape(lambda z: p.flat(z)[1], p.x))
+        aux = jax.tree_util.tree_unflatten(aux_tree, aux_leaves[:n_aux])
+    result = _assemble(p, opts, y, J, S)
+    return (result, aux) if opts["has_aux"] else result
+
+
+def _out_tree(p, flat):
+    leaves, o = [], 0
+    for out in p.out_leaves:
+        size = math.prod(out.shape)
+        leaves.append(flat[o : o + size].reshape(out.shape).astype(out.dtype))
+        o += size
+    return p.out_treedef.unflatten(leaves)
+
+
+def _in_tree(p, flat):
+    leaves, i = [], 0
+    for x in p.in_leaves:
+        leaves.append(flat[i : i + x.size].reshape(x.shape).astype(_args.promote(p.out_dtype, x.dtype)))
+        i += x.size
+    return p.in_treedef.unflatten(leaves)
+
+
+def _assemble(p, opts, y, J, S):
+    if opts["kind"] == "diag":
+        return p.blocks(S.T)
+    lap = _out_tree(p, S)
+    if not opts["with_grad"]:
+        return lap
+    return _out_tree(p, y), _in_tree(p, J[:, 0]), lap
+
+
+def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where):
+    opts = dict(
+        method=_args.check_choice(method, "method", METHODS, where),
+        has_aux=_args.check_bool(has_aux, "has_aux", where),
+        chunk_size=_args.check_chunk_size(chunk_size, where),
+        kind=kind,
+        with_grad=with_grad,
+        scalar=with_grad,
+        where=where,
+        plans={},
+    )
+    if opts["method"] == "sparse" and opts["chunk_size"] is not None:
+        raise ValueError(
+            f"{where}: chunk_size bounds the columns of method='forward' and the HVPs of method='hvp'; the sparse "
+            "sweep holds only each intermediate's own columns. Drop chunk_size or choose another method."
+        )
+    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
+    wrapped = _args.wrap(t)
+
+    def plan(*args, **kwargs) -> LaplacianPlan:
+        """The plan for these arguments (shapes suffice: ``jax.ShapeDtypeStruct``s work): candidates, costs, choice."""
+        spec, traced = t.split(args, kwargs)
+        avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
+        key = _key(spec, avals)
+        if key not in opts["plans"]:
+
+            def g(*tr):
+                p = _args.problem(t.fun, spec, tr, where=where, has_aux=opts["has_aux"], int_argnums=t.int_argnums)
+                if opts["scalar"]:
+                    _check_scalar(p, where)
+                opts["plans"][key] = _choose(p, opts)[0]
+                return 0
+
+            jax.make_jaxpr(g)(*avals)
+        return opts["plans"][key]
+
+    wrapped.plan = plan
+    return wrapped
+
+
+def laplacian(
+    fun: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    method: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable:
+    """The Laplacian ``sum_i d^2 fun / d x_i^2`` (the trace of the Hessian, (5.147)), without the Hessian.
+
+    For a scalar ``fun`` a scalar; for an array-valued ``fun`` the Laplacian of
+    each output entry. ``x`` is every differentiated argument's leaves, raveled
+    (the module docstring). Compiled and cached per call structure; ``vmap``
+    and ``jit`` of the returned function work.
+
+    Args:
+      fun: a real function of real floating-point arrays (pytrees allowed).
+      argnums: an int or a tuple of ints: the arguments to differentiate.
+      method: ``"auto"`` (the cost model's choice), ``"forward"`` (the forward
+        Laplacian), ``"sparse"`` (its sparse form) or ``"hvp"`` (one second
+        directional derivative per colour of the Hessian's diagonal colouring).
+      has_aux: ``fun`` returns ``(output, aux)``; the result is ``(laplacian, aux)``.
+      chunk_size: ``"forward"``: at most this many input columns per sweep
+        (a loop over chunks); ``"hvp"``: at most this many at once.
+
+    Returns:
+      A function with ``fun``'s signature returning the Laplacian with the
+      structure of ``fun``'s output (one entry per output entry); it has a
+      ``plan(*args)`` method (a :class:`LaplacianPlan`).
+
+    Raises:
+      ValueError: unknown ``method``; ``chunk_size`` with ``method="sparse"``.
+      TypeError: integer or complex inputs, integer outputs.
+
+    Example::
+
+      >>> jacobians.laplacian(lambda x: jnp.sum(x ** 3))(jnp.array([1.0, 2.0]))
+      Array(18., dtype=float32)
+    """
+    return _build(fun, argnums, method, has_aux, chunk_size, "trace", False, "jacobians.laplacian")
+
+
+def value_grad_and_laplacian(
+    fun: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    method: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable:
+    """``(f(x), grad f(x), laplacian f(x))`` of a scalar ``fun`` in one pass (a local energy's ingredients).
+
+    The forward methods read the gradient off the sweep's first derivatives;
+    ``"hvp"`` adds one reverse pass. Arguments as :func:`laplacian`.
+
+    Returns:
+      A function giving ``(value, grad, laplacian)`` (``((value, grad, laplacian), aux)``
+      with ``has_aux``); ``grad`` has the structure of the differentiated arguments.
+
+    Raises:
+      ValueError: ``fun`` does not return a scalar.
+
+    Example::
+
+      >>> v, g, lap = jacobians.value_grad_and_laplacian(lambda x: jnp.sum(x ** 3))(jnp.array([1.0, 2.0]))
+      >>> g, lap
+      (Array([ 3., 12.], dtype=float32), Array(18., dtype=float32))
+    """
+    return _build(fun, argnums, method, has_aux, chunk_size, "trace", True, "jacobians.value_grad_and_laplacian")
+
+
+def hessian_diagonal(
+    fun: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    method: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable:
+    """The diagonal ``d^2 fun / d x_i^2`` of the Hessian, without the Hessian.
+
+    The forward methods carry per input the second derivative instead of their
+    sum; ``"hvp"`` reads the diagonal off one HVP per colour. Arguments as
+    :func:`laplacian`.
+
+    Returns:
+      A function returning, for a scalar ``fun``, the diagonal with the
+      structure and shapes of the differentiated arguments; for an
+      array-valued ``fun``, per output leaf and input leaf a block of shape
+      ``out.shape + in.shape`` (entry ``[i..., j...] = d^2 out[i...] / d in[j...]^2``).
+
+    Example::
+
+      >>> jacobians.hessian_diagonal(lambda x: x[0] ** 2 * x[1] ** 3)(jnp.array([1.0, 2.0]))
+      Array([16., 12.], dtype=float32)
+    """
+    return _build(fun, argnums, method, has_aux, chunk_size, "diag", False, "jacobians.hessian_diagonal")

@@ -1,0 +1,273 @@
+"""Laplacians, Hessian diagonals and value-gradient-Laplacian against JAX's dense Hessian.
+
+Every method (forward Laplacian, its sparse form, HVPs per colour) is compared
+with ``trace(jax.hessian)`` / ``diag(jax.hessian)`` on fresh random points, per
+output entry for array-valued functions. The methods of one function run under
+one ``jax.jit`` (one XLA compilation for all of them and the reference).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import registry
+from helpers import assert_tree_allclose, randn
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+import jacobians
+
+METHODS = ("forward", "sparse", "hvp")
+F64 = dict(rtol=1e-12, atol=1e-12)
+
+
+def _hessian(fun, fwd=True, rev=True):
+    outer = jax.jacfwd if fwd else jax.jacrev
+    inner = jax.jacrev if rev else jax.jacfwd
+    return outer(inner(fun))
+
+
+def _check(fun, x, methods=METHODS, fwd=True, rev=True, tol=F64):
+    """Every method's Laplacian and Hessian diagonal equal the trace and diagonal of JAX's Hessian."""
+
+    @jax.jit
+    def run(x):
+        laps = [jacobians.laplacian(fun, method=m)(x) for m in methods]
+        diags = [jacobians.hessian_diagonal(fun, method=m)(x) for m in methods]
+        return laps, diags, _hessian(fun, fwd, rev)(x)
+
+    laps, diags, H = run(x)
+    H = np.asarray(H)
+    out_shape = H.shape[: H.ndim - 2 * x.ndim]
+    Hm = H.reshape(out_shape + (x.size, x.size))
+    want_lap = np.trace(Hm, axis1=-2, axis2=-1)
+    want_diag = np.diagonal(Hm, axis1=-2, axis2=-1).reshape(out_shape + x.shape)
+    scale = max(1.0, float(np.max(np.abs(Hm))) if Hm.size else 1.0)
+    for m, lap, dg in zip(methods, laps, diags, strict=True):
+        assert lap.shape == out_shape and dg.shape == out_shape + x.shape, m
+        np.testing.assert_allclose(np.asarray(lap), want_lap, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=m)
+        np.testing.assert_allclose(np.asarray(dg), want_diag, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=m)
+
+
+# --- the registry ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", registry.names("scalar"))
+def test_registry_scalar(name, rng):
+    case = registry.CASES[name]
+    _check(case.fun, randn(rng, case.shape), fwd=case.fwd, rev=case.rev)
+
+
+# Array-valued registry cases, one per kind of structure the sweeps handle differently.
+ARRAY_CASES = ["planar_flow", "stencil_2d", "gather_scatter", "pad_traced_value", "custom_jvp_and_jit"]
+
+
+@pytest.mark.parametrize("name", ARRAY_CASES)
+def test_registry_array_valued(name, rng):
+    """One Laplacian and one Hessian diagonal per output entry."""
+    case = registry.CASES[name]
+    _check(case.fun, randn(rng, case.shape), fwd=case.fwd, rev=case.rev)
+
+
+def test_registry_custom_vjp(rng):
+    """A custom_vjp: the forward sweeps differentiate its backward rule (the HVP method cannot: it needs JVPs)."""
+    case = registry.CASES["custom_vjp_linear_rule"]
+    _check(case.fun, randn(rng, case.shape), methods=("forward", "sparse"), fwd=False)
+    with pytest.raises(TypeError, match="method='hvp' on an array-valued function needs forward mode"):
+        jacobians.laplacian(case.fun, method="hvp")(randn(rng, case.shape))
+
+
+# --- every primitive family ----------------------------------------------------------------------------
+
+_R = np.random.default_rng(7)
+_W1, _W2, _A, _V = (_R.standard_normal(s) / 2 for s in [(8, 6), (1, 8), (6, 6), (8, 8)])
+
+
+@jax.custom_vjp
+def _sin_times(x):
+    return jnp.sin(x) * x
+
+
+# The forward pass calls the primal itself (a common idiom): JAX then has no JVP even through the VJP.
+_sin_times.defvjp(lambda x: (_sin_times(x), x), lambda x, g: ((jnp.cos(x) * x + jnp.sin(x)) * g,))
+
+
+def _mlp(x):
+    h = jnp.tanh(jnp.asarray(_W1, x.dtype) @ x + 0.1)
+    h = jax.nn.silu(h) + jax.nn.gelu(h) + jax.nn.softplus(h) + jax.nn.sigmoid(h) + jax.nn.relu(h) ** 2
+    return jnp.sum(jnp.asarray(_W2, x.dtype) @ h)
+
+
+FAMILIES = {
+    "mlp_activations": _mlp,
+    "math": lambda x: jnp.sum(jnp.exp(x) * jnp.log(x**2 + 1) + jnp.sin(x) ** 3 + jnp.sqrt(x**2 + 1)
+                              + lax.rsqrt(x**2 + 2) + (x**2 + 1) ** 1.7 + lax.integer_pow(x, 4)),
+    "div": lambda x: jnp.sum(x[:3] / (x[3:] ** 2 + 1)) + x[0] / x[1] + jnp.sum(x / 3.0),
+    "dot_general": lambda x: jnp.sum(jnp.tanh(x.reshape(2, 3) @ x.reshape(3, 2))) + x @ jnp.asarray(_A) @ x
+    + jnp.einsum("bi,bj->", x.reshape(2, 3), jnp.sin(x.reshape(2, 3))),
+    "reductions": lambda x: jnp.max(x * x[::-1]) + jnp.prod(x[:4]) + jnp.mean(x) ** 2 + jnp.min(jnp.sin(x))
+    + jnp.sum(jnp.cumsum(x) ** 2) + jnp.sum(jnp.cumprod(x[:3])) + jnp.sum(jnp.sort(x) * jnp.arange(6.0)),
+    "movement": lambda x: jnp.sum(jnp.concatenate([x[1:] * x[:-1], x[jnp.array([0, 2, 2, 5])] ** 2]) ** 2)
+    + jnp.take(x, jnp.array([3, 1])).prod() + jnp.sum(jnp.pad(x[::2], 1) * jnp.roll(x, 2)[:5] ** 2)
+    + jnp.sum(jnp.where(x > 0, x**3, -x)),
+    "logsumexp": lambda x: jax.nn.logsumexp(x) + jnp.sum(jax.nn.log_softmax(x) ** 2),
+    "scan_fori": lambda x: lax.scan(lambda c, xi: (jnp.sin(c) * xi + c, c * xi), 0.5, x)[0]
+    + lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c) * x, x).sum(),
+    "cond": lambda x: lax.cond(x[0] > x[1], lambda z: jnp.sum(z**3), lambda z: jnp.sum(jnp.sin(z) * z), x),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_families(name, rng):
+    _check(FAMILIES[name], randn(rng, (6,)))
+
+
+def test_while_loop(rng):
+    """No reverse mode through a while_loop: the HVP method's Hessian diagonal falls back to JVPs of JVPs."""
+    f = lambda x: lax.while_loop(lambda c: c[1] < 3, lambda c: (jnp.sin(c[0]) * x, c[1] + 1), (x, 0))[0].sum()  # noqa: E731
+    _check(f, randn(rng, (4,)), rev=False)
+
+
+def test_custom_vjp_scalar(rng):
+    """jax.hessian cannot differentiate it (forward over reverse); reverse over reverse is the reference."""
+    f = lambda x: jnp.sum(_sin_times(x) ** 2)  # noqa: E731
+    _check(f, randn(rng, (4,)), fwd=False)
+
+
+# --- the sparse form -------------------------------------------------------------------------------------
+
+
+def _per_node(x):
+    """A network applied to each node's coordinates, summed: (nodes, 3) -> ()."""
+    h = jax.nn.silu(x @ jnp.asarray(_W1[:, :3].T) + 0.2)
+    h = jnp.tanh(h @ jnp.asarray(_V))
+    return jnp.sum(h @ jnp.asarray(_W2.T))
+
+
+def test_sparse_per_node(rng):
+    """Right, and genuinely sparse: each intermediate holds its node's 3 columns, not all 15."""
+    x = randn(rng, (5, 3))
+    _check(_per_node, x)
+    plan = jacobians.laplacian(_per_node, method="sparse").plan(x)
+    assert plan.method == "sparse" and plan.n == 15
+    assert plan.columns < 0.3 * plan.n, str(plan)
+    auto = jacobians.laplacian(_per_node).plan(x)
+    assert auto.costs["sparse"] < 0.5 * auto.costs["forward"], str(auto)
+    assert auto.method in ("sparse", "hvp"), str(auto)
+    assert "sparse" in str(auto) and "<- chosen" in str(auto)
+
+
+def test_dense_function_plans_forward(rng):
+    """A dense MLP: nothing sparse to exploit, n + 1 columns beat n HVPs."""
+    plan = jacobians.laplacian(_mlp).plan(randn(rng, (6,)))
+    assert plan.method == "forward" and plan.n_colors == 6, str(plan)
+
+
+# --- value, gradient and Laplacian -----------------------------------------------------------------------
+
+
+def test_value_grad_and_laplacian(rng):
+    x = randn(rng, (6,))
+
+    @jax.jit
+    def run(x):
+        ours = [jacobians.value_grad_and_laplacian(_mlp, method=m)(x) for m in METHODS]
+        return ours, (_mlp(x), jax.grad(_mlp)(x), jnp.trace(jax.hessian(_mlp)(x)))
+
+    ours, want = run(x)
+    for got in ours:
+        assert_tree_allclose(got, want, **F64)
+
+
+# --- pytrees, argnums, aux, transformations, chunks, dtypes ----------------------------------------------
+
+
+def _tree_fun(p, scale, c):
+    return scale * jnp.sum(jnp.tanh(p["w"] @ p["b"]) ** 2) + jnp.sum(p["b"] ** 3 * c)
+
+
+def test_pytree_and_argnums(rng):
+    """Pytrees ravel as jax.hessian's blocks do; a tuple of argnums differentiates their concatenation."""
+    p = {"w": randn(rng, (2, 3)), "b": randn(rng, (3,))}
+    c, s = randn(rng, (3,)), 1.5
+    flat, unravel = ravel_pytree(p)
+    both, unravel2 = ravel_pytree((p, c))
+
+    @jax.jit
+    def run(p, c):
+        ours = (jacobians.laplacian(_tree_fun)(p, s, c), jacobians.laplacian(_tree_fun, argnums=(0, 2))(p, s, c),
+                jacobians.hessian_diagonal(_tree_fun)(p, s, c), jacobians.value_grad_and_laplacian(_tree_fun)(p, s, c))
+        H = jax.hessian(lambda z: _tree_fun(unravel(z), s, c))(flat)
+        H2 = jax.hessian(lambda z: _tree_fun(unravel2(z)[0], s, unravel2(z)[1]))(both)
+        want = (jnp.trace(H), jnp.trace(H2), unravel(jnp.diag(H)),
+                (_tree_fun(p, s, c), jax.grad(_tree_fun)(p, s, c), jnp.trace(H)))
+        return ours, want
+
+    ours, want = run(p, c)
+    assert_tree_allclose(ours, want, **F64)
+
+
+def test_has_aux_vmap_jit_chunks(rng):
+    X = randn(rng, (3, 6))
+    aux_f = lambda x: (_mlp(x), {"y": x * 2})  # noqa: E731
+    got, aux = jacobians.laplacian(aux_f, has_aux=True, method="forward")(X[0])  # outside jit: the call itself
+    assert_tree_allclose(aux, {"y": X[0] * 2}, **F64)
+
+    @jax.jit
+    def run(X):
+        chunked = jacobians.laplacian(_mlp, method="forward", chunk_size=4)
+        laps = [jax.vmap(f)(X) for f in (jacobians.laplacian(_mlp), chunked,
+                                          jacobians.laplacian(_mlp, method="hvp", chunk_size=4))]
+        diag = jax.vmap(jacobians.hessian_diagonal(_mlp, method="forward", chunk_size=4))(X)
+        H = jax.vmap(jax.hessian(_mlp))(X)
+        return laps, diag, jnp.trace(H, axis1=1, axis2=2), jnp.diagonal(H, axis1=1, axis2=2)
+
+    laps, diag, want, want_diag = run(X)
+    assert_tree_allclose(got, want[0], **F64)
+    for lap in laps:
+        assert_tree_allclose(lap, want, **F64)
+    assert_tree_allclose(diag, want_diag, **F64)
+
+
+def test_float32(rng):
+    x = randn(rng, (6,), jnp.float32)
+    @jax.jit
+    def run(x):
+        return [jacobians.laplacian(_mlp, method=m)(x) for m in METHODS], jnp.trace(jax.hessian(_mlp)(x.astype(float)))
+
+    ours, want = run(x)
+    for m, got in zip(METHODS, ours, strict=True):
+        assert got.dtype == jnp.float32, m
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-4, atol=1e-4, err_msg=m)
+
+
+def test_array_valued_float32_shape(rng):
+    f = lambda x: jnp.sin(x) * x[::-1]  # noqa: E731
+    x = randn(rng, (2, 3), jnp.float32)
+    lap = jacobians.laplacian(f)(x)
+    assert lap.shape == (2, 3) and lap.dtype == jnp.float32
+    H = jax.hessian(f)(x).reshape(6, 6, 6)
+    np.testing.assert_allclose(np.asarray(lap).reshape(-1), np.trace(np.asarray(H), axis1=1, axis2=2), rtol=1e-5,
+                               atol=1e-5)
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+
+
+def test_errors(rng):
+    x = randn(rng, (3,))
+    with pytest.raises(ValueError, match=r"value_grad_and_laplacian: fun must return a scalar \(shape \(\)\) to have"):
+        jacobians.value_grad_and_laplacian(lambda z: z**2)(x)
+    with pytest.raises(TypeError, match="can only differentiate with respect to real floating-point inputs"):
+        jacobians.laplacian(lambda z: jnp.sum(z))(jnp.arange(3))
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'forward', 'sparse', 'hvp'\), got 'taylor'"):
+        jacobians.laplacian(jnp.sum, method="taylor")
+    with pytest.raises(ValueError, match="chunk_size bounds the columns of method='forward'"):
+        jacobians.hessian_diagonal(jnp.sum, method="sparse", chunk_size=2)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        jacobians.laplacian(jnp.sum, chunk_size=0)
+    with pytest.raises(TypeError, match="fun must return floating-point arrays"):
+        jacobians.laplacian(lambda z: jnp.sum(z).astype(jnp.int32))(x)
+    assert math.isclose(float(jacobians.laplacian(lambda z: jnp.sum(z**2))(x)), 6.0)
