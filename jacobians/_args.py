@@ -4,12 +4,25 @@ A transformation (``jacobian``, ``sparse_jacobian``, ``hessian``, the
 determinants, ...) is a :class:`Transform`: it checks ``fun`` and ``argnums``
 when it is built, and on each call splits ``fun(*args, **kwargs)`` into
 
-- the *traced* leaves: the differentiated ones and every other array;
+- the *traced* leaves: the differentiated ones, every other array, and the
+  Python numbers (``int``, ``float``, ``complex``), traced as weakly typed
+  scalars as ``jax.jit`` traces them: a new value of ``t`` in ``f(x, t)``
+  neither re-traces nor recompiles, and ``x * t`` keeps ``x``'s dtype;
 - a hashable :class:`CallSpec`: the pytree structure, which positional
-  arguments are differentiated, and the *static* leaves (strings, enums,
-  Python numbers, any hashable non-array), compiled in as constants and keyed
-  exactly by type and value (``1``, ``1.0`` and ``True`` differ, so do ``0.0``
-  and ``-0.0``; NaN equals NaN).
+  arguments are differentiated, the Python type of each traced number, and the
+  *static* leaves (strings, enums, ``None``, bools, any other hashable
+  non-array), compiled in as constants and keyed exactly by type and value
+  (``1``, ``1.0`` and ``True`` differ, so do ``0.0`` and ``-0.0``; NaN equals
+  NaN).
+
+Bools stay static (unlike ``jax.jit``): a bool argument is almost always a flag
+that ``fun`` branches on in Python (``if training:``), and it has no derivative.
+A number that ``fun`` needs as a Python value (``if t > 0``, ``range(n)``, a
+shape, an axis) cannot be traced: the first call of each call structure tries
+an abstract evaluation (``jax.eval_shape``) with the numbers traced, and where
+it fails, or the traced call itself fails the first time, that structure's
+numbers are compiled in as static values instead (as before; a changing value
+then recompiles, and a transformation that keeps recompiling warns).
 
 One compiled function is cached per ``CallSpec`` (a bounded LRU); it receives
 the traced leaves, rebuilds the call and runs the engine. :class:`Problem`
@@ -45,12 +58,36 @@ try:  # the concrete jax.Array type, checked by identity (cheaper than isinstanc
 except ImportError:  # pragma: no cover - a JAX without it: every call takes the general path
     _ARRAY_IMPL = None
 TRACED_TYPES = ARRAY_TYPES + (jax.ShapeDtypeStruct,)  # leaves passed to the compiled function
+_FAST_TYPES = (_ARRAY_IMPL, float, complex)  # argument types of the split-free call (ints: range-checked)
 _TRACER_ERRORS = (
     jax.errors.ConcretizationTypeError,
     jax.errors.TracerBoolConversionError,
     jax.errors.TracerIntegerConversionError,
     jax.errors.TracerArrayConversionError,
 )
+# Python numbers traced as weakly typed scalars (exact types: bool, IntEnum and other subclasses stay static).
+NUMBER_TYPES = (int, float, complex)
+_NUMPY_TYPE = {int: np.int64, float: np.float64, complex: np.complex128}
+
+
+def number_dtype(kind: type) -> np.dtype:
+    """The dtype JAX gives a Python ``int``/``float``/``complex`` (64 or 32 bits, by ``jax_enable_x64``)."""
+    return jax.dtypes.canonicalize_dtype(_NUMPY_TYPE[kind])
+
+
+def _number_array(value: Any) -> np.ndarray:
+    """A Python number as a NumPy scalar array of the dtype JAX gives it."""
+    return np.asarray(value, number_dtype(complex if isinstance(value, complex) else
+                                          float if isinstance(value, float) else int))
+
+
+def _traceable_number(leaf: Any) -> bool:
+    """A Python number JAX can trace: exact type ``int``/``float``/``complex``, an int within the int dtype."""
+    kind = type(leaf)
+    if kind is int:
+        info = np.iinfo(number_dtype(int))
+        return info.min <= leaf <= info.max
+    return kind is float or kind is complex
 
 
 # --- option checks ----------------------------------------------------------------------------
@@ -121,7 +158,7 @@ def _diff_leaf(leaf: Any, where: str, label: str):
             "pass a float (e.g. 1.0) or a floating-point array."
         )
     if isinstance(leaf, float | complex):
-        return jnp.asarray(leaf)
+        return _number_array(leaf)  # weakly typed again inside the trace (CallSpec.weak)
     raise TypeError(
         f"{where}: differentiated arguments must hold arrays, but {label} is a "
         f"{type(leaf).__name__} ({leaf!r}). Move non-array values to an argument that is not in argnums."
@@ -180,6 +217,8 @@ class CallSpec:
     arg_slices: tuple[tuple[int, int], ...]  # leaf range of each positional arg
     static_keys: tuple[tuple[int, Any], ...]  # (leaf index, static_key(value))
     static: tuple[tuple[int, Any], ...] = field(compare=False, hash=False)  # (leaf index, value)
+    numbers: tuple[tuple[int, type], ...] = ()  # (leaf index, int/float/complex) of the traced Python numbers
+    weak: tuple[int, ...] = ()  # other weakly typed traced leaves: differentiated Python floats, weak arrays
 
     def diff_mask(self) -> list[bool]:
         """For each traced leaf (in call order): is it a leaf of a differentiated argument?"""
@@ -192,17 +231,32 @@ class CallSpec:
         it = iter(traced)
         static = dict(self.static)
         leaves = [static[i] if i in static else next(it) for i in range(self.treedef.num_leaves)]
+        # Weakly typed inside every trace, also where an engine traced a plain aval (jax.ShapeDtypeStruct
+        # drops weak_type): x * t keeps x's dtype, under strict promotion too.
+        for i, _ in self.numbers:
+            leaves[i] = _weakly_typed(leaves[i])
+        for i in self.weak:
+            leaves[i] = _weakly_typed(leaves[i])
         args, kwargs = self.treedef.unflatten(leaves)
         return list(args), kwargs, tuple(args[i] for i in self.positions)
+
+
+def _weakly_typed(x: Any) -> Any:
+    """A traced Python number as ``jax.jit`` sees it: weakly typed (``x * t`` keeps ``x``'s dtype)."""
+    if type(x) in NUMBER_TYPES or _weak(x):
+        return x
+    return cast(x, x.dtype, weak=True)
 
 
 class _Splitter:
     """Split calls into traced leaves and a :class:`CallSpec`, caching the layout per structure."""
 
-    def __init__(self, argnums: tuple[int, ...], where: str):
+    def __init__(self, argnums: tuple[int, ...], where: str, fun: Callable | None = None):
         self.argnums = argnums
         self.where = where
+        self.fun = fun  # for the trial trace that decides whether Python numbers can be traced
         self._layouts: dict = {}
+        self._static_numbers: dict = {}  # (treedef, ((leaf index, type), ...)) -> compile the numbers in?
 
     def _layout(self, args: tuple, treedef) -> tuple:
         n = len(args)
@@ -231,19 +285,38 @@ class _Splitter:
         self._layouts[treedef] = layout
         return layout
 
-    def __call__(self, args: tuple, kwargs: dict) -> tuple[CallSpec, list]:
+    def __call__(self, args: tuple, kwargs: dict, *, raw: bool = False) -> tuple[CallSpec, list]:
+        """``(spec, traced)`` for the call ``fun(*args, **kwargs)``.
+
+        Traced Python numbers come back as NumPy scalar arrays of JAX's dtype
+        for them (engines read their ``shape`` and ``dtype``; concrete also
+        under a trace, where ``jnp.asarray`` would give a tracer), or as
+        themselves with ``raw=True`` (for the compiled function: ``jax.jit``
+        takes a Python number faster than an array). Either way they are
+        weakly typed inside the trace (:meth:`CallSpec.rebuild`).
+        """
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         layout = self._layouts.get(treedef)
         if layout is None:
             layout = self._layout(args, treedef)
         positions, slices, diff_idx = layout
-        traced, static = [], []
+        traced, static, numbers, number_pos, weak = [], [], [], [], []
         for i, leaf in enumerate(leaves):
             if i in diff_idx:
                 if not isinstance(leaf, ARRAY_TYPES):
+                    if isinstance(leaf, float | complex) or _weak(leaf):
+                        weak.append(i)
                     leaf = _diff_leaf(leaf, self.where, f"a leaf of argument {diff_idx[i]}")
+                elif _weak(leaf):
+                    weak.append(i)
                 traced.append(leaf)
             elif isinstance(leaf, TRACED_TYPES):
+                if _weak(leaf):
+                    weak.append(i)
+                traced.append(leaf)
+            elif type(leaf) in NUMBER_TYPES and _traceable_number(leaf):
+                numbers.append((i, type(leaf)))
+                number_pos.append(len(traced))
                 traced.append(leaf)
             else:
                 try:
@@ -254,8 +327,58 @@ class _Splitter:
                         "neither an array nor hashable; pass arrays or hashable values."
                     ) from None
                 static.append((i, leaf))
+        if numbers:
+            numbers = tuple(numbers)
+            key = (treedef, numbers)
+            as_static = self._static_numbers.get(key)
+            if as_static is None:
+                as_static = self._static_numbers[key] = self._needs_values(leaves, treedef, diff_idx, numbers)
+            if as_static:  # compiled in, keyed by type and value, as any static leaf
+                drop = set(number_pos)
+                traced = [x for k, x in enumerate(traced) if k not in drop]
+                static = sorted(static + [(i, leaves[i]) for i, _ in numbers])  # leaf indices are distinct
+                numbers = ()
+            elif not raw:
+                for k in number_pos:
+                    traced[k] = _number_array(traced[k])
         keys = tuple((i, static_key(v)) for i, v in static)
-        return CallSpec(treedef, len(args), positions, slices, keys, tuple(static)), traced
+        spec = CallSpec(treedef, len(args), positions, slices, keys, tuple(static), tuple(numbers), tuple(weak))
+        return spec, traced
+
+    def _needs_values(self, leaves: list, treedef, diff_idx: dict, numbers: tuple) -> bool:
+        """Does ``fun`` need the values of these Python numbers (Python control flow, shapes, axes)?
+
+        One abstract evaluation of ``fun`` with the numbers traced, once per call
+        structure: if it fails they are compiled in. If ``fun`` fails anyway, the
+        call reports the error as before, with the numbers static.
+        """
+        if self.fun is None:
+            return False
+        idx = {i for i, _ in numbers}
+        dyn = [i for i, leaf in enumerate(leaves) if i in idx or i in diff_idx or isinstance(leaf, TRACED_TYPES)]
+
+        def call(values):
+            full = list(leaves)
+            for i, v in zip(dyn, values, strict=True):
+                full[i] = v
+            args, kwargs = treedef.unflatten(full)
+            self.fun(*args, **kwargs)
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the real trace warns, if need be
+                jax.eval_shape(call, [leaves[i] for i in dyn])
+        except Exception:  # noqa: BLE001 - any failure: fall back to what always worked
+            return True
+        return False
+
+    def make_static(self, spec: CallSpec) -> bool:
+        """Compile this structure's numbers in from now on (the traced call failed); False if they already are."""
+        key = (spec.treedef, spec.numbers)
+        if not spec.numbers or self._static_numbers.get(key):
+            return False
+        self._static_numbers[key] = True
+        return True
 
 
 class Transform:
@@ -266,24 +389,35 @@ class Transform:
     leaves in call order. Built functions are cached (LRU, ``CACHE_MAX``).
     """
 
-    def __init__(self, fun: Callable, argnums: Any, where: str, build: Callable[[CallSpec], Callable]):
+    def __init__(
+        self, fun: Callable, argnums: Any, where: str, build: Callable[[CallSpec], Callable], probe: bool = True
+    ):
+        # probe=False where the engine does not call fun(*args, **kwargs) as given (it maps fun over a batch
+        # axis): the trial trace of the split would not test the call that runs.
         self.fun = check_fun(fun, where)
         self.argnums = check_argnums(argnums, where)
         self.int_argnums = not isinstance(argnums, tuple | list)
         self.where = where
-        self.split = _Splitter(self.argnums, where)
+        self.split = _Splitter(self.argnums, where, self.fun if probe else None)
         self.build = build
         self.cache: collections.OrderedDict[CallSpec, Callable] = collections.OrderedDict()
         self._variants: dict = collections.defaultdict(set)  # treedef -> static keys seen
         self._warned = False
-        self._fast: dict[int, Callable] = {}  # calls of k plain jax arrays, no kwargs: no split needed
+        self._fast: dict[tuple, Callable] = {}  # by argument types: calls of jax arrays and floats, no split
+        self._confirmed: set = set()  # specs whose traced Python numbers have compiled and run once
 
     def compiled(self, args: tuple, kwargs: dict) -> tuple[Callable, list, CallSpec]:
-        """The built function for this call, its traced leaves and the call's spec."""
-        spec, traced = self.split(args, kwargs)
+        """The built function for this call, its traced leaves and the call's spec.
+
+        The function is called as ``fn(*extra, *traced)`` (``extra``: leading
+        arguments of the engine's own, possibly none).
+        """
+        spec, traced = self.split(args, kwargs, raw=True)
         fn = self.cache.get(spec)
         if fn is None:
             fn = self._new(spec)
+        if spec.numbers and spec not in self._confirmed:
+            fn = functools.partial(self._first_with_numbers, fn, spec, len(traced), args, kwargs)
         return fn, traced, spec
 
     def _new(self, spec: CallSpec) -> Callable:
@@ -297,7 +431,9 @@ class Transform:
             named = ", ".join(f"(args, kwargs){paths[i]}" for i in changing) or "a static argument"
             warnings.warn(
                 f"{self.where}: recompiling for the {len(variants)}th value of {named}; non-array arguments "
-                "are compiled in as constants. Pass a value that changes between calls as a jnp array.",
+                "other than Python numbers, and numbers that fun uses as Python values (`if t > 0`, a shape, "
+                "range(n)), are compiled in as constants. Pass a value that changes between calls as a jnp array "
+                "(and write the branch with jnp.where or jax.lax.cond).",
                 stacklevel=4,
             )
         fn = self.build(spec)
@@ -307,19 +443,46 @@ class Transform:
         return fn
 
     def __call__(self, *args, **kwargs):
-        # The common call (positional jax arrays) skips the split: its spec depends only on the count.
-        fn = None if kwargs else self._fast.get(len(args))
-        if fn is not None and all(type(a) is _ARRAY_IMPL for a in args):
+        # The common call (positional jax arrays and Python floats) skips the split: its spec depends only
+        # on the argument types (traced numbers once their structure has run: see _first_with_numbers).
+        fn = None if kwargs else self._fast.get(tuple(map(type, args)))
+        if fn is not None:
             traced = args
         else:
             fn, traced, spec = self.compiled(args, kwargs)
-            if not kwargs and not spec.static and len(traced) == len(args):
-                if all(type(a) is _ARRAY_IMPL for a in args):
-                    self._fast[len(args)] = fn
+            if (
+                not kwargs
+                and not spec.static
+                and len(traced) == len(args)
+                and (not spec.numbers or spec in self._confirmed)
+                and all(a is b and type(a) in _FAST_TYPES for a, b in zip(args, traced, strict=True))
+            ):
+                self._fast[tuple(map(type, args))] = fn
         try:
             return fn(*traced)
         except _TRACER_ERRORS as e:
             raise TracedControlFlowError(self.where, e) from e
+
+    def _first_with_numbers(self, fn, spec, n_traced, args, kwargs, *call_args):
+        """The first call of a structure with traced Python numbers: if it fails, compile them in and retry.
+
+        The trial trace in the split catches a number used as a Python value in
+        ``fun`` itself; this catches one that only differentiating ``fun`` needs
+        (a ``custom_jvp`` rule that branches on a ``nondiff_argnums`` number) or
+        that a batched engine's own call of ``fun`` needs.
+        """
+        try:
+            out = fn(*call_args)
+        except Exception:
+            if not self.split.make_static(spec):
+                raise
+            # The same error again if the numbers were not the cause (the engine's leading arguments kept).
+            fn, traced, _ = self.compiled(args, kwargs)
+            return fn(*call_args[: len(call_args) - n_traced], *traced)
+        if len(self._confirmed) >= 4 * CACHE_MAX:
+            self._confirmed.clear()
+        self._confirmed.add(spec)
+        return out
 
 
 def wrap(t: Transform) -> Callable:
@@ -393,6 +556,32 @@ def _weak(x) -> bool:
     return bool(getattr(getattr(x, "aval", x), "weak_type", False))
 
 
+def _promotable(s, weak: bool = True) -> Any:
+    """What a leaf contributes to a promotion: its dtype, or its Python type if weakly typed (and ``weak``).
+
+    So a weakly typed value takes the dtype of what it meets, as in JAX: a
+    Python ``1.0`` returned next to float32 ``x`` gives a float32 zero block.
+    A weakly typed int (a Python ``int`` output) counts as a float: its
+    derivative is floating-point (zero).
+    """
+    if not _weak(s):
+        return s.dtype
+    if jnp.issubdtype(s.dtype, jnp.integer):
+        return float
+    if not weak:
+        return s.dtype
+    return complex if jnp.issubdtype(s.dtype, jnp.complexfloating) else float
+
+
+def _output_struct(s) -> jax.ShapeDtypeStruct:
+    """An output leaf's shape and dtype; a Python number as JAX sees it (weakly typed)."""
+    if type(s) in NUMBER_TYPES:
+        return jax.ShapeDtypeStruct((), number_dtype(type(s)), weak_type=True)
+    if getattr(s, "dtype", None) is None:
+        return s  # not an array: check_float_outputs says so
+    return jax.ShapeDtypeStruct(np.shape(s), s.dtype, weak_type=_weak(s))
+
+
 def cast(x: jax.Array, dtype, weak: bool = False) -> jax.Array:
     """``x`` in ``dtype``; weakly typed (as JAX's own derivatives of Python scalars are) when ``weak``."""
     if x.dtype == dtype and _weak(x) == weak:
@@ -433,7 +622,7 @@ class Problem:
 
     def blocks(self, jac: jax.Array, dtype_of=None) -> Any:
         """Cut the flat ``(m, n)`` Jacobian into the pytree of ``out.shape + in.shape`` blocks."""
-        dtype_of = dtype_of or (lambda out, x: promote(out.dtype, x.dtype))
+        dtype_of = dtype_of or (lambda out, x: promote(_promotable(out), _promotable(x)))
         rows, o = [], 0
         for out in self.out_leaves:
             mo = math.prod(out.shape)
@@ -478,14 +667,26 @@ def problem(
 
     in_tree = diff[0] if int_argnums else diff
     in_leaves, in_treedef = jax.tree_util.tree_flatten(in_tree)
-    x, unravel = ravel_pytree(diff)
+    weak = [_weak(leaf) for leaf in jax.tree_util.tree_leaves(diff)]
+    # One dtype for x by the leaves' dtypes (float32 and float64 -> float64, a Python float's weak type
+    # ignored: it is not rounded to float32), also under strict promotion.
+    strong = jax.tree_util.tree_map(lambda leaf: cast(leaf, leaf.dtype), diff) if any(weak) else diff
+    with jax.numpy_dtype_promotion("standard"):
+        x, unravel = ravel_pytree(strong)
+    if any(weak):  # weakly typed leaves come back weakly typed (x * t keeps x's dtype)
+        unravel = _weak_unravel(unravel, weak)
     prob = Problem(None, x, [], None, in_leaves, in_treedef, None)
 
     def record(shapes):
+        shapes = jax.tree_util.tree_map(_output_struct if lazy else lambda s: s, shapes)
         check_float_outputs(shapes, where, holomorphic)
         leaves, prob.out_treedef = jax.tree_util.tree_flatten(shapes)
-        prob.out_leaves = [jax.ShapeDtypeStruct(np.shape(s), s.dtype, weak_type=_weak(s)) for s in leaves]
-        prob.out_dtype = promote(*(s.dtype for s in leaves))
+        prob.out_leaves = [_output_struct(s) for s in leaves]
+        # With no weakly typed input, a weakly typed output is a constant (a Python number): it takes the
+        # dtype of the others (or of x). Otherwise its dtype counts: its derivative may be nonzero.
+        constant = not any(_weak(leaf) for leaf in in_leaves)
+        extra = [x.dtype] if constant and all(_weak(s) for s in leaves) else []
+        prob.out_dtype = promote(*(_promotable(s, constant) for s in leaves), *extra)
 
     if not lazy:
         record(output_shapes(call, diff, where, has_aux))
@@ -500,6 +701,16 @@ def problem(
 
     prob.flat = flat
     return prob
+
+
+def _weak_unravel(unravel: Callable, weak: list[bool]) -> Callable:
+    """``unravel`` that gives weakly typed leaves back weakly typed (a differentiated Python float stays weak)."""
+
+    def unravel_weak(flat):
+        leaves, treedef = jax.tree_util.tree_flatten(unravel(flat))
+        return treedef.unflatten([cast(v, v.dtype, weak=True) if w else v for v, w in zip(leaves, weak, strict=True)])
+
+    return unravel_weak
 
 
 def _split_aux(res: Any, where: str) -> tuple:
@@ -525,7 +736,11 @@ def output_shapes(call: Callable, diff: tuple, where: str, has_aux: bool) -> Any
 
 
 def check_float_outputs(shapes: Any, where: str, holomorphic: bool = False) -> None:
-    """Every output leaf must be a floating-point (or, holomorphic, complex) array."""
+    """Every output leaf must be a floating-point (or, holomorphic, complex) array.
+
+    A Python number among the outputs (a weakly typed leaf) is a constant with a
+    zero Jacobian, as in ``jax.jacfwd``; a Python ``int`` too.
+    """
     leaves_with_path = jax.tree_util.tree_flatten_with_path(shapes)[0]
     if not leaves_with_path:
         raise ValueError(f"{where}: fun returned no arrays to differentiate.")
@@ -536,7 +751,7 @@ def check_float_outputs(shapes: Any, where: str, holomorphic: bool = False) -> N
             raise TypeError(f"{where}: fun must return arrays, but {label} is a {type(leaf).__name__}.")
         if holomorphic and not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(f"{where}: holomorphic=True requires complex outputs, but {label} has dtype {dtype}.")
-        if not jnp.issubdtype(dtype, jnp.inexact):
+        if not jnp.issubdtype(dtype, jnp.inexact) and not (_weak(leaf) and jnp.issubdtype(dtype, jnp.integer)):
             raise TypeError(
                 f"{where}: fun must return floating-point arrays, but {label} has dtype "
                 f"{dtype}; integer outputs have no derivative. Return it as aux "
