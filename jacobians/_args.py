@@ -505,7 +505,8 @@ class TracedControlFlowError(TypeError):
             f"{where}: fun was compiled with jax.jit and used the value of a traced array in Python control "
             "flow or a NumPy call (`if x > 0`, `int(x)`, `np.asarray(x)`), which cannot be compiled. Write the "
             "branch with jnp.where or jax.lax.cond (loops: jax.lax.fori_loop / while_loop), or pass the value "
-            f"as a non-array (static) argument. JAX said: {first}"
+            "as a Python number or other non-array argument, or bind it with functools.partial (fun may branch "
+            f"on those: they are compiled in). JAX said: {first}"
         )
 
 

@@ -430,3 +430,12 @@ def test_non_numeric_outputs_still_rejected():
         jacobians.jacobian(lambda x: (x, True))(x)
     with pytest.raises(TypeError, match=r"output\['n'\] has dtype int64; integer outputs have no derivative"):
         jacobians.jacobian(lambda x: {"n": jnp.argmax(x), "y": x})(x)
+
+
+def test_array_control_flow_error_says_what_to_do():
+    def f(x, t):
+        return x * t if x.sum() > t else -x  # an array in Python control flow: no fallback can help
+
+    with pytest.raises(TypeError, match=r"jacobians.jacobian: fun was compiled with jax.jit .* jnp.where or "
+                                        r"jax.lax.cond .* functools.partial"):
+        jacobians.jacobian(f)(jnp.asarray(X), 0.5)
