@@ -167,11 +167,25 @@ def cross(a: Deps, b: Deps) -> tuple[np.ndarray, np.ndarray]:
     """
     la, lb = np.diff(a.indptr), np.diff(b.indptr)
     cnt = la * lb
-    total = int(cnt.sum())
-    rep = np.repeat(np.arange(la.size), cnt)
-    k = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    lbr = np.maximum(lb[rep], 1)
-    return a.indices[a.indptr[rep] + k // lbr], b.indices[b.indptr[rep] + k % lbr]
+    live = np.flatnonzero(cnt)
+    # Elements grouped by their two set sizes (usually a few groups): each group is one
+    # broadcast of (elements, |a|, 1) against (elements, 1, |b|), no per-pair division.
+    key = la[live] * (int(lb.max(initial=0)) + 1) + lb[live]
+    groups = np.unique(key)
+    if groups.size > 64:  # many sizes: one pass with a division per pair
+        total = int(cnt.sum())
+        width = np.repeat(np.maximum(lb, 1), cnt)
+        q, r = np.divmod(np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt), width)
+        return a.indices[np.repeat(a.indptr[:-1], cnt) + q], b.indices[np.repeat(b.indptr[:-1], cnt) + r]
+    out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for g in groups:
+        sel = live[key == g]
+        p, q = int(la[sel[0]]), int(lb[sel[0]])
+        ia = a.indices[a.indptr[sel][:, None] + np.arange(p)]  # (elements, p)
+        jb = b.indices[b.indptr[sel][:, None] + np.arange(q)]  # (elements, q)
+        out_i.append(np.broadcast_to(ia[:, :, None], (sel.size, p, q)).reshape(-1))
+        out_j.append(np.broadcast_to(jb[:, None, :], (sel.size, p, q)).reshape(-1))
+    return np.concatenate(out_i), np.concatenate(out_j)
 
 
 def compose(shape, rows: np.ndarray, cols: np.ndarray, d: Deps, n_inputs: int) -> Deps:
