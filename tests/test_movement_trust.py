@@ -16,7 +16,10 @@ drops is a silently wrong Jacobian, so each is checked here:
   both structured sweeps.
 """
 
+import functools
 import itertools
+import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -122,6 +125,30 @@ def test_host_eval_movement_equals_xla(name, rng):
     assert names <= _host_vs_xla(fun, *args)
 
 
+def test_host_eval_random_pads_slices_and_broadcasts(rng):
+    # A sampled parameter space (as JAX's lax tests sample theirs), all in one compiled program.
+    shape = (3, 4)
+    pads, slices = [], []
+    while len(pads) < 24:
+        cfg = [(int(rng.integers(-3, 4)), int(rng.integers(-3, 4)), int(rng.integers(0, 3))) for _ in shape]
+        if all(lo + hi + d + max(d - 1, 0) * it >= 0 for (lo, hi, it), d in zip(cfg, shape, strict=True)):
+            pads.append(cfg)
+    while len(slices) < 24:
+        start = [int(rng.integers(0, d)) for d in shape]
+        limit = [int(rng.integers(s, d + 1)) for s, d in zip(start, shape, strict=True)]
+        slices.append((start, limit, [int(rng.integers(1, 4)) for _ in shape]))
+
+    def f(x, v):
+        outs = [lax.pad(x, v, cfg) for cfg in pads]
+        outs += [lax.slice(x, *sl) for sl in slices]
+        outs += [lax.broadcast_in_dim(x[:1], (2, 3, 4), (0, 2)), lax.broadcast_in_dim(v, (2, 2), ())]
+        outs += [lax.squeeze(x[:1, 1:2], (0, 1)), lax.rev(x, ()), lax.rev(x, (0, 1)), lax.transpose(x, (1, 0))]
+        return outs
+
+    covered = _host_vs_xla(f, jnp.asarray(rng.standard_normal(shape)), jnp.asarray(rng.standard_normal(())))
+    assert {"pad", "slice", "broadcast_in_dim", "squeeze", "rev", "transpose"} <= covered
+
+
 def test_host_eval_dynamic_slices_clamp_as_xla(rng):
     x, u = jnp.asarray(rng.standard_normal((5, 6))), jnp.asarray(rng.standard_normal((2, 3)))
     covered = set()
@@ -184,6 +211,51 @@ def test_host_eval_scalars_wrap_without_warnings():
     assert _host_eval.evaluate("add", {}, [np.int32(1), np.int64(1)], [np.dtype(np.int32)]) is None
 
 
+# ------------------------------------------------------------------ several cases, one compile
+
+
+def _suite(cases: dict):
+    """All ``cases`` (name -> ``(fun, n)``) as one map of one vector, each case on its own slice of it.
+
+    One compile per method instead of one per case; the Jacobian is block diagonal
+    (square when every case is). Returns the map, its input size and each case's output rows.
+    """
+    names = sorted(cases)
+    rows, cols, start, col = {}, {}, 0, 0
+    for k in names:
+        fun, n = cases[k]
+        size = jax.eval_shape(fun, jax.ShapeDtypeStruct((n,), jnp.float64)).size
+        rows[k], cols[k] = slice(start, start + size), slice(col, col + n)
+        start, col = start + size, col + n
+
+    def suite(x):
+        return jnp.concatenate([jnp.ravel(cases[k][0](x[cols[k]])) for k in names])
+
+    return suite, col, rows
+
+
+@functools.cache
+def _reference(table: str, group: str | None = None):
+    """``(suite, x, jax.jacfwd(suite)(x), rows)`` for a table of cases, computed once per test run.
+
+    ``x`` is fresh (normal draws, seeded by the table's name): never zeros, the same in every test
+    that shares the reference.
+    """
+    cases = globals()[table] if group is None else globals()[table][group]
+    fun, n, rows = _suite(cases)
+    x = jnp.asarray(np.random.default_rng(zlib.crc32(f"{table}/{group}".encode())).standard_normal(n))
+    want = np.asarray(jax.jit(jax.jacfwd(fun))(x))
+    assert all(np.count_nonzero(want[r]) for r in rows.values()), "a case with a zero Jacobian proves nothing"
+    return fun, x, want, rows
+
+
+def _blame(got, want, rows) -> list[str]:
+    """The cases whose rows of ``got`` differ from ``want``."""
+    bad = ~np.isclose(np.asarray(got), want, rtol=1e-9, atol=1e-12)
+    return [k for k, r in rows.items() if bad[r].any()]
+
+
+
 # ------------------------------------------------------------------ F-order reshapes through every public entry point
 
 
@@ -193,44 +265,44 @@ def _c12():
     return lax.reshape(jnp.arange(12.0).reshape(4, 3) + 1.0, (3, 4), dimensions=(1, 0))
 
 
+def _on(shape, fun):
+    """``fun`` of an array of ``shape`` as a case of :func:`_suite` (a function of a flat vector)."""
+    return (lambda v: fun(v.reshape(shape)), math.prod(shape))
+
+
 F_ORDER = {
-    "ravel_F": (lambda x: jnp.tanh(jnp.ravel(x, order="F")), (3, 4)),
-    "folded_constant_F": (lambda x: jnp.ravel(jnp.tanh(x) * _c12()), (3, 4)),
-    "square_dims_10": (lambda x: jnp.tanh(lax.reshape(x, (64,), dimensions=(1, 0))), (8, 8)),
-    **{
-        f"dims_{''.join(map(str, p))}": (
-            lambda x, p=p: jnp.tanh(lax.reshape(x, (4, 6), dimensions=p)).ravel() ** 3,
-            (2, 3, 4),
-        )
-        for p in [(1, 2, 0)]
-    },
+    "ravel_F": _on((3, 4), lambda x: jnp.tanh(jnp.ravel(x, order="F"))),
+    "folded_constant_F": _on((3, 4), lambda x: jnp.ravel(jnp.tanh(x) * _c12())),
+    "square_dims_10": _on((8, 8), lambda x: jnp.tanh(lax.reshape(x, (64,), dimensions=(1, 0)))),
+    "dims_120": _on((2, 3, 4), lambda x: jnp.tanh(lax.reshape(x, (4, 6), dimensions=(1, 2, 0))).ravel() ** 3),
+    "dims_201": _on((2, 3, 4), lambda x: jnp.sin(lax.reshape(x, (24,), dimensions=(2, 0, 1)))),
 }
 
 
-def _F(name):
-    fun, shape = F_ORDER[name]
-    return fun, shape
-
-
-@pytest.mark.parametrize("name", sorted(F_ORDER))
-def test_f_order_jacobian_every_method(name, rng):
+@pytest.mark.parametrize(
+    "method", [{}, dict(method="structured", mode="fwd"), dict(method="structured", mode="rev"),
+               dict(method="compressed"), "sparse_jacobian"],
+    ids=["auto", "structured_fwd", "structured_rev", "compressed", "sparse_jacobian"])
+def test_f_order_jacobian_every_method(method):
     import jacobians
 
-    fun, shape = _F(name)
-    x = jnp.asarray(rng.standard_normal(shape))
-    want = np.asarray(jax.jacfwd(fun)(x))
-    assert np.count_nonzero(want)
-    for kw in ({}, dict(method="structured", mode="fwd"), dict(method="structured", mode="rev"),
-               dict(method="compressed")):
-        np.testing.assert_allclose(jacobians.jacobian(fun, **kw)(x), want, rtol=1e-10, atol=1e-12, err_msg=str(kw))
-    np.testing.assert_allclose(jacobians.sparse_jacobian(fun, output="dense")(x), want, rtol=1e-10, atol=1e-12)
+    fun, x, want, rows = _reference("F_ORDER")
+    if method == "sparse_jacobian":
+        got = jacobians.sparse_jacobian(fun, output="dense")(x)
+    else:
+        got = jacobians.jacobian(fun, **method)(x)
+    assert not _blame(got, want, rows)
+
+
+def test_f_order_pattern_divergence_gauss_newton():
+    import jacobians
+
+    fun, x, want, rows = _reference("F_ORDER")
     # The detected pattern is exactly the nonzeros (pure movement and element-wise maps).
-    pattern = jacobians.sparsity(fun, x).to_dense()
-    np.testing.assert_array_equal(np.asarray(pattern), want != 0)
-    flat = want.reshape(want.shape[0], -1)
-    np.testing.assert_allclose(jacobians.gauss_newton(fun)(x).diagonal(), (flat**2).sum(0).reshape(shape),
-                               rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(jacobians.divergence(fun)(x), np.trace(flat), rtol=1e-10, atol=1e-12)
+    pattern = np.asarray(jacobians.sparsity(fun, x).to_dense())
+    assert not [k for k, r in rows.items() if (pattern[r] != (want[r] != 0)).any()]
+    np.testing.assert_allclose(jacobians.gauss_newton(fun)(x).diagonal(), (want**2).sum(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(jacobians.divergence(fun)(x), np.trace(want), rtol=1e-10, atol=1e-12)
 
 
 def test_f_order_constant_folded_in_place(rng):
@@ -300,6 +372,8 @@ GATHERS = {
     "vmapped_gather": (lambda x: jnp.sin(jax.vmap(lambda r, i: r[i])(x.reshape(4, 4), jnp.array([[1, 0], [2, 3],
                                                                                               [0, 0], [3, 1]]))),
                        16),
+    "vmapped_scatter": (lambda x: jnp.sin(jax.vmap(lambda r, i, u: r.at[i].set(u))(
+        x.reshape(4, 4), jnp.array([[1, 0], [2, 3], [0, 2], [3, 1]]), x.reshape(4, 4)[:, ::-2] ** 2)).ravel(), 16),
     "scatter_drop": (lambda x: jnp.sin(x.at[jnp.arange(4) * 3].set(x[:4] ** 2, mode="drop")), 8),
     "scatter_clip": (lambda x: jnp.sin(x.at[jnp.arange(4) * 3].set(x[:4] ** 2, mode="clip")), 8),
     "scatter_promise_oob": (lambda x: jnp.sin(x.at[jnp.array([0, 1, 2, 30])].set(x[:4] ** 2,
@@ -312,46 +386,19 @@ GATHERS = {
 }
 
 
-def _suite(cases: dict):
-    """All ``cases`` as one function of one vector (one compile per method); each case's output rows."""
-    names = sorted(cases)
-    n = max(cases[k][1] for k in names)
-    rows, start = {}, 0
-    for k in names:
-        size = jax.eval_shape(cases[k][0], jax.ShapeDtypeStruct((cases[k][1],), jnp.float64)).size
-        rows[k] = slice(start, start + size)
-        start += size
-
-    def fun(x):
-        return jnp.concatenate([jnp.ravel(cases[k][0](x[: cases[k][1]])) for k in names])
-
-    return fun, n, rows
-
-
-def _blame(got, want, rows) -> list[str]:
-    bad = ~np.isclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)
-    return [k for k, r in rows.items() if bad[r].any()]
-
-
-@pytest.mark.parametrize("kw", [{}, dict(method="structured", mode="fwd"), dict(method="structured", mode="rev")],
-                         ids=["auto", "structured_fwd", "structured_rev"])
-def test_gathers_and_scatters(kw, rng):
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_gathers_and_scatters_structured(mode):
     import jacobians
 
-    fun, n, rows = _suite(GATHERS)
-    x = jnp.asarray(rng.standard_normal(n))
-    want = np.asarray(jax.jit(jax.jacfwd(fun))(x))
-    assert all(np.count_nonzero(want[r]) for r in rows.values())
-    assert not _blame(jacobians.jacobian(fun, **kw)(x), want, rows)
+    fun, x, want, rows = _reference("GATHERS")
+    assert not _blame(jacobians.jacobian(fun, method="structured", mode=mode)(x), want, rows)
 
 
-def test_gathers_and_scatters_patterns_are_sound(rng):
+def test_gathers_and_scatters_patterns_are_sound():
     import jacobians
 
-    fun, n, rows = _suite(GATHERS)
-    x = jnp.asarray(rng.standard_normal(n))
-    want = np.asarray(jax.jit(jax.jacfwd(fun))(x)) != 0
-    missed = want & ~np.asarray(jacobians.sparsity(fun, x).to_dense())
+    fun, x, want, rows = _reference("GATHERS")
+    missed = (want != 0) & ~np.asarray(jacobians.sparsity(fun, x).to_dense())
     assert not [k for k, r in rows.items() if missed[r].any()]
 
 
@@ -393,7 +440,7 @@ def _cases(**funs):
 
 
 STRUCTURED = {
-    "dtypes": _cases(
+    "dtypes_and_piecewise": _cases(
         complex_exp_real=lambda x: jnp.real(jnp.exp(x.astype(complex) * 1j) * x.astype(complex)),
         complex_abs=lambda x: jnp.abs(lax.complex(x, x[::-1] ** 2)),
         fft_abs=lambda x: jnp.abs(jnp.fft.fft(x)),
@@ -406,8 +453,7 @@ STRUCTURED = {
         to_bf16=lambda x: (x.astype(jnp.bfloat16) * 3).astype(jnp.float64),
         reduce_precision=lambda x: lax.reduce_precision(x, 5, 10) * x,
         copy=lambda x: jnp.copy(x) * x,
-    ),
-    "piecewise": _cases(
+
         round_floor_sign=lambda x: jnp.round(x * 3) * x + jnp.floor(x) * x**2 + jnp.sign(x) * x,
         rem=lambda x: lax.rem(x, x[::-1] + 3.0) + lax.rem(x * 5, 0.7),
         clamp_traced=lambda x: lax.clamp(x[::-1] - 0.5, x, x[::-1] + 0.5),
@@ -419,17 +465,16 @@ STRUCTURED = {
         div_scalar=lambda x: x / (x[1] + 3.0),
         is_finite=lambda x: jnp.where(jnp.isfinite(x), x, 0.0),
     ),
-    "where": _cases(
-        traced=lambda x: jnp.where(x > 0, x**2, jnp.sin(x)),
-        scalar_predicate=lambda x: jnp.where(x.sum() > 0, x**3, x),
-        three_cases=lambda x: lax.select_n(jnp.clip(jnp.floor(x * 2), 0, 2).astype(jnp.int32), x, x**2, jnp.sin(x)),
-        constant_case=lambda x: jnp.where(x > 0, x**2, 0.0) + jnp.where(x < 0.3, 1.0, jnp.sin(x)),
-        permuted=lambda x: jnp.where(x > 0, x, x[::-1]),
-        slices=lambda x: jnp.where(x[:3] > 0, x[:3], x[3:]) * x[3:],
-        broadcast=lambda x: jnp.where(x > 0, x[0], x),
-        dense=lambda x: jnp.where(x > 0, jnp.cumsum(x), x**2),
-    ),
-    "orders": _cases(
+    "where_and_orders": _cases(
+        where_traced=lambda x: jnp.where(x > 0, x**2, jnp.sin(x)),
+        where_scalar_predicate=lambda x: jnp.where(x.sum() > 0, x**3, x),
+        where_three_cases=lambda x: lax.select_n(jnp.clip(jnp.floor(x * 2), 0, 2).astype(jnp.int32), x, x**2,
+                                                 jnp.sin(x)),
+        where_constant_case=lambda x: jnp.where(x > 0, x**2, 0.0) + jnp.where(x < 0.3, 1.0, jnp.sin(x)),
+        where_permuted=lambda x: jnp.where(x > 0, x, x[::-1]),
+        where_slices=lambda x: jnp.where(x[:3] > 0, x[:3], x[3:]) * x[3:],
+        where_broadcast=lambda x: jnp.where(x > 0, x[0], x),
+        where_dense=lambda x: jnp.where(x > 0, jnp.cumsum(x), x**2),
         sort=lambda x: jnp.sort(x) * _C6,
         sort_two_operands=lambda x: lax.sort((x, x**2), num_keys=1)[1],
         sort_two_keys=lambda x: sum(lax.sort((jnp.round(x), x, x**3), num_keys=2)[1:]),
@@ -441,7 +486,7 @@ STRUCTURED = {
         argmax=lambda x: x * jnp.argmax(x).astype(x.dtype),
         top_k=lambda x: jnp.concatenate([lax.top_k(x, 3)[0], x]),
     ),
-    "indexing": _cases(
+    "indexing_rules_control": _cases(
         dynamic_update_known=lambda x: lax.dynamic_update_slice(x, x[:2] ** 2, (3,)),
         dynamic_update_traced=lambda x: lax.dynamic_update_slice(x, x[:2] ** 2, (jnp.argmax(x),)),
         dynamic_slice_traced=lambda x: jnp.concatenate([lax.dynamic_slice(x, (jnp.argmin(x),), (2,)), x]),
@@ -452,8 +497,7 @@ STRUCTURED = {
         scatter_max=lambda x: x.at[_I6].max(x[3:] ** 2),
         split=lambda x: jnp.concatenate(jnp.split(x, [2, 3])[::-1]) * x,
         tile_stack=lambda x: jnp.tile(x[:3], 2) + jnp.stack([x[:3], x[3:]]).ravel(),
-    ),
-    "rules_and_control": _cases(
+
         relu_gelu_softplus=lambda x: jax.nn.relu(x) + jax.nn.gelu(x) + jax.nn.softplus(x),
         logsumexp=lambda x: jax.nn.logsumexp(x) * x,
         sinc=jnp.sinc,
@@ -469,15 +513,11 @@ STRUCTURED = {
 
 @pytest.mark.parametrize("mode", ["fwd", "rev"])
 @pytest.mark.parametrize("group", sorted(STRUCTURED))
-def test_structured_sweeps_dtype_and_mode_table(group, mode, rng):
+def test_structured_sweeps_dtype_and_mode_table(group, mode):
     import jacobians
 
-    fun, n, rows = _suite(STRUCTURED[group])
-    x = jnp.asarray(rng.standard_normal(n))
-    want = np.asarray(jax.jit(jax.jacfwd(fun))(x))
-    got = np.asarray(jacobians.jacobian(fun, method="structured", mode=mode)(x))
-    bad = ~np.isclose(got, want, rtol=1e-9, atol=1e-12)
-    assert not [k for k, r in rows.items() if bad[r].any()]
+    fun, x, want, rows = _reference("STRUCTURED", group)
+    assert not _blame(jacobians.jacobian(fun, method="structured", mode=mode)(x), want, rows)
 
 
 def test_structured_forward_where_picks_tangents(rng):
