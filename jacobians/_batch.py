@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _mesh, _planner, _structured, kernels
+from . import _args, _compat, _deps, _mesh, _planner, _structured, kernels
 from ._walker import Walker
 
 
@@ -45,12 +45,8 @@ class _BatchLattice(_deps.DepsLattice):
 
 
 def _where(eqn) -> str:
-    try:
-        from jax._src import source_info_util
-
-        return source_info_util.summarize(eqn.source_info) or "a line inside JAX"
-    except Exception:  # noqa: BLE001 - a location is a courtesy
-        return "an unknown location"
+    where = _compat.source_summary(eqn.source_info)
+    return "an unknown location" if where is None else where or "a line inside JAX"
 
 
 def _move_to_front(x, axis):

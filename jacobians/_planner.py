@@ -20,9 +20,7 @@ shapes.
 import math
 from dataclasses import dataclass, field
 
-from jax.extend import core as jcore
-
-from . import _deps
+from . import _compat, _deps
 from ._walker import primitives
 
 PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
@@ -70,9 +68,13 @@ class JacobianPlan:
 
 
 def pass_cost(closed) -> float:
-    """One evaluation's cost from the jaxpr: FLOPs of products and convolutions, element counts elsewhere."""
+    """One evaluation's cost from a closed or open jaxpr: FLOPs of products and convolutions, element counts elsewhere.
+
+    Nested jaxprs (a ``jit``, ``cond``'s branches, a loop body) are open and may
+    have constants of their own (a closure), which cost nothing here.
+    """
     total = 0.0
-    for eqn in closed.jaxpr.eqns:
+    for eqn in _compat.unclose(closed)[0].eqns:
         name = eqn.primitive.name
         out = sum(math.prod(v.aval.shape) for v in eqn.outvars)
         if name == "dot_general":
@@ -83,8 +85,7 @@ def pass_cost(closed) -> float:
             rhs = eqn.invars[1].aval.shape
             total += 2.0 * out * math.prod(rhs) / max(rhs[0], 1)
         else:
-            subs = jcore.jaxprs_in_params(eqn.params)
-            total += out + sum(pass_cost(jcore.ClosedJaxpr(s, [])) for s in subs)
+            total += out + sum(pass_cost(s) for s in _compat.jaxprs_in_params(eqn.params))
     return max(total, 1.0)
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _args, _mesh, kernels
+from . import _args, _compat, _mesh, kernels
 from ._sparsity import Detected, SparsityPattern, _abstract, detect_call, detect_hessian
 from ._walker import primitives
 
@@ -272,7 +272,7 @@ class _Engine:
         On a mismatch the dense Jacobian locates the first entry the pattern misses.
         """
         spec, traced = self.t.split(args, kwargs)
-        if any(isinstance(a, jax.core.Tracer) for a in traced):
+        if any(_compat.is_tracer(a) for a in traced):
             return  # values are unknown under a trace: nothing to check
         avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
         plan, _, memo = self.plan_for(spec, avals)

@@ -32,9 +32,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.extend import core as jcore
 
-from . import _host_eval
+from . import _compat, _host_eval
+from ._compat import bind as bind
 
 FOLD_MAX = 1 << 20  # fold equations whose outputs have at most this many elements
 UNROLL_MAX = 1 << 12  # scan steps walked one by one before falling back to a fixed point
@@ -76,7 +76,7 @@ class Lattice:
 
     def const(self, c, aval) -> Any:
         """A closed-over constant of the jaxpr (a tracer when the jaxpr was traced inside a ``jit``)."""
-        known = not (isinstance(c, jax.core.Tracer) or is_opaque(aval))
+        known = not (_compat.is_tracer(c) or is_opaque(aval))
         return self.constant(np.asarray(c) if known else None, aval)
 
     def skip(self, eqn, ins: list) -> list:
@@ -155,23 +155,6 @@ def _fold(lat: Lattice, eqn, ins: list) -> list | None:
     return [lat.constant(np.asarray(o), v.aval) for o, v in zip(out, eqn.outvars, strict=True)]
 
 
-def bind(eqn, args: Sequence) -> Any:
-    """Apply ``eqn``'s primitive, with its parameters, to other arguments (as ``jax.core.eval_jaxpr`` does)."""
-    params = eqn.primitive.get_bind_params(eqn.params)
-    subfuns = ()
-    if isinstance(params, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = params
-    return eqn.primitive.bind(*subfuns, *args, **params)
-
-
-def _sub_jaxpr(eqn):
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        inner = eqn.params.get(key)
-        if isinstance(inner, jcore.ClosedJaxpr | jcore.Jaxpr):
-            return inner
-    return None
-
-
 class Walker:
     """Walks (closed) jaxprs for one lattice, recording the primitives it meets."""
 
@@ -188,26 +171,23 @@ class Walker:
             return self._run(closed, args)
 
     def _run(self, closed, args: Sequence) -> list:
-        if isinstance(closed, jcore.ClosedJaxpr):
-            jaxpr, consts = closed.jaxpr, closed.consts
-        else:
-            jaxpr, consts = closed, []
+        jaxpr, consts = _compat.unclose(closed)
         lat = self.lat
         env: dict = {}
 
         def read(v):
-            if isinstance(v, jcore.Literal):
+            if isinstance(v, _compat.Literal):
                 return lat.constant(None if is_opaque(v.aval) else np.asarray(v.val), v.aval)
             return env[v]
 
         for v, c in zip(jaxpr.constvars, consts, strict=True):
-            env[v] = lat.const(c, v.aval)
+            env[v] = lat.const(_compat.host_constant(c), v.aval)
         for v, a in zip(jaxpr.invars, args, strict=True):
             env[v] = a
         for eqn in jaxpr.eqns:
             outs = self.eqn(eqn, [read(v) for v in eqn.invars])
             for v, o in zip(eqn.outvars, outs, strict=True):
-                if not isinstance(v, jcore.DropVar):
+                if not isinstance(v, _compat.DropVar):
                     env[v] = o
         return [read(v) for v in jaxpr.outvars]
 
@@ -230,8 +210,8 @@ class Walker:
             outs = self._while(eqn, ins)
         elif name == "scan":
             outs = self._scan(eqn, ins)
-        elif (inner := _sub_jaxpr(eqn)) is not None:
-            n_in = len(inner.jaxpr.invars if isinstance(inner, jcore.ClosedJaxpr) else inner.invars)
+        elif (inner := _compat.called_jaxpr(eqn)) is not None:
+            n_in = len(_compat.unclose(inner)[0].invars)
             outs = self._run(inner, ins[len(ins) - n_in :])
         else:
             self.unknown.add(name)
@@ -249,7 +229,7 @@ class Walker:
 
     # --- control flow -----------------------------------------------------------------------
     def _cond(self, eqn, ins):
-        branches = eqn.params["branches"]
+        branches = _compat.cond_branches(eqn)
         index = self.lat.value(ins[0])
         if index is not None:  # a known predicate runs one branch
             k = int(np.clip(int(index), 0, len(branches) - 1))
@@ -270,15 +250,11 @@ class Walker:
         return None
 
     def _while(self, eqn, ins):
-        p = eqn.params
-        n_carry = len(eqn.outvars)
-        body_in = p["body_jaxpr"].jaxpr.invars
-        # Constant counts from the parameters, or (should a JAX drop them) from the arities.
-        nb = p.get("body_nconsts", len(body_in) - n_carry)
-        nc = p.get("cond_nconsts", len(ins) - nb - n_carry)
+        nc, nb = _compat.while_counts(eqn)
+        _, body = _compat.while_jaxprs(eqn)
         consts, carry = ins[nc : nc + nb], ins[nc + nb :]
         avals = [v.aval for v in eqn.outvars]
-        out = self._fixed_point(lambda c: self._run(p["body_jaxpr"], consts + c), carry, avals)
+        out = self._fixed_point(lambda c: self._run(body, consts + c), carry, avals)
         if out is None:
             self.unknown.add("while (no fixed point)")
             return self.lat.default(eqn, ins)
@@ -287,30 +263,16 @@ class Walker:
     def _scan(self, eqn, ins):
         p = eqn.params
         lat = self.lat
-        length, body = p["length"], p["jaxpr"]
-        nk, nc = p.get("num_carry"), p.get("num_consts")
-        groups = p.get("ft_in")
-        if nk is None and groups is not None:  # JAX 0.11: operand groups (consts, carry, xs)
-            try:
-                groups = list(groups)
-                if len(groups) == 3:
-                    nc, nk = len(groups[0]), len(groups[1])
-            except TypeError:
-                pass
-        if nk is None:  # a JAX whose scan parameters we cannot read: the conservative answer, with the warning
+        length, body = p["length"], _compat.scan_body(eqn)
+        counts = _compat.scan_counts(eqn)
+        if counts is None:  # a JAX whose scan parameters we cannot read: the conservative answer, with the warning
             self.unknown.add("scan (parameters of this JAX version)")
             return lat.default(eqn, ins)
-        if nc is None:  # xs are the trailing operands with one more axis than the body's inputs
-            body_in = body.jaxpr.invars
-            n_xs = 0
-            while n_xs < len(ins) - nk and (
-                len(eqn.invars[-1 - n_xs].aval.shape) == len(body_in[-1 - n_xs].aval.shape) + 1
-            ):
-                n_xs += 1
-            nc = len(ins) - nk - n_xs
+        nc, nk = counts
+        body_jaxpr = _compat.unclose(body)[0]
         consts, carry, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
-        x_avals = [v.aval for v in body.jaxpr.invars[nc + nk :]]
-        y_avals = [v.aval for v in body.jaxpr.outvars[nk:]]
+        x_avals = [v.aval for v in body_jaxpr.invars[nc + nk :]]
+        y_avals = [v.aval for v in body_jaxpr.outvars[nk:]]
         out_avals = [v.aval for v in eqn.outvars]
         if length <= UNROLL_MAX:
             # Exact: step i sees slice i of xs, and ys stack the steps' outputs.
@@ -348,11 +310,11 @@ class Walker:
 
 def primitives(jaxpr) -> set[str]:
     """Names of all primitives in a (closed) jaxpr, nested ones included (no walk, no lattice)."""
-    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, jcore.ClosedJaxpr) else jaxpr
+    jaxpr = _compat.unclose(jaxpr)[0]
     names = set()
     for eqn in jaxpr.eqns:
         names.add(eqn.primitive.name)
-        for sub in jcore.jaxprs_in_params(eqn.params):
+        for sub in _compat.jaxprs_in_params(eqn.params):
             names |= primitives(sub)
     return names
 
