@@ -46,7 +46,7 @@ from . import _host_eval
 from . import _structure as st
 from ._deps import _elementwise
 from ._deps._custom import _local as _custom_local
-from ._walker import Lattice, Walker, bind
+from ._walker import Lattice, Walker, bind, is_opaque
 
 LABEL_MAX = (1 << 31) - 2  # integer labels of a selection map fit int32
 
@@ -347,6 +347,11 @@ class _Forward(Lattice):
         return SV(value)
 
     def const(self, c, aval):
+        # Closed-over integer and boolean arrays (gather indices, masks) are read on the host, so
+        # selection maps and folding see them; floating constants stay arrays of the program.
+        small = math.prod(aval.shape) <= self.fold_max
+        if small and not isinstance(c, jax.core.Tracer) and not is_opaque(aval) and not _inexact(aval):
+            return SV(np.asarray(c))
         return SV(c)
 
     def value(self, v):

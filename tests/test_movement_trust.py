@@ -347,6 +347,7 @@ def test_f_order_reshape_per_example_batch(rng):
 # ------------------------------------------------------------------ gathers and scatters: fill values, modes, maps
 
 _W8 = np.random.default_rng(8).standard_normal((8, 8))
+_SHIFT = jnp.arange(8) + 2  # a closed-over index array (a constant of the jaxpr, not an iota)
 
 
 def _gather(x, shape, idx, offset_dims, collapsed, start_map, slice_sizes, batching=((), ())):
@@ -360,6 +361,7 @@ GATHERS = {
     # A shift with a positive fill next to a layer: the fill is a constant, not a copy of x[fill - 1].
     "fill_shift_mlp": (lambda x: jnp.tanh(_W8 @ jnp.tanh(x.at[jnp.arange(8) + 1].get(mode="fill", fill_value=2.0))),
                        8),
+    "fill_closed_over_index": (lambda x: jnp.cos(x.at[_SHIFT].get(mode="fill", fill_value=3.0)) * x, 8),
     "fill_negative_out": (lambda x: jnp.sin(x.at[jnp.arange(8) - 9].get(mode="fill", fill_value=5.0)) * x, 8),
     "fill_default_nan": (lambda x: 2.0 * x.at[jnp.arange(8) * 2].get(mode="fill"), 8),
     "clip": (lambda x: jnp.sin(x.at[jnp.arange(8) * 2 - 3].get(mode="clip")) * x, 8),
@@ -400,6 +402,23 @@ def test_gathers_and_scatters_patterns_are_sound():
     fun, x, want, rows = _reference("GATHERS")
     missed = (want != 0) & ~np.asarray(jacobians.sparsity(fun, x).to_dense())
     assert not [k for k, r in rows.items() if missed[r].any()]
+
+
+def test_closed_over_indices_make_selections(rng):
+    from jacobians import _structured
+
+    # Closed-over integer arrays are read on the host: the gather is a selection in both sweeps
+    # (not the dense generic rule), with its fill a constant.
+    def f(x):
+        return jnp.tanh(x.at[_SHIFT].get(mode="fill", fill_value=3.0))
+
+    x = jnp.asarray(rng.standard_normal(8))
+    want = jax.jacfwd(f)(x)
+    for sweep in ("fwd", "rev"):
+        log = []
+        _, got, _ = _structured.jacobian(lambda v: (f(v), None), x, sweep, log)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+        assert ("gather", "select", ["selection"]) in log, log
 
 
 def test_fill_shift_next_to_a_layer_default_jacobian(rng):
