@@ -63,7 +63,8 @@ HOLOMORPHIC = set(
     "square add add_any sub mul div integer_pow pow logistic select_n copy copy_p".split()
 )
 SELECT = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice", "dynamic_slice",
-          "dynamic_update_slice", "gather", "rev", "concatenate", "pad", "select_n", "split"}
+          "dynamic_update_slice", "gather", "rev", "concatenate", "pad", "select_n", "split", "tile", "stack",
+          "unstack"}
 
 
 class SV:

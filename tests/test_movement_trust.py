@@ -516,6 +516,7 @@ STRUCTURED = {
         scatter_max=lambda x: x.at[_I6].max(x[3:] ** 2),
         split=lambda x: jnp.concatenate(jnp.split(x, [2, 3])[::-1]) * x,
         tile_stack=lambda x: jnp.tile(x[:3], 2) + jnp.stack([x[:3], x[3:]]).ravel(),
+        unstack=lambda x: jnp.concatenate(jnp.unstack(x.reshape(2, 3), axis=1)[::-1]) * x,
 
         relu_gelu_softplus=lambda x: jax.nn.relu(x) + jax.nn.gelu(x) + jax.nn.softplus(x),
         logsumexp=lambda x: jax.nn.logsumexp(x) * x,
