@@ -327,6 +327,11 @@ def test_f_order_reshape_couples_a_batch():
         jacobians.batch_jacobian(mix)(X)
     with pytest.raises(jacobians.CoupledBatchError, match="not independent"):
         jacobians.log_abs_det(mix, batch_first=True)(X)
+    # 3-D: every dimensions permutation that does not keep the batch axis first mixes the examples.
+    X3 = jnp.asarray(np.random.default_rng(1).standard_normal((4, 2, 3)))
+    for p in [(1, 0, 2), (2, 1, 0), (1, 2, 0)]:
+        with pytest.raises(jacobians.CoupledBatchError, match="not independent"):
+            jacobians.batch_jacobian(lambda X, p=p: jnp.sin(lax.reshape(X, (4, 6), dimensions=p)))(X3)
 
 
 def test_f_order_reshape_per_example_batch(rng):
