@@ -43,6 +43,9 @@ from ._sparse import sparse_jacobian as sparse_jacobian
 from ._sparsity import SparsityPattern as SparsityPattern
 from ._sparsity import hessian_sparsity as hessian_sparsity
 from ._sparsity import sparsity as sparsity
+from ._trust import PlanError as PlanError
+from ._trust import PlanWarning as PlanWarning
+from ._trust import strict as strict
 
 try:
     __version__ = _version("jacobians")
@@ -55,6 +58,8 @@ __all__ = [
     "GradcheckResult",
     "JacobianPlan",
     "LaplacianPlan",
+    "PlanError",
+    "PlanWarning",
     "SparsePlan",
     "SparsityPattern",
     "assert_gradcheck",
@@ -81,6 +86,7 @@ __all__ = [
     "sparse_hessian",
     "sparse_jacobian",
     "sparsity",
+    "strict",
     "trace_estimate",
     "value_and_jacobian",
     "value_grad_and_hessian",

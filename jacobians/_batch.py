@@ -9,7 +9,11 @@ batch-summed output: not ``B * n``. That premise is checked, not assumed: the
 dependency lattice runs on the jaxpr with every element labelled by its
 example, and any element that mixes examples (a batch mean, BatchNorm, a sort
 or attention across the batch) is reported with the primitive and the line
-that does it.
+that does it. The proof is certified once against JAX (a JVP whose tangent
+lives in some examples only must leave the other examples' outputs exactly
+zero), and so is a structured sweep the planner picks (its blocks against a
+JVP); a proof that crashes falls back to the diagonal blocks of the full
+Jacobian, with a :class:`jacobians.PlanWarning` (see :mod:`._trust`).
 """
 
 import functools
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _compat, _deps, _mesh, _planner, _structured, kernels
+from . import _args, _compat, _deps, _mesh, _planner, _structured, _trust, kernels
 from ._walker import Walker
 
 
@@ -53,17 +57,30 @@ def _move_to_front(x, axis):
     return jnp.moveaxis(x, axis, 0) if axis != 0 else x
 
 
-def _prove(t, spec, avals, in_axes, out_axes, has_aux, batch: int):
+def _labels(shape, axis) -> np.ndarray:
+    """Each element's index along ``axis`` (its example), raveled."""
+    idx = np.arange(shape[axis]).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+    return np.broadcast_to(idx, shape).reshape(-1).astype(np.int64)
+
+
+def _examples(traced_flat, in_axes: int, out_axes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The example of each entry of the flat input ``x (n,)`` and the flat output ``y (m,)``."""
+    closed, offsets, p = traced_flat
+    leaves = sorted((off, v.aval.shape) for v, off in zip(closed.jaxpr.invars, offsets, strict=True) if off is not None)
+    ins = [_labels(shape, in_axes) for _, shape in leaves]
+    outs = [_labels(o.shape, out_axes % len(o.shape)) for o in p.out_leaves]
+    return np.concatenate(ins), np.concatenate(outs)
+
+
+def _prove(traced_flat, where: str, in_axes, out_axes, batch: int):
     """Raise :class:`CoupledBatchError` unless output example ``b`` reads only input example ``b``."""
-    from ._sparsity import trace_flat
 
     def labels(aval, axis):
         shape = aval.shape
-        idx = np.broadcast_to(np.arange(shape[axis]).reshape([-1 if i == axis else 1 for i in range(len(shape))]),
-                              shape)
-        return _deps.Deps(tuple(shape), np.arange(idx.size + 1, dtype=np.int64), idx.reshape(-1).astype(np.int64))
+        idx = _labels(shape, axis)
+        return _deps.Deps(tuple(shape), np.arange(idx.size + 1, dtype=np.int64), idx)
 
-    closed, offsets, p = trace_flat(t, spec, avals, has_aux=has_aux)
+    closed, offsets, p = traced_flat
     # Seeds: every differentiated leaf is labelled by example along its batch axis.
     seeds = [
         labels(v.aval, in_axes) if off is not None else _deps.empty(v.aval.shape)
@@ -92,12 +109,146 @@ def _prove(t, spec, avals, in_axes, out_axes, has_aux, batch: int):
             else:
                 how = "a data movement along the batch axis (a roll, reverse or gather across examples) reorders them"
             raise CoupledBatchError(
-                f"{t.where}: the examples are not independent: output example {b_out} depends on input example "
-                f"{b_in}; {how}. batch_jacobian would silently drop those derivatives. Write the per-example "
-                "function and use jax.vmap(jacobians.jacobian(f_single)), or jacobians.jacobian(f) for the full "
-                f"(B, ..., B, ...) tensor."
+                f"{where}: the examples are not independent: output example {b_out} depends on input example "
+                f"{b_in}; {how}. {_ADVICE}"
             )
         off += size
+
+
+_ADVICE = ("batch_jacobian would silently drop those derivatives. Write the per-example function and use "
+           "jax.vmap(jacobians.jacobian(f_single)), or jacobians.jacobian(f) for the full (B, ..., B, ...) tensor.")
+
+
+def _certify_independence(traced_flat, values, in_axes: int, out_axes: int, batch: int) -> "_trust.Certificate":
+    """Certify the proof: JVPs whose tangents live in some examples only leave the others' outputs exactly zero.
+
+    The tangents live in the first example, the last, and a random half.
+    """
+    in_ex, out_ex = _examples(traced_flat, in_axes, out_axes)
+    groups = [np.array([0]), np.array([batch - 1])]
+    half = np.random.default_rng(_trust.SEED).permutation(batch)[: max(batch // 2, 1)]
+    groups.append(np.sort(half))
+
+    def directions(rng, p):
+        z = rng.standard_normal((len(groups), p.n))
+        return (z * np.stack([np.isin(in_ex, g) for g in groups])).astype(p.x.dtype)
+
+    def program(p, T, leaves):
+        return (jax.vmap(lambda t: jax.jvp(lambda x: p.flat(x)[0], (p.x,), (t,))[1])(T),)
+
+    def judge(outs, T, tol):
+        (ref,) = outs
+        for g, r in zip(groups, ref, strict=True):
+            leak = np.flatnonzero((r != 0) & ~np.isin(out_ex, g))
+            if leak.size:
+                i = int(leak[0])
+                shown = f"example {int(g[0])}" if g.size == 1 else f"{g.size} examples"
+                return (f"a tangent in {shown} changed output entry {i} of example {int(out_ex[i])} by {r[i]:.3g} "
+                        f"({leak.size} such entries)")
+        return None
+
+    return _trust.certify(traced_flat, values, program, judge, "JVPs with tangents in some examples only",
+                          directions)
+
+
+def _per_example(blk: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``blk[b] . v[b]`` for each example: ``(B,) + out + in`` with ``(B,) + in`` -> ``(B,) + out``."""
+    b, k = v.shape[0], math.prod(v.shape[1:])
+    out = blk.shape[1 : blk.ndim - v.ndim + 1]
+    return np.einsum("box,bx->bo", blk.reshape(b, -1, k), v.reshape(b, k)).reshape((b,) + out)
+
+
+def _certify_blocks(t, spec, opts, traced_flat, values, mode: str, in_axes: int) -> "_trust.Certificate":
+    """The blocks a batch plan gives, applied to random per-example tangents, against one JVP of ``fun``."""
+    closed, offsets, meta = traced_flat
+    out_axes = opts["out_axes"]
+    forced = dict(opts, force=mode, shards=None)
+    in_shapes = [shape for _, shape in sorted((off, v.aval.shape) for v, off in
+                                              zip(closed.jaxpr.invars, offsets, strict=True) if off is not None)]
+
+    def program(p, T, leaves):
+        res = _compute(t, spec, forced, *leaves)
+        blocks = jax.tree_util.tree_leaves(res[0] if opts["has_aux"] else res)
+        ref = jax.vmap(lambda v: jax.jvp(lambda x: p.flat(x)[0], (p.x,), (v,))[1])(T)
+        return (*blocks, ref)
+
+    def judge(outs, T, tol):
+        *blocks, ref = outs
+        got = np.zeros(ref.shape, np.result_type(ref, np.float64))
+        bound = np.zeros(ref.shape)
+        for k, t_k in enumerate(T):
+            vs, o = [], 0
+            for shape in in_shapes:
+                size = math.prod(shape)
+                vs.append(np.moveaxis(t_k[o : o + size].reshape(shape), in_axes, 0).astype(np.float64))
+                o += size
+            ys, bs = [], []
+            for i, leaf in enumerate(meta.out_leaves):
+                row = blocks[i * len(vs) : (i + 1) * len(vs)]
+                y = sum(_per_example(np.asarray(blk), v) for blk, v in zip(row, vs, strict=True))
+                yb = sum(_per_example(np.abs(np.asarray(blk)), np.abs(v)) for blk, v in zip(row, vs, strict=True))
+                ax = out_axes % len(leaf.shape)
+                ys.append(np.moveaxis(y, 0, ax).reshape(-1))
+                bs.append(np.moveaxis(yb, 0, ax).reshape(-1))
+            got[k], bound[k] = np.concatenate(ys), np.concatenate(bs)
+        return _trust.compare(got, ref, bound, tol, "output entry")
+
+    return _trust.certify(traced_flat, values, program, judge, f"JVPs through the {mode} blocks")
+
+
+def _independence(t, spec, opts, traced, avals, in_ax: int, batch: int) -> dict:
+    """Prove the examples independent and certify the proof (a plan dict; ``"mode": "full"`` if the proof failed).
+
+    Raises:
+      CoupledBatchError: the proof, or (not strict) its certificate, finds examples that interact.
+    """
+    from ._sparsity import trace_flat
+
+    where = t.where
+    traced_flat = trace_flat(t, spec, avals, has_aux=opts["has_aux"])
+    values = _trust.concrete(traced) or _trust.call_values(spec, t)
+    try:
+        with _trust.stage("batch independence proof", passing=(CoupledBatchError,)):
+            _prove(traced_flat, where, in_ax, opts["out_axes"], batch)
+        with _trust.stage("certificate"):
+            cert = _certify_independence(traced_flat, values, in_ax, opts["out_axes"], batch)
+    except _trust.AnalysisError as e:
+        return {"mode": "full", "note": _trust.analysis_failed(where, e)}
+    if cert.failed:
+        if _trust.is_strict():
+            _trust.certificate_failed(where, "batch independence proof's", cert.detail)
+        raise CoupledBatchError(
+            f"{where}: the examples are not independent: {cert.detail}. (The jaxpr analysis had proved them "
+            f"independent, a defect of jacobians: please report it.) {_ADVICE}"
+        )
+    return {"traced_flat": traced_flat, "values": values, "certificate": cert}
+
+
+def _choose(t, spec, opts, plan, in_ax, default, n, m, x_dtype, fronts, shifted, summed) -> str:
+    """The cost model's choice between the batch-sum passes and the structured sweeps, certified."""
+    where = t.where
+    try:
+        closed = jax.make_jaxpr(lambda v: shifted(v)[0])(jnp.zeros(n, x_dtype))
+        xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
+
+        def structured(sweep):
+            if sweep == "fwd":
+                return jax.make_jaxpr(lambda v: _structured.jacobian(shifted, v, "fwd")[1])(jnp.zeros(n, x_dtype))
+            return jax.make_jaxpr(lambda v: _structured.jacobian(summed, v, "rev")[1])(xflat)
+
+        choice = _planner.choose(closed, n, m, None, None, structured)
+        if choice.method != "structured":
+            return choice.mode
+        mode = f"structured {choice.mode}"
+        with _trust.stage("certificate"):
+            cert = _certify_blocks(t, spec, opts, plan["traced_flat"], plan["values"], mode, in_ax)
+    except Exception as e:  # noqa: BLE001 - reported (strict: raised) by analysis_failed
+        plan["note"] = _trust.analysis_failed(where, e, "planner's cost model")
+        return default
+    if cert.failed:
+        plan["note"] = _trust.certificate_failed(where, f"batch {mode}", cert.detail)
+        return default
+    return mode
 
 
 def _compute(t, spec, opts, *traced):
@@ -145,10 +296,10 @@ def _compute(t, spec, opts, *traced):
                 f"{o.shape}."
             )
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
-    if key not in opts["proved"]:  # once per call structure and shapes, on the host
+    plan = opts["plans"].get(key) if opts.get("force") is None else {"mode": opts["force"]}
+    if plan is None:  # once per call structure and shapes, on the host
         avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-        _prove(t, spec, avals, in_ax, out_axes, opts["has_aux"], batch)
-        opts["proved"].add(key)
+        plan = opts["plans"][key] = _independence(t, spec, opts, traced, avals, in_ax, real_batch)
     out_dtype = _args.promote(*(o.dtype for o in out_leaves))
     x_dtype = _args.promote(*(x.dtype for x in in_leaves))
 
@@ -176,7 +327,32 @@ def _compute(t, spec, opts, *traced):
         y, aux = call(parts)
         return per_example(y).sum(axis=0), aux
 
+    def full(mode):  # the diagonal blocks of the whole (B m, B n) Jacobian: right for any function
+        xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
+
+        def whole(xf):
+            y, aux = summed_parts(xf)
+            return per_example(y).reshape(-1), aux
+
+        kernel = kernels.forward if mode == "fwd" else kernels.reverse
+        _, jac, aux = kernel(whole, xflat, opts["chunk_size"])  # (B m, B n) in leaf blocks
+        jac = jac.reshape(batch, m, -1)
+        blocks, o, diag = [], 0, jnp.arange(batch)
+        for x, k in zip(fronts, feats, strict=True):
+            blocks.append(jac[:, :, o : o + batch * k].reshape(batch, m, batch, k)[diag, :, diag, :])
+            o += batch * k
+        return jnp.concatenate(blocks, axis=2), aux
+
+    def summed_parts(xflat):
+        parts, o = [], 0
+        for x, k in zip(fronts, feats, strict=True):
+            parts.append(xflat[o : o + batch * k].reshape(x.shape).astype(x.dtype))
+            o += batch * k
+        return call(parts)
+
     def run(mode):
+        if mode.startswith("full"):
+            return full(mode.split()[1])
         if mode.startswith("structured"):  # the same batch-sum maps, one structured sweep each
             if mode.endswith("fwd"):
                 _, jac, aux = _structured.jacobian(shifted, jnp.zeros(n, x_dtype), "fwd")
@@ -198,20 +374,17 @@ def _compute(t, spec, opts, *traced):
             o += batch * k
         return jnp.transpose(jnp.concatenate(blocks, axis=2), (1, 0, 2))
 
-    preferred = opts["mode"] if opts["mode"] != "auto" else ("fwd" if n <= m else "rev")
-    if opts["mode"] == "auto" and opts["chunk_size"] is None and (shards is None or shards.count <= 1):
-        # The planner's choice between the dense batch-sum passes and the structured sweeps.
-        closed = jax.make_jaxpr(lambda v: shifted(v)[0])(jnp.zeros(n, x_dtype))
-        xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
-
-        def structured(sweep):
-            if sweep == "fwd":
-                return jax.make_jaxpr(lambda v: _structured.jacobian(shifted, v, "fwd")[1])(jnp.zeros(n, x_dtype))
-            return jax.make_jaxpr(lambda v: _structured.jacobian(summed, v, "rev")[1])(xflat)
-
-        plan = _planner.choose(closed, n, m, None, None, structured)
-        preferred = f"structured {plan.mode}" if plan.method == "structured" else plan.mode
-    if opts["mode"] == "auto" and not preferred.startswith("structured"):
+    default = opts["mode"] if opts["mode"] != "auto" else ("fwd" if n <= m else "rev")
+    if "mode" not in plan:  # the proof held: the planner's choice between batch-sum passes and structured sweeps
+        plan["mode"] = default
+        if opts["mode"] == "auto" and opts["chunk_size"] is None and (shards is None or shards.count <= 1):
+            plan["mode"] = _choose(t, spec, opts, plan, in_ax, default, n, m, x_dtype, fronts, shifted, summed)
+    preferred = plan["mode"]
+    if preferred == "full":
+        preferred = f"full {default}"
+    if opts["mode"] == "auto" and preferred.startswith("full"):
+        jac, aux = _args.with_fallback(run, preferred, "full rev", "full fwd", where)
+    elif opts["mode"] == "auto" and not preferred.startswith("structured"):
         jac, aux = _args.with_fallback(run, preferred, "rev", "fwd", where)
     else:
         jac, aux = run(preferred)
@@ -292,8 +465,8 @@ def batch_jacobian(
         chunk_size=_args.check_chunk_size(chunk_size, where),
         in_axes=int(in_axes),
         out_axes=int(out_axes),
-        proved=set(),
+        plans={},
         shards=_mesh.resolve(mesh, where, mesh_axis),
     )
     t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
-    return _args.wrap(t)
+    return _trust.wrap(t)

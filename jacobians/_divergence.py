@@ -5,7 +5,10 @@ The divergence of a vector field ``f: R^n -> R^n`` is ``tr(J) = sum_j J[j, j]``
 keeping only its diagonal entries (the peak memory of one chunk, never the
 ``n x n`` Jacobian); when the sparsity analysis shows a sparse pattern, inputs
 that share no row or column of the symmetrised pattern share one JVP (a
-distance-1 colouring, for the diagonal only). Estimated: Hutchinson's
+distance-1 colouring, for the diagonal only; certified once against JAX: each
+colour's JVP with random weights on its seed must scale every diagonal entry
+it reads by that entry's own weight, as no other input of the colour may reach
+it). Estimated: Hutchinson's
 ``E[z^T J z] = tr(J)`` for probes with ``E[z z^T] = I``, and Hutch++, which
 takes the trace of a low-rank sketch exactly and estimates only the rest.
 """
@@ -18,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, kernels
-from ._sparsity import detect_call
+from . import _args, _deps, _trust, kernels
+from ._sparsity import detect_traced, trace_flat
 from ._walker import has_custom_vjp
 
 ESTIMATORS = ("hutchinson", "hutch++")
@@ -47,6 +50,67 @@ def _diagonal_colors(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
     return kernels.color_columns(np.concatenate([edge, edge]), np.concatenate([a, b]), n)
 
 
+def _products(p: _args.Problem, seeds, mode: str, where: str):
+    """``J s`` (forward) or ``s^T J`` (reverse) for each row ``s`` of ``seeds``; ``"auto"``: forward where JAX can."""
+
+    def run(direction):
+        if direction == "fwd":
+            return jax.vmap(lambda s: jax.jvp(lambda x: p.flat(x)[0], (p.x,), (s,))[1])(seeds)
+        _, pull = jax.vjp(lambda x: p.flat(x)[0], p.x)
+        return jax.vmap(lambda s: pull(s)[0])(seeds)
+
+    return _args.with_fallback(run, "fwd", "rev", "fwd", where) if mode == "auto" else run(mode)
+
+
+def _plan(t, spec, traced, n: int, mode: str) -> np.ndarray:
+    """The colours of the inputs: a certified distance-1 colouring of the symmetrised pattern, or each its own."""
+    where = t.where
+    avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
+    traced_flat = trace_flat(t, spec, avals)
+    try:  # a sparse pattern lets inputs share a JVP; stop early if the pattern is dense
+        with _trust.stage("sparsity detection", passing=(_deps.TooDense,)):
+            det = detect_traced(t, *traced_flat, max_nnz=16 * n + 1024)
+        with _trust.stage("colouring"):
+            colors = _diagonal_colors(det.pattern.rows, det.pattern.cols, n)
+        if n and int(colors.max()) + 1 == n:
+            return colors  # every input its own JVP: nothing shared, nothing to certify
+        with _trust.stage("certificate"):
+            cert = _certify(traced_flat, _trust.concrete(traced) or _trust.call_values(spec, t), colors, mode, where)
+    except _deps.TooDense:
+        return np.arange(n)
+    except _trust.AnalysisError as e:
+        _trust.analysis_failed(where, e)
+        return np.arange(n)
+    if cert.failed:
+        _trust.certificate_failed(where, f"divergence's colouring ({int(colors.max()) + 1} colours)", cert.detail)
+        return np.arange(n)
+    return colors
+
+
+def _certify(traced_flat, values, colors: np.ndarray, mode: str, where: str) -> "_trust.Certificate":
+    """Each colour's product read at its diagonal entries, with seed weights ``v``, must be ``v_j`` times unweighted.
+
+    Row ``j`` of ``J (s_c * v)`` is ``v_j J[j, j]`` plus the other inputs of colour ``c`` that reach output
+    ``j`` (none if the colouring is right) with their own weights: one random ``v``, ``2c`` products.
+    """
+    c = int(colors.max()) + 1
+    seeds = (colors[None, :] == np.arange(c)[:, None])
+    j = np.arange(colors.size)
+
+    def program(p, T, leaves):
+        s = jnp.asarray(seeds, p.x.dtype)
+        return (_products(p, jnp.concatenate([s, s * T[:1]]), mode, where),)
+
+    def judge(outs, T, tol):
+        (prod,) = outs
+        plain, weighted = prod[:c][colors, j], prod[c:][colors, j]
+        expected = T[0] * plain
+        return _trust.compare(weighted, expected, np.abs(weighted), tol, "diagonal entry")
+
+    return _trust.certify(traced_flat, values, program, judge, "JVPs with weighted colour seeds",
+                          lambda rng, p: rng.standard_normal((1, p.n)).astype(p.x.dtype))
+
+
 def _compute(t, spec, opts, *traced):
     where = t.where
     p = _args.problem(t.fun, spec, traced, where=where, int_argnums=t.int_argnums)
@@ -55,14 +119,7 @@ def _compute(t, spec, opts, *traced):
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
     colors = opts["plans"].get(key)
     if colors is None:
-        colors = np.arange(n)
-        try:  # a sparse pattern lets inputs share a JVP; stop early if the pattern is dense
-            avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-            det = detect_call(t, spec, avals, max_nnz=16 * n + 1024)
-            colors = _diagonal_colors(det.pattern.rows, det.pattern.cols, n)
-        except _deps.TooDense:
-            pass
-        opts["plans"][key] = colors
+        colors = opts["plans"][key] = _plan(t, spec, traced, n, opts["mode"])
     n_colors = int(colors.max()) + 1 if n else 0
     chunk = opts["chunk_size"] or max(1, CHUNK_ENTRIES // max(n, 1))
     chunk = min(chunk, max(n_colors, 1))
@@ -71,14 +128,7 @@ def _compute(t, spec, opts, *traced):
     picks = colors  # product row colors[j], entry j
 
     def products(seeds):  # (k, n) seeds -> (k, n) products J s (fwd) or s^T J (rev)
-        def run(mode):
-            if mode == "fwd":
-                return jax.vmap(lambda s: jax.jvp(lambda x: p.flat(x)[0], (p.x,), (s,))[1])(seeds)
-            _, pull = jax.vjp(lambda x: p.flat(x)[0], p.x)
-            return jax.vmap(lambda s: pull(s)[0])(seeds)
-
-        mode = opts["mode"]
-        return _args.with_fallback(run, "fwd", "rev", "fwd", where) if mode == "auto" else run(mode)
+        return _products(p, seeds, opts["mode"], where)
 
     dtype = _args.promote(p.out_dtype, p.x.dtype)
     if chunk >= n_colors:
@@ -134,7 +184,7 @@ def divergence(
         mode=_args.check_mode(mode, where), chunk_size=_args.check_chunk_size(chunk_size, where), plans={}
     )
     t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
-    return _args.wrap(t)
+    return _trust.wrap(t)
 
 
 def _probes(key, shape, kind, dtype):

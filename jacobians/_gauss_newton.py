@@ -8,7 +8,9 @@ step needs ``J^T J v`` and often ``diag(J^T J)`` (the squared column norms of
 ``diagonal()`` is exact: with ``J``'s columns coloured so that same-coloured
 columns share no row, the compressed product ``J S`` holds every entry of
 every column exactly once, so the squared column norms are sums of squares
-of compressed entries: one JVP per colour.
+of compressed entries: one JVP per colour. The colouring is certified once
+against JAX's own JVPs before it is used; where the analysis or the check
+fails, every column gets its own JVP (see :mod:`._trust`).
 """
 
 import functools
@@ -19,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _deps, kernels
-from ._sparsity import detect_call
+from . import _args, _deps, _trust, kernels
+from ._sparsity import detect_traced, trace_flat
 from ._walker import has_custom_vjp
 
 
@@ -71,29 +73,54 @@ def _unflat(p: _args.Problem, flat):
     return p.in_treedef.unflatten(leaves)
 
 
+def _entries(p: _args.Problem, rows, cols, colors):
+    """``J[rows, cols]`` from one product ``J s`` per colour (``(c, m)`` compressed), and the compressed matrix."""
+    c = int(colors.max()) + 1 if p.n else 0
+    seeds = jnp.asarray(colors[None, :] == np.arange(c)[:, None], p.x.dtype)
+    compressed = _either(p, lambda mode: jax.vmap(_linear_maps(p, mode)[0])(seeds))  # (c, m)
+    return compressed.reshape(-1)[colors[cols] * p.m + rows]
+
+
+def _plan(t, spec, traced, n: int):
+    """``(rows, cols, colors)`` of a certified column colouring of ``J``, or ``None`` (dense: a JVP per column)."""
+    where = t.where
+    avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
+    traced_flat = trace_flat(t, spec, avals)
+    try:
+        with _trust.stage("sparsity detection", passing=(_deps.TooDense,)):
+            pat = detect_traced(t, *traced_flat, max_nnz=16 * n + 1024).pattern
+        with _trust.stage("colouring"):
+            plan = (pat.rows, pat.cols, kernels.color_columns(pat.rows, pat.cols, n))
+        with _trust.stage("certificate"):
+            cert = _trust.linear(
+                traced_flat, _trust.concrete(traced) or _trust.call_values(spec, t),
+                lambda p: _entries(p, *plan), mode="fwd", entries=plan[:2], where=where,
+                reference=lambda p, T: _either(p, lambda mode: jax.vmap(_linear_maps(p, mode)[0])(T)))
+    except _deps.TooDense:
+        return None
+    except _trust.AnalysisError as e:
+        _trust.analysis_failed(where, e)
+        return None
+    if cert.failed:
+        _trust.certificate_failed(where, f"Gauss-Newton diagonal's column colouring ({int(plan[2].max()) + 1} "
+                                         "colours)", cert.detail)
+        return None
+    return plan
+
+
 def _diagonal(t, spec, plans, *traced):
     p = _args.problem(t.fun, spec, traced, where=t.where, int_argnums=t.int_argnums)
     n = p.n
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
-    plan = plans.get(key)
-    if plan is None:
-        try:
-            avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-            pat = detect_call(t, spec, avals, max_nnz=16 * n + 1024).pattern
-            plan = (pat.rows, pat.cols, kernels.color_columns(pat.rows, pat.cols, n))
-        except _deps.TooDense:
-            plan = None
-        plans[key] = plan
-    if plan is None:  # dense: every column by its own JVP
+    if key not in plans:
+        plans[key] = _plan(t, spec, traced, n)
+    plan = plans[key]
+    if plan is None:  # dense: every column by its own JVP, column j of J in row j
         seeds = jnp.eye(n, dtype=p.x.dtype)
-    else:
-        rows, cols, colors = plan
-        c = int(colors.max()) + 1 if n else 0
-        seeds = jnp.asarray(colors[None, :] == np.arange(c)[:, None], p.x.dtype)
-    compressed = _either(p, lambda mode: jax.vmap(_linear_maps(p, mode)[0])(seeds))  # (c, m)
-    if plan is None:  # column j of J in row j
+        compressed = _either(p, lambda mode: jax.vmap(_linear_maps(p, mode)[0])(seeds))  # (n, m)
         return _unflat(p, jnp.sum(compressed * compressed, axis=1))
-    vals = compressed.reshape(-1)[colors[cols] * p.m + rows]  # J[rows, cols]
+    rows, cols, colors = plan
+    vals = _entries(p, rows, cols, colors)  # J[rows, cols]
     return _unflat(p, jax.ops.segment_sum(vals * vals, jnp.asarray(cols), num_segments=n))
 
 
@@ -117,7 +144,8 @@ class GaussNewton:
 
     def _call(self, name, *extra):
         fn, traced, _ = self._gn.compiled(name, self._args, self._kwargs)
-        return fn(*extra, *traced)
+        with _trust.calling(self._gn.t[name], self._args, self._kwargs):  # a plan made now checks at these inputs
+            return fn(*extra, *traced)
 
     def mv(self, v):
         """``J^T (J v)``: one JVP and one VJP."""

@@ -10,7 +10,8 @@ and the inner differentiation: ``"fwd_rev"`` is forward over reverse
 where the planner's cost model says it is cheaper (see ``_structured``), else
 forward over reverse, and falls back to ``"rev_rev"`` where a ``custom_vjp``
 forbids forward mode and to ``"fwd_fwd"`` where a ``while_loop`` forbids
-reverse mode.
+reverse mode. A structured sweep is chosen once per call structure and shapes
+and certified against Hessian-vector products first (see :mod:`._trust`).
 """
 
 import functools
@@ -18,9 +19,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _mesh, _planner, _structured, kernels
+from . import _args, _mesh, _planner, _structured, _trust, kernels
 
 HESSIAN_MODES = ("fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd", "auto")
 
@@ -69,8 +71,12 @@ def _auto(run: Callable, where: str):
     return _args.with_fallback(run, "fwd_rev", "rev_rev", "fwd_fwd", where)
 
 
-def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None):
-    """``(H (n, n), g (n,), value, aux)`` by the given mode."""
+def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, choose=None):
+    """``(H (n, n), g (n,), value, aux)`` by the given mode.
+
+    ``choose(decide) -> sweep or None``: the cached, certified choice of a
+    structured sweep for ``mode="auto"`` (``decide()`` runs the cost model).
+    """
 
     def run(m):
         outer, inner = m.split("_")
@@ -82,16 +88,20 @@ def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None):
         # The Jacobian of the gradient may be cheaper by a structured sweep (one sweep through
         # the gradient's jaxpr instead of n JVPs): the planner's cost model decides.
         grad = _gradient(p, "rev")
-        try:
-            closed = jax.make_jaxpr(lambda x: grad(x)[0])(p.x)
-        except Exception:  # noqa: BLE001 - no reverse-mode gradient (while_loop): the fallbacks below
-            closed = None
-        if closed is not None:
+
+        def decide() -> str | None:
+            try:
+                closed = jax.make_jaxpr(lambda x: grad(x)[0])(p.x)
+            except Exception:  # noqa: BLE001 - no reverse-mode gradient (while_loop): the fallbacks below
+                return None
             plan = _planner.choose(closed, p.n, p.n, None, None,
                                    lambda sweep: jax.make_jaxpr(lambda x: _structured.jacobian(grad, x, sweep)[1])(p.x))
-            if plan.method == "structured":
-                g, H, (value, aux) = _structured.jacobian(grad, p.x, plan.mode)
-                return H, g, value, aux
+            return plan.mode if plan.method == "structured" else None
+
+        sweep = choose(decide) if choose is not None else decide()
+        if sweep is not None:
+            g, H, (value, aux) = _structured.jacobian(grad, p.x, sweep)
+            return H, g, value, aux
     return _auto(run, where) if mode == "auto" else run(mode)
 
 
@@ -122,10 +132,40 @@ def _problem(t, spec, traced, has_aux):
     )
 
 
+def _choose(t, spec, opts, traced, decide) -> str | None:
+    """The structured sweep for these shapes, or ``None``: decided once, certified against HVPs at a random point."""
+    key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
+    if key in opts["plans"]:
+        return opts["plans"][key]
+    where = t.where
+    sweep = None
+    try:
+        sweep = decide()
+        if sweep is not None:
+            from ._sparsity import trace_flat
+
+            avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
+            traced_flat = trace_flat(t, spec, avals, has_aux=opts["has_aux"])
+            values = _trust.concrete(traced) or _trust.call_values(spec, t)
+            with _trust.stage("certificate"):
+                cert = _trust.linear(
+                    traced_flat, values, lambda q: _structured.jacobian(_gradient(q, "rev"), q.x, sweep)[1],
+                    mode="fwd", hessian=True, where=where)
+            if cert.failed:
+                _trust.certificate_failed(where, f"structured {sweep} Hessian", cert.detail)
+                sweep = None
+    except Exception as e:  # noqa: BLE001 - reported (strict: raised) by analysis_failed
+        _trust.analysis_failed(where, e, "planner's cost model")
+        sweep = None
+    opts["plans"][key] = sweep
+    return sweep
+
+
 def _compute_hessian(t, spec, opts, *traced):
     p = _problem(t, spec, traced, opts["has_aux"])
     _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where)
-    H, g, value, aux = _second(p, opts["mode"], opts["chunk_size"], t.where, opts["shards"])
+    H, g, value, aux = _second(p, opts["mode"], opts["chunk_size"], t.where, opts["shards"],
+                               lambda decide: _choose(t, spec, opts, traced, decide))
     H = _hess_blocks(p, H)
     if opts["with_value"]:
         out = (value.reshape(()).astype(p.out_leaves[0].dtype), _grad_tree(p, g), H)
@@ -142,9 +182,10 @@ def _build_hessian(fun, argnums, mode, has_aux, chunk_size, with_value, where, m
         has_aux=_args.check_bool(has_aux, "has_aux", where),
         chunk_size=_args.check_chunk_size(chunk_size, where),
         with_value=with_value,
+        plans={},
     )
     t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute_hessian, t, spec, opts)))
-    return _args.wrap(t)
+    return _trust.wrap(t)
 
 
 def hessian(

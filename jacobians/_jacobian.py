@@ -6,6 +6,7 @@ an output leaf of shape ``out.shape`` with respect to an input leaf of shape
 ``J[i..., j...] = d out[i...] / d in[j...]``.
 """
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _mesh, _planner, _sparse, _sparsity, _structured, kernels, layout
+from . import _args, _deps, _mesh, _planner, _sparse, _sparsity, _structured, _trust, kernels, layout
 
 METHODS = ("auto", "dense", "structured", "compressed")
 
@@ -113,31 +114,67 @@ def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
     plan = opts["plans"].get(key)
     if plan is None:
         engine = opts["engine"]
-        closed, offsets, p = _sparsity.trace_flat(engine.t, spec, avals, has_aux=opts["has_aux"])
-
-        def detect(budget):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a primitive without a rule only makes the plan dense
-                return _sparsity.detect_traced(engine.t, closed, offsets, p, max_nnz=budget)
-
-        def color(det, mode):  # colouring costs O(nnz): affordable whenever detection stayed in budget
-            return _sparse._make_plan(det.pattern, mode, det.primitives)
-
-        def structured(sweep):  # the sweep's program, traced (not run) for the cost model
-            def g(*tr):
-                q = _args.problem(t.fun, spec, tr, where=t.where, has_aux=opts["has_aux"],
-                                  int_argnums=t.int_argnums, lazy=True)
-                return _structured.jacobian(q.flat, q.x, sweep)[1]
-
-            return jax.make_jaxpr(g)(*avals)
-
-        only = opts["method"] == "structured"
-        use = only or opts["shards"] is None  # on a mesh, the basis vectors are what is split
-        plan = opts["plans"][key] = _planner.choose(closed, p.n, p.m, detect, color, structured if use else None,
-                                                    only_structured=only)
+        plan = opts["plans"][key] = _make_plan(t, spec, traced, avals, opts)
         if plan.method == "compressed":  # the sparse engine evaluates it with no new detection
             engine.plans[engine._key(spec, avals)] = (plan.sparse_plan, None, {})
     return plan
+
+
+def _make_plan(t, spec, traced, avals, opts) -> _planner.JacobianPlan:
+    """Choose, then certify; any failure of either gives the dense plan (a PlanWarning, or strict a PlanError)."""
+    engine = opts["engine"]
+    traced_flat = _sparsity.trace_flat(engine.t, spec, avals, has_aux=opts["has_aux"])
+    closed, offsets, p = traced_flat
+
+    def detect(budget):
+        with warnings.catch_warnings(), _trust.stage("sparsity detection", passing=(_deps.TooDense,)):
+            warnings.simplefilter("ignore")  # a primitive without a rule only makes the plan dense
+            return _sparsity.detect_traced(engine.t, closed, offsets, p, max_nnz=budget)
+
+    def color(det, mode):  # colouring costs O(nnz): affordable whenever detection stayed in budget
+        with _trust.stage("colouring"):
+            return _sparse._make_plan(det.pattern, mode, det.primitives)
+
+    def structured(sweep):  # the sweep's program, traced (not run) for the cost model
+        def g(*tr):
+            q = _args.problem(t.fun, spec, tr, where=t.where, has_aux=opts["has_aux"],
+                              int_argnums=t.int_argnums, lazy=True)
+            return _structured.jacobian(q.flat, q.x, sweep)[1]
+
+        return jax.make_jaxpr(g)(*avals)
+
+    only = opts["method"] == "structured"
+    use = only or opts["shards"] is None  # on a mesh, the basis vectors are what is split
+    try:
+        plan = _planner.choose(closed, p.n, p.m, detect, color, structured if use else None, only_structured=only)
+    except Exception as e:
+        if only and not isinstance(e, _trust.AnalysisError):
+            raise  # the caller asked for a structured sweep: say why none applies
+        note = _trust.analysis_failed(t.where, e, "planner's cost model")
+        return _planner.dense(closed, p.n, p.m, note, _trust.fallback())
+    if plan.method == "dense":
+        return dataclasses.replace(plan, certificate=_trust.NOT_NEEDED)
+    values = _trust.concrete(traced) or _trust.call_values(spec, t)
+    try:
+        with _trust.stage("certificate"):
+            cert = _certify(plan, traced_flat, values, t.where)
+    except Exception as e:
+        note = _trust.analysis_failed(t.where, e)
+        return _planner.dense(closed, p.n, p.m, note, _trust.fallback())
+    if cert.failed:
+        note = _trust.certificate_failed(t.where, plan.key, cert.detail)
+        return _planner.dense(closed, p.n, p.m, note, _trust.fallback())
+    if plan.method == "compressed":
+        plan = dataclasses.replace(plan, sparse_plan=dataclasses.replace(plan.sparse_plan, certificate=cert))
+    return dataclasses.replace(plan, certificate=cert)
+
+
+def _certify(plan: _planner.JacobianPlan, traced_flat, values, where: str) -> "_trust.Certificate":
+    """The plan's Jacobian on a few random tangents (cotangents) against jax.jvp (jax.vjp), at a random point."""
+    if plan.method == "structured":
+        return _trust.linear(traced_flat, values, lambda p: _structured.jacobian(p.flat, p.x, plan.mode)[1],
+                             mode=plan.mode, where=where)
+    return _sparse.certify_plan(plan.sparse_plan, traced_flat, values, where)
 
 
 def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, mesh=None, mesh_axis=None,
@@ -159,7 +196,8 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
     # One jitted function per call structure: jit's C++ fast path then
     # dispatches repeat calls without hashing any Python state.
     t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
-    wrapped = _args.wrap(t)
+    opts["engine"].callers = (t,)  # a plan made while t's call is traced may check at that call's inputs
+    wrapped = _trust.wrap(t)
 
     def plan(*args, **kwargs) -> _planner.JacobianPlan:
         """The plan ``mode="auto"`` makes for these arguments (shapes suffice); see :func:`jacobians.explain`."""

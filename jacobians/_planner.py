@@ -14,13 +14,15 @@ cost more than their element counts say, and a near tie is not worth them.
 The sparsity analysis stops early once the pattern passes a density budget,
 so a dense function costs little to plan. ``custom_vjp`` forces reverse mode
 and a ``while_loop`` forward mode. Plans are cached per call structure and
-shapes.
+shapes. A compressed or structured plan is certified once against JAX's own
+derivative before it is used, and any failure of the analyses or of the
+certificate gives the dense plan instead (see :mod:`._trust`).
 """
 
 import math
 from dataclasses import dataclass, field
 
-from . import _compat, _deps
+from . import _compat, _deps, _trust
 from ._walker import primitives
 
 PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
@@ -41,6 +43,9 @@ class JacobianPlan:
       nnz: entries of the detected pattern (``None``: dense or not analysed).
       costs: the candidates and their estimated costs (arbitrary units: FLOPs).
       reason: one line on the choice.
+      certificate: the plan's check against JAX's own derivative (a
+        :class:`jacobians._trust.Certificate`: passed, skipped and why, or not
+        needed for the dense method); ``None`` where no plan was made.
     """
 
     method: str
@@ -52,6 +57,7 @@ class JacobianPlan:
     costs: dict = field(default_factory=dict)
     reason: str = ""
     sparse_plan: object = field(default=None, repr=False, compare=False)
+    certificate: object = field(default=None, compare=False)
 
     def __str__(self) -> str:
         lines = [f"jacobian plan: {self.method} {self.mode}, {self.passes} passes (n={self.n}, m={self.m}"
@@ -60,6 +66,8 @@ class JacobianPlan:
             lines.append(f"  {name:<16} {cost:12.4g}{'  <- chosen' if name == self.key else ''}")
         if self.reason:
             lines.append(f"  {self.reason}")
+        if self.certificate is not None:
+            lines.append(f"  certificate: {self.certificate}")
         return "\n".join(lines)
 
     @property
@@ -98,8 +106,13 @@ def choose(closed, n: int, m: int, detect, color, structured=None, only_structur
         no compressed candidate.
       color: ``color(pattern, mode) -> SparsePlan`` for a forced or free direction.
       structured: ``structured(sweep) -> closed jaxpr`` of that structured
-        sweep's program (``None``: not a candidate; raising: that sweep does not apply).
-      only_structured: choose between the two structured sweeps only.
+        sweep's program (``None``: not a candidate).
+      only_structured: choose between the two structured sweeps only (a sweep
+        that raises is then no candidate, and none is a ``ValueError``).
+
+    Raises:
+      _trust.AnalysisError: an analysis failed (not with ``only_structured``); the
+        caller falls back to :func:`dense`.
     """
     plan = _choose_unstructured(closed, n, m, detect, color, only_structured)
     if structured is None:
@@ -110,10 +123,14 @@ def choose(closed, n: int, m: int, detect, color, structured=None, only_structur
     for sweep in ("fwd", "rev"):
         if forced not in (None, sweep):
             continue
+        if not only_structured:  # on the default path a sweep that cannot trace is a defect: reported
+            with _trust.stage(f"structured {sweep} sweep"):
+                costs[f"structured {sweep}"] = pass_cost(structured(sweep))
+            continue
         try:
             costs[f"structured {sweep}"] = pass_cost(structured(sweep))
-        except Exception as e:  # noqa: BLE001 - a sweep that cannot trace is no candidate; say why
-            notes.append(f"structured {sweep} not possible ({type(e).__name__})")
+        except Exception as e:  # noqa: BLE001 - the caller asked for a sweep: say why none applies
+            notes.append(f"structured {sweep} not possible ({type(e).__name__}: {str(e).strip()[:200]})")
     found = {k: v for k, v in costs.items() if k.startswith("structured")}
     reason = "; ".join([plan.reason] + notes) if notes else plan.reason
     if not found:
@@ -126,6 +143,21 @@ def choose(closed, n: int, m: int, detect, color, structured=None, only_structur
         return JacobianPlan("structured", key.split()[1], 1, n, m, plan.nnz, costs,
                             reason + f"; the structured {key.split()[1]} sweep is cheapest")
     return JacobianPlan(plan.method, plan.mode, plan.passes, n, m, plan.nnz, costs, reason, plan.sparse_plan)
+
+
+def dense(closed, n: int, m: int, reason: str, certificate=None) -> JacobianPlan:
+    """The dense plan, chosen from the shapes and the directions JAX can differentiate in, no cost model.
+
+    The fallback where an analysis or a certificate failed: it reads nothing but
+    the primitives' names. Square maps go to reverse, as the cost model's ties do.
+    """
+    try:
+        forced = _forced(closed)
+    except Exception:  # noqa: BLE001 - the fallback must not fail: the run falls back between directions too
+        forced = None
+    mode = forced or ("fwd" if n < m else "rev")
+    return JacobianPlan("dense", mode, n if mode == "fwd" else m, n, m, None, {}, reason,
+                        certificate=certificate if certificate is not None else _trust.NOT_NEEDED)
 
 
 def _forced(closed) -> str | None:

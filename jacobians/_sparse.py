@@ -6,20 +6,31 @@ and evaluates ``c`` JVPs or VJPs instead of ``n`` or ``m``, then decompresses
 with one precomputed gather. The pattern, colouring and direction form a
 :class:`SparsePlan`, made once per call structure and input shapes, public,
 and reusable (``sparsity=plan``, or saved to and loaded from ``.npz``).
+Every plan, detected or given, is certified once against JAX's own
+derivative when it is made (:mod:`._trust`); one that fails, or whose
+analysis fails, becomes the dense plan (every entry, one JVP or VJP each).
 """
 
-import functools
+import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _args, _compat, _mesh, kernels
-from ._sparsity import Detected, SparsityPattern, _abstract, detect_call, detect_hessian
+from . import _args, _mesh, _trust, kernels
+from ._sparsity import (
+    Detected,
+    SparsityPattern,
+    _abstract,
+    check_scalar,
+    detect_hessian_traced,
+    detect_traced,
+    trace_flat,
+)
 from ._walker import primitives
 
 OUTPUTS = ("bcoo", "dense")
@@ -39,6 +50,9 @@ class SparsePlan:
       coloring: ``"column"``/``"row"`` (Jacobians: same-coloured columns/rows share
         no row/column), or, for Hessians, ``"column"``, ``"star"`` (direct
         decompression) or ``"acyclic"`` (decompression by substitution).
+      certificate: the plan's check against JAX's own derivative when an engine
+        made or received it (a :class:`jacobians._trust.Certificate`; ``None``
+        for a plan no engine has used). Not saved.
     """
 
     pattern: SparsityPattern
@@ -46,6 +60,7 @@ class SparsePlan:
     colors: np.ndarray
     n_colors: int
     coloring: str = "column"
+    certificate: object = field(default=None, compare=False)
 
     def save(self, path) -> None:
         """Write the plan to a ``.npz`` file (NumPy arrays only: no pickles)."""
@@ -65,21 +80,121 @@ class SparsePlan:
 
     @classmethod
     def load(cls, path) -> "SparsePlan":
-        """Read a plan written by :meth:`save`."""
-        with np.load(path, allow_pickle=False) as f:
-            if int(f["format"]) != _FORMAT:
-                raise ValueError(f"SparsePlan.load: {path} has plan format {int(f['format'])}, expected {_FORMAT}.")
-            pattern = SparsityPattern((int(f["m"]),), (int(f["n"]),), f["rows"], f["cols"])
-            return cls(pattern, str(f["mode"]), np.asarray(f["colors"], np.int64), int(f["n_colors"]),
-                       str(f["coloring"]))
+        """Read a plan written by :meth:`save`, validated.
+
+        Checks the file's format, that its arrays have the shapes and integer
+        dtypes a plan needs, that every index lies in range and that the colouring
+        is valid for the pattern (same-coloured columns share no row for a column
+        colouring, likewise rows; star and acyclic colourings as their
+        decompressions need). An engine certifies a loaded plan against JAX's own
+        derivative before using it, as any given pattern.
+
+        Raises:
+          ValueError: naming ``SparsePlan.load``, what was expected and what the file holds.
+        """
+        where = f"SparsePlan.load: {path}"
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                data = {k: f[k] for k in f.files}
+        except Exception as e:  # noqa: BLE001 - not a .npz, truncated, pickled: all the same to the caller
+            raise ValueError(
+                f"{where} is not a plan file (an .npz written by SparsePlan.save): {type(e).__name__}: {e}"
+            ) from e
+        return _validated(cls, data, where)
 
     def __repr__(self) -> str:
         p = self.pattern
+        cert = f", certificate={self.certificate.status!r}" if self.certificate is not None else ""
         return (
             f"SparsePlan(mode={self.mode!r}, coloring={self.coloring!r}, n_colors={self.n_colors}, "
             f"m={math.prod(p.out_shape)}, "
-            f"n={math.prod(p.in_shape)}, nnz={p.nnz})"
+            f"n={math.prod(p.in_shape)}, nnz={p.nnz}{cert})"
         )
+
+
+JACOBIAN_PLANS = {"fwd": "column", "rev": "row"}  # mode -> colouring
+
+
+def _validated(cls, data: dict, where: str) -> SparsePlan:
+    """A :class:`SparsePlan` from the arrays of a plan file, each checked (``ValueError`` naming ``where``)."""
+    keys = ("format", "m", "n", "rows", "cols", "mode", "colors", "n_colors", "coloring")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ValueError(f"{where}: expected the arrays {keys}, but {missing} are missing (found {sorted(data)}).")
+
+    def scalar_int(k, lo=0):
+        a = data[k]
+        if a.shape != () or not np.issubdtype(a.dtype, np.integer) or int(a) < lo:
+            shown = f" = {a!r}" if a.size == 1 else ""
+            raise ValueError(f"{where}: '{k}' must be an integer scalar >= {lo}, got {a.dtype} of shape "
+                             f"{a.shape}{shown}.")
+        return int(a)
+
+    def string(k, choices):
+        a = data[k]
+        if a.shape != () or a.dtype.kind != "U" or str(a) not in choices:
+            raise ValueError(f"{where}: '{k}' must be one of {choices}, got {a!r}.")
+        return str(a)
+
+    def index_array(k, size, bound, what):
+        a = data[k]
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or (size is not None and a.shape != (size,)):
+            want = f"shape ({size},)" if size is not None else "one dimension"
+            raise ValueError(f"{where}: '{k}' must be an integer array of {want}, got {a.dtype} of shape {a.shape}.")
+        if a.size and (a.min() < 0 or a.max() >= bound):
+            raise ValueError(f"{where}: '{k}' must hold {what} in [0, {bound}), got values in [{a.min()}, {a.max()}].")
+        return a.astype(np.int64)
+
+    fmt = scalar_int("format")
+    if fmt != _FORMAT:
+        raise ValueError(f"{where}: expected plan format {_FORMAT}, got {fmt}.")
+    m, n = scalar_int("m"), scalar_int("n")
+    mode = string("mode", tuple(JACOBIAN_PLANS) + HESSIAN_MODES)
+    coloring = string("coloring", ("column", "row", "star", "acyclic"))
+    hessian = mode not in JACOBIAN_PLANS
+    if hessian and (coloring == "row" or m != n):
+        raise ValueError(f"{where}: a Hessian plan (mode {mode!r}) needs a square pattern and a column, star or "
+                         f"acyclic colouring, got m={m}, n={n}, coloring {coloring!r}.")
+    if not hessian and coloring != JACOBIAN_PLANS[mode]:
+        raise ValueError(f"{where}: a Jacobian plan with mode {mode!r} needs coloring {JACOBIAN_PLANS[mode]!r}, "
+                         f"got {coloring!r}.")
+    rows = index_array("rows", None, m, "row indices")
+    cols = index_array("cols", rows.size, n, "column indices")
+    n_colors = scalar_int("n_colors")
+    size = m if coloring == "row" else n
+    if n_colors > max(size, 1):
+        raise ValueError(f"{where}: 'n_colors' must be at most the number of coloured "
+                         f"{'rows' if coloring == 'row' else 'columns'}, {size}, got {n_colors}.")
+    colors = index_array("colors", size, max(n_colors, 1), "colours")
+    pattern = SparsityPattern((m,), (n,), rows, cols)
+    problem = _coloring_problem(pattern, colors, coloring, hessian)
+    if problem:
+        raise ValueError(f"{where}: expected a {coloring} colouring valid for the pattern, but {problem}.")
+    return cls(pattern, mode, colors, n_colors, coloring)
+
+
+def _coloring_problem(pattern: SparsityPattern, colors: np.ndarray, coloring: str, hessian: bool) -> str | None:
+    """What makes ``colors`` unusable for ``pattern`` (``None``: it is valid)."""
+    rows, cols = pattern.rows, pattern.cols
+    n = max(math.prod(pattern.in_shape), 1)
+    if hessian and not np.array_equal(rows * n + cols, np.sort(cols * n + rows)):
+        return "the Hessian pattern is not symmetric"
+    if coloring in ("star", "acyclic"):
+        try:
+            kernels.symmetric_decompression(rows, cols, colors, coloring)
+        except ValueError as e:
+            return str(e)
+        return None
+    # Column colouring: a (row, colour) pair holds one entry, read off compressed[colour][row]; rows mirrored.
+    line, other = (cols, rows) if coloring == "row" else (rows, cols)
+    c = int(colors.max(initial=0)) + 1
+    uniq, counts = np.unique(line * c + colors[other], return_counts=True)
+    if (counts > 1).any():
+        k = int(uniq[np.argmax(counts > 1)])
+        kind, shared = ("rows", "column") if coloring == "row" else ("columns", "row")
+        return (f"two {kind} of colour {k % c} share {shared} {k // c} "
+                f"({int((counts > 1).sum())} such conflicts)")
+    return None
 
 
 def _coerce_pattern(given, det_shape: tuple, where: str) -> SparsityPattern:
@@ -120,15 +235,25 @@ def _coerce_pattern(given, det_shape: tuple, where: str) -> SparsityPattern:
     return SparsityPattern((m,), (n,), pattern.rows, pattern.cols)
 
 
-def _make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str]) -> SparsePlan:
+def _direction(mode: str, primitives: set[str], complex_out: bool) -> str:
+    """``mode``, or where ``"auto"`` a direction JAX must take (``"auto"`` where both are possible)."""
+    if mode != "auto":
+        return mode
+    if complex_out:
+        return "fwd"  # reverse mode on a non-holomorphic complex output is not a Jacobian
+    # JAX cannot push JVPs through custom_vjp, nor pull VJPs through while_loop.
+    has_vjp = bool({"custom_vjp_call", "custom_vjp_call_jaxpr"} & primitives)
+    has_while = "while" in primitives
+    if has_vjp != has_while:
+        return "rev" if has_vjp else "fwd"
+    return "auto"
+
+
+def _make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str], complex_out: bool = False) -> SparsePlan:
     m, n = math.prod(det_pattern.out_shape), math.prod(det_pattern.in_shape)
     rows, cols = det_pattern.rows, det_pattern.cols
-    if mode == "auto":
-        # JAX cannot push JVPs through custom_vjp, nor pull VJPs through while_loop.
-        has_vjp = bool({"custom_vjp_call", "custom_vjp_call_jaxpr"} & primitives)
-        has_while = "while" in primitives
-        if has_vjp != has_while:
-            mode = "rev" if has_vjp else "fwd"
+    mode = _direction(mode, primitives, complex_out)
+
     def fwd():
         colors = kernels.color_columns(rows, cols, n)
         return SparsePlan(det_pattern, "fwd", colors, int(colors.max()) + 1 if n else 0, "column")
@@ -175,49 +300,98 @@ def _make_hessian_plan(pattern: SparsityPattern, mode: str, coloring: str) -> Sp
 class _Engine:
     """Plans per call structure and shapes; the jitted evaluation reads the plan at trace time."""
 
-    def __init__(self, fun, argnums, sparsity, mode, output, has_aux, where, coloring=None, shards=None):
+    def __init__(self, fun, argnums, sparsity, mode, output, has_aux, where, coloring=None, shards=None,
+                 check=False):
         self.sparsity, self.mode, self.output, self.has_aux = sparsity, mode, output, has_aux
         self.shards = shards
         self.coloring = coloring  # None: a Jacobian; else a Hessian with this colouring choice
+        self.check = check  # a failed certificate raises ValueError instead of falling back
+        self.callers: tuple = ()  # transformations whose calls run this engine (their inputs serve the check)
         self.plans: dict = {}
         self.t = _args.Transform(fun, argnums, where, self._build)
 
     def _key(self, spec, avals):
         return spec, tuple((tuple(np.shape(a)), np.dtype(a.dtype)) for a in avals)
 
-    def plan_for(self, spec, avals) -> tuple[SparsePlan, Detected | None, dict]:
+    def plan_for(self, spec, avals, values=None) -> tuple[SparsePlan, Detected | None, dict]:
         key = self._key(spec, avals)
         hit = self.plans.get(key)
         if hit is not None:
             return hit
-        t, given = self.t, self.sparsity
-        if isinstance(given, SparsePlan):
-            plan, det = given, None
-        else:
-            det = None
-            if isinstance(given, str) and self.coloring is not None:
-                det = detect_hessian(t, spec, avals, has_aux=self.has_aux)
-                pattern, prims = det.pattern, det.primitives
-            elif isinstance(given, str):  # "auto": detect
-                det = detect_call(t, spec, avals, has_aux=self.has_aux)
-                pattern, prims = det.pattern, det.primitives
-            else:
-                det = _shapes_only(t, spec, avals, self.has_aux)
-                n = math.prod(det.pattern.in_shape)
-                if self.coloring is not None:  # a Hessian: in.shape + in.shape
-                    single = len(det.in_leaves) == 1
-                    shape = (det.in_leaves[0].shape,) * 2 if single else ((n,), (n,))
-                else:
-                    shape = (det.out_leaves[0].shape, det.in_leaves[0].shape) if det.single else (
-                        (math.prod(det.pattern.out_shape),), (n,))
-                pattern, prims = _coerce_pattern(given, shape, t.where), det.primitives
-            if self.coloring is not None:
-                _check_symmetric(pattern, t.where)
-                plan = _make_hessian_plan(pattern, self.mode, self.coloring)
-            else:
-                plan = _make_plan(pattern, self.mode, prims)
-        hit = self.plans[key] = (plan, det, {})
+        if values is None:
+            values = _trust.call_values(spec, self.t, *self.callers)
+        hit = self.plans[key] = (self._make(spec, avals, values), None, {})
         return hit
+
+    def _make(self, spec, avals, values) -> SparsePlan:
+        """Detect (or take the given pattern or plan), colour and certify; the dense plan where any of it fails."""
+        t, given, where = self.t, self.sparsity, self.t.where
+        hessian = self.coloring is not None
+        traced_flat = trace_flat(t, spec, avals, has_aux=self.has_aux)
+        closed, _, p = traced_flat
+        if hessian:
+            check_scalar(t, p)
+        complex_out = not hessian and bool(jnp.issubdtype(p.out_dtype, jnp.complexfloating))
+        prims = primitives(closed.jaxpr)
+        if isinstance(given, SparsePlan):
+            _check_given_plan(given, p, hessian, where)
+        if complex_out and "rev" in (self.mode, getattr(given, "mode", None)):
+            raise TypeError(
+                f"{where}: mode='rev' needs real outputs, but fun returns complex values ({p.out_dtype}); use "
+                "mode='fwd' or 'auto' (forward mode: one JVP per colour of the columns)."
+            )
+        pattern = None
+        if not isinstance(given, str | SparsePlan):
+            pattern = _coerce_pattern(given, self._given_shape(p), where)
+            if hessian:
+                _check_symmetric(pattern, where)
+        kind = "given" if not isinstance(given, str) else "detected"
+        try:
+            if isinstance(given, SparsePlan):
+                plan = given
+            else:
+                if pattern is None:
+                    with _trust.stage("Hessian sparsity detection" if hessian else "sparsity detection"):
+                        det = detect_hessian_traced(traced_flat) if hessian else detect_traced(t, *traced_flat)
+                    pattern, prims = det.pattern, prims | det.primitives
+                with _trust.stage("colouring"):
+                    plan = (_make_hessian_plan(pattern, self.mode, self.coloring) if hessian
+                            else _make_plan(pattern, self.mode, prims, complex_out))
+            with _trust.stage("certificate"):
+                cert = certify_plan(plan, traced_flat, values, where, hessian)
+        except _trust.AnalysisError as e:
+            return self._dense(p, prims, complex_out, _trust.fallback(_trust.analysis_failed(where, e)))
+        if not cert.failed:
+            return dataclasses.replace(plan, certificate=cert)
+        missed = _locate(traced_flat, values, plan, hessian)
+        detail = f"the pattern misses {missed}" if missed else cert.detail
+        if self.check:
+            raise ValueError(f"{where}: the sparsity plan is wrong: {detail}. Give a pattern that contains every "
+                             "nonzero, or use sparsity='auto'.")
+        name = f"{kind} sparse {'Hessian' if hessian else 'Jacobian'} ({plan.mode}, {plan.n_colors} colours)"
+        note = _trust.certificate_failed(where, name, detail, bug=kind == "detected")
+        return self._dense(p, prims, complex_out, _trust.fallback(note))
+
+    def _given_shape(self, p) -> tuple:
+        """The tensor shape (``out.shape``, ``in.shape``) a given pattern may have; the flat one always works."""
+        n = p.n
+        if self.coloring is not None:  # a Hessian: in.shape + in.shape
+            return (p.in_leaves[0].shape,) * 2 if len(p.in_leaves) == 1 else ((n,), (n,))
+        single = len(p.out_leaves) == 1 and len(p.in_leaves) == 1
+        return (p.out_leaves[0].shape, p.in_leaves[0].shape) if single else ((p.m,), (n,))
+
+    def _dense(self, p, prims: set, complex_out: bool, cert) -> SparsePlan:
+        """Every entry, one JVP or VJP per column or row: right whatever the pattern (the fallback)."""
+        n = p.n
+        m = n if self.coloring is not None else p.m  # a Hessian is (n, n)
+        full = SparsityPattern((m,), (n,), np.repeat(np.arange(m), n), np.tile(np.arange(n), m))
+        if self.coloring is not None:
+            return SparsePlan(full, self.mode, np.arange(n), n, "column", certificate=cert)
+        mode = _direction(self.mode, prims, complex_out)
+        if mode == "auto":
+            mode = "fwd" if n <= m else "rev"
+        size = n if mode == "fwd" else m
+        return SparsePlan(full, mode, np.arange(size), size, JACOBIAN_PLANS[mode], certificate=cert)
 
     def _build(self, spec):
         return jax.jit(lambda *traced: self._compute(spec, traced))
@@ -251,11 +425,21 @@ class _Engine:
             data, aux = kernel(flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols, self.shards)
             det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
 
+        def offsets(leaves):
+            starts = np.cumsum([0] + [math.prod(a.shape) for a in leaves])[:-1]
+            return {int(o): a.dtype for o, a in zip(starts, leaves, strict=True)}
+
+        out_dtypes, in_dtypes = offsets(det.out_leaves), offsets(det.in_leaves)
+
         def block(b):
             (r0, r1), (c0, c1), out_shape, in_shape = b
             keep = np.flatnonzero((rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1))
-            dtype = _args.promote(p.out_dtype, p.x.dtype)
-            vals = data[keep].astype(dtype) if keep.size < data.size else data.astype(dtype)
+            # Each block in its own output's and input's dtype, as jacobian's (a Hessian: the function's).
+            dtype = _args.promote(p.out_dtype if self.coloring is not None else out_dtypes[r0], in_dtypes[c0])
+            vals = data[keep] if keep.size < data.size else data
+            if jnp.iscomplexobj(vals) and not jnp.issubdtype(dtype, jnp.complexfloating):
+                vals = jnp.real(vals)  # a real output of real inputs: the imaginary part is exactly zero
+            vals = vals.astype(dtype)
             sub = SparsityPattern(out_shape, in_shape, rows[keep] - r0, cols[keep] - c0)
             if self.output == "dense":
                 size = (math.prod(out_shape), math.prod(in_shape))
@@ -266,67 +450,75 @@ class _Engine:
         result = det.tree(block)
         return (result, aux) if self.has_aux else result
 
-    def verify(self, args, kwargs) -> None:
-        """Check the plan's pattern on concrete arguments: ``J v`` from the compressed entries against one JVP.
-
-        On a mismatch the dense Jacobian locates the first entry the pattern misses.
-        """
-        spec, traced = self.t.split(args, kwargs)
-        if any(_compat.is_tracer(a) for a in traced):
-            return  # values are unknown under a trace: nothing to check
-        avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-        plan, _, memo = self.plan_for(spec, avals)
-        if memo.get("verified"):
-            return
-        t = self.t
-
-        @jax.jit
-        def both(*traced):
-            p = _args.problem(t.fun, spec, traced, where=t.where, has_aux=self.has_aux, int_argnums=t.int_argnums)
-            v = jax.random.normal(jax.random.key(0), p.x.shape, p.x.dtype)
-            f = lambda x: p.flat(x)[0]  # noqa: E731
-            if self.coloring is not None:
-                data, _ = _hessian_values(p, plan, t.where)
-                ref = jax.jvp(lambda x: jax.grad(lambda z: f(z)[0])(x), (p.x,), (v,))[1]
-            else:
-                kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
-                data, _ = kernel(p.flat, p.x, plan.colors, max(plan.n_colors, 1), plan.pattern.rows, plan.pattern.cols)
-                ref = (jax.jvp(f, (p.x,), (v,)) if plan.mode == "fwd" else jax.linearize(f, p.x))[1]
-                if plan.mode == "rev":
-                    ref = ref(v)
-            return data, ref, v
-
-        data, ref, v = (np.asarray(a) for a in both(*traced))
-        rows, cols = plan.pattern.rows, plan.pattern.cols
-        got = np.zeros(ref.shape, np.result_type(data, v))
-        np.add.at(got, rows, data * v[cols])
-        tol = 1e-4 if np.finfo(ref.dtype).bits <= 32 else 1e-9
-        scale = np.abs(data).max(initial=0) * np.abs(v).sum() + 1
-        if np.all(np.abs(got - ref) <= tol * scale):
-            memo["verified"] = True
-            return
-        dense = np.asarray(jax.jit(lambda *tr: _dense_flat(self, spec, tr))(*traced))
-        mask = np.zeros(dense.shape, bool)
-        mask[rows, cols] = True
-        missed = np.argwhere((np.abs(dense) > tol * (np.abs(dense).max() + 1)) & ~mask)
-        where = f"entry (row {missed[0][0]}, column {missed[0][1]}) of the flat Jacobian" if missed.size else "an entry"
-        raise ValueError(
-            f"{t.where}: the sparsity pattern misses {where}, nonzero at this point "
-            f"({len(missed)} missed in all). Give a pattern that contains every nonzero, or use sparsity='auto'."
-        )
-
     def plan(self, *args, **kwargs) -> SparsePlan:
         spec, traced = self.t.split(args, kwargs)
-        return self.plan_for(spec, [_abstract(a) for a in traced])[0]
+        return self.plan_for(spec, [_abstract(a) for a in traced], _trust.concrete(traced))[0]
 
 
-def _dense_flat(engine, spec, traced):
-    """The dense flat Jacobian (or Hessian) of one call, for locating what a pattern misses."""
-    t = engine.t
-    p = _args.problem(t.fun, spec, traced, where=t.where, has_aux=engine.has_aux, int_argnums=t.int_argnums)
-    if engine.coloring is not None:
-        return jax.hessian(lambda x: p.flat(x)[0][0])(p.x)
-    return jax.jacfwd(lambda x: p.flat(x)[0])(p.x)
+def _check_given_plan(plan: SparsePlan, p, hessian: bool, where: str) -> None:
+    """A given plan must fit the engine (Jacobian or Hessian) and the call's flat shape."""
+    pm, pn = math.prod(plan.pattern.out_shape), math.prod(plan.pattern.in_shape)
+    if (pm, pn) != (p.m, p.n) and not (hessian and (pm, pn) == (p.n, p.n)):
+        raise ValueError(
+            f"{where}: the given plan is for a Jacobian of flat shape {(pm, pn)}, but this call's is {(p.m, p.n)}."
+        )
+    if hessian == (plan.mode in JACOBIAN_PLANS):
+        kinds = ("Jacobian", "Hessian") if hessian else ("Hessian", "Jacobian")
+        raise ValueError(f"{where}: the given plan (mode {plan.mode!r}) is a {kinds[0]} plan; this is a {kinds[1]}.")
+
+
+def certify_plan(plan: SparsePlan, traced_flat: tuple, values, where: str, hessian: bool = False):
+    """Check a plan's entries against JAX at a random point, on a few random vectors.
+
+    ``J v`` against ``jax.jvp`` (forward), ``u^T J`` against ``jax.vjp``
+    (reverse), ``H v`` against a Hessian-vector product.
+    """
+    rows, cols = plan.pattern.rows, plan.pattern.cols
+    if hessian:
+        return _trust.linear(traced_flat, values, lambda p: _hessian_values(p, plan, where)[0],
+                             mode="rev" if plan.mode == "rev_rev" else "fwd", entries=(rows, cols), hessian=True,
+                             where=where)
+    kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
+    return _trust.linear(traced_flat, values,
+                         lambda p: kernel(p.flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols)[0],
+                         mode=plan.mode, entries=(rows, cols), where=where)
+
+
+LOCATE_MAX = 1 << 22  # entries of the dense Jacobian computed to name what a pattern misses
+
+
+def _locate(traced_flat: tuple, values, plan: SparsePlan, hessian: bool) -> str | None:
+    """The first entry outside the plan's pattern that is nonzero at the check's point, and how many there are.
+
+    ``None``: too large to look (more than ``LOCATE_MAX`` entries), or none found.
+    """
+    closed, offsets, meta = traced_flat
+    m, n = (meta.n, meta.n) if hessian else (meta.m, meta.n)
+    if m * n > LOCATE_MAX:
+        return None
+    for label, point in _trust.points(closed, offsets, values):
+        try:
+            def dense(*leaves):
+                p = _trust.flat_problem(traced_flat, leaves)
+                f = lambda x: p.flat(x)[0]  # noqa: E731
+                return jax.hessian(lambda x: f(x)[0])(p.x) if hessian else jax.jacfwd(f)(p.x)
+
+            with jax.ensure_compile_time_eval():
+                J = np.asarray(jax.jit(dense)(*point))
+        except Exception:  # noqa: BLE001 - naming the entry is a courtesy; the certificate has spoken
+            return None
+        if not np.all(np.isfinite(J)):
+            continue
+        mask = np.zeros((m, n), bool)
+        mask[plan.pattern.rows, plan.pattern.cols] = True
+        tol = _trust.rtol(closed, J.dtype) * (np.abs(J).max(initial=0) + np.finfo(np.float64).tiny)
+        missed = np.argwhere((np.abs(J) > tol) & ~mask)
+        if missed.size:
+            r, c = missed[0]
+            return (f"entry (row {r}, column {c}) of the flat {'Hessian' if hessian else 'Jacobian'}, nonzero at "
+                    f"{label} ({len(missed)} missed in all)")
+        return None
+    return None
 
 
 def _check_symmetric(pattern: SparsityPattern, where: str) -> None:
@@ -372,17 +564,6 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None):
         return compressed.reshape(-1)[plan.colors[cols] * n + rows], aux
     decompress = kernels.symmetric_decompression(rows, cols, plan.colors, plan.coloring)
     return decompress(compressed), aux
-
-
-def _shapes_only(t, spec, avals, has_aux) -> Detected:
-    """The output structure and the primitives met (no detection), from one trace."""
-    from ._sparsity import trace_flat
-
-    closed, _, p = trace_flat(t, spec, avals, has_aux=has_aux)
-    m, n = p.m, p.n
-    prims = primitives(closed.jaxpr)
-    return Detected(SparsityPattern((m,), (n,), [], []), p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef,
-                    prims)
 
 
 def sparse_jacobian(
@@ -458,16 +639,8 @@ def sparse_jacobian(
 
 
 def _wrap(engine: _Engine, check: bool) -> Callable:
-    if not check:
-        wrapped = _args.wrap(engine.t)
-    else:
-
-        @functools.wraps(engine.t.fun)
-        def wrapped(*args, **kwargs):
-            out = engine.t(*args, **kwargs)
-            engine.verify(args, kwargs)
-            return out
-
+    engine.check = check
+    wrapped = _trust.wrap(engine.t)
     wrapped.plan = engine.plan
     return wrapped
 

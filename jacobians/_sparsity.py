@@ -32,10 +32,14 @@ class SparsityPattern:
         self.out_shape = tuple(int(s) for s in out_shape)
         self.in_shape = tuple(int(s) for s in in_shape)
         m, n = math.prod(self.out_shape), math.prod(self.in_shape)
-        key = _deps.unique(np.asarray(rows, np.int64) * max(n, 1) + np.asarray(cols, np.int64))
-        self.rows, self.cols = np.divmod(key, max(n, 1))
-        if key.size and (self.rows[-1] >= m or self.rows[0] < 0 or self.cols.max() >= n):
+        rows, cols = np.asarray(rows, np.int64).ravel(), np.asarray(cols, np.int64).ravel()
+        if rows.shape != cols.shape:
+            raise ValueError(f"SparsityPattern: rows and cols differ in length ({rows.size} and {cols.size}).")
+        # Checked before combining: a negative column would otherwise wrap into the previous row.
+        if rows.size and (rows.min() < 0 or rows.max() >= m or cols.min() < 0 or cols.max() >= n):
             raise ValueError(f"SparsityPattern: an index lies outside the shape {self.shape}.")
+        key = _deps.unique(rows * max(n, 1) + cols)
+        self.rows, self.cols = np.divmod(key, max(n, 1))
 
     @classmethod
     def from_dense(cls, mask, out_ndim: int) -> "SparsityPattern":
@@ -263,15 +267,26 @@ def sparsity(fun: Callable, *args, argnums: int | tuple[int, ...] = 0, has_aux: 
 
 def detect_hessian(t, spec, avals, *, has_aux=False, max_nnz=None) -> Detected:
     """The symmetric flat ``(n, n)`` Hessian pattern of a scalar ``t.fun`` (host-side, abstract)."""
-    from ._deps import _second  # the second-order lattice builds on the first-order rules
+    traced_flat = trace_flat(t, spec, avals, has_aux=has_aux)
+    check_scalar(t, traced_flat[2])
+    return detect_hessian_traced(traced_flat, max_nnz=max_nnz)
 
-    closed, offsets, p = trace_flat(t, spec, avals, has_aux=has_aux)
+
+def check_scalar(t, p) -> None:
+    """``fun`` must return a scalar (``p``: the flat problem ``trace_flat`` returns)."""
     if p.m != 1 or any(s.shape != () for s in p.out_leaves):
         shown = p.out_leaves[0].shape if len(p.out_leaves) == 1 else p.out_treedef
         raise ValueError(
             f"{t.where}: fun must return a scalar (shape ()), but its output is {shown}. For the second "
             "derivatives of a tensor-valued function use jacobians.jacobian(jacobians.jacobian(fun))."
         )
+
+
+def detect_hessian_traced(traced_flat, *, max_nnz=None) -> Detected:
+    """:func:`detect_hessian` on an already traced scalar map (``trace_flat``'s results)."""
+    from ._deps import _second  # the second-order lattice builds on the first-order rules
+
+    closed, offsets, p = traced_flat
     n = p.n
     seeds = [
         _deps.identity(v.aval.shape, off) if off is not None else _deps.empty(v.aval.shape)

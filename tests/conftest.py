@@ -8,6 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+# The suite runs strict: an analysis that fails, or a plan that fails its certificate, is a PlanError here
+# instead of a PlanWarning and the dense method (JACOBIANS_STRICT=0 turns it off to debug). Set before any
+# test imports jacobians; subprocess tests inherit it.
+os.environ.setdefault("JACOBIANS_STRICT", "1")
+
 # CI runs the same examples every time (a red run must be reproducible);
 # local runs explore new ones.
 settings.register_profile("ci", derandomize=True, deadline=None)
