@@ -193,7 +193,7 @@ def _hessian_colors(p, kind: str) -> np.ndarray:
         return np.arange(n)
     try:
         closed = jax.make_jaxpr(lambda x: p.flat(x)[0])(p.x)
-        lat = _deps_second.HessianLattice(n, 16 * n + 1024)
+        lat = _deps_second.HessianLattice(n, _planner.NNZ_CAP)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a primitive without a rule only makes the pattern denser
             _deps.Walker(lat).run(closed, [_deps.identity((n,))])

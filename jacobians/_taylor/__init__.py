@@ -47,6 +47,8 @@ ELEMENTWISE_LINEAR = {"add", "add_any", "sub", "neg", "convert_element_type", "r
                       "copy_p", "real", "imag", "complex", "conj", "abs", "max", "min", "clamp", "rem", "select_n"}
 COMPLEX_LINEAR = {"add", "add_any", "sub", "neg", "convert_element_type", "copy", "copy_p", "select_n"}
 ELEMENTWISE = (set(_deps_elementwise.NAMES) | {"mul", "integer_pow", "pow", "logistic"}) - LINEAR
+# Element-wise: chains of them on one base compose lazily (one pass over the base's block for the chain).
+COMPOSABLE = (ELEMENTWISE | ELEMENTWISE_LINEAR | {"mul", "div"}) - {"reduce_precision"}
 CUSTOM_VJP = ("custom_vjp_call", "custom_vjp_call_jaxpr")
 # Rules, not walked into or joined by the walker: control flow and custom rules.
 CONTROL = ("cond", "while", "scan", "custom_jvp_call") + CUSTOM_VJP
@@ -98,10 +100,10 @@ class Taylor(Lattice):
         return TV(c)
 
     def value(self, v):
-        return v.primal if v.t is None and isinstance(v.primal, np.ndarray | np.generic) else None
+        return v.primal if not v.active and isinstance(v.primal, np.ndarray | np.generic) else None
 
     def is_inert(self, v) -> bool:
-        return v.t is None
+        return not v.active
 
     def skip(self, eqn, ins):
         return [TV(o) for o in _primals(eqn, ins)]
@@ -112,7 +114,7 @@ class Taylor(Lattice):
     def post(self, eqn, outs):
         for o, v in zip(outs, eqn.outvars, strict=True):
             if not _inexact(v.aval):
-                o.t, o.idx = None, None
+                o.drop()
         return outs
 
     def check(self, v, aval):
@@ -121,18 +123,24 @@ class Taylor(Lattice):
         shape = tuple(aval.shape)
         if tuple(np.shape(v.primal)) != shape:
             return f"primal of shape {np.shape(v.primal)}, expected {shape}"
-        if v.t is None:
-            return None
-        k = bk.cols(self, v)
         if v.idx is not None and tuple(v.idx.shape[:-1]) != shape:
             return f"layout of shape {v.idx.shape}, expected {shape} + (K,)"
-        if tuple(v.t.shape) != (bk.width(self, k),) + shape:
-            return f"block of shape {tuple(v.t.shape)}, expected {(bk.width(self, k),) + shape}"
+        if v._t is None:  # inactive, or lazy (checked when formed)
+            return None
+        k = bk.cols(self, v)
+        j, second = v._t
+        kl = 1 if self.kind == "trace" else k
+        if tuple(j.shape) != (k,) + shape or tuple(second.shape) != (kl,) + shape:
+            return f"block of shapes {tuple(j.shape)}, {tuple(second.shape)}, expected {(k,) + shape}, {(kl,) + shape}"
         return None
 
     # --- rules --------------------------------------------------------------------------------
     def rule(self, eqn, ins):
         outs = _primals(eqn, ins)
+        lazy = _compose(self, eqn, ins)
+        if lazy is not None:
+            self.log.append((eqn.primitive.name, "lazy", []))
+            return [TV(outs[0], lazy=lazy)]
         family = _family(self, eqn, ins)
         res = FAMILIES[family](self, eqn, ins)
         self.log.append((eqn.primitive.name, family,
@@ -142,12 +150,12 @@ class Taylor(Lattice):
 
     def deps_layout(self, eqn, ins) -> list:
         """The dependency lattice's sets of ``eqn``'s results as layouts (``None``: dense)."""
-        if any(v.t is not None and v.idx is None for v in ins):
+        if any(v.active and v.idx is None for v in ins):
             return [None] * len(eqn.outvars)
         deps = []
         for v, var in zip(ins, eqn.invars, strict=True):
             shape = tuple(var.aval.shape)
-            if v.t is None:
+            if not v.active:
                 deps.append(empty(shape, self.value(v)))
             else:
                 indptr, indices = _layout.to_sets(v.idx, self.n)
@@ -185,10 +193,42 @@ def _primals(eqn, ins) -> list:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def _compose(lat, eqn, ins):
+    """``eqn`` as a lazy element-wise function of its operands' common base, if it is one (see :class:`TV`).
+
+    Element-wise primitives (and element-wise custom_jvp rules) whose active
+    operands have the result's shape and one common base compose; constants
+    and inactive operands are captured. Returns the :class:`_block.Lazy` or ``None``.
+    """
+    name = eqn.primitive.name
+    if len(eqn.outvars) != 1 or not _inexact(eqn.outvars[0].aval) or _is_complex(eqn.outvars[0]):
+        return None
+    if name not in COMPOSABLE and name != "custom_jvp_call":
+        return None
+    shape = tuple(eqn.outvars[0].aval.shape)
+    active = [i for i, v in enumerate(ins) if v.active]
+    if any(tuple(eqn.invars[i].aval.shape) != shape or _is_complex(eqn.invars[i]) for i in active):
+        return None
+    roots = [bk.root(ins[i]) for i in active]
+    base = roots[0][0]
+    if any(r[0] is not base for r in roots[1:]):
+        return None
+    if name == "custom_jvp_call" and not (len(active) == 1 and lat.elementwise_custom(eqn, ins, active)):
+        return None
+    fns = dict(zip(active, [r[1] for r in roots], strict=True))
+    primals = [v.primal for v in ins]
+
+    def fn(u):
+        out = bind(eqn, [fns[i](u) if i in fns else p for i, p in enumerate(primals)])
+        return out[0] if eqn.primitive.multiple_results else out
+
+    return bk.Lazy(base, fn, lat)
+
+
 def _family(lat, eqn, ins) -> str:
     """Which rule applies to ``eqn`` given its active operands."""
     name = eqn.primitive.name
-    active = [i for i, v in enumerate(ins) if v.t is not None]
+    active = [i for i, v in enumerate(ins) if v.active]
     if name in ZERO or not any(_inexact(v.aval) for v in eqn.outvars):
         return "zero"
     out = eqn.outvars[0].aval if len(eqn.outvars) == 1 else None
@@ -236,7 +276,6 @@ def _dot_both(lat, eqn, ins):
     The cross term is one ``dot_general`` contracting the columns too (``"trace"``)
     or batching over them (``"diag"``). Dense operands; compressed if sparse.
     """
-    k = lat.cols
     a, b = ins
     ta = bk.relayout(lat, a, np.shape(a.primal), None)
     tb = bk.relayout(lat, b, np.shape(b.primal), None)
@@ -245,8 +284,8 @@ def _dot_both(lat, eqn, ins):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     na, nb = len(eqn.invars[0].aval.shape), len(eqn.invars[1].aval.shape)
     out = eqn.outvars[0].aval
-    ja = jnp.moveaxis(ta[:k], 0, -1).astype(out.dtype)
-    jb = jnp.moveaxis(tb[:k], 0, -1).astype(out.dtype)
+    ja = jnp.moveaxis(ta[0], 0, -1).astype(out.dtype)
+    jb = jnp.moveaxis(tb[0], 0, -1).astype(out.dtype)
     pet = eqn.params.get("preferred_element_type")
     if lat.kind == "trace":
         dims = ((tuple(lc) + (na,), tuple(rc) + (nb,)), (tuple(lb), tuple(rb)))
@@ -254,7 +293,7 @@ def _dot_both(lat, eqn, ins):
     else:
         dims = ((tuple(lc), tuple(rc)), (tuple(lb) + (na,), tuple(rb) + (nb,)))
         cross = jnp.moveaxis(jax.lax.dot_general(ja, jb, dims, preferred_element_type=pet), len(lb), 0)
-    t = t1 + t2 + bk.place(lat, 2 * cross.astype(out.dtype), k)
+    t = bk.add_second(bk.add(t1, t2), 2 * cross.astype(out.dtype))
     if not lat.sparse:
         return [(t, None)]
     (idx,) = lat.deps_layout(eqn, ins)
@@ -280,9 +319,9 @@ class Sweep:
         y = outs[0]
         self.lat = lat
         self.y = jnp.asarray(y.primal)
-        self.k = bk.cols(lat, y) if y.t is not None else lat.cols
+        self.k = bk.cols(lat, y) if y.active else lat.cols
         self.idx = y.idx
-        self.t = y.t if y.t is not None else bk.zeros(lat, lat.cols, y_shape, dtype)
+        self.t = y.t if y.active else bk.zeros(lat, lat.cols, y_shape, dtype)
         self.aux = [jnp.asarray(o.primal) for o in outs[1:]]
 
     def dense(self):
@@ -292,7 +331,7 @@ class Sweep:
         if self.idx is not None:
             pos = _layout.positions(self.idx, None, lat.n)
             t = t if pos is None else bk.gather(lat, t, pos, self.k)
-        return t[: lat.cols], t[lat.cols:]
+        return t
 
 
 def sweep(flat, x, kind: str, sparse: bool = False, cols: int | None = None, start=None) -> Sweep:

@@ -1,20 +1,22 @@
-"""The values the forward Laplacian carries, and the traced operations on their column blocks.
+"""The values the forward Laplacian carries, and the traced operations on their blocks.
 
-Each intermediate ``v`` of shape ``S`` carries its primal and one *block*
-``t`` of shape ``(W,) + S``: ``K`` first-derivative columns (``dv/dx`` over the
-layout's inputs, see :mod:`._layout`) followed by the second-order part, whose
-form depends on what is computed:
+Each intermediate ``v`` of shape ``S`` carries its primal and a *block*
+``(j, l)``: ``j`` of shape ``(K,) + S``, the first-derivative columns
+(``dv/dx`` over the layout's inputs, see :mod:`._layout`), and ``l``, the
+second-order part, whose form depends on what is computed:
 
-- ``"trace"``: one column, the Laplacian so far ``sum_j d^2 v / d x_j^2``
-  (``W = K + 1``);
-- ``"diag"``: ``K`` columns, ``d^2 v / d x_j^2`` per input of the layout
-  (``W = 2 K``).
+- ``"trace"``: shape ``(1,) + S``, the Laplacian so far ``sum_j d^2 v / d x_j^2``;
+- ``"diag"``: shape ``(K,) + S``, ``d^2 v / d x_j^2`` per input of the layout.
 
-Keeping both parts in one array lets a linear operation (a matrix product, a
-reshape, a sum) act on all of them at once: one product with ``K + 1``
-columns instead of two.
+The two parts stay separate arrays: a linear operation applies to each (two
+products for a matrix product), and an element-wise one updates them in place.
+Joining them into one array would let one product serve both, but the joins
+and slices keep XLA's CPU backend from fusing the chain of products and
+element-wise updates into one kernel (measured: several times the compile time,
+slower runs).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,24 +24,83 @@ from . import _layout
 
 
 class TV:
-    """A value in the sweep: its primal, its block (``None``: constant in ``x``) and its layout."""
+    """A value in the sweep: its primal, its block (``None``: constant in ``x``) and its layout.
 
-    __slots__ = ("primal", "t", "idx")
+    A value may also be *lazy*: an element-wise function ``fn`` of another
+    value's primal (its ``base``, same shape) whose block is only formed when
+    a rule asks for it (:func:`materialize`). A chain ``x -> tanh -> mul ->
+    add`` then costs one pass over the base's block, not one per primitive.
+    """
 
-    def __init__(self, primal, t=None, idx=None):
+    __slots__ = ("primal", "_t", "_idx", "lazy")
+
+    def __init__(self, primal, t=None, idx=None, lazy=None):
         self.primal = primal
-        self.t = t
-        self.idx = idx
+        self._t = t
+        self._idx = idx
+        self.lazy = lazy
+
+    @property
+    def active(self) -> bool:
+        """Whether the value depends on ``x`` (without forming a lazy block)."""
+        return self._t is not None or self.lazy is not None
+
+    @property
+    def t(self):
+        """The block, formed now if the value is lazy."""
+        if self._t is None and self.lazy is not None:
+            self._t = materialize(self)
+        return self._t
+
+    @property
+    def idx(self):
+        """The layout (a lazy value has its base's)."""
+        return self.lazy.base.idx if self.lazy is not None else self._idx
 
     @property
     def jac(self):
         """The block, under the name the structured sweeps' selection maps read."""
         return self.t
 
+    def drop(self):
+        """Forget the derivatives (an integer result)."""
+        self._t, self._idx, self.lazy = None, None, None
 
-def width(lat, k: int) -> int:
-    """``W``: the block's columns for ``k`` first-derivative columns."""
-    return k + 1 if lat.kind == "trace" else 2 * k
+
+class Lazy:
+    """``value = fn(base.primal)`` element-wise, ``base`` a value with a block (see :class:`TV`)."""
+
+    __slots__ = ("base", "fn", "lat")
+
+    def __init__(self, base, fn, lat):
+        self.base, self.fn, self.lat = base, fn, lat
+
+
+def root(v):
+    """The value whose block a (lazy) value is a function of, and that function."""
+    if v.lazy is not None:
+        return v.lazy.base, v.lazy.fn
+    return v, (lambda u: u)
+
+
+def derivatives(fn, u):
+    """``(fn(u), fn'(u), fn''(u))`` element-wise, by nested JVPs with tangents of ones."""
+    ones = jnp.ones_like(u)
+    (y, d1), (_, d2) = jax.jvp(lambda z: jax.jvp(fn, (z,), (ones,)), (u,), (ones,))
+    return y, d1, d2
+
+
+def unary(lat, t, d1, d2):
+    """The block of ``f(u)`` from ``u``'s block ``t``: ``J' = f' J``, ``L' = f' L + f'' (J, J)``."""
+    j, second = cast(t, d1.dtype)
+    return d1[None] * j, d1[None] * second + d2[None] * products(lat, j, j)
+
+
+def materialize(v):
+    """A lazy value's block: one element-wise pass over its base's block."""
+    base, fn, lat = v.lazy.base, v.lazy.fn, v.lazy.lat
+    _, d1, d2 = derivatives(fn, jnp.asarray(base.primal))
+    return unary(lat, base.t, d1, d2)
 
 
 def cols(lat, v) -> int:
@@ -47,21 +108,34 @@ def cols(lat, v) -> int:
     return lat.cols if v.idx is None else int(v.idx.shape[-1])
 
 
-def first(lat, v, t=None):
-    """The first-derivative columns ``(K,) + S`` of a value's block."""
-    t = v.t if t is None else t
-    return t[: cols(lat, v)]
-
-
-def products(lat, a, b):
-    """``sum_j a_j b_j`` (``"trace"``, shape ``(1,) + S``) or ``a_j b_j`` per column (``"diag"``)."""
-    p = a * b
+def products(lat, ja, jb):
+    """``sum_k J_a,k J_b,k`` (``"trace"``, shape ``(1,) + S``) or ``J_a,k J_b,k`` (``"diag"``, ``(K,) + S``)."""
+    p = ja * jb
     return jnp.sum(p, axis=0, keepdims=True) if lat.kind == "trace" else p
 
 
-def place(lat, s, k: int):
-    """Second-order contributions ``s`` (from :func:`products`) as a block with ``k`` first-derivative columns."""
-    return jnp.pad(s, [(k, 0)] + [(0, 0)] * (s.ndim - 1))
+def add(a, b):
+    """The sum of two blocks (``None``: zero)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a[0] + b[0], a[1] + b[1]
+
+
+def scale(c, t):
+    """An element-wise factor ``c`` (shape ``S``) times a block."""
+    return c[None] * t[0], c[None] * t[1]
+
+
+def add_second(t, s):
+    """A block plus ``s`` on its second-order part."""
+    return t[0], t[1] + s
+
+
+def apply(f, t):
+    """``f`` (a map of one column) applied to every column of both parts."""
+    return jax.vmap(f)(t[0]), jax.vmap(f)(t[1])
 
 
 def broadcast(t, shape, out_shape):
@@ -69,7 +143,11 @@ def broadcast(t, shape, out_shape):
     if tuple(shape) == tuple(out_shape):
         return t
     lead = (1,) * (len(out_shape) - len(shape))
-    return jnp.broadcast_to(t.reshape(t.shape[:1] + lead + tuple(shape)), t.shape[:1] + tuple(out_shape))
+
+    def one(a):
+        return jnp.broadcast_to(a.reshape(a.shape[:1] + lead + tuple(shape)), a.shape[:1] + tuple(out_shape))
+
+    return one(t[0]), one(t[1])
 
 
 def gather(lat, t, pos: np.ndarray, k_src: int):
@@ -79,15 +157,10 @@ def gather(lat, t, pos: np.ndarray, k_src: int):
     where the destination input is not stored in the source (a zero column).
     The second-order part follows its columns (``"diag"``) or is kept (``"trace"``).
     """
-    w_src = width(lat, k_src)
-    valid = pos < k_src
-    j_pos = np.where(valid, pos, w_src)
-    if lat.kind == "trace":
-        second = np.full(pos.shape[:-1] + (1,), k_src)
-    else:
-        second = np.where(valid, k_src + pos, w_src)
-    full = np.moveaxis(np.concatenate([j_pos, second], axis=-1), -1, 0).astype(np.int32)
-    return jnp.take_along_axis(t, jnp.asarray(full), axis=0, mode="fill", fill_value=0)
+    index = jnp.asarray(np.moveaxis(pos, -1, 0).astype(np.int32))
+    j = jnp.take_along_axis(t[0], index, axis=0, mode="fill", fill_value=0)
+    second = t[1] if lat.kind == "trace" else jnp.take_along_axis(t[1], index, axis=0, mode="fill", fill_value=0)
+    return j, second
 
 
 def relayout(lat, v, shape, dst):
@@ -113,33 +186,39 @@ def compress(lat, t, shape, dst):
     return gather(lat, t, pos, lat.n)
 
 
+SEED_CONSTANT_MAX = 1 << 20  # seeds up to this many entries are NumPy constants
+
+
 def seed(lat, x, sparse: bool, start=None):
     """The block of the input vector ``x`` (shape ``(n,)``): the identity, or one column per input (sparse).
 
     With ``start`` (a traced offset), the dense identity's columns ``start .. start + lat.cols``
-    (a chunk; columns past ``n`` are zero).
+    (a chunk; columns past ``n`` are zero). A small seed is a NumPy constant.
     """
     n = x.shape[0]
-    if sparse:
-        ones = jnp.ones((1, n), x.dtype)
-        return jnp.concatenate([ones, jnp.zeros((width(lat, 1) - 1, n), x.dtype)]), _layout.seed(n)
-    k = lat.cols
+    dtype = np.dtype(x.dtype)
+    k = 1 if sparse else lat.cols
+    idx = _layout.seed(n) if sparse else None
+    kl = 1 if lat.kind == "trace" else k
+    if start is None and k * n <= SEED_CONSTANT_MAX:
+        j = np.ones((1, n), dtype) if sparse else np.eye(k, n, dtype=dtype)
+        return (j, np.zeros((kl, n), dtype)), idx
     if start is None:
-        eye = jnp.eye(k, n, dtype=x.dtype)
+        j = jnp.eye(k, n, dtype=x.dtype)
     else:
-        eye = (jnp.arange(n)[None, :] == (start + jnp.arange(k))[:, None]).astype(x.dtype)
-    return jnp.concatenate([eye, jnp.zeros((width(lat, k) - k, n), x.dtype)]), None
+        j = (jnp.arange(n)[None, :] == (start + jnp.arange(k))[:, None]).astype(x.dtype)
+    return (j, jnp.zeros((kl, n), x.dtype)), idx
 
 
 def zeros(lat, k: int, shape, dtype):
     """An all-zero block (a value that does not depend on ``x`` where one that does is expected)."""
-    return jnp.zeros((width(lat, k),) + tuple(shape), dtype)
+    return jnp.zeros((k,) + tuple(shape), dtype), jnp.zeros((1 if lat.kind == "trace" else k,) + tuple(shape), dtype)
 
 
 def cast(t, dtype):
     """The block in ``dtype`` (a conversion, or a complex result of real operands)."""
-    return t if t.dtype == dtype else t.astype(dtype)
+    return tuple(a if a.dtype == dtype else a.astype(dtype) for a in t)
 
 
-__all__ = ["TV", "broadcast", "cast", "cols", "compress", "first", "gather", "place", "products", "relayout",
-           "seed", "width", "zeros"]
+__all__ = ["TV", "Lazy", "add", "add_second", "apply", "broadcast", "cast", "cols", "compress", "derivatives",
+           "gather", "materialize", "products", "relayout", "root", "scale", "seed", "unary", "zeros"]

@@ -38,8 +38,7 @@ def _operands(lat, eqn, ins, active):
     if lat.sparse:
         dst = _layout.union([_layout.broadcast(ins[i].idx, eqn.invars[i].aval.shape, shape) for i in active], lat.n)
     ts = [bk.cast(bk.relayout(lat, ins[i], shape, dst), dtype) for i in active]
-    k = lat.cols if dst is None else dst.shape[-1]
-    return ts, dst, k
+    return ts, dst
 
 
 def _partials(eqn, ins, active, second: bool):
@@ -68,38 +67,31 @@ def _partials(eqn, ins, active, second: bool):
     return d, dd
 
 
-def _scale(c, t):
-    return c[None] * t
-
-
 def elementwise(lat, eqn, ins, second: bool = True):
     """``y = f(u_1, ..., u_r)`` element-wise: the module docstring's recurrence.
 
     Example (``"trace"``, dense, two inputs): ``y = sin(u)`` with ``u = x0 + 2 x1``
     (``J_u = [1, 2]``, ``L_u = 0``) -> ``J_y = cos(u) [1, 2]``, ``L_y = -sin(u) (1 + 4)``.
     """
-    active = [i for i, v in enumerate(ins) if v.t is not None]
+    active = [i for i, v in enumerate(ins) if v.active]
     out = eqn.outvars[0].aval
-    ts, dst, k = _operands(lat, eqn, ins, active)
+    ts, dst = _operands(lat, eqn, ins, active)
     name = eqn.primitive.name
     if name in SIGNS:
         total = None
         for i, t in zip(active, ts, strict=True):
-            term = t if SIGNS[name][i] == 1 else -t
-            total = term if total is None else total + term
+            total = bk.add(total, t if SIGNS[name][i] == 1 else (-t[0], -t[1]))
         return [(total, dst)]
     d, dd = _partials(eqn, ins, active, second)
     total = None
     for j, t in enumerate(ts):
-        term = _scale(d[j].astype(out.dtype), t)
-        total = term if total is None else total + term
+        total = bk.add(total, bk.scale(d[j].astype(out.dtype), t))
     if second:
         s = None
         for (i, j), c in dd.items():
-            p = bk.products(lat, ts[i][:k], ts[j][:k])
-            p = _scale(c.astype(out.dtype) * (1 if i == j else 2), p)
+            p = c.astype(out.dtype)[None] * bk.products(lat, ts[i][0], ts[j][0]) * (1 if i == j else 2)
             s = p if s is None else s + p
-        total = total + bk.place(lat, s, k)
+        total = bk.add_second(total, s)
     return [(total, dst)]
 
 
@@ -109,9 +101,9 @@ def mul(lat, eqn, ins):
     Example: ``y = x0 * x1`` (``J_a = [1, 0]``, ``J_b = [0, 1]``) -> ``L_y = 0``
     (the trace of ``[[0, 1], [1, 0]]``); ``"diag"``: ``[0, 0]``.
     """
-    active = [i for i, v in enumerate(ins) if v.t is not None]
+    active = [i for i, v in enumerate(ins) if v.active]
     out = eqn.outvars[0].aval
-    ts, dst, k = _operands(lat, eqn, ins, active)
+    ts, dst = _operands(lat, eqn, ins, active)
     shape = tuple(out.shape)
 
     def other(i):
@@ -120,10 +112,9 @@ def mul(lat, eqn, ins):
 
     total = None
     for i, t in zip(active, ts, strict=True):
-        term = _scale(other(i), t)
-        total = term if total is None else total + term
+        total = bk.add(total, bk.scale(other(i), t))
     if len(active) == 2:
-        total = total + bk.place(lat, 2 * bk.products(lat, ts[0][:k], ts[1][:k]), k)
+        total = bk.add_second(total, 2 * bk.products(lat, ts[0][0], ts[1][0]))
     return [(total, dst)]
 
 

@@ -31,14 +31,14 @@ def _diff_outputs(eqn) -> list[int]:
 
 
 def _finish(lat, eqn, ins, firsts: dict, seconds: dict) -> list:
-    """Assemble blocks from per-output first-order columns ``(W, ...)`` and second terms; compress if sparse."""
+    """Blocks from per-output first-order blocks and second-order terms; compressed if sparse."""
     layouts = lat.deps_layout(eqn, ins) if lat.sparse else [None] * len(eqn.outvars)
     res = []
     for k, v in enumerate(eqn.outvars):
         if k not in firsts:
             res.append((None, None))
             continue
-        t = firsts[k] + bk.place(lat, seconds[k], lat.cols)
+        t = bk.add_second(firsts[k], seconds[k])
         res.append((bk.compress(lat, t, v.aval.shape, layouts[k]), layouts[k]))
     return res
 
@@ -47,25 +47,28 @@ def _second_sum(lat, s):
     return jnp.sum(s, axis=0, keepdims=True) if lat.kind == "trace" else s
 
 
+def _dense_operands(lat, ins, active, vary):
+    return [bk.cast(bk.relayout(lat, ins[i], np.shape(ins[i].primal), None), v.dtype)
+            for i, v in zip(active, vary, strict=True)]
+
+
 def generic(lat, eqn, ins):
     """Any primitive JAX can push JVPs through: nested JVPs per column (module docstring).
 
     Example: ``y = cumprod(u)`` with ``u = x`` (identity columns) -> ``L_y[i] = sum_j d^2 y_i / dx_j^2 = 0``
     (each ``y_i`` is multilinear), computed column by column.
     """
-    active = [i for i, v in enumerate(ins) if v.t is not None]
+    active = [i for i, v in enumerate(ins) if v.active]
     diff = _diff_outputs(eqn)
     f, vary = _structured._as_function(eqn, ins, active, diff)
-    k = lat.cols
-    ts = [bk.cast(bk.relayout(lat, ins[i], np.shape(ins[i].primal), None), v.dtype)
-          for i, v in zip(active, vary, strict=True)]
+    ts = _dense_operands(lat, ins, active, vary)
 
     def nested(*cols):
         return jax.jvp(lambda *u: jax.jvp(f, list(u), list(cols))[1], vary, list(cols))
 
-    first, second = jax.vmap(nested)(*[t[:k] for t in ts])
-    rest = jax.vmap(lambda *cs: jax.jvp(f, vary, list(cs))[1])(*[t[k:] for t in ts])
-    firsts = {d: jnp.concatenate([a, b]) for d, a, b in zip(diff, first, rest, strict=True)}
+    first, second = jax.vmap(nested)(*[t[0] for t in ts])
+    rest = jax.vmap(lambda *cs: jax.jvp(f, vary, list(cs))[1])(*[t[1] for t in ts])
+    firsts = {d: (a, b) for d, a, b in zip(diff, first, rest, strict=True)}
     seconds = {d: _second_sum(lat, s) for d, s in zip(diff, second, strict=True)}
     return _finish(lat, eqn, ins, firsts, seconds)
 
@@ -76,12 +79,10 @@ def custom_vjp(lat, eqn, ins):
     Example: a ``custom_vjp`` ``sin`` whose backward pass returns ``cos(u) ct`` ->
     ``J_y = cos(u) J_u``, ``L_y = cos(u) L_u - sin(u) |J_u|^2`` (the rule's derivative).
     """
-    active = [i for i, v in enumerate(ins) if v.t is not None]
+    active = [i for i, v in enumerate(ins) if v.active]
     diff = _diff_outputs(eqn)
     f, vary = _structured._as_function(eqn, ins, active, diff)
-    k = lat.cols
-    ts = [bk.cast(bk.relayout(lat, ins[i], np.shape(ins[i].primal), None), v.dtype)
-          for i, v in zip(active, vary, strict=True)]
+    ts = _dense_operands(lat, ins, active, vary)
     out_avals = [eqn.outvars[d].aval for d in diff]
     sizes = [math.prod(a.shape) for a in out_avals]
     q = sum(sizes)
@@ -96,8 +97,12 @@ def custom_vjp(lat, eqn, ins):
         return pull(cotangent(r))
 
     rows = jax.vmap(lambda r: row(r, vary))(jnp.arange(q))  # per operand: (q,) + shape
-    flat_t = [t.reshape(t.shape[0], -1) for t in ts]  # (W, size_i)
-    first = sum(jnp.einsum("qs,ws->wq", g.reshape(q, -1), t) for g, t in zip(rows, flat_t, strict=True))
+
+    def local(part):  # the local Jacobian applied to one part's columns: (c, q)
+        return sum(jnp.einsum("qs,cs->cq", g.reshape(q, -1), t[part].reshape(t[part].shape[0], -1))
+                   for g, t in zip(rows, ts, strict=True))
+
+    first = (local(0), local(1))
 
     def curvature(r, cols, mode):  # J_j^T H_r J_j for one output element r and one column j
         if mode == "fwd":  # forward over reverse
@@ -108,7 +113,7 @@ def custom_vjp(lat, eqn, ins):
 
     def all_columns(mode):
         per_column = lambda *cols: jax.vmap(lambda r: curvature(r, cols, mode))(jnp.arange(q))  # noqa: E731
-        return jax.vmap(per_column)(*[t[:k] for t in ts])
+        return jax.vmap(per_column)(*[t[0] for t in ts])
 
     try:
         per = all_columns("fwd")
@@ -116,9 +121,12 @@ def custom_vjp(lat, eqn, ins):
         if "custom_vjp" not in str(e):
             raise
         per = all_columns("rev")
-    second = _second_sum(lat, per.astype(first.dtype))  # (1 or k, q)
+    second = _second_sum(lat, per.astype(first[0].dtype))  # (1 or k, q)
     firsts, seconds = {}, {}
     for d, a, s, av in zip(diff, starts[:-1], sizes, out_avals, strict=True):
-        firsts[d] = first[:, a : a + s].reshape((-1,) + tuple(av.shape)).astype(av.dtype)
-        seconds[d] = second[:, a : a + s].reshape((-1,) + tuple(av.shape)).astype(av.dtype)
+        def cut(m, a=a, s=s, av=av):
+            return m[:, a : a + s].reshape((-1,) + tuple(av.shape)).astype(av.dtype)
+
+        firsts[d] = (cut(first[0]), cut(first[1]))
+        seconds[d] = cut(second)
     return _finish(lat, eqn, ins, firsts, seconds)

@@ -43,10 +43,12 @@ def apply(lat, eqn, ins, active, ts) -> list:
     diff = [k for k, v in enumerate(eqn.outvars) if jnp.issubdtype(v.aval.dtype, jnp.inexact)]
     f, vary = _structured._as_function(eqn, ins, active, diff)
     ts = [bk.cast(t, v.dtype) for t, v in zip(ts, vary, strict=True)]
-    res = jax.vmap(lambda *cs: jax.jvp(f, vary, list(cs))[1])(*ts)
+    push = jax.vmap(lambda *cs: jax.jvp(f, vary, list(cs))[1])
+    js = push(*[t[0] for t in ts])
+    ls = push(*[t[1] for t in ts])
     outs = [None] * len(eqn.outvars)
-    for k, r in zip(diff, res, strict=True):
-        outs[k] = r
+    for k, a, b in zip(diff, js, ls, strict=True):
+        outs[k] = (a, b)
     return outs
 
 
@@ -57,7 +59,7 @@ def _dense(lat, eqn, ins, active) -> list:
 
 def linear(lat, eqn, ins):
     """Linear in the active operands: dispatch on how the layouts move (module docstring)."""
-    active = [i for i, v in enumerate(ins) if v.t is not None]
+    active = [i for i, v in enumerate(ins) if v.active]
     if not lat.sparse or all(ins[i].idx is None for i in active):
         return _dense(lat, eqn, ins, active)
     name = eqn.primitive.name
@@ -82,14 +84,15 @@ def opaque(lat, eqn, ins, active):
             for (t, _), idx, v in zip(outs, layouts, eqn.outvars, strict=True)]
 
 
-def _pad_columns(lat, t, k_old: int, k: int, shape):
+def _pad_columns(lat, t, k_old: int, k: int):
     """A block with ``k_old`` first-derivative columns widened to ``k`` (zero columns after them)."""
     if k_old == k:
         return t
-    z = jnp.zeros((k - k_old,) + tuple(shape), t.dtype)
-    if lat.kind == "trace":
-        return jnp.concatenate([t[:k_old], z, t[k_old:]])
-    return jnp.concatenate([t[:k_old], z, t[k_old:], z])
+
+    def pad(a):
+        return jnp.pad(a, [(0, k - k_old)] + [(0, 0)] * (a.ndim - 1))
+
+    return pad(t[0]), (t[1] if lat.kind == "trace" else pad(t[1]))
 
 
 def _movement(lat, eqn, ins, active):
@@ -109,14 +112,14 @@ def _movement(lat, eqn, ins, active):
     for i in data:
         shape = tuple(eqn.invars[i].aval.shape)
         size = math.prod(shape)
-        if ins[i].t is None:
+        if not ins[i].active:
             parts.append(np.full((size, k), lat.n, np.int64))
             continue
         idx = ins[i].idx
         k_old = idx.shape[-1]
         parts.append(np.pad(idx.reshape(size, k_old), [(0, 0), (0, k - k_old)], constant_values=lat.n))
     for i in active:
-        ts.append(_pad_columns(lat, ins[i].t, ins[i].idx.shape[-1], k, eqn.invars[i].aval.shape))
+        ts.append(_pad_columns(lat, ins[i].t, ins[i].idx.shape[-1], k))
     cat = np.concatenate(parts) if parts else np.zeros((0, k), np.int64)
     blocks = apply(lat, eqn, ins, active, ts)
     res = []
@@ -156,24 +159,22 @@ def _scatter_sum(lat, x, shape, axes, out_shape):
     order = keep + list(axes)
     r = math.prod(out_shape)
     g = math.prod(shape) // max(r, 1)
-    t = jnp.transpose(x.t, [0] + [1 + a for a in order]).reshape(x.t.shape[0], r, g)
     idx = np.transpose(x.idx, order + [nd]).reshape(r, g * k)
-    rows = np.broadcast_to(np.arange(r)[:, None], idx.shape)
-    valid = idx < lat.n
+    rows = np.broadcast_to(np.arange(r)[:, None], idx.shape).astype(np.int32)
+    cols = np.where(idx < lat.n, idx, lat.n).astype(np.int32)
 
-    def scatter(vals):  # (k, r, g) -> (n, r)
-        v = jnp.transpose(vals, (1, 2, 0)).reshape(r, g * k)
-        dense = jnp.zeros((lat.n + 1, r), vals.dtype)
-        cols = np.where(valid, idx, lat.n).astype(np.int32)
-        dense = dense.at[jnp.asarray(cols), jnp.asarray(rows.astype(np.int32))].add(v)
-        return dense[: lat.n]
+    def grouped(a):  # (c,) + shape -> (c, r, g)
+        return jnp.transpose(a, [0] + [1 + d for d in order]).reshape(a.shape[0], r, g)
 
-    j = scatter(t[:k])
+    def scatter(a):  # (k,) + shape -> (n,) + out_shape
+        v = jnp.transpose(grouped(a), (1, 2, 0)).reshape(r, g * k)
+        dense = jnp.zeros((lat.n + 1, r), a.dtype).at[jnp.asarray(cols), jnp.asarray(rows)].add(v)
+        return dense[: lat.n].reshape((lat.n,) + tuple(out_shape))
+
+    j, second = x.t
     if lat.kind == "trace":
-        second = jnp.sum(t[k:], axis=2)
-    else:
-        second = scatter(t[k:])
-    return jnp.concatenate([j, second]).reshape((-1,) + tuple(out_shape))
+        return scatter(j), jnp.sum(grouped(second), axis=2).reshape((1,) + tuple(out_shape))
+    return scatter(j), scatter(second)
 
 
 def _along_axis(lat, eqn, ins, active):
