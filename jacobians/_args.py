@@ -47,15 +47,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _compat
-
 MODES = ("fwd", "rev", "auto")
 ORDERS = ("C", "F")
 CACHE_MAX = 64  # compiled functions kept per transformation
 RECOMPILE_WARN = 8  # distinct static values of one call structure before we warn
 
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
-_ARRAY_IMPL = _compat.ARRAY_IMPL  # the concrete jax.Array type, checked by identity (None: general path)
+try:  # the concrete jax.Array type, checked by identity (cheaper than isinstance)
+    from jax._src.array import ArrayImpl as _ARRAY_IMPL
+except ImportError:  # pragma: no cover - a JAX without it: every call takes the general path
+    _ARRAY_IMPL = None
 TRACED_TYPES = ARRAY_TYPES + (jax.ShapeDtypeStruct,)  # leaves passed to the compiled function
 _FAST_TYPES = (_ARRAY_IMPL, float, complex)  # argument types of the split-free call (ints: range-checked)
 _TRACER_ERRORS = (
@@ -76,8 +77,8 @@ def number_dtype(kind: type) -> np.dtype:
 
 def _number_array(value: Any) -> np.ndarray:
     """A Python number as a NumPy scalar array of the dtype JAX gives it."""
-    return np.asarray(value, number_dtype(complex if isinstance(value, complex) else
-                                          float if isinstance(value, float) else int))
+    kind = complex if isinstance(value, complex) else float if isinstance(value, float) else int
+    return np.asarray(value, number_dtype(kind))
 
 
 def _traceable_number(leaf: Any) -> bool:
@@ -331,7 +332,9 @@ class _Splitter:
             key = (treedef, numbers)
             as_static = self._static_numbers.get(key)
             if as_static is None:
-                as_static = self._static_numbers[key] = self._needs_values(leaves, treedef, diff_idx, numbers)
+                as_static = self._static_numbers[key] = self._needs_values(
+                    leaves, treedef, positions, diff_idx, numbers
+                )
             if as_static:  # compiled in, keyed by type and value, as any static leaf
                 drop = set(number_pos)
                 traced = [x for k, x in enumerate(traced) if k not in drop]
@@ -344,31 +347,53 @@ class _Splitter:
         spec = CallSpec(treedef, len(args), positions, slices, keys, tuple(static), tuple(numbers), tuple(weak))
         return spec, traced
 
-    def _needs_values(self, leaves: list, treedef, diff_idx: dict, numbers: tuple) -> bool:
+    def _needs_values(self, leaves: list, treedef, positions: tuple, diff_idx: dict, numbers: tuple) -> bool:
         """Does ``fun`` need the values of these Python numbers (Python control flow, shapes, axes)?
 
-        One abstract evaluation of ``fun`` with the numbers traced, once per call
-        structure: if it fails they are compiled in. If ``fun`` fails anyway, the
-        call reports the error as before, with the numbers static.
+        One abstract evaluation of a JVP of ``fun`` with the numbers traced, once
+        per call structure (the JVP also runs ``custom_jvp`` rules, which may
+        branch on a number): if Python needed a traced value, they are compiled
+        in. Where the JVP cannot be taken (a ``custom_vjp``, non-array outputs)
+        a plain evaluation decides. If ``fun`` fails anyway, the call reports the
+        error as before, with the numbers static.
         """
         if self.fun is None:
             return False
         idx = {i for i, _ in numbers}
         dyn = [i for i, leaf in enumerate(leaves) if i in idx or i in diff_idx or isinstance(leaf, TRACED_TYPES)]
 
-        def call(values):
+        def call(values, jvp):
             full = list(leaves)
             for i, v in zip(dyn, values, strict=True):
                 full[i] = v
             args, kwargs = treedef.unflatten(full)
-            self.fun(*args, **kwargs)
+            if not jvp:
+                self.fun(*args, **kwargs)
+                return
 
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the real trace warns, if need be
-                jax.eval_shape(call, [leaves[i] for i in dyn])
-        except Exception:  # noqa: BLE001 - any failure: fall back to what always worked
-            return True
+            def at(*diff):
+                a = list(args)
+                for p, d in zip(positions, diff, strict=True):
+                    a[p] = d
+                return self.fun(*a, **kwargs)
+
+            primals = tuple(args[p] for p in positions)
+            jax.jvp(at, primals, primals)
+
+        values = [leaves[i] for i in dyn]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real trace warns, if need be
+            try:
+                jax.eval_shape(functools.partial(call, jvp=True), values)
+                return False
+            except _TRACER_ERRORS:
+                return True
+            except Exception:  # noqa: BLE001 - no JVP here: a plain evaluation decides
+                pass
+            try:
+                jax.eval_shape(functools.partial(call, jvp=False), values)
+            except Exception:  # noqa: BLE001 - any failure: fall back to what always worked
+                return True
         return False
 
     def make_static(self, spec: CallSpec) -> bool:
@@ -573,6 +598,16 @@ def _promotable(s, weak: bool = True) -> Any:
     return complex if jnp.issubdtype(s.dtype, jnp.complexfloating) else float
 
 
+def block_dtype(out, x) -> np.dtype:
+    """The dtype of the block d(out)/d(x) for an output leaf and an input leaf (arrays or shape structs).
+
+    ``promote(out.dtype, x.dtype)``, with weakly typed leaves by their kind: a
+    Python ``1.0`` among the outputs next to a float32 ``x`` gives a float32
+    (zero) block, a float32 output of a Python float ``t`` a float32 block.
+    """
+    return promote(_promotable(out), _promotable(x))
+
+
 def _output_struct(s) -> jax.ShapeDtypeStruct:
     """An output leaf's shape and dtype; a Python number as JAX sees it (weakly typed)."""
     if type(s) in NUMBER_TYPES:
@@ -586,9 +621,15 @@ def cast(x: jax.Array, dtype, weak: bool = False) -> jax.Array:
     """``x`` in ``dtype``; weakly typed (as JAX's own derivatives of Python scalars are) when ``weak``."""
     if x.dtype == dtype and _weak(x) == weak:
         return x
-    if weak:
-        return _compat.convert_weak(x, dtype)
+    if weak and _convert_weak is not None:
+        return _convert_weak(x, dtype, weak_type=True)
     return x.astype(dtype)
+
+
+try:  # JAX has no public way to make a weakly typed array from a traced one
+    from jax._src.lax.lax import _convert_element_type as _convert_weak
+except ImportError:  # pragma: no cover
+    _convert_weak = None
 
 
 @dataclass
@@ -616,7 +657,7 @@ class Problem:
 
     def blocks(self, jac: jax.Array, dtype_of=None) -> Any:
         """Cut the flat ``(m, n)`` Jacobian into the pytree of ``out.shape + in.shape`` blocks."""
-        dtype_of = dtype_of or (lambda out, x: promote(_promotable(out), _promotable(x)))
+        dtype_of = dtype_of or block_dtype
         rows, o = [], 0
         for out in self.out_leaves:
             mo = math.prod(out.shape)
