@@ -427,15 +427,16 @@ class _Engine:
 
         def offsets(leaves):
             starts = np.cumsum([0] + [math.prod(a.shape) for a in leaves])[:-1]
-            return {int(o): a.dtype for o, a in zip(starts, leaves, strict=True)}
+            return {int(o): a for o, a in zip(starts, leaves, strict=True)}
 
-        out_dtypes, in_dtypes = offsets(det.out_leaves), offsets(det.in_leaves)
+        out_at, in_at = offsets(det.out_leaves), offsets(det.in_leaves)
 
         def block(b):
             (r0, r1), (c0, c1), out_shape, in_shape = b
             keep = np.flatnonzero((rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1))
             # Each block in its own output's and input's dtype, as jacobian's (a Hessian: the function's).
-            dtype = _args.promote(p.out_dtype if self.coloring is not None else out_dtypes[r0], in_dtypes[c0])
+            dtype = (_args.promote(p.out_dtype, in_at[c0].dtype) if self.coloring is not None
+                     else _args.block_dtype(out_at[r0], in_at[c0]))  # weak types by kind, as Problem.blocks
             vals = data[keep] if keep.size < data.size else data
             if jnp.iscomplexobj(vals) and not jnp.issubdtype(dtype, jnp.complexfloating):
                 vals = jnp.real(vals)  # a real output of real inputs: the imaginary part is exactly zero
