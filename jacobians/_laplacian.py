@@ -42,6 +42,7 @@ from ._deps import _second as _deps_second
 from ._divergence import _diagonal_colors
 
 METHODS = ("auto", "forward", "sparse", "hvp")
+PAIR_BUDGET = 1 << 15  # Hessian-pattern entries held while colouring for the HVP method (then: dense)
 SPARSE_MARGIN = 0.8  # the sparse sweep's gathers cost more than their element counts: it must win by this much
 
 
@@ -193,7 +194,8 @@ def _hessian_colors(p, kind: str) -> np.ndarray:
         return np.arange(n)
     try:
         closed = jax.make_jaxpr(lambda x: p.flat(x)[0])(p.x)
-        lat = _deps_second.HessianLattice(n, _planner.NNZ_CAP)
+        # A budget that stops early on dense Hessians (a pair list of n^2 per layer costs seconds to sort).
+        lat = _deps_second.HessianLattice(n, max(PAIR_BUDGET, 16 * n + 1024))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a primitive without a rule only makes the pattern denser
             _deps.Walker(lat).run(closed, [_deps.identity((n,))])
