@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _host_eval
+from . import _compat, _host_eval
 from . import _structure as st
 from ._deps import _elementwise
 from ._deps._custom import _local as _custom_local
@@ -351,7 +351,7 @@ class _Forward(Lattice):
         # Closed-over integer and boolean arrays (gather indices, masks) are read on the host, so
         # selection maps and folding see them; floating constants stay arrays of the program.
         small = math.prod(aval.shape) <= self.fold_max
-        if small and not isinstance(c, jax.core.Tracer) and not is_opaque(aval) and not _inexact(aval):
+        if small and not _compat.is_tracer(c) and not is_opaque(aval) and not _inexact(aval):
             return SV(np.asarray(c))
         return SV(c)
 
