@@ -46,6 +46,7 @@ PEERS = {
     "plain `pip install torch` also pulls the CUDA packages)",
     "asdex": "pip install -e '.[bench,peers]'",
     "sparsejac": "pip install -e '.[bench,peers]'",
+    "folx": "pip install -e '.[bench,peers]'",
 }
 
 
@@ -134,6 +135,12 @@ CASES = [
     Case("param_cnn", dict(hw=16), dict(hw=8)),
     Case("param_module", dict(d=64, h=256, c=10), dict(d=8, h=16, c=3)),
     Case("per_example_grads", dict(batch=64, d=784, h=256, c=10), dict(batch=8, d=16, h=8, c=3)),
+    # Laplacians: the forward Laplacian (dense and sparse) against trace(jax.hessian), divergence(grad) and folx.
+    Case("laplacian_pernode", dict(nodes=20, coords=4, width=100, layers=4, batch=20),
+         dict(nodes=5, coords=3, width=16, layers=3, batch=4), peers=("folx",)),
+    Case("laplacian_pinn", dict(d=2, points=1024), None, peers=("folx",)),
+    Case("laplacian_pinn", dict(d=16, points=1024), dict(d=4, points=64), peers=("folx",)),
+    Case("laplacian_pinn", dict(d=100, points=1024), None, peers=("folx",)),
 ]
 
 TOL = {"float32": 2e-3, "float64": 1e-6}  # max |error| relative to max(1, max |reference|)

@@ -980,3 +980,69 @@ def per_example_grads(batch: int, d: int, h: int, c: int, dtype, rng) -> Workloa
         g = tf.vmap(tf.grad(tloss), in_dims=(None, 0, 0))
         w.impls["torch.func.vmap(grad)"] = Impl(lambda _p: _nest(g(tp, tX, tl)), "torch")
     return w
+
+
+# --- Laplacians: forward Laplacian (dense and sparse) against Hessian traces and folx ----------------------
+
+try:  # folx is an optional peer (the forward Laplacian of Gao, Hermann, ... for neural wavefunctions)
+    import folx
+except ImportError:  # pragma: no cover - optional comparison
+    folx = None
+
+
+def _lap_params(sizes, dtype, rng):
+    return [(_rand(rng, (a, b), dtype, 1 / np.sqrt(a)), _rand(rng, (b,), dtype, 0.1))
+            for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+
+def _lap_apply(params, h, act):
+    for i, (W, b) in enumerate(params):
+        h = h @ W.astype(h.dtype) + b.astype(h.dtype)
+        if i < len(params) - 1:
+            h = act(h)
+    return h
+
+
+def _laplacian_impls(w: Workload, f: Callable, X, folx_sparsity: float):
+    """The library's Laplacian and its peers, each ``jax.jit(jax.vmap(...))`` over the batch ``X``."""
+    w.impls["jacobians.laplacian"] = Impl(jax.jit(jax.vmap(jacobians.laplacian(f))))
+    if folx is not None:
+        w.impls["folx.forward_laplacian"] = Impl(jax.jit(jax.vmap(
+            lambda x: folx.forward_laplacian(f, sparsity_threshold=folx_sparsity)(x).laplacian)))
+    w.impls["jax trace(hessian)"] = Impl(jax.jit(jax.vmap(lambda x: jnp.trace(
+        jax.hessian(f)(x).reshape(x.size, x.size)))))
+    w.impls["jacobians.divergence(jax.grad)"] = Impl(jax.jit(jax.vmap(jacobians.divergence(jax.grad(f)))))
+    w.explain = lambda: jacobians.laplacian(f).plan(X[0])
+    w.memory = False
+
+
+def laplacian_pernode(nodes: int, coords: int, width: int, layers: int, batch: int, dtype, rng) -> Workload:
+    """folx's sparse workload: a SiLU MLP applied to each node's coordinates, summed; Laplacians of a batch.
+
+    ``f(x) = sum_i mlp(x_i)`` for ``x`` of shape ``(nodes, coords)``: the Hessian is block diagonal,
+    each intermediate depends on one node's ``coords`` inputs.
+    """
+    params = _lap_params([coords] + [width] * (layers - 1) + [1], dtype, rng)
+
+    def f(x):
+        return jnp.sum(_lap_apply(params, x, jax.nn.silu))
+
+    X = _rand(rng, (batch, nodes, coords), dtype)
+    ref = _ref64(jax.vmap(lambda x: jnp.trace(jax.hessian(f)(x).reshape(x.size, x.size))), X)
+    w = Workload(X, ref, reference_note="trace(jax.hessian) float64")
+    _laplacian_impls(w, f, X, 0.6)
+    return w
+
+
+def laplacian_pinn(d: int, points: int, dtype, rng, width: int = 100, layers: int = 4) -> Workload:
+    """A physics-informed network's Laplacian: a dense tanh MLP ``R^d -> R`` at ``points`` collocation points."""
+    params = _lap_params([d] + [width] * (layers - 1) + [1], dtype, rng)
+
+    def f(x):
+        return _lap_apply(params, x, jnp.tanh)[0]
+
+    X = _rand(rng, (points, d), dtype)
+    ref = _ref64(jax.vmap(lambda x: jnp.trace(jax.hessian(f)(x))), X)
+    w = Workload(X, ref, reference_note="trace(jax.hessian) float64")
+    _laplacian_impls(w, f, X, 0.0)
+    return w

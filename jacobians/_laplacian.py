@@ -57,7 +57,8 @@ class LaplacianPlan:
       columns: first-derivative columns per intermediate entry in the sparse sweep, averaged
         over the entries (``n`` for a dense sweep; ``None`` if not traced).
       max_columns: the most columns any intermediate holds in that sweep.
-      n_colors: colours of the Hessian's diagonal colouring (``None``: not computed).
+      n_colors: colours of the Hessian's diagonal colouring (``None``: not made; the cost model uses greedy's
+        bound, the largest degree plus one).
       costs: candidates and their estimated costs (arbitrary units: FLOPs of the traced programs).
       reason: one line on the choice.
     """
@@ -187,11 +188,14 @@ def _hvp(p, kind: str, colors: np.ndarray, chunk, where: str):
 # --- planning ----------------------------------------------------------------------------------------
 
 
-def _hessian_colors(p, kind: str) -> np.ndarray:
-    """A distance-1 colouring of the (union over outputs of the) Hessian pattern; singletons if dense."""
+def _hessian_pattern(p, kind: str):
+    """The off-diagonal pairs ``(rows, cols)`` of the (union over outputs of the) Hessian pattern; ``None``: dense.
+
+    Per-entry diagonals of an array-valued function need one input per pass: also ``None``.
+    """
     n = p.n
     if kind == "diag" and p.m != 1:
-        return np.arange(n)
+        return None
     try:
         closed = jax.make_jaxpr(lambda x: p.flat(x)[0])(p.x)
         # A budget that stops early on dense Hessians (a pair list of n^2 per layer costs seconds to sort).
@@ -201,7 +205,24 @@ def _hessian_colors(p, kind: str) -> np.ndarray:
             _deps.Walker(lat).run(closed, [_deps.identity((n,))])
         rows, cols = lat.pairs()
     except _deps.TooDense:
+        return None
+    off = rows != cols
+    return rows[off], cols[off]
+
+
+def _color_bound(pattern, n: int) -> int:
+    """Greedy colouring's bound, the largest degree plus one (the colouring itself is made only if chosen)."""
+    if pattern is None:
+        return n
+    degree = np.bincount(pattern[0], minlength=n)
+    return int(min(n, degree.max(initial=0) + 1)) if n else 0
+
+
+def _hessian_colors(pattern, n: int) -> np.ndarray:
+    """A distance-1 colouring of the Hessian graph (inputs of one colour share no Hessian entry)."""
+    if pattern is None:
         return np.arange(n)
+    rows, cols = pattern
     return _diagonal_colors(np.concatenate([rows, cols]), np.concatenate([cols, rows]), n)
 
 
@@ -245,13 +266,13 @@ def _choose(p, opts: dict) -> tuple[LaplacianPlan, dict]:
             costs["sparse"] = _planner.pass_cost(programs["sparse"][0])
         else:
             notes.append("no sparsity to exploit (every intermediate depends on all inputs)")
+    pattern = None
     if method in ("auto", "hvp"):
-        colors = _hessian_colors(p, opts["kind"])
-        n_colors = int(colors.max()) + 1 if n else 0
+        pattern = _hessian_pattern(p, opts["kind"])
         if method == "auto":
             try:
                 one = _program(p, "hvp", dict(opts, chunk_size=None), np.zeros(n, np.int64), {})
-                costs["hvp"] = n_colors * _planner.pass_cost(one)
+                costs["hvp"] = _color_bound(pattern, n) * _planner.pass_cost(one)
             except TypeError as e:  # not differentiable this way (a custom_vjp): no candidate, say why
                 notes.append(f"hvp not possible ({str(e).splitlines()[0]})")
     if method == "auto":
@@ -263,6 +284,8 @@ def _choose(p, opts: dict) -> tuple[LaplacianPlan, dict]:
     else:
         best = method
         reason = "method fixed by the caller"
+    if best == "hvp":
+        colors = _hessian_colors(pattern, n)
     n_colors = None if colors is None else (int(colors.max()) + 1 if n else 0)
     passes = n_colors if best == "hvp" else (-(-n // chunk) if chunk and best == "forward" else 1)
     plan = LaplacianPlan(best, n, m, passes, stats.get("columns"), stats.get("max_columns"), n_colors, costs,

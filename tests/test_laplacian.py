@@ -166,7 +166,7 @@ def test_sparse_per_node(rng):
 def test_dense_function_plans_forward(rng):
     """A dense MLP: nothing sparse to exploit, n + 1 columns beat n HVPs."""
     plan = jacobians.laplacian(_mlp).plan(randn(rng, (6,)))
-    assert plan.method == "forward" and plan.n_colors == 6, str(plan)
+    assert plan.method == "forward" and plan.costs["hvp"] > plan.costs["forward"], str(plan)
 
 
 # --- value, gradient and Laplacian -----------------------------------------------------------------------
