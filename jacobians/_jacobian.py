@@ -89,7 +89,7 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
         _, jac, aux = run(mode)
     if order is not None:
         (out,), (xin,) = p.out_leaves, p.in_leaves
-        result = jac.astype(_args.promote(out.dtype, xin.dtype))
+        result = jac.astype(_args.block_dtype(out, xin))
         if order == "F":
             result = layout.to_matrix(result.reshape(out.shape + xin.shape), len(out.shape), order="F")
     else:

@@ -417,6 +417,9 @@ def test_python_number_outputs_in_second_order_and_value_and_jacobian():
         for got in (jacobians.hessian(f)(x), jacobians.sparse_hessian(f, output="dense")(x)):
             assert got.shape == (3, 3) and got.dtype == jnp.float32
             np.testing.assert_array_equal(got, np.zeros((3, 3)))
+    got = jacobians.jacobian_matrix(lambda x: 1.0, order="F")(x)
+    assert got.shape == (1, 3) and got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, np.zeros((1, 3)))
     value, jac = jacobians.value_and_jacobian(lambda x: (x**2, 1.0))(x)
     np.testing.assert_allclose(value[0], X.astype(np.float32) ** 2, rtol=1e-6)
     assert float(value[1]) == 1.0
