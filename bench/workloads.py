@@ -984,7 +984,7 @@ def per_example_grads(batch: int, d: int, h: int, c: int, dtype, rng) -> Workloa
 
 # --- Laplacians: forward Laplacian (dense and sparse) against Hessian traces and folx ----------------------
 
-try:  # folx is an optional peer (the forward Laplacian of Gao, Hermann, ... for neural wavefunctions)
+try:  # folx is an optional peer (a forward Laplacian for neural wavefunctions)
     import folx
 except ImportError:  # pragma: no cover - optional comparison
     folx = None
@@ -1005,7 +1005,10 @@ def _lap_apply(params, h, act):
 
 def _laplacian_impls(w: Workload, f: Callable, X, folx_sparsity: float):
     """The library's Laplacian and its peers, each ``jax.jit(jax.vmap(...))`` over the batch ``X``."""
-    w.impls["jacobians.laplacian"] = Impl(jax.jit(jax.vmap(jacobians.laplacian(f))))
+    lap = jacobians.laplacian(f)
+    ours = jax.jit(jax.vmap(lambda x: lap(x)))  # a lambda: jit would copy lap.plan, which reads a batch as one input
+    ours.plan = lambda X: lap.plan(X[0])  # the plan of one point, for the report's plan column
+    w.impls["jacobians.laplacian"] = Impl(ours)
     if folx is not None:
         w.impls["folx.forward_laplacian"] = Impl(jax.jit(jax.vmap(
             lambda x: folx.forward_laplacian(f, sparsity_threshold=folx_sparsity)(x).laplacian)))
