@@ -122,7 +122,9 @@ def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, m
         from ._batch import batch_jacobian
 
         opts["batch_jac"] = batch_jacobian(fun, argnums, mesh=mesh, mesh_axis=mesh_axis)
-    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
+    # batched=True calls fun per example: a trial trace of fun on the whole batch would not test that call.
+    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)),
+                        probe=not batched)
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):

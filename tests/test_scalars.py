@@ -151,11 +151,7 @@ CASES = [
     "jacobian", "jacobian_fwd", "jacobian_rev", "jacobian_structured", "jacobian_compressed", "jacobian_matrix",
     "value_and_jacobian", "hessian", "value_grad_and_hessian", "hvp", "sparse_jacobian", "sparse_jacobian_check",
     "sparse_hessian", "batch_jacobian", "divergence", "trace_estimate", "det", "slogdet", "log_abs_det",
-    "det_batched",
-    pytest.param("det_batched_coupled", marks=pytest.mark.xfail(strict=True, reason=(
-        "_det.py builds its Transform with the default probe=True although batched=True maps fun over the "
-        "batch: the trial trace calls fun on the whole batch, which fails for a per-example fun (cumsum), so "
-        "the numbers are compiled in. Fix: _args.Transform(..., probe=not batched) in _det._build."))),
+    "det_batched", "det_batched_coupled",  # coupled: fun (cumsum) fails on the whole batch, only per example
     "log_abs_det_batch_first", "log_volume", "gauss_newton_mv", "gauss_newton_diagonal", "gauss_newton_materialise",
 ]
 
