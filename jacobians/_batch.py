@@ -431,6 +431,11 @@ def batch_jacobian(
     primitive and line that couples them. Evaluation uses ``n`` JVPs or ``m``
     VJPs over the whole batch (per-example sizes), not ``B`` times as many.
 
+    The proof is certified once against JAX (JVPs whose tangents live in some
+    examples only must leave the others' outputs exactly zero); a proof that
+    crashes gives the diagonal blocks of the whole Jacobian and a
+    :class:`jacobians.PlanWarning` (see ``jacobians.strict``).
+
     Args:
       fun: batch-first function.
       argnums: an int or a tuple of ints.
@@ -447,7 +452,9 @@ def batch_jacobian(
 
     Raises:
       CoupledBatchError: the examples are not independent (a batch mean, BatchNorm in
-        training mode, a cumulative sum or sort over the batch, attention across it).
+        training mode, a cumulative sum or sort over the batch, attention across it),
+        found by the proof or by its certificate.
+      PlanError: in strict mode, the proof crashed or its certificate failed.
 
     Example::
 

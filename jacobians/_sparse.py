@@ -479,10 +479,24 @@ def certify_plan(plan: SparsePlan, traced_flat: tuple, values, where: str, hessi
         return _trust.linear(traced_flat, values, lambda p: _hessian_values(p, plan, where)[0],
                              mode="rev" if plan.mode == "rev_rev" else "fwd", entries=(rows, cols), hessian=True,
                              where=where)
-    kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
-    return _trust.linear(traced_flat, values,
-                         lambda p: kernel(p.flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols)[0],
-                         mode=plan.mode, entries=(rows, cols), where=where)
+    c = max(plan.n_colors, 1)
+    seeds = plan.colors[None, :] == np.arange(c)[:, None]
+
+    def evaluate(p, T):  # the plan's seeds and the check's directions in one batch: (J S, J T) or (S^T J, T^T J)
+        f = lambda x: p.flat(x)[0]  # noqa: E731
+        if plan.mode == "fwd":
+            both = jnp.concatenate([jnp.asarray(seeds, p.x.dtype), T])
+            out = jax.vmap(lambda t: jax.jvp(f, (p.x,), (t,))[1])(both)  # (c + k, m)
+            index = plan.colors[cols] * p.m + rows
+        else:
+            y, pull = jax.vjp(f, p.x)
+            both = jnp.concatenate([jnp.asarray(seeds, y.dtype), T])
+            out = jax.vmap(lambda u: pull(u)[0])(both)  # (c + k, n)
+            index = plan.colors[rows] * p.n + cols
+        return out[:c].reshape(-1)[index], out[c:]
+
+    return _trust.linear(traced_flat, values, evaluate, mode=plan.mode, entries=(rows, cols), where=where,
+                         reference="with")
 
 
 LOCATE_MAX = 1 << 22  # entries of the dense Jacobian computed to name what a pattern misses
@@ -595,23 +609,23 @@ def sparse_jacobian(
         The values of other array arguments are unknown to the detection.
       argnums: an int or a tuple of ints.
       sparsity: ``"auto"`` (detect), a :class:`SparsePlan` (no detection, no
-        colouring: ``fun`` is traced once), a :class:`SparsityPattern`, a
-        boolean array or a ``BCOO`` of shape ``out.shape + in.shape`` (one array
-        in and out) or of the flat ``(m, n)``. A given pattern must contain every
-        nonzero, or those are lost.
+        colouring), a :class:`SparsityPattern`, a boolean array or a ``BCOO`` of
+        shape ``out.shape + in.shape`` (one array in and out) or of the flat
+        ``(m, n)``. Every plan, detected or given, is certified once against
+        ``jax.jvp``/``jax.vjp`` at a random point; one that misses a nonzero gives a
+        :class:`jacobians.PlanWarning` naming the entry and the dense plan instead
+        (a :class:`jacobians.PlanError` in strict mode).
       mode: ``"fwd"`` (column colouring), ``"rev"`` (row colouring) or ``"auto"``
         (fewer colours, forward on ties; reverse when ``fun`` contains a
         ``custom_vjp`` and forward when it contains a ``while_loop``, the only
-        directions JAX can differentiate those in).
+        directions JAX can differentiate those in; forward for complex outputs).
       output: ``"bcoo"``: each block a ``jax.experimental.sparse.BCOO`` of shape
         ``out.shape + in.shape``; ``"dense"``: dense blocks equal to
         :func:`jacobians.jacobian`'s.
       has_aux: ``fun`` returns ``(output, aux)``; the result is ``(jacobian, aux)``.
-      check: on the first call per call structure with concrete arguments, compare
-        ``J v`` from the compressed entries with one dense JVP on a random tangent,
-        and raise a ``ValueError`` naming the first missed entry when the pattern
-        misses a nonzero (use it to validate a hand-written pattern). Skipped under
-        a trace (inside ``jit``), where values are unknown.
+      check: a plan that fails its certificate raises a ``ValueError`` naming the
+        first missed entry, instead of falling back to the dense plan (use it to
+        validate a hand-written pattern).
       mesh, mesh_axis: split the colours across the devices of a mesh (see
         :func:`jacobians.jacobian`).
 
@@ -621,7 +635,9 @@ def sparse_jacobian(
       :class:`SparsePlan` for those arguments (shapes suffice).
 
     Raises:
-      ValueError: unknown ``mode``/``output``; a given pattern or plan of the wrong shape.
+      ValueError: unknown ``mode``/``output``; a given pattern or plan of the wrong shape;
+        with ``check=True``, a plan that fails its certificate.
+      TypeError: ``mode="rev"`` with complex outputs.
     """
     where = "jacobians.sparse_jacobian"
     _args.check_fun(fun, where)
@@ -685,7 +701,8 @@ def sparse_hessian(
         mode) or ``"auto"``.
       output: ``"bcoo"`` or ``"dense"``.
       has_aux: ``fun`` returns ``(value, aux)``.
-      check: validate the pattern on the first concrete call, as for :func:`sparse_jacobian`.
+      check: a plan that fails its certificate (Hessian-vector products at a random
+        point) raises a ``ValueError``, as for :func:`sparse_jacobian`.
       mesh, mesh_axis: split the colours across the devices of a mesh.
 
     Returns:
