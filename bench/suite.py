@@ -141,6 +141,7 @@ CASES = [
     Case("laplacian_pinn", dict(d=2, points=1024), None, peers=("folx",)),
     Case("laplacian_pinn", dict(d=16, points=1024), dict(d=4, points=64), peers=("folx",)),
     Case("laplacian_pinn", dict(d=100, points=1024), None, peers=("folx",)),
+    Case("laplacian_local_energy", dict(electrons=8, walkers=256), dict(electrons=4, walkers=8), peers=("folx",)),
 ]
 
 TOL = {"float32": 2e-3, "float64": 1e-6}  # max |error| relative to max(1, max |reference|)

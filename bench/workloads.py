@@ -1049,3 +1049,43 @@ def laplacian_pinn(d: int, points: int, dtype, rng, width: int = 100, layers: in
     w = Workload(X, ref, reference_note="trace(jax.hessian) float64")
     _laplacian_impls(w, f, X, 0.0)
     return w
+
+
+def laplacian_local_energy(electrons: int, walkers: int, dtype, rng) -> Workload:
+    """``(log psi, grad log psi, laplacian log psi)`` of a Slater-Jastrow-like wavefunction at a batch of walkers.
+
+    ``log psi(r) = log |det phi(r)| + sum_{i<j} J(r_ij)`` for ``electrons`` electrons in 3-D: exponential
+    orbitals about fixed centres and a Pade-like Jastrow factor. The local energy's ingredients,
+    from ``jacobians.value_grad_and_laplacian`` in one pass.
+    """
+    centres = _rand(rng, (electrons, 3), dtype, 2.0)
+    decay = jnp.asarray(rng.uniform(0.5, 1.5, electrons), dtype)
+    iu = np.triu_indices(electrons, 1)
+
+    def log_psi(r):  # r: (electrons, 3)
+        d = jnp.sqrt(jnp.sum((r[:, None, :] - centres.astype(r.dtype)[None]) ** 2, -1) + 1e-2)
+        phi = jnp.exp(-decay.astype(r.dtype)[None, :] * d) * (1 + 0.1 * r[:, :1])
+        rij = jnp.sqrt(jnp.sum((r[:, None, :] - r[None, :, :]) ** 2, -1) + 1e-2)[iu]
+        return jnp.linalg.slogdet(phi)[1] + jnp.sum(0.5 * rij / (1 + rij))
+
+    def dense(r):
+        n = r.size
+        return log_psi(r), jax.grad(log_psi)(r), jnp.trace(jax.hessian(log_psi)(r).reshape(n, n))
+
+    # Each electron near its own orbital's centre: a well-conditioned determinant (float32 stays accurate).
+    R = jnp.asarray(np.asarray(centres)[None] + 0.3 * rng.standard_normal((walkers, electrons, 3)), dtype)
+    w = Workload(R, _ref64(jax.vmap(dense), R), reference_note="jax value, grad, trace(hessian) float64")
+    vgl = jacobians.value_grad_and_laplacian(log_psi)
+    ours = jax.jit(jax.vmap(lambda r: vgl(r)))
+    ours.plan = lambda R: vgl.plan(R[0])
+    w.impls["jacobians.value_grad_and_laplacian"] = Impl(ours)
+    if folx is not None:
+        def folx_vgl(r):
+            o = folx.forward_laplacian(log_psi, sparsity_threshold=0)(r)
+            return o.x, o.jacobian.dense_array.reshape(r.shape), o.laplacian
+
+        w.impls["folx.forward_laplacian"] = Impl(jax.jit(jax.vmap(folx_vgl)))
+    w.impls["jax (f, grad, trace(hessian))"] = Impl(jax.jit(jax.vmap(dense)))
+    w.explain = lambda: vgl.plan(R[0])
+    w.memory = False
+    return w

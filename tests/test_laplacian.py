@@ -116,6 +116,10 @@ FAMILIES = {
     + jnp.take(x, jnp.array([3, 1])).prod() + jnp.sum(jnp.pad(x[::2], 1) * jnp.roll(x, 2)[:5] ** 2)
     + jnp.sum(jnp.where(x > 0, x**3, -x)),
     "logsumexp": lambda x: jax.nn.logsumexp(x) + jnp.sum(jax.nn.log_softmax(x) ** 2),
+    # slogdet (its custom_jvp rule, recognised), det and solve (their rules, generically), lu (its own rule).
+    "linalg": lambda x: jnp.linalg.slogdet(jnp.outer(jnp.sin(x[:3]), x[3:]) + 2 * jnp.eye(3))[1]
+    + jnp.linalg.det(x[:4].reshape(2, 2)) + jnp.sum(jnp.linalg.solve(x[2:].reshape(2, 2) + 3 * jnp.eye(2), x[:2]))
+    + jnp.sum(jnp.sin(lax.linalg.lu(jnp.outer(x[:3], x[3:]) + 2 * jnp.eye(3))[0])),
     "scan_fori": lambda x: lax.scan(lambda c, xi: (jnp.sin(c) * xi + c, c * xi), 0.5, x)[0]
     + lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c) * x, x).sum(),
     "cond": lambda x: lax.cond(x[0] > x[1], lambda z: jnp.sum(z**3), lambda z: jnp.sum(jnp.sin(z) * z), x),

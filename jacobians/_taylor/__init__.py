@@ -11,6 +11,8 @@ is applied per primitive family, one file each:
   the bilinear rule of ``mul``;
 - ``_linear``: linear and piecewise-linear primitives (movement, sums,
   ``dot_general`` with a constant operand, ``max``) map every column alike;
+- ``_linalg``: ``lu`` (``det``, ``solve``) and ``slogdet`` by products with
+  inverses formed once;
 - ``_generic``: everything else by nested JVPs per column (correct, slower,
   never a crash), ``custom_vjp`` through its backward rule.
 
@@ -35,7 +37,7 @@ from .._deps import _second as _deps_second
 from .._deps._sets import Deps, empty
 from .._walker import Lattice, Walker, bind
 from . import _block as bk
-from . import _elementwise, _generic, _layout, _linear
+from . import _elementwise, _generic, _layout, _linalg, _linear
 from ._block import TV
 
 KINDS = ("trace", "diag")
@@ -225,6 +227,13 @@ def _compose(lat, eqn, ins):
     return bk.Lazy(base, fn, lat)
 
 
+def _custom_name(eqn) -> str | None:
+    """The name of the function a ``custom_jvp_call`` wraps (``_slogdet_lu``), from its jaxpr's debug info."""
+    call = eqn.params.get("call_jaxpr")
+    info = getattr(getattr(call, "jaxpr", call), "debug_info", None)
+    return getattr(info, "func_name", None)
+
+
 def _family(lat, eqn, ins) -> str:
     """Which rule applies to ``eqn`` given its active operands."""
     name = eqn.primitive.name
@@ -236,6 +245,10 @@ def _family(lat, eqn, ins) -> str:
     complex_any = any(_is_complex(v) for v in (*eqn.invars, *eqn.outvars))
     if name in CUSTOM_VJP:
         return "custom_vjp"
+    if name in _linalg.RULES:
+        return name
+    if name == "custom_jvp_call" and _custom_name(eqn) in _linalg.CUSTOM:
+        return "custom:" + _custom_name(eqn)
     if name == "custom_jvp_call":
         if len(active) == 1 and not complex_any and lat.elementwise_custom(eqn, ins, active):
             return "elementwise"
@@ -309,6 +322,8 @@ FAMILIES = {
     "dot": _dot_both,
     "custom_vjp": _generic.custom_vjp,
     "generic": _generic.generic,
+    **_linalg.RULES,
+    **{"custom:" + k: v for k, v in _linalg.CUSTOM.items()},
 }
 
 
