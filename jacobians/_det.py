@@ -169,8 +169,9 @@ def slogdet(
     Returns:
       A function returning ``(sign, logabsdet)``, each a scalar (shape ``(batch,)``
       when batched). A singular Jacobian gives sign 0 and logabsdet ``-inf``; an
-      infinite entry gives ``+inf`` (as ``jnp.linalg.slogdet``); logabsdet stays finite
-      where det would under- or overflow.
+      infinite entry gives ``+inf`` with the sign of the determinant's leading term
+      (``jnp.linalg.slogdet`` often gives NaN there: its elimination subtracts
+      infinities); logabsdet stays finite where det would under- or overflow.
 
     Raises:
       ValueError: input and output sizes differ (on the first call).

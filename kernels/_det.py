@@ -20,8 +20,11 @@ The LU is LAPACK's ``getf2`` (first maximal ``|pivot|``, a NaN never chosen
 unless it is first; multipliers through the reciprocal pivot), and
 ``log|det|`` is the sum of ``log|pivot|``, so results follow NumPy's
 ``slogdet``: a zero pivot gives sign 0 and ``-inf``; an infinite pivot
-``+inf``; a NaN anywhere in the elimination NaN; and nothing under- or
-overflows that NumPy's does not.
+``+inf``; and nothing under- or overflows that NumPy's does not. Unlike
+NumPy's, an infinite *entry* anywhere gives ``+inf`` (with the sign of the
+determinant's leading term as the entry grows), not the NaN of an elimination
+that subtracts infinities: results that come out NaN or ``+inf`` are redone
+(:func:`_limit`, behind one test over the results). A NaN entry gives NaN.
 """
 
 import functools
@@ -319,7 +322,7 @@ def _redo(a: jax.Array, sign: jax.Array, logabs: jax.Array, bad: Callable) -> tu
         first = jax.lax.top_k(order, few)[1]  # the first such blocks (and others when there are fewer)
         rows = (first[:, None] * W + offsets[None, :]).reshape(-1)
         inside = jnp.minimum(rows, B - 1)
-        new_sign, new_logabs = _blocks(a[inside])
+        new_sign, new_logabs = _finite_fix(a[inside], *_blocks(a[inside]))
         take = redo[first].reshape(-1)
         sign = sign.at[rows].set(jnp.where(take, new_sign, sign[inside]), mode="drop")
         logabs = logabs.at[rows].set(jnp.where(take, new_logabs, logabs[inside]), mode="drop")
@@ -336,7 +339,7 @@ def _redo(a: jax.Array, sign: jax.Array, logabs: jax.Array, bad: Callable) -> tu
 def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(sign, logabsdet)`` of ``a`` of shape ``(B, k, k)``, real floating, ``1 <= k <= _LOOP_MAX``."""
     if a.shape[-1] > _CLOSED_MAX:
-        return _blocks(a)
+        return _finite_fix(a, *_blocks(a))
     if a.shape[-1] <= 2:
         # The elementwise LU costs about two closed forms: take it, elementwise, only where the
         # closed form may be inexact, and only when some result is (one test over the batch).
@@ -345,7 +348,7 @@ def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 
         def fix(sign, logabs):
             lu_sign, lu_logabs = _lu_small(a)
-            return jnp.where(redo, lu_sign, sign), jnp.where(redo, lu_logabs, logabs)
+            return _finite_fix(a, jnp.where(redo, lu_sign, sign), jnp.where(redo, lu_logabs, logabs))
 
         return jax.lax.cond(jnp.any(redo), fix, lambda s, la: (s, la), sign, logabs)
     return _redo(a, *_closed(a))
@@ -367,6 +370,65 @@ def _batched_vmap(axis_size, in_batched, a):
 
 
 _batched_jit = jax.jit(_batched)  # called eagerly, the loops above would run op by op
+
+
+@jax.jit
+def _lapack_jit(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.slogdet`` of ``(B, k, k)``, its NaN and ``+inf`` results redone by :func:`_limit`."""
+    return _finite_fix(a, *jnp.linalg.slogdet(a))
+
+
+# ---------------------------------------------------------------- infinite entries
+
+
+def _limit(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sign, logabsdet)`` of a stack ``(B, k, k)`` with infinite entries, as the limit the entries go to.
+
+    An LU of a matrix with an infinite entry subtracts infinities (NaN) even
+    where its determinant is plainly infinite: ``det`` is a polynomial in the
+    infinite entries, here ``det(F + t S)`` with ``F`` the finite entries
+    (scaled by a power of two near their largest), ``S`` the signs of the
+    infinite ones and ``t -> inf``. Evaluated at two large ``t`` (by LAPACK:
+    this runs only for flagged matrices): when it grows with ``t`` the result is
+    ``+inf`` with the sign of the leading term; when it does not the infinite
+    entries meet only zero cofactors (``inf * 0``) and the result is NaN.
+    Matrices without infinite entries get the LU of the scaled matrix (an
+    elimination that overflowed on the unscaled one); a NaN entry gives NaN.
+    """
+    k = a.shape[-1]
+    inf = jnp.isinf(a)
+    has_inf = jnp.any(inf, axis=(-2, -1))
+    has_nan = jnp.any(jnp.isnan(a), axis=(-2, -1))
+    F = jnp.where(inf, jnp.zeros((), a.dtype), a)
+    big = jnp.max(jnp.abs(F), axis=(-2, -1))
+    _, e = jnp.frexp(jnp.where((big > 0) & (big < jnp.inf), big, 1))
+    F = F * jnp.ldexp(jnp.ones((), a.dtype), -e)[:, None, None]  # exact: |F| <= 1
+    S = jnp.where(inf, jnp.sign(a), jnp.zeros((), a.dtype))
+    step = 20 if jnp.finfo(a.dtype).bits < 64 else 40  # t = 2^step and 2^(2 step)
+    t1, t2 = (np.asarray(2.0 ** (step * i), a.dtype) for i in (1, 2))
+    s1, l1 = jnp.linalg.slogdet(F + t1 * S)
+    s2, l2 = jnp.linalg.slogdet(F + t2 * S)
+    # Degree >= 1 in t: the log grows by step * degree * log 2 in the limit.
+    grows = l2 - l1 > np.asarray(0.5 * step * np.log(2), a.dtype)
+    nan = jnp.full_like(l1, jnp.nan)
+    scaled = l1 + k * e.astype(a.dtype) * np.asarray(np.log(2), a.dtype)
+    sign = jnp.where(has_nan, nan, jnp.where(has_inf, jnp.where(grows, s2, nan), s1))
+    logabs = jnp.where(has_nan, nan, jnp.where(has_inf, jnp.where(grows, jnp.inf, nan), scaled))
+    return sign, logabs
+
+
+def _finite_fix(a: jax.Array, sign: jax.Array, logabs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Redo by :func:`_limit` the results of ``a`` (``(B, k, k)``) that are NaN or ``+inf``.
+
+    One test over the results (not the input) when none is: the fast paths pay a reduction over ``B`` values.
+    """
+    flagged = ~(logabs < jnp.inf)  # NaN or +inf; -inf (singular) is exact
+
+    def fix(sign, logabs):
+        ls, ll = _limit(a)
+        return jnp.where(flagged, ls, sign), jnp.where(flagged, ll, logabs)
+
+    return jax.lax.cond(jnp.any(flagged), fix, lambda s, la: (s, la), sign, logabs)
 
 
 # ---------------------------------------------------------------- gradient
@@ -435,8 +497,12 @@ def slogdet(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     k, batch = a.shape[-1], a.shape[:-2]
     if k == 0 or a.size == 0:
         return jnp.ones(batch, a.dtype), jnp.zeros(batch, a.dtype)
-    if jnp.issubdtype(a.dtype, jnp.complexfloating) or k > _LOOP_MAX:
+    if jnp.issubdtype(a.dtype, jnp.complexfloating):
         return tuple(jnp.linalg.slogdet(a))
+    if k > _LOOP_MAX:
+        flat = a.reshape((-1, k, k))
+        sign, logabs = _lapack_jit(flat.astype(jnp.float32) if jnp.finfo(a.dtype).bits < 32 else flat)
+        return sign.reshape(batch).astype(a.dtype), logabs.reshape(batch).astype(a.dtype)
     if jnp.finfo(a.dtype).bits < 32:  # float16 and bfloat16: compute in float32
         sign, logabs = _batched_jit(a.astype(jnp.float32))
         return sign.astype(a.dtype), logabs.astype(a.dtype)
@@ -450,7 +516,9 @@ def _slogdet_jvp(primals, tangents):
     a = jnp.asarray(a)
     k = a.shape[-1]
     if jnp.issubdtype(a.dtype, jnp.complexfloating) or k > _LOOP_MAX or k == 0:
-        return jax.jvp(jnp.linalg.slogdet, (a,), (da,))
+        # jnp's rule (a SlogdetResult pair); the primal stays this function's own (a tuple, as slogdet returns).
+        _, (dsign, dlog) = jax.jvp(jnp.linalg.slogdet, (a,), (da,))
+        return (sign, logabs), (dsign, dlog)
     dtype = a.dtype if jnp.issubdtype(a.dtype, jnp.inexact) else jnp.result_type(float)
     work = jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
     dlog = jnp.sum(_inverse_transpose(a.astype(work)) * jnp.asarray(da, work), axis=(-2, -1))

@@ -106,7 +106,10 @@ def _stack(rng, k, dtype):
         M[j, j] = rng.choice([np.inf, -np.inf])
     for M in col:
         M[rng.integers(k), 0] = rng.choice([np.inf, -np.inf])
-    parts = dict(random=A, ill=ill, zero_row=zero_row, zero_col=zero_col, scaled=scaled, rows=rows)
+    one_inf = rng.standard_normal((2, k, k))  # an infinite entry past the first column: LU subtracted infinities
+    for M in one_inf:
+        M[rng.integers(k), k - 1] = rng.choice([np.inf, -np.inf])
+    parts = dict(random=A, ill=ill, zero_row=zero_row, zero_col=zero_col, scaled=scaled, rows=rows, one_inf=one_inf)
     if f64:
         parts.update(nan=nan, tri_inf=tri, col0_inf=col)
     kinds = [name for name, M in parts.items() for _ in M]
@@ -121,6 +124,9 @@ def _stack(rng, k, dtype):
     for i, kind in enumerate(kinds):
         if kind in ("nan", "tri_inf", "col0_inf"):
             rs[i], rl[i] = ns[i], nl[i]
+        if kind == "one_inf":  # det(F + t S) for t -> inf: +inf, the sign of the leading term
+            M = mats[i].astype(np.float64)
+            rs[i], rl[i] = np.linalg.slogdet(np.where(np.isinf(M), np.sign(M) * 1e30, M))[0], np.inf
     n = len(A)
     rs[kinds.index("scaled") :][:n], rl[kinds.index("scaled") :][:n] = (
         base_s,
