@@ -42,6 +42,7 @@ from ._deps import _second as _deps_second
 from ._divergence import _diagonal_colors
 
 METHODS = ("auto", "forward", "sparse", "hvp")
+GREEDY_MAX = 4096  # Hessian graphs up to this many inputs are coloured in NumPy
 PAIR_BUDGET = 1 << 15  # Hessian-pattern entries held while colouring for the HVP method (then: dense)
 SPARSE_MARGIN = 0.8  # the sparse sweep's gathers cost more than their element counts: it must win by this much
 
@@ -137,7 +138,7 @@ def _map(fn, seeds, chunk):
 def _hvp(p, kind: str, colors: np.ndarray, chunk, where: str):
     f = lambda x: p.flat(x)[0]  # noqa: E731
     x = p.x
-    scalar = p.m == 1
+    scalar = p.m == 1 and not jnp.issubdtype(p.out_dtype, jnp.complexfloating)  # reverse mode needs real outputs
 
     def directional(s):  # s^T H s per output: the JVP of a JVP
         return jax.jvp(lambda z: jax.jvp(f, (z,), (s,))[1], (x,), (s,))[1]
@@ -219,11 +220,28 @@ def _color_bound(pattern, n: int) -> int:
 
 
 def _hessian_colors(pattern, n: int) -> np.ndarray:
-    """A distance-1 colouring of the Hessian graph (inputs of one colour share no Hessian entry)."""
+    """A distance-1 colouring of the Hessian graph (inputs of one colour share no Hessian entry).
+
+    Small graphs are coloured greedily in NumPy, largest degree first: the colouring kernel
+    compiles a JAX program per size, seconds that a small problem's plan should not pay.
+    """
     if pattern is None:
         return np.arange(n)
     rows, cols = pattern
-    return _diagonal_colors(np.concatenate([rows, cols]), np.concatenate([cols, rows]), n)
+    if n > GREEDY_MAX:
+        return _diagonal_colors(np.concatenate([rows, cols]), np.concatenate([cols, rows]), n)
+    a = np.concatenate([rows, cols])
+    b = np.concatenate([cols, rows])
+    order = np.argsort(a, kind="stable")
+    a, b = a[order], b[order]
+    start = np.searchsorted(a, np.arange(n + 1))
+    colors = np.full(n, -1, np.int64)
+    for v in np.argsort(-(start[1:] - start[:-1]), kind="stable"):
+        taken = colors[b[start[v] : start[v + 1]]]
+        free = np.ones(taken.size + 1, bool)
+        free[taken[(taken >= 0) & (taken <= taken.size)]] = False
+        colors[v] = int(np.argmax(free))
+    return colors
 
 
 def _program(p, method: str, opts: dict, colors, meta: dict):
@@ -240,8 +258,10 @@ def _program(p, method: str, opts: dict, colors, meta: dict):
         meta["n_aux"] = len(aux)
         if not opts["with_grad"]:
             J = jnp.zeros((), y.dtype)  # a placeholder: outputs stay positional
-        elif J is None:  # the gradient by one reverse pass
-            J = jax.grad(lambda z: p.flat(z)[0][0])(x)[:, None]
+        elif J is None:  # the gradient by one reverse pass (forward for complex values, as jax.grad has none)
+            scalar = lambda z: p.flat(z)[0][0]  # noqa: E731
+            complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
+            J = (jax.jacfwd(scalar) if complex_out else jax.grad(scalar))(x)[:, None]
         return y, J, S, *aux
 
     return jax.make_jaxpr(run)(p.x)
