@@ -85,13 +85,12 @@ HESSIAN_CASES = {
     # dtype-dependent claims: abs/sign/max of complex and real values
     "abs_real": lambda x: jnp.sum(jnp.abs(x) * x),
     "abs_complex": lambda x: jnp.sum(jnp.abs(_z(x))),
-    "abs_complex_squared": lambda x: jnp.sum(jnp.abs(_z(x)) ** 2) + x[7] * x[6],
-    "sign_complex": lambda x: jnp.sum(jnp.real(jnp.sign(_z(x))) * x[:3] ** 2),
-    "real_imag_conj": lambda x: jnp.sum(jnp.real(_z(x) * jnp.conj(_z(x)[::-1])) + jnp.imag(_z(x) ** 2)),
+    "real_imag_conj_sign": lambda x: jnp.sum(jnp.real(_z(x) * jnp.conj(_z(x)[::-1])) + jnp.imag(_z(x) ** 2))
+    + jnp.sum(jnp.real(jnp.sign(_z(x))) * x[:3] ** 2),
     "complex_to_real_cast": lambda x: jnp.sum(lax.convert_element_type(jnp.exp(_z(x)), jnp.float64) * x[6]),
     "complex_div": lambda x: jnp.sum(jnp.real(1 / (_z(x) + 3))),
-    "max_min": lambda x: jnp.sum(jnp.maximum(x[:4], x[4:]) ** 2 + jnp.minimum(x[:4], 0.1) * x[4:]),
-    "clamp_rem": lambda x: jnp.sum(jnp.clip(x, -0.5, 0.5) * x[::-1] + lax.rem(x, 1.7) * x),
+    "max_min_clamp_rem": lambda x: jnp.sum(jnp.maximum(x[:4], x[4:]) ** 2 + jnp.minimum(x[:4], 0.1) * x[4:])
+    + jnp.sum(jnp.clip(x, -0.5, 0.5) * x[::-1] + lax.rem(x, 1.7) * x),
     # powers and products
     "integer_pow": lambda x: jnp.sum(x[:4] ** 3 + lax.integer_pow(x[4:], 1) * 2 + lax.integer_pow(x[4:], 0)),
     "pow_float": lambda x: jnp.sum((jnp.abs(x[:4]) + 1) ** 2.5 + (x[4:] ** 2 + 1) ** x[:4]),
@@ -102,24 +101,21 @@ HESSIAN_CASES = {
     "select_n": lambda x: jnp.sum(jnp.where(x[:4] > 0, x[:4] ** 2, x[4:] * x[:4])),
     "stop_gradient": lambda x: jnp.sum(lax.stop_gradient(x) * x**2 + jnp.floor(x) * x),
     # reductions, scans, sorts
-    "sort": lambda x: jnp.sum(jnp.sort(x)[:4] * x[4:]),
-    "sort_two_keys": lambda x: jnp.sum(lax.sort((jnp.round(x[:4]), x[4:] ** 2), num_keys=2)[1] * x[:4]),
+    "sort": lambda x: jnp.sum(jnp.sort(x)[:4] * x[4:])
+    + jnp.sum(lax.sort((jnp.round(x[:4]), x[4:] ** 2), num_keys=2)[1] * x[:4]),
     "top_k": lambda x: jnp.sum(lax.top_k(x, 3)[0] ** 2),
-    "cumprod": lambda x: jnp.sum(jnp.cumprod(x[:4])) + jnp.sum(lax.cumprod(x[4:], reverse=True)),
-    "cumsum_cummax_cumlogsumexp": lambda x: jnp.sum(
-        jnp.cumsum(x) ** 2 + lax.cummax(x, reverse=True) * x
-    ) + jnp.sum(lax.cumlogsumexp(x[:4], reverse=True) * x[4:]),
-    "reduce_prod": lambda x: jnp.prod(x[:3]) + jnp.prod(x[3:].reshape(1, 5), axis=1)[0],
-    "reduce_max": lambda x: jnp.max(x) ** 2 + jnp.max(x[:4] * x[4:]),
+    "cumulative": lambda x: jnp.sum(jnp.cumsum(x) ** 2 + lax.cummax(x, reverse=True) * x)
+    + jnp.sum(lax.cumlogsumexp(x[:4], reverse=True) * x[4:]) + jnp.sum(lax.cumprod(x[4:], reverse=True)),
+    "reduce_prod_max": lambda x: jnp.prod(x[:3]) + jnp.prod(x[3:].reshape(1, 5), axis=1)[0] + jnp.max(x) ** 2
+    + jnp.max(x[:4] * x[4:]),
     "argmax_gather": lambda x: x[jnp.argmax(x)] * x[0] + jnp.sum(x[jnp.argsort(x)][:2] ** 2),
     # bilinear
-    "dot_both_dependent": lambda x: x[:4] @ x[4:] + jnp.sum(x[:4].reshape(2, 2) @ x[4:].reshape(2, 2)),
+    "dot_both_dependent": lambda x: x[:4] @ x[4:] + jnp.sum(x[:4].reshape(2, 2) @ x[4:].reshape(2, 2)) + x @ x,
     "dot_batched": lambda x: jnp.sum(jnp.einsum("bi,bi->b", x[:4].reshape(2, 2), x[4:].reshape(2, 2)) ** 2),
-    "dot_self": lambda x: x @ x + jnp.sum(jnp.outer(x[:2], x[6:])),
     "conv_both_dependent": lambda x: jnp.sum(_conv1(x[None, None, :5], x[None, None, 5:])),
     # scatters
-    "scatter_set": lambda x: jnp.sum(x.at[jnp.array([0, 1])].set(x[2:4] ** 2) * x[::-1]),
-    "scatter_add": lambda x: jnp.sum(jnp.sin(x.at[jnp.array([0, 0, 5])].add(x[5:8]))),
+    "scatter_set_add": lambda x: jnp.sum(x.at[jnp.array([0, 1])].set(x[2:4] ** 2) * x[::-1])
+    + jnp.sum(jnp.sin(x.at[jnp.array([0, 0, 5])].add(x[5:8]))),
     "scatter_mul": lambda x: jnp.sum(x.at[jnp.array([0, 1])].mul(x[2:4], unique_indices=True)),
     "scatter_min_max": lambda x: jnp.sum(x.at[jnp.array([0, 1])].min(x[2:4]) * x + x.at[jnp.array([3])].max(x[7:])),
     "dynamic_update_slice": lambda x: jnp.sum(lax.dynamic_update_slice(x, x[:2] * x[6:], (3,)) * x[::-1]),
@@ -140,13 +136,10 @@ HESSIAN_CASES = {
     + jnp.sum(jax.scipy.special.erfinv(jnp.tanh(x[6:]) * 0.9)),
     "atan2_sqrt_complex": lambda x: jnp.sum(jnp.arctan2(x[:4], x[4:])) + jnp.sum(jnp.real(jnp.sqrt(_z(x) + 4))),
     "fft": lambda x: jnp.sum(jnp.abs(jnp.fft.fft(x[:4])) ** 2) + x[5] * x[6],
-    "reduce_precision": lambda x: jnp.sum(lax.reduce_precision(x**2, exponent_bits=11, mantissa_bits=52) * x),
     # linear algebra
     "cholesky_triangular_solve": lambda x: jnp.sum(
         jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(_spd(x)), x[5:8], lower=True) ** 2
     ),
-    "lu_det": lambda x: jnp.linalg.det(_spd(x)) + x[7] ** 2,
-    "qr": lambda x: jnp.sum(jnp.linalg.qr(_spd(x))[1] ** 2),
     "eigh": lambda x: jnp.sum(jnp.linalg.eigvalsh(_spd(x)) ** 3) + x[6] * x[7],
 }
 
@@ -188,7 +181,7 @@ def test_hessian_pattern_sound(name, rng):
 
 
 @pytest.mark.parametrize(
-    "name", ["abs_complex", "scatter_mul", "custom_jvp_detached", "dot_batched", "complex_div", "cumprod", "while"]
+    "name", ["abs_complex", "scatter_mul", "custom_jvp_detached"]
 )
 def test_sparse_hessian_equals_jax(name, rng):
     f = HESSIAN_CASES[name]
@@ -211,21 +204,20 @@ _KERNEL = np.array([1.0, 0.0, -2.0, 0.5, 0.0, 3.0]).reshape(2, 1, 3)  # O=2, I=1
 # name -> (function, input shape). Rules whose result depends on parameters or dtypes.
 JACOBIAN_CASES = {
     "reduce_precision": (lambda x: lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10) * x[::-1], (6,)),
-    "complex_to_real_cast": (lambda x: lax.convert_element_type(jnp.exp(_z(x)) * _z(x)[::-1], jnp.float64), (6,)),
-    "abs_sign_complex": (lambda x: jnp.abs(_z(x)) + jnp.real(jnp.sign(_z(x))) + jnp.imag(_z(x) ** 2), (6,)),
+    "complex": (lambda x: lax.convert_element_type(jnp.exp(_z(x)) * _z(x)[::-1], jnp.float64) + jnp.abs(_z(x))
+                + jnp.real(jnp.sign(_z(x))) + jnp.imag(_z(x) ** 2), (6,)),
     "cumulative_reverse": (
         lambda x: jnp.concatenate([
-            lax.cumsum(x, axis=0, reverse=True).ravel(), lax.cumprod(x, axis=1, reverse=True).ravel(),
-            lax.cummax(x, axis=0, reverse=True).ravel(), lax.cumlogsumexp(x, axis=1, reverse=True).ravel(),
-            lax.cummin(x, axis=1).ravel(),
+            lax.cumsum(x, axis=0, reverse=True).ravel(), lax.cummax(x, axis=1, reverse=True).ravel(),
         ]),
         (3, 4),
     ),  # fmt: skip
-    "argmax_index": (lambda x: x * x[jnp.argmax(x[:3])] + jnp.argmin(x).astype(jnp.float64), (6,)),
-    "reduce_max_axes": (lambda x: jnp.concatenate([jnp.max(x, axis=0), jnp.min(x, axis=1), jnp.prod(x, axis=0)]),
-                        (3, 4)),
+    "reduce_max_argmax": (
+        lambda x: jnp.concatenate([jnp.max(x, axis=0), jnp.min(x, axis=1), jnp.prod(x, axis=0),
+                                   x[0] * x.ravel()[jnp.argmax(x[1])] + jnp.argmin(x).astype(jnp.float64)]),
+        (3, 4),
+    ),
     "top_k_axis0": (lambda x: lax.top_k(x, 2, axis=0)[0], (4, 3)),
-    "top_k_last": (lambda x: lax.top_k(x, 2)[0], (3, 4)),
     "sort_num_keys": (lambda x: jnp.stack(lax.sort((jnp.round(x[0]), x[1], x[2] ** 2), num_keys=2)), (3, 5)),
     "optimization_barrier": (lambda x: jnp.concatenate(lax.optimization_barrier((x[:2] * 2, jnp.sin(x[2:])))), (5,)),
     "dot_batch_not_leading": (
@@ -233,7 +225,6 @@ JACOBIAN_CASES = {
                                   preferred_element_type=jnp.float64),
         (48,),
     ),
-    "dot_constant_zeros": (lambda x: jnp.asarray(np.triu(np.ones((4, 4)))) @ x.reshape(4, 2), (8,)),
     "conv_const_kernel_geometry": (
         lambda x: _conv(x.reshape(1, 1, 7), jnp.asarray(_KERNEL[:, :, :3]), window_strides=(2,),
                         padding=((2, 1),), lhs_dilation=(2,), rhs_dilation=(1,)),
@@ -274,6 +265,21 @@ JACOBIAN_CASES = {
     "clamp_rem_dependent": (lambda x: jnp.concatenate([lax.clamp(x[:3] - 1, x[3:6], x[6:] + 1), lax.rem(x[3:6], x[6:])]),
                             (9,)),
     "scatter_mul": (lambda x: x[:4].at[jnp.array([0, 2])].mul(x[4:], unique_indices=True), (6,)),
+    # windows (rules added for issue 21: were "everything" with a warning) and FFTs
+    "reduce_window_sum_dilated": (
+        lambda x: lax.reduce_window(x, 0.0, lax.add, (2, 2), (1, 2), ((1, 0), (0, 1)), base_dilation=(2, 1),
+                                    window_dilation=(1, 2)),
+        (4, 5),
+    ),
+    "avg_pool_nhwc": (lambda x: lax.reduce_window(x, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "SAME"), (1, 5, 5, 2)),
+    "max_pool_grad_and_jvp": (
+        lambda x: jnp.concatenate([
+            jax.grad(lambda y: jnp.sum(_max_pool(y) ** 2))(x).ravel(), jax.jvp(_max_pool, (x,), (jnp.sin(x),))[1].ravel()
+        ]),
+        (4, 5),
+    ),  # fmt: skip
+    "fft": (lambda x: jnp.concatenate([jnp.abs(jnp.fft.rfft(x)).ravel(), jnp.real(jnp.fft.fft2(x[:2])).ravel(),
+                                       jnp.fft.irfft(lax.complex(x[:, :2], x[:, 2:4]), n=3).ravel()]), (3, 5)),
 }
 
 
@@ -299,6 +305,32 @@ def test_jacobian_pattern_sound(name, rng):
     assert any(np.allclose(got, w, rtol=1e-10, atol=1e-12) for w in want), np.abs(got - J[1]).max()
 
 
+def _max_pool(x):
+    return lax.reduce_window(x, -jnp.inf, lax.max, (2, 2), (1, 2), ((1, 0), (0, 1)))
+
+
+def _variadic_reduce_window(x):
+    out = lax.reduce_window((x, x * 2), (0.0, 1.0), lambda a, b: (a[0] + b[0], a[1] * b[1]), (2, 2), (1, 1), "VALID")
+    return jnp.concatenate([o.ravel() for o in out])
+
+
+def _variadic_reduce(x):
+    return jnp.concatenate(lax.reduce((x, jnp.sin(x)), (0.0, 1.0), lambda a, b: (a[0] + b[0], a[1] * b[1]), (1,)))
+
+
+@pytest.mark.parametrize("f", [_variadic_reduce_window, _variadic_reduce], ids=["reduce_window", "reduce"])
+def test_generic_reductions_sound(f, rng):
+    # The reducer's jaxpr was walked as if it were a call on the whole operands: a crash.
+    x = randn(rng, (4, 5))
+    jvp = jax.jit(lambda t: jax.jvp(f, (x,), (t,))[1])  # jax.jacfwd (vmap) fails on a variadic reduce_window
+    J = np.stack([np.asarray(jvp(t)) for t in np.eye(20).reshape(20, 4, 5)], axis=-1)
+    pattern = np.asarray(jacobians.sparsity(f, x).to_dense()).reshape(J.shape)
+    assert not np.any((J != 0) & ~pattern)
+    assert pattern.sum() < pattern.size  # windows and rows, not everything
+    h = jacobians.hessian_sparsity(lambda x: jnp.sum(jnp.sin(f(x))), x)
+    assert h.nnz > 0
+
+
 def test_top_k_axis_pattern_is_per_column(rng):
     # top_k along axis 0 of a (4, 3) matrix: output (k, j) reads column j only.
     pattern = np.asarray(jacobians.sparsity(lambda x: lax.top_k(x, 2, axis=0)[0], randn(rng, (4, 3))).to_dense())
@@ -311,7 +343,8 @@ def test_top_k_axis_pattern_is_per_column(rng):
 # ------------------------------------------------------------------------------------------ determinants
 
 
-@pytest.mark.parametrize("k, dtype", [(3, jnp.float64), (3, jnp.float32), (40, jnp.float64)])
+# float32 underflow at every kernel regime: test_det's "scaled" stacks.
+@pytest.mark.parametrize("k, dtype", [(3, jnp.float64), (40, jnp.float64)])
 def test_log_abs_det_infinite_singular_underflowing(rng, k, dtype):
     # J = s A + c^2 P with P one-hot at (i, j): the entry's tangent (P t) c c is exactly 0 for t_j = 0, so an
     # overflowing c gives one infinite entry and no NaN (a product by an infinite constant would make 0 * inf).

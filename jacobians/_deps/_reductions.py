@@ -66,6 +66,39 @@ def along_axis(lat, eqn, ins):
     return outs
 
 
+def reduce_generic(lat, eqn, ins):
+    """The generic ``reduce`` (``lax.reduce`` with a computation; operands, then their initial values).
+
+    The computation may combine its operands in any way: every output reads
+    all operands along ``dimensions`` and every initial value. Example: two
+    operands [{0}, {1}] and [{2}, {3}] reduced over axis 0 -> [{0, 1, 2, 3}]
+    for both outputs. Reads ``dimensions``.
+    """
+    n_out = len(eqn.outvars)
+    shape = tuple(eqn.outvars[0].aval.shape)
+    axes = tuple(eqn.params["dimensions"])
+    parts = [_collapse(d, axes, lat.n).with_shape(shape) for d in ins[:n_out] if d.nnz]
+    parts += [broadcast_to(d, shape) for d in ins[n_out:] if d.nnz]
+    out = union(parts, shape, lat.n)
+    return [out.with_shape(shape) for _ in eqn.outvars]
+
+
+def fft(lat, eqn, ins):
+    """``fft``: each output reads every input of its line (the transformed trailing axes).
+
+    Example: a length-3 ``fft`` of sets [{0}, {1}, {2}] -> [{0, 1, 2}] * 3; a
+    batch axis in front keeps its lines apart. Reads ``fft_lengths`` (how many
+    trailing axes are transformed; ``rfft`` / ``irfft`` change the last length).
+    """
+    d = ins[0]
+    k = len(eqn.params["fft_lengths"])
+    lines = _collapse(d, tuple(range(len(d.shape) - k, len(d.shape))), lat.n)
+    shape = tuple(eqn.outvars[0].aval.shape)
+    return [broadcast_to(lines.with_shape(lines.shape + (1,) * k), shape)]
+
+
 RULES = {name: reduce for name in REDUCTIONS}
+RULES["reduce"] = reduce_generic
+RULES["fft"] = fft
 RULES.update({name: cumulative for name in CUMULATIVE})
 RULES.update({"sort": along_axis, "top_k": along_axis})

@@ -44,13 +44,14 @@ from ._sets import Deps, TooDense, broadcast_to, concat, cross, empty, gather, i
 LINEAR = set(_movement.MOVES) | {
     "scatter", "scatter-add", "scatter_add", "scatter-sub", "scatter_sub", "add", "add_any", "sub", "neg",
     "convert_element_type", "reduce_precision", "copy", "copy_p", "real", "imag", "complex", "conj", "reduce_sum",
-    "cumsum", "select_n", "optimization_barrier", "transpose", "stop_gradient", "fft",
+    "cumsum", "select_n", "optimization_barrier", "transpose", "stop_gradient", "fft", "reduce_window_sum",
 }  # fmt: skip
 # Piecewise linear (or of zero derivative). ``abs`` only on real operands: :meth:`HessianLattice.second_order`
 # checks the dtype first (other lattices reading this set must too).
 PIECEWISE_LINEAR = {
     "abs", "max", "min", "clamp", "rem", "sort", "top_k", "reduce_max", "reduce_min", "cummax", "cummin", "argmax",
-    "argmin", "scatter-min", "scatter_min", "scatter-max", "scatter_max",
+    "argmin", "scatter-min", "scatter_min", "scatter-max", "scatter_max", "reduce_window_max", "reduce_window_min",
+    "select_and_gather_add", "select_and_scatter_add",  # linear in their first operand, the second only selects
 } | set(_elementwise.ZERO)  # fmt: skip
 SCATTER_MUL = ("scatter-mul", "scatter_mul")
 STORE_MAX = 1 << 25  # stored pair keys before the graph is given up (every pair then counts)
