@@ -335,6 +335,8 @@ def _reduction():
                (3, 4))
     yield Conf("reduce_max", "", "logsumexp axis 1", lambda x: jax.nn.logsumexp(x, axis=1), (3, 4))
     yield Conf("reduce_sum", "", "var axis 0", lambda x: jnp.var(jnp.sin(x), axis=0), (3, 4))
+    yield Conf("reduce", "", "variadic (sum, product) over axis 1", lambda x: jnp.concatenate(
+        lax.reduce((x, jnp.sin(x)), (0.0, 1.0), lambda a, b: (a[0] + b[0], a[1] * b[1]), (1,))), (3, 4))
 
 
 @_family("cumulative")
@@ -362,6 +364,15 @@ def _window():
                 jnp.sin(x), i, o, d, s, pd, base_dilation=b, window_dilation=w), shape)
     yield Conf("reduce_window_sum", "", "avg_pool NHWC 2x2", lambda x: lax.reduce_window(
         jnp.sin(x), 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0, (2, 4, 4, 1))
+
+    def max_pool(y):
+        return lax.reduce_window(y, -jnp.inf, lax.max, (2, 2), (1, 2), ((1, 0), (0, 1)))
+
+    # Max pooling's own JVP and VJP primitives (the operand only selects).
+    yield Conf("select_and_gather_add", "", "jvp of max pool (2,2) strides (1,2) padded",
+               lambda x: jax.jvp(max_pool, (jnp.sin(x),), (jnp.cos(x),))[1], (4, 5))
+    yield Conf("select_and_scatter_add", "", "grad of max pool (2,2) strides (1,2) padded",
+               lambda x: jax.grad(lambda y: jnp.sum(max_pool(y) ** 2))(jnp.sin(x)), (4, 5))
 
 
 # --- movement -----------------------------------------------------------------------------------
@@ -1106,6 +1117,8 @@ def _check_jacobian(case, ctx, make, needs: str | None = None) -> Outcome:
     except Exception as e:  # noqa: BLE001 - a crash is a defect, recorded
         if needs is not None and not _jacobian_dir_ok(case, needs):
             return Outcome("n/a", f"JAX cannot differentiate it in mode {needs}: {type(e).__name__}")
+        if needs is not None and np.iscomplexobj(want) and isinstance(e, TypeError) and "method='dense'" in str(e):
+            return Outcome("n/a", f"documented refusal of complex outputs: {str(e)[:120]}")
         return Outcome("crash", f"{type(e).__name__}: {str(e)[:300]}")
     return _compare(got, want, case.tol)
 

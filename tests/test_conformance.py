@@ -33,7 +33,12 @@ FULL = os.environ.get("JACOBIANS_CONFORMANCE", "") == "full"
 
 # Failures found by this suite whose fixes belong to the rules' owners: each flips (and the strict
 # xfail fails) when fixed. Keyed by (case name, analysis).
-KNOWN: dict[tuple[str, str], str] = {}
+_REDUCER = ("the walker (_walker._sub_jaxpr) treats the generic reduce's reducer jaxpr as a call on the whole "
+            "operands; sparsity and Hessian rules now exist, the structured sweeps have none")
+KNOWN: dict[tuple[str, str], str] = {
+    ("reduce[variadic (sum, product) over axis 1]", "structured_fwd"): _REDUCER,
+    ("reduce[variadic (sum, product) over axis 1]", "structured_rev"): _REDUCER,
+}
 
 
 def _pairs():
@@ -75,7 +80,8 @@ def test_sample_covers_every_family():
     untested = {"add_any", "and", "or", "xor", "not", "eq", "ne", "lt", "le", "gt", "ge", "copy_p", "zeta",
                 "random_gamma_grad", "igamma_grad_a", "nextafter", "geqp3", "geqrf", "householder_product",
                 "hessenberg", "schur", "tridiagonal", "custom_vjp_call_jaxpr", "scatter_add", "scatter_sub",
-                "scatter_mul", "scatter_min", "scatter_max", "unstack"}
+                "scatter_mul", "scatter_min", "scatter_max", "unstack",
+                "reduce_window"}  # the generic one: JAX cannot jacfwd/jacrev it (test_second_trust walks JVPs)
     missing = set(RULES) - covered - untested
     assert not missing, f"primitives with a rule but no conformance case: {sorted(missing)}"
 
