@@ -199,6 +199,7 @@ def _conv(lhs, rhs, **kw):
     return lax.conv_general_dilated(lhs, rhs, **kw)
 
 
+_ONE_DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 _KERNEL = np.array([1.0, 0.0, -2.0, 0.5, 0.0, 3.0]).reshape(2, 1, 3)  # O=2, I=1, K=3, with zeros
 
 # name -> (function, input shape). Rules whose result depends on parameters or dtypes.
@@ -265,6 +266,11 @@ JACOBIAN_CASES = {
     "clamp_rem_dependent": (lambda x: jnp.concatenate([lax.clamp(x[:3] - 1, x[3:6], x[6:] + 1), lax.rem(x[3:6], x[6:])]),
                             (9,)),
     "scatter_mul": (lambda x: x[:4].at[jnp.array([0, 2])].mul(x[4:], unique_indices=True), (6,)),
+    "placement_identities": (
+        lambda x: jnp.concatenate([jax.lax.with_sharding_constraint(jnp.sin(x), _ONE_DEVICE),
+                                   jax.device_put(x * 2, _ONE_DEVICE), *jax.device_put((x[:2], jnp.cos(x)))]),
+        (4,),
+    ),
     # windows (rules added for issue 21: were "everything" with a warning) and FFTs
     "reduce_window_sum_dilated": (
         lambda x: lax.reduce_window(x, 0.0, lax.add, (2, 2), (1, 2), ((1, 0), (0, 1)), base_dilation=(2, 1),
@@ -329,6 +335,17 @@ def test_generic_reductions_sound(f, rng):
     assert pattern.sum() < pattern.size  # windows and rows, not everything
     h = jacobians.hessian_sparsity(lambda x: jnp.sum(jnp.sin(f(x))), x)
     assert h.nnz > 0
+
+
+@pytest.mark.parametrize("name", ["placement_identities", "linalg_batched", "reduce_window_sum_dilated", "avg_pool_nhwc"])
+def test_pattern_exact(name, rng):
+    # Identities keep each element's own set; batched singular values and eigenvalues read their own matrix
+    # only; a window sum reads its window (with dilations and padding).
+    f, shape = JACOBIAN_CASES[name]
+    x = randn(rng, shape)
+    pattern = np.asarray(jacobians.sparsity(f, x).to_dense())
+    nz = np.asarray(_jax_jacobians(name)(x[None])[0] != 0)
+    np.testing.assert_array_equal(pattern, nz.reshape(pattern.shape))
 
 
 def test_top_k_axis_pattern_is_per_column(rng):

@@ -75,8 +75,12 @@ def pow_(lat, eqn, ins):
     return [union(parts, shape, lat.n)]
 
 
+# Identities on values (placement, sharding, scheduling): each result is its own operand.
+IDENTITIES = ("optimization_barrier", "sharding_constraint", "device_put", "mesh_cast", "reshard")
+
+
 def identity_each(lat, eqn, ins):
-    """``optimization_barrier((a, b, ...))``: each result is its own operand.
+    """``optimization_barrier((a, b, ...))``, ``device_put``, sharding constraints: each result is its own operand.
 
     Example: sets [{0}] and [{1}, {2}] -> [{0}] and [{1}, {2}]. Reads no parameters.
     """
@@ -102,5 +106,5 @@ def select_n(lat, eqn, ins):
 
 RULES = {name: elementwise for name in NAMES}
 RULES.update({name: zero for name in ZERO})
-RULES.update({"mul": mul, "integer_pow": integer_pow, "pow": pow_, "select_n": select_n,
-              "optimization_barrier": identity_each})
+RULES.update({"mul": mul, "integer_pow": integer_pow, "pow": pow_, "select_n": select_n})
+RULES.update({name: identity_each for name in IDENTITIES})

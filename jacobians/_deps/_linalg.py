@@ -108,14 +108,16 @@ def _dot_part(lat, dep, other, idx, other_idx, is_lhs, bmkn, shape):
 def batched_dense(lat, eqn, ins):
     """Factorisations and solves: every output of matrix ``b`` depends on all of matrix ``b``'s inputs.
 
-    The batch dimensions are the leading ``out.ndim - 2`` of the first
-    output (``- 1`` for vector outputs such as eigenvalues) and must lead every
-    operand; otherwise everything reaches everything. Example: ``cholesky``
+    The batch dimensions are those of the first operand's matrices (of its
+    vectors for ``tridiagonal_solve``) and must lead every operand and result
+    (singular values, eigenvalues and pivots included); otherwise everything
+    reaches everything. Example: ``cholesky``
     of a (2, 3, 3) stack: each output of matrix 0 depends on all nine inputs
     of matrix 0 and on none of matrix 1. Reads no parameters.
     """
-    ref = max((v.aval for v in eqn.outvars), key=lambda a: len(a.shape))
-    batch = tuple(ref.shape[: max(len(ref.shape) - 2, 0)])
+    # The first operand is the (batch of) matrices; tridiagonal_solve's first operand is a diagonal.
+    first = eqn.invars[0].aval.shape
+    batch = tuple(first[: max(len(first) - (1 if eqn.primitive.name == "tridiagonal_solve" else 2), 0)])
     nb = len(batch)
     parts = []
     for d in ins:

@@ -41,7 +41,7 @@ import numpy as np
 from . import DepsLattice, _custom, _elementwise, _linalg, _movement
 from ._sets import Deps, TooDense, broadcast_to, concat, cross, empty, gather, identity, mask, reduce_to, union, unique
 
-LINEAR = set(_movement.MOVES) | {
+LINEAR = set(_movement.MOVES) | set(_elementwise.IDENTITIES) | {
     "scatter", "scatter-add", "scatter_add", "scatter-sub", "scatter_sub", "add", "add_any", "sub", "neg",
     "convert_element_type", "reduce_precision", "copy", "copy_p", "real", "imag", "complex", "conj", "reduce_sum",
     "cumsum", "select_n", "optimization_barrier", "transpose", "stop_gradient", "fft", "reduce_window_sum",
