@@ -23,8 +23,10 @@ Methods (``method=``):
   Hessian diagonal one HVP per colour (forward over reverse). A dense
   Hessian needs ``n``.
 - ``"auto"``: the cheapest by the planner's cost model
-  (:func:`jacobians._planner.pass_cost` of each candidate's program, traced
-  not run); ``f.plan(*args)`` shows the candidates and the choice.
+  (:func:`jacobians._planner.pass_cost` of each sweep's program, traced not
+  run; the HVP method at ``HVP_PASSES`` evaluations of ``fun`` per colour,
+  bounded by the Hessian pattern's largest degree plus one); ``f.plan(*args)``
+  shows the candidates and the choice.
 """
 
 import functools
@@ -40,10 +42,13 @@ import numpy as np
 from . import _args, _compat, _deps, _planner, _taylor
 from ._deps import _second as _deps_second
 from ._divergence import _diagonal_colors
+from ._walker import has_custom_vjp
 
 METHODS = ("auto", "forward", "sparse", "hvp")
 GREEDY_MAX = 4096  # Hessian graphs up to this many inputs are coloured in NumPy
 PAIR_BUDGET = 1 << 15  # Hessian-pattern entries held while colouring for the HVP method (then: dense)
+HVP_PASSES = 3  # a second directional derivative costs about three evaluations (value, first and second order)
+SPARSE_CLEAR = 0.3  # the sparse sweep's mean columns below this fraction of n: no need to trace the dense one
 SPARSE_MARGIN = 0.8  # the sparse sweep's gathers cost more than their element counts: it must win by this much
 
 
@@ -268,33 +273,41 @@ def _program(p, method: str, opts: dict, colors, meta: dict):
 
 
 def _choose(p, opts: dict) -> tuple[LaplacianPlan, dict]:
-    """The plan for one call structure, and the programs traced while making it (reusable in this trace)."""
+    """The plan for one call structure, and the programs traced while making it (reusable in this trace).
+
+    ``"auto"`` traces the sparse sweep (its layouts are the analysis), the dense sweep only where the
+    sparse one is not clearly cheaper, and costs the HVP method from the function's own program
+    (``HVP_PASSES`` evaluations per colour) only where it could win.
+    """
     n, m = p.n, p.m
     method, chunk = opts["method"], opts["chunk_size"]
-    programs, costs, notes = {}, {}, []
-    stats = {}
-    colors = None
-    if method in ("auto", "forward"):
+    programs, costs, notes, stats = {}, {}, [], {}
+    colors = pattern = None
+
+    def trace(name):
         meta = {}
-        programs["forward"] = (_program(p, "forward", opts, None, meta), meta)
-        costs["forward"] = _planner.pass_cost(programs["forward"][0])
-    if method in ("auto", "sparse") and chunk is None:
-        meta = {}
-        programs["sparse"] = (_program(p, "sparse", opts, None, meta), meta)
-        stats = meta
-        if method == "sparse" or meta["columns"] < n:
-            costs["sparse"] = _planner.pass_cost(programs["sparse"][0])
-        else:
-            notes.append("no sparsity to exploit (every intermediate depends on all inputs)")
-    pattern = None
-    if method in ("auto", "hvp"):
+        programs[name] = (_program(p, name, opts, None, meta), meta)
+        costs[name] = _planner.pass_cost(programs[name][0])
+        return meta
+
+    if method == "sparse" or (method == "auto" and chunk is None):
+        stats = trace("sparse")
+        if method == "auto" and stats["columns"] <= SPARSE_CLEAR * n:
+            notes.append(f"the dense sweep not traced ({stats['columns']:.3g} columns per entry of {n})")
+        elif method == "auto":
+            trace("forward")
+    if method == "forward" or (method == "auto" and chunk is not None):
+        trace("forward")
+    if method == "hvp":
         pattern = _hessian_pattern(p, opts["kind"])
-        if method == "auto":
-            try:
-                one = _program(p, "hvp", dict(opts, chunk_size=None), np.zeros(n, np.int64), {})
-                costs["hvp"] = _color_bound(pattern, n) * _planner.pass_cost(one)
-            except TypeError as e:  # not differentiable this way (a custom_vjp): no candidate, say why
-                notes.append(f"hvp not possible ({str(e).splitlines()[0]})")
+    elif method == "auto":
+        closed = jax.make_jaxpr(lambda x: p.flat(x)[0])(p.x)
+        one = HVP_PASSES * _planner.pass_cost(closed)
+        if has_custom_vjp(closed) and (m != 1 or jnp.issubdtype(p.out_dtype, jnp.complexfloating)):
+            notes.append("hvp not possible (a custom_vjp forbids the JVPs of JVPs an array output needs)")
+        elif min(costs.values()) > 2 * one:  # else not even two colours could win
+            pattern = _hessian_pattern(p, opts["kind"])
+            costs["hvp"] = _color_bound(pattern, n) * one
     if method == "auto":
         best = min(costs, key=costs.get)
         if best == "sparse" and "forward" in costs and costs["sparse"] > SPARSE_MARGIN * costs["forward"]:

@@ -19,11 +19,27 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from . import _block as bk
+from . import _layout
 from ._generic import generic
 
 
 def _tril(x):
     return jnp.tril(x, -1)
+
+
+def _matrix_layout(lat, a, shape):
+    """Each matrix's columns: the union of its entries' layouts (per matrix, and spread over its entries).
+
+    Every rule here works column by column on whole matrices, so one layout per matrix serves all
+    of its entries. Returns ``(per matrix, per entry)``; ``None``: dense.
+    """
+    if not lat.sparse or a.idx is None:
+        return None, None
+    nd = len(shape)
+    union = _layout.reduce(a.idx, (nd - 2, nd - 1), lat.n)
+    if union is None:
+        return None, None
+    return union, _layout.expand(union, shape[:-2], (nd - 2, nd - 1), shape)
 
 
 def lu(lat, eqn, ins):
@@ -60,11 +76,11 @@ def lu(lat, eqn, ins):
         Y = -(xl @ X) - X @ xu
         return dL @ xl + L @ _tril(Y) + jnp.triu(Y) @ U + xu @ dU
 
-    j, s = bk.cast(bk.relayout(lat, a, shape, None), A.dtype)
+    union, dst = _matrix_layout(lat, a, shape)
+    j, s = bk.cast(bk.relayout(lat, a, shape, dst), A.dtype)
     sq = jax.vmap(second)(j)
     t = (jax.vmap(first)(j), jax.vmap(first)(s) + (jnp.sum(sq, axis=0, keepdims=True) if lat.kind == "trace" else sq))
-    layouts = lat.deps_layout(eqn, ins) if lat.sparse else [None] * len(eqn.outvars)
-    return [(bk.compress(lat, t, shape, layouts[0]), layouts[0])] + [(None, None)] * (len(eqn.outvars) - 1)
+    return [(t, dst)] + [(None, None)] * (len(eqn.outvars) - 1)
 
 
 def slogdet(lat, eqn, ins):
@@ -90,12 +106,11 @@ def slogdet(lat, eqn, ins):
         b = inv @ c
         return -jnp.sum(b * jnp.swapaxes(b, -1, -2), axis=(-2, -1))
 
-    j, s = bk.cast(bk.relayout(lat, a, shape, None), A.dtype)
+    union, dst = _matrix_layout(lat, a, shape)
+    j, s = bk.cast(bk.relayout(lat, a, shape, dst), A.dtype)
     sq = jax.vmap(second)(j)
     t = (jax.vmap(first)(j), jax.vmap(first)(s) + (jnp.sum(sq, axis=0, keepdims=True) if lat.kind == "trace" else sq))
-    t = bk.cast(t, dtype)
-    layouts = lat.deps_layout(eqn, ins) if lat.sparse else [None, None]
-    return [(None, None), (bk.compress(lat, t, outs[1].aval.shape, layouts[1]), layouts[1])]
+    return [(None, None), (bk.cast(t, dtype), union)]
 
 
 RULES = {"lu": lu}
