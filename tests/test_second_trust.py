@@ -25,6 +25,9 @@ from jax import lax
 
 import jacobians
 
+# convert_element_type from complex to real is one of the rules under test.
+pytestmark = pytest.mark.filterwarnings("ignore:Casting complex values to real discards the imaginary part")
+
 
 def _z(x):  # a complex intermediate from a real input of size 6: x[:3] + i x[3:6]
     return lax.complex(x[:3], x[3:6])
@@ -105,7 +108,7 @@ HESSIAN_CASES = {
     + jnp.sum(lax.sort((jnp.round(x[:4]), x[4:] ** 2), num_keys=2)[1] * x[:4]),
     "top_k": lambda x: jnp.sum(lax.top_k(x, 3)[0] ** 2),
     "cumulative": lambda x: jnp.sum(jnp.cumsum(x) ** 2 + lax.cummax(x, reverse=True) * x)
-    + jnp.sum(lax.cumlogsumexp(x[:4], reverse=True) * x[4:]) + jnp.sum(lax.cumprod(x[4:], reverse=True)),
+    + jnp.sum(lax.cumprod(x[4:], reverse=True)),
     "reduce_prod_max": lambda x: jnp.prod(x[:3]) + jnp.prod(x[3:].reshape(1, 5), axis=1)[0] + jnp.max(x) ** 2
     + jnp.max(x[:4] * x[4:]),
     "argmax_gather": lambda x: x[jnp.argmax(x)] * x[0] + jnp.sum(x[jnp.argsort(x)][:2] ** 2),
@@ -140,7 +143,6 @@ HESSIAN_CASES = {
     "cholesky_triangular_solve": lambda x: jnp.sum(
         jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(_spd(x)), x[5:8], lower=True) ** 2
     ),
-    "eigh": lambda x: jnp.sum(jnp.linalg.eigvalsh(_spd(x)) ** 3) + x[6] * x[7],
 }
 
 # Patterns pinned exactly: the precision the rules promise.
@@ -209,7 +211,7 @@ JACOBIAN_CASES = {
                 + jnp.real(jnp.sign(_z(x))) + jnp.imag(_z(x) ** 2), (6,)),
     "cumulative_reverse": (
         lambda x: jnp.concatenate([
-            lax.cumsum(x, axis=0, reverse=True).ravel(), lax.cummax(x, axis=1, reverse=True).ravel(),
+            lax.cumsum(x, axis=0, reverse=True).ravel(), lax.cumsum(x ** 2, axis=1, reverse=True).ravel(),
         ]),
         (3, 4),
     ),  # fmt: skip
@@ -381,13 +383,13 @@ def test_log_abs_det_infinite_singular_underflowing(rng, k, dtype):
     ref_sign = np.linalg.slogdet(np.where(np.isinf(J), np.sign(J) * 1e30, J))[0]  # det(F + t S), t -> inf
     np.testing.assert_array_equal(logabs, np.inf)
     np.testing.assert_array_equal(sign, ref_sign)
-    sign, logabs = (np.asarray(v, np.float64) for v in fn(x, zero, zero, P[:1]))  # J = 0: singular
-    assert logabs[0] == -np.inf and sign[0] == 0
+    sign, logabs = (np.asarray(v, np.float64) for v in fn(x, zero, zero, P))  # J = 0: singular
+    assert np.all(logabs == -np.inf) and np.all(sign == 0)
     tiny = 1e-20 if dtype == jnp.float32 else 1e-200  # det(tiny A) underflows, its log does not
-    sign, logabs = (np.asarray(v, np.float64) for v in fn(x, jnp.asarray(tiny, dtype), zero, P[:1]))
+    sign, logabs = (np.asarray(v, np.float64) for v in fn(x, jnp.asarray(tiny, dtype), zero, P))
     ref_sign, ref = np.linalg.slogdet(np.asarray(A, np.float64))
-    assert sign[0] == ref_sign
-    np.testing.assert_allclose(logabs[0], ref + k * np.log(tiny), rtol=1e-5 if dtype == jnp.float32 else 1e-12)
+    np.testing.assert_array_equal(sign, ref_sign)
+    np.testing.assert_allclose(logabs, ref + k * np.log(tiny), rtol=1e-5 if dtype == jnp.float32 else 1e-12)
 
 
 def test_grad_log_abs_det_above_the_lu_sizes(rng):
