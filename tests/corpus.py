@@ -125,6 +125,14 @@ def scan_over_layers(x):
     return lax.scan(lambda h, W: (jnp.tanh(W @ h) + h, None), x, Ws)[0]
 
 
+@program(lambda rng: (jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),), square=True, batch="independent",
+         tol=2e-5)
+def float32_mlp(X):
+    """Model code runs in float32: a per-example residual MLP with float32 weights."""
+    w1, w2 = W1.astype(jnp.float32), W2.astype(jnp.float32)
+    return X + jnp.tanh(jax.nn.relu(X @ w1.T + B1.astype(jnp.float32)[None]) @ w2.T)
+
+
 # --- nested transforms -------------------------------------------------------------------------
 
 

@@ -50,6 +50,7 @@ SAMPLE = {
     "heat_equation_stencil": "divergence", "curve_fit_residuals": "gauss_newton_diagonal",
     "softmax_cross_entropy": "hessian", "flax_loss": "jacobian", "embedding_lookup": "sparse_jacobian",
     "dropout_inside_jit": "jacobian", "cnn_params": "gauss_newton_materialise", "jacfwd_inside": "jacobian",
+    "float32_mlp": "batch_jacobian",
 }
 
 
