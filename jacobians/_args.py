@@ -47,16 +47,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from . import _compat
+
 MODES = ("fwd", "rev", "auto")
 ORDERS = ("C", "F")
 CACHE_MAX = 64  # compiled functions kept per transformation
 RECOMPILE_WARN = 8  # distinct static values of one call structure before we warn
 
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
-try:  # the concrete jax.Array type, checked by identity (cheaper than isinstance)
-    from jax._src.array import ArrayImpl as _ARRAY_IMPL
-except ImportError:  # pragma: no cover - a JAX without it: every call takes the general path
-    _ARRAY_IMPL = None
+_ARRAY_IMPL = _compat.ARRAY_IMPL  # the concrete jax.Array type, checked by identity (None: general path)
 TRACED_TYPES = ARRAY_TYPES + (jax.ShapeDtypeStruct,)  # leaves passed to the compiled function
 _FAST_TYPES = (_ARRAY_IMPL, float, complex)  # argument types of the split-free call (ints: range-checked)
 _TRACER_ERRORS = (
@@ -621,15 +620,9 @@ def cast(x: jax.Array, dtype, weak: bool = False) -> jax.Array:
     """``x`` in ``dtype``; weakly typed (as JAX's own derivatives of Python scalars are) when ``weak``."""
     if x.dtype == dtype and _weak(x) == weak:
         return x
-    if weak and _convert_weak is not None:
-        return _convert_weak(x, dtype, weak_type=True)
+    if weak:
+        return _compat.convert_weak(x, dtype)
     return x.astype(dtype)
-
-
-try:  # JAX has no public way to make a weakly typed array from a traced one
-    from jax._src.lax.lax import _convert_element_type as _convert_weak
-except ImportError:  # pragma: no cover
-    _convert_weak = None
 
 
 @dataclass
