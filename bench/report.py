@@ -265,10 +265,10 @@ SUMMARY_COLUMNS = [  # (title, width, align): 99 columns
     ("jacobians", 9, ">"),
     ("best raw JAX (x)", 16, "<"),
     ("torch", 7, ">"),
-    ("best peer (x)", 14, "<"),
+    ("best peer (x)", 13, "<"),
     ("closed", 6, ">"),
     ("1st", 5, ">"),
-    ("plan", 10, "<"),
+    ("plan", 7, "<"),
 ]
 
 
