@@ -264,8 +264,10 @@ def jacobian(
     Args:
       fun: the function to differentiate. Its differentiated arguments must be
         (pytrees of) real floating-point arrays, complex with ``holomorphic``.
-        Other arguments may be arrays or hashable values (strings, enums,
-        Python numbers; these are compiled in as constants).
+        Other arguments may be arrays or hashable values: Python ints, floats
+        and complex numbers are traced (weakly typed, as ``jax.jit`` does) unless
+        ``fun`` needs them as Python values; bools, strings and enums are
+        compiled in as constants.
       argnums: an int or tuple of ints: which positional arguments to
         differentiate. A tuple gives a tuple of Jacobians per output leaf.
       mode: the direction: ``"fwd"`` (from the inputs), ``"rev"`` (from the
