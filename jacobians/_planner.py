@@ -22,7 +22,7 @@ certificate gives the dense plan instead (see :mod:`._trust`).
 import math
 from dataclasses import dataclass, field
 
-from . import _compat, _deps, _trust
+from . import _compat, _deps, _structured, _trust
 from ._walker import primitives
 
 PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
@@ -120,12 +120,18 @@ def choose(closed, n: int, m: int, detect, color, structured=None, only_structur
     forced = _forced(closed)
     costs = dict(plan.costs)
     notes = []
+    # A sweep is traced only while it can still win: its dense values may not outgrow the margin
+    # times the best other candidate (every materialised entry costs at least one element operation).
+    limit = STRUCTURED_MARGIN * min(costs.values()) if costs and not only_structured else None
     for sweep in ("fwd", "rev"):
         if forced not in (None, sweep):
             continue
         if not only_structured:  # on the default path a sweep that cannot trace is a defect: reported
-            with _trust.stage(f"structured {sweep} sweep"):
-                costs[f"structured {sweep}"] = pass_cost(structured(sweep))
+            try:
+                with _structured.budget(limit), _trust.stage(f"structured {sweep} sweep", (_structured.OverBudget,)):
+                    costs[f"structured {sweep}"] = pass_cost(structured(sweep))
+            except _structured.OverBudget:
+                notes.append(f"structured {sweep} stopped: over the best other candidate's cost")
             continue
         try:
             costs[f"structured {sweep}"] = pass_cost(structured(sweep))

@@ -35,6 +35,8 @@ equations that touch the input (a tape; nested jaxprs are inlined by the
 walker), then accumulates adjoints over the tape backwards.
 """
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -237,6 +239,48 @@ def _dot_axes(eqn, k: int):
     return [d for d in range(a_nd) if d not in ac], ac, [d for d in range(b_nd) if d not in bc], bc
 
 
+class OverBudget(Exception):  # noqa: N818 - a signal to the planner, not an error
+    """The sweep would materialise more entries than the planner's budget: it cannot win."""
+
+
+# Entries of dense Jacobians (or adjoints) a sweep may still materialise while the planner traces it
+# for its cost model; ``None``: unbounded (a sweep the caller asked for, or the one that runs).
+_BUDGET: contextvars.ContextVar = contextvars.ContextVar("jacobians_structured_budget", default=None)
+
+
+@contextlib.contextmanager
+def budget(entries: float | None):
+    """Trace sweeps that raise :class:`OverBudget` once their dense values exceed ``entries`` in all.
+
+    Every entry of a dense intermediate Jacobian is at least one element operation of the
+    generated program (the planner's unit), so a sweep over budget cannot beat the candidate
+    that set it; stopping early keeps planning cheap (a 670k-parameter MLP's forward sweep
+    would otherwise build index tables of 512 x 670k entries on the host just to be costed).
+    """
+    token = _BUDGET.set(None if entries is None else [float(entries)])
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
+def _charge(entries: float, spend: bool = True) -> None:
+    """Count ``entries`` against the budget (``spend=False``: only check that they would fit)."""
+    left = _BUDGET.get()
+    if left is None:
+        return
+    if entries > left[0]:
+        raise OverBudget(f"a structured sweep would materialise over {left[0]:.3g} more entries")
+    if spend:
+        left[0] -= entries
+
+
+def _charge_dense(values) -> None:
+    for a in values:
+        if st.kind(a) == "dense" and hasattr(a, "size"):
+            _charge(a.size)
+
+
 def _row_inverse(idx: np.ndarray, other: int) -> np.ndarray | None:
     """``inv[r, c] = j`` where ``idx[r, j] == c`` (``-1``: none); ``None`` if a row repeats a ``c``."""
     r, j = np.nonzero(idx >= 0)
@@ -275,6 +319,7 @@ def _fw_dot_free(lat, eqn, k: int, ins):
     b_shape, a_shape = eqn.invars[k].aval.shape, eqn.invars[1 - k].aval.shape
     FB, K = math.prod(b_shape[d] for d in bf), math.prod(b_shape[d] for d in bc)
     FA = math.prod(a_shape[d] for d in af)
+    _charge(FB * lat.n + FA * FB * lat.n, spend=False)  # the host table and the dense term
     inv = _row_inverse(np.transpose(j.idx, bf + bc).reshape(FB, K), lat.n)
     if inv is None:
         return None
@@ -306,6 +351,7 @@ def _rv_dot_free(lat, eqn, k: int, ins, g: st.Sel):
     # The output's selection, rows = free positions of b: (FB, FA).
     idx = g.idx.reshape((FA, FB) if k == 1 else (FB, FA))
     idx = idx.T if k == 1 else idx
+    _charge(FB * lat.n + lat.n * FB * K, spend=False)  # the host table and the dense adjoint
     inv = _row_inverse(idx, lat.n)
     if inv is None:
         return None
@@ -371,6 +417,7 @@ class _Forward(Lattice):
         for o, v in zip(outs, eqn.outvars, strict=True):
             if not _inexact(v.aval):
                 o.jac = None
+        _charge_dense(o.jac for o in outs)
         return outs
 
     def check(self, v, aval):
@@ -728,6 +775,7 @@ def _backward(lat: _Tape, y: SV, x: SV, seed: st.Sel):
         if len(gs) > 1 and family not in ("select", "zero"):
             family = "generic"
         res = _REVERSE[family](lat, eqn, ins, gs)
+        _charge_dense(res)
         lat.log.append((eqn.primitive.name, family, [st.kind(a) for a, v in zip(res, ins) if v.jac is not None]))
         for v, var, a in zip(ins, eqn.invars, res, strict=True):
             if a is not None and v.jac is not None:

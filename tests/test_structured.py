@@ -321,3 +321,24 @@ def test_hessian_through_a_structured_sweep_of_the_gradient(rng):
     value, g, H = jacobians.value_grad_and_hessian(loss)(x)
     np.testing.assert_allclose(g, jax.grad(loss)(x), rtol=1e-12)
     np.testing.assert_allclose(H, jax.hessian(loss)(x), rtol=1e-11, atol=1e-12)
+
+
+def test_sweeps_stop_once_they_cannot_win(rng):
+    # A parameter Jacobian (many inputs, two outputs): the forward sweep would carry a dense
+    # (hidden x n) Jacobian, far more than two VJPs cost; the planner stops tracing it early.
+    W1, W2 = rng.standard_normal((32, 64)), rng.standard_normal((2, 32))
+    x = jnp.asarray(rng.standard_normal(64))
+
+    def f(p):
+        return p["w2"] @ jnp.tanh(p["w1"] @ x)
+
+    p = {"w1": jnp.asarray(W1), "w2": jnp.asarray(W2)}
+    plan = jacobians.explain(f, p)
+    assert "structured fwd stopped" in plan.reason and "structured fwd" not in plan.costs
+    assert (plan.method, plan.mode) == ("dense", "rev")
+    got, want = jacobians.jacobian(f)(p), jax.jacrev(f)(p)
+    for k in p:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12)
+    # Asked for explicitly, the sweep has no budget and still runs.
+    got = jacobians.jacobian(f, method="structured", mode="fwd")(p)
+    np.testing.assert_allclose(got["w1"], want["w1"], rtol=1e-12, atol=1e-12)
