@@ -639,6 +639,72 @@ class Problem:
     in_leaves: list  # the differentiated leaves
     in_treedef: Any  # of the differentiated argument (int argnums) or the tuple of them
     out_dtype: Any
+    call: Callable | None = None  # diff_args -> fun's result (aux included): the pytree view
+    diff: tuple = ()  # the differentiated arguments, pytrees
+    has_aux: bool = False
+    where: str = ""
+
+    def tree_dense(self, mode: str) -> tuple[Any, Any] | None:
+        """``(blocks, aux)`` by ``jax.jacfwd``/``jax.jacrev``'s own program on the pytrees, or ``None``.
+
+        The flat view costs two copies of the Jacobian for pytree inputs or outputs (the
+        concatenation of per-leaf cotangents or tangents, then the cut into blocks); pushing
+        basis pytrees through the pytree function costs neither. Used where the flat view
+        adds nothing: one real dtype on each side, no weak types (``None`` otherwise).
+        """
+        outs = self.out_leaves
+        if self.call is None or not outs or any(_weak(s) for s in outs) or any(_weak(v) for v in self.in_leaves):
+            return None
+        dt_in, dt_out = {np.dtype(v.dtype) for v in self.in_leaves}, {np.dtype(s.dtype) for s in outs}
+        if len(dt_in) != 1 or dt_out != {np.dtype(self.out_dtype)}:
+            return None
+        if not all(jnp.issubdtype(d, jnp.floating) for d in dt_in | dt_out):
+            return None
+
+        def fn(d):
+            res = self.call(d)
+            return _split_aux(res, self.where) if self.has_aux else (res, None)
+
+        in_flat = jax.tree_util.tree_leaves(self.diff)
+        out_def = self.out_treedef
+        if mode == "rev":
+            _, pullback, aux = jax.vjp(fn, self.diff, has_aux=True)
+            eye = jnp.eye(self.m, dtype=self.out_dtype)
+            basis, o = [], 0
+            for s in outs:
+                k = math.prod(s.shape)
+                basis.append(eye[:, o : o + k].reshape((self.m,) + tuple(s.shape)))
+                o += k
+            (cts,) = jax.vmap(pullback)(out_def.unflatten(basis))
+            per_in = jax.tree_util.tree_leaves(cts)  # (m,) + in.shape, one per input leaf
+            rows, o = [], 0
+            for s in outs:
+                k = math.prod(s.shape)
+                row = [(c if k == self.m else c[o : o + k]).reshape(tuple(s.shape) + c.shape[1:]) for c in per_in]
+                rows.append(self.in_treedef.unflatten(row))
+                o += k
+            return out_def.unflatten(rows), aux
+        n = self.n
+        eye = jnp.eye(n, dtype=in_flat[0].dtype)
+        tangents, i = [], 0
+        for v in in_flat:
+            tangents.append(eye[:, i : i + v.size].reshape((n,) + v.shape))
+            i += v.size
+        tangent_tree = jax.tree_util.tree_structure(self.diff).unflatten(tangents)
+
+        def push(t):
+            return jax.jvp(fn, (self.diff,), (t,), has_aux=True)
+
+        _, jac, aux = jax.vmap(push, out_axes=(None, -1, None))(tangent_tree)
+        rows = []
+        for y in jax.tree_util.tree_leaves(jac):  # out.shape + (n,)
+            row, i = [], 0
+            for v in self.in_leaves:
+                block = y if v.size == n else jax.lax.slice_in_dim(y, i, i + v.size, axis=y.ndim - 1)
+                row.append(block.reshape(y.shape[:-1] + v.shape))
+                i += v.size
+            rows.append(self.in_treedef.unflatten(row))
+        return out_def.unflatten(rows), aux
 
     @property
     def n(self) -> int:
@@ -703,7 +769,7 @@ def problem(
         x, unravel = ravel_pytree(strong)
     if any(weak):  # weakly typed leaves come back weakly typed (x * t keeps x's dtype)
         unravel = _weak_unravel(unravel, weak)
-    prob = Problem(None, x, [], None, in_leaves, in_treedef, None)
+    prob = Problem(None, x, [], None, in_leaves, in_treedef, None, call, diff, has_aux, where)
 
     def record(shapes):
         shapes = jax.tree_util.tree_map(_output_struct if lazy else lambda s: s, shapes)

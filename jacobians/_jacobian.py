@@ -73,9 +73,14 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
     else:
         mode = _choose_mode(opts["mode"], p.n, p.m, complex_out, opts["holomorphic"], where)
 
+    # Unchunked dense Jacobians on one device run jax.jacfwd/jacrev's own program on the pytrees.
+    tree_ok = order is None and opts["chunk_size"] is None and opts["shards"] is None and not complex_in
+
     def run(mode):
         if method == "structured":
             return _structured.jacobian(p.flat, p.x, mode, chunk_size=opts["chunk_size"])
+        if tree_ok and (done := p.tree_dense(mode)) is not None:
+            return None, _Blocks(done[0]), done[1]
         kernel = kernels.forward if mode == "fwd" else kernels.reverse
         return kernel(p.flat, p.x, opts["chunk_size"], opts["shards"])
 
@@ -92,6 +97,8 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
         result = jac.astype(_args.block_dtype(out, xin))
         if order == "F":
             result = layout.to_matrix(result.reshape(out.shape + xin.shape), len(out.shape), order="F")
+    elif isinstance(jac, _Blocks):
+        result = jac.tree
     else:
         result = p.blocks(jac)
         # Sharded along the basis axis: the first input axis (forward) or output axis (reverse) of each block.
@@ -99,6 +106,13 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
         basis_axis = ndims[0] if (mode == "fwd" and len(set(ndims)) == 1) else (0 if mode == "rev" else None)
         result = _mesh.shard_result(result, opts["shards"], lambda leaf: basis_axis)
     return (result, aux) if opts["has_aux"] else result
+
+
+class _Blocks:
+    """A result already cut into the pytree of numerator-layout blocks (``Problem.tree_dense``)."""
+
+    def __init__(self, tree):
+        self.tree = tree
 
 
 def _planned(opts, complex_any: bool) -> bool:
