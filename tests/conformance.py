@@ -904,6 +904,8 @@ def _call():
     yield Conf("sharding_constraint", "", "with_sharding_constraint on a 1-device mesh", lambda x: jnp.sin(
         jax.lax.with_sharding_constraint(x * 2.0, jax.sharding.NamedSharding(
             jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)), jax.sharding.PartitionSpec())))[::-1], (3, 4))
+    yield Conf("device_put", "", "device_put of two values inside jit", lambda x: jnp.concatenate(jax.device_put(
+        (jnp.sin(x), x[::-1] * 2.0), jax.devices()[0])), (3, 4))
     yield Conf("random_bits", "", "dropout with a constant key", lambda x: jnp.where(
         jax.random.bernoulli(jax.random.key(3), 0.5, x.shape), jnp.sin(x), 0.0), (3, 4))
 
