@@ -17,6 +17,8 @@ What moved between the supported releases (see the README, "Supported versions")
   flat tree of three groups (constants, carry, scanned inputs).
 - ``get_bind_params`` returns ``(subfuns, params)`` on some releases, the
   parameters alone on others.
+- JAX 0.8 holds a jaxpr's NumPy constants in a ``TypedNdArray`` that is not an
+  ``np.ndarray`` (it is one from 0.9).
 """
 
 import functools
