@@ -8,6 +8,7 @@ an output leaf of shape ``out.shape`` with respect to an input leaf of shape
 
 import dataclasses
 import functools
+import time
 import warnings
 from collections.abc import Callable
 
@@ -128,7 +129,9 @@ def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
     plan = opts["plans"].get(key)
     if plan is None:
         engine = opts["engine"]
-        plan = opts["plans"][key] = _make_plan(t, spec, traced, avals, opts)
+        t0 = time.perf_counter()
+        plan = _make_plan(t, spec, traced, avals, opts)
+        plan = opts["plans"][key] = dataclasses.replace(plan, seconds=time.perf_counter() - t0)
         if plan.method == "compressed":  # the sparse engine evaluates it with no new detection
             engine.plans[engine._key(spec, avals)] = (plan.sparse_plan, None, {})
     return plan

@@ -46,6 +46,7 @@ class JacobianPlan:
       certificate: the plan's check against JAX's own derivative (a
         :class:`jacobians._trust.Certificate`: passed, skipped and why, or not
         needed for the dense method); ``None`` where no plan was made.
+      seconds: wall time spent planning (analyses, cost model, certificate), on the host.
     """
 
     method: str
@@ -58,6 +59,7 @@ class JacobianPlan:
     reason: str = ""
     sparse_plan: object = field(default=None, repr=False, compare=False)
     certificate: object = field(default=None, compare=False)
+    seconds: float | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         lines = [f"jacobian plan: {self.method} {self.mode}, {self.passes} passes (n={self.n}, m={self.m}"
@@ -68,6 +70,8 @@ class JacobianPlan:
             lines.append(f"  {self.reason}")
         if self.certificate is not None:
             lines.append(f"  certificate: {self.certificate}")
+        if self.seconds is not None:
+            lines.append(f"  planned in {self.seconds * 1e3:.3g} ms")
         return "\n".join(lines)
 
     @property

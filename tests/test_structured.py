@@ -336,6 +336,7 @@ def test_sweeps_stop_once_they_cannot_win(rng):
     plan = jacobians.explain(f, p)
     assert "structured fwd stopped" in plan.reason and "structured fwd" not in plan.costs
     assert (plan.method, plan.mode) == ("dense", "rev")
+    assert plan.seconds > 0 and "planned in" in str(plan)
     got, want = jacobians.jacobian(f)(p), jax.jacrev(f)(p)
     for k in p:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12)
