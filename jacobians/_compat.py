@@ -110,11 +110,18 @@ def called_jaxpr(eqn):
     Its trailing ``len(invars)`` operands are the jaxpr's inputs (custom rules
     may put other operands first).
     """
+    if eqn.primitive.name in _NOT_CALLS:
+        return None
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
         inner = eqn.params.get(key)
         if isinstance(inner, JAXPR_TYPES):
             return inner
     return None
+
+
+# Primitives whose ``jaxpr`` parameter is not run on their operands: the generic reduce's and
+# reduce_window's reducer combines two elements at a time.
+_NOT_CALLS = frozenset({"reduce", "reduce_window"})
 
 
 @functools.cache
