@@ -40,7 +40,12 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 # Tests that start a fresh Python and JAX in a subprocess run first: the longest single tests, they
 # then overlap the rest of the run instead of ending it on one worker.
-_FIRST = ("tests/test_mesh.py::", "tests/test_bench.py::test_quick_run", "tests/test_docs.py::test_docstring")
+_FIRST = (
+    "tests/test_packaging.py::test_wheel",
+    "tests/test_mesh.py::",
+    "tests/test_bench.py::test_quick_run",
+    "tests/test_docs.py::test_docstring",
+)
 
 
 def pytest_collection_modifyitems(config, items):
