@@ -360,8 +360,10 @@ def _window():
         p = f"{shape} window={dims} strides={strides} padding={pad} base_dilation={base} window_dilation={wdil}"
         for name, init, op in (("reduce_window_sum", 0.0, lax.add), ("reduce_window_max", -jnp.inf, lax.max),
                                ("reduce_window_min", jnp.inf, lax.min)):
+            # JAX has no VJP of max/min pooling with window dilation (select_and_gather): forward only.
+            rev = name == "reduce_window_sum" or wdil == (1, 1)
             yield Conf(name, "", p, lambda x, i=init, o=op, d=dims, s=strides, pd=pad, b=base, w=wdil: lax.reduce_window(
-                jnp.sin(x), i, o, d, s, pd, base_dilation=b, window_dilation=w), shape)
+                jnp.sin(x), i, o, d, s, pd, base_dilation=b, window_dilation=w), shape, rev=rev)
     yield Conf("reduce_window_sum", "", "avg_pool NHWC 2x2", lambda x: lax.reduce_window(
         jnp.sin(x), 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0, (2, 4, 4, 1))
 

@@ -31,6 +31,7 @@ import conformance  # noqa: E402
 import pytest  # noqa: E402
 
 FULL = os.environ.get("JACOBIANS_CONFORMANCE", "") == "full"
+OK = ("pass", "conservative", "n/a")
 
 # Failures found by this suite whose fixes belong to the rules' owners: each flips (and the strict
 # xfail fails) when fixed. Keyed by (case name, analysis).
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--write", help="also write the table (Markdown) to this file")
     ap.add_argument("--log", help="append each result to this JSON-lines file and skip the pairs it already holds "
                                   "(a long run resumes where it stopped; the table covers the whole log)")
+    ap.add_argument("--recheck", help="run again only the pairs that failed in this JSON-lines log")
     args = ap.parse_args(argv)
     analyses = args.analysis or conformance.ANALYSES
     if args.full:
@@ -106,6 +108,11 @@ def main(argv=None) -> int:
     else:
         pairs = [(c, a) for c, a in conformance.sample() if a in analyses]
     pairs = [(c, a) for c, a in pairs if args.k in c.name]
+    if args.recheck:
+        with open(args.recheck) as fh:
+            bad = {(r["case"], r["analysis"]) for r in map(json.loads, fh) if r["status"] not in OK}
+        everything = {c.name: c for c in conformance.all_cases()}
+        pairs = [(everything[n], a) for n, a in sorted(bad) if n in everything and a in analyses]
     cases = list(dict.fromkeys(c for c, _ in pairs))
     results, failures, t0 = {}, [], time.time()
     if args.log and os.path.exists(args.log):
