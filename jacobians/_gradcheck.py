@@ -5,10 +5,11 @@ The error is the book's relative metric over all entries of the Jacobian,
     error = sqrt( sum |dh_i - df_i|^2 / sum |dh_i + df_i|^2 ),
 
 with ``dh`` the finite-difference and ``df`` the analytic Jacobian, both in
-numerator layout ``out.shape + x.shape``. Entry ``j`` of ``x`` is perturbed by
-``h * max(1, |x_j|)``, so that the step does not vanish next to a large
-``|x_j|``, and the difference quotient divides by the step actually taken,
-``(x_j + h_j) - x_j`` in ``x``'s dtype.
+numerator layout ``out.shape + x.shape``. A step ``h`` the caller gives is
+taken as given (the book's procedure: ``h = 1e-4`` moves every entry by
+``1e-4``); the default step is relative, ``h * max(1, |x_j|)``, so that it does
+not vanish next to a large ``|x_j|``. The difference quotient divides by the
+step actually taken, ``(x_j + h_j) - x_j`` in ``x``'s dtype.
 """
 
 from collections.abc import Callable
@@ -64,10 +65,10 @@ def _number(v: float) -> str:
     return s.replace(".0e", "e")
 
 
-def _describe(method: str, h: float) -> str:
+def _describe(method: str, h: float, scaled: bool) -> str:
     if method == "complex":
         return f"complex step, h={_number(h)}"
-    return f"{method} differences, step {_number(h)} * max(1, |x_j|)"
+    return f"{method} differences, step {_number(h)}" + (" * max(1, |x_j|)" if scaled else "")
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,9 @@ class GradcheckResult:
       passed: ``status == "passed"``: ``error < tol``, both Jacobians finite
         and of the same shape.
       tol: the tolerance used.
-      h: the base step; entry ``j`` of ``x`` moves by ``h * max(1, |x_j|)``
-        (the complex step by ``h``).
+      h: the step: entry ``j`` of ``x`` moves by ``h`` where the caller
+        gave ``h``, by ``h * max(1, |x_j|)`` for the default step (``scaled``);
+        the complex step by ``h``.
       method: ``"central"``, ``"forward"`` or ``"complex"``.
       worst_index: index (in ``out.shape + x.shape``) of the largest
         ``|numeric - analytic|``, or ``None``.
@@ -90,6 +92,7 @@ class GradcheckResult:
         finite differences, is not finite, or has the wrong shape) or
         ``"inconclusive"`` (the finite differences themselves are not finite or
         the step vanished, so nothing can be said at this ``x``).
+      scaled: the step was relative, ``h * max(1, |x_j|)`` (the default step).
     """
 
     error: float
@@ -102,6 +105,7 @@ class GradcheckResult:
     worst_numeric: float | complex = float("nan")
     problem: str = field(default="")
     status: str = field(default="")
+    scaled: bool = False
 
     def __post_init__(self):
         if not self.status:
@@ -115,7 +119,7 @@ class GradcheckResult:
         return self.passed
 
     def __repr__(self) -> str:
-        how = _describe(self.method, self.h)
+        how = _describe(self.method, self.h, self.scaled)
         if self.status == "inconclusive":
             lines = [f"gradcheck INCONCLUSIVE: {self.problem} ({how})"]
         elif self.problem:
@@ -131,12 +135,12 @@ class GradcheckResult:
         return "\n".join(lines)
 
 
-def _steps(x: jax.Array, h: float, method: str) -> tuple[jax.Array, jax.Array]:
-    """Per-entry perturbations ``h * max(1, |x_j|)`` (flat, in x's dtype) and the steps actually taken."""
+def _steps(x: jax.Array, h: float, method: str, scaled: bool) -> tuple[jax.Array, jax.Array]:
+    """Per-entry perturbations, ``h`` or ``h * max(1, |x_j|)`` (flat, in x's dtype), and the steps actually taken."""
     flat = x.reshape(-1)
     if method == "complex":
         return jnp.full(flat.shape, h, _real_dtype(x.dtype)), jnp.full(flat.shape, h, _real_dtype(x.dtype))
-    dx = (h * jnp.maximum(1, jnp.abs(flat))).astype(x.dtype)
+    dx = (h * jnp.maximum(1, jnp.abs(flat)) if scaled else jnp.full(flat.shape, h)).astype(x.dtype)
     lower = flat - dx if method == "central" else flat
     return dx, (flat + dx) - lower
 
@@ -208,8 +212,10 @@ def gradcheck(
     ``jac_fun(x)`` (an analytic Jacobian you wrote, numerator layout
     ``out.shape + x.shape``) or, when ``jac_fun`` is None, with
     ``jacobians.jacobian(fun)(x)``, which validates custom JVP/VJP rules.
-    Every entry ``x_j`` is perturbed by ``h * max(1, |x_j|)`` and the quotient
-    divides by the step actually taken; ``x`` is not modified.
+    Every entry ``x_j`` is perturbed by the given ``h`` (the book's procedure),
+    or by ``h * max(1, |x_j|)`` for the default step, and the quotient divides
+    by the step actually taken; ``x`` is not modified. An empty ``x`` passes
+    (there is nothing to check).
 
     Args:
       fun: maps an array ``x`` to an array.
@@ -217,11 +223,12 @@ def gradcheck(
         float32, float64, or complex (then ``fun`` must be holomorphic: the
         check compares ``d fun / dz``, perturbing along the real axis).
       jac_fun: the analytic Jacobian to check, or None.
-      h: the base step. ``None``: per dtype and method, about ``eps^(1/3)``
-        for central and ``eps^(1/2)`` for forward differences (0.05 and 0.1
-        central in float16 and bfloat16), 1e-20 (1e-10 in float32) for the
-        complex step. ``h=1e-4, method="central"`` in float64 is the book's
-        procedure.
+      h: the step, taken as given (absolute: ``x_j +- h``). ``None``: a
+        relative step ``h0 * max(1, |x_j|)`` with ``h0`` per dtype and method,
+        about ``eps^(1/3)`` for central and ``eps^(1/2)`` for forward
+        differences (0.05 and 0.1 central in float16 and bfloat16), 1e-20
+        (1e-10 in float32, absolute) for the complex step. ``h=1e-4`` in
+        float64 is the book's procedure.
       method: ``"central"`` (default, error O(h^2)), ``"forward"`` (O(h)), or
         ``"complex"``: ``Im f(x + ih)/h``, exact to rounding for real-analytic
         functions written with complex-safe operations (float32 and float64
@@ -269,6 +276,7 @@ def gradcheck(
             "use method='central'."
         )
     default_h, default_tol = _DEFAULTS[real][method]
+    scaled = h is None and method != "complex"  # the default step is relative; a given h is taken as given
     h = default_h if h is None else h
     tol = default_tol if tol is None else tol
     for name, v in (("h", h), ("tol", tol)):
@@ -277,7 +285,8 @@ def gradcheck(
     h, tol = float(h), float(tol)
 
     def result(status, problem, error=float("inf"), **worst):
-        return GradcheckResult(error, status == "passed", tol, h, method, problem=problem, status=status, **worst)
+        return GradcheckResult(error, status == "passed", tol, h, method, problem=problem, status=status,
+                               scaled=scaled, **worst)
 
     if not bool(jnp.all(jnp.isfinite(x))):
         return result("inconclusive", "x has non-finite entries")
@@ -299,7 +308,9 @@ def gradcheck(
                 f"the analytic Jacobian has shape {analytic.shape}, expected out.shape + x.shape = {expected} "
                 "(numerator layout)",
             )
-        dx, step = _steps(x, h, method)
+        if x.size == 0:  # an empty Jacobian: nothing to compare (and no step to take)
+            return result("passed", "", 0.0)
+        dx, step = _steps(x, h, method, scaled)
         vanished = np.asarray(step) == 0
         if vanished.any():
             j = tuple(int(i) for i in np.unravel_index(int(np.argmax(vanished)), x.shape))

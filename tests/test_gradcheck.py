@@ -56,26 +56,42 @@ def test_fails_wrong_jacobian(rng):
     assert jacobians.assert_gradcheck(f, x, right).passed
 
 
-def test_metric_by_hand(rng):
-    x = randn(rng, (2,))
+@pytest.mark.parametrize("exact", [False, True])
+def test_metric_by_hand(rng, exact):
+    # The book's procedure: a given h is taken as given (x_j +- h), also where |x_j| > 1 (issue 24: the step
+    # was scaled by max(1, |x_j|), and this check at x = 2 failed).
+    x = jnp.concatenate([jnp.array([2.0]), randn(rng, (1,))])
     f = lambda x: jnp.stack([x[0] * x[1], x[0] ** 3])  # noqa: E731
     J = jax.jacfwd(f)(x)
-    off = J + 0.01 * randn(rng, J.shape)
-    h = 1e-4  # the book's procedure, with the step scaled by max(1, |x_j|)
+    off = J if exact else J + 0.01 * randn(rng, J.shape)
+    h = 1e-4
     res = jacobians.gradcheck(f, x, lambda x: off, h=h)
+    assert "step 1e-04)" in repr(res) and not res.scaled
     xn = np.asarray(x)
     dh = np.empty((2, 2))
     for j in range(2):
         e = np.zeros(2)
-        e[j] = h * max(1.0, abs(xn[j]))
+        e[j] = h
         dh[:, j] = (np.asarray(f(xn + e)) - np.asarray(f(xn - e))) / ((xn + e)[j] - (xn - e)[j])
     df = np.asarray(off)
     expected = np.sqrt(np.sum((dh - df) ** 2) / np.sum((dh + df) ** 2))
-    np.testing.assert_allclose(res.error, expected, rtol=1e-6)
+    np.testing.assert_allclose(res.error, expected, rtol=1e-3 if exact else 1e-6)
+    if exact:  # central differences of x0^3 with h = 1e-4: error h^2 x0 / (6 x0^2) relative, well below 1e-6
+        assert res.passed and res.error < 1e-7, repr(res)
+        return
     k = np.unravel_index(np.argmax(np.abs(dh - df)), dh.shape)
     assert res.worst_index == tuple(int(i) for i in k)
     np.testing.assert_allclose(res.worst_analytic, df[k])
     np.testing.assert_allclose(res.worst_numeric, dh[k], rtol=1e-7, atol=1e-12)
+
+
+def test_empty_x_passes():
+    # Issue 24: an empty x raised IndexError; its Jacobian is empty, and a wrong shape still fails.
+    for x, jit in ((jnp.zeros((0,)), True), (jnp.zeros((0, 3)), False)):
+        res = jacobians.gradcheck(jnp.sin, x, jit=jit)
+        assert res.passed and res.error == 0.0, repr(res)
+    res = jacobians.gradcheck(jnp.sin, jnp.zeros((0,)), lambda x: jnp.zeros((1, 1)))
+    assert res.status == "failed" and "the analytic Jacobian has shape (1, 1), expected" in res.problem
 
 
 def test_custom_jvp_rule_checked():
