@@ -126,7 +126,9 @@ def _diagonal(t, spec, plans, *traced):
 
 def _materialise(t, spec, *traced):
     p = _args.problem(t.fun, spec, traced, where=t.where, int_argnums=t.int_argnums)
-    _, J, _ = kernels.forward(p.flat, p.x) if p.n <= p.m else kernels.reverse(p.flat, p.x)
+    # Forward mode where it is the cheaper, unless a custom_vjp forbids it (then the pullbacks, as mv does).
+    fwd = _either(p, lambda mode: mode == "fwd" and p.n <= p.m)
+    _, J, _ = kernels.forward(p.flat, p.x) if fwd else kernels.reverse(p.flat, p.x)
     return J.T @ J
 
 

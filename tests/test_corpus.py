@@ -34,7 +34,6 @@ FULL = os.environ.get("JACOBIANS_CONFORMANCE", "") == "full"
 
 # Failures whose fixes belong to the engines' owners, keyed by (program, engine): strict, so a fix flips them.
 KNOWN: dict[tuple[str, str], str] = {
-    ("gradient_reversal_layer", "gauss_newton_materialise"): "materialise takes forward mode on a custom_vjp function",
     ("gradient_reversal_layer", "log_abs_det"): "log_abs_det takes forward mode on a custom_vjp function",
 }
 

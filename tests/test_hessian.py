@@ -88,6 +88,8 @@ def test_hessian_errors(rng):
 
 
 A = np.random.default_rng(0).standard_normal((4, 6))
+C = np.array([0.0, 1.0, 0.0, 2.0, 0.0, 0.0])
+M = np.array([True, False, False, False, False, True])
 HESS_CASES = {
     # name: (f, n, exact)
     "diagonal": (lambda x: jnp.sum(x**2) + jnp.sum(jnp.exp(x)), 6, True),
@@ -99,6 +101,10 @@ HESS_CASES = {
     "division": (lambda x: jnp.sum(x[:3] / x[3:]), 6, True),
     "scan": (lambda x: jax.lax.scan(lambda c, xi: (c * xi, None), 1.0, x[:3])[0] + x[4] ** 2, 6, True),
     "relu": (lambda x: jnp.sum(jax.nn.relu(x) * x[::-1]), 6, False),
+    # Issue 24: products by known zeros drop their pairs element by element, also where a linear term makes the
+    # output read every input (a mask by a constant, a dot with it, a where with a known predicate).
+    "masked": (lambda x: jnp.sum(jnp.asarray(C) * x**2) + jnp.dot(jnp.asarray(C[::-1]), jnp.sin(x))
+               + jnp.sum(jnp.where(jnp.asarray(M), x * x[::-1], 0.0)) + jnp.sum(x), 6, True),
 }
 
 
@@ -128,3 +134,18 @@ def test_sparse_hessian_plan_round_trip(tmp_path, rng):
     loaded = jacobians.SparsePlan.load(tmp_path / "h.npz")
     got = jacobians.sparse_hessian(rosenbrock, sparsity=loaded)(x)
     np.testing.assert_allclose(got.todense(), jax_hessian(rosenbrock)(x), rtol=1e-10)
+
+
+def test_gauss_newton_materialise_custom_vjp(rng):
+    # Issue 24: materialise() took forward mode, which a custom_vjp forbids; it takes the pullbacks there (as mv does).
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x) * x[0]
+
+    f.defvjp(lambda x: (f(x), x), lambda x, ct: (ct * jnp.cos(x) * x[0] + jnp.zeros_like(x).at[0].set(ct @ jnp.sin(x)),))
+    x = randn(rng, (3,))
+    J = jax.jacrev(f)(x)
+    gn = jacobians.gauss_newton(lambda x: jnp.concatenate([f(x), x[1:] ** 2]))(x)
+    Jf = jnp.concatenate([J, jax.jacfwd(lambda x: x[1:] ** 2)(x)])
+    np.testing.assert_allclose(gn.materialise(), Jf.T @ Jf, rtol=1e-12)
+    np.testing.assert_allclose(gn.mv(x), Jf.T @ (Jf @ x), rtol=1e-12)

@@ -10,7 +10,12 @@ its operands' sets, and only when ``z`` reaches ``y`` with a possibly nonzero
 derivative. So each operation's pairs are recorded on a node of a graph whose
 edges say which values reach which; at the end only the pairs of nodes that
 reach the output count (``0 * x ** 2`` has no Hessian; nor has a value that only
-feeds ``floor``, a comparison, or an integer). Conservative and symmetric by
+feeds ``floor``, a comparison, or an integer). Where a known constant masks some
+elements (``c * x ** 2`` with zeros in ``c``, a ``dot`` with such a ``c``, a
+``where`` with a known predicate), the node behind it passes on only pairs with
+an input that its surviving elements still read: ``H[i, j]`` is the derivative
+of ``dy/dx_i``, nonzero only through elements whose first-order sets hold
+``i`` all the way to the output (and the output's own set bounds them all). Conservative and symmetric by
 construction. Per primitive family (the claims that depend on the dtype or the
 parameters are checked per equation):
 
@@ -54,6 +59,7 @@ PIECEWISE_LINEAR = {
     "select_and_gather_add", "select_and_scatter_add",  # linear in their first operand, the second only selects
 } | set(_elementwise.ZERO)  # fmt: skip
 SCATTER_MUL = ("scatter-mul", "scatter_mul")
+MASKS = ("mul", "dot_general", "select_n")  # a known operand may zero some result elements (their sets dropped)
 STORE_MAX = 1 << 25  # stored pair keys before the graph is given up (every pair then counts)
 
 
@@ -87,6 +93,7 @@ class HessianLattice(DepsLattice):
         self._ids: dict[bytes, int] = {}
         self._always: list[np.ndarray] = []  # pairs that count whatever reaches the output
         self._stored = 0
+        self._filters: dict[int, np.ndarray] = {}  # node -> the inputs its (masked) elements still read
 
     def fresh(self, n: int) -> DepsLattice:
         # Custom rules' local patterns are first-order walks.
@@ -130,26 +137,73 @@ class HessianLattice(DepsLattice):
         out.node = node
         return out
 
+    def _filtered(self, node: int, outs: list) -> int:
+        """A node after ``node`` that passes on only pairs of inputs that ``outs``' elements read."""
+        sets = [o.indices for o in outs if o.nnz]
+        reads = unique(np.concatenate(sets)) if sets else np.zeros(0, np.int64)
+        filtered = len(self._parents)
+        self._parents.append((node,))
+        self._filters[filtered] = reads
+        return filtered
+
+    def _live(self, outs) -> list:
+        """Per node: the inputs whose pairs recorded there may reach ``outs`` (``True``: all; ``None``: none).
+
+        Backwards over the graph (parents are older than their children): a node
+        passes on to its parents what reaches it, cut down by its own filter.
+        """
+        live: list = [None] * len(self._parents)
+        if outs is None:
+            return [True] * len(self._parents)
+        def merge(a, b):
+            if a is None or a is b or b is True:
+                return b
+            if a is True or b is None:
+                return a
+            u = np.union1d(a, b)
+            return True if u.size >= self.n else u
+
+        for o in outs:
+            m = _node(o)
+            if m is not None:  # the output's own first-order set bounds its Hessian's pairs
+                reads = unique(o.indices)
+                live[m] = merge(live[m], True if reads.size >= self.n else reads)
+        for m in range(len(self._parents) - 1, -1, -1):
+            here = live[m]
+            if here is None:
+                continue
+            f = self._filters.get(m)
+            if f is not None:
+                here = live[m] = f if here is True else np.intersect1d(here, f, assume_unique=True)
+            for p in self._parents[m]:
+                live[p] = merge(live[p], here)
+        return live
+
     def pairs(self, outs=None) -> tuple[np.ndarray, np.ndarray]:
         """The symmetric set of interacting pairs, as sorted ``(rows, cols)``.
 
         Args:
           outs: the lattice values of the function's outputs; only pairs of
-            nodes that reach them count. ``None``: every pair recorded.
+            nodes that reach them count, and of those only pairs of inputs that
+            the output and every masking node on the way read. ``None``: every
+            pair recorded.
         """
-        live = np.zeros(len(self._parents), bool)
-        if outs is None:
-            live[:] = True
-        else:
-            stack = [m for m in (_node(o) for o in outs) if m is not None]
-            while stack:
-                m = stack.pop()
-                if not live[m]:
-                    live[m] = True
-                    stack.extend(p for p in self._parents[m] if not live[p])
-        used = sorted({idx for node, idx in self._chunks if live[node]})
-        keys = unique(np.concatenate([self._arrays[i] for i in used] + self._always + [np.zeros(0, np.int64)]))
-        return np.divmod(keys, max(self.n, 1))
+        n = max(self.n, 1)
+        live = self._live(outs)
+        parts = []
+        for node, idx in sorted(set(self._chunks)):
+            reads = live[node]
+            if reads is None:
+                continue
+            keys = self._arrays[idx]
+            if reads is not True:
+                i, j = np.divmod(keys, n)
+                # H[i, j] = d(dy/dx_i)/dx_j needs dy/dx_i, so i in the first-order sets; j need not be (a
+                # custom rule's derivative may read inputs its own first-order set lacks): one end suffices.
+                keys = keys[np.isin(i, reads) | np.isin(j, reads)]
+            parts.append(keys)
+        keys = unique(np.concatenate(parts + self._always + [np.zeros(0, np.int64)]))
+        return np.divmod(keys, n)
 
     # --- pair sets ---------------------------------------------------------------------------
     def _budget(self, total: int) -> None:
@@ -205,6 +259,9 @@ class HessianLattice(DepsLattice):
         node = self._new_node([_node(d) for d in srcs], keys)
         if node is None:
             return outs
+        if eqn.primitive.name in MASKS and any(not d.nnz and d.const is not None and not np.all(d.const)
+                                               for d in ins):
+            node = self._filtered(node, outs)  # a known zero (or predicate) dropped some elements' sets
         res = []
         for o in outs:
             if o.nnz:
