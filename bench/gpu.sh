@@ -1,12 +1,36 @@
 #!/usr/bin/env bash
-# The device check: the test suite's engine tests and `python -m bench --quick` on a GPU machine
-# (run from the repository root; writes into $OUT, or bench/results/gpu when OUT is unset).
+# The GPU run, from the repository root on a machine with a GPU: the engine tests, then the FULL benchmark
+# suite (every case, full sizes, each in its own process), its figures included.
+#
+#   bash bench/gpu.sh                # engine tests + python -m bench (the full suite)
+#   bash bench/gpu.sh --quick        # any `python -m bench` options are passed on (--quick, --only NAME, ...)
+#
+# Results go to bench/results/gpu-<model>/ (e.g. gpu-h200/; RESULTS=DIR to choose): gpu.{json,md,png},
+# gpu-summary.png (gpu-quick.* with --quick), bench.txt (what the run printed), tests.txt, machine.txt.
+# When OUT is set (a lent device machine returns only what is under $OUT), they are copied there as well.
+# GPU_TESTS=0 skips the tests, INSTALL=0 the editable install; BENCH_TIMEOUT (seconds, default 3000) bounds the benchmark run.
 set -uo pipefail
-out="${OUT:-bench/results/gpu}"
-mkdir -p "$out"
+model=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | awk '{print tolower($2)}')
+res="${RESULTS:-bench/results/gpu-${model:-unknown}}"
+mkdir -p "$res"
+stem=gpu
+for a in "$@"; do [ "$a" = "--quick" ] && stem=gpu-quick; done
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || tail -5 "$out/install.log"
-{ nvidia-smi -L; python3 -c "import jax, jaxlib, numpy; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'numpy', numpy.__version__, jax.devices())"; } | tee "$out/machine.txt"
-timeout 330 python3 -m pytest -q -p no:cacheprovider -x tests/test_jacobian.py tests/test_hessian.py tests/test_pipeline.py \
-  tests/test_batch.py tests/test_siblings.py tests/test_detection.py 2>&1 | tee "$out/tests.txt" | tail -n 15
-timeout 200 python3 -m bench --quick --no-isolate --out "$out" --name gpu-quick 2>&1 | tee "$out/bench-quick.txt" | tail -n 45
+if [ "${INSTALL:-1}" != 0 ]; then
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$res/install.log" 2>&1 || tail -5 "$res/install.log"
+fi
+python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install -q matplotlib >>"$res/install.log" 2>&1 \
+  || echo "matplotlib not installable here: no figures"
+{ nvidia-smi -L; python3 -c "import jax, jaxlib, numpy; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'numpy', numpy.__version__, jax.devices())"; } 2>&1 | tee "$res/machine.txt"
+if [ "${GPU_TESTS:-1}" != 0 ]; then
+  timeout 330 python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -x tests/test_jacobian.py tests/test_hessian.py \
+    tests/test_pipeline.py tests/test_batch.py tests/test_siblings.py tests/test_detection.py 2>&1 \
+    | tee "$res/tests.txt" | tail -n 15
+fi
+timeout "${BENCH_TIMEOUT:-3000}" python3 -m bench --out "$res" --name "$stem" "$@" 2>&1 | tee "$res/bench.txt" | tail -n 80
+rc=${PIPESTATUS[0]}
+[ "$rc" = 124 ] && echo "the benchmark ran past BENCH_TIMEOUT=${BENCH_TIMEOUT:-3000} s: $res/bench.txt has the cases that finished"
+if [ -n "${OUT:-}" ] && [ "$(cd "$res" && pwd)" != "$(mkdir -p "$OUT" && cd "$OUT" && pwd)" ]; then
+  cp -r "$res" "$OUT/"
+fi
+exit "$rc"

@@ -344,7 +344,8 @@ def markdown(report: dict) -> str:
         "# Benchmark run",
         "",
         f"Command: `{report.get('command', 'python -m bench')}`"
-        + (" (quick: small sizes, few rounds; a smoke test, not timings)" if report.get("quick") else ""),
+        + (" (quick: small sizes, few rounds; a smoke test, not timings)" if report.get("quick") else "")
+        + (f" (interrupted: {report['interrupted']})" if report.get("interrupted") else ""),
         "",
         f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('platform', '?')}; "
         f"JAX backend {m.get('jax_backend', '?')}. Versions: {vers}.",
@@ -441,6 +442,88 @@ def text(report: dict) -> str:
     out += [case_rows(c) for c in report["cases"]]
     out += ["", summary(report)]
     return "\n".join(out)
+
+
+# --- the summary figure's data --------------------------------------------------------------
+
+# Families of workloads, in the summary figure's order, with their colours.
+WORKLOAD_FAMILIES = {
+    "dense": "tab:blue",
+    "sparse": "tab:purple",
+    "second order": "tab:red",
+    "determinants": "tab:brown",
+    "traces/operators": "tab:cyan",
+}
+
+_WORKLOAD_FAMILY = {
+    "stencil1d": "sparse",
+    "stencil2d": "sparse",
+    "rosenbrock": "sparse",  # sparse Hessians: compared with the sparse peers
+    "laplacian_energy": "sparse",
+    "arrowhead": "sparse",
+    "banded": "sparse",
+    "hessian_mlp": "second order",
+    "hessian_pairwise": "second order",
+    "logdet3": "determinants",
+    "logdet": "determinants",
+    "slogdet": "determinants",
+}
+
+
+def workload_family(case: dict) -> str:
+    """The family of a case in the summary figure, from its workload (or, in older runs, its name)."""
+    wl = case.get("workload") or case["name"].rsplit("_", 2)[0]
+    if wl in _WORKLOAD_FAMILY:
+        return _WORKLOAD_FAMILY[wl]
+    # Workloads added later fall in by name.
+    if any(k in wl for k in ("divergence", "laplacian", "trace", "diag")):
+        return "traces/operators"
+    if "det" in wl:
+        return "determinants"
+    if "hessian" in wl or "hvp" in wl:
+        return "second order"
+    if "sparse" in wl or "stencil" in wl:
+        return "sparse"
+    return "dense"
+
+
+def summary_figure_rows(report: dict) -> list[dict]:
+    """One dict per case for the summary figure, grouped by family (figure order), case order within.
+
+    Each has ``case``, ``family`` and either ``note`` (why there is no bar: the case failed, the
+    library's row is missing, or nothing else was timed) or the bar's figures, all relative to the
+    best alternative's median time (the fastest timed row that is neither the library nor the
+    closed form): ``ratio`` (the library's median / the best's, below 1 the library is faster),
+    ``lo``/``hi`` (the library's quartiles on that scale), ``best`` (its implementation name), ``tie``
+    (their interquartile ranges overlap) and ``floor`` (the closed form's median on that scale, or
+    None where the case has no timed closed form).
+    """
+    out = []
+    for c in report["cases"]:
+        row = {"case": c["name"], "family": workload_family(c)}
+        out.append(row)
+        if c["status"] != "ok":
+            row["note"] = "failed"
+            continue
+        rows = _timed(c)
+        base = next((r for r in rows if r.get("base")), None)
+        others = [r for r in rows if family(r["impl"]) not in ("jacobians", "closed form")]
+        if base is None or not others:
+            row["note"] = "jacobians not timed" if base is None else "no alternative timed"
+            continue
+        best = min(others, key=lambda r: r["median_s"])
+        mb = best["median_s"]
+        closed = next((r for r in rows if family(r["impl"]) == "closed form"), None)
+        row.update(
+            ratio=base["median_s"] / mb,
+            lo=base.get("q25_s", base["median_s"]) / mb,
+            hi=base.get("q75_s", base["median_s"]) / mb,
+            best=best["impl"],
+            tie=bool(best.get("tie")),
+            floor=closed["median_s"] / mb if closed else None,
+        )
+    order = list(WORKLOAD_FAMILIES)
+    return sorted(out, key=lambda r: order.index(r["family"]))  # stable: case order within a family
 
 
 # --- the plot -------------------------------------------------------------------------------
@@ -550,3 +633,88 @@ def plot(report: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_summary(report: dict, path: str) -> bool:
+    """One row per case: jacobians' time relative to the best alternative, log axis, by workload family.
+
+    A bar grows from 1 (the best alternative) to the library's median: leftwards the library is
+    faster. Whiskers are the library's interquartile range; a hatched bar is a tie (the IQRs
+    overlap); a white diamond marks the closed form (the floor). Returns False (and writes nothing)
+    when no case has a bar.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    rows = summary_figure_rows(report)
+    if not any("ratio" in r for r in rows):
+        return False
+    fig, ax = plt.subplots(figsize=(10, 0.24 * len(rows) + 1.9), layout="constrained")
+    vals = [v for r in rows if "ratio" in r for v in (r["ratio"], r["lo"], r["hi"], r["floor"]) if v]
+    left, right = min(vals + [1.0]) / 1.6, max(vals + [1.0]) * 4.0  # room for the labels on the right
+    for i, r in enumerate(rows):
+        if "ratio" not in r:
+            ax.text(1.0, i, f"  ({r['note']})", va="center", ha="left", fontsize=7, color="gray")
+            continue
+        colour = WORKLOAD_FAMILIES[r["family"]]
+        ax.barh(
+            i,
+            r["ratio"] - 1.0,
+            left=1.0,
+            height=0.7,
+            color=colour,
+            alpha=0.45 if r["tie"] else 0.9,
+            hatch="///" if r["tie"] else None,
+            edgecolor="black" if r["tie"] else "none",
+            linewidth=0.4,
+        )
+        ax.plot([r["lo"], r["hi"]], [i, i], color="black", lw=0.8)
+        if r["floor"]:
+            ax.plot([r["floor"]], [i], "D", color="white", markeredgecolor="black", markersize=5, zorder=3)
+        label = f"  {'~' if r['tie'] else ''}{fmt_ratio(r['ratio'])}x {_short(r['best'])}"
+        ax.text(max(r["ratio"], r["hi"], r["floor"] or 0, 1.0), i, label, va="center", ha="left", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
+    span = right / left
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if span > 3000 else (1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r["case"] for r in rows], fontsize=7)
+    for tick, r in zip(ax.get_yticklabels(), rows, strict=True):
+        tick.set_color(WORKLOAD_FAMILIES[r["family"]])
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel(
+        "jacobians' median time / the best alternative's (raw JAX, torch.func, sparse peers, NumPy); "
+        "left of 1: jacobians is faster",
+        fontsize=8,
+    )
+    present = {r["family"] for r in rows}
+    handles = [Patch(color=col, label=f) for f, col in WORKLOAD_FAMILIES.items() if f in present]
+    handles += [
+        Patch(facecolor="white", edgecolor="black", hatch="///", label="~ tie: IQRs overlap"),
+        Line2D([], [], color="white", marker="D", markeredgecolor="black", ls="none", ms=5, label="closed form"),
+        Line2D([], [], color="black", lw=0.8, label="jacobians' IQR"),
+    ]
+    quick = " (quick run: small sizes, a smoke test)" if report.get("quick") else ""
+    fig.legend(
+        handles=handles,
+        loc="outside upper center",
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+        title=f"jacobians against the best alternative, every workload{quick}; the label names that alternative",
+        title_fontsize=9,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

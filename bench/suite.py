@@ -12,8 +12,12 @@ own; XLA's compiled memory analysis gives a per-implementation figure for the
 JAX ones (full runs only).
 
 Each case's rows are printed as soon as it finishes; a summary follows. The JSON
-(every figure), a Markdown summary and the plot are saved under ``bench/results/``
-as ``latest.*`` (``latest-quick.*`` with ``--quick``) unless ``--no-save``.
+(every figure), a Markdown summary, the per-case panels (``.png``) and the summary
+figure (``-summary.png``: every case on one row against its best alternative) are
+saved under ``bench/results/`` as ``latest.*`` (``latest-quick.*`` with ``--quick``)
+unless ``--no-save``; the figures need matplotlib (the ``bench`` extra) and are
+skipped with a message without it. SIGTERM (``timeout``) stops the run and saves
+the cases that finished.
 """
 
 import argparse
@@ -22,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -202,12 +207,23 @@ def _runner(impl, x):
     if impl.kind == "torch":
         import torch
 
+        from .workloads import torch_device
+
         # Parameter workloads: torch holds its own copy of the parameters and ignores the pytree.
-        xt = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray | jax.Array) else None
+        dev = torch_device()
+        xt = torch.from_numpy(np.array(x)).to(dev) if isinstance(x, np.ndarray | jax.Array) else None
 
         def to_np(r):
-            return jax.tree_util.tree_map(lambda t: t.detach().numpy(), r, is_leaf=torch.is_tensor)
+            return jax.tree_util.tree_map(lambda t: t.detach().cpu().numpy(), r, is_leaf=torch.is_tensor)
 
+        if dev == "cuda":  # CUDA calls return before the kernels finish: wait, as block_until_ready does for JAX
+
+            def call():
+                r = impl.fn(xt)
+                torch.cuda.synchronize()
+                return r
+
+            return call, to_np
         return (lambda: impl.fn(xt)), to_np
     if impl.kind == "numpy":
         xn = np.asarray(x)
@@ -470,24 +486,44 @@ def _run_here(case: Case, args) -> dict:
         return _failed(case, args.quick, msg, trace=traceback.format_exc()[-2000:])
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _show_path(p: str) -> str:
     rel = os.path.relpath(p)
     return rel if not rel.startswith("..") else p
 
 
+NO_MATPLOTLIB = "No figures: matplotlib is not installed (pip install -e '.[bench]')."
+
+
+def summary_plot_path(path: str) -> str:
+    """Where the summary figure goes next to the per-case panels: ``x.png`` -> ``x-summary.png``."""
+    root, ext = os.path.splitext(path)
+    return f"{root}-summary{ext or '.png'}"
+
+
+def plots(report: dict, path: str) -> list[str]:
+    """The per-case panels at ``path`` and the summary figure next to it; [] without matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return []
+    rep.plot(report, path)
+    written = [path] if os.path.exists(path) else []
+    if rep.plot_summary(report, summary_plot_path(path)):
+        written.append(summary_plot_path(path))
+    return written
+
+
 def save(report: dict, out_dir: str, stem: str) -> list[str]:
-    """Write ``stem.json``, ``stem.md`` and (with matplotlib) ``stem.png`` under ``out_dir``."""
+    """Write ``stem.json``, ``stem.md`` and (with matplotlib) ``stem.png``, ``stem-summary.png`` under ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "md", "png")]
+    paths = [os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "md")]
     with open(paths[0], "w") as fh:
         json.dump(report, fh, indent=1)
     with open(paths[1], "w") as fh:
         fh.write(rep.markdown(report))
-    try:
-        rep.plot(report, paths[2])
-    except ImportError:
-        paths[2] = None
-    return [p for p in paths if p]
+    return paths + plots(report, os.path.join(out_dir, f"{stem}.png"))
 
 
 def main(argv=None) -> int:
@@ -520,7 +556,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--no-save", action="store_true", help="write nothing unless --json/--plot say where")
     ap.add_argument("--json", metavar="PATH", help="also write machine, versions, command and all figures as JSON")
-    ap.add_argument("--plot", metavar="PATH", help="also write the PNG of times relative to jacobians (matplotlib)")
+    ap.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="also write the per-case PNG of times relative to jacobians, and the summary figure at PATH-summary.png",
+    )
     ap.add_argument(
         "--markdown", action="store_true", help="print the report as Markdown on stdout (progress goes to stderr)"
     )
@@ -573,7 +613,7 @@ def main(argv=None) -> int:
             report = json.load(fh)
         print(rep.markdown(report) if args.markdown else rep.text(report), flush=True)
         if args.plot:
-            rep.plot(report, args.plot)
+            plots(report, args.plot)
         return 0
 
     t_start = time.perf_counter()
@@ -593,20 +633,28 @@ def main(argv=None) -> int:
     say(rep.preamble(report))
     say(rep.header())
     tty = sys.stderr.isatty()
-    for i, case in enumerate(selected, 1):
-        if tty:
-            sys.stderr.write(f"\r\033[K  running {case.name(args.quick) or case.name(False)} ({i}/{len(selected)})")
-            sys.stderr.flush()
-        result = _run_isolated(case, args) if isolate else _run_here(case, args)
-        report["cases"].append(result)
-        if tty:
-            sys.stderr.write("\r\033[K")
-        say(rep.case_rows(result))
+    # `timeout` (bench/gpu.sh under a time limit) sends SIGTERM: stop there, and save the cases that finished.
+    old_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for i, case in enumerate(selected, 1):
+            if tty:
+                sys.stderr.write(f"\r\033[K  running {case.name(args.quick) or case.name(False)} ({i}/{len(selected)})")
+                sys.stderr.flush()
+            result = _run_isolated(case, args) if isolate else _run_here(case, args)
+            report["cases"].append(result)
+            if tty:
+                sys.stderr.write("\r\033[K")
+            say(rep.case_rows(result))
+    except KeyboardInterrupt:
+        report["interrupted"] = f"stopped after {len(report['cases'])} of {len(selected)} cases"
+        say(f"\nInterrupted: {report['interrupted']}; saving those.")
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     report["wall_s"] = time.perf_counter() - t_start
     say()
     say(rep.summary(report))
     say()
-    say(f"{len(selected)} cases in {report['wall_s']:.0f} s (JAX start-up included).")
+    say(f"{len(report['cases'])} cases in {report['wall_s']:.0f} s (JAX start-up included).")
     written = []
     if not args.no_save and not args.check:
         written += save(report, args.out, args.name or ("latest-quick" if args.quick else "latest"))
@@ -615,8 +663,9 @@ def main(argv=None) -> int:
             json.dump(report, fh, indent=1)
         written.append(args.json)
     if args.plot:
-        rep.plot(report, args.plot)
-        written.append(args.plot)
+        written += plots(report, args.plot)
+    if (args.plot or not (args.no_save or args.check)) and importlib.util.find_spec("matplotlib") is None:
+        say(NO_MATPLOTLIB)
     for p in written:  # one per line: a path is the one thing that may pass 100 columns
         say(f"Saved: {_show_path(p)}")
     if args.markdown:

@@ -134,8 +134,15 @@ def _torch_impls(w: Workload, torch_f, names=TORCH_NAMES):
         w.impls[n] = Impl(torch_f(n), "torch")
 
 
+def torch_device() -> str:
+    """Where torch's rows run: on the GPU when JAX runs on one (a CPU-against-GPU ratio says nothing)."""
+    if torch is not None and jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 def _t(a):
-    return torch.from_numpy(np.array(a)) if torch is not None else None
+    return torch.from_numpy(np.array(a)).to(torch_device()) if torch is not None else None
 
 
 def _torch_jac(g):
@@ -786,13 +793,54 @@ def _param_impls(w: Workload, f: Callable, n: int, torch_f=None, fwd_ok: bool = 
     w.explain = lambda: jacobians.explain(f, w.x)
 
 
-def _nest(flat: dict) -> dict:
-    """``{"l0.w": a}`` (torch's parameter names) -> ``{"l0": {"w": a}}`` (the JAX pytree's structure)."""
+def _torch_param_jac(module, tp: dict, tx, rebuild: Callable) -> Callable:
+    """torch.func's parameter Jacobian: ``jacrev`` of ``functional_call(module, params, (x,))``.
+
+    Args:
+        module: the torch module; its own parameters are replaced by ``tp`` in the call.
+        tp: torch parameter name -> tensor (copies of the JAX parameters).
+        tx: the input.
+        rebuild: torch's result (a dict by parameter name) -> the JAX pytree's structure.
+
+    Returns:
+        A one-argument call (the JAX parameters, ignored: torch keeps its own copy) returning the Jacobian.
+    """
+    jr = tf.jacrev(lambda tp: tf.functional_call(module, tp, (tx,)))
+    return lambda _p: rebuild(jr(tp))
+
+
+def _nest(flat: dict, names: dict) -> dict:
+    """torch's result by parameter name -> the JAX pytree's structure.
+
+    Args:
+        flat: ``{"0.weight": t, ...}``, as ``torch.func`` returns for ``named_parameters``.
+        names: torch name -> (layer, leaf) of the JAX dict, e.g. ``{"0.weight": ("l0", "w")}``.
+
+    Returns:
+        ``{"l0": {"w": t, ...}, ...}``.
+    """
     out: dict = {}
-    for key, v in flat.items():
-        layer, leaf = key.split(".")
-        out.setdefault(layer, {})[leaf] = v
+    for tname, (layer, leaf) in names.items():
+        out.setdefault(layer, {})[leaf] = flat[tname]
     return out
+
+
+def _torch_mlp(sizes, act) -> tuple:
+    """An ``nn.Sequential`` MLP (``act`` between layers) and its torch name -> JAX (layer, leaf) map.
+
+    The module's own weights are never used: ``torch.func.functional_call`` swaps in copies of the
+    JAX parameters, as a user differentiating a module's parameters does.
+    """
+    mods = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        mods += [torch.nn.Linear(a, b)] + ([act()] if i < len(sizes) - 2 else [])
+    names = {f"{2 * i}.{t}": (f"l{i}", j) for i in range(len(sizes) - 1) for t, j in (("weight", "w"), ("bias", "b"))}
+    return torch.nn.Sequential(*mods), names
+
+
+def _torch_params(p: dict, names: dict) -> dict:
+    """The JAX parameter dict as torch tensors (copies) under the module's parameter names."""
+    return {tname: _t(p[layer][leaf]) for tname, (layer, leaf) in names.items()}
 
 
 def _mlp_params(sizes, dtype, rng) -> dict:
@@ -837,18 +885,8 @@ def param_mlp(d: int, h: int, c: int, dtype, rng) -> Workload:
     w = Workload(p, ref, reference_note="closed form (numpy float64)", memory=False)
     torch_f = None
     if torch is not None:
-        tp = {f"{k}.{kk}": _t(v) for k, sub in p.items() for kk, v in sub.items()}
-        tx = _t(x)
-
-        def tnet(tp):
-            z = tx
-            for i in range(3):
-                z = tp[f"l{i}.w"] @ z + tp[f"l{i}.b"]
-                z = torch.tanh(z) if i < 2 else z
-            return z
-
-        jr = tf.jacrev(tnet)
-        torch_f = lambda _p: _nest(jr(tp))  # noqa: E731 - torch keeps its own copy of the parameters
+        net, names = _torch_mlp((d, h, h, c), torch.nn.Tanh)
+        torch_f = _torch_param_jac(net, _torch_params(p, names), _t(x), lambda r: _nest(r, names))
     _param_impls(w, f, n, torch_f, fwd_ok=n <= 4096)
     return w
 
@@ -874,8 +912,31 @@ def param_cnn(hw: int, dtype, rng) -> Workload:
     n = sum(a.size for a in jax.tree_util.tree_leaves(p))
     ref = _ref64(jax.jacrev(lambda q: net(q, img.astype(jnp.float64))), p)
     w = Workload(p, ref, reference_note="jax.jacrev in float64", memory=False)
-    _param_impls(w, lambda q: net(q, img), n, fwd_ok=n <= 8192)
+    torch_f = None
+    if torch is not None:
+        names = {f"{layer}.{t}": (layer, j) for layer in p for t, j in (("weight", "w"), ("bias", "b"))}
+        torch_f = _torch_param_jac(_torch_cnn(hw), _torch_params(p, names), _t(img), lambda r: _nest(r, names))
+    _param_impls(w, lambda q: net(q, img), n, torch_f, fwd_ok=n <= 8192)
     return w
+
+
+def _torch_cnn(hw: int):
+    """param_cnn's network as a torch module (parameters c1, c2, fc), input (1, 1, hw, hw)."""
+
+    class CNN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(8, 16, 3, stride=2)
+            self.fc = torch.nn.Linear(16 * (hw // 2) ** 2, 10)
+
+        def forward(self, img):
+            z = torch.tanh(self.c1(img))
+            # JAX's "SAME" at stride 2 on an even size pads one row and column after, none before.
+            z = torch.tanh(self.c2(torch.nn.functional.pad(z, (0, 1, 0, 1))))
+            return self.fc(z.reshape(-1))
+
+    return CNN()
 
 
 @jax.tree_util.register_pytree_node_class
@@ -927,7 +988,17 @@ def param_module(d: int, h: int, c: int, dtype, rng) -> Workload:
     n = sum(a.size for a in jax.tree_util.tree_leaves(model))
     ref = _ref64(jax.jacrev(lambda m: m(x.astype(jnp.float64))), model)
     w = Workload(model, ref, reference_note="jax.jacrev in float64", memory=False)
-    _param_impls(w, lambda m: m(x), n, fwd_ok=n <= 4096)
+    torch_f = None
+    if torch is not None:  # the same GELU (tanh approximation, as jax.nn.gelu's default) as an nn.Sequential
+        net, names = _torch_mlp(sizes, lambda: torch.nn.GELU(approximate="tanh"))
+        p = {f"l{i}": {"w": layer.weight, "b": layer.bias} for i, layer in enumerate(model.layers)}
+
+        def rebuild(r):
+            q = _nest(r, names)
+            return _Model(_Linear(q[f"l{i}"]["w"], q[f"l{i}"]["b"]) for i in range(len(q)))
+
+        torch_f = _torch_param_jac(net, _torch_params(p, names), _t(x), rebuild)
+    _param_impls(w, lambda m: m(x), n, torch_f, fwd_ok=n <= 4096)
     return w
 
 
@@ -969,16 +1040,15 @@ def per_example_grads(batch: int, d: int, h: int, c: int, dtype, rng) -> Workloa
         jax.jit(lambda p: jax.vmap(jax.jacrev(loss), in_axes=(None, 0, 0))(p, X, labels))
     )
     if torch is not None:
-        tp = {f"{k}.{kk}": _t(v) for k, sub in p.items() for kk, v in sub.items()}
-        tX, tl = _t(X), torch.from_numpy(np.asarray(labels))
+        net, names = _torch_mlp((d, h, c), torch.nn.Tanh)
+        tp, tX, tl = _torch_params(p, names), _t(X), _t(labels)
 
-        def tloss(tp, x, y):
-            z = torch.tanh(tp["l0.w"] @ x + tp["l0.b"])
-            z = tp["l1.w"] @ z + tp["l1.b"]
-            return torch.logsumexp(z, 0) - z[y]
+        def tloss(tp, x, y):  # functional_call + vmap(grad): torch.func's per-sample-gradient recipe
+            z = tf.functional_call(net, tp, (x[None],))
+            return torch.nn.functional.cross_entropy(z, y[None])  # logsumexp(z) - z[y] (z[y] fails under vmap)
 
         g = tf.vmap(tf.grad(tloss), in_dims=(None, 0, 0))
-        w.impls["torch.func.vmap(grad)"] = Impl(lambda _p: _nest(g(tp, tX, tl)), "torch")
+        w.impls["torch.func.vmap(grad)"] = Impl(lambda _p: _nest(g(tp, tX, tl), names), "torch")
     return w
 
 

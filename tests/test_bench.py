@@ -45,8 +45,10 @@ def test_quick_run_streams_checks_and_saves(tmp_path):
     paths = [os.path.join(ROOT, ln[len("Saved: ") :]) for ln in out.splitlines() if ln.startswith("Saved: ")]
     names = {os.path.basename(p) for p in paths}
     expected = {"latest-quick.json", "latest-quick.md"}
-    if importlib.util.find_spec("matplotlib") is not None:  # the plot needs the bench extra
-        expected.add("latest-quick.png")
+    if importlib.util.find_spec("matplotlib") is not None:  # the figures need the bench extra
+        expected |= {"latest-quick.png", "latest-quick-summary.png"}
+    else:
+        assert suite.NO_MATPLOTLIB in out
     assert names == expected
     assert all(os.path.dirname(os.path.abspath(p)) == str(tmp_path) for p in paths)
     report = json.loads((tmp_path / "latest-quick.json").read_text())
@@ -72,6 +74,7 @@ def test_quick_run_streams_checks_and_saves(tmp_path):
     assert "## Summary" in md and all(name in md for name in cases)
     if "latest-quick.png" in expected:
         assert (tmp_path / "latest-quick.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "latest-quick-summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _synthetic(quick=True):
@@ -168,3 +171,82 @@ def test_usage_errors():
     assert "unknown case or workload 'nosuchcase'; choose from:" in proc.stderr
     proc = _bench("--repeat", "0")
     assert proc.returncode == 2 and "--repeat must be >= 1, got 0" in proc.stderr
+
+
+def _row(impl, med, base_med=None, spread=0.05, **extra):
+    """A timed row with quartiles med * (1 -+ spread); ratio and tie against ``base_med``."""
+    r = {"impl": impl, "kind": "torch" if impl.startswith("torch") else "jax", "status": "ok"}
+    r.update(median_s=med, q25_s=med * (1 - spread), q75_s=med * (1 + spread), **extra)
+    base_med = base_med or med
+    r["ratio_to_jacobians"] = med / base_med
+    r["tie"] = med * (1 - spread) <= base_med * (1 + spread) and base_med * (1 - spread) <= med * (1 + spread)
+    return r
+
+
+def _figure_report():
+    """Cases chosen so that each decision of the summary figure's data shows: best, tie, floor, family, notes."""
+
+    def case(name, workload, rows, status="ok"):
+        return {"name": name, "workload": workload, "status": status, "results": rows}
+
+    b = 1e-3
+    return {
+        "quick": True,
+        "cases": [
+            # Sparse, listed first: the figure puts it after the dense cases. The detection row is
+            # faster than everything but is not an alternative; the closed form is not either.
+            case("stencil1d_200_f32", "stencil1d", [
+                _row("jacobians", b, base=True), _row("asdex", 2 * b, b), _row("sparsejac.jacfwd", 3 * b, b),
+                _row("closed-form", 0.5 * b, b), _row("detect+colour: jacobians", 1e-6, b, kind="detect"),
+            ]),
+            # Dense: torch is the fastest alternative (0.4 ms): ratio 2.5, no tie; the closed form is the floor.
+            case("mlp_32_f32", "mlp", [
+                _row("jacobians", b, base=True), _row("jacobians[rev]", 0.1 * b, b), _row("jax.jacfwd", 4 * b, b),
+                _row("torch.func.jacrev", 0.4 * b, b), _row("closed-form", 0.8 * b, b),
+                {"impl": "numpy-fd", "kind": "numpy", "status": "wrong", "error": "max abs err 1"},
+            ]),
+            # Determinants, by name only (an older run without 'workload'): a tie with jnp, no closed form.
+            {"name": "slogdet_k2_1e3_f32", "status": "ok", "results": [
+                _row("jacobians.kernels.slogdet", b, base=True), _row("jnp.linalg.slogdet", 1.02 * b, b),
+            ]},
+            case("divergence_stencil_200_f32", "divergence_stencil", [_row("jacobians.divergence", b, base=True)]),
+            case("hessian_mlp_32_f32", "hessian_mlp", [], status="failed"),
+        ],
+    }
+
+
+def test_summary_figure_rows_pick_the_best_alternative():
+    rows = rep.summary_figure_rows(_figure_report())
+    assert [(r["case"], r["family"]) for r in rows] == [
+        ("mlp_32_f32", "dense"),
+        ("stencil1d_200_f32", "sparse"),
+        ("hessian_mlp_32_f32", "second order"),
+        ("slogdet_k2_1e3_f32", "determinants"),
+        ("divergence_stencil_200_f32", "traces/operators"),
+    ]
+    mlp, sparse, failed, det, div = rows
+    # The fastest alternative, not the library's own forced mode, nor the closed form.
+    assert mlp["best"] == "torch.func.jacrev" and mlp["ratio"] == pytest.approx(2.5)
+    assert (mlp["lo"], mlp["hi"]) == pytest.approx((0.95 * 2.5, 1.05 * 2.5))
+    assert not mlp["tie"] and mlp["floor"] == pytest.approx(2.0)
+    # Detection (faster than all) is not an alternative: asdex is; the floor sits left of 1.
+    assert sparse["best"] == "asdex" and sparse["ratio"] == pytest.approx(0.5) and sparse["floor"] == pytest.approx(0.25)
+    assert det["tie"] and det["best"] == "jnp.linalg.slogdet" and det["floor"] is None
+    assert failed["note"] == "failed" and "ratio" not in failed
+    assert div["note"] == "no alternative timed" and "ratio" not in div
+
+
+def test_summary_figure_is_written_and_skipped_without_matplotlib(tmp_path, monkeypatch):
+    report = _figure_report()
+    if importlib.util.find_spec("matplotlib") is not None:
+        paths = suite.plots(report, str(tmp_path / "run.png"))
+        assert paths == [str(tmp_path / "run.png"), str(tmp_path / "run-summary.png")]
+        assert (tmp_path / "run-summary.png").read_bytes()[:4] == b"\x89PNG"
+        # No case with a bar: no summary figure.
+        assert not rep.plot_summary({"cases": report["cases"][3:]}, str(tmp_path / "none.png"))
+        assert not (tmp_path / "none.png").exists()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    written = suite.save(report, str(tmp_path / "nomatplotlib"), "run")
+    assert sorted(os.path.basename(p) for p in written) == ["run.json", "run.md"]
+    assert sorted(os.listdir(tmp_path / "nomatplotlib")) == ["run.json", "run.md"]
