@@ -27,8 +27,8 @@ from . import _args, _mesh, _planner, _structured, _trust, kernels
 HESSIAN_MODES = ("fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd", "auto")
 
 
-def _check_scalar(shapes, where: str) -> None:
-    _args.check_float_outputs(shapes, where)
+def _check_scalar(shapes, where: str, holomorphic: bool = False) -> None:
+    _args.check_float_outputs(shapes, where, holomorphic)
     leaves = jax.tree_util.tree_leaves(shapes)
     if len(leaves) != 1 or leaves[0].shape != ():
         shown = leaves[0].shape if len(leaves) == 1 else jax.tree_util.tree_structure(shapes)
@@ -38,8 +38,12 @@ def _check_scalar(shapes, where: str) -> None:
         )
 
 
-def _gradient(p: _args.Problem, inner: str) -> Callable:
-    """``x -> (grad f(x), (f(x), aux))`` with the inner mode, for a flat scalar problem."""
+def _gradient(p: _args.Problem, inner: str, holomorphic: bool = False) -> Callable:
+    """``x -> (grad f(x), (f(x), aux))`` with the inner mode, for a flat scalar problem.
+
+    ``holomorphic``: ``x`` and ``f`` complex, the gradient ``df/dz`` (JAX's ``holomorphic=True``); the forward
+    inner mode pushes complex basis vectors, which gives ``df/dz`` for a holomorphic ``f`` as it stands.
+    """
 
     def scalar(x):
         y, aux = p.flat(x)
@@ -48,7 +52,7 @@ def _gradient(p: _args.Problem, inner: str) -> Callable:
     if inner == "rev":
 
         def grad(x):
-            (value, aux), g = jax.value_and_grad(scalar, has_aux=True)(x)
+            (value, aux), g = jax.value_and_grad(scalar, has_aux=True, holomorphic=holomorphic)(x)
             return g, (value, aux)
 
     else:
@@ -71,17 +75,19 @@ def _auto(run: Callable, where: str):
     return _args.with_fallback(run, "fwd_rev", "rev_rev", "fwd_fwd", where)
 
 
-def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, choose=None):
+def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, choose=None, holomorphic=False):
     """``(H (n, n), g (n,), value, aux)`` by the given mode.
 
     ``choose(decide) -> sweep or None``: the cached, certified choice of a
     structured sweep for ``mode="auto"`` (``decide()`` runs the cost model).
+    ``holomorphic``: complex ``x``, the complex Hessian ``d^2 f / dz^2`` (both
+    differentiations holomorphic, as ``jax.hessian(..., holomorphic=True)``).
     """
 
     def run(m):
         outer, inner = m.split("_")
         kernel = kernels.forward if outer == "fwd" else kernels.reverse
-        g, H, (value, aux) = kernel(_gradient(p, inner), p.x, chunk_size, shards)
+        g, H, (value, aux) = kernel(_gradient(p, inner, holomorphic), p.x, chunk_size, shards)
         return H, g, value, aux
 
     if mode == "auto" and chunk_size is None and shards is None and not jnp.iscomplexobj(p.x):
@@ -126,9 +132,9 @@ def _grad_tree(p: _args.Problem, g):
     return p.in_treedef.unflatten(leaves)
 
 
-def _problem(t, spec, traced, has_aux):
+def _problem(t, spec, traced, has_aux, holomorphic=False):
     return _args.problem(
-        t.fun, spec, traced, where=t.where, has_aux=has_aux, int_argnums=t.int_argnums,
+        t.fun, spec, traced, where=t.where, has_aux=has_aux, int_argnums=t.int_argnums, holomorphic=holomorphic,
     )
 
 
@@ -162,10 +168,11 @@ def _choose(t, spec, opts, traced, decide) -> str | None:
 
 
 def _compute_hessian(t, spec, opts, *traced):
-    p = _problem(t, spec, traced, opts["has_aux"])
-    _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where)
+    holomorphic = opts["holomorphic"]
+    p = _problem(t, spec, traced, opts["has_aux"], holomorphic)
+    _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where, holomorphic)
     H, g, value, aux = _second(p, opts["mode"], opts["chunk_size"], t.where, opts["shards"],
-                               lambda decide: _choose(t, spec, opts, traced, decide))
+                               lambda decide: _choose(t, spec, opts, traced, decide), holomorphic)
     H = _hess_blocks(p, H)
     if opts["with_value"]:
         out = (value.reshape(()).astype(p.out_leaves[0].dtype), _grad_tree(p, g), H)
@@ -175,11 +182,13 @@ def _compute_hessian(t, spec, opts, *traced):
     return (out, aux) if opts["has_aux"] else out
 
 
-def _build_hessian(fun, argnums, mode, has_aux, chunk_size, with_value, where, mesh=None, mesh_axis=None):
+def _build_hessian(fun, argnums, mode, has_aux, chunk_size, with_value, where, mesh=None, mesh_axis=None,
+                   holomorphic=False):
     opts = dict(
         shards=_mesh.resolve(mesh, where, mesh_axis),
         mode=_args.check_mode(mode, where, HESSIAN_MODES),
         has_aux=_args.check_bool(has_aux, "has_aux", where),
+        holomorphic=_args.check_bool(holomorphic, "holomorphic", where),
         chunk_size=_args.check_chunk_size(chunk_size, where),
         with_value=with_value,
         plans={},
@@ -194,6 +203,7 @@ def hessian(
     *,
     mode: str = "auto",
     has_aux: bool = False,
+    holomorphic: bool = False,
     chunk_size: int | None = None,
     mesh=None,
     mesh_axis=None,
@@ -212,6 +222,10 @@ def hessian(
         ``custom_vjp`` forbids forward mode, ``"fwd_fwd"`` where a ``while_loop``
         forbids reverse mode).
       has_aux: ``fun`` returns ``(value, aux)``; the result is ``(H, aux)``.
+      holomorphic: ``fun`` is holomorphic in complex inputs (complex scalar
+        output): the complex Hessian ``d^2 fun / dz^2``, as
+        ``jax.hessian(fun, holomorphic=True)`` (every mode; ``"auto"`` is
+        forward over reverse).
       chunk_size: at most this many Hessian-vector products at a time (bounds memory).
       mesh, mesh_axis: split the Hessian-vector products across a mesh's devices
         (see :func:`jacobians.jacobian`).
@@ -221,7 +235,8 @@ def hessian(
 
     Raises:
       ValueError: a non-scalar output (use ``jacobian(jacobian(fun))``), unknown mode.
-      TypeError: integer inputs; a function no mode can differentiate twice.
+      TypeError: integer inputs, complex inputs without ``holomorphic`` (real
+        inputs with it); a function no mode can differentiate twice.
 
     Example::
 
@@ -229,7 +244,8 @@ def hessian(
       Array([[4., 2.],
              [2., 0.]], dtype=float32)
     """
-    return _build_hessian(fun, argnums, mode, has_aux, chunk_size, False, "jacobians.hessian", mesh, mesh_axis)
+    return _build_hessian(fun, argnums, mode, has_aux, chunk_size, False, "jacobians.hessian", mesh, mesh_axis,
+                          holomorphic)
 
 
 def value_grad_and_hessian(

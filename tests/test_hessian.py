@@ -149,3 +149,26 @@ def test_gauss_newton_materialise_custom_vjp(rng):
     Jf = jnp.concatenate([J, jax.jacfwd(lambda x: x[1:] ** 2)(x)])
     np.testing.assert_allclose(gn.materialise(), Jf.T @ Jf, rtol=1e-12)
     np.testing.assert_allclose(gn.mv(x), Jf.T @ (Jf @ x), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hessian_holomorphic(mode, rng):
+    # Issue 24: hessian(..., holomorphic=True), as jax.hessian has it: every mode, pytrees and argnums.
+    z = jnp.asarray(rng.standard_normal(3) + 1j * rng.standard_normal(3))
+    w = jnp.asarray(rng.standard_normal(2) + 1j * rng.standard_normal(2))
+
+    def f(z, w):
+        return jnp.sum(jnp.sin(z) * z[0] ** 2) + z[1] * jnp.exp(z[2]) * jnp.sum(w**3)
+
+    got = jacobians.hessian(f, argnums=(0, 1), mode=mode, holomorphic=True)(z, w)
+    want = jax.jit(jax.hessian(f, argnums=(0, 1), holomorphic=True))(z, w)
+    assert_tree_allclose(got, want)
+    assert got[0][1].dtype == jnp.complex128 and got[0][1].shape == (3, 2)
+    if mode == "auto":
+        with pytest.raises(TypeError, match=r"jacobians.hessian: holomorphic=True requires complex inputs, but "
+                                            r"argument 0 has dtype float64"):
+            jacobians.hessian(f, holomorphic=True)(z.real, w)
+        with pytest.raises(TypeError, match=r"jacobians.hessian: can only differentiate with respect to real "
+                                            r"floating-point inputs, but argument 0 has dtype complex128. For a "
+                                            r"holomorphic function pass holomorphic=True"):
+            jacobians.hessian(f)(z, w)
