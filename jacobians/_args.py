@@ -643,6 +643,7 @@ class Problem:
     diff: tuple = ()  # the differentiated arguments, pytrees
     has_aux: bool = False
     where: str = ""
+    flat_out: Callable | None = None  # diff_args -> (y, aux): flat outputs of the pytree inputs (no ravel of x)
 
     def tree_dense(self, mode: str) -> tuple[Any, Any] | None:
         """``(blocks, aux)`` by ``jax.jacfwd``/``jax.jacrev``'s own program on the pytrees, or ``None``.
@@ -705,6 +706,19 @@ class Problem:
                 i += v.size
             rows.append(self.in_treedef.unflatten(row))
         return out_def.unflatten(rows), aux
+
+    def sweep_input(self) -> tuple[Callable, Any]:
+        """``(fn, x)`` for :func:`jacobians._structured.jacobian`: the leaves, or the flat view.
+
+        The leaves themselves where they share ``x``'s dtype and none is weakly typed (no ravel
+        into ``x`` and no cut back), else ``(flat, x)``.
+        """
+        leaves = jax.tree_util.tree_leaves(self.diff)
+        if (self.flat_out is None or not leaves or any(_weak(v) for v in leaves)
+                or {np.dtype(v.dtype) for v in leaves} != {np.dtype(self.x.dtype)}):
+            return self.flat, self.x
+        treedef = jax.tree_util.tree_structure(self.diff)
+        return (lambda *ls: self.flat_out(treedef.unflatten(ls))), leaves
 
     @property
     def n(self) -> int:
@@ -785,15 +799,16 @@ def problem(
     if not lazy:
         record(output_shapes(call, diff, where, has_aux))
 
-    def flat(x_flat):
-        res = call(unravel(x_flat))
+    def flat_out(diff_args):
+        res = call(diff_args)
         out, aux = _split_aux(res, where) if has_aux else (res, None)
         if prob.out_treedef is None:
             record(out)
         ys = [jnp.ravel(y).astype(prob.out_dtype) for y in jax.tree_util.tree_leaves(out)]
         return (ys[0] if len(ys) == 1 else jnp.concatenate(ys)), aux
 
-    prob.flat = flat
+    prob.flat = lambda x_flat: flat_out(unravel(x_flat))
+    prob.flat_out = flat_out
     return prob
 
 

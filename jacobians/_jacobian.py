@@ -79,7 +79,7 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
 
     def run(mode):
         if method == "structured":
-            return _structured.jacobian(p.flat, p.x, mode, chunk_size=opts["chunk_size"])
+            return _structured.jacobian(*p.sweep_input(), mode, chunk_size=opts["chunk_size"])
         if tree_ok and (done := p.tree_dense(mode)) is not None:
             return None, _Blocks(done[0]), done[1]
         kernel = kernels.forward if mode == "fwd" else kernels.reverse
@@ -143,10 +143,10 @@ def _make_plan(t, spec, traced, avals, opts) -> _planner.JacobianPlan:
     traced_flat = _sparsity.trace_flat(engine.t, spec, avals, has_aux=opts["has_aux"])
     closed, offsets, p = traced_flat
 
-    def detect(budget):
+    def detect(budget, columns=None):
         with warnings.catch_warnings(), _trust.stage("sparsity detection", passing=(_deps.TooDense,)):
             warnings.simplefilter("ignore")  # a primitive without a rule only makes the plan dense
-            return _sparsity.detect_traced(engine.t, closed, offsets, p, max_nnz=budget)
+            return _sparsity.detect_traced(engine.t, closed, offsets, p, max_nnz=budget, columns=columns)
 
     def color(det, mode):  # colouring costs O(nnz): affordable whenever detection stayed in budget
         with _trust.stage("colouring"):
@@ -156,7 +156,7 @@ def _make_plan(t, spec, traced, avals, opts) -> _planner.JacobianPlan:
         def g(*tr):
             q = _args.problem(t.fun, spec, tr, where=t.where, has_aux=opts["has_aux"],
                               int_argnums=t.int_argnums, lazy=True)
-            return _structured.jacobian(q.flat, q.x, sweep)[1]
+            return _structured.jacobian(*q.sweep_input(), sweep)[1]
 
         return jax.make_jaxpr(g)(*avals)
 

@@ -22,12 +22,16 @@ certificate gives the dense plan instead (see :mod:`._trust`).
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import _compat, _deps, _structured, _trust
 from ._walker import primitives
 
 PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
 DENSITY_BUDGET = 0.25  # stop detecting once nnz > this fraction of m * n (dense enough)
 NNZ_CAP = 1 << 22  # and never hold more than this many entries while planning
+SAMPLE = 64  # columns seeded by the detection pre-pass that can rule colourings out
+SAMPLE_FROM = 4096  # inputs from which that pre-pass pays for itself
 STRUCTURED_MARGIN = 0.8  # a structured sweep must cost less than this times the best other candidate
 
 
@@ -106,8 +110,8 @@ def choose(closed, n: int, m: int, detect, color, structured=None, only_structur
 
     Args:
       closed: the flat map's closed jaxpr.
-      detect: ``detect(max_nnz) -> SparsePlan-like pattern`` (raises ``TooDense``); ``None``:
-        no compressed candidate.
+      detect: ``detect(max_nnz, columns=None) -> Detected`` (raises ``TooDense``); ``columns``
+        seeds only those inputs (see :func:`_sample_rules_out`); ``None``: no compressed candidate.
       color: ``color(pattern, mode) -> SparsePlan`` for a forced or free direction.
       structured: ``structured(sweep) -> closed jaxpr`` of that structured
         sweep's program (``None``: not a candidate).
@@ -180,6 +184,27 @@ def _forced(closed) -> str | None:
     return "rev" if no_fwd else ("fwd" if no_rev else None)
 
 
+def _sample_rules_out(detect, budget: int, n: int, f: float, forced, best_dense: float) -> bool:
+    """Whether the pattern restricted to ``SAMPLE`` columns proves that no colouring beats ``best_dense``.
+
+    A sub-pattern bounds every colouring from below: the column colours by its
+    longest row, the row colours by its longest column, the gather by its
+    entries. Detection on a sample costs a fraction of full detection, which on
+    a dense map (a parameter Jacobian with few outputs) is most of the planning.
+    """
+    cols = np.unique(np.linspace(0, n - 1, SAMPLE).round().astype(np.int64))
+    pattern = detect(budget, cols).pattern
+    rows, cs = pattern.rows, pattern.cols
+    if rows.size == 0:
+        return False
+    bounds = []
+    if forced != "rev":
+        bounds.append(int(np.bincount(rows).max()))
+    if forced != "fwd":
+        bounds.append(int(np.bincount(cs).max()))
+    return min(bounds) * f * (1 + PASS_OVERHEAD) + rows.size >= best_dense
+
+
 def _choose_unstructured(closed, n: int, m: int, detect, color, skip: bool = False) -> JacobianPlan:
     """The best of the dense and compressed candidates."""
     if skip:
@@ -195,12 +220,17 @@ def _choose_unstructured(closed, n: int, m: int, detect, color, skip: bool = Fal
     dense_key = min(costs, key=costs.get) if costs else "dense fwd"
     best_dense = costs.get(dense_key, n * f)
     reason = f"one pass ~ {f:.3g} FLOPs"
-    budget = min(int(DENSITY_BUDGET * n * m), NNZ_CAP)
+    # A colouring also pays one gather per entry: past this many entries it cannot win.
+    budget = min(int(DENSITY_BUDGET * n * m), NNZ_CAP, max(int(best_dense - (1 + PASS_OVERHEAD) * f), 0))
     plan = None
     if detect is not None and n * m > 0 and min(n, m) > 2:
         try:
-            pattern = detect(budget)
-            plan = color(pattern, forced or "auto")
+            if n >= SAMPLE_FROM and _sample_rules_out(detect, budget, n, f, forced, best_dense):
+                reason += (f"; no colouring can win (the pattern's restriction to {SAMPLE} columns "
+                           "already needs as many passes as dense)")
+            else:
+                pattern = detect(budget)
+                plan = color(pattern, forced or "auto")
         except _deps.TooDense:
             reason += "; the pattern is dense (detection stopped at the density budget)"
     if plan is not None:

@@ -696,12 +696,15 @@ def _install(lat):
     lat.rules = {name: (lambda lat_, eqn, ins: lat_.rule(eqn, ins)) for name in _CONTROL}
 
 
-def jacobian(flat, x: jax.Array, sweep: str, log: list | None = None, chunk_size: int | None = None):
+def jacobian(flat, x, sweep: str, log: list | None = None, chunk_size: int | None = None):
     """The Jacobian of a flat map by one structured sweep.
 
     Args:
-      flat: ``flat(x) -> (y, aux)``, ``x`` of shape ``(n,)``, ``y`` of shape ``(m,)``.
-      x: the point.
+      flat: ``flat(x) -> (y, aux)``, ``x`` of shape ``(n,)``, ``y`` of shape ``(m,)``;
+        or, with ``x`` a list of arrays (the leaves of the input), ``flat(*x) -> (y, aux)``:
+        the columns are then the leaves' entries one leaf after another, each seeded
+        where it lives (no ravel of the leaves into one vector and no cut back).
+      x: the point: an ``(n,)`` array, or a list of arrays of one dtype.
       sweep: ``"fwd"`` (Jacobians from the input) or ``"rev"`` (adjoints from the output).
       log: if given, extended with ``(primitive, family, kinds)`` per rule applied
         (kinds: ``"zero"``, ``"selection"`` or ``"dense"`` per result), in sweep order.
@@ -711,13 +714,14 @@ def jacobian(flat, x: jax.Array, sweep: str, log: list | None = None, chunk_size
     Returns:
       ``(y, jac, aux)`` with ``jac`` of shape ``(m, n)``, as :func:`jacobians.kernels.forward`.
     """
-    closed, shapes = jax.make_jaxpr(flat, return_shape=True)(x)
+    xs = list(x) if isinstance(x, list | tuple) else [x]
+    closed, shapes = jax.make_jaxpr(flat, return_shape=True)(*xs)
     aux_tree = jax.tree_util.tree_structure(shapes[1])
-    n, m = x.shape[0], shapes[0].shape[0]
+    n, m = sum(v.size for v in xs), shapes[0].shape[0]
     dtype = shapes[0].dtype
     total = n if sweep == "fwd" else m
     if chunk_size is None or chunk_size >= total:
-        outs, jac = _sweep(closed, x, sweep, n, m, total, None, log)
+        outs, jac = _sweep(closed, xs, sweep, n, m, total, None, log)
         aux = jax.tree_util.tree_unflatten(aux_tree, [jnp.asarray(o.primal) for o in outs[1:]])
         return jnp.asarray(outs[0].primal), jac.astype(dtype), aux
     # Chunk c seeds the selection idx = j mod k scaled by the mask of [c k, c k + k): the idx
@@ -728,43 +732,51 @@ def jacobian(flat, x: jax.Array, sweep: str, log: list | None = None, chunk_size
 
     def body(c, out):
         lo = c * k
-        mask = ((labels >= lo) & (labels < lo + k)).astype(x.dtype if sweep == "fwd" else dtype)
-        _, part = _sweep(closed, x, sweep, n, m, k, st.Sel(labels % k, mask), None)
+        mask = ((labels >= lo) & (labels < lo + k)).astype(xs[0].dtype if sweep == "fwd" else dtype)
+        _, part = _sweep(closed, xs, sweep, n, m, k, st.Sel(labels % k, mask), None)
         return jax.lax.dynamic_update_slice_in_dim(out, part.astype(dtype), lo, axis=1 if sweep == "fwd" else 0)
 
     shape = (m, chunks * k) if sweep == "fwd" else (chunks * k, n)
     jac = jax.lax.fori_loop(0, chunks, body, jnp.zeros(shape, dtype))
     jac = jac[:, :n] if sweep == "fwd" else jac[:m]
-    y, aux = flat(x)
+    y, aux = flat(*xs)
     return y, jac, aux
 
 
-def _sweep(closed, x, sweep, n, m, other, seed, log):
+def _sweep(closed, xs: list, sweep, n, m, other, seed, log):
     """One sweep with ``seed`` (``None``: the identity) on the input (forward) or output (reverse) side.
 
+    The input side is the leaves ``xs`` one after another (columns ``[o_k, o_k + size_k)`` for leaf ``k``).
     Returns the walker's outputs and the ``(m, other)`` (forward) or ``(other, n)`` (reverse) result.
     """
     if sweep == "fwd":
         lat = _Forward(other)
         _install(lat)
-        outs = Walker(lat).run(closed, [SV(x, seed or st.identity((n,)))])
+        seed = seed or st.identity((n,))
+        seeds, o = [], 0
+        for v in xs:  # each leaf's lines of the flat seed
+            idx = seed.idx.reshape(-1)[o : o + v.size].reshape(v.shape)
+            seeds.append(st.Sel(idx, None if seed.scale is None else seed.scale[o : o + v.size].reshape(v.shape)))
+            o += v.size
+        outs = Walker(lat).run(closed, [SV(v, sd) for v, sd in zip(xs, seeds, strict=True)])
         jac = st.densify(outs[0].jac, (m,), other, True, outs[0].primal.dtype)
     else:
         lat = _Tape(other)
         _install(lat)
-        x_sv = SV(x, True)
-        outs = Walker(lat).run(closed, [x_sv])
-        adj = _backward(lat, outs[0], x_sv, seed or st.identity((m,)))
-        jac = st.densify(adj, (n,), other, False, x.dtype)
+        x_svs = [SV(v, True) for v in xs]
+        outs = Walker(lat).run(closed, x_svs)
+        adjs = _backward(lat, outs[0], x_svs, seed or st.identity((m,)))
+        parts = [st.densify(a, v.shape, other, False, v.dtype).reshape(other, v.size) for a, v in zip(adjs, xs)]
+        jac = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     if log is not None:
         log.extend(lat.log)
     return outs, jac
 
 
-def _backward(lat: _Tape, y: SV, x: SV, seed: st.Sel):
-    """Accumulate adjoints ``dy/dv`` over the tape, from ``y`` (``seed``: the identity, or a chunk) back to ``x``."""
+def _backward(lat: _Tape, y: SV, xs: list, seed: st.Sel) -> list:
+    """Accumulate adjoints ``dy/dv`` over the tape, from ``y`` (``seed``: the identity, or a chunk) back to ``xs``."""
     if y.jac is None:
-        return None
+        return [None] * len(xs)
     m = lat.n
     adj = {id(y): seed}
     for eqn, ins, outs in reversed(lat.tape):
@@ -780,4 +792,4 @@ def _backward(lat: _Tape, y: SV, x: SV, seed: st.Sel):
         for v, var, a in zip(ins, eqn.invars, res, strict=True):
             if a is not None and v.jac is not None:
                 adj[id(v)] = st.add(adj.get(id(v)), a, var.aval.shape, m, False, var.aval.dtype)
-    return adj.get(id(x))
+    return [adj.get(id(x)) for x in xs]

@@ -184,7 +184,13 @@ class Walker:
             env[v] = lat.const(_compat.host_constant(c), v.aval)
         for v, a in zip(jaxpr.invars, args, strict=True):
             env[v] = a
-        for eqn in jaxpr.eqns:
+        live = _live(jaxpr)
+        for eqn, alive in zip(jaxpr.eqns, live, strict=True):
+            if not alive:  # dead code (the flat view's unused ravel of x): its primitives still count as met
+                self.seen.add(eqn.primitive.name)
+                for sub in _compat.jaxprs_in_params(eqn.params):
+                    self.seen |= primitives(sub)
+                continue
             outs = self.eqn(eqn, [read(v) for v in eqn.invars])
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(v, _compat.DropVar):
@@ -306,6 +312,18 @@ class Walker:
         outs = self._run(body, consts + final + sl)
         ys = [lat.spread(y, a) for y, a, ya in zip(outs[nk:], out_avals[nk:], y_avals, strict=True)]
         return final + ys
+
+
+def _live(jaxpr) -> list[bool]:
+    """Per equation, whether an output of the jaxpr (or an effect) needs it; a backward pass over the equations."""
+    needed = {v for v in jaxpr.outvars if not isinstance(v, _compat.Literal)}
+    live = [False] * len(jaxpr.eqns)
+    for k in range(len(jaxpr.eqns) - 1, -1, -1):
+        eqn = jaxpr.eqns[k]
+        if eqn.effects or any(v in needed for v in eqn.outvars if not isinstance(v, _compat.DropVar)):
+            live[k] = True
+            needed.update(v for v in eqn.invars if not isinstance(v, _compat.Literal))
+    return live
 
 
 def primitives(jaxpr) -> set[str]:

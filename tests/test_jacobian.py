@@ -59,9 +59,10 @@ def test_chunk_sizes_all_agree(rng):
 
 def test_auto_plans_from_the_jaxpr(rng):
     tall, wide = CASES["tall_tanh"], CASES["wide_tanh"]
-    # tanh(A x): 3 -> 7 from the inputs, 6 -> 2 from the outputs (the structured sweep is the closed
-    # form diag(1 - t^2) A, no product with the identity).
-    assert jacobians.jacobian(tall.fun).plan(randn(rng, tall.shape)).key == "structured fwd"
+    # tanh(A x): 10 -> 40 from the inputs, 6 -> 2 from the outputs (the structured sweep is the closed
+    # form diag(1 - t^2) A, no product with the identity: about two passes against ten).
+    a = randn(rng, (40, 10))
+    assert jacobians.jacobian(lambda x: jnp.tanh(a @ x)).plan(randn(rng, (10,))).key == "structured fwd"
     assert jacobians.jacobian(wide.fun).plan(randn(rng, wide.shape)).mode == "rev"
     assert jacobians.jacobian(tall.fun, method="dense").plan(randn(rng, tall.shape)).key == "dense fwd"
     diag = jacobians.explain(lambda x: jnp.sin(x) * 2.0, randn(rng, (50,)))
