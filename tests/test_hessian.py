@@ -172,3 +172,33 @@ def test_hessian_holomorphic(mode, rng):
                                             r"floating-point inputs, but argument 0 has dtype complex128. For a "
                                             r"holomorphic function pass holomorphic=True"):
             jacobians.hessian(f)(z, w)
+
+
+def test_hvp_errors_and_fast_path(rng):
+    # Issue 24: hvp of a non-scalar fun raises hessian's error, also where the tangents' count is wrong too.
+    x, v = randn(rng, (3,)), randn(rng, (3,))
+    scalar = r"fun must return a scalar \(shape \(\)\), but its output is \(3,\). For the second derivatives of a " \
+             r"tensor-valued function use jacobians.jacobian\(jacobians.jacobian\(fun\)\)"
+    for mode in ("auto", "rev_rev"):
+        with pytest.raises(ValueError, match="jacobians.hvp: " + scalar):
+            jacobians.hvp(jnp.sin, (x,), (v,), mode=mode)
+    with pytest.raises(ValueError, match="jacobians.hvp: " + scalar):
+        jacobians.hvp(lambda x, y: jnp.sin(x * y), (x, x), (v,), argnums=(0, 1))
+    with pytest.raises(ValueError, match="jacobians.hessian: " + scalar):
+        jacobians.hessian(jnp.sin)(x)
+    with pytest.raises(ValueError, match=r"jacobians.hvp: tangents must have one entry per differentiated argument "
+                                         r"\(2\), got 1"):
+        jacobians.hvp(lambda x, y: jnp.sum(x * y), (x, x), (v,), argnums=(0, 1))
+    # Issue 27: repeated calls take a fast path (no argument pipeline); it still retraces per shape and dtype,
+    # and checks the tangents in the trace.
+    f = lambda x: jnp.sum(jnp.sin(x) * x[0])  # noqa: E731
+    for xs, vs in ((x, v), (x, v), (x[:2], v[:2]), (x.astype(jnp.float32), v.astype(jnp.float32))):
+        got = jacobians.hvp(f, (xs,), (vs,))
+        assert got.dtype == xs.dtype
+        np.testing.assert_allclose(got, jax.jvp(jax.grad(f), (xs,), (vs,))[1], rtol=1e-5 if xs.dtype == jnp.float32 else 1e-12)
+    from jacobians import _hessian
+
+    assert any(k[0] is f for k in _hessian._HVP_FAST), "the repeated call did not take the fast path"
+    with pytest.raises(ValueError, match=r"jacobians.hvp: tangents must match the differentiated arguments, with 3 "
+                                         r"entries in all; got 2"):
+        jacobians.hvp(f, (x,), (v[:2],))
