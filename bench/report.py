@@ -13,7 +13,8 @@ WIDTH = 100  # every line of the text output fits this many columns
 
 LEGEND = (
     "x jac = this row's median time / jacobians' median in the same case: above 1, jacobians is\n"
-    "faster; below 1, this row is. '~' marks a tie: the two interquartile ranges overlap."
+    "faster; below 1, this row is. '~' marks a tie: the two interquartile ranges overlap.\n"
+    "1st call: the first call's time (trace, plan, compile and run; torch and NumPy: the first run)."
 )
 
 # Families of implementations, in plotting order, with their colours.
@@ -21,7 +22,7 @@ FAMILIES = {
     "jacobians": "tab:green",
     "raw JAX": "tab:blue",
     "torch": "tab:orange",
-    "sparse peers": "tab:purple",
+    "JAX peers": "tab:purple",  # asdex, sparsejac, folx
     "closed form": "tab:olive",
     "NumPy": "tab:gray",
 }
@@ -30,12 +31,12 @@ FAMILIES = {
 def family(impl: str) -> str:
     if impl.startswith("jacobians"):
         return "jacobians"
-    if impl.startswith(("jax", "jnp")):
+    if impl.startswith(("jax", "jnp")) or "jax." in impl:  # "trace(jax.jacfwd)" is raw JAX too
         return "raw JAX"
     if impl.startswith("torch"):
         return "torch"
-    if impl.startswith(("asdex", "sparsejac")):
-        return "sparse peers"
+    if impl.startswith(("asdex", "sparsejac", "folx")):
+        return "JAX peers"
     if impl.startswith("closed-form"):
         return "closed form"
     return "NumPy"
@@ -95,7 +96,7 @@ COLUMNS = [  # (title, width, align); 2 spaces of indent and 2 between columns: 
     ("IQR", 8, ">"),
     ("x jac", 7, ">"),
     ("max|err|", 8, ">"),
-    ("compile", 8, ">"),
+    ("1st call", 8, ">"),
     ("XLA MB", 7, ">"),
     ("col", 3, ">"),
 ]
@@ -238,7 +239,7 @@ def summary_rows(report: dict) -> list[dict]:
                 "jacobians": base,
                 "raw JAX": _best(rows, "raw JAX"),
                 "torch": _best(rows, "torch"),
-                "peer": _best(rows, "sparse peers"),
+                "peer": _best(rows, "JAX peers"),
                 "closed": by.get("closed-form") if "ratio_to_jacobians" in by.get("closed-form", {}) else None,
                 "numpy": _best(rows, "NumPy"),
                 "sparse": sparse if sparse is not base else None,
@@ -392,7 +393,7 @@ def markdown(report: dict) -> str:
                 "jacobians",
                 "best raw JAX (x)",
                 "best torch (x)",
-                "best sparse peer (x)",
+                "best peer (x)",
                 "closed form (x)",
                 "NumPy (x)",
                 "sparse_jacobian (x)",
@@ -428,7 +429,7 @@ def markdown(report: dict) -> str:
             )
     parts.append(
         _md_table(
-            ["case", "implementation", "status", "median", "IQR", "x jacobians", "max \\|err\\|", "compile"]
+            ["case", "implementation", "status", "median", "IQR", "x jacobians", "max \\|err\\|", "first call"]
             + ["colours", "XLA MB", "case RSS MB"],
             rows,
         )
@@ -693,7 +694,7 @@ def plot_summary(report: dict, path: str) -> bool:
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
     ax.set_xlabel(
-        "jacobians' median time / the best alternative's (raw JAX, torch.func, sparse peers, NumPy); "
+        "jacobians' median time / the best alternative's (raw JAX, torch.func, JAX peers, NumPy); "
         "left of 1: jacobians is faster",
         fontsize=8,
     )

@@ -426,12 +426,26 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     v = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "numpy", "jacobians", "torch", "asdex", "sparsejac"):
+    for pkg in ("jax", "jaxlib", "numpy", "jacobians", "torch", "asdex", "sparsejac", "folx", "matplotlib"):
         try:
             v[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             v[pkg] = None
+    v["commit"] = _commit()
     return v
+
+
+def _commit() -> str | None:
+    """The checkout's commit, '+dirty' with uncommitted changes (what was measured); None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _machine() -> dict:
