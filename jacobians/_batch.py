@@ -32,10 +32,66 @@ class CoupledBatchError(ValueError):
     """The examples of a batch are not independent: ``batch_jacobian`` would be wrong."""
 
 
+def _batched_gather(lat, eqn, ins):
+    """A gather by traced indices whose operand has batching dimensions: each result element reads its own batch.
+
+    ``jax.vmap`` of ``table[i]`` with per-example ``i`` (an embedding lookup,
+    the pivots of a batched LU) gathers with ``operand_batching_dims``: result
+    element ``e`` reads only operand elements whose coordinates along those
+    dimensions are the indices' own, whatever the index values. So ``e`` takes
+    the union of the sets of its batch (not of the whole operand, as for
+    other traced indices). The batch of each result element comes from the
+    same gather run on the host on the operand's batch numbers, at zero indices.
+    Example: sets [[{0}, {1}], [{2}, {3}]] (batch dim 0), one traced index
+    per batch -> [{0, 1}, {2, 3}].
+    """
+    operand, indices = ins
+    dn = eqn.params["dimension_numbers"]
+    bdims = tuple(getattr(dn, "operand_batching_dims", ()) or ())
+    if indices.const is not None or not bdims or not operand.nnz:
+        return _deps.RULES["gather"](lat, eqn, ins)
+    shape = operand.shape
+    ids = np.zeros(shape, np.int32)
+    count = 1
+    for d in reversed(bdims):  # the batch number of each operand element, row-major over the batching dims
+        ids += (np.arange(shape[d], dtype=np.int32) * count).reshape([-1 if i == d else 1 for i in range(len(shape))])
+        count *= shape[d]
+    params = dict(eqn.params, mode=jax.lax.GatherScatterMode.CLIP, fill_value=None)
+    at = np.zeros(eqn.invars[1].aval.shape, eqn.invars[1].aval.dtype)  # any in-bounds index: the batch is fixed
+    where = np.asarray(eqn.primitive.bind(ids, at, **params))
+    groups = _deps.reduce_to(operand, ids, (count,), lat.n)
+    return [_deps.gather(groups, where)]
+
+
+def _linear_solve(lat, eqn, ins):
+    """``custom_linear_solve`` (``jnp.linalg.solve``, ``jax.scipy.linalg.solve``): as JAX differentiates it.
+
+    Its JVP is ``dx = solve(db - dA x)`` with ``x = solve(b)``: the solve's own
+    jaxpr on the right-hand side, and the matvec's on ``x`` for the matrix's
+    tangents. So the result reads what ``solve`` reads of ``b`` and of its
+    constants, joined with what the same solve reads of ``b`` joined with
+    ``matvec(x)``. A batched solve (a stack of matrices and right-hand sides)
+    keeps every example to itself.
+    """
+    lengths, jaxprs = eqn.params["const_lengths"], eqn.params["jaxprs"]
+    parts, k = {}, 0
+    for name in ("matvec", "vecmat", "solve", "transpose_solve"):
+        parts[name] = ins[k : k + getattr(lengths, name)]
+        k += getattr(lengths, name)
+    b = ins[k:]
+    walker = Walker(lat)
+    x = walker.run(jaxprs.solve, [*parts["solve"], *b])
+    r = walker.run(jaxprs.matvec, [*parts["matvec"], *x[: len(b)]])
+    rhs = [lat.join([bi, ri], v.aval) for bi, ri, v in zip(b, r, eqn.invars[k:], strict=True)]
+    dx = walker.run(jaxprs.solve, [*parts["solve"], *rhs])
+    return [lat.join([a, c], v.aval) for a, c, v in zip(x, dx, eqn.outvars, strict=True)]
+
+
 class _BatchLattice(_deps.DepsLattice):
     """Dependency sets over example labels; remembers the first equation that mixes examples."""
 
     name = "jacobians batch independence"
+    rules = {**_deps.DepsLattice.rules, "gather": _batched_gather, "custom_linear_solve": _linear_solve}
 
     def __init__(self, n: int):
         super().__init__(n)

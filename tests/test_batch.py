@@ -45,6 +45,8 @@ def test_pytrees_argnums_axes_aux(rng):
     assert_tree_allclose(Jt, ref)
 
 
+_SPD = np.eye(12) * 4.0 + np.random.default_rng(1).standard_normal((12, 12)) * 0.3
+
 COUPLED = {
     "batch_mean": (lambda X: X - X.mean(0, keepdims=True), "reduce_sum"),
     "batchnorm": (lambda X: (X - X.mean(0, keepdims=True)) / jnp.sqrt(X.var(0, keepdims=True) + 1e-5), "reduce_sum"),
@@ -52,6 +54,10 @@ COUPLED = {
     "sort_over_batch": (lambda X: jnp.sort(X, axis=0), "sort"),
     "attention_across_batch": (lambda X: jax.nn.softmax(X @ X.T, axis=1) @ X, "dot_general"),
     "reversed_batch": (lambda X: X[::-1] * 2.0, "data movement along the batch axis"),
+    # Gathers by traced indices without batching dimensions, and one solve over the whole batch, still mix.
+    "gather_across_batch": (lambda X: X * X[jnp.argmax(X, axis=1)], "gather"),
+    "solve_across_batch": (lambda X: jnp.linalg.solve(jnp.asarray(_SPD), X.reshape(-1)).reshape(X.shape),
+                           "custom_linear_solve|triangular_solve|lu"),
 }
 
 
@@ -68,3 +74,28 @@ def test_errors(rng):
         jacobians.batch_jacobian(jnp.sin, in_axes=None)
     with pytest.raises(ValueError, match=r"batch axis out_axes=0 of size 4, got shape \(3,\)"):
         jacobians.batch_jacobian(lambda X: X.sum(0))(X)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_per_example_gather_and_solve_proved(mode, rng):
+    # Issue 24: an embedding lookup (a vmapped gather by per-example traced indices: operand batching dims) and a
+    # per-example jnp.linalg.solve (batched LU, pivots gathered per example) are per-example, not "coupled".
+    B, V, d = 4, 5, 3
+    X = randn(rng, (B, V, d))
+    idx = jnp.asarray(rng.integers(0, V, (B, 2)))
+
+    def lookup(X, idx):
+        return jnp.tanh(jax.vmap(lambda e, i: e[i])(X, idx)) * X[:, :2, :]
+
+    want = jax.vmap(jax.jacfwd(lambda x, i: lookup(x[None], i[None])[0]))(X, idx)
+    assert_tree_allclose(jacobians.batch_jacobian(lookup, mode=mode)(X, idx), want)
+
+    A = randn(rng, (B, 3, 3)) + 3.0 * jnp.eye(3)[None]
+
+    def solve(M, b):  # both the matrices and the right-hand sides differentiated
+        return jnp.linalg.solve(M, b[..., None])[..., 0] ** 2
+
+    b = randn(rng, (B, 3))
+    got = jacobians.batch_jacobian(solve, argnums=(0, 1), mode=mode)(A, b)
+    want = jax.vmap(jax.jacfwd(lambda m, v: solve(m[None], v[None])[0], argnums=(0, 1)))(A, b)
+    assert_tree_allclose(got, want, rtol=1e-10, atol=1e-12)
