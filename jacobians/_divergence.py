@@ -25,7 +25,7 @@ from . import _args, _deps, _trust, kernels
 from ._sparsity import detect_traced, trace_flat
 from ._walker import has_custom_vjp
 
-ESTIMATORS = ("hutchinson", "hutch++")
+ESTIMATORS = ("hutchinson", "hutch++", "xtrace")
 PROBES = ("rademacher", "gaussian")
 CHUNK_ENTRIES = 1 << 22  # default chunk: at most this many Jacobian entries held at once
 
@@ -98,7 +98,7 @@ def _certify(traced_flat, values, colors: np.ndarray, mode: str, where: str) -> 
     j = np.arange(colors.size)
 
     def program(p, T, leaves):
-        s = jnp.asarray(seeds, p.x.dtype)
+        s = kernels.opaque(jnp.asarray(seeds, p.x.dtype))
         return (_products(p, jnp.concatenate([s, s * T[:1]]), mode, where),)
 
     def judge(outs, T, tol):
@@ -132,12 +132,12 @@ def _compute(t, spec, opts, *traced):
 
     dtype = _args.promote(p.out_dtype, p.x.dtype)
     if chunk >= n_colors:
-        prod = products(jnp.asarray(seeds_all, dtype))
+        prod = products(kernels.opaque(jnp.asarray(seeds_all, dtype)))  # not folded with closed-over weights
         return jnp.sum(prod[picks, jnp.arange(n)]).astype(dtype)
     n_chunks = -(-n_colors // chunk)
     pad = n_chunks * chunk - n_colors
     seeds_pad = np.concatenate([seeds_all, np.zeros((pad, n), bool)])
-    seeds_pad = jnp.asarray(seeds_pad.reshape(n_chunks, chunk, n), dtype)
+    seeds_pad = kernels.opaque(jnp.asarray(seeds_pad.reshape(n_chunks, chunk, n), dtype))
     # Per chunk: the entries j whose colour lies in the chunk, read from the chunk's products.
     owner = picks // chunk
     local = picks % chunk
@@ -188,28 +188,55 @@ def divergence(
 
 
 def _probes(key, shape, kind, dtype):
-    if kind == "rademacher":
-        return jax.random.rademacher(key, shape, dtype)
-    return jax.random.normal(key, shape, dtype)
+    """Real probes (Rademacher or Gaussian, ``E[z z^T] = I``) in ``dtype`` (complex: real parts only)."""
+    real = jnp.finfo(dtype).dtype
+    z = jax.random.rademacher(key, shape, real) if kind == "rademacher" else jax.random.normal(key, shape, real)
+    return z.astype(dtype)
+
+
+def _check_complex(diff: tuple, positions: tuple, where: str, holomorphic: bool) -> None:
+    """Complex differentiated leaves need ``holomorphic=True``: only a complex-linear ``J`` has a complex trace."""
+    if holomorphic:
+        return
+    for i, arg in zip(positions, diff, strict=True):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(arg)[0]:
+            if not jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+                continue
+            raise TypeError(
+                f"{where}: argument {i}{jax.tree_util.keystr(path)} has dtype {leaf.dtype}. A trace of a function "
+                "of complex inputs is the trace of its complex Jacobian, which exists for a holomorphic function: "
+                "pass holomorphic=True (a non-holomorphic map of complex inputs has no complex Jacobian; "
+                "differentiate its real and imaginary parts as real inputs instead)."
+            )
 
 
 def _estimate(t, spec, opts, key, *traced):
     where = t.where
-    p = _args.problem(t.fun, spec, traced, where=where, int_argnums=t.int_argnums)
+    _, _, diff = spec.rebuild(traced)
+    _check_complex(diff, spec.positions, where, opts["holomorphic"])
+    p = _args.problem(t.fun, spec, traced, where=where, int_argnums=t.int_argnums, holomorphic=opts["holomorphic"])
     _square(p, where)
     n, k = p.n, opts["num_probes"]
-    dtype = p.x.dtype
-    f = lambda x: p.flat(x)[0]  # noqa: E731
+    dtype = _args.promote(p.out_dtype, p.x.dtype)
+    f = lambda x: p.flat(x)[0].astype(dtype)  # noqa: E731
     # tr(J) = tr(J^T): estimate with J (JVPs) or, where a custom_vjp forbids forward mode, J^T (VJPs).
     if has_custom_vjp(jax.make_jaxpr(f)(p.x)):
         _, pull = jax.vjp(f, p.x)
-        apply = jax.vmap(lambda v: pull(v)[0])
+        apply = jax.vmap(lambda v: pull(v)[0].astype(dtype))
+    elif jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(p.x.dtype, jnp.complexfloating):
+        # Real inputs, complex outputs: J is real-linear, J v = J Re(v) + i J Im(v) for the complex sketches.
+        def jv(v):
+            return jax.jvp(f, (p.x,), (v,))[1]
+
+        apply = jax.vmap(lambda v: jv(jnp.real(v).astype(p.x.dtype)) + 1j * jv(jnp.imag(v).astype(p.x.dtype)))
     else:
-        apply = jax.vmap(lambda v: jax.jvp(f, (p.x,), (v,))[1])
+        apply = jax.vmap(lambda v: jax.jvp(f, (p.x,), (v.astype(p.x.dtype),))[1])
     if opts["estimator"] == "hutchinson":
         Z = _probes(key, (k, n), opts["probes"], dtype)
         samples = jnp.einsum("kn,kn->k", Z, apply(Z))
         return jnp.mean(samples), _stderr(samples)
+    if opts["estimator"] == "xtrace":
+        return _xtrace(apply, key, n, k // 2, opts["probes"], dtype)
     # Hutch++: a third of the probes sketch the range, a third take the sketch's trace exactly,
     # a third estimate the trace of what the sketch leaves out.
     s = max(1, k // 3)
@@ -217,18 +244,55 @@ def _estimate(t, spec, opts, key, *traced):
     k1, k2 = jax.random.split(key)
     S = _probes(k1, (s, n), opts["probes"], dtype)
     Q, _ = jnp.linalg.qr(apply(S).T)  # (n, s)
-    exact = jnp.trace(Q.T @ apply(Q.T).T)
+    exact = jnp.trace(Q.conj().T @ apply(Q.T).T)
     G = _probes(k2, (r, n), opts["probes"], dtype)
-    Gp = G - (G @ Q) @ Q.T  # project out the sketch
-    samples = jnp.einsum("kn,kn->k", Gp, apply(Gp))
+    Gp = G - (G @ Q.conj()) @ Q.T  # project out the sketch: rows (I - Q Q^H) g
+    samples = jnp.einsum("kn,kn->k", Gp.conj(), apply(Gp))
     return exact + jnp.mean(samples), _stderr(samples)
+
+
+def _xtrace(apply, key, n: int, m: int, kind: str, dtype):
+    """XTrace (Epperly, Tropp and Webber): ``2 m`` products, every probe used both to sketch and to estimate.
+
+    With probes ``w_1..w_m`` and ``Y = J W``, estimate ``i`` takes the trace of ``J``
+    on the range of the other ``m - 1`` sketch columns exactly, and Hutchinson with
+    probe ``w_i`` on the rest: ``t_i = tr(P_i J) + v_i^H J v_i``, ``v_i = (I - P_i) w_i``,
+    ``P_i`` the orthogonal projector onto ``range(Y_{-i})``. Each ``t_i`` is
+    unbiased (``P_i`` is independent of ``w_i``); their mean is the estimate and
+    ``std / sqrt(m)`` its standard error. Exact when ``rank(J) < m`` (for ``m > n``:
+    ``n`` JVPs of the identity, error zero). The ``m``
+    leave-one-out projectors come from one QR ``Y = Q R``: ``range(Y_{-i})`` is
+    ``Q`` times the complement of the unit vector ``s_i`` orthogonal to every
+    column of ``R`` but the ``i``-th (``s_i`` is row ``i`` of ``R^{-1}``,
+    conjugated), so ``J P_i`` needs only ``J Q`` (``m`` more products).
+    """
+    if m > n:  # the other probes' sketch spans everything: every estimate is the exact trace, from n JVPs
+        exact = jnp.trace(apply(jnp.eye(n, dtype=dtype)))
+        return exact, jnp.zeros((), jnp.finfo(dtype).dtype)
+    Om = _probes(key, (m, n), kind, dtype)  # (m, n): the probes as rows
+    Y = apply(Om)  # rows J w_i
+    Q, R = jnp.linalg.qr(Y.T)  # (n, m), (m, m)
+    Z = apply(Q.T).T  # (n, m): J Q
+    H = Q.conj().T @ Z  # Q^H J Q
+    W = Om @ Q.conj()  # (m, m): row i is Q^H w_i
+    S = jax.scipy.linalg.solve_triangular(R, jnp.eye(m, dtype=R.dtype), lower=False).conj()  # row i: s_i
+    S = S / jnp.linalg.norm(S, axis=1, keepdims=True).astype(S.dtype)
+
+    def one(s, w, om, y):
+        u = w - s * jnp.vdot(s, w)  # (I - s s^H) Q^H w_i: the coordinates of P_i w_i
+        v = om - Q @ u  # (I - P_i) w_i
+        return jnp.trace(H) - jnp.vdot(s, H @ s) + jnp.vdot(v, y - Z @ u)  # tr(P_i J) + v^H J v
+
+    samples = jax.vmap(one)(S, W, Om, Y)
+    return jnp.mean(samples), _stderr(samples)
 
 
 def _stderr(samples):
     k = samples.shape[0]
+    real = jnp.finfo(samples.dtype).dtype
     if k < 2:
-        return jnp.asarray(jnp.inf, samples.dtype)
-    return jnp.std(samples, ddof=1) / math.sqrt(k)
+        return jnp.asarray(jnp.inf, real)
+    return (jnp.std(samples, ddof=1) / math.sqrt(k)).astype(real)
 
 
 def trace_estimate(
@@ -238,6 +302,7 @@ def trace_estimate(
     num_probes: int,
     estimator: str = "hutchinson",
     probes: str = "rademacher",
+    holomorphic: bool = False,
 ) -> Callable:
     """An unbiased estimate of ``tr(d fun / d x)`` and its standard error, from ``num_probes`` JVPs.
 
@@ -245,15 +310,25 @@ def trace_estimate(
     (Rademacher or Gaussian), standard error ``std / sqrt(num_probes)``.
     Hutch++ spends a third of the probes on a sketch ``Q`` of ``J``'s range, a
     third on ``tr(Q^T J Q)`` exactly, and the rest on Hutchinson for the
-    remainder: far lower variance when ``J`` has a few large eigenvalues. The
-    probes' JVPs are batched in one call; the result is deterministic for a key.
+    remainder: far lower variance when ``J`` has a few large eigenvalues.
+    XTrace (Epperly, Tropp and Webber, exchangeable) uses every probe both to
+    sketch and to estimate: ``num_probes // 2`` probes sketch ``Y = J W``, as many
+    JVPs give ``J Q`` for ``Y = Q R``, and each probe's estimate takes the trace on
+    the other probes' sketch exactly and Hutchinson on the rest; the standard
+    error is that of the ``num_probes // 2`` estimates. Exact (up to rounding) when
+    ``rank(J) < num_probes // 2``; lower variance than Hutch++ for the same JVPs.
+    The probes' JVPs are batched in one call (two for Hutch++ and XTrace); the
+    result is deterministic for a key.
 
     Args:
       fun: a square map.
       argnums: an int or a tuple of ints.
-      num_probes: the number of JVPs (>= 1; >= 3 for ``"hutch++"``).
-      estimator: ``"hutchinson"`` or ``"hutch++"``.
-      probes: ``"rademacher"`` or ``"gaussian"``.
+      num_probes: the number of JVPs (>= 1; >= 3 for ``"hutch++"``, >= 4 for
+        ``"xtrace"``, which uses an even number: ``2 * (num_probes // 2)``).
+      estimator: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
+      probes: ``"rademacher"`` or ``"gaussian"`` (real probes, also for complex ``J``).
+      holomorphic: ``fun`` is holomorphic in complex inputs: estimate the trace of
+        its complex Jacobian (complex estimate, real standard error).
 
     Returns:
       A function ``(*args, key, **kwargs) -> (estimate, standard_error)``; ``key``
@@ -272,7 +347,12 @@ def trace_estimate(
     probes = _args.check_choice(probes, "probes", PROBES, where)
     if estimator == "hutch++" and num_probes < 3:
         raise ValueError(f"{where}: estimator='hutch++' needs num_probes >= 3, got {num_probes}.")
-    opts = dict(num_probes=int(num_probes), estimator=estimator, probes=probes)
+    if estimator == "xtrace" and num_probes < 4:
+        raise ValueError(
+            f"{where}: estimator='xtrace' needs num_probes >= 4 (two probes sketch and two estimate), got {num_probes}."
+        )
+    holomorphic = _args.check_bool(holomorphic, "holomorphic", where)
+    opts = dict(num_probes=int(num_probes), estimator=estimator, probes=probes, holomorphic=holomorphic)
     t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_estimate, t, spec, opts)))
 
     @functools.wraps(fun)

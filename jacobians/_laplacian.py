@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _compat, _deps, _planner, _taylor
+from . import _args, _compat, _deps, _mesh, _planner, _taylor, kernels
 from ._deps import _second as _deps_second
 from ._divergence import _diagonal_colors
 from ._walker import has_custom_vjp
@@ -106,10 +106,10 @@ def _sweep_stats(sw: "_taylor.Sweep") -> tuple[float, int]:
     return sum(s * k for s, k in entries) / total, max(k for _, k in entries)
 
 
-def _forward(p, kind: str, sparse: bool, chunk, stats: dict | None = None):
+def _forward(p, kind: str, sparse: bool, chunk, stats: dict | None = None, shards=None):
     n = p.n
     if chunk is None or chunk >= n or sparse:
-        sw = _taylor.sweep(p.flat, p.x, kind, sparse)
+        sw = _taylor.sweep(p.flat, p.x, kind, sparse, shards=shards)
         if stats is not None:
             stats["columns"], stats["max_columns"] = _sweep_stats(sw)
         J, S = sw.dense()
@@ -117,7 +117,7 @@ def _forward(p, kind: str, sparse: bool, chunk, stats: dict | None = None):
     chunks = -(-n // chunk)
 
     def one(c):
-        sw = _taylor.sweep(p.flat, p.x, kind, False, cols=chunk, start=c * chunk)
+        sw = _taylor.sweep(p.flat, p.x, kind, False, cols=chunk, start=c * chunk, shards=shards)
         J, S = sw.dense()
         return J, S
 
@@ -131,16 +131,25 @@ def _forward(p, kind: str, sparse: bool, chunk, stats: dict | None = None):
 
 def _seeds(colors: np.ndarray, n: int, dtype):
     n_colors = int(colors.max()) + 1 if n else 0
-    return jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], dtype)  # (c, n)
+    return kernels.opaque(jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], dtype))  # (c, n), not folded
 
 
-def _map(fn, seeds, chunk):
-    if chunk is None or chunk >= seeds.shape[0]:
-        return jax.vmap(fn)(seeds)
-    return jax.lax.map(fn, seeds, batch_size=chunk)
+def _map(fn, seeds, chunk, shards=None):
+    """``vmap(fn)(seeds)``: at most ``chunk`` seeds at once (per device), split across ``shards``' devices."""
+    k = seeds.shape[0]
+    per = shards.count if shards is not None else 1
+    if chunk is None or chunk * per >= k:
+        return kernels.sharded_vmap(fn, seeds, shards)
+    if shards is None:
+        return jax.lax.map(fn, seeds, batch_size=chunk)
+    b = chunk * per  # one step: chunk seeds per device
+    steps = -(-k // b)
+    padded = jnp.concatenate([seeds, jnp.zeros((steps * b - k,) + seeds.shape[1:], seeds.dtype)])
+    out = jax.lax.map(lambda s: kernels.sharded_vmap(fn, s, shards), padded.reshape((steps, b) + seeds.shape[1:]))
+    return out.reshape((steps * b,) + out.shape[2:])[:k]
 
 
-def _hvp(p, kind: str, colors: np.ndarray, chunk, where: str):
+def _hvp(p, kind: str, colors: np.ndarray, chunk, where: str, shards=None):
     f = lambda x: p.flat(x)[0]  # noqa: E731
     x = p.x
     scalar = p.m == 1 and not jnp.issubdtype(p.out_dtype, jnp.complexfloating)  # reverse mode needs real outputs
@@ -155,15 +164,15 @@ def _hvp(p, kind: str, colors: np.ndarray, chunk, where: str):
                 second = lambda s: jnp.vdot(s, jax.vjp(grad, x)[1](s)[0])[None]  # noqa: E731
             else:
                 second = directional
-            return jnp.sum(_map(second, _seeds(colors, p.n, x.dtype), chunk), axis=0)  # (m,)
+            return jnp.sum(_map(second, _seeds(colors, p.n, x.dtype), chunk, shards), axis=0)  # (m,)
         if mode == "fwd_fwd" or not scalar:  # one input per pass: d^2 f / dx_j^2 for every output at once
-            return _map(directional, jnp.eye(p.n, dtype=x.dtype), chunk)  # (n, m)
+            return _map(directional, kernels.opaque(jnp.eye(p.n, dtype=x.dtype)), chunk, shards)  # (n, m)
         grad = jax.grad(lambda z: f(z)[0])
         if mode == "fwd":
             hv = lambda s: jax.jvp(grad, (x,), (s,))[1]  # noqa: E731
         else:
             hv = lambda s: jax.vjp(grad, x)[1](s)[0]  # noqa: E731
-        prods = _map(hv, _seeds(colors, p.n, x.dtype), chunk)  # (c, n): entry j of colour colors[j] is H[j, j]
+        prods = _map(hv, _seeds(colors, p.n, x.dtype), chunk, shards)  # (c, n): entry j of colour colors[j] is H[j, j]
         return prods[jnp.asarray(colors), jnp.arange(p.n)][:, None]
 
     def checked(mode):  # JAX says "custom_lin" when a JVP of a JVP meets a custom_vjp: say it as jvp does
@@ -256,9 +265,9 @@ def _program(p, method: str, opts: dict, colors, meta: dict):
         q = _args.Problem(p.flat, x, p.out_leaves, p.out_treedef, p.in_leaves, p.in_treedef, p.out_dtype)
         stats = {}
         if method == "hvp":
-            y, J, S, aux = _hvp(q, opts["kind"], colors, opts["chunk_size"], opts["where"])
+            y, J, S, aux = _hvp(q, opts["kind"], colors, opts["chunk_size"], opts["where"], opts["shards"])
         else:
-            y, J, S, aux = _forward(q, opts["kind"], method == "sparse", opts["chunk_size"], stats)
+            y, J, S, aux = _forward(q, opts["kind"], method == "sparse", opts["chunk_size"], stats, opts["shards"])
         meta.update(stats)
         meta["n_aux"] = len(aux)
         if not opts["with_grad"]:
@@ -401,8 +410,9 @@ def _assemble(p, opts, y, J, S):
     return _out_tree(p, y), _in_tree(p, J[:, 0]), lap
 
 
-def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where):
+def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where, mesh=None, mesh_axis=None):
     opts = dict(
+        shards=_mesh.resolve(mesh, where, mesh_axis),
         method=_args.check_choice(method, "method", METHODS, where),
         has_aux=_args.check_bool(has_aux, "has_aux", where),
         chunk_size=_args.check_chunk_size(chunk_size, where),
@@ -448,6 +458,8 @@ def laplacian(
     method: str = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
+    mesh=None,
+    mesh_axis=None,
 ) -> Callable:
     """The Laplacian ``sum_i d^2 fun / d x_i^2`` (the trace of the Hessian, (5.147)), without the Hessian.
 
@@ -465,6 +477,11 @@ def laplacian(
       has_aux: ``fun`` returns ``(output, aux)``; the result is ``(laplacian, aux)``.
       chunk_size: ``"forward"``: at most this many input columns per sweep
         (a loop over chunks); ``"hvp"``: at most this many at once.
+      mesh, mesh_axis: split the passes across a ``jax.sharding.Mesh``'s devices
+        (``"auto"``: every device): the HVPs of ``"hvp"``, the first-derivative
+        columns of the dense ``"forward"`` sweep (XLA's SPMD partitioner splits
+        each linear map by columns; per device when chunked). The sparse sweep
+        runs whole on each device. See :func:`jacobians.jacobian`.
 
     Returns:
       A function with ``fun``'s signature returning the Laplacian with the
@@ -480,7 +497,7 @@ def laplacian(
       >>> jacobians.laplacian(lambda x: jnp.sum(x ** 3))(jnp.array([1.0, 2.0]))
       Array(18., dtype=float32)
     """
-    return _build(fun, argnums, method, has_aux, chunk_size, "trace", False, "jacobians.laplacian")
+    return _build(fun, argnums, method, has_aux, chunk_size, "trace", False, "jacobians.laplacian", mesh, mesh_axis)
 
 
 def value_grad_and_laplacian(
@@ -490,6 +507,8 @@ def value_grad_and_laplacian(
     method: str = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
+    mesh=None,
+    mesh_axis=None,
 ) -> Callable:
     """``(f(x), grad f(x), laplacian f(x))`` of a scalar ``fun`` in one pass (a local energy's ingredients).
 
@@ -509,7 +528,8 @@ def value_grad_and_laplacian(
       >>> g, lap
       (Array([ 3., 12.], dtype=float32), Array(18., dtype=float32))
     """
-    return _build(fun, argnums, method, has_aux, chunk_size, "trace", True, "jacobians.value_grad_and_laplacian")
+    return _build(fun, argnums, method, has_aux, chunk_size, "trace", True, "jacobians.value_grad_and_laplacian",
+                  mesh, mesh_axis)
 
 
 def hessian_diagonal(
@@ -519,6 +539,8 @@ def hessian_diagonal(
     method: str = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
+    mesh=None,
+    mesh_axis=None,
 ) -> Callable:
     """The diagonal ``d^2 fun / d x_i^2`` of the Hessian, without the Hessian.
 
@@ -537,4 +559,5 @@ def hessian_diagonal(
       >>> jacobians.hessian_diagonal(lambda x: x[0] ** 2 * x[1] ** 3)(jnp.array([1.0, 2.0]))
       Array([16., 12.], dtype=float32)
     """
-    return _build(fun, argnums, method, has_aux, chunk_size, "diag", False, "jacobians.hessian_diagonal")
+    return _build(fun, argnums, method, has_aux, chunk_size, "diag", False, "jacobians.hessian_diagonal", mesh,
+                  mesh_axis)

@@ -8,6 +8,7 @@ business of :mod:`jacobians`; this package never imports it.
 
 from ._basis import Shards as Shards
 from ._basis import basis_map as basis_map
+from ._basis import opaque as opaque
 from ._basis import sharded_vmap as sharded_vmap
 from ._coloring import color_columns as color_columns
 from ._coloring import color_rows as color_rows
@@ -32,6 +33,7 @@ __all__ = [
     "compressed_jvps",
     "compressed_reverse",
     "forward",
+    "opaque",
     "reverse",
     "sharded_vmap",
     "slogdet",

@@ -13,6 +13,19 @@ def _one_hot_rows(start: jax.Array | int, count: int, size: int, dtype) -> jax.A
     return (rows[:, None] == jnp.arange(size)[None, :]).astype(dtype)
 
 
+def opaque(seeds):
+    """Seeds (or any constant next to a function's closed-over arrays) that XLA will not constant-fold.
+
+    A function's closed-over weights are constants of the compiled program; a
+    constant seed stack (an identity, colour seeds) multiplied by them is then a
+    constant expression, and XLA's constant folding evaluates it at compile time
+    in its slow interpreter (an ``n = 1024`` MLP: 20+ s, against 0.2 s for the
+    same program with the product left to run time). An optimization barrier
+    keeps the seeds out of folding; the products run compiled.
+    """
+    return jax.lax.optimization_barrier(jax.tree_util.tree_map(jnp.asarray, seeds))  # an array or a pytree
+
+
 class Shards(NamedTuple):
     """How to split a stack of basis vectors (or seeds) across devices.
 
@@ -62,10 +75,23 @@ def basis_map(
     Args:
       apply: a linear map from shape ``(size,)`` to a 1-D array of shape ``(r,)``.
       size: the length of the basis vectors.
+def _stack(apply: Callable, rows: jax.Array, shards: "Shards | None", axis: int) -> jax.Array:
+    """``vmap(apply)(rows)``; a single row without ``vmap``.
+
+    ``chunk_size=1`` then needs no batching rule: a ``pure_callback`` without
+    ``vmap_method`` or a ``custom_vmap`` whose rule refuses still works, one
+    basis vector per step (as torch.func's ``chunk_size=1``).
+    """
+    if rows.shape[0] == 1 and (shards is None or shards.count <= 1):
+        return jnp.expand_dims(apply(rows[0]), axis)
+    return sharded_vmap(apply, rows, shards, out_axes=axis)
+
+
       dtype: the dtype of the basis vectors.
       chunk_size: push at most this many basis vectors through ``apply`` at a
         time, so that the working memory scales with ``chunk_size`` instead of
-        ``size``; ``None`` pushes all of them in one ``vmap``.
+        ``size``; ``None`` pushes all of them in one ``vmap``; 1 pushes them
+        one by one without ``vmap`` (no batching rule needed).
       axis: where the basis index goes in the result: 0 gives ``(size, r)``,
         1 gives ``(r, size)``.
       shards: split the basis vectors across devices (``chunk_size`` then counts
@@ -76,7 +102,7 @@ def basis_map(
     """
     per = shards.count if shards is not None else 1
     if chunk_size is None or chunk_size * per >= size:
-        return sharded_vmap(apply, jnp.eye(size, dtype=dtype), shards, out_axes=axis)
+        return _stack(apply, jnp.eye(size, dtype=dtype), shards, axis)
 
     k = chunk_size * per
     probe = jax.eval_shape(apply, jax.ShapeDtypeStruct((size,), dtype))
@@ -88,7 +114,7 @@ def basis_map(
         # it recomputes a few columns but every step pushes exactly k vectors,
         # and the result is written in place into the loop-carried buffer.
         start = jnp.minimum(i * k, size - k)
-        block = sharded_vmap(apply, _one_hot_rows(start, k, size, dtype), shards, out_axes=axis)
+        block = _stack(apply, _one_hot_rows(start, k, size, dtype), shards, axis)
         return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis)
 
     out = jnp.zeros(shape, probe.dtype)

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._basis import Shards, sharded_vmap
+from ._basis import Shards, opaque, sharded_vmap
 
 
 def _seeds(colors: np.ndarray, n_colors: int, dtype) -> jax.Array:
     """The 0/1 seed rows, shape ``(n_colors, len(colors))``: row ``c`` marks colour ``c``."""
-    return jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], dtype)
+    return opaque(jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], dtype))  # never constant-folded
 
 
 def compressed_jvps(

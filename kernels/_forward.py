@@ -8,6 +8,19 @@ import jax
 from ._basis import Shards, basis_map, sharded_vmap
 
 
+def _has_custom_lin(jaxpr) -> bool:
+    """Whether a JVP's jaxpr holds a ``custom_lin``: a ``custom_vjp`` met in forward mode (fails when lowered)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "custom_lin":
+            return True
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _has_custom_lin(inner):
+                    return True
+    return False
+
+
 def forward(
     fun: Callable[[jax.Array], tuple[jax.Array, Any]],
     x: jax.Array,
@@ -27,7 +40,7 @@ def forward(
     """
     n = x.shape[0]
     per = shards.count if shards is not None else 1
-    if chunk_size is None or chunk_size * per >= n:
+    if chunk_size is None or (chunk_size * per >= n and chunk_size * per > 1):
         # The same computation as jax.jacfwd: one vmapped JVP whose primal
         # part is computed once, tangents landing on the last axis.
         def push(t):
@@ -36,6 +49,18 @@ def forward(
         return sharded_vmap(push, jax.numpy.eye(n, dtype=x.dtype), shards, out_axes=(None, -1, None))
 
     # Chunked: linearize once (primal and residuals computed once), then apply
-    # the linear map to chunks of basis vectors.
-    y, lin, aux = jax.linearize(fun, x, has_aux=True)
+    # the linear map to chunks of basis vectors (chunk_size=1: one by one, no vmap).
+    # A JVP traced first: where forward mode is impossible (a custom_vjp) say so now, while the caller can
+    # still fall back to reverse mode; JAX itself would only fail when compiling the loop.
+    if _has_custom_lin(jax.make_jaxpr(lambda t: jax.jvp(fun, (x,), (t,), has_aux=True)[1])(x).jaxpr):
+        raise TypeError("can't apply forward-mode autodiff (jvp) to a custom_vjp function.")
+    try:
+        y, lin, aux = jax.linearize(fun, x, has_aux=True)
+    except Exception:  # noqa: BLE001 - e.g. a custom_vmap, which JAX cannot linearize: a JVP per chunk
+        # (the primal recomputed per chunk)
+        y, aux = fun(x)
+
+        def lin(t):
+            return jax.jvp(lambda v: fun(v)[0], (x,), (t,))[1]
+
     return y, basis_map(lin, n, x.dtype, chunk_size, axis=1, shards=shards), aux

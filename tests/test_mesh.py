@@ -37,6 +37,8 @@ ENGINES = {
     "batch_jacobian": lambda mesh: jacobians.batch_jacobian(flow_b, mesh=mesh)(X),
     "logdet_batched": lambda mesh: jacobians.log_abs_det(flow, batched=True, mesh=mesh)(X),
     "logdet_batch_first": lambda mesh: jacobians.log_abs_det(flow_b, batch_first=True, mesh=mesh)(X),
+    "laplacian_forward": lambda mesh: jacobians.laplacian(rosen, method="forward", mesh=mesh)(x),
+    "hessian_diagonal_hvp": lambda mesh: jacobians.hessian_diagonal(rosen, method="hvp", chunk_size=1, mesh=mesh)(x),
 }
 def results(mesh, names=tuple(ENGINES)):
     return {k: ENGINES[k](mesh) for k in names}

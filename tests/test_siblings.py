@@ -102,7 +102,7 @@ def test_errors(rng):
         jacobians.trace_estimate(jnp.sin, num_probes=0)
     with pytest.raises(TypeError, match=r"jacobians.trace_estimate: the returned function needs a PRNG key"):
         jacobians.trace_estimate(jnp.sin, num_probes=2)(x)
-    with pytest.raises(ValueError, match=r"estimator must be one of \('hutchinson', 'hutch\+\+'\)"):
+    with pytest.raises(ValueError, match=r"estimator must be one of \('hutchinson', 'hutch\+\+', 'xtrace'\)"):
         jacobians.trace_estimate(jnp.sin, num_probes=2, estimator="exact")
     with pytest.raises(ValueError, match=r"choose batched=True .* or batch_first=True"):
         jacobians.det(jnp.sin, batched=True, batch_first=True)

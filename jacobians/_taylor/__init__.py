@@ -349,7 +349,7 @@ class Sweep:
         return t
 
 
-def sweep(flat, x, kind: str, sparse: bool = False, cols: int | None = None, start=None) -> Sweep:
+def sweep(flat, x, kind: str, sparse: bool = False, cols: int | None = None, start=None, shards=None) -> Sweep:
     """One forward-Laplacian sweep of ``flat(x) -> (y, aux)`` (``x`` of shape ``(n,)``, ``y`` of shape ``(m,)``).
 
     Args:
@@ -358,6 +358,8 @@ def sweep(flat, x, kind: str, sparse: bool = False, cols: int | None = None, sta
       kind: ``"trace"`` or ``"diag"``.
       sparse: keep per-element layouts.
       cols, start: a dense chunk: input columns ``start .. start + cols`` only (``start`` may be traced).
+      shards: split a dense sweep's columns across devices (the seed pinned along its column axis; XLA's
+        SPMD partitioner carries the split through every rule). Sparse sweeps are not split.
 
     Returns:
       A :class:`Sweep`.
@@ -365,5 +367,7 @@ def sweep(flat, x, kind: str, sparse: bool = False, cols: int | None = None, sta
     closed, shapes = jax.make_jaxpr(flat, return_shape=True)(x)
     lat = Taylor(x.shape[0], kind, sparse, cols)
     t0, idx0 = bk.seed(lat, x, sparse, start)
+    if shards is not None and shards.count > 1 and not sparse:
+        t0 = (shards.constrain(t0[0], 0), t0[1] if kind == "trace" else shards.constrain(t0[1], 0))
     outs = Walker(lat).run(closed, [TV(x, t0, idx0)])
     return Sweep(outs, lat, shapes[0].shape, shapes[0].dtype)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import kernels
 from . import _layout
 
 
@@ -186,28 +187,23 @@ def compress(lat, t, shape, dst):
     return gather(lat, t, pos, lat.n)
 
 
-SEED_CONSTANT_MAX = 1 << 20  # seeds up to this many entries are NumPy constants
-
-
 def seed(lat, x, sparse: bool, start=None):
     """The block of the input vector ``x`` (shape ``(n,)``): the identity, or one column per input (sparse).
 
     With ``start`` (a traced offset), the dense identity's columns ``start .. start + lat.cols``
-    (a chunk; columns past ``n`` are zero). A small seed is a NumPy constant.
+    (a chunk; columns past ``n`` are zero). Neither part is a constant XLA may fold: their products
+    with a function's closed-over weights would be evaluated at compile time in XLA's interpreter
+    (seconds to minutes for a layer of width 512; a broadcast zero is folded too).
     """
     n = x.shape[0]
-    dtype = np.dtype(x.dtype)
     k = 1 if sparse else lat.cols
     idx = _layout.seed(n) if sparse else None
     kl = 1 if lat.kind == "trace" else k
-    if start is None and k * n <= SEED_CONSTANT_MAX:
-        j = np.ones((1, n), dtype) if sparse else np.eye(k, n, dtype=dtype)
-        return (j, np.zeros((kl, n), dtype)), idx
     if start is None:
-        j = jnp.eye(k, n, dtype=x.dtype)
+        j = jnp.ones((1, n), x.dtype) if sparse else jnp.eye(k, n, dtype=x.dtype)
     else:
         j = (jnp.arange(n)[None, :] == (start + jnp.arange(k))[:, None]).astype(x.dtype)
-    return (j, jnp.zeros((kl, n), x.dtype)), idx
+    return kernels.opaque((j, jnp.zeros((kl, n), x.dtype))), idx
 
 
 def zeros(lat, k: int, shape, dtype):
