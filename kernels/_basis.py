@@ -62,6 +62,18 @@ def sharded_vmap(apply: Callable, seeds: jax.Array, shards: "Shards | None", out
     return jax.tree_util.tree_map(lambda a: trim(a, out_axes), out)
 
 
+def _stack(apply: Callable, rows: jax.Array, shards: "Shards | None", axis: int) -> jax.Array:
+    """``vmap(apply)(rows)``; a single row without ``vmap``.
+
+    ``chunk_size=1`` then needs no batching rule: a ``pure_callback`` without
+    ``vmap_method`` or a ``custom_vmap`` whose rule refuses still works, one
+    basis vector per step (as torch.func's ``chunk_size=1``).
+    """
+    if rows.shape[0] == 1 and (shards is None or shards.count <= 1):
+        return jnp.expand_dims(apply(rows[0]), axis)
+    return sharded_vmap(apply, rows, shards, out_axes=axis)
+
+
 def basis_map(
     apply: Callable[[jax.Array], jax.Array],
     size: int,
@@ -75,18 +87,6 @@ def basis_map(
     Args:
       apply: a linear map from shape ``(size,)`` to a 1-D array of shape ``(r,)``.
       size: the length of the basis vectors.
-def _stack(apply: Callable, rows: jax.Array, shards: "Shards | None", axis: int) -> jax.Array:
-    """``vmap(apply)(rows)``; a single row without ``vmap``.
-
-    ``chunk_size=1`` then needs no batching rule: a ``pure_callback`` without
-    ``vmap_method`` or a ``custom_vmap`` whose rule refuses still works, one
-    basis vector per step (as torch.func's ``chunk_size=1``).
-    """
-    if rows.shape[0] == 1 and (shards is None or shards.count <= 1):
-        return jnp.expand_dims(apply(rows[0]), axis)
-    return sharded_vmap(apply, rows, shards, out_axes=axis)
-
-
       dtype: the dtype of the basis vectors.
       chunk_size: push at most this many basis vectors through ``apply`` at a
         time, so that the working memory scales with ``chunk_size`` instead of
