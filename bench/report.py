@@ -29,7 +29,7 @@ FAMILIES = {
 
 
 def family(impl: str) -> str:
-    if impl.startswith("jacobians"):
+    if impl.startswith("jacobians") or "(jacobians." in impl:  # "vmap(jacobians.jacobian)" is the library too
         return "jacobians"
     if impl.startswith(("jax", "jnp")) or "jax." in impl:  # "trace(jax.jacfwd)" is raw JAX too
         return "raw JAX"
@@ -702,9 +702,11 @@ def plot_summary(report: dict, path: str) -> bool:
     handles = [Patch(color=col, label=f) for f, col in WORKLOAD_FAMILIES.items() if f in present]
     handles += [
         Patch(facecolor="white", edgecolor="black", hatch="///", label="~ tie: IQRs overlap"),
-        Line2D([], [], color="white", marker="D", markeredgecolor="black", ls="none", ms=5, label="closed form"),
         Line2D([], [], color="black", lw=0.8, label="jacobians' IQR"),
     ]
+    if any(r.get("floor") for r in rows):
+        handles.insert(-1, Line2D([], [], color="white", marker="D", markeredgecolor="black", ls="none", ms=5,
+                                  label="closed form"))
     quick = " (quick run: small sizes, a smoke test)" if report.get("quick") else ""
     fig.legend(
         handles=handles,
@@ -712,7 +714,7 @@ def plot_summary(report: dict, path: str) -> bool:
         ncol=len(handles),
         fontsize=8,
         frameon=False,
-        title=f"jacobians against the best alternative, every workload{quick}; the label names that alternative",
+        title=f"jacobians against the best alternative, one row per case{quick}; the label names that alternative",
         title_fontsize=9,
     )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -203,6 +203,7 @@ def _figure_report():
             case("mlp_32_f32", "mlp", [
                 _row("jacobians", b, base=True), _row("jacobians[rev]", 0.1 * b, b), _row("jax.jacfwd", 4 * b, b),
                 _row("torch.func.jacrev", 0.4 * b, b), _row("closed-form", 0.8 * b, b),
+                _row("vmap(jacobians.jacobian)", 0.2 * b, b),  # the library composed with vmap: not an alternative
                 {"impl": "numpy-fd", "kind": "numpy", "status": "wrong", "error": "max abs err 1"},
             ]),
             # Determinants, by name only (an older run without 'workload'): a tie with jnp, no closed form.
@@ -233,6 +234,9 @@ def test_summary_figure_rows_pick_the_best_alternative():
     assert sparse["best"] == "asdex" and sparse["ratio"] == pytest.approx(0.5) and sparse["floor"] == pytest.approx(0.25)
     assert det["tie"] and det["best"] == "jnp.linalg.slogdet" and det["floor"] is None
     assert failed["note"] == "failed" and "ratio" not in failed
+    fams = {i: rep.family(i) for i in ("trace(jax.jacfwd)", "folx.forward_laplacian", "vmap(jacobians.jacobian)")}
+    assert fams == {"trace(jax.jacfwd)": "raw JAX", "folx.forward_laplacian": "JAX peers",
+                    "vmap(jacobians.jacobian)": "jacobians"}
     assert div["note"] == "no alternative timed" and "ratio" not in div
 
 
