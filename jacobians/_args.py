@@ -443,6 +443,11 @@ class Transform:
             fn = functools.partial(self._first_with_numbers, fn, spec, len(traced), args, kwargs)
         return fn, traced, spec
 
+    def forget(self, spec: CallSpec) -> None:
+        """Drop the built function of ``spec`` (its plan changed: the next call builds and traces anew)."""
+        self.cache.pop(spec, None)
+        self._fast.clear()
+
     def _new(self, spec: CallSpec) -> Callable:
         variants = self._variants[spec.treedef]
         variants.add(spec.static_keys)

@@ -126,19 +126,81 @@ def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
     """The cached plan for this call structure and these shapes (made on the host at trace time)."""
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
     key = (spec, tuple((a.shape, np.dtype(a.dtype)) for a in avals))
+    if key in opts["pending"]:  # made by a call that did not finish (or asked for by explain): settle it first
+        opts["pending"][key].wait()
     plan = opts["plans"].get(key)
     if plan is None:
-        engine = opts["engine"]
         t0 = time.perf_counter()
-        plan = _make_plan(t, spec, traced, avals, opts)
-        plan = opts["plans"][key] = dataclasses.replace(plan, seconds=time.perf_counter() - t0)
+        plan, check = _make_plan(t, spec, traced, avals, opts)
+        if check is not None:
+            # The check compiles a program of its own: it runs while the call compiles and is settled
+            # before the call returns; at once where no wrapped call waits for it (explain, an outer jit).
+            pending = _trust.defer(check, lambda result: _settle(t, opts, key, result))
+            if pending is None:
+                plan = _judged(t, plan, _run(check))
+            else:
+                opts["pending"][key] = pending
+        plan = dataclasses.replace(plan, seconds=time.perf_counter() - t0)
+        opts["plans"][key] = plan
+        engine = opts["engine"]
         if plan.method == "compressed":  # the sparse engine evaluates it with no new detection
             engine.plans[engine._key(spec, avals)] = (plan.sparse_plan, None, {})
     return plan
 
 
-def _make_plan(t, spec, traced, avals, opts) -> _planner.JacobianPlan:
-    """Choose, then certify; any failure of either gives the dense plan (a PlanWarning, or strict a PlanError)."""
+def _run(check):
+    try:
+        return check()
+    except Exception as e:  # noqa: BLE001 - reported by _judged
+        return e
+
+
+def _judged(t, plan: _planner.JacobianPlan, result) -> _planner.JacobianPlan:
+    """The plan with its certificate, or the dense plan where the check failed (a PlanWarning, strict a PlanError).
+
+    ``result``: the :class:`_trust.Certificate`, or the exception the check raised.
+    """
+    if _passed(result):
+        if plan.method == "compressed":
+            plan = dataclasses.replace(plan, sparse_plan=dataclasses.replace(plan.sparse_plan, certificate=result))
+        return dataclasses.replace(plan, certificate=result)
+    if isinstance(result, BaseException):
+        note = _trust.analysis_failed(t.where, result)
+    else:
+        note = _trust.certificate_failed(t.where, plan.key, result.detail)
+    return _dense_instead(plan, note)
+
+
+def _passed(result) -> bool:
+    return not isinstance(result, BaseException) and not result.failed
+
+
+def _dense_instead(plan: _planner.JacobianPlan, note: str) -> _planner.JacobianPlan:
+    mode = plan.fallback_mode or ("fwd" if plan.n < plan.m else "rev")
+    return _planner.JacobianPlan("dense", mode, plan.n if mode == "fwd" else plan.m, plan.n, plan.m, None, {}, note,
+                                 certificate=_trust.fallback(), seconds=plan.seconds)
+
+
+def _settle(t, opts, key, result) -> bool:
+    """A deferred check's result: keep the plan (``True``), or replace it and forget the compiled call."""
+    opts["pending"].pop(key, None)
+    plan = opts["plans"][key]
+    if _passed(result):
+        opts["plans"][key] = _judged(t, plan, result)
+        return True
+    # Replaced before the failure is reported: strict mode raises, and the next call must not reuse the plan.
+    opts["plans"][key] = _dense_instead(plan, "the plan failed its check")
+    opts["engine"].plans.clear()
+    t.forget(key[0])
+    opts["plans"][key] = _judged(t, plan, result)
+    return False
+
+
+def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Callable | None]:
+    """Choose; any failure gives the dense plan (a PlanWarning, or strict a PlanError).
+
+    Returns the plan and, for a compressed or structured plan, its check (``check() -> Certificate``).
+    """
     engine = opts["engine"]
     traced_flat = _sparsity.trace_flat(engine.t, spec, avals, has_aux=opts["has_aux"])
     closed, offsets, p = traced_flat
@@ -168,22 +230,16 @@ def _make_plan(t, spec, traced, avals, opts) -> _planner.JacobianPlan:
         if only and not isinstance(e, _trust.AnalysisError):
             raise  # the caller asked for a structured sweep: say why none applies
         note = _trust.analysis_failed(t.where, e, "planner's cost model")
-        return _planner.dense(closed, p.n, p.m, note, _trust.fallback())
+        return _planner.dense(closed, p.n, p.m, note, _trust.fallback()), None
     if plan.method == "dense":
-        return dataclasses.replace(plan, certificate=_trust.NOT_NEEDED)
+        return dataclasses.replace(plan, certificate=_trust.NOT_NEEDED), None
     values = _trust.concrete(traced) or _trust.call_values(spec, t)
-    try:
+
+    def check():
         with _trust.stage("certificate"):
-            cert = _certify(plan, traced_flat, values, t.where)
-    except Exception as e:
-        note = _trust.analysis_failed(t.where, e)
-        return _planner.dense(closed, p.n, p.m, note, _trust.fallback())
-    if cert.failed:
-        note = _trust.certificate_failed(t.where, plan.key, cert.detail)
-        return _planner.dense(closed, p.n, p.m, note, _trust.fallback())
-    if plan.method == "compressed":
-        plan = dataclasses.replace(plan, sparse_plan=dataclasses.replace(plan.sparse_plan, certificate=cert))
-    return dataclasses.replace(plan, certificate=cert)
+            return _certify(plan, traced_flat, values, t.where)
+
+    return dataclasses.replace(plan, fallback_mode=_planner.dense(closed, p.n, p.m, "").mode), check
 
 
 def _certify(plan: _planner.JacobianPlan, traced_flat, values, where: str) -> "_trust.Certificate":
@@ -205,6 +261,7 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
         holomorphic=_args.check_bool(holomorphic, "holomorphic", where),
         order=order,
         plans={},
+        pending={},  # plans whose certificates run while their call compiles (see _trust.defer)
     )
     # The compressed method runs through the sparse engine (dense output, same blocks).
     sparse_mode = opts["mode"] if opts["method"] == "compressed" else "auto"

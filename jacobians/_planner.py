@@ -64,6 +64,7 @@ class JacobianPlan:
     sparse_plan: object = field(default=None, repr=False, compare=False)
     certificate: object = field(default=None, compare=False)
     seconds: float | None = field(default=None, compare=False)
+    fallback_mode: str | None = field(default=None, repr=False, compare=False)  # the dense direction if it fails
 
     def __str__(self) -> str:
         lines = [f"jacobian plan: {self.method} {self.mode}, {self.passes} passes (n={self.n}, m={self.m}"

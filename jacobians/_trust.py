@@ -27,6 +27,7 @@ plan is made (it closes over traced values, has side effects or calls back
 into Python) the check is skipped and the plan says so.
 """
 
+import concurrent.futures
 import contextlib
 import contextvars
 import functools
@@ -208,13 +209,23 @@ _CALL: contextvars.ContextVar = contextvars.ContextVar("jacobians_call", default
 
 
 def wrap(t: "_args.Transform") -> Callable:
-    """:func:`_args.wrap`, remembering each call's arguments while it runs (a plan made then can use them)."""
+    """:func:`_args.wrap`, remembering each call's arguments while it runs (a plan made then can use them).
+
+    A plan made while such a call is traced may defer its certificate (:func:`defer`): the
+    check then compiles and runs in a worker thread while XLA compiles the call, and the
+    call's result is returned only once every deferred check has passed; a failed one
+    replaces its plan and the call runs again with the dense method.
+    """
 
     @functools.wraps(t.fun)
     def transformed(*args, **kwargs):
-        token = _CALL.set((t, args, kwargs))
+        pending: list[Pending] = []
+        token = _CALL.set((t, args, kwargs, pending))
         try:
-            return t(*args, **kwargs)
+            out = t(*args, **kwargs)
+            if pending and not all([p.wait() for p in pending]):
+                out = t(*args, **kwargs)  # a plan failed its certificate: its replacement runs
+            return out
         finally:
             _CALL.reset(token)
 
@@ -232,6 +243,50 @@ def calling(t: "_args.Transform", args: tuple, kwargs: dict) -> Iterator[None]:
         _CALL.reset(token)
 
 
+class Pending:
+    """A certificate running in the worker thread, and what to do with its result (see :func:`defer`)."""
+
+    def __init__(self, future, settle: Callable):
+        self._future, self._settle, self._stands = future, settle, None
+
+    def wait(self) -> bool:
+        """Settle once (report a failure: a warning, or strict a :class:`PlanError`); whether the plan stands."""
+        if self._stands is None:
+            self._stands = False  # a settle that raises (strict) leaves the plan replaced, not pending
+            self._stands = bool(self._settle(self._future.result()))
+        return self._stands
+
+
+_EXECUTOR: list = []
+
+
+def defer(check: Callable[[], "Certificate"], settle: Callable) -> "Pending | None":
+    """Run ``check`` in the worker thread while the wrapped call being traced compiles.
+
+    Only within a call of a wrapped transformation on concrete arguments (the one
+    :func:`call_values` sees), whose result :func:`wrap` holds back until ``settle(result)``
+    (``result``: the :class:`Certificate`, or the exception ``check`` raised) says
+    whether the plan stands. Returns ``None`` (the caller checks at once) elsewhere.
+    """
+    call = _CALL.get()
+    x64 = jax.config.jax_enable_x64
+    if call is None or len(call) < 4 or _compat.x64(x64) is None:
+        return None
+    if not _EXECUTOR:
+        _EXECUTOR.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jacobians-certificate"))
+
+    def run():
+        with _compat.x64(x64):  # JAX's configuration is per thread: the check traces as the call does
+            try:
+                return check()
+            except Exception as e:  # noqa: BLE001 - reported by settle, in the caller's thread
+                return e
+
+    pending = Pending(_EXECUTOR[0].submit(run), settle)
+    call[3].append(pending)
+    return pending
+
+
 def _concrete(a) -> bool:
     return isinstance(a, (*_args.ARRAY_TYPES, int, float, complex)) and not _compat.is_tracer(a)
 
@@ -246,7 +301,7 @@ def call_values(spec: "_args.CallSpec", *transforms) -> list | None:
     call = _CALL.get()
     if call is None or not any(call[0] is t for t in transforms):
         return None
-    t, args, kwargs = call
+    t, args, kwargs = call[:3]
     try:
         spec2, traced = t.split(args, kwargs)
     except Exception:  # noqa: BLE001 - the values are a courtesy; the call itself reports bad arguments
