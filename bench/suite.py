@@ -133,7 +133,8 @@ CASES = [
     Case("arrowhead", dict(n=10_000), dict(n=200), peers=SPARSE_PEERS),
     Case("banded", dict(n=10_000), dict(n=200), peers=SPARSE_PEERS),
     Case("batch_mlp", dict(batch=256, n=64), dict(batch=16, n=8)),
-    Case("divergence_mlp", dict(n=1024), dict(n=32), peers=()),
+    Case("divergence_mlp", dict(n=1024), dict(n=32), peers=()),  # closed-over weights: first call vs jit(trace(jacfwd))
+    Case("laplacian_closed_mlp", dict(n=1024), None, peers=()),  # the same for the Laplacians (first-call column)
     Case("divergence_stencil", dict(n=10_000), dict(n=200), peers=()),
     # Jacobians with respect to model parameters (pytrees of weights), and per-example gradients.
     Case("param_mlp", dict(d=784, h=512, c=10), dict(d=32, h=16, c=4)),

@@ -756,6 +756,30 @@ def divergence_mlp(n: int, dtype, rng) -> Workload:
     return w
 
 
+def laplacian_closed_mlp(n: int, dtype, rng) -> Workload:
+    """The Laplacian of ``sum(tanh(W2 tanh(W1 x)))`` with closed-over ``n x n`` weights: a compile-time case.
+
+    The weights are constants of every compiled program; seeds that XLA could fold with them cost
+    seconds to minutes of compile time (issue 27). The report's first-call column is the point here:
+    each engine's first call against ``jit(trace(jax.hessian))`` and ``jit(trace(jax.jacfwd(jax.grad)))``.
+    """
+    W1 = _rand(rng, (n, n), dtype, 1 / np.sqrt(n))
+    W2 = _rand(rng, (n, n), dtype, 1 / np.sqrt(n))
+
+    def f(x):
+        return jnp.sum(jnp.tanh(W2 @ jnp.tanh(W1 @ x)))
+
+    x = _rand(rng, (n,), dtype)
+    w = Workload(x, _ref64(lambda x: jnp.trace(jax.hessian(f)(x)), x), reference_note="trace(jax.hessian) float64")
+    w.impls["jacobians.laplacian"] = Impl(jacobians.laplacian(f))
+    w.impls["jacobians.laplacian[hvp]"] = Impl(jacobians.laplacian(f, method="hvp"))
+    w.impls["jacobians.divergence(jax.grad)"] = Impl(jacobians.divergence(jax.grad(f)))
+    w.impls["jax trace(hessian)"] = Impl(jax.jit(lambda x: jnp.trace(jax.hessian(f)(x))))
+    w.impls["trace(jax.jacfwd(jax.grad))"] = Impl(jax.jit(lambda x: jnp.trace(jax.jacfwd(jax.grad(f))(x))))
+    w.memory = False
+    return w
+
+
 def divergence_stencil(n: int, dtype, rng) -> Workload:
     """The exact divergence of a 1-D reaction-diffusion field (periodic): a tridiagonal Jacobian."""
     x = _rand(rng, (n,), dtype)
