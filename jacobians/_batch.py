@@ -48,6 +48,11 @@ def _batched_gather(lat, eqn, ins):
     operand, indices = ins
     dn = eqn.params["dimension_numbers"]
     bdims = tuple(getattr(dn, "operand_batching_dims", ()) or ())
+    partial = getattr(indices, "partial", None)
+    if indices.const is None and partial is not None and operand.nnz:
+        out = _partly_known_gather(lat, eqn, operand, *partial)
+        if out is not None:
+            return out
     if indices.const is not None or not bdims or not operand.nnz:
         return _deps.RULES["gather"](lat, eqn, ins)
     shape = operand.shape
@@ -61,6 +66,29 @@ def _batched_gather(lat, eqn, ins):
     where = np.asarray(eqn.primitive.bind(ids, at, **params))
     groups = _deps.reduce_to(operand, ids, (count,), lat.n)
     return [_deps.gather(groups, where)]
+
+
+def _partly_known_gather(lat, eqn, operand, values: np.ndarray, known: np.ndarray):
+    """A gather whose index components are partly known (``X[jnp.arange(B), labels]``), or ``None``.
+
+    A component known everywhere indexes as given; an unknown one may start its
+    slice anywhere along its operand dimension, so the operand's sets are first
+    joined along those dimensions, then gathered at index 0 there. Example: sets
+    [[{0}, {1}], [{2}, {3}]] gathered at ([0, 1], unknown) -> [{0, 1}, {2, 3}].
+    """
+    dn = eqn.params["dimension_numbers"]
+    k = known.shape[-1]  # JAX's gather: the index vector is the last dimension
+    sure = known.reshape(-1, k).all(axis=0)
+    if not sure.any():
+        return None
+    shape = operand.shape
+    ids = np.arange(operand.size).reshape(shape)
+    for c in np.flatnonzero(~sure):  # each element -> the first element of its line along the unknown dimensions
+        d = dn.start_index_map[c]
+        ids = np.broadcast_to(np.take(ids, [0], axis=d), shape)
+    lines = _deps.gather(_deps.reduce_to(operand, ids.reshape(-1), (operand.size,), lat.n), ids)
+    at = np.where(known, values, 0).astype(eqn.invars[1].aval.dtype)
+    return _deps.RULES["gather"](lat, eqn, [lines, _deps.empty(at.shape, at)])
 
 
 def _linear_solve(lat, eqn, ins):
@@ -92,6 +120,35 @@ class _BatchLattice(_deps.DepsLattice):
 
     name = "jacobians batch independence"
     rules = {**_deps.DepsLattice.rules, "gather": _batched_gather, "custom_linear_solve": _linear_solve}
+
+    def skip(self, eqn, ins):
+        """Index arithmetic on unknown values: keep the known part of a concatenation of indices.
+
+        ``X[jnp.arange(B), labels]`` concatenates a known ``arange`` with traced
+        labels; the gather that follows needs the known component (it keeps
+        every example to itself), so the result remembers ``partial = (values,
+        known)`` (values where known).
+        """
+        outs = super().skip(eqn, ins)
+        name = eqn.primitive.name
+        if name == "concatenate" and any(d.const is not None or hasattr(d, "partial") for d in ins):
+            vals, known = [], []
+            for d, v in zip(ins, eqn.invars, strict=True):
+                shape, dtype = v.aval.shape, eqn.outvars[0].aval.dtype
+                if d.const is not None:
+                    vals.append(np.asarray(d.const).astype(dtype))
+                    known.append(np.ones(shape, bool))
+                elif hasattr(d, "partial"):
+                    vals.append(d.partial[0].astype(dtype))
+                    known.append(d.partial[1])
+                else:
+                    vals.append(np.zeros(shape, dtype))
+                    known.append(np.zeros(shape, bool))
+            dim = eqn.params["dimension"]
+            outs[0].partial = (np.concatenate(vals, axis=dim), np.concatenate(known, axis=dim))
+        elif name == "convert_element_type" and hasattr(ins[0], "partial"):
+            outs[0].partial = (ins[0].partial[0].astype(eqn.params["new_dtype"]), ins[0].partial[1])
+        return outs
 
     def __init__(self, n: int):
         super().__init__(n)

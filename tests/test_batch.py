@@ -56,6 +56,8 @@ COUPLED = {
     "reversed_batch": (lambda X: X[::-1] * 2.0, "data movement along the batch axis"),
     # Gathers by traced indices without batching dimensions, and one solve over the whole batch, still mix.
     "gather_across_batch": (lambda X: X * X[jnp.argmax(X, axis=1)], "gather"),
+    "traced_rows_known_cols": (lambda X: X[jnp.argmax(X, axis=1), 0], "gather"),
+    "reversed_rows_traced_cols": (lambda X: X[jnp.arange(4)[::-1], jnp.argmax(X, axis=1)], "data movement"),
     "solve_across_batch": (lambda X: jnp.linalg.solve(jnp.asarray(_SPD), X.reshape(-1)).reshape(X.shape),
                            "custom_linear_solve|triangular_solve|lu"),
 }
@@ -89,6 +91,13 @@ def test_per_example_gather_and_solve_proved(mode, rng):
 
     want = jax.vmap(jax.jacfwd(lambda x, i: lookup(x[None], i[None])[0]))(X, idx)
     assert_tree_allclose(jacobians.batch_jacobian(lookup, mode=mode)(X, idx), want)
+
+    def nll(logits, labels):  # the per-example pick of a label's log-probability: a partly known index
+        return -jax.nn.log_softmax(logits)[jnp.arange(B), labels]
+
+    logits, labels = randn(rng, (B, V)), idx[:, 0]
+    want = jax.vmap(jax.jacfwd(lambda z, y: nll(z[None], y[None])[0]))(logits, labels)
+    assert_tree_allclose(jacobians.batch_jacobian(nll, mode=mode)(logits, labels), want)
 
     A = randn(rng, (B, 3, 3)) + 3.0 * jnp.eye(3)[None]
 
