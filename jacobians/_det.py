@@ -14,8 +14,10 @@ padded to a multiple of the device count and sharded with ``jax.sharding``),
 is proved first, as :func:`jacobians.batch_jacobian` does), or neither.
 """
 
+import dataclasses
 import functools
 import math
+import time
 from collections.abc import Callable
 
 import jax
@@ -23,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import _args, _mesh, kernels
+from . import _args, _blocktri, _mesh, _planner, _sparsity, _trust, kernels
 
 
-def _flat_jacobian(p: _args.Problem, where: str, square: bool):
+def _check_sizes(p: _args.Problem, where: str, square: bool) -> None:
     if square and p.m != p.n:
         out = [tuple(o.shape) for o in p.out_leaves]
         ins = [tuple(x.shape) for x in p.in_leaves]
@@ -40,8 +42,40 @@ def _flat_jacobian(p: _args.Problem, where: str, square: bool):
             f"{where}: a log-volume needs at least as many outputs as inputs (m >= n), got m = {p.m}, n = {p.n}; "
             "J^T J is singular otherwise."
         )
-    _, J, _ = kernels.forward(p.flat, p.x)
+
+
+def _flat_jacobian(p: _args.Problem, mode: str):
+    """The dense ``(m, n)`` Jacobian: JVPs, or VJPs where ``fun`` has a ``custom_vjp`` (no JVP)."""
+    _, J, _ = (kernels.forward if mode == "fwd" else kernels.reverse)(p.flat, p.x)
     return J
+
+
+def _plan(t, spec, leaves, opts, square: bool) -> _blocktri.LogDetPlan:
+    """The cached plan for one point's leaves (shapes suffice): block-triangular, singular or dense.
+
+    Made on the host at trace time. An analysis that raises falls back to the
+    dense plan with a PlanWarning (strict mode: a PlanError), see :mod:`._trust`.
+    """
+    avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in leaves]
+    key = (spec, square, tuple((a.shape, np.dtype(a.dtype)) for a in avals))
+    plan = opts["plans"].get(key)
+    if plan is not None:
+        return plan
+    t0 = time.perf_counter()
+    closed, offsets, p = _sparsity.trace_flat(t, spec, avals)
+    forced = _planner.forced(closed)
+    if not square or p.n != p.m or p.n == 0:
+        plan = _blocktri.dense_plan(p.n, forced or "fwd", "a log-volume (rectangular): QR of the dense Jacobian"
+                                    if not square else "no structure to read")
+    else:
+        try:
+            with _trust.stage("log-determinant analysis"):
+                plan = _blocktri.plan(closed, offsets, p.n, forced, t.where)
+        except Exception as e:  # noqa: BLE001 - reported (strict: raised) by analysis_failed
+            plan = _blocktri.dense_plan(p.n, forced or "fwd", _trust.analysis_failed(t.where, e, "log-determinant "
+                                                                                      "analysis"))
+    plan = opts["plans"][key] = dataclasses.replace(plan, seconds=time.perf_counter() - t0)
+    return plan
 
 
 def _log_volume(J):
@@ -57,6 +91,10 @@ def _compute(t, spec, opts, *traced):
     diff_mask = spec.diff_mask()
     if opts["batch_first"]:
         args, kwargs, _ = spec.rebuild(traced)
+        xs = [x for x, d in zip(traced, diff_mask, strict=True) if d]
+        if len(xs) == 1 and np.ndim(xs[0]) and np.shape(xs[0])[0] == 0:  # an empty batch: nothing to prove
+            dtype = jnp.result_type(xs[0]) if jnp.issubdtype(jnp.result_type(xs[0]), jnp.inexact) else float
+            return opts["finish"](jnp.ones((0,), dtype), jnp.zeros((0,), dtype))
         leaves = jax.tree_util.tree_leaves(opts["batch_jac"](*args, **kwargs))
         xs = [x for x, d in zip(traced, diff_mask, strict=True) if d]
         if len(leaves) != 1 or len(xs) != 1:
@@ -69,7 +107,11 @@ def _compute(t, spec, opts, *traced):
 
     def one(*leaves):
         p = _args.problem(t.fun, spec, leaves, where=where, int_argnums=True)
-        return reduce(_flat_jacobian(p, where, square))
+        _check_sizes(p, where, square)
+        plan = _plan(t, spec, leaves, opts, square)
+        if plan.method != "dense":
+            return _blocktri.evaluate(plan, leaves)
+        return reduce(_flat_jacobian(p, plan.mode))
 
     if not opts["batched"]:
         return opts["finish"](*one(*traced))
@@ -117,7 +159,7 @@ def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, m
         raise ValueError(f"{where}: choose batched=True (fun takes one point) or batch_first=True (fun takes a "
                          "batch), not both.")
     shards = _mesh.resolve(mesh, where, mesh_axis)
-    opts = dict(batched=batched, batch_first=batch_first, kind=kind, finish=finish, shards=shards)
+    opts = dict(batched=batched, batch_first=batch_first, kind=kind, finish=finish, shards=shards, plans={})
     if batch_first:
         from ._batch import batch_jacobian
 
@@ -138,7 +180,19 @@ def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, m
         sharded, b = _pad_and_shard(traced, mask)
         return jax.tree_util.tree_map(lambda r: r[:b], fn(*sharded))
 
+    def plan(*args, **kwargs) -> _blocktri.LogDetPlan:
+        """How these arguments' log-determinant is computed (shapes suffice; per point when batched)."""
+        spec, traced = t.split(args, kwargs)
+        if batch_first:
+            return _blocktri.dense_plan(0, "fwd", "batch_first=True: batch_jacobian's per-example Jacobians, "
+                                        "then the kernels (no structure is read)")
+        mask = spec.diff_mask()
+        avals = [jax.ShapeDtypeStruct(np.shape(a)[1:] if batched and d else np.shape(a), a.dtype)
+                 for a, d in zip(traced, mask, strict=True)]
+        return _plan(t, spec, avals, opts, kind != "log_volume")
+
     wrapped.transform = t
+    wrapped.plan = plan
     return wrapped
 
 

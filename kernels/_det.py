@@ -357,6 +357,8 @@ def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 @custom_batching.custom_vmap
 def _batched(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     k = a.shape[-1]
+    if a.size == 0:  # an empty batch (also one that vmap makes empty): no blocks to loop over
+        return jnp.ones(a.shape[:-2], a.dtype), jnp.zeros(a.shape[:-2], a.dtype)
     sign, logabs = _stack(a.reshape((-1, k, k)))
     return sign.reshape(a.shape[:-2]), logabs.reshape(a.shape[:-2])
 

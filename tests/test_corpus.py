@@ -33,9 +33,7 @@ import jacobians  # noqa: E402
 FULL = os.environ.get("JACOBIANS_CONFORMANCE", "") == "full"
 
 # Failures whose fixes belong to the engines' owners, keyed by (program, engine): strict, so a fix flips them.
-KNOWN: dict[tuple[str, str], str] = {
-    ("gradient_reversal_layer", "log_abs_det"): "log_abs_det takes forward mode on a custom_vjp function",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 # The default run: every program once, through the engine it exercises most (the default ``jacobian``
