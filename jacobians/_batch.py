@@ -91,6 +91,58 @@ def _partly_known_gather(lat, eqn, operand, values: np.ndarray, known: np.ndarra
     return _deps.RULES["gather"](lat, eqn, [lines, _deps.empty(at.shape, at)])
 
 
+def _batched_scatter(lat, eqn, ins):
+    """A scatter by traced indices that keeps each update in its batch (vmapped ``x.at[i].add(u)``) or on a line.
+
+    With ``operand_batching_dims`` an update lands in its own batch whatever the
+    index values; an index component known everywhere (``x.at[jnp.arange(B),
+    labels]``) fixes its operand coordinate. Every other coordinate may be
+    anything: each update is unioned into the whole line of elements along the
+    dimensions of the unknown components, and the operand's own sets are kept
+    (a ``set`` may or may not overwrite them). Updates without sets leave the
+    operand's sets where they are. Where none of this applies, the generic
+    rule (every update may land anywhere).
+    Example: operand [[{0}, {1}], [{2}, {3}]] (batch dim 0), updates [{4}, {5}]
+    at traced indices -> [[{0, 4}, {1, 4}], [{2, 5}, {3, 5}]].
+    """
+    operand, indices, updates = ins[0], ins[1], ins[2]
+    dn = eqn.params["dimension_numbers"]
+    bdims = tuple(getattr(dn, "operand_batching_dims", ()) or ())
+    partial = getattr(indices, "partial", None)
+    k = eqn.invars[1].aval.shape[-1] if eqn.invars[1].aval.ndim else 0  # the index vector: the last dimension
+    if partial is not None:
+        values, known = partial
+        sure = known.reshape(-1, k).all(axis=0) if k else np.zeros(0, bool)
+    else:
+        values, sure = np.zeros(eqn.invars[1].aval.shape, np.int64), np.zeros(k, bool)
+    if indices.const is None and not updates.nnz:  # constant updates wherever they land: the operand's own sets
+        return [_deps.Deps(operand.shape, operand.indptr, operand.indices)]
+    if indices.const is not None or not (bdims or sure.any()):
+        return _deps.RULES[eqn.primitive.name](lat, eqn, ins)
+    shape = eqn.outvars[0].aval.shape
+    size = math.prod(shape)
+    ids = np.arange(size).reshape(shape)
+    line = ids
+    for c in np.flatnonzero(~sure):  # each element -> the first element of its line along the unknown dimensions
+        line = np.broadcast_to(np.take(line, [0], axis=dn.scatter_dims_to_operand_dims[c]), shape)
+    known_at = np.broadcast_to(sure, values.shape) if k else np.zeros(values.shape, bool)
+    at = np.where(known_at, values, 0).astype(eqn.invars[1].aval.dtype)
+    params = dict(eqn.params, mode=jax.lax.GatherScatterMode.CLIP)
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+    def scatter_add(u):
+        return jax.lax.scatter_add_p.bind(jnp.zeros(shape, dtype), at, u, **params)
+
+    # The transposed scatter-add (a gather) tells each update element where it lands at these indices (1-based).
+    (where,) = jax.linear_transpose(scatter_add, jax.ShapeDtypeStruct(updates.shape, dtype))(
+        jnp.asarray(1 + ids, dtype))
+    target = np.asarray(where).astype(np.int64).reshape(-1) - 1
+    target = np.where(target >= 0, line.reshape(-1)[np.maximum(target, 0)], -1)
+    moved = _deps.reduce_to(_deps.broadcast_to(updates, updates.shape), target, (size,), lat.n)
+    moved = _deps.gather(moved, line)
+    return [_deps.union([operand, moved], shape, lat.n)]
+
+
 def _linear_solve(lat, eqn, ins):
     """``custom_linear_solve`` (``jnp.linalg.solve``, ``jax.scipy.linalg.solve``): as JAX differentiates it.
 
@@ -119,7 +171,11 @@ class _BatchLattice(_deps.DepsLattice):
     """Dependency sets over example labels; remembers the first equation that mixes examples."""
 
     name = "jacobians batch independence"
-    rules = {**_deps.DepsLattice.rules, "gather": _batched_gather, "custom_linear_solve": _linear_solve}
+    rules = {**_deps.DepsLattice.rules, "gather": _batched_gather, "custom_linear_solve": _linear_solve,
+             **{name: _batched_scatter for name in ("scatter", "scatter-add", "scatter_add", "scatter-sub",
+                                                    "scatter_sub", "scatter-mul", "scatter_mul", "scatter-min",
+                                                    "scatter_min", "scatter-max", "scatter_max")
+                if name in _deps.DepsLattice.rules}}
 
     def skip(self, eqn, ins):
         """Index arithmetic on unknown values: keep the known part of a concatenation of indices.
