@@ -254,6 +254,7 @@ def value_grad_and_hessian(
     *,
     mode: str = "auto",
     has_aux: bool = False,
+    holomorphic: bool = False,
     chunk_size: int | None = None,
 ) -> Callable:
     """``(f(x), grad f(x), H(x))`` from one pass (the value and gradient ride along the Hessian's).
@@ -262,7 +263,8 @@ def value_grad_and_hessian(
     (``((value, grad, H), aux)`` with ``has_aux``); ``grad`` has the structure of
     the differentiated arguments, ``H`` that of :func:`hessian`.
     """
-    return _build_hessian(fun, argnums, mode, has_aux, chunk_size, True, "jacobians.value_grad_and_hessian")
+    return _build_hessian(fun, argnums, mode, has_aux, chunk_size, True, "jacobians.value_grad_and_hessian",
+                          holomorphic=holomorphic)
 
 
 def _compute_hvp(t, spec, mode, tangents, *traced):

@@ -165,6 +165,8 @@ def test_hessian_holomorphic(mode, rng):
     assert_tree_allclose(got, want)
     assert got[0][1].dtype == jnp.complex128 and got[0][1].shape == (3, 2)
     if mode == "auto":
+        v, g, H = jacobians.value_grad_and_hessian(f, argnums=(0, 1), holomorphic=True)(z, w)
+        assert_tree_allclose((v, g, H), (f(z, w), jax.grad(f, argnums=(0, 1), holomorphic=True)(z, w), want))
         with pytest.raises(TypeError, match=r"jacobians.hessian: holomorphic=True requires complex inputs, but "
                                             r"argument 0 has dtype float64"):
             jacobians.hessian(f, holomorphic=True)(z.real, w)
