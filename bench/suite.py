@@ -121,6 +121,15 @@ CASES = [
     Case("gram", dict(m=48, n=48), dict(m=6, n=6)),
     Case("logdet3", dict(points=100_000), dict(points=1_000)),
     *_logdet_cases(),
+    # Flow layers: log|det J| from the Jacobian's structure, against slogdet(jacfwd) and the hand-written floor.
+    Case("logdet_coupling", dict(n=256, batch=0), dict(n=16, batch=0), peers=()),
+    Case("logdet_coupling", dict(n=1024, batch=0), None, peers=()),
+    Case("logdet_coupling", dict(n=256, batch=64), dict(n=16, batch=4), peers=()),
+    Case("logdet_coupling", dict(n=1024, batch=16), None, peers=()),
+    Case("logdet_made", dict(n=256), dict(n=16), peers=()),
+    Case("logdet_glow", dict(hw=16, c=8), dict(hw=4, c=4), peers=()),
+    Case("logdet_elementwise", dict(n=1024), dict(n=64), peers=()),
+    Case("logdet_dense", dict(n=256), dict(n=16), peers=()),
     Case("stencil1d", dict(n=10_000), dict(n=200), peers=SPARSE_PEERS),
     Case("stencil2d", dict(k=100), dict(k=10), peers=SPARSE_PEERS),
     # Second order (dense and sparse Hessians), per-example Jacobians, exact divergences.

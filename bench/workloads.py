@@ -429,6 +429,139 @@ def slogdet(k: int, points: int, dtype, rng) -> Workload:
     return w
 
 
+# --- flow layers: log|det J| from the Jacobian's structure ------------------------------------------
+
+
+def _flow_impls(w: Workload, f: Callable, batch: int, size: int):
+    """The library, ``slogdet(jacfwd)`` (the dense baseline) and, already in ``w``, the hand-written floor."""
+    def dense(x):
+        return jnp.linalg.slogdet(jax.jacfwd(f)(x).reshape(size, size))[1]
+
+    w.impls["jacobians.log_abs_det"] = Impl(jacobians.log_abs_det(f, batched=bool(batch)))
+    w.impls["jax slogdet(jacfwd)"] = Impl(jax.jit(jax.vmap(dense) if batch else dense))
+    w.explain = lambda: jacobians.log_abs_det(f, batched=bool(batch)).plan(w.x)
+    w.memory = False
+
+
+def _flow_mlp(sizes, dtype, rng):
+    ps = [(_rand(rng, (a, b), dtype, 1 / np.sqrt(a)), _rand(rng, (b,), dtype, 0.1))
+          for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+    def net(h):
+        for W, b in ps[:-1]:
+            h = jnp.tanh(h @ W + b)
+        return h @ ps[-1][0] + ps[-1][1]
+
+    return net
+
+
+def logdet_coupling(n: int, batch: int, dtype, rng, hidden: int = 256) -> Workload:
+    """A RealNVP affine coupling layer ``[x1, x2 exp(s(x1)) + t(x1)]`` (``batch`` points, 0: one).
+
+    Hand-written floor: ``sum s(x1)``, as flow libraries write it.
+    """
+    h = n // 2
+    net = _flow_mlp([h, hidden, hidden, 2 * h], dtype, rng)
+
+    def f(x):
+        st = net(x[:h])
+        return jnp.concatenate([x[:h], x[h:] * jnp.exp(jnp.tanh(st[:h])) + st[h:]])
+
+    def hand(x):
+        return jnp.sum(jnp.tanh(net(x[:h])[:h]))
+
+    x = _rand(rng, (batch, n) if batch else (n,), dtype)
+    w = _workload_from_closed(jax.vmap(hand) if batch else hand, x)
+    _flow_impls(w, f, batch, n)
+    return w
+
+
+def logdet_made(n: int, dtype, rng, hidden: int = 512) -> Workload:
+    """A masked autoregressive layer (MADE): ``y_i = x_i exp(s_i(x_<i)) + t_i(x_<i)``; floor ``sum s``."""
+    deg = np.arange(hidden) % (n - 1)
+    M1 = jnp.asarray(deg[None, :] >= np.arange(n)[:, None], dtype)
+    M2 = jnp.asarray(np.arange(n)[None, :] > deg[:, None], dtype)
+    W1 = _rand(rng, (n, hidden), dtype, 1 / np.sqrt(n)) * M1
+    Ws, Wt = (_rand(rng, (hidden, n), dtype, 0.3 / np.sqrt(hidden)) * M2 for _ in range(2))
+
+    def f(x):
+        hid = jnp.tanh(x @ W1)
+        return x * jnp.exp(jnp.tanh(hid @ Ws)) + hid @ Wt
+
+    def hand(x):
+        return jnp.sum(jnp.tanh(jnp.tanh(x @ W1) @ Ws))
+
+    x = _rand(rng, (n,), dtype)
+    w = _workload_from_closed(hand, x)
+    _flow_impls(w, f, 0, n)
+    return w
+
+
+def logdet_glow(hw: int, c: int, dtype, rng, hidden: int = 32) -> Workload:
+    """A Glow step on ``(hw, hw, c)``: actnorm, an invertible 1x1 convolution, an affine coupling (3x3 convs).
+
+    Floor: ``hw^2 (sum log s + log|det W|) + sum s_coupling``, as Glow writes it.
+    """
+    logs, bias = _rand(rng, (c,), dtype, 0.1), _rand(rng, (c,), dtype, 0.1)
+    Wc = jnp.asarray(np.linalg.qr(rng.standard_normal((c, c)))[0], dtype)
+    half = c // 2
+    K1 = _rand(rng, (3, 3, half, hidden), dtype, 1 / np.sqrt(9 * half))
+    K2 = _rand(rng, (3, 3, hidden, c), dtype, 0.1 / np.sqrt(9 * hidden))
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def net(z1):
+        hid = jax.nn.relu(lax.conv_general_dilated(z1[None], K1, (1, 1), "SAME", dimension_numbers=dn))
+        return lax.conv_general_dilated(hid, K2, (1, 1), "SAME", dimension_numbers=dn)[0]
+
+    def f(x):
+        z = (x * jnp.exp(logs)[None, None] + bias[None, None]) @ Wc.T
+        st = net(z[..., :half])
+        return jnp.concatenate([z[..., :half], z[..., half:] * jnp.exp(jnp.tanh(st[..., :half])) + st[..., half:]], -1)
+
+    logdet_w = jnp.linalg.slogdet(Wc)[1]
+
+    def hand(x):
+        z = (x * jnp.exp(logs)[None, None] + bias[None, None]) @ Wc.T
+        return hw * hw * (jnp.sum(logs) + logdet_w) + jnp.sum(jnp.tanh(net(z[..., :half])[..., :half]))
+
+    x = _rand(rng, (hw, hw, c), dtype)
+    w = _workload_from_closed(hand, x)
+    _flow_impls(w, f, 0, hw * hw * c)
+    return w
+
+
+def logdet_elementwise(n: int, dtype, rng) -> Workload:
+    """An elementwise flow ``tanh(a x) + 0.1 x``; floor ``sum log(a (1 - tanh^2(a x)) + 0.1)``."""
+    a = jnp.asarray(np.linspace(0.5, 1.5, n), dtype)
+
+    def f(x):
+        return jnp.tanh(a * x) + 0.1 * x
+
+    def hand(x):
+        return jnp.sum(jnp.log(a * (1 - jnp.tanh(a * x) ** 2) + 0.1))
+
+    x = _rand(rng, (n,), dtype)
+    w = _workload_from_closed(hand, x)
+    _flow_impls(w, f, 0, n)
+    return w
+
+
+def logdet_dense(n: int, dtype, rng) -> Workload:
+    """A dense map ``tanh(A x) + x``: no structure, the dense path (the floor: the analytic Jacobian's slogdet)."""
+    A = _rand(rng, (n, n), dtype, 1 / np.sqrt(n))
+
+    def f(x):
+        return jnp.tanh(A @ x) + x
+
+    def hand(x):
+        return jnp.linalg.slogdet((1 - jnp.tanh(A @ x) ** 2)[:, None] * A + jnp.eye(n, dtype=x.dtype))[1]
+
+    x = _rand(rng, (n,), dtype)
+    w = _workload_from_closed(hand, x)
+    _flow_impls(w, f, 0, n)
+    return w
+
+
 # --- sparse Jacobians ---------------------------------------------------------------------
 
 

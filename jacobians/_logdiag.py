@@ -59,6 +59,29 @@ def _elementwise_call(jaxpr) -> bool:
     return True
 
 
+def _move_host(eqn, args) -> np.ndarray | None:
+    """The common data movements in NumPy (no compilation), or ``None``."""
+    name, p, shape = eqn.primitive.name, eqn.params, tuple(eqn.outvars[0].aval.shape)
+    t = args[0]
+    if name in ("reshape", "squeeze") and p.get("dimensions") is None:
+        return np.reshape(t, shape)
+    if name == "transpose":
+        return np.transpose(t, p["permutation"])
+    if name == "rev":
+        return np.flip(t, axis=tuple(p["dimensions"]))
+    if name == "slice":
+        strides = p["strides"] or (1,) * t.ndim
+        return t[tuple(slice(a, b, c) for a, b, c in zip(p["start_indices"], p["limit_indices"], strides, strict=True))]
+    if name == "concatenate":
+        return np.concatenate(args, axis=p["dimension"])
+    if name == "broadcast_in_dim":
+        expanded = [1] * len(shape)
+        for d, size in zip(p["broadcast_dimensions"], t.shape, strict=True):
+            expanded[d] = size
+        return np.broadcast_to(np.reshape(t, expanded), shape)
+    return None
+
+
 class Sweep:
     """The host side: dependency sets through the walker, tags and the actions :func:`run` replays."""
 
@@ -132,9 +155,14 @@ class Sweep:
                 else:
                     raise NoSweep(f"'{name}' with indices known only at run time")
             try:
-                moved = np.asarray(_bind(eqn, args)[0]).astype(np.int64) - 1
+                moved = _move_host(eqn, args)
+                if moved is None:  # no NumPy form here: the primitive itself, on the host (compiles once per shape)
+                    moved = np.asarray(_bind(eqn, args)[0])
+                moved = moved.astype(np.int64) - 1
             except Exception as e:  # noqa: BLE001 - a movement the tags cannot follow: colour the stage
                 raise NoSweep(f"'{name}' cannot move tags ({type(e).__name__})") from e
+            if moved.shape != tuple(out.aval.shape):
+                raise NoSweep(f"'{name}' moved tags to shape {moved.shape}")
             tags[out] = moved
             actions.append(("move", data))
             return outs
