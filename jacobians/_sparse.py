@@ -13,6 +13,7 @@ analysis fails, becomes the dense plan (every entry, one JVP or VJP each).
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _args, _mesh, _trust, kernels
+from . import _args, _compat, _mesh, _planner, _trust, kernels
 from ._sparsity import (
     Detected,
     SparsityPattern,
@@ -33,8 +34,15 @@ from ._sparsity import (
 )
 from ._walker import primitives
 
-OUTPUTS = ("bcoo", "dense")
+OUTPUTS = ("bcoo", "dense", "csr", "csc")
 _FORMAT = 1  # version of the .npz plan file
+
+# The Hessian colourings' cost model, in the units of ``_planner.pass_cost`` (about one element operation):
+# the colourings differ in the number of Hessian-vector products and in what their decompression pays.
+HVP_PASSES = 2.0  # one product's tangent pass, in evaluations of fun (the primal and gradient are shared)
+GATHER_COST = 2.0  # one entry read off the compressed matrix (a gather)
+PREFIX_COST = 40.0  # one node of the acyclic substitution: its gathers, sign flips and share of a prefix sum,
+# which XLA runs as a log-depth scan on CPU (~10 ns a node on a 2-core machine, against ~0.3 ns an element op)
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +61,15 @@ class SparsePlan:
       certificate: the plan's check against JAX's own derivative when an engine
         made or received it (a :class:`jacobians._trust.Certificate`; ``None``
         for a plan no engine has used). Not saved.
+      costs: Hessian plans: the cost model's estimate for each colouring it
+        weighed (``{"star": ..., "acyclic": ...}``; Hessian-vector products plus
+        decompression, in element operations); ``None`` otherwise. Not saved.
+
+    The compressed matrix, for users who solve with it: row ``k`` is ``J @ s_k``
+    (``"fwd"``, shape ``(n_colors, m)``), ``s_k^T J`` (``"rev"``, ``(n_colors, n)``)
+    or ``H @ s_k`` (Hessians, ``(n_colors, n)``), with the seeds ``s_k`` the rows of
+    :meth:`seeds`; :meth:`decompress` reads the pattern's entries off it and
+    :meth:`decompression_index` gives the gather that does so.
     """
 
     pattern: SparsityPattern
@@ -61,6 +78,54 @@ class SparsePlan:
     n_colors: int
     coloring: str = "column"
     certificate: object = field(default=None, compare=False)
+    costs: dict | None = field(default=None, compare=False)
+
+    @property
+    def hessian(self) -> bool:
+        """Whether this is a Hessian plan (a symmetric colouring of a scalar function's ``(n, n)`` Hessian)."""
+        return self.mode not in JACOBIAN_PLANS
+
+    def seeds(self, dtype=np.float64) -> np.ndarray:
+        """The 0/1 seed matrix ``S^T``, shape ``(n_colors, colors.size)``: row ``k`` marks colour ``k``.
+
+        Args:
+          dtype: the NumPy dtype of the result.
+        """
+        return (self.colors[None, :] == np.arange(self.n_colors)[:, None]).astype(dtype)
+
+    def decompression_index(self) -> np.ndarray:
+        """Flat indices that read the pattern's entries off the compressed matrix, shape ``(nnz,)``.
+
+        ``compressed.reshape(-1)[index]`` equals ``J[pattern.rows, pattern.cols]``
+        for the compressed matrix of the class docstring (shape ``(n_colors, m)``
+        or ``(n_colors, n)``). Column, row and star colourings only.
+
+        Raises:
+          ValueError: for an acyclic colouring (it decompresses by substitution: use :meth:`decompress`).
+        """
+        if self.coloring == "acyclic":
+            raise ValueError("SparsePlan.decompression_index: an acyclic colouring decompresses by substitution "
+                             "along two-coloured trees, not by a gather; use plan.decompress(compressed).")
+        return np.asarray(_decompression(self, "cn")[1], np.int64)
+
+    def decompress(self, compressed) -> jax.Array:
+        """The pattern's entries ``J[pattern.rows, pattern.cols]`` from the compressed matrix; traceable.
+
+        Args:
+          compressed: shape ``(n_colors, m)`` (``"fwd"``) or ``(n_colors, n)`` (``"rev"``
+            and Hessians), as in the class docstring.
+
+        Returns:
+          The values, shape ``(nnz,)``, in the pattern's (row-major) order.
+        """
+        compressed = jnp.asarray(compressed)
+        size = math.prod(self.pattern.out_shape) if self.mode == "fwd" else math.prod(self.pattern.in_shape)
+        if compressed.shape != (self.n_colors, size):
+            raise ValueError(f"SparsePlan.decompress: expected the compressed matrix of shape "
+                             f"{(self.n_colors, size)}, got {compressed.shape}.")
+        kind, how = _decompression(self, "cn")
+        return how(compressed) if kind == "substitute" else compressed.reshape(-1).at[how].get(
+            mode="promise_in_bounds")
 
     def save(self, path) -> None:
         """Write the plan to a ``.npz`` file (NumPy arrays only: no pickles)."""
@@ -278,32 +343,61 @@ def _make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str], co
     return best
 
 
-def _make_hessian_plan(pattern: SparsityPattern, mode: str, coloring: str) -> SparsePlan:
+def _make_hessian_plan(pattern: SparsityPattern, mode: str, coloring: str, work: float = 1.0) -> SparsePlan:
+    """Colour a symmetric pattern; ``"auto"`` takes the colouring the cost model says is cheapest.
+
+    A colouring's cost is its Hessian-vector products (``HVP_PASSES`` evaluations
+    of ``fun``, which costs ``work``, per colour) plus its decompression: a gather
+    per entry, and for an acyclic colouring a prefix sum over its trees' nodes,
+    which on CPU costs more than the products it saves unless ``fun`` is expensive.
+    A colouring that cannot beat the best so far even at its lower bound on
+    colours is not computed.
+    """
     n = math.prod(pattern.in_shape)
     rows, cols = pattern.rows, pattern.cols
-    options = {"column": lambda: kernels.color_columns(rows, cols, n)}
+    nnz = int(rows.size)
     symmetric = getattr(kernels, "color_symmetric", None)
+    makers = {"column": lambda: kernels.color_columns(rows, cols, n)}
     if symmetric is not None:
-        options["star"] = lambda: symmetric(rows, cols, n, method="star")
-        options["acyclic"] = lambda: symmetric(rows, cols, n, method="acyclic")
-    if coloring != "auto" and coloring not in options:
+        makers["star"] = lambda: symmetric(rows, cols, n, method="star")
+        makers["acyclic"] = lambda: symmetric(rows, cols, n, method="acyclic")
+    if coloring != "auto" and coloring not in makers:
         raise ValueError(f"jacobians.sparse_hessian: coloring {coloring!r} is not available here.")
-    best = None
-    for name in (coloring,) if coloring != "auto" else tuple(k for k in ("acyclic", "star", "column") if k in options):
-        colors = np.asarray(options[name](), np.int64)
-        c = int(colors.max()) + 1 if n and rows.size else 0
-        if best is None or c < best[1]:
-            best = (colors, c, name)
-    return SparsePlan(pattern, mode, best[0], best[1], best[2])
+
+    def colour(name):
+        colors = np.asarray(makers[name](), np.int64)
+        c = int(colors.max()) + 1 if n and nnz else 0
+        plan = SparsePlan(pattern, mode, colors, c, name)
+        nodes = _decompression(plan, "nc")[1].nodes if name == "acyclic" else 0
+        return plan, _hessian_cost(c, nnz, nodes, work)
+
+    if coloring != "auto":
+        plan, cost = colour(coloring)
+        return dataclasses.replace(plan, costs={coloring: cost})
+    off = rows != cols
+    touched = int(np.unique(rows[off]).size)  # vertices with a neighbour: each is at least one acyclic node
+    # Lower bounds on colours: two wherever two inputs interact; a column colouring needs the longest row.
+    floor = 2 if off.any() else 1
+    longest = int(np.bincount(rows, minlength=1).max()) if nnz else 0
+    bounds = {"star": (floor, 0), "acyclic": (floor, touched), "column": (longest, 0)}
+    best, costs = None, {}
+    for name in (k for k in ("star", "acyclic", "column") if k in makers):
+        lb_colors, lb_nodes = bounds[name]
+        if best is not None and _hessian_cost(lb_colors, nnz, lb_nodes, work) >= costs[best.coloring]:
+            continue
+        plan, costs[name] = colour(name)
+        if best is None or costs[name] < costs[best.coloring]:
+            best = plan
+    return dataclasses.replace(best, costs=costs)
 
 
 class _Engine:
     """Plans per call structure and shapes; the jitted evaluation reads the plan at trace time."""
 
     def __init__(self, fun, argnums, sparsity, mode, output, has_aux, where, coloring=None, shards=None,
-                 check=False):
+                 check=False, chunk_size=None):
         self.sparsity, self.mode, self.output, self.has_aux = sparsity, mode, output, has_aux
-        self.shards = shards
+        self.shards, self.chunk_size = shards, chunk_size
         self.coloring = coloring  # None: a Jacobian; else a Hessian with this colouring choice
         self.check = check  # a failed certificate raises ValueError instead of falling back
         self.callers: tuple = ()  # transformations whose calls run this engine (their inputs serve the check)
@@ -320,11 +414,15 @@ class _Engine:
             return hit
         if values is None:
             values = _trust.call_values(spec, self.t, *self.callers)
-        hit = self.plans[key] = (self._make(spec, avals, values), None, {})
+        extra: dict = {}
+        hit = self.plans[key] = (self._make(spec, avals, values, extra), None, extra)
         return hit
 
-    def _make(self, spec, avals, values) -> SparsePlan:
-        """Detect (or take the given pattern or plan), colour and certify; the dense plan where any of it fails."""
+    def _make(self, spec, avals, values, extra: dict | None = None) -> SparsePlan:
+        """Detect (or take the given pattern or plan), colour and certify; the dense plan where any of it fails.
+
+        ``extra`` receives ``"fold"``: whether XLA may fold the seeds (``fun`` has no dense products).
+        """
         t, given, where = self.t, self.sparsity, self.t.where
         hessian = self.coloring is not None
         traced_flat = trace_flat(t, spec, avals, has_aux=self.has_aux)
@@ -333,6 +431,9 @@ class _Engine:
             check_scalar(t, p)
         complex_out = not hessian and bool(jnp.issubdtype(p.out_dtype, jnp.complexfloating))
         prims = primitives(closed.jaxpr)
+        if extra is not None:
+            extra["fold"] = not (FOLD_BLOCKERS & prims)
+            extra["two"] = bool(TRANSCENDENTAL & prims)
         if isinstance(given, SparsePlan):
             _check_given_plan(given, p, hessian, where)
         if complex_out and "rev" in (self.mode, getattr(given, "mode", None)):
@@ -355,10 +456,10 @@ class _Engine:
                         det = detect_hessian_traced(traced_flat) if hessian else detect_traced(t, *traced_flat)
                     pattern, prims = det.pattern, prims | det.primitives
                 with _trust.stage("colouring"):
-                    plan = (_make_hessian_plan(pattern, self.mode, self.coloring) if hessian
-                            else _make_plan(pattern, self.mode, prims, complex_out))
+                    plan = (_make_hessian_plan(pattern, self.mode, self.coloring, _planner.pass_cost(closed))
+                            if hessian else _make_plan(pattern, self.mode, prims, complex_out))
             with _trust.stage("certificate"):
-                cert = certify_plan(plan, traced_flat, values, where, hessian)
+                cert = certify_plan(plan, traced_flat, values, where, hessian, self._hessian_mode(plan))
         except _trust.AnalysisError as e:
             return self._dense(p, prims, complex_out, _trust.fallback(_trust.analysis_failed(where, e)))
         if not cert.failed:
@@ -393,13 +494,62 @@ class _Engine:
         size = n if mode == "fwd" else m
         return SparsePlan(full, mode, np.arange(size), size, JACOBIAN_PLANS[mode], certificate=cert)
 
-    def _build(self, spec):
-        return jax.jit(lambda *traced: self._compute(spec, traced))
+    def _hessian_mode(self, plan: SparsePlan) -> str | None:
+        """The engine's Hessian mode where it names one, else the plan's (``None``: a Jacobian)."""
+        if self.coloring is None:
+            return None
+        return self.mode if self.mode != "auto" else plan.mode
 
-    def _compute(self, spec, traced):
+    def _build(self, spec):
+        hessian = self.coloring is not None
+        if self.output == "dense" and not hessian:
+            return jax.jit(lambda *traced: self._compute(spec, traced))
+        # BCOO and SciPy results: the compiled program returns the values only; the index arrays are
+        # host constants attached afterwards (copying them out of the program cost as much as a gather).
+        layouts: dict = {}
+        split = self.output != "dense"
+
+        def program(products, *traced):
+            out = self._compute(spec, traced, split=split, products=products)
+            if not split:
+                return out
+            out, layout = out
+            layouts[tuple(map(jax.typeof, traced))] = layout
+            return out
+
+        jitted = jax.jit(program)
+        # Hessians of funs with transcendental functions in two programs: the products, then their
+        # decompression. In one, XLA's CPU backend lays the products out one row per colour and fuses them
+        # into the gather, recomputing each entry (a cosine, say) in the gather's scalar loop: 3-5x slower
+        # on a banded objective than the products written one column per colour, vectorised, as the first
+        # program's output. Polynomial funs are cheaper in one program (one dispatch).
+        first = jax.jit(lambda *traced: self._compute(spec, traced, products=True)) if hessian else None
+        two: list = []  # decided at the first call, from its plan
+
+        def call(*traced):
+            if hessian and not two:
+                avals = [jax.ShapeDtypeStruct(np.shape(a), jax.typeof(a).dtype) for a in traced]
+                two.append(self.plan_for(spec, avals)[2].get("two", False))
+            out = jitted(first(*traced) if hessian and two[0] else None, *traced)
+            if not split:
+                return out
+            layout = next(iter(layouts.values())) if len(layouts) == 1 else layouts[tuple(map(jax.typeof, traced))]
+            return layout(out)
+
+        return call
+
+    def _compute(self, spec, traced, split: bool = False, products=None):
+        """The Jacobian (Hessian) pytree at the traced leaves; ``split``: ``(values, layout)`` instead.
+
+        With ``split`` the result is the traced values (block data, or the flat
+        data for SciPy outputs) and ``layout(values)``, a host function that builds
+        the result from them and the plan's indices. Hessians: ``products=True``
+        returns the compressed Hessian and aux only; ``products=(compressed, aux)``
+        starts from them.
+        """
         t = self.t
         avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-        plan, _, _ = self.plan_for(spec, avals)
+        plan, _, extra = self.plan_for(spec, avals)
         p = _args.problem(
             t.fun, spec, traced, where=t.where, has_aux=self.has_aux, int_argnums=t.int_argnums, lazy=True
         )
@@ -418,7 +568,10 @@ class _Engine:
             flat(p.x)
         rows, cols = plan.pattern.rows, plan.pattern.cols
         if self.coloring is not None:
-            data, aux = _hessian_values(p, plan, t.where, self.shards)
+            data, aux = _hessian_values(p, plan, t.where, self.shards, self._hessian_mode(plan), self.chunk_size,
+                                        fold=extra.get("fold", False), products=products)
+            if products is True:
+                return data, aux
             det = Detected(plan.pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, set())
         else:
             kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
@@ -430,6 +583,9 @@ class _Engine:
             return {int(o): a for o, a in zip(starts, leaves, strict=True)}
 
         out_at, in_at = offsets(det.out_leaves), offsets(det.in_leaves)
+        if split and self.output in ("csr", "csc"):
+            return (data, aux), _scipy_layout(plan, self.output, self.has_aux, t.where)
+        host: dict = {}  # id -> the host index array of a block (split: attached outside the program)
 
         def block(b):
             (r0, r1), (c0, c1), out_shape, in_shape = b
@@ -445,15 +601,78 @@ class _Engine:
             if self.output == "dense":
                 size = (math.prod(out_shape), math.prod(in_shape))
                 return jnp.zeros(size, dtype).at[sub.rows, sub.cols].set(vals).reshape(sub.shape)
+            if split:  # a BCOO holding the host indices: separated from the traced values below
+                idx = sub.indices()
+                host[id(idx)] = idx
+                info = {"shape": sub.shape, "indices_sorted": True, "unique_indices": True}
+                return jsparse.BCOO.tree_unflatten(info, (vals, idx))
             return jsparse.BCOO((vals, jnp.asarray(sub.indices())), shape=sub.shape, indices_sorted=True,
                                 unique_indices=True)
 
         result = det.tree(block)
-        return (result, aux) if self.has_aux else result
+        result = (result, aux) if self.has_aux else result
+        if not split:
+            return result
+        leaves, treedef = jax.tree_util.tree_flatten(result)
+        fixed = {k: v for k, v in enumerate(leaves) if id(v) in host}
+        return [v for k, v in enumerate(leaves) if k not in fixed], _BcooLayout(treedef, len(leaves), fixed)
 
     def plan(self, *args, **kwargs) -> SparsePlan:
         spec, traced = self.t.split(args, kwargs)
         return self.plan_for(spec, [_abstract(a) for a in traced], _trust.concrete(traced))[0]
+
+
+class _BcooLayout:
+    """Rebuilds a result pytree from a program's traced values and the blocks' host index arrays."""
+
+    def __init__(self, treedef, size: int, fixed: dict):
+        self.treedef, self.size, self.fixed = treedef, size, fixed
+        self.device: dict | None = None  # the index arrays on the device, made at the first concrete call
+        self.slots = [k for k in range(size) if k not in fixed]
+
+    def __call__(self, values: list):
+        if _compat.is_tracer(values[0]) if values else True:  # inside a transformation: constants of its trace
+            fixed = {k: jnp.asarray(v) for k, v in self.fixed.items()}
+        else:
+            if self.device is None:
+                self.device = {k: jnp.asarray(v) for k, v in self.fixed.items()}
+            fixed = self.device
+        leaves = [None] * self.size
+        for k, v in fixed.items():
+            leaves[k] = v
+        for k, v in zip(self.slots, values, strict=True):
+            leaves[k] = v
+        return self.treedef.unflatten(leaves)
+
+
+def _scipy_layout(plan: SparsePlan, fmt: str, has_aux: bool, where: str) -> Callable:
+    """``(data, aux) -> matrix`` (or ``(matrix, aux)``): a SciPy CSR/CSC matrix of the flat ``(m, n)`` result."""
+    rows, cols = plan.pattern.rows, plan.pattern.cols  # sorted by row, then column
+    m = math.prod(plan.pattern.out_shape)
+    n = math.prod(plan.pattern.in_shape)
+    if fmt == "csr":
+        order, index, ptr = None, cols, np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=m))])
+    else:
+        order = np.lexsort((rows, cols))
+        index, ptr = rows[order], np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=n))])
+
+    def layout(out):
+        data, aux = out
+        if _compat.is_tracer(data):
+            raise ValueError(
+                f"{where}: output={fmt!r} returns a SciPy sparse matrix, a host object, which cannot be built "
+                "inside jax.jit, vmap, grad or another transformation. Call the function outside it, or use "
+                "output='bcoo' (a jax.experimental.sparse.BCOO) or 'dense' there."
+            )
+        import scipy.sparse
+
+        values = np.asarray(data)
+        values = values if order is None else values[order]
+        make = scipy.sparse.csr_matrix if fmt == "csr" else scipy.sparse.csc_matrix
+        matrix = make((values, index.copy(), ptr.copy()), shape=(m, n))
+        return (matrix, aux) if has_aux else matrix
+
+    return layout
 
 
 def _check_given_plan(plan: SparsePlan, p, hessian: bool, where: str) -> None:
@@ -468,16 +687,19 @@ def _check_given_plan(plan: SparsePlan, p, hessian: bool, where: str) -> None:
         raise ValueError(f"{where}: the given plan (mode {plan.mode!r}) is a {kinds[0]} plan; this is a {kinds[1]}.")
 
 
-def certify_plan(plan: SparsePlan, traced_flat: tuple, values, where: str, hessian: bool = False):
+def certify_plan(plan: SparsePlan, traced_flat: tuple, values, where: str, hessian: bool = False,
+                 mode: str | None = None):
     """Check a plan's entries against JAX at a random point, on a few random vectors.
 
     ``J v`` against ``jax.jvp`` (forward), ``u^T J`` against ``jax.vjp``
-    (reverse), ``H v`` against a Hessian-vector product.
+    (reverse), ``H v`` against a Hessian-vector product (the plan's values by
+    the Hessian ``mode``, default the plan's).
     """
     rows, cols = plan.pattern.rows, plan.pattern.cols
     if hessian:
-        return _trust.linear(traced_flat, values, lambda p: _hessian_values(p, plan, where)[0],
-                             mode="rev" if plan.mode == "rev_rev" else "fwd", entries=(rows, cols), hessian=True,
+        mode = mode or plan.mode
+        return _trust.linear(traced_flat, values, lambda p: _hessian_values(p, plan, where, mode=mode)[0],
+                             mode="rev" if mode.startswith("rev") else "fwd", entries=(rows, cols), hessian=True,
                              where=where)
     c = max(plan.n_colors, 1)
     seeds = plan.colors[None, :] == np.arange(c)[:, None]
@@ -546,39 +768,160 @@ def _check_symmetric(pattern: SparsityPattern, where: str) -> None:
         raise ValueError(f"{where}: a Hessian pattern must be symmetric; the given one is not.")
 
 
-def _hessian_values(p, plan: SparsePlan, where: str, shards=None):
-    """The pattern's nonzeros of the Hessian: one Hessian-vector product per colour, then decompression."""
-    from ._hessian import _auto, _gradient
+def _compact(index: np.ndarray) -> np.ndarray:
+    """Indices as int32 where they fit (smaller constants, cheaper gathers), else int64."""
+    index = np.asarray(index, np.int64)
+    return index.astype(np.int32) if index.size == 0 or index.max() < 2**31 else index
 
-    def check_scalar():
+
+_DECOMPRESSIONS: "weakref.WeakKeyDictionary[SparsePlan, dict]" = weakref.WeakKeyDictionary()
+
+
+def _decompression(plan: SparsePlan, layout: str) -> tuple[str, object]:
+    """How to read a plan's entries off its compressed matrix, built once per plan and layout.
+
+    ``layout``: ``"cn"``, one row per colour (``(n_colors, size)``), or ``"nc"``, one
+    column per colour (``(size, n_colors)``, what the Hessian engine computes).
+
+    Returns:
+      ``("gather", index)``: ``compressed.reshape(-1)[index]``; or ``("substitute",
+      decompression)``: a :class:`kernels.SymmetricDecompression` to call (acyclic colourings).
+    """
+    cache = _DECOMPRESSIONS.setdefault(plan, {})
+    hit = cache.get(layout)
+    if hit is None:
+        hit = cache[layout] = _make_decompression(plan, layout)
+    return hit
+
+
+def _make_decompression(plan: SparsePlan, layout: str) -> tuple[str, object]:
+    rows, cols = plan.pattern.rows, plan.pattern.cols
+    if plan.coloring in ("star", "acyclic"):
+        d = kernels.symmetric_decompression(rows, cols, plan.colors, plan.coloring, layout)
+        return ("gather", d.index) if plan.coloring == "star" else ("substitute", d)
+    c = max(plan.n_colors, 1)
+    # Same-coloured lines share no entry: (i, j) is the only entry of its colour on its line.
+    line, other = (cols, rows) if plan.coloring == "row" else (rows, cols)
+    size = math.prod(plan.pattern.in_shape) if plan.coloring == "row" else math.prod(plan.pattern.out_shape)
+    index = line * c + plan.colors[other] if layout == "nc" else plan.colors[other] * size + line
+    return "gather", _compact(index)
+
+
+def _hessian_cost(c: int, nnz: int, nodes: int, work: float) -> float:
+    """The cost model's estimate of one sparse Hessian: ``c`` products' tangent passes plus the decompression."""
+    return c * HVP_PASSES * work + GATHER_COST * nnz + PREFIX_COST * nodes
+
+
+FOLD_BLOCKERS = {"dot_general", "conv_general_dilated"}  # products XLA would fold slowly with constant seeds
+# Elementwise functions XLA's CPU backend computes in vectorised loops, but once per gathered entry in scalar
+# code when it fuses them into the decompression's gather: a sparse Hessian of a fun using them runs its
+# products and its decompression as two programs (see _Engine._build).
+TRANSCENDENTAL = {"sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "tanh", "asinh", "acosh",
+                  "atanh", "exp", "exp2", "expm1", "log", "log1p", "logistic", "pow", "erf", "erfc", "erf_inv",
+                  "lgamma", "digamma", "igamma", "igammac", "bessel_i0e", "bessel_i1e", "cbrt"}
+
+
+def _seeds_like(colors: np.ndarray, c: int, x: jax.Array, fold: bool = False) -> jax.Array:
+    """The 0/1 seeds ``S^T`` (``(c, n)``, ``x``'s dtype).
+
+    ``fold``: plain constants, which XLA may fold into what depends only on them
+    (a stencil's constant second derivatives become constants: half the products'
+    work on the sparse Hessian benchmarks). Otherwise they are tied to ``x`` by an
+    optimisation barrier and traced like it, so that their products with large
+    closed-over weights are not folded in XLA's slow evaluator at compile time,
+    nor evaluated op by op while a plan is certified (where JAX folds constant
+    expressions eagerly).
+    """
+    seeds = jnp.asarray(colors[None, :] == np.arange(c)[:, None], x.dtype)
+    return seeds if fold else jax.lax.optimization_barrier((seeds, x))[0]
+
+
+def _seed_map(apply: Callable, seeds: jax.Array, chunk_size: int | None, shards) -> tuple[jax.Array, object]:
+    """``vmap(apply)`` over the rows of ``seeds`` ``(c, n)``: the products as the columns of ``(r, c)``, and aux.
+
+    The products are batch-minor (one column per seed): XLA's CPU code for
+    stencil-like gradients (pads, shifted slices) runs several times faster in
+    that layout than with one row per seed. ``chunk_size``: at most this many
+    seeds per step of a ``lax.map`` (per device, with ``shards``).
+    """
+    c = seeds.shape[0]
+    per = shards.count if shards is not None else 1
+    if chunk_size is None or chunk_size * per >= c:
+        return kernels.sharded_vmap(apply, seeds, shards, out_axes=(1, None))
+    k = chunk_size * per
+    steps = -(-c // k)
+    if steps * k > c:  # zero seeds give zero products, dropped below
+        seeds = jnp.concatenate([seeds, jnp.zeros((steps * k - c, seeds.shape[1]), seeds.dtype)])
+    out, aux = jax.lax.map(lambda s: kernels.sharded_vmap(apply, s, shards, out_axes=(1, None)),
+                           seeds.reshape(steps, k, seeds.shape[1]))  # (steps, r, k)
+    out = jnp.moveaxis(out, 0, 1).reshape(out.shape[1], steps * k)[:, :c]
+    return out, jax.tree_util.tree_map(lambda a: a[0], aux)
+
+
+def _compressed_hessian(p, plan: SparsePlan, mode: str, chunk_size: int | None, shards,
+                        fold: bool = False) -> tuple[jax.Array, object]:
+    """``H @ S``, shape ``(n, c)``: one Hessian-vector product per colour by ``mode``, and ``fun``'s aux."""
+    from ._hessian import _gradient
+
+    seeds = _seeds_like(plan.colors, max(plan.n_colors, 1), p.x, fold)
+    outer, inner = mode.split("_")
+
+    def gradient(x):  # x -> (grad f(x), aux)
+        g, (_, aux) = _gradient(p, inner)(x)
+        return g, aux
+
+    if outer == "fwd":  # the directional derivative of the gradient (inner "fwd": n JVPs, for a while_loop)
+        apply = lambda s: jax.jvp(gradient, (p.x,), (s,), has_aux=True)[1:]  # noqa: E731
+    elif inner == "rev":  # H is symmetric: s^T H = (H s)^T, pulled back through the gradient
+        _, pull, aux = jax.vjp(gradient, p.x, has_aux=True)
+        apply = lambda s: (pull(s)[0], aux)  # noqa: E731
+    else:  # rev_fwd: the gradient of the directional derivative x -> f'(x) s
+
+        def apply(s):
+            def slope(z):
+                _, t, aux = jax.jvp(lambda w: _scalar(p, w), (z,), (s,), has_aux=True)
+                return t, aux
+
+            return jax.grad(slope, has_aux=True)(p.x)
+
+    return _seed_map(apply, seeds, chunk_size, shards)
+
+
+def _scalar(p, x):
+    y, aux = p.flat(x)
+    return y[0], aux
+
+
+def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | None = None, chunk_size=None,
+                    fold: bool = False, products=None):
+    """The pattern's nonzeros of the Hessian: one Hessian-vector product per colour, then decompression.
+
+    Args:
+      mode: ``"fwd_rev"``, ``"rev_rev"``, ``"rev_fwd"``, ``"fwd_fwd"`` or ``"auto"``
+        (forward over reverse, or what JAX can differentiate); ``None``: the plan's.
+      fold: let XLA fold the seeds (see ``_seeds_like``).
+      products: ``True``: return the compressed Hessian ``H @ S`` (``(n, c)``) and aux,
+        not the entries; ``(compressed, aux)``: decompress these instead of computing them.
+    """
+    from ._hessian import _auto
+
+    def run(m):
+        compressed, aux = _compressed_hessian(p, plan, m, chunk_size, shards, fold)
         if p.m != 1 or any(s.shape != () for s in p.out_leaves):
             raise ValueError(f"{where}: fun must return a scalar (shape ()), got output {p.out_leaves[0].shape}.")
-
-    n, c = p.n, max(plan.n_colors, 1)
-    rows, cols = plan.pattern.rows, plan.pattern.cols
-
-    def run(mode):
-        grad = _gradient(p, "rev")
-
-        def g(x):
-            gr, (_, aux) = grad(x)
-            return gr, aux
-
-        if mode == "fwd_rev":
-            compressed, aux = kernels.compressed_jvps(g, p.x, plan.colors, c, shards)
-        else:  # H is symmetric: S^T H = (H S)^T, pulled back through the gradient
-            _, pull, aux = jax.vjp(g, p.x, has_aux=True)
-            seeds = jnp.asarray(plan.colors[None, :] == np.arange(c)[:, None], p.x.dtype)
-            compressed = kernels.sharded_vmap(lambda s: pull(s)[0], seeds, shards)
-        check_scalar()
         return compressed, aux
 
-    mode = plan.mode if plan.mode in ("fwd_rev", "rev_rev") else "auto"
-    compressed, aux = _auto(run, where) if mode == "auto" else run(mode)
-    if plan.coloring == "column":
-        return compressed.reshape(-1)[plan.colors[cols] * n + rows], aux
-    decompress = kernels.symmetric_decompression(rows, cols, plan.colors, plan.coloring)
-    return decompress(compressed), aux
+    mode = mode or plan.mode
+    if not isinstance(products, tuple):
+        compressed, aux = _auto(run, where) if mode == "auto" else run(mode)
+        if products is True:
+            return compressed, aux
+    else:
+        compressed, aux = products
+    kind, how = _decompression(plan, "nc")
+    if kind == "substitute":
+        return how(compressed), aux
+    return compressed.reshape(-1).at[how].get(mode="promise_in_bounds"), aux
 
 
 def sparse_jacobian(
@@ -621,7 +964,10 @@ def sparse_jacobian(
         directions JAX can differentiate those in; forward for complex outputs).
       output: ``"bcoo"``: each block a ``jax.experimental.sparse.BCOO`` of shape
         ``out.shape + in.shape``; ``"dense"``: dense blocks equal to
-        :func:`jacobians.jacobian`'s.
+        :func:`jacobians.jacobian`'s; ``"csr"`` / ``"csc"``: one
+        ``scipy.sparse.csr_matrix`` / ``csc_matrix`` of the flat ``(m, n)`` Jacobian
+        (outputs and inputs raveled and concatenated in pytree order), a host
+        object: not available inside ``jax.jit`` or other transformations.
       has_aux: ``fun`` returns ``(output, aux)``; the result is ``(jacobian, aux)``.
       check: a plan that fails its certificate raises a ``ValueError`` naming the
         first missed entry, instead of falling back to the dense plan (use it to
@@ -636,7 +982,8 @@ def sparse_jacobian(
 
     Raises:
       ValueError: unknown ``mode``/``output``; a given pattern or plan of the wrong shape;
-        with ``check=True``, a plan that fails its certificate.
+        with ``check=True``, a plan that fails its certificate; ``output="csr"``/``"csc"``
+        inside a transformation.
       TypeError: ``mode="rev"`` with complex outputs.
     """
     where = "jacobians.sparse_jacobian"
@@ -662,7 +1009,7 @@ def _wrap(engine: _Engine, check: bool) -> Callable:
     return wrapped
 
 
-HESSIAN_MODES = ("auto", "fwd_rev", "rev_rev")
+HESSIAN_MODES = ("auto", "fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd")
 COLORINGS = ("auto", "star", "acyclic", "column")
 
 
@@ -675,6 +1022,7 @@ def sparse_hessian(
     mode: str = "auto",
     output: str = "bcoo",
     has_aux: bool = False,
+    chunk_size: int | None = None,
     check: bool = False,
     mesh=None,
     mesh_axis=None,
@@ -694,13 +1042,28 @@ def sparse_hessian(
       sparsity: ``"auto"`` (detect), a :class:`SparsePlan`, or a symmetric
         :class:`SparsityPattern` / boolean array / ``BCOO`` of shape
         ``x.shape + x.shape`` (one array) or the flat ``(n, n)``.
-      coloring: ``"star"`` (direct decompression), ``"acyclic"`` (fewer colours,
-        decompression by substitution), ``"column"`` (a distance-2 colouring:
-        direct, more colours) or ``"auto"`` (the one with fewest colours).
-      mode: ``"fwd_rev"``, ``"rev_rev"`` (where a ``custom_vjp`` forbids forward
-        mode) or ``"auto"``.
-      output: ``"bcoo"`` or ``"dense"``.
+      coloring: ``"star"`` (direct decompression: one gather), ``"acyclic"``
+        (fewer colours, decompression by substitution: a prefix sum along
+        two-coloured trees), ``"column"`` (a distance-2 colouring: direct, more
+        colours) or ``"auto"``: the cheapest by a cost model that counts both the
+        Hessian-vector products (colours times the cost of one evaluation of
+        ``fun``, read from its jaxpr) and the decompression (a gather per entry; a
+        prefix sum per tree node, dear on CPU), so acyclic is taken only where the
+        products it saves cost more than its substitution (``plan.costs`` shows the
+        estimates).
+      mode: how each product ``H s`` is computed, as :func:`jacobians.hessian`'s
+        modes: ``"fwd_rev"`` (forward over reverse), ``"rev_fwd"`` (reverse over
+        forward: the gradient of ``x -> f'(x) s``), ``"rev_rev"`` (where a
+        ``custom_vjp`` forbids forward mode), ``"fwd_fwd"`` (where a ``while_loop``
+        forbids reverse mode; its gradient costs ``n`` JVPs) or ``"auto"``
+        (forward over reverse, else what JAX can differentiate).
+      output: ``"bcoo"``, ``"dense"``, or ``"csr"`` / ``"csc"``: one SciPy matrix of
+        the flat ``(n, n)`` Hessian (not inside transformations; see
+        :func:`sparse_jacobian`).
       has_aux: ``fun`` returns ``(value, aux)``.
+      chunk_size: at most this many Hessian-vector products at a time (a
+        ``lax.map`` over chunks of the colours' seeds; bounds memory), as
+        :func:`jacobians.hessian`'s.
       check: a plan that fails its certificate (Hessian-vector products at a random
         point) raises a ``ValueError``, as for :func:`sparse_jacobian`.
       mesh, mesh_axis: split the colours across the devices of a mesh.
@@ -711,7 +1074,9 @@ def sparse_hessian(
 
     Raises:
       ValueError: a non-scalar output; a given pattern that is not square or not
-        symmetric; unknown ``coloring``, ``mode`` or ``output``.
+        symmetric; unknown ``coloring``, ``mode`` or ``output``; ``output="csr"``/``"csc"``
+        inside a transformation.
+      TypeError: ``chunk_size`` not a positive int.
     """
     where = "jacobians.sparse_hessian"
     _args.check_fun(fun, where)
@@ -724,6 +1089,7 @@ def sparse_hessian(
             f"{where}: sparsity must be 'auto', a SparsePlan, a SparsityPattern, a boolean array or a BCOO, "
             f"got {sparsity!r}."
         )
+    chunk_size = _args.check_chunk_size(chunk_size, where)
     engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where, coloring=coloring,
-                     shards=_mesh.resolve(mesh, where, mesh_axis))
+                     shards=_mesh.resolve(mesh, where, mesh_axis), chunk_size=chunk_size)
     return _wrap(engine, _args.check_bool(check, "check", where))

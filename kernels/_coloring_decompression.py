@@ -1,9 +1,12 @@
 """Recover the nonzeros of a symmetric ``H`` from ``B = H @ S``, for star and acyclic colourings.
 
 ``S`` is the ``(n, c)`` 0/1 seed matrix of a colouring; the decompression takes
-``compressed = B^T``, shape ``(c, n)``, ``compressed[k] = H @ s_k``. Entry
-``compressed[b, x]`` sums ``H[x, y]`` over the ``b``-coloured ``y`` (``H[x, x]``
-itself when ``b = colour(x)``, a distance-1 colouring leaving nothing else).
+``compressed = B^T``, shape ``(c, n)``, ``compressed[k] = H @ s_k`` (or, with
+``layout="nc"``, ``B`` itself, shape ``(n, c)``: the layout a batch-minor ``vmap``
+of the products writes, which XLA computes several times faster on CPU for
+stencil-like functions). Entry ``compressed[b, x]`` sums ``H[x, y]`` over the
+``b``-coloured ``y`` (``H[x, x]`` itself when ``b = colour(x)``, a distance-1
+colouring leaving nothing else).
 
 * Star: in a two-coloured star, the hub's every neighbour is alone in its
   colour at the hub's row, so ``H[i, j]`` is ``compressed[colour(j), i]`` or
@@ -35,6 +38,13 @@ def _pair_counts(x: np.ndarray, b: np.ndarray, n_colors: int) -> tuple[np.ndarra
 def _compact(index: np.ndarray) -> np.ndarray:
     """Indices as int32 when they fit (they nearly always do), else int64."""
     return index.astype(np.int32 if index.size == 0 or index.max() < 2**31 else np.int64)
+
+
+def _minor(index: np.ndarray, n: int, c: int) -> np.ndarray:
+    """Flat indices into a ``(c, n)`` matrix as indices into its ``(n, c)`` transpose; those past it unchanged."""
+    index = np.asarray(index, np.int64)
+    b, x = np.divmod(index, max(n, 1))
+    return np.where(index < n * c, x * c + b, index)
 
 
 def _lookup(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -86,21 +96,26 @@ def _preorder(n_nodes: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, n
     return tuple(np.asarray(v, np.int64) for v in (order, parent, depth, size))
 
 
+def _take(flat: jax.Array, index) -> jax.Array:
+    """``flat[index]`` for indices known to lie in range: no clamping, no wrapping of negatives."""
+    return flat.at[index].get(mode="promise_in_bounds")
+
+
 @jax.jit
 def _gather(flat: jax.Array, index: jax.Array) -> jax.Array:
-    return flat[index]
+    return _take(flat, index)
 
 
 @jax.jit
 def _substitute(flat: jax.Array, values: jax.Array, sign: jax.Array, last: jax.Array, index: jax.Array) -> jax.Array:
     """Edge values by alternating subtree sums, then one gather from ``[flat, edges]``."""
     sign = sign.astype(flat.dtype)
-    signed = flat[values] * sign
+    signed = _take(flat, values) * sign
     # A whole tree's alternating sum is zero (the root has no parent edge), so the running
     # sum returns to ~0 after every tree: one plain prefix sum serves all trees.
     prefix = jnp.cumsum(signed)
-    edges = (prefix[last] - prefix + signed) * sign
-    return jnp.concatenate([flat, edges])[index]
+    edges = (_take(prefix, last) - prefix + signed) * sign
+    return _take(jnp.concatenate([flat, edges]), index)
 
 
 class SymmetricDecompression:
@@ -114,9 +129,16 @@ class SymmetricDecompression:
       n_colors: the number of colours ``c`` (rows of the compressed matrix).
       method: ``"star"`` or ``"acyclic"``.
       colors: the colouring, int64 ``(n,)``.
+      layout: ``"cn"`` (the compressed matrix is ``(H @ S)^T``, shape ``(c, n)``) or
+        ``"nc"`` (``H @ S``, shape ``(n, c)``).
+      index: star colourings: the flat indices into ``compressed.reshape(-1)`` that
+        read the entries off (one gather); ``None`` for acyclic colourings.
+      nodes: acyclic colourings: the number of tree nodes the substitution sums over
+        (its prefix sum's length; 0 for star colourings).
     """
 
-    def __init__(self, rows: np.ndarray, cols: np.ndarray, colors: np.ndarray, method: str = "star"):
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, colors: np.ndarray, method: str = "star",
+                 layout: str = "cn"):
         """Precompute the gathers (and, for ``"acyclic"``, the substitution trees).
 
         Args:
@@ -124,12 +146,16 @@ class SymmetricDecompression:
             mirror images) they must cover every nonzero of ``H`` off the diagonal.
           colors: a star (``"star"``) or acyclic (``"acyclic"``) colouring, shape ``(n,)``.
           method: how to decompress.
+          layout: ``"cn"`` or ``"nc"``, the compressed matrix's layout (see the class docstring).
 
         Raises:
           ValueError: if ``colors`` is not a colouring of the required kind.
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if layout not in ("cn", "nc"):
+            raise ValueError(f"layout must be 'cn' or 'nc', got {layout!r}")
+        self.layout = layout
         colors = np.asarray(colors, np.int64).ravel()
         rows = np.asarray(rows, np.int64).ravel()
         cols = np.asarray(cols, np.int64).ravel()
@@ -152,7 +178,9 @@ class SymmetricDecompression:
                 raise ValueError("not a star colouring: a two-coloured path on four vertices")
             # Per directed pair (x, y): read H[x, y] at row x if y is alone there, else at row y.
             at = np.where(alone_here, colors[y] * n + x, colors[x] * n + y)
-            self._index = _compact(np.where(diag, colors[rows] * n + rows, at[edge] if at.size else 0))
+            index = np.where(diag, colors[rows] * n + rows, at[edge] if at.size else 0)
+            self._index = _compact(_minor(index, n, c) if layout == "nc" else index)
+            self.index, self.nodes = self._index, 0
             return
         # Acyclic: nodes (x, b), b the colour of a neighbour of x; each edge joins (x, col y) and (y, col x).
         node_keys, _ = _pair_counts(x, colors[y], c)
@@ -165,12 +193,15 @@ class SymmetricDecompression:
         # The edge's value sits at whichever end node is the other's child.
         child = np.where(parent[node] == node[mirror], node, node[mirror])
         nx, nb = np.divmod(node_keys[order], c)
-        self._values = _compact(nb * n + nx)  # compressed entry of each node, in preorder
+        # The compressed entry of each node, in preorder.
+        self._values = _compact(nx * c + nb if layout == "nc" else nb * n + nx)
         self._sign = np.where(depth[order] % 2 == 0, 1, -1).astype(np.int8)
         self._last = _compact(np.arange(order.size) + size[order] - 1)  # end of each subtree
         # One gather from [compressed.ravel(), edge values]: diagonal entries from the first part.
         at = n * c + pos[child]
-        self._index = _compact(np.where(diag, colors[rows] * n + rows, at[edge] if at.size else 0))
+        index = np.where(diag, colors[rows] * n + rows, at[edge] if at.size else 0)
+        self._index = _compact(_minor(index, n, c) if layout == "nc" else index)
+        self.index, self.nodes = None, int(order.size)
 
     def seeds(self, dtype=np.float64) -> np.ndarray:
         """The 0/1 seed rows ``S^T``, shape ``(n_colors, n)``: row ``k`` marks colour ``k``.
@@ -184,14 +215,16 @@ class SymmetricDecompression:
         """The entries ``H[rows[t], cols[t]]``, shape ``(nnz,)``.
 
         Args:
-          compressed: ``(H @ S)^T``, shape ``(n_colors, n)``: ``compressed[k] = H @ s_k``.
+          compressed: ``(H @ S)^T``, shape ``(n_colors, n)``: ``compressed[k] = H @ s_k``
+            (layout ``"nc"``: ``H @ S``, shape ``(n, n_colors)``).
 
         Returns:
           The values, in the order of the ``rows, cols`` given at construction.
         """
         compressed = jnp.asarray(compressed)
-        if compressed.shape != (self.n_colors, self.n):
-            raise ValueError(f"compressed must have shape {(self.n_colors, self.n)}, got {compressed.shape}")
+        shape = (self.n_colors, self.n) if self.layout == "cn" else (self.n, self.n_colors)
+        if compressed.shape != shape:
+            raise ValueError(f"compressed must have shape {shape}, got {compressed.shape}")
         flat = compressed.reshape(-1)
         if self.method == "star":
             return _gather(flat, self._index)
@@ -199,7 +232,7 @@ class SymmetricDecompression:
 
 
 def symmetric_decompression(
-    rows: np.ndarray, cols: np.ndarray, colors: np.ndarray, method: str = "star"
+    rows: np.ndarray, cols: np.ndarray, colors: np.ndarray, method: str = "star", layout: str = "cn"
 ) -> SymmetricDecompression:
     """Build a :class:`SymmetricDecompression` (see there for the arguments)."""
-    return SymmetricDecompression(rows, cols, colors, method)
+    return SymmetricDecompression(rows, cols, colors, method, layout)

@@ -1,0 +1,147 @@
+"""Sparse Hessian options (issues 24 and 27): modes and chunks as the dense ``hessian`` has them, SciPy
+outputs, the plan's compressed matrix and decompression, and the colouring cost model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse
+from helpers import randn
+from jax.flatten_util import ravel_pytree
+
+import jacobians
+
+
+def rosenbrock(x):
+    return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+
+
+def mixed(p):
+    """A pytree input; a sine (the two-program path), an arrowhead row and a band."""
+    x, y = p["x"], p["y"]
+    return x[0] * jnp.sum(y) + jnp.sum(jnp.sin(x) * x[::-1]) + jnp.sum(y[1:] * y[:-1] ** 2)
+
+
+def dense_hessian(f, p):
+    flat, unravel = ravel_pytree(p)
+    return np.asarray(jax.hessian(lambda v: f(unravel(v)))(flat))
+
+
+def flat_dense(h, p):
+    """The flat (n, n) matrix of a pytree-of-blocks Hessian."""
+    leaves = jax.tree_util.tree_leaves(p)
+    rows = jax.tree_util.tree_leaves(h, is_leaf=lambda a: isinstance(a, jax.Array))
+    k = len(leaves)
+    blocks = [[np.asarray(rows[i * k + j]).reshape(leaves[i].size, leaves[j].size) for j in range(k)]
+              for i in range(k)]
+    return np.block(blocks)
+
+
+@pytest.mark.parametrize("mode, chunk", [("fwd_rev", 2), ("rev_fwd", 3), ("rev_rev", 2), ("fwd_fwd", None)])
+def test_modes_and_chunks_equal_jax_hessian(rng, mode, chunk):
+    p = {"x": randn(rng, (5,)), "y": randn(rng, (4,))}
+    got = jacobians.sparse_hessian(mixed, mode=mode, chunk_size=chunk, output="dense")(p)
+    np.testing.assert_allclose(flat_dense(got, p), dense_hessian(mixed, p), rtol=1e-10, atol=1e-12)
+
+
+def test_scipy_outputs_equal_dense(rng):
+    p = {"x": randn(rng, (5,)), "y": randn(rng, (4,))}
+    H = dense_hessian(mixed, p)
+    for fmt, kind in (("csr", scipy.sparse.csr_matrix), ("csc", scipy.sparse.csc_matrix)):
+        m = jacobians.sparse_hessian(mixed, output=fmt)(p)
+        assert isinstance(m, kind) and m.format == fmt and m.shape == (9, 9)
+        assert m.nnz < 81  # sparse: the pattern, not every entry
+        np.testing.assert_allclose(m.toarray(), H, rtol=1e-10, atol=1e-12)
+
+    def g(a, b):  # two inputs, two outputs: the flat (m, n) Jacobian in pytree order
+        return {"u": jnp.sin(a[1:]) * b[:-1], "v": a[0] * b}, jnp.sum(a)
+
+    a, b = randn(rng, (4,)), randn(rng, (4,))
+    flat, unravel = ravel_pytree((a, b))
+    J = jax.jacfwd(lambda v: ravel_pytree(g(*unravel(v))[0])[0])(flat)
+    for fmt in ("csr", "csc"):
+        for mode in ("fwd", "rev"):
+            m, aux = jacobians.sparse_jacobian(g, (0, 1), output=fmt, mode=mode, has_aux=True)(a, b)
+            assert m.format == fmt and m.shape == (7, 8)
+            np.testing.assert_allclose(m.toarray(), J, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(aux, jnp.sum(a))
+
+
+def test_scipy_output_inside_jit_raises(rng):
+    x = randn(rng, (6,))
+    with pytest.raises(ValueError, match=r"sparse_hessian: output='csc' returns a SciPy sparse matrix, a host "
+                                         r"object, which cannot be built inside jax.jit"):
+        jax.jit(jacobians.sparse_hessian(rosenbrock, output="csc"))(x)
+    with pytest.raises(ValueError, match=r"sparse_jacobian: output='csr' returns a SciPy sparse matrix"):
+        jax.jit(jacobians.sparse_jacobian(jnp.sin, output="csr"))(x)
+    # The BCOO output works there (its indices are constants of the caller's trace).
+    got = jax.jit(jacobians.sparse_hessian(rosenbrock))(x).todense()
+    np.testing.assert_allclose(got, jax.hessian(rosenbrock)(x), rtol=1e-10)
+
+
+def _check_plan_api(plan, compressed, reference):
+    rows, cols = plan.pattern.rows, plan.pattern.cols
+    want = reference[rows, cols]
+    np.testing.assert_allclose(plan.decompress(compressed), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(jax.jit(plan.decompress)(compressed), want, rtol=1e-10, atol=1e-12)
+    if plan.coloring == "acyclic":
+        with pytest.raises(ValueError, match=r"an acyclic colouring decompresses by substitution"):
+            plan.decompression_index()
+    else:
+        np.testing.assert_allclose(np.asarray(compressed).reshape(-1)[plan.decompression_index()], want, rtol=1e-12)
+
+
+def test_plan_compressed_matrix_and_decompression(rng):
+    x = randn(rng, (12,))
+    H = np.asarray(jax.hessian(rosenbrock)(x))
+    for coloring in ("star", "acyclic", "column"):
+        plan = jacobians.sparse_hessian(rosenbrock, coloring=coloring).plan(x)
+        S = plan.seeds()
+        assert plan.coloring == coloring and S.shape == (plan.n_colors, 12)
+        np.testing.assert_array_equal(S.sum(axis=0), np.ones(12))  # each input in exactly one colour
+        _check_plan_api(plan, S @ H, H)  # row k: H @ s_k (H is symmetric)
+
+    def g(x):
+        return jnp.concatenate([jnp.sin(x[1:]) * x[:-1], x[:3] ** 2])
+
+    J = np.asarray(jax.jacfwd(g)(x))
+    for mode in ("fwd", "rev"):
+        plan = jacobians.sparse_jacobian(g, mode=mode).plan(x)
+        S = plan.seeds()
+        _check_plan_api(plan, S @ J.T if mode == "fwd" else S @ J, J)
+    with pytest.raises(ValueError, match=r"SparsePlan.decompress: expected the compressed matrix of shape"):
+        plan.decompress(np.zeros((1, 1)))
+
+
+def expensive_rosenbrock(x):
+    """A tridiagonal Hessian with a long elementwise chain: each Hessian-vector product is dear."""
+    y = x
+    for _ in range(60):
+        y = jnp.sin(y) + 0.5 * y
+    return rosenbrock(x) + jnp.sum(y)
+
+
+def test_auto_colouring_counts_decompression(rng):
+    x = randn(rng, (40,))
+    # Cheap products: the acyclic colouring's 2 colours do not pay for its substitution; star's 3 do.
+    plan = jacobians.sparse_hessian(rosenbrock).plan(x)
+    assert (plan.coloring, plan.n_colors) == ("star", 3), plan
+    acyclic = jacobians.sparse_hessian(rosenbrock, coloring="acyclic").plan(x)
+    assert acyclic.n_colors == 2 and acyclic.costs["acyclic"] > plan.costs["star"]
+    # Dear products (same pattern): saving one costs more than the substitution.
+    plan = jacobians.sparse_hessian(expensive_rosenbrock).plan(x)
+    assert (plan.coloring, plan.n_colors) == ("acyclic", 2), plan
+    assert plan.costs["acyclic"] < plan.costs["star"]
+    got = jacobians.sparse_hessian(expensive_rosenbrock)(x).todense()
+    np.testing.assert_allclose(got, jax.hessian(expensive_rosenbrock)(x), rtol=1e-9, atol=1e-12)
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match=r"sparse_hessian: chunk_size must be >= 1"):
+        jacobians.sparse_hessian(rosenbrock, chunk_size=0)
+    with pytest.raises(TypeError, match=r"sparse_hessian: chunk_size must be a positive int or None"):
+        jacobians.sparse_hessian(rosenbrock, chunk_size=1.5)
+    with pytest.raises(ValueError, match=r"sparse_hessian: mode must be one of"):
+        jacobians.sparse_hessian(rosenbrock, mode="fwd")
+    with pytest.raises(ValueError, match=r"sparse_jacobian: output must be one of"):
+        jacobians.sparse_jacobian(jnp.sin, output="coo")
