@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _mesh, _planner, _sparse, _sparsity, _structured, _trust, kernels, layout
-
-METHODS = ("auto", "dense", "structured", "compressed")
+from . import _args, _deps, _mesh, _methods, _planner, _sparse, _sparsity, _structured, _trust, layout
 
 
 def _choose_mode(mode: str, n: int, m: int, complex_out: bool, holomorphic: bool, where: str) -> str:
@@ -53,53 +51,46 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
             "jacobians.jacobian for pytrees."
         )
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
-    method = opts["method"]
-    if method == "compressed":
-        return opts["engine"]._compute(spec, traced)
-    if _planned(opts, complex_in or complex_out):
-        plan = _plan(t, spec, traced, opts)
-        if plan.method == "compressed":
-            return opts["engine"]._compute(spec, traced)
-        method = plan.method
-        opts = dict(opts, mode=plan.mode)
-    elif method == "structured" and (complex_in or (complex_out and not opts["holomorphic"])):
-        raise TypeError(f"{where}: method='structured' needs real (or holomorphic) functions; use method='dense'.")
-    if complex_in:
-        if complex_out:
-            raise TypeError(
-                f"{where}: fun has complex inputs ({p.x.dtype}) and complex outputs ({p.out_dtype}); pass "
-                "holomorphic=True for a holomorphic function (a non-holomorphic complex map has no complex Jacobian)."
-            )
-        mode = "rev"
-    else:
-        mode = _choose_mode(opts["mode"], p.n, p.m, complex_out, opts["holomorphic"], where)
-
     # Unchunked dense Jacobians on one device run jax.jacfwd/jacrev's own program on the pytrees.
-    tree_ok = order is None and opts["chunk_size"] is None and opts["shards"] is None and not complex_in
-
-    def run(mode):
-        if method == "structured":
-            return _structured.jacobian(*p.sweep_input(), mode, chunk_size=opts["chunk_size"])
-        if tree_ok and (done := p.tree_dense(mode)) is not None:
-            return None, _Blocks(done[0]), done[1]
-        kernel = kernels.forward if mode == "fwd" else kernels.reverse
-        return kernel(p.flat, p.x, opts["chunk_size"], opts["shards"])
-
-    if method == "structured":
+    call = _methods.Call(p, opts["chunk_size"], opts["shards"], lambda: _compressed(opts, spec, traced),
+                         tree=order is None and opts["chunk_size"] is None and opts["shards"] is None
+                         and not complex_in)
+    method, mode = opts["method"], None
+    if method == "compressed":
+        jac, aux = _methods.COMPRESSED.evaluate(None, call)
+    elif _planned(opts, complex_in or complex_out):
+        cand = _plan(t, spec, traced, opts).candidate
+        jac, aux = cand.method.evaluate(cand, call)
+        mode = cand.mode
+    elif method == "structured":
+        if complex_in or (complex_out and not opts["holomorphic"]):
+            raise TypeError(f"{where}: method='structured' needs real (or holomorphic) functions; use method='dense'.")
         if opts["shards"] is not None:
             raise ValueError(f"{where}: method='structured' takes no mesh (it pushes no basis vectors to split).")
-        _, jac, aux = run(mode)
-    elif opts["mode"] == "auto" and not complex_out and not complex_in:
-        _, jac, aux = _args.with_fallback(run, mode, "rev", "fwd", where)
+        mode = _choose_mode(opts["mode"], p.n, p.m, complex_out, opts["holomorphic"], where)
+        jac, aux = _methods.STRUCTURED.evaluate(_methods.Candidate(_methods.STRUCTURED, mode, 1, 0.0), call)
     else:
-        _, jac, aux = run(mode)
-    if order is not None:
+        if complex_in:
+            if complex_out:
+                raise TypeError(
+                    f"{where}: fun has complex inputs ({p.x.dtype}) and complex outputs ({p.out_dtype}); pass "
+                    "holomorphic=True for a holomorphic function (a non-holomorphic complex map has no complex "
+                    "Jacobian)."
+                )
+            mode = "rev"
+        else:
+            mode = _choose_mode(opts["mode"], p.n, p.m, complex_out, opts["holomorphic"], where)
+        if opts["mode"] == "auto" and not complex_out and not complex_in:
+            jac, aux = _methods.DENSE.evaluate_either(mode, call, where)
+        else:
+            jac, aux = _methods.DENSE.evaluate(_methods.Candidate(_methods.DENSE, mode, 0, 0.0), call)
+    if isinstance(jac, _methods.Blocks):
+        result = jac.tree
+    elif order is not None:
         (out,), (xin,) = p.out_leaves, p.in_leaves
         result = jac.astype(_args.block_dtype(out, xin))
         if order == "F":
             result = layout.to_matrix(result.reshape(out.shape + xin.shape), len(out.shape), order="F")
-    elif isinstance(jac, _Blocks):
-        result = jac.tree
     else:
         result = p.blocks(jac)
         # Sharded along the basis axis: the first input axis (forward) or output axis (reverse) of each block.
@@ -109,11 +100,11 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
     return (result, aux) if opts["has_aux"] else result
 
 
-class _Blocks:
-    """A result already cut into the pytree of numerator-layout blocks (``Problem.tree_dense``)."""
-
-    def __init__(self, tree):
-        self.tree = tree
+def _compressed(opts, spec, traced):
+    """The sparse engine's result for this call (its plan made by the planner, or its own detection)."""
+    out = opts["engine"]._compute(spec, traced)
+    res, aux = out if opts["has_aux"] else (out, None)
+    return _methods.Blocks(res), aux
 
 
 def _planned(opts, complex_any: bool) -> bool:
@@ -177,8 +168,9 @@ def _passed(result) -> bool:
 
 def _dense_instead(plan: _planner.JacobianPlan, note: str) -> _planner.JacobianPlan:
     mode = plan.fallback_mode or ("fwd" if plan.n < plan.m else "rev")
-    return _planner.JacobianPlan("dense", mode, plan.n if mode == "fwd" else plan.m, plan.n, plan.m, None, {}, note,
-                                 certificate=_trust.fallback(), seconds=plan.seconds)
+    passes = plan.n if mode == "fwd" else plan.m
+    return _planner.JacobianPlan("dense", mode, passes, plan.n, plan.m, None, {}, note, certificate=_trust.fallback(),
+                                 seconds=plan.seconds, candidate=_methods.Candidate(_methods.DENSE, mode, passes, 0.0))
 
 
 def _settle(t, opts, key, result) -> bool:
@@ -237,24 +229,16 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
 
     def check():
         with _trust.stage("certificate"):
-            return _certify(plan, traced_flat, values, t.where)
+            return plan.candidate.method.certify(plan.candidate, traced_flat, values, t.where)
 
     return dataclasses.replace(plan, fallback_mode=_planner.dense(closed, p.n, p.m, "").mode), check
-
-
-def _certify(plan: _planner.JacobianPlan, traced_flat, values, where: str) -> "_trust.Certificate":
-    """The plan's Jacobian on a few random tangents (cotangents) against jax.jvp (jax.vjp), at a random point."""
-    if plan.method == "structured":
-        return _trust.linear(traced_flat, values, lambda p: _structured.jacobian(p.flat, p.x, plan.mode)[1],
-                             mode=plan.mode, where=where)
-    return _sparse.certify_plan(plan.sparse_plan, traced_flat, values, where)
 
 
 def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, mesh=None, mesh_axis=None,
            method="auto"):
     opts = dict(
         shards=_mesh.resolve(mesh, where, mesh_axis),
-        method=_args.check_choice(method, "method", METHODS, where),
+        method=_args.check_choice(method, "method", _methods.NAMES, where),
         mode=_args.check_mode(mode, where),
         chunk_size=_args.check_chunk_size(chunk_size, where),
         has_aux=_args.check_bool(has_aux, "has_aux", where),

@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_tree_allclose, randn
 
 import jacobians
-from jacobians import _batch, _deps, _planner, _structured, _trust
+from jacobians import _batch, _deps, _methods, _planner, _structured, _trust
 
 
 def _drop_rule(name):
@@ -123,7 +123,7 @@ def test_wrong_structured_sweeps_fail_their_certificates(monkeypatch, rng):
     f = lambda x: jnp.tanh(W @ jnp.tanh(W @ x))  # noqa: E731
     loss = lambda x: jnp.sum(f(x) * x)  # noqa: E731
     x = randn(rng, (24,))
-    monkeypatch.setattr(_planner, "STRUCTURED_MARGIN", 1e9)  # every planner takes a structured sweep
+    monkeypatch.setattr(_methods.STRUCTURED, "margin", 1e9)  # every planner takes a structured sweep
     monkeypatch.setattr(_structured, "jacobian", _skewed(_structured.jacobian))
     got, caught = _lenient(lambda: jacobians.jacobian(f)(x))
     assert_tree_allclose(got, jax.jacfwd(f)(x))

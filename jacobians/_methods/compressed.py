@@ -1,0 +1,72 @@
+"""Compressed forward or reverse: one JVP/VJP per colour of the detected pattern, then a gather (Curtis-Powell-Reid)."""
+
+import numpy as np
+
+from .. import _deps, _sparse
+from ._base import Call, Candidate, Context
+
+PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
+DENSITY_BUDGET = 0.25  # stop detecting once nnz > this fraction of m * n (dense enough)
+NNZ_CAP = 1 << 22  # and never hold more than this many entries while planning
+SAMPLE = 64  # columns seeded by the detection pre-pass that can rule colourings out
+SAMPLE_FROM = 4096  # inputs from which that pre-pass pays for itself
+
+
+class Compressed:
+    """Detection, colouring and one pass per colour; costed as passes plus the gather of ``nnz`` entries."""
+
+    name = "compressed"
+    margin = 1.0
+
+    def candidates(self, ctx: Context) -> list[Candidate]:
+        n, m, f = ctx.n, ctx.m, ctx.f
+        if ctx.detect is None or n * m == 0 or min(n, m) <= 2:
+            return []
+        best = ctx.best if ctx.best < float("inf") else min(n, m) * f
+        # A colouring also pays one gather per entry: past this many entries it cannot win.
+        budget = min(int(DENSITY_BUDGET * n * m), NNZ_CAP, max(int(best - (1 + PASS_OVERHEAD) * f), 0))
+        forced = None if len(ctx.allowed) == 2 else next(iter(ctx.allowed))
+        try:
+            if n >= SAMPLE_FROM and _sample_rules_out(ctx.detect, budget, n, f, ctx.allowed, best):
+                ctx.notes.append(f"no colouring can win (the pattern's restriction to {SAMPLE} columns "
+                                 "already needs as many passes as dense)")
+                return []
+            plan = ctx.color(ctx.detect(budget), forced or "auto")
+        except _deps.TooDense:
+            ctx.notes.append("the pattern is dense (detection stopped at the density budget)")
+            return []
+        nnz = plan.pattern.nnz
+        cost = plan.n_colors * f * (1 + PASS_OVERHEAD) + nnz
+        verdict = f"{plan.n_colors} colours" if cost < best else (
+            f"{plan.n_colors} colours do not pay for the decompression")
+        return [Candidate(self, plan.mode, plan.n_colors, cost, plan, nnz, verdict)]
+
+    def evaluate(self, cand: Candidate, call: Call):
+        return call.compressed()
+
+    def certify(self, cand, traced_flat, values, where):
+        return _sparse.certify_plan(cand.state, traced_flat, values, where)
+
+
+def _sample_rules_out(detect, budget: int, n: int, f: float, allowed, best: float) -> bool:
+    """Whether the pattern restricted to ``SAMPLE`` columns proves that no colouring beats ``best``.
+
+    A sub-pattern bounds every colouring from below: the column colours by its
+    longest row, the row colours by its longest column, the gather by its
+    entries. Detection on a sample costs a fraction of full detection, which on
+    a dense map (a parameter Jacobian with few outputs) is most of the planning.
+    """
+    cols = np.unique(np.linspace(0, n - 1, SAMPLE).round().astype(np.int64))
+    pattern = detect(budget, cols).pattern
+    rows, cs = pattern.rows, pattern.cols
+    if rows.size == 0:
+        return False
+    bounds = []
+    if "fwd" in allowed:
+        bounds.append(int(np.bincount(rows).max()))
+    if "rev" in allowed:
+        bounds.append(int(np.bincount(cs).max()))
+    return min(bounds) * f * (1 + PASS_OVERHEAD) + rows.size >= best
+
+
+COMPRESSED = Compressed()

@@ -1,0 +1,51 @@
+"""Structured sweeps: one sweep carrying identity, diagonal, selection and dense Jacobians (:mod:`._sweeps`)."""
+
+from .. import _structured, _trust
+from ._base import Call, Candidate, Context, pass_cost
+
+MARGIN = 0.8  # a sweep's selections and scatters cost more than their element counts say: a near tie is not worth them
+
+
+class Structured:
+    """Both sweeps, costed by the program each generates (traced, not run) under the best candidate's budget."""
+
+    name = "structured"
+    margin = MARGIN
+
+    def candidates(self, ctx: Context) -> list[Candidate]:
+        if ctx.sweep is None:
+            return []
+        only = ctx.only == self.name
+        # A sweep is traced only while it can still win: its dense values may not outgrow the margin
+        # times the best other candidate (every materialised entry costs at least one element operation).
+        limit = None if only or ctx.best == float("inf") else self.margin * ctx.best
+        out = []
+        for sweep in ("fwd", "rev"):
+            if sweep not in ctx.allowed:
+                continue
+            if not only:  # on the default path a sweep that cannot trace is a defect: reported
+                try:
+                    with _structured.budget(limit), _trust.stage(f"structured {sweep} sweep",
+                                                                 (_structured.OverBudget,)):
+                        out.append(Candidate(self, sweep, 1, pass_cost(ctx.sweep(sweep))))
+                except _structured.OverBudget:
+                    ctx.notes.append(f"structured {sweep} stopped: over the best other candidate's cost")
+                continue
+            try:
+                out.append(Candidate(self, sweep, 1, pass_cost(ctx.sweep(sweep))))
+            except Exception as e:  # noqa: BLE001 - the caller asked for a sweep: say why none applies
+                ctx.notes.append(f"structured {sweep} not possible ({type(e).__name__}: {str(e).strip()[:200]})")
+        if only and not out:
+            raise ValueError("no structured sweep applies to this function: " + "; ".join(ctx.notes))
+        return out
+
+    def evaluate(self, cand: Candidate, call: Call):
+        _, jac, aux = _structured.jacobian(*call.problem.sweep_input(), cand.mode, chunk_size=call.chunk_size)
+        return jac, aux
+
+    def certify(self, cand, traced_flat, values, where):
+        return _trust.linear(traced_flat, values, lambda p: _structured.jacobian(p.flat, p.x, cand.mode)[1],
+                             mode=cand.mode, where=where)
+
+
+STRUCTURED = Structured()
