@@ -143,6 +143,33 @@ def _batched_scatter(lat, eqn, ins):
     return [_deps.union([operand, moved], shape, lat.n)]
 
 
+def _triangular_solve(lat, eqn, ins):
+    """``triangular_solve(a, b)``: each column of ``x`` (left side; each row, right side) reads its own column of ``b``.
+
+    ``a x = b`` solves every right-hand side column on its own, ``x a = b``
+    every row: so a solve with one matrix and the examples as columns stays
+    per-example. Every entry still reads the whole matrix ``a`` of its batch.
+    Example: ``a`` constant, ``b`` columns [{0}, {1}] -> ``x`` columns [{0}, {1}].
+    """
+    a, b = ins
+    shape = eqn.outvars[0].aval.shape
+    r, c = shape[-2:]
+    size = math.prod(shape)
+    flat = np.arange(size)
+    batch, i, k = flat // (r * c), (flat // c) % r, flat % c
+    line = batch * c + k if eqn.params["left_side"] else batch * r + i  # the right-hand side x's entry solves
+    nbatch = size // max(r * c, 1)
+    parts = []
+    if b.nnz:
+        groups = _deps.reduce_to(b, line, (nbatch * (c if eqn.params["left_side"] else r),), lat.n)
+        parts.append(_deps.gather(groups, line.reshape(shape)))
+    if a.nnz:
+        m = a.shape[-1]
+        groups = _deps.reduce_to(a, np.arange(a.size) // max(m * m, 1), (nbatch,), lat.n)
+        parts.append(_deps.gather(groups, batch.reshape(shape)))
+    return [_deps.union(parts, shape, lat.n)]
+
+
 def _linear_solve(lat, eqn, ins):
     """``custom_linear_solve`` (``jnp.linalg.solve``, ``jax.scipy.linalg.solve``): as JAX differentiates it.
 
@@ -167,11 +194,15 @@ def _linear_solve(lat, eqn, ins):
     return [lat.join([a, c], v.aval) for a, c, v in zip(x, dx, eqn.outvars, strict=True)]
 
 
-class _BatchLattice(_deps.DepsLattice):
-    """Dependency sets over example labels; remembers the first equation that mixes examples."""
+class _PreciseLattice(_deps.DepsLattice):
+    """The dependency lattice with the finer rules above (batched gathers and scatters, solves).
 
-    name = "jacobians batch independence"
+    Sound for any inputs; custom rules' local patterns (``fresh``) use them too,
+    so a ``custom_jvp`` around a batched solve (``slogdet``) stays per-example.
+    """
+
     rules = {**_deps.DepsLattice.rules, "gather": _batched_gather, "custom_linear_solve": _linear_solve,
+             "triangular_solve": _triangular_solve,
              **{name: _batched_scatter for name in ("scatter", "scatter-add", "scatter_add", "scatter-sub",
                                                     "scatter_sub", "scatter-mul", "scatter_mul", "scatter-min",
                                                     "scatter_min", "scatter-max", "scatter_max")
@@ -205,6 +236,17 @@ class _BatchLattice(_deps.DepsLattice):
         elif name == "convert_element_type" and hasattr(ins[0], "partial"):
             outs[0].partial = (ins[0].partial[0].astype(eqn.params["new_dtype"]), ins[0].partial[1])
         return outs
+
+    def fresh(self, n: int) -> "_deps.DepsLattice":
+        sub = _PreciseLattice(n)
+        sub.untraced = self.untraced
+        return sub
+
+
+class _BatchLattice(_PreciseLattice):
+    """Dependency sets over example labels; remembers the first equation that mixes examples."""
+
+    name = "jacobians batch independence"
 
     def __init__(self, n: int):
         super().__init__(n)

@@ -82,7 +82,8 @@ def test_errors(rng):
 def test_per_example_gather_scatter_and_solve_proved(rng):
     # Issue 24: an embedding lookup (a vmapped gather by per-example traced indices: operand batching dims), a
     # label pick (a partly known index), per-example scatters by traced indices and a per-example
-    # jnp.linalg.solve (batched LU, pivots gathered per example) are per-example, not "coupled".
+    # jnp.linalg.solve (batched LU, pivots gathered per example; or one matrix with the examples as columns, and
+    # slogdet's custom_jvp around a batched solve) are per-example, not "coupled".
     B, V, d = 4, 5, 3
     idx = jnp.asarray(rng.integers(0, V, (B, 2)))
 
@@ -100,10 +101,15 @@ def test_per_example_gather_scatter_and_solve_proved(rng):
 
     A = randn(rng, (B, 3, 3)) + 3.0 * jnp.eye(3)[None]
 
-    def solve(M, b):  # both the matrices and the right-hand sides differentiated
-        return jnp.linalg.solve(M, b[..., None])[..., 0] ** 2
+    A0 = np.asarray(A[0])
+
+    def solve(M, b):  # both the matrices and the right-hand sides differentiated; one shared matrix; slogdet
+        batched = jnp.linalg.solve(M, b[..., None])[..., 0] ** 2
+        shared = jnp.linalg.solve(jnp.asarray(A0), b.T).T  # the examples are the columns of one solve
+        return batched * shared, jnp.linalg.slogdet(M)[1][:, None] * b  # slogdet: a custom_jvp around a solve
 
     b = randn(rng, (B, 3))
     got = jacobians.batch_jacobian(solve, argnums=(0, 1), mode="rev")(A, b)
-    want = jax.jit(jax.vmap(jax.jacfwd(lambda m, v: solve(m[None], v[None])[0], argnums=(0, 1))))(A, b)
+    want = jax.jit(jax.vmap(jax.jacfwd(lambda m, v: jax.tree_util.tree_map(lambda o: o[0], solve(m[None], v[None])),
+                                       argnums=(0, 1))))(A, b)
     assert_tree_allclose(got, want, rtol=1e-10, atol=1e-12)
