@@ -141,7 +141,12 @@ def plan(closed, offsets, n: int, forced: str | None, where: str) -> LogDetPlan:
       Raises on analysis failures (the caller reports them and takes the dense plan).
     """
     t0 = time.perf_counter()
-    jaxpr, _ = _compat.unclose(closed)
+    kinds = {np.dtype(v.aval.dtype) for v in _compat.unclose(closed)[0].outvars}
+    kinds |= {np.dtype(v.aval.dtype) for v, off in zip(_compat.unclose(closed)[0].invars, offsets, strict=True)
+              if off is not None}
+    if not kinds <= {np.dtype(np.float32), np.dtype(np.float64)}:
+        return dense_plan(n, forced or "fwd", "complex or half-precision values: the dense path")
+    closed = _inline(closed)
     budget = min(max(SETS * n * n, 1 << 16), NNZ_CAP)
     lat = _deps.DepsLattice(n, budget)
     walker = _deps.Walker(lat)
@@ -160,6 +165,37 @@ def plan(closed, offsets, n: int, forced: str | None, where: str) -> LogDetPlan:
     reason = f"{len(stages)} stage(s): " + ", ".join(s.method for s in stages)
     return LogDetPlan("block-triangular", n, passes, tuple(stages), reason, forced or "fwd",
                       seconds=time.perf_counter() - t0, closed=closed)
+
+
+def _inline(closed):
+    """``closed`` with its calls (``jax.jit`` s, ``closed_call`` s) inlined at every level, re-traced.
+
+    Stages are cut at the top level: a flow whose layers are jitted functions
+    would otherwise be one equation. The inputs keep their order.
+    """
+    jaxpr, consts = _compat.unclose(closed)
+
+    def run(jaxpr, consts, args):
+        env = dict(zip(jaxpr.constvars, consts, strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
+        for eqn in jaxpr.eqns:
+            vals = [_read(env, v) for v in eqn.invars]
+            inner = _compat.called_jaxpr(eqn) if eqn.primitive.name in _logdiag.CALLS else None
+            if inner is not None:
+                ij, ic = _compat.unclose(inner)
+                outs = run(ij, ic, vals[len(vals) - len(ij.invars):])
+            else:
+                out = _compat.bind(eqn, vals)
+                outs = out if eqn.primitive.multiple_results else [out]
+            for v, o in zip(eqn.outvars, outs, strict=True):
+                if not isinstance(v, _compat.DropVar):
+                    env[v] = o
+        return [_read(env, v) for v in jaxpr.outvars]
+
+    if not any(e.primitive.name in _logdiag.CALLS for e in jaxpr.eqns):
+        return closed
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars]
+    return jax.make_jaxpr(lambda *a: run(jaxpr, consts, a))(*avals)
 
 
 def _stages(closed, offsets, n, walker, forced) -> list[Stage]:

@@ -335,6 +335,13 @@ def _log_sum(terms):
     return safe + jnp.log(jnp.abs(total)), jnp.sign(total)
 
 
+def _function_name(eqn) -> str | None:
+    """The name of the Python function a ``custom_jvp_call`` wraps (``logaddexp`` for softplus), if recorded."""
+    inner = _compat.unclose(eqn.params.get("call_jaxpr"))[0] if eqn.params.get("call_jaxpr") is not None else None
+    src = getattr(getattr(inner, "debug_info", None), "func_src_info", None) or ""
+    return src.split(" ")[0] or None
+
+
 def _softplus(a):
     return jnp.logaddexp(a, jnp.zeros((), a.dtype))
 
@@ -380,6 +387,9 @@ def _log_partial(eqn, k, vals, out):
         y = eqn.params["y"]
         s = jnp.sign(a) ** (y - 1) * (1 if y > 0 else -1)
         return zero + math.log(abs(y)) + (y - 1) * log_abs(a), one * s
+    if name == "custom_jvp_call" and _function_name(eqn) == "logaddexp" and len(vals) == 2:
+        # softplus, log_sigmoid: d out / d a = exp(a - out), exact in logs where the partial underflows.
+        return jnp.broadcast_to(jnp.asarray(a, out.dtype) - out, out.shape), one
     # Any other elementwise primitive (and elementwise custom_jvp functions, by their rule): the partial itself.
     args = list(vals)
 
