@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _compat
+from . import _compat, _leaves
 
 MODES = ("fwd", "rev", "auto")
 ORDERS = ("C", "F")
@@ -672,44 +672,21 @@ class Problem:
             return _split_aux(res, self.where) if self.has_aux else (res, None)
 
         in_flat = jax.tree_util.tree_leaves(self.diff)
-        out_def = self.out_treedef
+        out_def, out_lay, in_lay = self.out_treedef, _leaves.Leaves.of(outs), _leaves.Leaves.of(in_flat)
         if mode == "rev":
             _, pullback, aux = jax.vjp(fn, self.diff, has_aux=True)
-            eye = jnp.eye(self.m, dtype=self.out_dtype)
-            basis, o = [], 0
-            for s in outs:
-                k = math.prod(s.shape)
-                basis.append(eye[:, o : o + k].reshape((self.m,) + tuple(s.shape)))
-                o += k
-            (cts,) = jax.vmap(pullback)(out_def.unflatten(basis))
+            (cts,) = jax.vmap(pullback)(out_def.unflatten(out_lay.basis(self.out_dtype)))
             per_in = jax.tree_util.tree_leaves(cts)  # (m,) + in.shape, one per input leaf
-            rows, o = [], 0
-            for s in outs:
-                k = math.prod(s.shape)
-                row = [(c if k == self.m else c[o : o + k]).reshape(tuple(s.shape) + c.shape[1:]) for c in per_in]
-                rows.append(self.in_treedef.unflatten(row))
-                o += k
+            cut = [out_lay.split(c, axis=0) for c in per_in]  # per input leaf: out.shape + in.shape per output leaf
+            rows = [self.in_treedef.unflatten([c[k] for c in cut]) for k in range(len(outs))]
             return out_def.unflatten(rows), aux
-        n = self.n
-        eye = jnp.eye(n, dtype=in_flat[0].dtype)
-        tangents, i = [], 0
-        for v in in_flat:
-            tangents.append(eye[:, i : i + v.size].reshape((n,) + v.shape))
-            i += v.size
-        tangent_tree = jax.tree_util.tree_structure(self.diff).unflatten(tangents)
+        tangent_tree = jax.tree_util.tree_structure(self.diff).unflatten(in_lay.basis(in_flat[0].dtype))
 
         def push(t):
             return jax.jvp(fn, (self.diff,), (t,), has_aux=True)
 
         _, jac, aux = jax.vmap(push, out_axes=(None, -1, None))(tangent_tree)
-        rows = []
-        for y in jax.tree_util.tree_leaves(jac):  # out.shape + (n,)
-            row, i = [], 0
-            for v in self.in_leaves:
-                block = y if v.size == n else jax.lax.slice_in_dim(y, i, i + v.size, axis=y.ndim - 1)
-                row.append(block.reshape(y.shape[:-1] + v.shape))
-                i += v.size
-            rows.append(self.in_treedef.unflatten(row))
+        rows = [self.in_treedef.unflatten(in_lay.split(y, axis=-1)) for y in jax.tree_util.tree_leaves(jac)]
         return out_def.unflatten(rows), aux
 
     def sweep_input(self) -> tuple[Callable, Any]:
@@ -736,18 +713,12 @@ class Problem:
     def blocks(self, jac: jax.Array, dtype_of=None) -> Any:
         """Cut the flat ``(m, n)`` Jacobian into the pytree of ``out.shape + in.shape`` blocks."""
         dtype_of = dtype_of or block_dtype
-        rows, o = [], 0
-        for out in self.out_leaves:
-            mo = math.prod(out.shape)
-            row, i = [], 0
-            for x in self.in_leaves:
-                ni = x.size
-                block = jac if (mo, ni) == tuple(jac.shape) else jac[o : o + mo, i : i + ni]
-                block = block.reshape(out.shape + x.shape)
-                row.append(cast(block, dtype_of(out, x), weak=_weak(out) and _weak(x)))
-                i += ni
-            rows.append(self.in_treedef.unflatten(row))
-            o += mo
+        cut = _leaves.blocks(jac, _leaves.Leaves.of(self.out_leaves), _leaves.Leaves.of(self.in_leaves))
+        rows = [
+            self.in_treedef.unflatten([cast(b, dtype_of(out, x), weak=_weak(out) and _weak(x))
+                                       for b, x in zip(row, self.in_leaves, strict=True)])
+            for row, out in zip(cut, self.out_leaves, strict=True)
+        ]
         return self.out_treedef.unflatten(rows)
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _args, _deps
+from . import _args, _deps, _leaves
 
 
 class SparsityPattern:
@@ -160,16 +160,9 @@ class Detected:
 
     def blocks(self, pattern: "SparsityPattern | None" = None) -> list[list[tuple]]:
         """Per (output leaf, input leaf): ``((r0, r1), (c0, c1), out_shape, in_shape)``."""
-        rows, r0 = [], 0
-        for out in self.out_leaves:
-            mo = math.prod(out.shape)
-            row, c0 = [], 0
-            for x in self.in_leaves:
-                ni = math.prod(x.shape)
-                row.append(((r0, r0 + mo), (c0, c0 + ni), tuple(out.shape), tuple(x.shape)))
-                c0 += ni
-            rows.append(row)
-            r0 += mo
+        rows = []
+        for r0, r1, out in _leaves.Leaves.of(self.out_leaves).spans():
+            rows.append([((r0, r1), (c0, c1), out, x) for c0, c1, x in _leaves.Leaves.of(self.in_leaves).spans()])
         return rows
 
     def tree(self, leaf_fn) -> object:

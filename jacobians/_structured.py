@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _compat, _host_eval
+from . import _compat, _host_eval, _leaves
 from . import _structure as st
 from ._deps import _elementwise
 from ._deps._custom import _local as _custom_local
@@ -753,11 +753,9 @@ def _sweep(closed, xs: list, sweep, n, m, other, seed, log):
         lat = _Forward(other)
         _install(lat)
         seed = seed or st.identity((n,))
-        seeds, o = [], 0
-        for v in xs:  # each leaf's lines of the flat seed
-            idx = seed.idx.reshape(-1)[o : o + v.size].reshape(v.shape)
-            seeds.append(st.Sel(idx, None if seed.scale is None else seed.scale[o : o + v.size].reshape(v.shape)))
-            o += v.size
+        lay = _leaves.Leaves.of(xs)  # each leaf's lines of the flat seed
+        scales = [None] * len(xs) if seed.scale is None else lay.split(seed.scale.reshape(-1))
+        seeds = [st.Sel(i, c) for i, c in zip(lay.split(seed.idx.reshape(-1)), scales, strict=True)]
         outs = Walker(lat).run(closed, [SV(v, sd) for v, sd in zip(xs, seeds, strict=True)])
         jac = st.densify(outs[0].jac, (m,), other, True, outs[0].primal.dtype)
     else:
