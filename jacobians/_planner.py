@@ -78,7 +78,7 @@ class JacobianPlan:
         return f"{self.method} {self.mode}"
 
 
-def rank(ctx: Context, methods=_methods.METHODS) -> JacobianPlan:
+def rank(ctx: Context, methods=None) -> JacobianPlan:
     """Ask every method for its candidates (in order) and keep the cheapest, margins counted.
 
     Raises:
@@ -86,7 +86,7 @@ def rank(ctx: Context, methods=_methods.METHODS) -> JacobianPlan:
       ValueError: ``ctx.only`` names a method with no candidate here (it says why).
     """
     found: list[Candidate] = []
-    for method in methods:
+    for method in methods or _methods.METHODS:  # read at call time: a registration counts at once
         if ctx.only is not None and method.name not in (ctx.only, "dense"):
             continue
         cands = method.candidates(ctx)

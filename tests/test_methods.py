@@ -1,0 +1,84 @@
+"""The engine seam: a new Jacobian method is one class and one registration (README, "Design")."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import randn
+
+import jacobians
+from jacobians import _methods, _planner, _trust
+from jacobians._deps import TooDense
+from jacobians._methods import Call, Candidate
+
+
+class Diagonal:
+    """The README's example: a Jacobian the pattern proves diagonal, by one JVP of the ones vector."""
+
+    name, margin = "diagonal", 1.0
+
+    def candidates(self, ctx):
+        if ctx.detect is None or ctx.n != ctx.m:
+            return []
+        try:
+            det = ctx.detect(ctx.n)  # stops once any value holds more than n entries
+        except TooDense:
+            return []
+        if not np.array_equal(det.pattern.rows, det.pattern.cols):
+            return []
+        return [Candidate(self, "fwd", 1, ctx.f * 1.1)]
+
+    def evaluate(self, cand, call):
+        p = call.problem
+        _, d = jax.jvp(lambda x: p.flat(x)[0], (p.x,), (jnp.ones_like(p.x),))
+        return jnp.diag(d), None
+
+    def certify(self, cand, traced_flat, values, where):
+        return _trust.linear(traced_flat, values, lambda p: self.evaluate(cand, Call(p))[0], mode="fwd", where=where)
+
+
+class Wrong(Diagonal):
+    """The same method with a wrong evaluation: its certificate must catch it."""
+
+    name = "wrong"
+
+    def candidates(self, ctx):
+        return [Candidate(self, "fwd", 1, 1.0)] if ctx.n == ctx.m else []
+
+    def evaluate(self, cand, call):
+        jac, aux = super().evaluate(cand, call)
+        return jac * 2.0, aux
+
+
+def test_a_registered_method_is_planned_evaluated_and_certified(monkeypatch, rng):
+    monkeypatch.setattr(_methods, "METHODS", (*_methods.METHODS, Diagonal()))
+    f = lambda x: jnp.sin(x) * x  # noqa: E731
+    x = randn(rng, (40,))
+    plan = jacobians.explain(f, x)
+    assert (plan.method, plan.passes) == ("diagonal", 1), str(plan)
+    assert plan.certificate.status == "passed" and "diagonal fwd" in str(plan)
+    np.testing.assert_allclose(jacobians.jacobian(f)(x), jax.jacfwd(f)(x), rtol=1e-13)
+    g = lambda x: jnp.sin(x) * x[::-1]  # noqa: E731 - not diagonal: the method offers nothing
+    assert jacobians.explain(g, x).method != "diagonal"
+
+
+def test_a_wrong_method_never_reaches_the_user(monkeypatch, rng):
+    monkeypatch.setattr(_methods, "METHODS", (*_methods.METHODS, Wrong()))
+    f = lambda x: jnp.tanh(x) + 1.0  # noqa: E731
+    x = randn(rng, (12,))
+    with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="wrong fwd plan failed its certificate"):
+        got = jacobians.jacobian(f)(x)
+    np.testing.assert_allclose(got, jax.jacfwd(f)(x), rtol=1e-13)
+    with pytest.raises(jacobians.PlanError, match="wrong fwd plan failed its certificate"):
+        jacobians.jacobian(f)(x)
+
+
+def test_directions_and_ranking():
+    assert _methods.directions({"sin"}) == {"fwd", "rev"}
+    assert _methods.directions({"custom_vjp_call"}) == {"rev"}
+    assert _methods.directions({"while"}) == {"fwd"}
+    assert _methods.directions({"while", "custom_vjp_call"}) == {"fwd", "rev"}  # neither: the call says why
+    closed = jax.make_jaxpr(lambda x: jnp.tanh(x @ jnp.ones((6, 3))))(jnp.ones(6))
+    plan = _planner.choose(closed, 6, 3, None, None)
+    assert (plan.method, plan.mode, plan.passes) == ("dense", "rev", 3)
+    assert set(plan.costs) == {"dense fwd", "dense rev"} and plan.costs["dense fwd"] == 2 * plan.costs["dense rev"]
