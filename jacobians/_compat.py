@@ -21,6 +21,7 @@ What moved between the supported releases (see the README, "Supported versions")
   ``np.ndarray`` (it is one from 0.9).
 """
 
+import contextlib
 import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -50,6 +51,21 @@ try:  # JAX has no public way to make a weakly typed array from a traced one
     from jax._src.lax.lax import _convert_element_type as _convert_element_type
 except ImportError:  # pragma: no cover
     _convert_element_type = None
+
+
+def staged():
+    """A context that stages constant expressions into the program being traced.
+
+    Inside ``jax.ensure_compile_time_eval`` (a certificate run while a call is
+    traced) JAX otherwise evaluates every operation on constants eagerly, each
+    compiled on its own: a sparse Hessian's seeds and their products cost dozens
+    of tiny compilations (0.3-1.5 s) instead of a part of one program.
+    """
+    try:
+        from jax._src.config import eager_constant_folding
+    except ImportError:  # pragma: no cover - a JAX without the flag folds nothing eagerly
+        return contextlib.nullcontext()
+    return eager_constant_folding(False)
 
 
 def is_tracer(x) -> bool:

@@ -575,7 +575,8 @@ class _Engine:
             det = Detected(plan.pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, set())
         else:
             kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
-            data, aux = kernel(flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols, self.shards)
+            data, aux = kernel(flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols, self.shards,
+                               self.chunk_size)
             det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
 
         def offsets(leaves):
@@ -698,7 +699,12 @@ def certify_plan(plan: SparsePlan, traced_flat: tuple, values, where: str, hessi
     rows, cols = plan.pattern.rows, plan.pattern.cols
     if hessian:
         mode = mode or plan.mode
-        return _trust.linear(traced_flat, values, lambda p: _hessian_values(p, plan, where, mode=mode)[0],
+
+        def evaluate(p):
+            with _compat.staged():  # one program, not an eager compilation per constant operation
+                return _hessian_values(p, plan, where, mode=mode)[0]
+
+        return _trust.linear(traced_flat, values, evaluate,
                              mode="rev" if mode.startswith("rev") else "fwd", entries=(rows, cols), hessian=True,
                              where=where)
     c = max(plan.n_colors, 1)
@@ -836,28 +842,6 @@ def _seeds_like(colors: np.ndarray, c: int, x: jax.Array, fold: bool = False) ->
     return seeds if fold else jax.lax.optimization_barrier((seeds, x))[0]
 
 
-def _seed_map(apply: Callable, seeds: jax.Array, chunk_size: int | None, shards) -> tuple[jax.Array, object]:
-    """``vmap(apply)`` over the rows of ``seeds`` ``(c, n)``: the products as the columns of ``(r, c)``, and aux.
-
-    The products are batch-minor (one column per seed): XLA's CPU code for
-    stencil-like gradients (pads, shifted slices) runs several times faster in
-    that layout than with one row per seed. ``chunk_size``: at most this many
-    seeds per step of a ``lax.map`` (per device, with ``shards``).
-    """
-    c = seeds.shape[0]
-    per = shards.count if shards is not None else 1
-    if chunk_size is None or chunk_size * per >= c:
-        return kernels.sharded_vmap(apply, seeds, shards, out_axes=(1, None))
-    k = chunk_size * per
-    steps = -(-c // k)
-    if steps * k > c:  # zero seeds give zero products, dropped below
-        seeds = jnp.concatenate([seeds, jnp.zeros((steps * k - c, seeds.shape[1]), seeds.dtype)])
-    out, aux = jax.lax.map(lambda s: kernels.sharded_vmap(apply, s, shards, out_axes=(1, None)),
-                           seeds.reshape(steps, k, seeds.shape[1]))  # (steps, r, k)
-    out = jnp.moveaxis(out, 0, 1).reshape(out.shape[1], steps * k)[:, :c]
-    return out, jax.tree_util.tree_map(lambda a: a[0], aux)
-
-
 def _compressed_hessian(p, plan: SparsePlan, mode: str, chunk_size: int | None, shards,
                         fold: bool = False) -> tuple[jax.Array, object]:
     """``H @ S``, shape ``(n, c)``: one Hessian-vector product per colour by ``mode``, and ``fun``'s aux."""
@@ -884,7 +868,9 @@ def _compressed_hessian(p, plan: SparsePlan, mode: str, chunk_size: int | None, 
 
             return jax.grad(slope, has_aux=True)(p.x)
 
-    return _seed_map(apply, seeds, chunk_size, shards)
+    # One column per colour: XLA's CPU code for stencil-like gradients (pads, shifted slices) runs
+    # several times faster in that layout than with one row per seed.
+    return kernels.seed_map(apply, seeds, chunk_size, shards, axis=1)
 
 
 def _scalar(p, x):
@@ -932,6 +918,7 @@ def sparse_jacobian(
     mode: str = "auto",
     output: str = "bcoo",
     has_aux: bool = False,
+    chunk_size: int | None = None,
     check: bool = False,
     mesh=None,
     mesh_axis=None,
@@ -969,6 +956,8 @@ def sparse_jacobian(
         (outputs and inputs raveled and concatenated in pytree order), a host
         object: not available inside ``jax.jit`` or other transformations.
       has_aux: ``fun`` returns ``(output, aux)``; the result is ``(jacobian, aux)``.
+      chunk_size: at most this many JVPs/VJPs at a time (a ``lax.map`` over chunks
+        of the colours' seeds; bounds memory), as :func:`jacobians.jacobian`'s.
       check: a plan that fails its certificate raises a ``ValueError`` naming the
         first missed entry, instead of falling back to the dense plan (use it to
         validate a hand-written pattern).
@@ -998,7 +987,8 @@ def sparse_jacobian(
         )
     if isinstance(sparsity, SparsePlan) and mode != "auto" and mode != sparsity.mode:
         raise ValueError(f"{where}: mode={mode!r} contradicts the given plan's mode {sparsity.mode!r}.")
-    engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where, shards=_mesh.resolve(mesh, where, mesh_axis))
+    engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where, shards=_mesh.resolve(mesh, where, mesh_axis),
+                     chunk_size=_args.check_chunk_size(chunk_size, where))
     return _wrap(engine, _args.check_bool(check, "check", where))
 
 

@@ -447,8 +447,11 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
     if meta.n == 0 or meta.m == 0:
         return Certificate("passed", "an empty Jacobian")
     directions = directions or (lambda rng, p: rng.standard_normal((CHECKS, p.n)).astype(p.x.dtype))
-    run = jax.jit(lambda T, *leaves: program(flat_problem(traced_flat, leaves), T, leaves),
-                  compiler_options=COMPILER_OPTIONS)
+    def staged(T, *leaves):
+        with _compat.staged():  # one program: not an eager compilation per operation on constants
+            return program(flat_problem(traced_flat, leaves), T, leaves)
+
+    run = jax.jit(staged, compiler_options=COMPILER_OPTIONS)
     tol = rtol(closed, meta.x.dtype, meta.out_dtype)
     tried = []
     for label, point in points(closed, offsets, values):

@@ -18,6 +18,7 @@ from ._coloring_symmetric import color_symmetric as color_symmetric
 from ._compressed import compressed_forward as compressed_forward
 from ._compressed import compressed_jvps as compressed_jvps
 from ._compressed import compressed_reverse as compressed_reverse
+from ._compressed import seed_map as seed_map
 from ._det import slogdet as slogdet
 from ._forward import forward as forward
 from ._reverse import reverse as reverse
@@ -35,6 +36,7 @@ __all__ = [
     "forward",
     "opaque",
     "reverse",
+    "seed_map",
     "sharded_vmap",
     "slogdet",
     "symmetric_decompression",

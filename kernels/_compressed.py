@@ -21,12 +21,44 @@ def _seeds(colors: np.ndarray, n_colors: int, dtype) -> jax.Array:
     return opaque(jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], dtype))  # never constant-folded
 
 
+def seed_map(apply: Callable, seeds: jax.Array, chunk_size: int | None = None, shards: Shards | None = None,
+             axis: int = 0) -> tuple[jax.Array, Any]:
+    """``vmap(apply)`` over the rows of ``seeds`` (``(c, n)``), at most ``chunk_size`` at a time.
+
+    Args:
+      apply: ``(n,) -> ((r,), aux)``; ``aux`` must not depend on the seed.
+      seeds: the seed rows, shape ``(c, n)``.
+      chunk_size: seeds per step of a ``lax.map`` (per device with ``shards``); ``None``: one ``vmap``.
+      shards: split each step's seeds across devices.
+      axis: where the seed index goes: 0 gives ``(c, r)``, 1 gives ``(r, c)``.
+
+    Returns:
+      The stacked products and ``apply``'s aux.
+    """
+    c = seeds.shape[0]
+    per = shards.count if shards is not None else 1
+    if chunk_size is None or chunk_size * per >= c:
+        return sharded_vmap(apply, seeds, shards, out_axes=(axis, None))
+    k = chunk_size * per
+    steps = -(-c // k)
+    if steps * k > c:  # zero seeds give zero products, dropped below
+        seeds = jnp.concatenate([seeds, jnp.zeros((steps * k - c, seeds.shape[1]), seeds.dtype)])
+    out, aux = jax.lax.map(lambda s: sharded_vmap(apply, s, shards, out_axes=(axis, None)),
+                           seeds.reshape(steps, k, seeds.shape[1]))  # (steps, k, r) or (steps, r, k)
+    if axis == 0:
+        out = out.reshape(steps * k, out.shape[2])[:c]
+    else:
+        out = jnp.moveaxis(out, 0, 1).reshape(out.shape[1], steps * k)[:, :c]
+    return out, jax.tree_util.tree_map(lambda a: a[0], aux)
+
+
 def compressed_jvps(
     fun: Callable[[jax.Array], tuple[jax.Array, Any]],
     x: jax.Array,
     colors: np.ndarray,
     n_colors: int,
     shards: Shards | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[jax.Array, Any]:
     """``(J @ S)^T``: one JVP per colour, shape ``(n_colors, m)``, and ``fun``'s aux.
 
@@ -36,10 +68,11 @@ def compressed_jvps(
       colors: colour of each column, shape ``(n,)``.
       n_colors: the number of colours (JVPs).
       shards: split the colours across devices.
+      chunk_size: at most this many JVPs at a time (see :func:`seed_map`).
     """
     seeds = _seeds(colors, n_colors, x.dtype)  # (c, n)
     push = lambda t: jax.jvp(fun, (x,), (t,), has_aux=True)[1:]  # noqa: E731
-    return sharded_vmap(push, seeds, shards, out_axes=(0, None))  # (c, m): vmap's layout, no transpose
+    return seed_map(push, seeds, chunk_size, shards)  # (c, m): vmap's layout, no transpose
 
 
 def compressed_forward(
@@ -50,6 +83,7 @@ def compressed_forward(
     rows: np.ndarray,
     cols: np.ndarray,
     shards: Shards | None = None,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """The nonzeros ``J[rows, cols]`` of a flat ``fun``'s Jacobian, by column colouring.
 
@@ -59,11 +93,13 @@ def compressed_forward(
       colors: colour of each column, shape ``(n,)``.
       n_colors: the number of colours (JVPs).
       rows, cols: the nonzeros to extract.
+      shards: split the colours across devices.
+      chunk_size: at most this many JVPs at a time.
 
     Returns:
       ``(values, aux)``: the values, shape ``(len(rows),)``, and ``fun``'s aux.
     """
-    compressed, aux = compressed_jvps(fun, x, colors, n_colors, shards)
+    compressed, aux = compressed_jvps(fun, x, colors, n_colors, shards, chunk_size)
     # One flat gather with precomputed indices decompresses.
     return compressed.reshape(-1)[colors[cols] * compressed.shape[1] + np.asarray(rows)], aux
 
@@ -76,6 +112,7 @@ def compressed_reverse(
     rows: np.ndarray,
     cols: np.ndarray,
     shards: Shards | None = None,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """The nonzeros ``J[rows, cols]`` of a flat ``fun``'s Jacobian, by row colouring.
 
@@ -85,11 +122,13 @@ def compressed_reverse(
       colors: colour of each row, shape ``(m,)``.
       n_colors: the number of colours (VJPs).
       rows, cols: the nonzeros to extract.
+      shards: split the colours across devices.
+      chunk_size: at most this many VJPs at a time.
 
     Returns:
       ``(values, aux)``: the values, shape ``(len(rows),)``, and ``fun``'s aux.
     """
     y, pullback, aux = jax.vjp(fun, x, has_aux=True)
     seeds = _seeds(colors, n_colors, y.dtype)  # (c, m)
-    compressed = sharded_vmap(lambda c: pullback(c)[0], seeds, shards)  # (c, n)
+    compressed, _ = seed_map(lambda c: (pullback(c)[0], None), seeds, chunk_size, shards)  # (c, n)
     return compressed.reshape(-1)[colors[rows] * x.shape[0] + np.asarray(cols)], aux

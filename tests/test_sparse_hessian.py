@@ -67,6 +67,16 @@ def test_scipy_outputs_equal_dense(rng):
             np.testing.assert_allclose(aux, jnp.sum(a))
 
 
+def test_sparse_jacobian_chunks(rng):
+    def g(x):
+        return jnp.concatenate([jnp.sin(x[1:]) * x[:-1], x[:3] ** 2])
+
+    x = randn(rng, (7,))
+    for mode in ("fwd", "rev"):
+        got = jacobians.sparse_jacobian(g, mode=mode, chunk_size=2, output="dense")(x)
+        np.testing.assert_allclose(got, jax.jacfwd(g)(x), rtol=1e-12, atol=1e-14)
+
+
 def test_scipy_output_inside_jit_raises(rng):
     x = randn(rng, (6,))
     with pytest.raises(ValueError, match=r"sparse_hessian: output='csc' returns a SciPy sparse matrix, a host "
@@ -116,7 +126,7 @@ def test_plan_compressed_matrix_and_decompression(rng):
 def expensive_rosenbrock(x):
     """A tridiagonal Hessian with a long elementwise chain: each Hessian-vector product is dear."""
     y = x
-    for _ in range(60):
+    for _ in range(15):
         y = jnp.sin(y) + 0.5 * y
     return rosenbrock(x) + jnp.sum(y)
 
@@ -145,3 +155,28 @@ def test_option_errors():
         jacobians.sparse_hessian(rosenbrock, mode="fwd")
     with pytest.raises(ValueError, match=r"sparse_jacobian: output must be one of"):
         jacobians.sparse_jacobian(jnp.sin, output="coo")
+    with pytest.raises(ValueError, match=r"sparse_jacobian: chunk_size must be >= 1"):
+        jacobians.sparse_jacobian(jnp.sin, chunk_size=-1)
+
+
+def test_certificate_programs_stage_constants():
+    # Inside jax.ensure_compile_time_eval (a certificate run while a call is traced) JAX evaluates operations on
+    # constants eagerly, each compiled on its own; _compat.staged() stages them into the program (one compile).
+    from jacobians import _compat
+
+    seen = []
+
+    def body(x, stage):
+        if stage:
+            with _compat.staged():
+                c = jnp.ones(3) * 2.0
+        else:
+            c = jnp.ones(3) * 2.0
+        seen.append(_compat.is_tracer(c))
+        return x + c
+
+    with jax.ensure_compile_time_eval():
+        for stage in (False, True):
+            out = jax.jit(body, static_argnums=1)(jnp.zeros(3), stage)
+            np.testing.assert_array_equal(out, 2.0 * np.ones(3))
+    assert seen == [False, True]
