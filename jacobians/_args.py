@@ -40,7 +40,7 @@ import struct
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +49,13 @@ from jax.flatten_util import ravel_pytree
 
 from . import _compat, _leaves
 
-MODES = ("fwd", "rev", "auto")
-ORDERS = ("C", "F")
+# The options every transformation shares, written once (typing.Literal for readers and checkers).
+Mode = Literal["fwd", "rev", "auto"]
+MODES: tuple[str, ...] = get_args(Mode)
+HessianMode = Literal["fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd", "auto"]  # outer_inner: forward over reverse, ...
+HESSIAN_MODES: tuple[str, ...] = get_args(HessianMode)
+Order = Literal["C", "F"]
+ORDERS: tuple[str, ...] = get_args(Order)
 CACHE_MAX = 64  # compiled functions kept per transformation
 RECOMPILE_WARN = 8  # distinct static values of one call structure before we warn
 
@@ -428,6 +433,15 @@ class Transform:
         self._warned = False
         self._fast: dict[tuple, Callable] = {}  # by argument types: calls of jax arrays and floats, no split
         self._confirmed: set = set()  # specs whose traced Python numbers have compiled and run once
+
+    @classmethod
+    def jitted(cls, fun: Callable, argnums: Any, where: str, compute: Callable, opts: Any, **kwargs) -> "Transform":
+        """The usual transformation: one ``jax.jit`` of ``compute(t, spec, opts, *traced)`` per call structure.
+
+        jit's C++ fast path then dispatches repeat calls without hashing any Python state.
+        """
+        t = cls(fun, argnums, where, lambda spec: jax.jit(functools.partial(compute, t, spec, opts)), **kwargs)
+        return t
 
     def compiled(self, args: tuple, kwargs: dict) -> tuple[Callable, list, CallSpec]:
         """The built function for this call, its traced leaves and the call's spec.

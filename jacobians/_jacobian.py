@@ -7,7 +7,6 @@ an output leaf of shape ``out.shape`` with respect to an input leaf of shape
 """
 
 import dataclasses
-import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -17,6 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _args, _deps, _mesh, _methods, _planner, _sparse, _sparsity, _structured, _trust, layout
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """A ``jacobian``'s options, checked once when it is built, and its caches (filled per call structure)."""
+
+    method: _methods.MethodName
+    mode: _args.Mode
+    chunk_size: int | None
+    has_aux: bool
+    holomorphic: bool
+    order: str | None  # jacobian_matrix's flattening, None for jacobian
+    shards: object  # kernels.Shards or None
+    engine: object = dataclasses.field(repr=False)  # the sparse engine (the compressed method)
+    plans: dict = dataclasses.field(default_factory=dict, repr=False)  # (spec, shapes) -> JacobianPlan
+    pending: dict = dataclasses.field(default_factory=dict, repr=False)  # certificates running (_trust.defer)
 
 
 def _choose_mode(mode: str, n: int, m: int, complex_out: bool, holomorphic: bool, where: str) -> str:
@@ -37,13 +52,13 @@ def _choose_mode(mode: str, n: int, m: int, complex_out: bool, holomorphic: bool
 def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
     where = t.where
     # Real-valued functions of complex inputs: reverse mode, with jax.jacrev's convention.
-    complex_ok = not opts["holomorphic"] and opts["mode"] != "fwd" and opts["order"] is None
+    complex_ok = not opts.holomorphic and opts.mode != "fwd" and opts.order is None
     p = _args.problem(
-        t.fun, spec, traced, where=where, has_aux=opts["has_aux"], holomorphic=opts["holomorphic"],
+        t.fun, spec, traced, where=where, has_aux=opts.has_aux, holomorphic=opts.holomorphic,
         int_argnums=t.int_argnums, allow_complex=complex_ok,
     )
-    complex_in = jnp.issubdtype(p.x.dtype, jnp.complexfloating) and not opts["holomorphic"]
-    order = opts["order"]
+    complex_in = jnp.issubdtype(p.x.dtype, jnp.complexfloating) and not opts.holomorphic
+    order = opts.order
     if order is not None and (len(p.out_leaves) != 1 or len(p.in_leaves) != 1):
         raise ValueError(
             f"{where}: needs a single array input and a single array output, got "
@@ -52,10 +67,10 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
         )
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
     # Unchunked dense Jacobians on one device run jax.jacfwd/jacrev's own program on the pytrees.
-    call = _methods.Call(p, opts["chunk_size"], opts["shards"], lambda: _compressed(opts, spec, traced),
-                         tree=order is None and opts["chunk_size"] is None and opts["shards"] is None
+    call = _methods.Call(p, opts.chunk_size, opts.shards, lambda: _compressed(opts, spec, traced),
+                         tree=order is None and opts.chunk_size is None and opts.shards is None
                          and not complex_in)
-    method, mode = opts["method"], None
+    method, mode = opts.method, None
     if method == "compressed":
         jac, aux = _methods.COMPRESSED.evaluate(None, call)
     elif _planned(opts, complex_in or complex_out):
@@ -63,11 +78,11 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
         jac, aux = cand.method.evaluate(cand, call)
         mode = cand.mode
     elif method == "structured":
-        if complex_in or (complex_out and not opts["holomorphic"]):
+        if complex_in or (complex_out and not opts.holomorphic):
             raise TypeError(f"{where}: method='structured' needs real (or holomorphic) functions; use method='dense'.")
-        if opts["shards"] is not None:
+        if opts.shards is not None:
             raise ValueError(f"{where}: method='structured' takes no mesh (it pushes no basis vectors to split).")
-        mode = _choose_mode(opts["mode"], p.n, p.m, complex_out, opts["holomorphic"], where)
+        mode = _choose_mode(opts.mode, p.n, p.m, complex_out, opts.holomorphic, where)
         jac, aux = _methods.STRUCTURED.evaluate(_methods.Candidate(_methods.STRUCTURED, mode, 1, 0.0), call)
     else:
         if complex_in:
@@ -79,8 +94,8 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
                 )
             mode = "rev"
         else:
-            mode = _choose_mode(opts["mode"], p.n, p.m, complex_out, opts["holomorphic"], where)
-        if opts["mode"] == "auto" and not complex_out and not complex_in:
+            mode = _choose_mode(opts.mode, p.n, p.m, complex_out, opts.holomorphic, where)
+        if opts.mode == "auto" and not complex_out and not complex_in:
             jac, aux = _methods.DENSE.evaluate_either(mode, call, where)
         else:
             jac, aux = _methods.DENSE.evaluate(_methods.Candidate(_methods.DENSE, mode, 0, 0.0), call)
@@ -96,30 +111,30 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
         # Sharded along the basis axis: the first input axis (forward) or output axis (reverse) of each block.
         ndims = [len(o.shape) for o in p.out_leaves]
         basis_axis = ndims[0] if (mode == "fwd" and len(set(ndims)) == 1) else (0 if mode == "rev" else None)
-        result = _mesh.shard_result(result, opts["shards"], lambda leaf: basis_axis)
-    return (result, aux) if opts["has_aux"] else result
+        result = _mesh.shard_result(result, opts.shards, lambda leaf: basis_axis)
+    return (result, aux) if opts.has_aux else result
 
 
 def _compressed(opts, spec, traced):
     """The sparse engine's result for this call (its plan made by the planner, or its own detection)."""
-    out = opts["engine"]._compute(spec, traced)
-    res, aux = out if opts["has_aux"] else (out, None)
+    out = opts.engine._compute(spec, traced)
+    res, aux = out if opts.has_aux else (out, None)
     return _methods.Blocks(res), aux
 
 
 def _planned(opts, complex_any: bool) -> bool:
     """The planner chooses for ``mode="auto"`` on real tensor-valued results without chunking."""
-    return (opts["mode"] == "auto" and opts["method"] in ("auto", "structured") and opts["order"] is None
-            and opts["chunk_size"] is None and not complex_any)
+    return (opts.mode == "auto" and opts.method in ("auto", "structured") and opts.order is None
+            and opts.chunk_size is None and not complex_any)
 
 
 def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
     """The cached plan for this call structure and these shapes (made on the host at trace time)."""
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
     key = (spec, tuple((a.shape, np.dtype(a.dtype)) for a in avals))
-    if key in opts["pending"]:  # made by a call that did not finish (or asked for by explain): settle it first
-        opts["pending"][key].wait()
-    plan = opts["plans"].get(key)
+    if key in opts.pending:  # made by a call that did not finish (or asked for by explain): settle it first
+        opts.pending[key].wait()
+    plan = opts.plans.get(key)
     if plan is None:
         t0 = time.perf_counter()
         plan, check = _make_plan(t, spec, traced, avals, opts)
@@ -130,10 +145,10 @@ def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
             if pending is None:
                 plan = _judged(t, plan, _run(check))
             else:
-                opts["pending"][key] = pending
+                opts.pending[key] = pending
         plan = dataclasses.replace(plan, seconds=time.perf_counter() - t0)
-        opts["plans"][key] = plan
-        engine = opts["engine"]
+        opts.plans[key] = plan
+        engine = opts.engine
         if plan.method == "compressed":  # the sparse engine evaluates it with no new detection
             engine.plans[engine._key(spec, avals)] = (plan.sparse_plan, None, {})
     return plan
@@ -175,16 +190,16 @@ def _dense_instead(plan: _planner.JacobianPlan, note: str) -> _planner.JacobianP
 
 def _settle(t, opts, key, result) -> bool:
     """A deferred check's result: keep the plan (``True``), or replace it and forget the compiled call."""
-    opts["pending"].pop(key, None)
-    plan = opts["plans"][key]
+    opts.pending.pop(key, None)
+    plan = opts.plans[key]
     if _passed(result):
-        opts["plans"][key] = _judged(t, plan, result)
+        opts.plans[key] = _judged(t, plan, result)
         return True
     # Replaced before the failure is reported: strict mode raises, and the next call must not reuse the plan.
-    opts["plans"][key] = _dense_instead(plan, "the plan failed its check")
-    opts["engine"].plans.clear()
+    opts.plans[key] = _dense_instead(plan, "the plan failed its check")
+    opts.engine.plans.clear()
     t.forget(key[0])
-    opts["plans"][key] = _judged(t, plan, result)
+    opts.plans[key] = _judged(t, plan, result)
     return False
 
 
@@ -193,8 +208,8 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
 
     Returns the plan and, for a compressed or structured plan, its check (``check() -> Certificate``).
     """
-    engine = opts["engine"]
-    traced_flat = _sparsity.trace_flat(engine.t, spec, avals, has_aux=opts["has_aux"])
+    engine = opts.engine
+    traced_flat = _sparsity.trace_flat(engine.t, spec, avals, has_aux=opts.has_aux)
     closed, offsets, p = traced_flat
 
     def detect(budget, columns=None):
@@ -208,14 +223,14 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
 
     def structured(sweep):  # the sweep's program, traced (not run) for the cost model
         def g(*tr):
-            q = _args.problem(t.fun, spec, tr, where=t.where, has_aux=opts["has_aux"],
+            q = _args.problem(t.fun, spec, tr, where=t.where, has_aux=opts.has_aux,
                               int_argnums=t.int_argnums, lazy=True)
             return _structured.jacobian(*q.sweep_input(), sweep)[1]
 
         return jax.make_jaxpr(g)(*avals)
 
-    only = opts["method"] == "structured"
-    use = only or opts["shards"] is None  # on a mesh, the basis vectors are what is split
+    only = opts.method == "structured"
+    use = only or opts.shards is None  # on a mesh, the basis vectors are what is split
     try:
         plan = _planner.choose(closed, p.n, p.m, detect, color, structured if use else None, only_structured=only)
     except Exception as e:
@@ -236,34 +251,26 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
 
 def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, mesh=None, mesh_axis=None,
            method="auto"):
-    opts = dict(
-        shards=_mesh.resolve(mesh, where, mesh_axis),
-        method=_args.check_choice(method, "method", _methods.NAMES, where),
-        mode=_args.check_mode(mode, where),
-        chunk_size=_args.check_chunk_size(chunk_size, where),
-        has_aux=_args.check_bool(has_aux, "has_aux", where),
-        holomorphic=_args.check_bool(holomorphic, "holomorphic", where),
-        order=order,
-        plans={},
-        pending={},  # plans whose certificates run while their call compiles (see _trust.defer)
-    )
+    method = _args.check_choice(method, "method", _methods.NAMES, where)
+    mode = _args.check_mode(mode, where)
+    has_aux = _args.check_bool(has_aux, "has_aux", where)
+    shards = _mesh.resolve(mesh, where, mesh_axis)
     # The compressed method runs through the sparse engine (dense output, same blocks).
-    sparse_mode = opts["mode"] if opts["method"] == "compressed" else "auto"
-    opts["engine"] = _sparse._Engine(fun, argnums, sparse_mode, "auto", "dense", opts["has_aux"], where,
-                                     shards=opts["shards"])
-    # One jitted function per call structure: jit's C++ fast path then
-    # dispatches repeat calls without hashing any Python state.
-    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
-    opts["engine"].callers = (t,)  # a plan made while t's call is traced may check at that call's inputs
+    engine = _sparse._Engine(fun, argnums, mode if method == "compressed" else "auto", "auto", "dense", has_aux, where,
+                             shards=shards)
+    opts = _Options(method, mode, _args.check_chunk_size(chunk_size, where), has_aux,
+                    _args.check_bool(holomorphic, "holomorphic", where), order, shards, engine)
+    t = _args.Transform.jitted(fun, argnums, where, _compute, opts)
+    opts.engine.callers = (t,)  # a plan made while t's call is traced may check at that call's inputs
     wrapped = _trust.wrap(t)
 
     def plan(*args, **kwargs) -> _planner.JacobianPlan:
         """The plan ``mode="auto"`` makes for these arguments (shapes suffice); see :func:`jacobians.explain`."""
         spec, traced = t.split(args, kwargs)
-        if opts["method"] == "compressed" or not _planned(opts, False):
+        if opts.method == "compressed" or not _planned(opts, False):
             n_m = _sizes(t, spec, traced, opts)
-            mode = opts["mode"] if opts["mode"] != "auto" else ("fwd" if n_m[0] <= n_m[1] else "rev")
-            method = "dense" if opts["method"] == "auto" else opts["method"]
+            mode = opts.mode if opts.mode != "auto" else ("fwd" if n_m[0] <= n_m[1] else "rev")
+            method = "dense" if opts.method == "auto" else opts.method
             passes = 1 if method == "structured" else (n_m[0] if mode == "fwd" else n_m[1])
             return _planner.JacobianPlan(method, mode, passes, *n_m,
                                          reason="method or mode fixed by the caller, or chunked: no planning")
@@ -275,7 +282,7 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
 
 def _sizes(t, spec, traced, opts) -> tuple[int, int]:
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-    _, _, p = _sparsity.trace_flat(t, spec, avals, has_aux=opts["has_aux"])
+    _, _, p = _sparsity.trace_flat(t, spec, avals, has_aux=opts.has_aux)
     return p.n, p.m
 
 

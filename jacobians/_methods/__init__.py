@@ -4,14 +4,26 @@ Adding a method is one module here (a class with ``candidates``, ``evaluate``
 and ``certify``, see :mod:`._base`) and one line in :data:`METHODS`.
 """
 
-from ._base import NO_FWD, NO_REV, Blocks, Call, Candidate, Context, Method, Mode, directions, pass_cost
+from ._base import (
+    NO_FWD,
+    NO_REV,
+    Blocks,
+    Call,
+    Candidate,
+    Context,
+    Method,
+    MethodName,
+    Mode,
+    directions,
+    pass_cost,
+)
 from .compressed import COMPRESSED
 from .dense import DENSE
 from .structured import STRUCTURED
 
 # In planning order: dense first (it bounds what the others may spend), then the analyses.
 METHODS: tuple[Method, ...] = (DENSE, COMPRESSED, STRUCTURED)
-NAMES = ("auto",) + tuple(m.name for m in METHODS)
+NAMES = ("auto",) + tuple(m.name for m in METHODS)  # the values of MethodName
 
 
 def by_name(name: str) -> Method:
@@ -19,4 +31,4 @@ def by_name(name: str) -> Method:
 
 
 __all__ = ["COMPRESSED", "DENSE", "METHODS", "NAMES", "NO_FWD", "NO_REV", "STRUCTURED", "Blocks", "Call",
-           "Candidate", "Context", "Method", "Mode", "by_name", "directions", "pass_cost"]
+           "Candidate", "Context", "Method", "MethodName", "Mode", "by_name", "directions", "pass_cost"]

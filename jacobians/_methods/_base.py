@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 from .. import _compat
 
 Mode = Literal["fwd", "rev"]
+MethodName = Literal["auto", "dense", "compressed", "structured"]  # jacobian(method=...)
 
 # JAX cannot push JVPs through a custom_vjp, nor pull VJPs through a while_loop (a dynamic trip count).
 NO_FWD = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
