@@ -318,13 +318,13 @@ def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[
     fast_key = None
     if type(primals) is tuple and type(tangents) is tuple:
         try:
-            fast_key = (fun, argnums, mode, *map(type, primals), None, *map(type, tangents))
+            fast_key = (fun, argnums, mode, len(tangents), *map(type, primals))
             fast = _HVP_FAST.get(fast_key)
         except TypeError:  # unhashable (a list of argnums): the general path
             fast_key = fast = None
         if fast is not None:
             try:
-                return fast(tangents, *primals)
+                return fast(*tangents, *primals)
             except _args._TRACER_ERRORS as e:
                 raise _args.TracedControlFlowError("jacobians.hvp", e) from e
     where = "jacobians.hvp"
@@ -340,7 +340,10 @@ def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[
         if len(_HVP_CACHE) >= _args.CACHE_MAX:
             _HVP_CACHE.pop(next(iter(_HVP_CACHE)))
         t = _HVP_CACHE[key] = _args.Transform(
-            fun, argnums, where, lambda spec: jax.jit(lambda tg, *traced: _compute_hvp(t, spec, mode, tg, *traced))
+            # Tangents first, one argument each (no tuple for jax.jit to flatten), then the traced leaves.
+            fun, argnums, where,
+            lambda spec: jax.jit(lambda *a: _compute_hvp(t, spec, mode, a[: len(spec.positions)],
+                                                         *a[len(spec.positions):]))
         )
     fn, traced, spec = t.compiled(tuple(primals), {})
     if len(tangents) != len(spec.positions):
@@ -353,7 +356,7 @@ def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[
         )
     tg = tuple(tangents)
     try:
-        out = fn(tg, *traced)
+        out = fn(*tg, *traced)
     except _args._TRACER_ERRORS as e:
         raise _args.TracedControlFlowError(where, e) from e
     if (
