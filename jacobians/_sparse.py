@@ -553,6 +553,8 @@ class _Engine:
         p = _args.problem(
             t.fun, spec, traced, where=t.where, has_aux=self.has_aux, int_argnums=t.int_argnums, lazy=True
         )
+        if isinstance(products, tuple):  # the products come from the first program: record fun's output dtype here
+            jax.eval_shape(p.flat, p.x)
         pm, pn = math.prod(plan.pattern.out_shape), math.prod(plan.pattern.in_shape)
 
         def flat(x):  # the plan's shape, checked as soon as the output is known

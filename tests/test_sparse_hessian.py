@@ -180,3 +180,19 @@ def test_certificate_programs_stage_constants():
             out = jax.jit(body, static_argnums=1)(jnp.zeros(3), stage)
             np.testing.assert_array_equal(out, 2.0 * np.ones(3))
     assert seen == [False, True]
+
+
+def test_float32_stays_float32(rng):
+    # Regression: the decompression program (funs with a sine run two) did not trace fun, so the blocks took a
+    # default float64 dtype; a weakly typed Python float must not promote either.
+    x = randn(rng, (6,), jnp.float32)
+
+    def f(x, t):
+        return jnp.sum(jnp.sin(x) * t) + jnp.sum(x[1:] * x[:-1])
+
+    ref = jax.hessian(f)(x, 0.5)
+    for output in ("dense", "bcoo", "csr"):
+        got = jacobians.sparse_hessian(f, output=output)(x, 0.5)
+        assert got.dtype == np.float32, output
+        dense = got if output == "dense" else got.todense() if output == "bcoo" else got.toarray()
+        np.testing.assert_allclose(dense, ref, rtol=1e-5, atol=1e-6)
