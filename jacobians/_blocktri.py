@@ -102,6 +102,7 @@ class LogDetPlan:
     mode: str = "fwd"
     seconds: float | None = field(default=None, compare=False)
     closed: object = field(default=None, repr=False, compare=False)
+    batch: int | None = None  # batch_first: one value per example
 
     def __str__(self) -> str:
         lines = [f"log-determinant plan: {self.method}, {self.passes} passes (n={self.n}, {len(self.stages)} stages)"]
@@ -126,7 +127,11 @@ def dense_plan(n: int, mode: str, reason: str) -> LogDetPlan:
 # ---------------------------------------------------------------- planning
 
 
-def plan(closed, offsets, n: int, forced: str | None, where: str) -> LogDetPlan:
+class Coupled(Exception):
+    """``batch_first``: the pattern links two examples (or a stage needs the dense method): not per-example."""
+
+
+def plan(closed, offsets, n: int, forced: str | None, where: str, batch: int | None = None) -> LogDetPlan:
     """Plan the log-determinant of the flat square map ``closed`` (leaves -> ``y (n,)``).
 
     Args:
@@ -135,6 +140,8 @@ def plan(closed, offsets, n: int, forced: str | None, where: str) -> LogDetPlan:
       n: input and output size.
       forced: ``"rev"`` (a ``custom_vjp``: no JVP), ``"fwd"`` (a ``while_loop``: no VJP) or ``None``.
       where: the public call, for messages.
+      batch: ``batch_first``: ``x`` holds this many examples along its leading axis, one
+        log-determinant each; the pattern must keep them apart (else :class:`Coupled`).
 
     Returns:
       The :class:`LogDetPlan`; its ``closed`` is the jaxpr :func:`evaluate` runs.
@@ -152,9 +159,13 @@ def plan(closed, offsets, n: int, forced: str | None, where: str) -> LogDetPlan:
     walker = _deps.Walker(lat)
     try:
         with jax.ensure_compile_time_eval():
-            stages = _stages(closed, offsets, n, walker, forced)
+            stages = _stages(closed, offsets, n, walker, forced, batch)
     except _deps.TooDense:
+        if batch is not None:
+            raise Coupled("dense") from None
         return dense_plan(n, forced or "fwd", "the pattern is dense (detection stopped at the density budget)")
+    if batch is not None and any(s.method in ("singular", "dense") for s in stages):
+        raise Coupled("a singular or dense stage")
     if any(s.method == "singular" for s in stages):
         stages = tuple(s for s in stages if s.method == "singular")[:1]
         return LogDetPlan("singular", n, 0, stages, "no perfect matching: the Jacobian is singular at every x",
@@ -164,7 +175,7 @@ def plan(closed, offsets, n: int, forced: str | None, where: str) -> LogDetPlan:
     passes = sum(s.passes for s in stages)
     reason = f"{len(stages)} stage(s): " + ", ".join(s.method for s in stages)
     return LogDetPlan("block-triangular", n, passes, tuple(stages), reason, forced or "fwd",
-                      seconds=time.perf_counter() - t0, closed=closed)
+                      seconds=time.perf_counter() - t0, closed=closed, batch=batch)
 
 
 def _inline(closed):
@@ -198,7 +209,7 @@ def _inline(closed):
     return jax.make_jaxpr(lambda *a: run(jaxpr, consts, a))(*avals)
 
 
-def _stages(closed, offsets, n, walker, forced) -> list[Stage]:
+def _stages(closed, offsets, n, walker, forced, batch=None) -> list[Stage]:
     """Walk the top level once: dependency sets (restarting at cuts), cut points, each stage's plan."""
     jaxpr, consts = _compat.unclose(closed)
     lat = walker.lat
@@ -230,6 +241,7 @@ def _stages(closed, offsets, n, walker, forced) -> list[Stage]:
 
     sweep = _logdiag.Sweep(n, walker)
     sweep.start(inputs)
+    examples = None if batch is None else np.arange(n) // max(n // max(batch, 1), 1)  # of each stage input
     stages, start = [], 0
     for k, eqn in enumerate(eqns):
         if not live[k]:
@@ -250,22 +262,54 @@ def _stages(closed, offsets, n, walker, forced) -> list[Stage]:
         carried = [v for v in xdep if last_use.get(v, -1) > k or v is outvar]
         if carried != [out]:
             continue
-        stages.append(_stage(deps[out], n, start, k + 1, inputs, out, sweep, forced))
+        stages.append(_stage(deps[out], n, start, k + 1, inputs, out, sweep, forced, examples, batch))
+        examples = _examples_out(deps[out], examples)
         start, inputs = k + 1, [(out, 0)]
         deps[out] = _deps.identity(out.aval.shape, 0)
         xdep = {out}
         sweep.start(inputs)
-    last = _stage(read(outvar), n, start, len(eqns), inputs, outvar, sweep, forced)
+    if examples is not None:  # output example b (its leading index) reads only input example b
+        d = read(outvar)
+        if np.any(examples[d.indices] != d.rows() // max(n // max(batch, 1), 1)):
+            raise Coupled("an output example reads another example's input")
+    last = _stage(read(outvar), n, start, len(eqns), inputs, outvar, sweep, forced, examples, batch)
     reshapes = all(eqns[k].primitive.name in NO_CUT - ELEMENTWISE for k in range(start, len(eqns)) if live[k])
     if not (stages and last.method == "sweep" and reshapes and np.array_equal(last.data[2], np.arange(n))):
         stages.append(last)  # (a trailing ravel of the last cut, the identity, needs no stage)
     return stages
 
 
-def _stage(d, n, start, stop, inputs, output, sweep, forced) -> Stage:
+def _examples_out(d, examples) -> np.ndarray | None:
+    """The example of each element of a stage's output: that of the inputs it reads (``None``: not batched)."""
+    if examples is None:
+        return None
+    out = np.full(d.size, -1, np.int64)
+    out[d.rows()] = examples[d.indices]
+    return out
+
+
+def _parities(perm, examples, batch) -> np.ndarray:
+    """Per example, the sign of ``perm`` (rows -> columns) restricted to its rows and columns, ranked by index."""
+    rank = np.empty(perm.size, np.int64)
+    order = np.lexsort((np.arange(perm.size), examples))
+    bounds = np.r_[0, np.cumsum(np.bincount(examples, minlength=batch))]
+    rank[order] = np.arange(perm.size) - np.repeat(bounds[:-1], np.diff(bounds))
+    rows_ex = examples[perm]  # rows belong to their columns' example (checked)
+    out = np.ones(batch, np.int64)
+    for e in range(batch):
+        r = np.sort(np.flatnonzero(rows_ex == e))
+        out[e] = _parity(rank[perm[r]])
+    return out
+
+
+def _stage(d, n, start, stop, inputs, output, sweep, forced, examples=None, batch=None) -> Stage:
     """The plan of one stage from its output's dependency sets ``d`` (``n`` sets over ``n`` inputs)."""
     rows, cols = d.rows(), d.indices
     common = dict(start=start, stop=stop, inputs=tuple(inputs), output=output)
+    if examples is not None:
+        own = _examples_out(d, examples)
+        if np.any(examples[cols] != own[rows]):
+            raise Coupled("an output reads another example's input")
     if rows.size > DENSITY * n * n and n > 1:
         return Stage("dense", forced or "fwd", n, {n: 1}, int(rows.size), **common)
     match = _matching(rows, cols, n)
@@ -279,10 +323,15 @@ def _stage(d, n, start, stop, inputs, output, sweep, forced) -> Stage:
     blocks = dict(zip(*np.unique(sizes, return_counts=True), strict=True))
     blocks = {int(k): int(v) for k, v in blocks.items()}
     if tags is not None and count == n:
-        return Stage("sweep", "fwd", 1, blocks, int(rows.size), **common, data=(sweep.actions, _parity(tags), tags))
+        if examples is not None:  # per example: the segment of each output element, each example's sign
+            seg = examples[tags]
+            data = (sweep.actions, _parities(tags, examples, batch), tags, seg)
+        else:
+            data = (sweep.actions, _parity(tags), tags, None)
+        return Stage("sweep", "fwd", 1, blocks, int(rows.size), **common, data=data)
     if count == 1:
         return Stage("dense", forced or "fwd", n, blocks, int(rows.size), **common)
-    table = _block_tables(rows, cols, match, labels, count, n, forced)
+    table = _block_tables(rows, cols, match, labels, count, n, forced, examples, batch)
     if table is None:  # too many conflicts to colour: dense is as good
         return Stage("dense", forced or "fwd", n, blocks, int(rows.size), **common)
     return Stage("blocks", table["mode"], table["n_colors"], blocks, int(rows.size), **common, data=table)
@@ -346,7 +395,7 @@ def _greedy(n_nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return colors
 
 
-def _block_tables(rows, cols, match, labels, count, n, forced) -> dict | None:
+def _block_tables(rows, cols, match, labels, count, n, forced, examples=None, batch=None) -> dict | None:
     """Colouring and gather tables that extract exactly the diagonal blocks' entries."""
     owner = np.empty(n, np.int64)
     owner[match] = np.arange(n)
@@ -387,6 +436,7 @@ def _block_tables(rows, cols, match, labels, count, n, forced) -> dict | None:
         r = np.sort(members[bounds[b]:bounds[b + 1]])
         by_size.setdefault(r.size, []).append(r)
     tau = np.empty(n, np.int64)
+    segs = {}
     for s, blocks in by_size.items():
         R = np.stack(blocks)  # (count_s, s) rows, sorted
         C = np.sort(match[R], axis=1)  # their columns, sorted
@@ -395,7 +445,9 @@ def _block_tables(rows, cols, match, labels, count, n, forced) -> dict | None:
         keys = (R[:, :, None] * n + C[:, None, :]).ravel()
         idx.reshape(-1)[:] = [entry.get(k, zero) for k in keys.tolist()]
         groups[s] = idx
-    return dict(mode=mode, colors=colors, n_colors=n_colors, groups=groups, sign=_parity(tau))
+        segs[s] = None if examples is None else examples[C[:, 0]]
+    sign = _parity(tau) if examples is None else _parities(tau, examples, batch)
+    return dict(mode=mode, colors=colors, n_colors=n_colors, groups=groups, sign=sign, segs=segs)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -410,16 +462,29 @@ def evaluate(p: LogDetPlan, leaves) -> tuple[jax.Array, jax.Array]:
     env = dict(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, leaves, strict=True))
     live = _live(jaxpr)
-    sign, logabs = jnp.ones((), dtype), jnp.zeros((), dtype)
+    shape = () if p.batch is None else (p.batch,)
+    sign, logabs = jnp.ones(shape, dtype), jnp.zeros(shape, dtype)
     for st in p.stages:
         eqns = [e for k, e in enumerate(jaxpr.eqns[st.start:st.stop], st.start) if live[k]]
         if st.method == "sweep":
-            s, la = _logdiag.run(eqns, env, st.inputs, st.output, st.data[0])
-            s = s * st.data[1]
+            S, L = _logdiag.run(eqns, env, st.inputs, st.output, st.data[0])
+            s, la = _combine(S, L, st.data[3], p.batch)
+            s = s * jnp.asarray(st.data[1], s.dtype)
         else:
-            s, la = _stage_det(st, eqns, env)
+            s, la = _stage_det(st, eqns, env, p.batch)
         sign, logabs = sign * s.astype(dtype), logabs + la.astype(dtype)
     return sign, logabs
+
+
+def _combine(signs, logs, seg, batch) -> tuple[jax.Array, jax.Array]:
+    """Products of ``signs`` and sums of ``logs``: in all, or per example (``seg``: each entry's example)."""
+    if seg is None:
+        return jnp.prod(signs), jnp.sum(logs)
+    logabs = jax.ops.segment_sum(logs, seg, batch)
+    neg = jax.ops.segment_sum((signs < 0).astype(jnp.int32), seg, batch)
+    zero = jax.ops.segment_max((signs == 0).astype(jnp.int32), seg, batch) > 0
+    one = jnp.ones((), signs.dtype)
+    return jnp.where(zero, jnp.zeros((), signs.dtype), jnp.where(neg % 2 == 1, -one, one)), logabs
 
 
 def _read(env, v):
@@ -435,7 +500,7 @@ def _run(eqns, env) -> None:
                 env[v] = o
 
 
-def _stage_det(st: Stage, eqns, env) -> tuple[jax.Array, jax.Array]:
+def _stage_det(st: Stage, eqns, env, batch=None) -> tuple[jax.Array, jax.Array]:
     """A coloured or dense stage: the stage as a flat map of its input, then the blocks' determinants."""
     base = dict(env)
     dtype = np.result_type(*[np.dtype(v.aval.dtype) for v, _ in st.inputs])
@@ -464,7 +529,8 @@ def _stage_det(st: Stage, eqns, env) -> tuple[jax.Array, jax.Array]:
         compressed = jax.vmap(lambda c: pull(c)[0])(seeds)  # (c, n)
     env[st.output] = y.reshape(st.output.aval.shape)
     values = jnp.concatenate([compressed.reshape(-1), jnp.zeros((1,), compressed.dtype)])
-    sign, logabs = jnp.asarray(t["sign"], values.dtype), jnp.zeros((), values.dtype)
+    shape = () if batch is None else (batch,)
+    sign, logabs = jnp.asarray(t["sign"], values.dtype), jnp.zeros(shape, values.dtype)
     for s, idx in t["groups"].items():
         blocks = values[idx]  # (count, s, s)
         if s == 1:
@@ -472,5 +538,6 @@ def _stage_det(st: Stage, eqns, env) -> tuple[jax.Array, jax.Array]:
             bs, bl = jnp.sign(d), jnp.log(jnp.abs(d))
         else:
             bs, bl = kernels.slogdet(blocks)
-        sign, logabs = sign * jnp.prod(bs), logabs + jnp.sum(bl)
+        gs, gl = _combine(bs, bl, t["segs"][s], batch)
+        sign, logabs = sign * gs, logabs + gl
     return sign, logabs

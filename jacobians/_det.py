@@ -50,27 +50,31 @@ def _flat_jacobian(p: _args.Problem, mode: str):
     return J
 
 
-def _plan(t, spec, leaves, opts, square: bool) -> _blocktri.LogDetPlan:
+def _plan(t, spec, leaves, opts, square: bool, batch: int | None = None) -> _blocktri.LogDetPlan:
     """The cached plan for one point's leaves (shapes suffice): block-triangular, singular or dense.
 
     Made on the host at trace time. An analysis that raises falls back to the
     dense plan with a PlanWarning (strict mode: a PlanError), see :mod:`._trust`.
     """
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in leaves]
-    key = (spec, square, tuple((a.shape, np.dtype(a.dtype)) for a in avals))
+    key = (spec, square, batch, tuple((a.shape, np.dtype(a.dtype)) for a in avals))
     plan = opts["plans"].get(key)
     if plan is not None:
         return plan
     t0 = time.perf_counter()
     closed, offsets, p = _sparsity.trace_flat(t, spec, avals)
     forced = _planner.forced(closed)
-    if not square or p.n != p.m or p.n == 0:
+    per_example = batch is None or (len(p.out_leaves) == 1 and len(p.in_leaves) == 1 and batch > 0
+                                    and np.shape(p.out_leaves[0])[:1] == (batch,))
+    if not square or p.n != p.m or p.n == 0 or not per_example:
         plan = _blocktri.dense_plan(p.n, forced or "fwd", "a log-volume (rectangular): QR of the dense Jacobian"
                                     if not square else "no structure to read")
     else:
         try:
-            with _trust.stage("log-determinant analysis"):
-                plan = _blocktri.plan(closed, offsets, p.n, forced, t.where)
+            with _trust.stage("log-determinant analysis", passing=(_blocktri.Coupled,)):
+                plan = _blocktri.plan(closed, offsets, p.n, forced, t.where, batch)
+        except _blocktri.Coupled as e:  # batch_first: batch_jacobian's proof and per-example Jacobians decide
+            plan = _blocktri.dense_plan(p.n, forced or "fwd", f"batch_first: not per-example in structure ({e})")
         except Exception as e:  # noqa: BLE001 - reported (strict: raised) by analysis_failed
             plan = _blocktri.dense_plan(p.n, forced or "fwd", _trust.analysis_failed(t.where, e, "log-determinant "
                                                                                       "analysis"))
@@ -95,6 +99,10 @@ def _compute(t, spec, opts, *traced):
         if len(xs) == 1 and np.ndim(xs[0]) and np.shape(xs[0])[0] == 0:  # an empty batch: nothing to prove
             dtype = jnp.result_type(xs[0]) if jnp.issubdtype(jnp.result_type(xs[0]), jnp.inexact) else float
             return opts["finish"](jnp.ones((0,), dtype), jnp.zeros((0,), dtype))
+        if square and len(xs) == 1 and np.ndim(xs[0]) and opts["shards"] is None:  # (a mesh splits batch_jacobian)
+            plan = _plan(t, spec, traced, opts, square, batch=int(np.shape(xs[0])[0]))
+            if plan.method != "dense":  # per-example blocks, proved apart by the pattern itself
+                return opts["finish"](*_blocktri.evaluate(plan, traced))
         leaves = jax.tree_util.tree_leaves(opts["batch_jac"](*args, **kwargs))
         xs = [x for x, d in zip(traced, diff_mask, strict=True) if d]
         if len(leaves) != 1 or len(xs) != 1:
@@ -183,10 +191,13 @@ def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, m
     def plan(*args, **kwargs) -> _blocktri.LogDetPlan:
         """How these arguments' log-determinant is computed (shapes suffice; per point when batched)."""
         spec, traced = t.split(args, kwargs)
-        if batch_first:
-            return _blocktri.dense_plan(0, "fwd", "batch_first=True: batch_jacobian's per-example Jacobians, "
-                                        "then the kernels (no structure is read)")
         mask = spec.diff_mask()
+        if batch_first:
+            xs = [x for x, d in zip(traced, mask, strict=True) if d]
+            b = int(np.shape(xs[0])[0]) if len(xs) == 1 and np.ndim(xs[0]) else None
+            if b is None or kind == "log_volume":
+                return _blocktri.dense_plan(0, "fwd", "batch_first=True: batch_jacobian's per-example Jacobians")
+            return _plan(t, spec, traced, opts, True, batch=b)
         avals = [jax.ShapeDtypeStruct(np.shape(a)[1:] if batched and d else np.shape(a), a.dtype)
                  for a, d in zip(traced, mask, strict=True)]
         return _plan(t, spec, avals, opts, kind != "log_volume")

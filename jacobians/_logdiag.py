@@ -234,14 +234,14 @@ class Sweep:
 
 
 def run(eqns, env: dict, inputs, output, actions) -> tuple[jax.Array, jax.Array]:
-    """Replay the sweep: values into ``env`` and ``(prod sign, sum log|d|)`` of the output's diagonal."""
+    """Replay the sweep: values into ``env``; the output's diagonal as ``(sign, log|d|)``, each flat ``(n,)``."""
     state = {}
     for v, _ in inputs:
         x = env[v]
         state[v] = (jnp.zeros(x.shape, x.dtype), jnp.ones(x.shape, x.dtype))
     _replay(eqns, env, state, actions)
     L, S = state[output]
-    return jnp.prod(S), jnp.sum(L)
+    return jnp.ravel(S), jnp.ravel(L)
 
 
 def _read(env, v):

@@ -196,6 +196,30 @@ def test_custom_vjp_takes_the_reverse_route(rng):
         np.testing.assert_allclose(g, jax.grad(lambda x: jnp.linalg.slogdet(jax.jacrev(f)(x))[1])(x), rtol=1e-10)
 
 
+def test_batch_first_reads_per_example_structure(rng):
+    n, h, B = 6, 3, 4
+    W, A = randn(rng, (h, 2 * h)), randn(rng, (n, n))
+
+    def coupling_b(X):  # a coupling layer written on batches, then a reversal of the features
+        st = jnp.tanh(X[:, :h] @ W)
+        return jnp.concatenate([X[:, :h], X[:, h:] * jnp.exp(st[:, :h]) + st[:, h:]], axis=1)[:, ::-1]
+
+    def dense_b(X):  # dense per example: B blocks of n x n, n coloured JVPs over the whole batch
+        return jnp.tanh(X @ A.T) + X
+
+    X = randn(rng, (B, n))
+    for fb, methods in ((coupling_b, ["sweep", "sweep"]), (dense_b, ["blocks"])):
+        lad = jacobians.slogdet(fb, batch_first=True)
+        plan = lad.plan(X)
+        assert [s.method for s in plan.stages] == methods, str(plan)
+        sign, logabs = lad(X)
+        rs, rl = jax.vmap(lambda x, fb=fb: _ref(lambda x: fb(x[None])[0], x))(X)
+        np.testing.assert_array_equal(sign, rs)
+        np.testing.assert_allclose(logabs, rl, rtol=1e-12)
+    with pytest.raises(jacobians.CoupledBatchError, match="not independent"):  # the proof still decides
+        jacobians.log_abs_det(lambda X: X - jnp.mean(X, axis=0, keepdims=True), batch_first=True)(X)
+
+
 def test_empty_batches():
     for fn in (jacobians.log_abs_det, jacobians.log_volume):
         for kw in (dict(batched=True), dict(batch_first=True)):
