@@ -44,29 +44,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _compat, _host_eval, _leaves
+from . import _compat, _host_eval, _leaves, _primitives
 from . import _structure as st
-from ._deps import _elementwise
 from ._deps._custom import _local as _custom_local
 from ._walker import Lattice, Walker, bind, is_opaque
 
 LABEL_MAX = (1 << 31) - 2  # integer labels of a selection map fit int32
 
-ZERO = set(_elementwise.ZERO)
-LINEAR = {"add": (1, 1), "add_any": (1, 1), "sub": (1, -1), "neg": (-1,), "copy": (1,), "copy_p": (1,),
-          "convert_element_type": (1,)}
-ELEMENTWISE = (set(_elementwise.NAMES) - set(LINEAR) - {"real", "imag", "complex", "conj", "optimization_barrier"}
-               ) | {"mul", "integer_pow", "pow", "select_n", "logistic"}
-# Complex-differentiable element-wise primitives: on complex values their derivative is
-# multiplication by a complex number, which the diagonal structure assumes. Others (abs,
-# max, a complex-to-real conversion) are only real-linear there: generic rule.
-HOLOMORPHIC = set(
-    "neg sin cos tan sinh cosh tanh asin acos atan asinh acosh atanh exp exp2 log log1p expm1 sqrt rsqrt "
-    "square add add_any sub mul div integer_pow pow logistic select_n copy copy_p".split()
-)
-SELECT = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice", "dynamic_slice",
-          "dynamic_update_slice", "gather", "rev", "concatenate", "pad", "select_n", "split", "tile", "stack",
-          "unstack"}
+ZERO = set(_primitives.ZERO)
+LINEAR = _primitives.SIGNS
+ELEMENTWISE = (set(_primitives.ELEMENTWISE) - set(LINEAR) - {"real", "imag", "complex", "conj"}
+               ) | set(_primitives.PRODUCTS) | {"select_n"}
+HOLOMORPHIC = _primitives.HOLOMORPHIC  # on complex values, multiplication by a complex number (abs, max: generic)
+SELECT = _primitives.SELECTIONS
 
 
 class SV:

@@ -66,7 +66,7 @@ def test_host_eval_integers_and_movement(name):
 
 
 def test_sample_covers_every_family():
-    """The default sample has a case of every family, and the catalogue covers the analyses' rule tables."""
+    """The default sample has a case of every family, and the cases cover the rule tables and the primitive catalogue."""
     fams = {c.family for c, _ in conformance.sample()}
     assert fams == {c.family for c in conformance.CASES.values()}
     from jacobians._deps import RULES
@@ -82,6 +82,10 @@ def test_sample_covers_every_family():
                 "mesh_cast", "reshard"}  # explicit-axis sharding: identities, not emitted on one device
     missing = set(RULES) - covered - untested
     assert not missing, f"primitives with a rule but no conformance case: {sorted(missing)}"
+    from jacobians._primitives import ALL
+
+    missing = set(ALL) - covered - untested
+    assert not missing, f"primitives in the catalogue but no conformance case: {sorted(missing)}"
 
 
 def main(argv=None) -> int:

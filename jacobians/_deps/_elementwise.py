@@ -8,21 +8,10 @@ predicate, and primitives whose derivative vanishes everywhere.
 
 import numpy as np
 
+from .._primitives import ELEMENTWISE as NAMES
+from .._primitives import IDENTITIES as IDENTITIES
+from .._primitives import ZERO as ZERO
 from ._sets import Deps, broadcast_to, empty, mask, union
-
-# Differentiable element-wise primitives: every operand may reach the output.
-NAMES = (
-    "neg sin cos tan asin acos atan sinh cosh tanh asinh acosh atanh exp exp2 log log1p expm1 "
-    "sqrt rsqrt cbrt abs logistic erf erfc erf_inv lgamma digamma polygamma igamma igammac "
-    "igamma_grad_a random_gamma_grad bessel_i0e bessel_i1e zeta regularized_incomplete_beta "
-    "square add add_any sub div rem max min atan2 conj real imag complex clamp "
-    "convert_element_type reduce_precision copy copy_p"
-).split()
-# Primitives whose derivative is zero everywhere it exists.
-ZERO = (
-    "floor ceil round sign stop_gradient is_finite nextafter eq ne lt le gt ge and or not xor "
-    "population_count clz shift_left shift_right_logical shift_right_arithmetic"
-).split()
 
 
 def elementwise(lat, eqn, ins):
@@ -73,10 +62,6 @@ def pow_(lat, eqn, ins):
             b = mask(b, np.broadcast_to(np.asarray(expo.const) != 0, shape))
         parts.append(b)
     return [union(parts, shape, lat.n)]
-
-
-# Identities on values (placement, sharding, scheduling): each result is its own operand.
-IDENTITIES = ("optimization_barrier", "sharding_constraint", "device_put", "mesh_cast", "reshard")
 
 
 def identity_each(lat, eqn, ins):

@@ -16,30 +16,9 @@ import numpy as np
 from jax.lax import GatherScatterMode
 
 from .. import _host_eval
+from .._primitives import MOVES as MOVES
+from .._primitives import SCATTERS as SCATTERS
 from ._sets import broadcast_to, concat, everything, gather, mask, reduce_to, union
-
-# primitive -> positions of the operands whose data moves (None: all of them);
-# the others are indices (which must be known) or shape operands.
-MOVES = {
-    "reshape": (0,),
-    "transpose": (0,),
-    "broadcast_in_dim": (0,),
-    "squeeze": (0,),
-    "expand_dims": (0,),
-    "slice": (0,),
-    "rev": (0,),
-    "tile": (0,),
-    "split": (0,),
-    "unstack": (0,),
-    "concatenate": None,
-    "stack": None,
-    "dynamic_slice": (0,),
-    "dynamic_update_slice": (0, 1),
-    "gather": (0,),
-    "pad": (0,),
-}
-SCATTERS = ("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul", "scatter-min",
-            "scatter_min", "scatter-max", "scatter_max", "scatter-sub", "scatter_sub")
 
 
 def move(lat, eqn, ins):

@@ -2,11 +2,9 @@
 
 import numpy as np
 
+from .._primitives import CUMULATIVE as CUMULATIVE
+from .._primitives import REDUCTIONS as REDUCTIONS
 from ._sets import broadcast_to, from_coo, reduce_to, union
-
-REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
-              "reduce_xor", "argmax", "argmin")
-CUMULATIVE = ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")
 
 
 def _collapse(d, axes, n_inputs):

@@ -43,21 +43,14 @@ import hashlib
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _primitives
 from . import DepsLattice, _custom, _elementwise, _linalg, _movement
 from ._sets import Deps, TooDense, broadcast_to, concat, cross, empty, gather, identity, mask, reduce_to, union, unique
 
-LINEAR = set(_movement.MOVES) | set(_elementwise.IDENTITIES) | {
-    "scatter", "scatter-add", "scatter_add", "scatter-sub", "scatter_sub", "add", "add_any", "sub", "neg",
-    "convert_element_type", "reduce_precision", "copy", "copy_p", "real", "imag", "complex", "conj", "reduce_sum",
-    "cumsum", "select_n", "optimization_barrier", "transpose", "stop_gradient", "fft", "reduce_window_sum",
-}  # fmt: skip
-# Piecewise linear (or of zero derivative). ``abs`` only on real operands: :meth:`HessianLattice.second_order`
-# checks the dtype first (other lattices reading this set must too).
-PIECEWISE_LINEAR = {
-    "abs", "max", "min", "clamp", "rem", "sort", "top_k", "reduce_max", "reduce_min", "cummax", "cummin", "argmax",
-    "argmin", "scatter-min", "scatter_min", "scatter-max", "scatter_max", "reduce_window_max", "reduce_window_min",
-    "select_and_gather_add", "select_and_scatter_add",  # linear in their first operand, the second only selects
-} | set(_elementwise.ZERO)  # fmt: skip
+# No second derivative: the catalogue's linear and piecewise linear primitives (``abs`` only on real operands:
+# :meth:`HessianLattice.second_order` checks the dtype first; other lattices reading these sets must too).
+LINEAR = set(_primitives.LINEAR)
+PIECEWISE_LINEAR = set(_primitives.PIECEWISE_LINEAR)
 SCATTER_MUL = ("scatter-mul", "scatter_mul")
 MASKS = ("mul", "dot_general", "select_n")  # a known operand may zero some result elements (their sets dropped)
 STORE_MAX = 1 << 25  # stored pair keys before the graph is given up (every pair then counts)

@@ -30,10 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _structured
+from .. import _primitives, _structured
 from .._deps import DepsLattice, _custom
-from .._deps import _elementwise as _deps_elementwise
-from .._deps import _second as _deps_second
 from .._deps._sets import Deps, empty
 from .._walker import Lattice, Walker, bind
 from . import _block as bk
@@ -41,14 +39,14 @@ from . import _elementwise, _generic, _layout, _linalg, _linear
 from ._block import TV
 
 KINDS = ("trace", "diag")
-ZERO = set(_deps_elementwise.ZERO)
+ZERO = set(_primitives.ZERO)
 # Linear or piecewise linear in every operand (their second derivatives vanish, as JAX's do).
-LINEAR = (_deps_second.LINEAR | _deps_second.PIECEWISE_LINEAR) - ZERO - {"scatter-mul", "scatter_mul"}
+LINEAR = set(_primitives.LINEAR | _primitives.PIECEWISE_LINEAR) - ZERO - {"scatter-mul", "scatter_mul"}
 # Linear and element-wise: the element-wise rule without its second order (layouts unite, nothing moves).
 ELEMENTWISE_LINEAR = {"add", "add_any", "sub", "neg", "convert_element_type", "reduce_precision", "copy",
                       "copy_p", "real", "imag", "complex", "conj", "abs", "max", "min", "clamp", "rem", "select_n"}
 COMPLEX_LINEAR = {"add", "add_any", "sub", "neg", "convert_element_type", "copy", "copy_p", "select_n"}
-ELEMENTWISE = (set(_deps_elementwise.NAMES) | {"mul", "integer_pow", "pow", "logistic"}) - LINEAR
+ELEMENTWISE = (set(_primitives.ELEMENTWISE) | set(_primitives.PRODUCTS)) - LINEAR
 # Element-wise: chains of them on one base compose lazily (one pass over the base's block for the chain).
 COMPOSABLE = (ELEMENTWISE | ELEMENTWISE_LINEAR | {"mul", "div"}) - {"reduce_precision"}
 CUSTOM_VJP = ("custom_vjp_call", "custom_vjp_call_jaxpr")

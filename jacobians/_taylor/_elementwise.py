@@ -21,13 +21,12 @@ layouts.
 import jax
 import jax.numpy as jnp
 
-from .. import _structured
+from .. import _primitives, _structured
 from . import _block as bk
 from . import _layout
 
 # Constant partials of the linear element-wise primitives (no JVP needed).
-SIGNS = {"add": (1, 1), "add_any": (1, 1), "sub": (1, -1), "neg": (-1,), "copy": (1,), "copy_p": (1,),
-         "convert_element_type": (1,)}
+SIGNS = _primitives.SIGNS
 
 
 def _operands(lat, eqn, ins, active):

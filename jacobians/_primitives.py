@@ -1,0 +1,85 @@
+"""The primitive catalogue: what every analysis needs to know about a JAX primitive, written once.
+
+The dependency lattice (:mod:`._deps`), the Hessian lattice
+(:mod:`._deps._second`), the structured sweeps (:mod:`._structured`) and the
+Taylor-mode Laplacian (:mod:`._taylor`) read their primitive facts from here,
+so one primitive cannot be linear in one analysis and nonlinear in another.
+Each analysis then maps families to its own rules.
+
+Families:
+
+- ``ZERO``: a derivative that vanishes wherever it exists (``floor``, comparisons, bit ops);
+- ``ELEMENTWISE``: differentiable element-wise primitives (NumPy broadcasting of size-1 axes);
+  ``SIGNS`` the linear ones with their constant partials; ``HOLOMORPHIC`` those whose
+  derivative on complex values is multiplication by a complex number;
+- ``IDENTITIES``: placement and scheduling (each result is its own operand);
+- ``MOVES``: data movement and indexing, each output element a copy of one input
+  element or a fill, with the positions of the operands whose data moves (the
+  others are indices or shapes); ``SELECTIONS`` adds ``select_n``;
+- ``SCATTERS``; ``REDUCTIONS``; ``CUMULATIVE``;
+- ``LINEAR`` / ``PIECEWISE_LINEAR``: no second derivative (the Hessian lattice and the
+  forward Laplacian skip their second order; ``abs`` only on real operands).
+"""
+
+ELEMENTWISE = tuple(
+    "neg sin cos tan asin acos atan sinh cosh tanh asinh acosh atanh exp exp2 log log1p expm1 "
+    "sqrt rsqrt cbrt abs logistic erf erfc erf_inv lgamma digamma polygamma igamma igammac "
+    "igamma_grad_a random_gamma_grad bessel_i0e bessel_i1e zeta regularized_incomplete_beta "
+    "square add add_any sub div rem max min atan2 conj real imag complex clamp "
+    "convert_element_type reduce_precision copy copy_p".split()
+)
+ZERO = tuple(
+    "floor ceil round sign stop_gradient is_finite nextafter eq ne lt le gt ge and or not xor "
+    "population_count clz shift_left shift_right_logical shift_right_arithmetic".split()
+)
+# Element-wise products and powers: their rules look at known zero factors and exponents.
+PRODUCTS = ("mul", "integer_pow", "pow")
+# Linear element-wise primitives and their constant partials, per operand.
+SIGNS = {"add": (1, 1), "add_any": (1, 1), "sub": (1, -1), "neg": (-1,), "copy": (1,), "copy_p": (1,),
+         "convert_element_type": (1,)}
+HOLOMORPHIC = frozenset(
+    "neg sin cos tan sinh cosh tanh asin acos atan asinh acosh atanh exp exp2 log log1p expm1 sqrt rsqrt "
+    "square add add_any sub mul div integer_pow pow logistic select_n copy copy_p".split()
+)
+IDENTITIES = ("optimization_barrier", "sharding_constraint", "device_put", "mesh_cast", "reshard")
+# primitive -> positions of the operands whose data moves (None: all of them).
+MOVES = {
+    "reshape": (0,),
+    "transpose": (0,),
+    "broadcast_in_dim": (0,),
+    "squeeze": (0,),
+    "expand_dims": (0,),
+    "slice": (0,),
+    "rev": (0,),
+    "tile": (0,),
+    "split": (0,),
+    "unstack": (0,),
+    "concatenate": None,
+    "stack": None,
+    "dynamic_slice": (0,),
+    "dynamic_update_slice": (0, 1),
+    "gather": (0,),
+    "pad": (0,),
+}
+SELECTIONS = frozenset(MOVES) | {"select_n"}  # every output element one input element's (or a constant)
+SCATTERS = ("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul", "scatter-min",
+            "scatter_min", "scatter-max", "scatter_max", "scatter-sub", "scatter_sub")
+REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
+              "reduce_xor", "argmax", "argmin")
+CUMULATIVE = ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")
+
+LINEAR = frozenset(MOVES) | frozenset(IDENTITIES) | {
+    "scatter", "scatter-add", "scatter_add", "scatter-sub", "scatter_sub", "add", "add_any", "sub", "neg",
+    "convert_element_type", "reduce_precision", "copy", "copy_p", "real", "imag", "complex", "conj", "reduce_sum",
+    "cumsum", "select_n", "optimization_barrier", "transpose", "stop_gradient", "fft", "reduce_window_sum",
+}  # fmt: skip
+PIECEWISE_LINEAR = frozenset({
+    "abs", "max", "min", "clamp", "rem", "sort", "top_k", "reduce_max", "reduce_min", "cummax", "cummin", "argmax",
+    "argmin", "scatter-min", "scatter_min", "scatter-max", "scatter_max", "reduce_window_max", "reduce_window_min",
+    "select_and_gather_add", "select_and_scatter_add",  # linear in their first operand, the second only selects
+}) | frozenset(ZERO)  # fmt: skip
+
+# Every primitive the catalogue names (the conformance suite covers each: tests/test_conformance.py).
+ALL = frozenset(ELEMENTWISE) | frozenset(ZERO) | frozenset(PRODUCTS) | frozenset(SIGNS) | frozenset(IDENTITIES) | (
+    frozenset(MOVES) | frozenset(SCATTERS) | frozenset(REDUCTIONS) | frozenset(CUMULATIVE) | LINEAR | PIECEWISE_LINEAR
+    | HOLOMORPHIC)
