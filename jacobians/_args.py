@@ -432,6 +432,7 @@ class Transform:
         self._variants: dict = collections.defaultdict(set)  # treedef -> static keys seen
         self._warned = False
         self._fast: dict[tuple, Callable] = {}  # by argument types: calls of jax arrays and floats, no split
+        self._tree_fast: dict = {}  # by pytree structure: pytrees of strongly typed jax arrays, no split
         self._confirmed: set = set()  # specs whose traced Python numbers have compiled and run once
 
     @classmethod
@@ -461,6 +462,7 @@ class Transform:
         """Drop the built function of ``spec`` (its plan changed: the next call builds and traces anew)."""
         self.cache.pop(spec, None)
         self._fast.clear()
+        self._tree_fast.clear()
 
     def _new(self, spec: CallSpec) -> Callable:
         variants = self._variants[spec.treedef]
@@ -482,6 +484,8 @@ class Transform:
         self.cache[spec] = fn
         if len(self.cache) > CACHE_MAX:
             self.cache.popitem(last=False)
+            self._fast.clear()  # they may hold the evicted function
+            self._tree_fast.clear()
         return fn
 
     def __call__(self, *args, **kwargs):
@@ -491,15 +495,23 @@ class Transform:
         if fn is not None:
             traced = args
         else:
-            fn, traced, spec = self.compiled(args, kwargs)
-            if (
-                not kwargs
-                and not spec.static
-                and len(traced) == len(args)
-                and (not spec.numbers or spec in self._confirmed)
-                and all(a is b and type(a) in _FAST_TYPES for a, b in zip(args, traced, strict=True))
-            ):
-                self._fast[tuple(map(type, args))] = fn
+            # Pytrees of strongly typed jax arrays (parameters): the spec depends only on the structure.
+            leaves, treedef = jax.tree_util.tree_flatten(args) if not kwargs else (None, None)
+            fn = self._tree_fast.get(treedef) if leaves is not None else None
+            if fn is not None and all(type(v) is _ARRAY_IMPL and not v.weak_type for v in leaves):
+                traced = leaves
+            else:
+                fn, traced, spec = self.compiled(args, kwargs)
+                if not kwargs and not spec.static and (not spec.numbers or spec in self._confirmed):
+                    if len(traced) == len(args) and all(
+                        a is b and type(a) in _FAST_TYPES for a, b in zip(args, traced, strict=True)
+                    ):
+                        self._fast[tuple(map(type, args))] = fn
+                    elif not spec.numbers and len(traced) == len(leaves) and all(
+                        a is b and type(a) is _ARRAY_IMPL and not a.weak_type
+                        for a, b in zip(leaves, traced, strict=True)
+                    ):
+                        self._tree_fast[treedef] = fn
         try:
             return fn(*traced)
         except _TRACER_ERRORS as e:

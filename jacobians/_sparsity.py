@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 from . import _args, _deps, _leaves
+from ._deps import _second
 
 
 class SparsityPattern:
@@ -295,8 +296,6 @@ def check_scalar(t, p) -> None:
 
 def detect_hessian_traced(traced_flat, *, max_nnz=None) -> Detected:
     """:func:`detect_hessian` on an already traced scalar map (``trace_flat``'s results)."""
-    from ._deps import _second  # the second-order lattice builds on the first-order rules
-
     closed, offsets, p = traced_flat
     n = p.n
     seeds = [

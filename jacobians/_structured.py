@@ -46,6 +46,7 @@ from jax import lax
 
 from . import _compat, _host_eval, _leaves, _primitives
 from . import _structure as st
+from ._deps import DepsLattice
 from ._deps._custom import _local as _custom_local
 from ._walker import Lattice, Walker, bind, is_opaque
 
@@ -125,8 +126,6 @@ def _diagonal_rule(lat, eqn) -> bool:
     hit = lat.diag_cache.get(id(eqn))
     if hit is not None and hit[0] is eqn:
         return hit[1]
-    from ._deps import DepsLattice
-
     ok = False
     diff = [v for v in eqn.invars if _inexact(v.aval)]
     if len(diff) == 1 and len(eqn.outvars) == 1:

@@ -120,6 +120,34 @@ def test_no_retrace_on_repeat_calls(rng):
         assert len(count) == n, name
 
 
+def test_pytree_calls_skip_the_split_and_keep_its_meaning(rng):
+    """Parameter pytrees of strong jax arrays take the split-free call; anything else still goes through the split."""
+    count = []
+
+    def net(p, x):
+        count.append(1)
+        return jnp.tanh(p["w"] @ x + p["b"]) * p["s"]
+
+    params = {"w": randn(rng, (3, 4)), "b": randn(rng, (3,)), "s": randn(rng, ())}
+    x = randn(rng, (4,))
+    jf = jacobians.jacobian(net)
+    assert_tree_allclose(jf(params, x), jax.jacrev(net)(params, x))
+    n = len(count)
+    params2 = jax.tree_util.tree_map(lambda a: a + 1.0, params)
+    assert_tree_allclose(jf(params2, x), jax.jacrev(net)(params2, x))
+    assert len(count) == n + 1, "a new value of the same structure does not retrace (+1: jax.jacrev's own)"
+    # A weakly typed leaf, a Python number and a new structure: the split decides as before.
+    weak = dict(params, s=jnp.asarray(2.0))
+    assert weak["s"].weak_type
+    assert_tree_allclose(jf(weak, x), jax.jacrev(net)(weak, x))
+    fresh = jacobians.jacobian(net)(weak, x)  # the split's answer, never through the structure's fast call
+    got = jf(weak, x)
+    assert jax.tree_util.tree_map(lambda a: (a.dtype, a.weak_type), got) == jax.tree_util.tree_map(
+        lambda a: (a.dtype, a.weak_type), fresh)
+    assert_tree_allclose(jf(dict(params, s=2.0), x), jax.jacrev(net)(dict(params, s=2.0), x))
+    assert_tree_allclose(jf(params, x), jax.jacrev(net)(params, x))
+
+
 def test_sparse_plan_round_trip(tmp_path, rng):
     def f(x):
         return x[1:] * x[:-1] + jnp.sin(x[1:])
