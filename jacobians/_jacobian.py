@@ -7,6 +7,7 @@ an output leaf of shape ``out.shape`` with respect to an input leaf of shape
 """
 
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _mesh, _methods, _planner, _sparse, _sparsity, _structured, _trust, layout
+from . import _args, _deps, _memory, _mesh, _methods, _planner, _sparse, _sparsity, _structured, _trust, layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +313,7 @@ def jacobian(
     chunk_size: int | None = None,
     mesh=None,
     mesh_axis=None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """The Jacobian of ``fun``, compiled, in the book's numerator layout (5.58).
 
@@ -356,6 +358,11 @@ def jacobian(
         the mesh's devices and the result comes back sharded along its basis
         axis; ``chunk_size`` then counts vectors per device.
       mesh_axis: the mesh axis name(s) to split over (default: all of them).
+      max_memory: a memory budget in bytes, or a string such as ``"2GB"``: the first
+        call of each call structure picks the largest ``chunk_size`` whose compiled
+        program fits, by XLA's memory analysis (see :mod:`jacobians._memory`; the
+        plan's ``memory`` says what was chosen); an error where even the result does
+        not fit. Not with ``chunk_size``.
 
     Returns:
       A function with ``fun``'s signature returning the Jacobian pytree
@@ -373,8 +380,30 @@ def jacobian(
       Array([[-2.,  1.],
              [ 1.,  1.]], dtype=float32)
     """
-    return _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, None, "jacobians.jacobian", mesh, mesh_axis,
-                  method)
+    where = "jacobians.jacobian"
+
+    def make(c):
+        return _build(fun, argnums, mode, has_aux, holomorphic, c, None, where, mesh, mesh_axis, method)
+
+    if max_memory is None:
+        return make(chunk_size)
+    return _bounded(make, chunk_size, max_memory, where)
+
+
+def _bounded(make: Callable, chunk_size, max_memory, where: str) -> Callable:
+    """``make(c)`` at the chunk size that fits ``max_memory`` per call structure (:func:`_memory.bounded`)."""
+    if chunk_size is not None:
+        raise ValueError(f"{where}: give chunk_size or max_memory, not both (max_memory picks the chunk size).")
+    run = _memory.bounded(make, lambda *a, **k: make(1).plan(*a, **k).passes, max_memory, where)
+    first = make(None)
+
+    def plan(*args, **kwargs) -> _planner.JacobianPlan:
+        fit = run.memory(*args, **kwargs)
+        return dataclasses.replace(run.make(fit.chunk_size).plan(*args, **kwargs), memory=fit)
+
+    run = functools.wraps(first)(run)
+    run.plan, run.transform = plan, first.transform
+    return run
 
 
 def jacobian_matrix(

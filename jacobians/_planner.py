@@ -44,6 +44,7 @@ class JacobianPlan:
         needed for the dense method); ``None`` where no plan was made.
       seconds: wall time spent planning (analyses, cost model, certificate), on the host.
       candidate: the chosen :class:`jacobians._methods.Candidate` (its method evaluates it).
+      memory: under ``max_memory=``, the chunk size chosen and XLA's estimate of the program's bytes.
     """
 
     method: str
@@ -59,6 +60,7 @@ class JacobianPlan:
     seconds: float | None = field(default=None, compare=False)
     fallback_mode: str | None = field(default=None, repr=False, compare=False)  # the dense direction if it fails
     candidate: Candidate | None = field(default=None, repr=False, compare=False)
+    memory: object = field(default=None, compare=False)  # a jacobians._memory.Fit under max_memory=
 
     def __str__(self) -> str:
         lines = [f"jacobian plan: {self.method} {self.mode}, {self.passes} passes (n={self.n}, m={self.m}"
@@ -71,6 +73,8 @@ class JacobianPlan:
             lines.append(f"  certificate: {self.certificate}")
         if self.seconds is not None:
             lines.append(f"  planned in {self.seconds * 1e3:.3g} ms")
+        if self.memory is not None:
+            lines.append(f"  {self.memory}")
         return "\n".join(lines)
 
     @property

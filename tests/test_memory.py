@@ -1,0 +1,54 @@
+"""max_memory=: the chunk size that fits, from XLA's memory analysis of the compiled program."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import randn
+
+import jacobians
+from jacobians import _memory
+
+
+def _pairwise(x):
+    """R^n -> R^n with an (n, n) product per pass that XLA cannot fuse away."""
+    d = jnp.tanh(x[:, None] - x[None, :])
+    return (d @ d).sum(1) * x
+
+
+def test_parse():
+    assert _memory.parse(None, "w") is None
+    assert _memory.parse("2GB", "w") == 2 * 10**9
+    assert _memory.parse("512 MiB", "w") == 512 * 2**20
+    assert _memory.parse(1000, "w") == 1000
+    assert _memory.parse("1.5kb", "w") == 1500
+    for bad in ("abc", "-1GB", 0, -5, "2 GBs"):
+        with pytest.raises(ValueError, match=r"jacobians.x: max_memory must be a positive number of bytes"):
+            _memory.parse(bad, "jacobians.x")
+    with pytest.raises(TypeError, match="got a bool"):
+        _memory.parse(True, "jacobians.x")
+
+
+def test_the_chunk_size_that_fits(rng):
+    x = randn(rng, (32,))
+    full, out = _memory.measure(jacobians.jacobian(_pairwise, mode="fwd"), (x,), {})
+    budget = full // 3
+    jf = jacobians.jacobian(_pairwise, mode="fwd", max_memory=budget)
+    np.testing.assert_allclose(jf(x), jax.jacfwd(_pairwise)(x), rtol=1e-10, atol=1e-10)
+    plan = jf.plan(x)
+    fit = plan.memory
+    assert fit.chunk_size is not None and 1 <= fit.chunk_size < 32 and fit.bytes <= budget < full
+    assert "chunk_size=" in str(plan) and "by XLA's analysis" in str(plan)
+    # The chosen program, measured again, is within the budget; everything at once was not.
+    assert _memory.measure(jacobians.jacobian(_pairwise, mode="fwd", chunk_size=fit.chunk_size), (x,), {})[0] <= budget
+    roomy = jacobians.jacobian(_pairwise, max_memory="1GB")
+    assert roomy.plan(x).memory.chunk_size is None
+    np.testing.assert_allclose(roomy(x), jax.jacfwd(_pairwise)(x), rtol=1e-10, atol=1e-10)
+
+
+def test_errors(rng):
+    x = randn(rng, (32,))
+    with pytest.raises(ValueError, match=r"jacobians.jacobian: the result alone takes .* over max_memory=1 kB"):
+        jacobians.jacobian(_pairwise, max_memory=1000)(x)
+    with pytest.raises(ValueError, match="give chunk_size or max_memory, not both"):
+        jacobians.jacobian(_pairwise, chunk_size=4, max_memory="1GB")
