@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _trust, kernels
+from . import _args, _deps, _memory, _trust, kernels
 from ._sparsity import detect_traced, trace_flat
 from ._walker import has_custom_vjp
 
@@ -151,7 +151,8 @@ def _compute(t, spec, opts, *traced):
 
 
 def divergence(
-    fun: Callable, argnums: int | tuple[int, ...] = 0, *, mode: str = "auto", chunk_size: int | None = None
+    fun: Callable, argnums: int | tuple[int, ...] = 0, *, mode: str = "auto", chunk_size: int | None = None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """The divergence ``tr(d fun / d x)`` of a square map, exactly, without the ``n x n`` Jacobian.
 
@@ -167,6 +168,8 @@ def divergence(
         where a ``custom_vjp`` forbids it).
       chunk_size: at most this many JVPs at once (default: about 4M Jacobian
         entries' worth).
+      max_memory: a memory budget (bytes, or ``"2GB"``): the chunk size that fits, by XLA's
+        memory analysis (as :func:`jacobians.jacobian`); not with ``chunk_size``.
 
     Returns:
       A function returning the scalar divergence.
@@ -180,11 +183,12 @@ def divergence(
       Array(12., dtype=float32)
     """
     where = "jacobians.divergence"
-    opts = dict(
-        mode=_args.check_mode(mode, where), chunk_size=_args.check_chunk_size(chunk_size, where), plans={}
-    )
-    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
-    return _trust.wrap(t)
+
+    def make(c):
+        opts = dict(mode=_args.check_mode(mode, where), chunk_size=_args.check_chunk_size(c, where), plans={})
+        return _trust.wrap(_args.Transform.jitted(fun, argnums, where, _compute, opts))
+
+    return _memory.transform(make, chunk_size, max_memory, where)
 
 
 def _probes(key, shape, kind, dtype):

@@ -7,7 +7,6 @@ an output leaf of shape ``out.shape`` with respect to an input leaf of shape
 """
 
 import dataclasses
-import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -385,25 +384,7 @@ def jacobian(
     def make(c):
         return _build(fun, argnums, mode, has_aux, holomorphic, c, None, where, mesh, mesh_axis, method)
 
-    if max_memory is None:
-        return make(chunk_size)
-    return _bounded(make, chunk_size, max_memory, where)
-
-
-def _bounded(make: Callable, chunk_size, max_memory, where: str) -> Callable:
-    """``make(c)`` at the chunk size that fits ``max_memory`` per call structure (:func:`_memory.bounded`)."""
-    if chunk_size is not None:
-        raise ValueError(f"{where}: give chunk_size or max_memory, not both (max_memory picks the chunk size).")
-    run = _memory.bounded(make, lambda *a, **k: make(1).plan(*a, **k).passes, max_memory, where)
-    first = make(None)
-
-    def plan(*args, **kwargs) -> _planner.JacobianPlan:
-        fit = run.memory(*args, **kwargs)
-        return dataclasses.replace(run.make(fit.chunk_size).plan(*args, **kwargs), memory=fit)
-
-    run = functools.wraps(first)(run)
-    run.plan, run.transform = plan, first.transform
-    return run
+    return _memory.transform(make, chunk_size, max_memory, where, lambda *a, **k: make(1).plan(*a, **k).passes)
 
 
 def jacobian_matrix(

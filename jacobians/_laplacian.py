@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _compat, _deps, _mesh, _planner, _taylor, kernels
+from . import _args, _compat, _deps, _memory, _mesh, _planner, _taylor, kernels
 from ._deps import _second as _deps_second
 from ._divergence import _diagonal_colors
 from ._walker import has_custom_vjp
@@ -79,6 +79,7 @@ class LaplacianPlan:
     costs: dict = field(default_factory=dict)
     reason: str = ""
     colors: np.ndarray | None = field(default=None, repr=False, compare=False)
+    memory: object = field(default=None, compare=False)  # a jacobians._memory.Fit under max_memory=
 
     def __str__(self) -> str:
         head = f"laplacian plan: {self.method}, {self.passes} pass(es) (n={self.n}, m={self.m}"
@@ -91,6 +92,8 @@ class LaplacianPlan:
             lines.append(f"  {name:<10} {cost:12.4g}{'  <- chosen' if name == self.method else ''}")
         if self.reason:
             lines.append(f"  {self.reason}")
+        if self.memory is not None:
+            lines.append(f"  {self.memory}")
         return "\n".join(lines)
 
 
@@ -460,6 +463,7 @@ def laplacian(
     chunk_size: int | None = None,
     mesh=None,
     mesh_axis=None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """The Laplacian ``sum_i d^2 fun / d x_i^2`` (the trace of the Hessian, (5.147)), without the Hessian.
 
@@ -482,6 +486,8 @@ def laplacian(
         columns of the dense ``"forward"`` sweep (XLA's SPMD partitioner splits
         each linear map by columns; per device when chunked). The sparse sweep
         runs whole on each device. See :func:`jacobians.jacobian`.
+      max_memory: a memory budget (bytes, or ``"2GB"``): the chunk size that fits, by XLA's
+        memory analysis (as :func:`jacobians.jacobian`); not with ``chunk_size``.
 
     Returns:
       A function with ``fun``'s signature returning the Laplacian with the
@@ -497,7 +503,9 @@ def laplacian(
       >>> jacobians.laplacian(lambda x: jnp.sum(x ** 3))(jnp.array([1.0, 2.0]))
       Array(18., dtype=float32)
     """
-    return _build(fun, argnums, method, has_aux, chunk_size, "trace", False, "jacobians.laplacian", mesh, mesh_axis)
+    where = "jacobians.laplacian"
+    return _memory.transform(lambda c: _build(fun, argnums, method, has_aux, c, "trace", False, where, mesh, mesh_axis),
+                             chunk_size, max_memory, where)
 
 
 def value_grad_and_laplacian(
@@ -509,6 +517,7 @@ def value_grad_and_laplacian(
     chunk_size: int | None = None,
     mesh=None,
     mesh_axis=None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """``(f(x), grad f(x), laplacian f(x))`` of a scalar ``fun`` in one pass (a local energy's ingredients).
 
@@ -528,8 +537,9 @@ def value_grad_and_laplacian(
       >>> g, lap
       (Array([ 3., 12.], dtype=float32), Array(18., dtype=float32))
     """
-    return _build(fun, argnums, method, has_aux, chunk_size, "trace", True, "jacobians.value_grad_and_laplacian",
-                  mesh, mesh_axis)
+    where = "jacobians.value_grad_and_laplacian"
+    return _memory.transform(lambda c: _build(fun, argnums, method, has_aux, c, "trace", True, where, mesh, mesh_axis),
+                             chunk_size, max_memory, where)
 
 
 def hessian_diagonal(
@@ -541,6 +551,7 @@ def hessian_diagonal(
     chunk_size: int | None = None,
     mesh=None,
     mesh_axis=None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """The diagonal ``d^2 fun / d x_i^2`` of the Hessian, without the Hessian.
 
@@ -559,5 +570,6 @@ def hessian_diagonal(
       >>> jacobians.hessian_diagonal(lambda x: x[0] ** 2 * x[1] ** 3)(jnp.array([1.0, 2.0]))
       Array([16., 12.], dtype=float32)
     """
-    return _build(fun, argnums, method, has_aux, chunk_size, "diag", False, "jacobians.hessian_diagonal", mesh,
-                  mesh_axis)
+    where = "jacobians.hessian_diagonal"
+    return _memory.transform(lambda c: _build(fun, argnums, method, has_aux, c, "diag", False, where, mesh, mesh_axis),
+                             chunk_size, max_memory, where)

@@ -10,6 +10,9 @@ compiled program is within ``B`` (halving while it is not). The choice is
 cached per call structure and shapes; the result alone over ``B`` is an error.
 """
 
+import dataclasses
+import functools
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,3 +163,46 @@ def bounded(make: Callable[[int | None], Callable], passes: Callable, max_memory
     run.memory = lambda *args, **kwargs: choice(args, kwargs)
     run.make = get
     return run
+
+
+def transform(make: Callable[[int | None], Callable], chunk_size, max_memory, where: str,
+              passes: Callable | None = None) -> Callable:
+    """``make(chunk_size)``, or under ``max_memory`` the function that picks the chunk size per call structure.
+
+    Args:
+      make: ``make(c) -> transformed function`` (this library's, with ``.transform`` and ``.plan``).
+      passes: ``passes(*args, **kwargs) -> int``, the passes unchunked (default: the
+        differentiated arguments' total size).
+
+    The returned function's ``.memory(...)`` is the :class:`Fit` for a call, and its ``.plan(...)``
+    (where the transformation has one) carries it as ``memory``.
+    """
+    if max_memory is None:
+        return make(chunk_size)
+    if chunk_size is not None:
+        raise ValueError(f"{where}: give chunk_size or max_memory, not both (max_memory picks the chunk size).")
+    first = make(None)
+    run = bounded(make, passes or functools.partial(_inputs, first.transform), max_memory, where)
+
+    def plan(*args, **kwargs):
+        fit_ = run.memory(*args, **kwargs)
+        p = run.make(fit_.chunk_size).plan(*args, **kwargs)
+        return dataclasses.replace(p, memory=fit_) if any(f.name == "memory" for f in dataclasses.fields(p)) else p
+
+    run = functools.wraps(first)(run)
+    run.transform = first.transform
+    if hasattr(first, "plan"):
+        run.plan = plan
+    return run
+
+
+def _inputs(t, *args, **kwargs) -> int:
+    """The differentiated arguments' total size (the basis vectors of a forward pass)."""
+    spec, traced = t.split(args, kwargs)
+    diff = set()
+    for pos in spec.positions:
+        lo, hi = spec.arg_slices[pos]
+        diff.update(range(lo, hi))
+    static = {i for i, _ in spec.static}
+    index = [i for i in range(spec.treedef.num_leaves) if i not in static]
+    return max(1, sum(math.prod(getattr(traced[k], "shape", ())) for k, i in enumerate(index) if i in diff))

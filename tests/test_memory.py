@@ -52,3 +52,25 @@ def test_errors(rng):
         jacobians.jacobian(_pairwise, max_memory=1000)(x)
     with pytest.raises(ValueError, match="give chunk_size or max_memory, not both"):
         jacobians.jacobian(_pairwise, chunk_size=4, max_memory="1GB")
+
+
+def test_laplacian_under_a_budget(rng):
+    def energy(x):  # a pairwise energy: its HVPs hold (n, n) products
+        d = jnp.tanh(x[:, None] - x[None, :])
+        return jnp.sum(d @ d)
+
+    x = randn(rng, (16,))
+    want = jnp.trace(jax.hessian(energy)(x))
+    full = _memory.measure(jacobians.laplacian(energy, method="hvp"), (x,), {})[0]
+    tight = jacobians.laplacian(energy, method="hvp", max_memory=full * 2 // 3)
+    np.testing.assert_allclose(tight(x), want, rtol=1e-10)
+    assert tight.plan(x).memory.chunk_size is not None and "max_memory" in str(tight.plan(x))
+
+
+def test_divergence_under_a_budget(rng):
+    x = randn(rng, (32,))
+    want = jnp.trace(jax.jacfwd(_pairwise)(x))
+    full = _memory.measure(jacobians.divergence(_pairwise, chunk_size=32), (x,), {})[0]
+    div = jacobians.divergence(_pairwise, max_memory=full // 2)
+    np.testing.assert_allclose(div(x), want, rtol=1e-10)
+    assert div.memory(x).chunk_size is not None and div.memory(x).bytes <= full // 2
