@@ -9,11 +9,17 @@ and reusable (``sparsity=plan``, or saved to and loaded from ``.npz``).
 Every plan, detected or given, is certified once against JAX's own
 derivative when it is made (:mod:`._trust`); one that fails, or whose
 analysis fails, becomes the dense plan (every entry, one JVP or VJP each).
+
+``sparse_hessian`` colours the symmetric pattern of a scalar function's
+Hessian (star, acyclic or column, by a cost model that counts the
+Hessian-vector products and the decompression) and computes one product per
+colour. BCOO results take their index arrays from the host (the compiled
+program returns the values only); ``output="csr"``/``"csc"`` builds a SciPy
+matrix of the flat result on the host.
 """
 
 import dataclasses
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -782,9 +788,6 @@ def _compact(index: np.ndarray) -> np.ndarray:
     return index.astype(np.int32) if index.size == 0 or index.max() < 2**31 else index
 
 
-_DECOMPRESSIONS: "weakref.WeakKeyDictionary[SparsePlan, dict]" = weakref.WeakKeyDictionary()
-
-
 def _decompression(plan: SparsePlan, layout: str) -> tuple[str, object]:
     """How to read a plan's entries off its compressed matrix, built once per plan and layout.
 
@@ -795,7 +798,7 @@ def _decompression(plan: SparsePlan, layout: str) -> tuple[str, object]:
       ``("gather", index)``: ``compressed.reshape(-1)[index]``; or ``("substitute",
       decompression)``: a :class:`kernels.SymmetricDecompression` to call (acyclic colourings).
     """
-    cache = _DECOMPRESSIONS.setdefault(plan, {})
+    cache = plan.__dict__.setdefault("_decompressions", {})  # on the (frozen) plan itself, never saved
     hit = cache.get(layout)
     if hit is None:
         hit = cache[layout] = _make_decompression(plan, layout)
