@@ -83,33 +83,24 @@ def test_per_example_gather_scatter_and_solve_proved(rng):
     # Issue 24: an embedding lookup (a vmapped gather by per-example traced indices: operand batching dims), a
     # label pick (a partly known index), per-example scatters by traced indices and a per-example
     # jnp.linalg.solve (batched LU, pivots gathered per example; or one matrix with the examples as columns, and
-    # slogdet's custom_jvp around a batched solve) are per-example, not "coupled".
-    B, V, d = 4, 5, 3
+    # slogdet's custom_jvp around a batched solve) are per-example, not "coupled". One call: one proof, one compile.
+    B, V, d = 3, 4, 2
     idx = jnp.asarray(rng.integers(0, V, (B, 2)))
+    A0 = np.eye(3) * 3.0 + rng.standard_normal((3, 3))
 
-    def f(X, Z, idx):
+    def f(X, Z, M, b, idx):
         lookup = jnp.tanh(jax.vmap(lambda e, i: e[i])(X, idx)) * X[:, :2, :]
         nll = -jax.nn.log_softmax(Z)[jnp.arange(B), idx[:, 0]]
         added = jax.vmap(lambda z, j: z.at[j].add(z[0] ** 2))(Z, idx[:, 1])
         moved = jax.vmap(lambda z, j: jax.lax.dynamic_update_slice(z, jnp.sin(z[:2]), (j,)))(Z, idx[:, 0])
-        return lookup, nll, added * moved + Z.at[jnp.arange(B), idx[:, 1]].set(0.0)
-
-    X, Z = randn(rng, (B, V, d)), randn(rng, (B, V))
-    want = jax.jit(jax.vmap(jax.jacfwd(lambda x, z, i: jax.tree_util.tree_map(lambda o: o[0], f(x[None], z[None], i[None])),
-                                       argnums=(0, 1))))(X, Z, idx)
-    assert_tree_allclose(jacobians.batch_jacobian(f, argnums=(0, 1), mode="fwd")(X, Z, idx), want)
-
-    A = randn(rng, (B, 3, 3)) + 3.0 * jnp.eye(3)[None]
-
-    A0 = np.asarray(A[0])
-
-    def solve(M, b):  # both the matrices and the right-hand sides differentiated; one shared matrix; slogdet
+        scattered = added * moved + Z.at[jnp.arange(B), idx[:, 1]].set(0.0)
         batched = jnp.linalg.solve(M, b[..., None])[..., 0] ** 2
         shared = jnp.linalg.solve(jnp.asarray(A0), b.T).T  # the examples are the columns of one solve
-        return batched * shared, jnp.linalg.slogdet(M)[1][:, None] * b  # slogdet: a custom_jvp around a solve
+        return lookup, nll, scattered, batched * shared, jnp.linalg.slogdet(M)[1][:, None] * b
 
-    b = randn(rng, (B, 3))
-    got = jacobians.batch_jacobian(solve, argnums=(0, 1), mode="rev")(A, b)
-    want = jax.jit(jax.vmap(jax.jacfwd(lambda m, v: jax.tree_util.tree_map(lambda o: o[0], solve(m[None], v[None])),
-                                       argnums=(0, 1))))(A, b)
+    X, Z, b = randn(rng, (B, V, d)), randn(rng, (B, V)), randn(rng, (B, 3))
+    M = randn(rng, (B, 3, 3)) + 3.0 * jnp.eye(3)[None]
+    single = lambda *a: jax.tree_util.tree_map(lambda o: o[0], f(*(v[None] for v in a)))  # noqa: E731
+    want = jax.jit(jax.vmap(jax.jacfwd(single, argnums=(0, 1, 2, 3))))(X, Z, M, b, idx)
+    got = jacobians.batch_jacobian(f, argnums=(0, 1, 2, 3), mode="rev")(X, Z, M, b, idx)
     assert_tree_allclose(got, want, rtol=1e-10, atol=1e-12)
