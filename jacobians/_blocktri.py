@@ -77,6 +77,7 @@ class Stage:
     inputs: tuple = field(repr=False, default=())  # ((var, offset), ...)
     output: object = field(repr=False, default=None)
     data: object = field(repr=False, default=None, compare=False)  # the method's host tables
+    reads_x: tuple = field(repr=False, default=())  # per live equation: does it read the stage's input?
 
 
 @dataclass(frozen=True)
@@ -242,10 +243,11 @@ def _stages(closed, offsets, n, walker, forced, batch=None) -> list[Stage]:
     sweep = _logdiag.Sweep(n, walker)
     sweep.start(inputs)
     examples = None if batch is None else np.arange(n) // max(n // max(batch, 1), 1)  # of each stage input
-    stages, start = [], 0
+    stages, start, reads_x = [], 0, []
     for k, eqn in enumerate(eqns):
         if not live[k]:
             continue
+        reads_x.append(any(v in xdep for v in eqn.invars if not isinstance(v, _compat.Literal)))
         ins = [read(v) for v in eqn.invars]
         outs = sweep.eqn(eqn, ins)  # the dependency sets (walker), and tags while the sweep holds
         for v, o in zip(eqn.outvars, outs, strict=True):
@@ -262,9 +264,9 @@ def _stages(closed, offsets, n, walker, forced, batch=None) -> list[Stage]:
         carried = [v for v in xdep if last_use.get(v, -1) > k or v is outvar]
         if carried != [out]:
             continue
-        stages.append(_stage(deps[out], n, start, k + 1, inputs, out, sweep, forced, examples, batch))
+        stages.append(_stage(deps[out], n, start, k + 1, inputs, out, sweep, forced, examples, batch, reads_x))
         examples = _examples_out(deps[out], examples)
-        start, inputs = k + 1, [(out, 0)]
+        start, inputs, reads_x = k + 1, [(out, 0)], []
         deps[out] = _deps.identity(out.aval.shape, 0)
         xdep = {out}
         sweep.start(inputs)
@@ -272,7 +274,7 @@ def _stages(closed, offsets, n, walker, forced, batch=None) -> list[Stage]:
         d = read(outvar)
         if np.any(examples[d.indices] != d.rows() // max(n // max(batch, 1), 1)):
             raise Coupled("an output example reads another example's input")
-    last = _stage(read(outvar), n, start, len(eqns), inputs, outvar, sweep, forced, examples, batch)
+    last = _stage(read(outvar), n, start, len(eqns), inputs, outvar, sweep, forced, examples, batch, reads_x)
     reshapes = all(eqns[k].primitive.name in NO_CUT - ELEMENTWISE for k in range(start, len(eqns)) if live[k])
     if not (stages and last.method == "sweep" and reshapes and np.array_equal(last.data[2], np.arange(n))):
         stages.append(last)  # (a trailing ravel of the last cut, the identity, needs no stage)
@@ -302,10 +304,10 @@ def _parities(perm, examples, batch) -> np.ndarray:
     return out
 
 
-def _stage(d, n, start, stop, inputs, output, sweep, forced, examples=None, batch=None) -> Stage:
+def _stage(d, n, start, stop, inputs, output, sweep, forced, examples=None, batch=None, reads_x=()) -> Stage:
     """The plan of one stage from its output's dependency sets ``d`` (``n`` sets over ``n`` inputs)."""
     rows, cols = d.rows(), d.indices
-    common = dict(start=start, stop=stop, inputs=tuple(inputs), output=output)
+    common = dict(start=start, stop=stop, inputs=tuple(inputs), output=output, reads_x=tuple(reads_x))
     if examples is not None:
         own = _examples_out(d, examples)
         if np.any(examples[cols] != own[rows]):
@@ -502,6 +504,9 @@ def _run(eqns, env) -> None:
 
 def _stage_det(st: Stage, eqns, env, batch=None) -> tuple[jax.Array, jax.Array]:
     """A coloured or dense stage: the stage as a flat map of its input, then the blocks' determinants."""
+    # Values that do not read the stage's input are computed once, here, for this and later stages.
+    _run([e for e, r in zip(eqns, st.reads_x, strict=True) if not r], env)
+    eqns = [e for e, r in zip(eqns, st.reads_x, strict=True) if r]
     base = dict(env)
     dtype = np.result_type(*[np.dtype(v.aval.dtype) for v, _ in st.inputs])
     u0 = jnp.concatenate([jnp.ravel(env[v]).astype(dtype) for v, _ in st.inputs])

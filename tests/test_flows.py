@@ -177,6 +177,20 @@ def test_structurally_singular_and_permutation_sign(rng):
     np.testing.assert_allclose(jacobians.det(g)(x), np.linalg.det(np.asarray(jax.jacfwd(g)(x))), rtol=1e-12)
 
 
+def test_values_computed_in_one_stage_serve_later_stages(rng):
+    # exp(P) is computed before the cut (in the coloured stage) and read after it: it once went missing.
+    A, P = randn(rng, (2, 2)), randn(rng, (2, 2))
+
+    def f(x):
+        c = jnp.exp(P)
+        return (jnp.tanh(x.reshape(2, 2) @ A) * c).reshape(-1)
+
+    x = randn(rng, (4,))
+    lad = jacobians.log_abs_det(f)
+    assert [s.method for s in lad.plan(x).stages] == ["blocks", "sweep"]
+    np.testing.assert_allclose(lad(x), _ref(f, x)[1], rtol=1e-12)
+
+
 def test_custom_vjp_takes_the_reverse_route(rng):
     @jax.custom_vjp
     def act(x):
