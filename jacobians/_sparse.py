@@ -577,7 +577,8 @@ class _Engine:
         rows, cols = plan.pattern.rows, plan.pattern.cols
         if self.coloring is not None:
             data, aux = _hessian_values(p, plan, t.where, self.shards, self._hessian_mode(plan), self.chunk_size,
-                                        fold=extra.get("fold", False), products=products)
+                                        fold=extra.get("fold", False) and p.n * plan.n_colors <= FOLD_MAX,
+                                        products=products)
             if products is True:
                 return data, aux
             det = Detected(plan.pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, set())
@@ -824,6 +825,7 @@ def _hessian_cost(c: int, nnz: int, nodes: int, work: float) -> float:
 
 
 FOLD_BLOCKERS = {"dot_general", "conv_general_dilated"}  # products XLA would fold slowly with constant seeds
+FOLD_MAX = 1 << 22  # nor fold seeds past this many entries (n times colours): XLA's evaluator is slow
 # Elementwise functions XLA's CPU backend computes in vectorised loops, but once per gathered entry in scalar
 # code when it fuses them into the decompression's gather: a sparse Hessian of a fun using them runs its
 # products and its decompression as two programs (see _Engine._build).
