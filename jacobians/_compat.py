@@ -233,18 +233,3 @@ def source_summary(source_info) -> str | None:
     except Exception:  # noqa: BLE001 - a location is a courtesy
         return None
 
-
-def x64(enabled: bool):
-    """A context manager setting ``jax_enable_x64`` for the current thread (JAX's config is per thread).
-
-    ``None`` where this JAX has no such context manager (the caller then keeps to one thread).
-    """
-    manager = getattr(jax, "enable_x64", None)
-    if manager is not None:
-        return manager(enabled)
-    try:
-        from jax.experimental import disable_x64, enable_x64
-
-        return enable_x64() if enabled else disable_x64()
-    except ImportError:  # pragma: no cover
-        return None

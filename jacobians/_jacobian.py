@@ -7,6 +7,7 @@ an output leaf of shape ``out.shape`` with respect to an input leaf of shape
 """
 
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -137,11 +138,12 @@ def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
     plan = opts.plans.get(key)
     if plan is None:
         t0 = time.perf_counter()
-        plan, check = _make_plan(t, spec, traced, avals, opts)
+        plan, check, after = _make_plan(t, spec, traced, avals, opts)
         if check is not None:
-            # The check compiles a program of its own: it runs while the call compiles and is settled
-            # before the call returns; at once where no wrapped call waits for it (explain, an outer jit).
-            pending = _trust.defer(check, lambda result: _settle(t, opts, key, result))
+            # A check after the call runs the call's own compiled program at the check's points (no
+            # compilation of the plan's program for the check alone), settled before the call returns;
+            # at once, compiling it, where no concrete wrapped call waits for it (explain, an outer jit).
+            pending = _trust.defer(check, lambda result: _settle(t, opts, key, result)) if after else None
             if pending is None:
                 plan = _judged(t, plan, _run(check))
             else:
@@ -203,10 +205,11 @@ def _settle(t, opts, key, result) -> bool:
     return False
 
 
-def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Callable | None]:
+def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Callable | None, bool]:
     """Choose; any failure gives the dense plan (a PlanWarning, or strict a PlanError).
 
-    Returns the plan and, for a compressed or structured plan, its check (``check() -> Certificate``).
+    Returns the plan, for a compressed or structured plan its check (``check() -> Certificate``),
+    and whether that check is to run after the call (it evaluates the plan with the call's program).
     """
     engine = opts.engine
     traced_flat = _sparsity.trace_flat(engine.t, spec, avals, has_aux=opts.has_aux)
@@ -237,16 +240,31 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
         if only and not isinstance(e, _trust.AnalysisError):
             raise  # the caller asked for a structured sweep: say why none applies
         note = _trust.analysis_failed(t.where, e, "planner's cost model")
-        return _planner.dense(closed, p.n, p.m, note, _trust.fallback()), None
+        return _planner.dense(closed, p.n, p.m, note, _trust.fallback()), None, False
     if plan.method == "dense":
-        return dataclasses.replace(plan, certificate=_trust.NOT_NEEDED), None
-    values = _trust.concrete(traced) or _trust.call_values(spec, t)
+        return dataclasses.replace(plan, certificate=_trust.NOT_NEEDED), None, False
+    concrete = _trust.concrete(traced)
+    values = concrete or _trust.call_values(spec, t)
+    after = concrete is None and values is not None  # the call being traced is concrete: it will have run
+    cand = plan.candidate
+
+    def computed(point):
+        return _flat_jacobian(t.cache[spec](*point), p, opts.has_aux)
 
     def check():
         with _trust.stage("certificate"):
-            return plan.candidate.method.certify(plan.candidate, traced_flat, values, t.where)
+            return cand.method.certify(cand, traced_flat, values, t.where, computed if after else None)
 
-    return dataclasses.replace(plan, fallback_mode=_planner.dense(closed, p.n, p.m, "").mode), check
+    return dataclasses.replace(plan, fallback_mode=_planner.dense(closed, p.n, p.m, "").mode), check, after
+
+
+def _flat_jacobian(result, p, has_aux: bool) -> np.ndarray:
+    """The ``(m, n)`` matrix of a call's result (the pytree of blocks), on the host."""
+    blocks = jax.tree_util.tree_leaves(result[0] if has_aux else result)
+    n_in = len(p.in_leaves)
+    rows = [np.concatenate([np.asarray(blocks[i * n_in + j]).reshape(math.prod(o.shape), math.prod(x.shape))
+                            for j, x in enumerate(p.in_leaves)], axis=1) for i, o in enumerate(p.out_leaves)]
+    return np.concatenate(rows, axis=0)
 
 
 def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, mesh=None, mesh_axis=None,

@@ -27,7 +27,6 @@ plan is made (it closes over traced values, has side effects or calls back
 into Python) the check is skipped and the plan says so.
 """
 
-import concurrent.futures
 import contextlib
 import contextvars
 import functools
@@ -212,9 +211,9 @@ def wrap(t: "_args.Transform") -> Callable:
     """:func:`_args.wrap`, remembering each call's arguments while it runs (a plan made then can use them).
 
     A plan made while such a call is traced may defer its certificate (:func:`defer`): the
-    check then compiles and runs in a worker thread while XLA compiles the call, and the
-    call's result is returned only once every deferred check has passed; a failed one
-    replaces its plan and the call runs again with the dense method.
+    check then runs after the call, with the call's own compiled program, and the call's
+    result is returned only once every deferred check has passed; a failed one replaces
+    its plan and the call runs again with the dense method.
     """
 
     @functools.wraps(t.fun)
@@ -244,45 +243,36 @@ def calling(t: "_args.Transform", args: tuple, kwargs: dict) -> Iterator[None]:
 
 
 class Pending:
-    """A certificate running in the worker thread, and what to do with its result (see :func:`defer`)."""
+    """A deferred certificate and what to do with its result (see :func:`defer`)."""
 
-    def __init__(self, future, settle: Callable):
-        self._future, self._settle, self._stands = future, settle, None
+    def __init__(self, check: Callable, settle: Callable):
+        self._check, self._settle, self._stands = check, settle, None
 
     def wait(self) -> bool:
-        """Settle once (report a failure: a warning, or strict a :class:`PlanError`); whether the plan stands."""
+        """Check and settle once (a failure: a warning, or strict a :class:`PlanError`); whether the plan stands."""
         if self._stands is None:
             self._stands = False  # a settle that raises (strict) leaves the plan replaced, not pending
-            self._stands = bool(self._settle(self._future.result()))
+            try:
+                result = self._check()
+            except Exception as e:  # noqa: BLE001 - reported by settle
+                result = e
+            self._stands = bool(self._settle(result))
         return self._stands
 
 
-_EXECUTOR: list = []
-
-
 def defer(check: Callable[[], "Certificate"], settle: Callable) -> "Pending | None":
-    """Run ``check`` in the worker thread while the wrapped call being traced compiles.
+    """Run ``check`` once the wrapped call being traced has compiled and run, before it returns.
 
-    Only within a call of a wrapped transformation on concrete arguments (the one
-    :func:`call_values` sees), whose result :func:`wrap` holds back until ``settle(result)``
-    (``result``: the :class:`Certificate`, or the exception ``check`` raised) says
-    whether the plan stands. Returns ``None`` (the caller checks at once) elsewhere.
+    Only within a call of a wrapped transformation (see :func:`wrap`), which holds its
+    result back until ``settle(result)`` (``result``: the :class:`Certificate`, or the
+    exception ``check`` raised) says whether the plan stands; so ``check`` may run the
+    call's own compiled program (at another point) instead of compiling one of its own.
+    Returns ``None`` (the caller checks at once) elsewhere.
     """
     call = _CALL.get()
-    x64 = jax.config.jax_enable_x64
-    if call is None or len(call) < 4 or _compat.x64(x64) is None:
+    if call is None or len(call) < 4:
         return None
-    if not _EXECUTOR:
-        _EXECUTOR.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jacobians-certificate"))
-
-    def run():
-        with _compat.x64(x64):  # JAX's configuration is per thread: the check traces as the call does
-            try:
-                return check()
-            except Exception as e:  # noqa: BLE001 - reported by settle, in the caller's thread
-                return e
-
-    pending = Pending(_EXECUTOR[0].submit(run), settle)
+    pending = Pending(check, settle)
     call[3].append(pending)
     return pending
 
@@ -422,7 +412,7 @@ def compare(got: np.ndarray, ref: np.ndarray, scale: np.ndarray, tol: float, wha
 
 
 def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judge: Callable, what: str,
-            directions: Callable | None = None) -> Certificate:
+            directions: Callable | None = None, computed: Callable | None = None) -> Certificate:
     """Run a plan's check once, on the host, and judge it.
 
     Args:
@@ -436,6 +426,8 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
       what: the directions, for the report (e.g. ``"JVPs"``).
       directions: ``directions(rng, p) -> T`` (default: ``CHECKS`` standard normal
         tangents of ``p.x``'s shape and dtype).
+      computed: ``computed(point) -> array``, appended to the program's outputs (values the
+        caller computes itself at the point).
 
     Returns:
       The :class:`Certificate`.
@@ -459,6 +451,8 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
         try:
             with jax.ensure_compile_time_eval():
                 outs = [np.asarray(o) for o in run(T, *point)]
+            if computed is not None:  # the call's own program, as it was compiled (not under the eval context)
+                outs.append(np.asarray(computed(point)))
         except (jax.errors.UnexpectedTracerError, *_args._TRACER_ERRORS) as e:
             return Certificate("skipped", f"fun cannot run when the plan is made ({type(e).__name__})")
         if not all(np.all(np.isfinite(o)) for o in outs):
@@ -492,7 +486,7 @@ def _apply(rows, cols, data, T, transpose: bool, size: int) -> tuple[np.ndarray,
 
 
 def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries=None, hessian=False,
-           where: str = "", reference: Callable | None = None) -> Certificate:
+           where: str = "", reference: Callable | None = None, computed: Callable | None = None) -> Certificate:
     """Certify a plan's Jacobian (or, ``hessian``, a scalar function's Hessian) against JAX.
 
     Args:
@@ -506,6 +500,9 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
         ``"with"``: ``evaluate(p, T)`` returns both, the plan's values and the products
         (a compressed plan pushes its seeds and ``T`` through one batched JVP: one program,
         compiled faster).
+      computed: ``computed(point) -> (m, n)`` host array: the plan's Jacobian at a point, by the
+        program the call already compiled (``evaluate`` is then not traced: only JAX's
+        products are compiled, a program of a few passes).
     """
     closed, offsets, meta = traced_flat
     side_out = mode == "rev" and not hessian
@@ -517,9 +514,9 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
         return rng.standard_normal((CHECKS, size)).astype(dtype)
 
     def program(p, T, leaves):
-        if reference == "with":
+        if reference == "with" and computed is None:
             return evaluate(p, T)
-        got = evaluate(p)
+        got = None if computed is not None else evaluate(p)
         f = lambda x: p.flat(x)[0]  # noqa: E731
         if reference is not None:
             ref = reference(p, T)
@@ -538,10 +535,10 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
         else:
             _, pull = jax.vjp(f, p.x)
             ref = jax.vmap(lambda u: pull(u)[0])(T)
-        return got, ref
+        return (ref,) if got is None else (got, ref)
 
     def judge(outs, T, tol):
-        got, ref = outs
+        got, ref = (outs[1], outs[0]) if computed is not None else outs
         if entries is not None:
             rows, cols = entries
             size = ref.shape[1]
@@ -553,13 +550,13 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
         return compare(prod, ref, bound, tol, "input entry" if side_out else "output entry")
 
     what = ("Hessian-vector products" if hessian else "VJPs" if side_out else "JVPs")
-    cert = certify(traced_flat, values, program, judge, what, directions)
+    cert = certify(traced_flat, values, program, judge, what, directions, computed)
     if cert.failed and CUSTOM & primitives(closed):
         # A custom rule may not be linear in the tangent (a gradient clipped in a custom_vjp): the plan's
         # 0/1 seeds then see another map than Gaussian directions do. Random 0/1 directions see the same
         # (Freivalds' own check: each misses an error with probability at most 1/2).
         binary = certify(traced_flat, values, program, judge, f"0/1 {what} (fun has custom rules)",
-                         lambda rng, p: directions(rng, p, binary=True))
+                         lambda rng, p: directions(rng, p, binary=True), computed)
         if not binary.failed:
             return binary
     return cert

@@ -33,8 +33,9 @@ class Diagonal:
         _, d = jax.jvp(lambda x: p.flat(x)[0], (p.x,), (jnp.ones_like(p.x),))
         return jnp.diag(d), None
 
-    def certify(self, cand, traced_flat, values, where):
-        return _trust.linear(traced_flat, values, lambda p: self.evaluate(cand, Call(p))[0], mode="fwd", where=where)
+    def certify(self, cand, traced_flat, values, where, computed=None):
+        return _trust.linear(traced_flat, values, lambda p: self.evaluate(cand, Call(p))[0], mode="fwd", where=where,
+                             computed=computed)
 
 
 class Wrong(Diagonal):

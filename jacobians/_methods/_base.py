@@ -12,7 +12,7 @@ A :class:`Method` has a host-side half and a traced half, as lineax's solvers do
 - ``evaluate(cand, call)`` (traced, inside the call's ``jax.jit``): the
   Jacobian, as the flat ``(m, n)`` matrix or already cut into the blocks
   (:class:`Blocks`);
-- ``certify(cand, traced_flat, values, where)`` (host): the candidate checked
+- ``certify(cand, traced_flat, values, where, computed)`` (host): the candidate checked
   against JAX's own JVPs/VJPs at a random point (:mod:`jacobians._trust`), or
   ``None`` when the method is JAX's own derivative (dense) and needs none.
 
@@ -166,4 +166,10 @@ class Method(Protocol):
         """``(jacobian, aux)``: the ``(m, n)`` matrix or :class:`Blocks`, and ``fun``'s aux."""
         ...
 
-    def certify(self, cand: Candidate, traced_flat: tuple, values, where: str): ...
+    def certify(self, cand: Candidate, traced_flat: tuple, values, where: str, computed: Callable | None = None):
+        """The :class:`jacobians._trust.Certificate`, or ``None`` where the method needs none.
+
+        ``computed(point) -> (m, n)``, where given, is the plan's Jacobian at a point by the program the
+        call compiled (:func:`jacobians._trust.linear`): check that instead of compiling the plan again.
+        """
+        ...

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .. import _deps, _sparse
+from .. import _deps, _sparse, _trust
 from ._base import Call, Candidate, Context
 
 PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
@@ -44,7 +44,9 @@ class Compressed:
     def evaluate(self, cand: Candidate, call: Call):
         return call.compressed()
 
-    def certify(self, cand, traced_flat, values, where):
+    def certify(self, cand, traced_flat, values, where, computed=None):
+        if computed is not None:  # the call's dense result, every entry, against JAX's products
+            return _trust.linear(traced_flat, values, None, mode=cand.mode, where=where, computed=computed)
         return _sparse.certify_plan(cand.state, traced_flat, values, where)
 
 

@@ -32,7 +32,7 @@ class Dense:
         return _args.with_fallback(lambda d: self.evaluate(Candidate(self, d, 0, 0.0), call), mode, "rev", "fwd",
                                    where)
 
-    def certify(self, cand, traced_flat, values, where):
+    def certify(self, cand, traced_flat, values, where, computed=None):
         return None  # JAX's own JVPs/VJPs
 
 

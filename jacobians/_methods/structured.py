@@ -43,9 +43,9 @@ class Structured:
         _, jac, aux = _structured.jacobian(*call.problem.sweep_input(), cand.mode, chunk_size=call.chunk_size)
         return jac, aux
 
-    def certify(self, cand, traced_flat, values, where):
+    def certify(self, cand, traced_flat, values, where, computed=None):
         return _trust.linear(traced_flat, values, lambda p: _structured.jacobian(p.flat, p.x, cand.mode)[1],
-                             mode=cand.mode, where=where)
+                             mode=cand.mode, where=where, computed=computed)
 
 
 STRUCTURED = Structured()
