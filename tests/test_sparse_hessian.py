@@ -126,7 +126,7 @@ def test_plan_compressed_matrix_and_decompression(rng):
 def expensive_rosenbrock(x):
     """A tridiagonal Hessian with a long elementwise chain: each Hessian-vector product is dear."""
     y = x
-    for _ in range(15):
+    for _ in range(8):
         y = jnp.sin(y) + 0.5 * y
     return rosenbrock(x) + jnp.sum(y)
 
