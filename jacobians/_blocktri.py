@@ -253,8 +253,8 @@ def _stages(closed, offsets, n, walker, forced, batch=None) -> list[Stage]:
         for v, o in zip(eqn.outvars, outs, strict=True):
             if not isinstance(v, _compat.DropVar):
                 deps[v] = o
-        if any(v in xdep for v in eqn.invars if not isinstance(v, _compat.Literal)):
-            xdep.update(v for v in eqn.outvars if jnp.issubdtype(v.aval.dtype, jnp.inexact))
+        if reads_x[-1]:  # every dtype: an integer or boolean computed from x must not cross a cut either
+            xdep.update(v for v in eqn.outvars if not isinstance(v, _compat.DropVar))
         # A cut: one array of size n carries everything later equations read from x.
         (out, *rest) = eqn.outvars
         if rest or eqn.primitive.name in NO_CUT or out is outvar or math.prod(out.aval.shape) != n:

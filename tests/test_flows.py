@@ -189,6 +189,9 @@ def test_values_computed_in_one_stage_serve_later_stages(rng):
     lad = jacobians.log_abs_det(f)
     assert [s.method for s in lad.plan(x).stages] == ["blocks", "sweep"]
     np.testing.assert_allclose(lad(x), _ref(f, x)[1], rtol=1e-12)
+    # A predicate computed from x (a boolean, then an integer: no derivative) stays with the values that read x.
+    g = lambda x: jax.lax.cond(x[0] > 0, lambda z: z * 2.0, jnp.tanh, x)  # noqa: E731
+    np.testing.assert_allclose(jacobians.log_abs_det(g)(x), _ref(g, x)[1], rtol=1e-12)
 
 
 def test_custom_vjp_takes_the_reverse_route(rng):
