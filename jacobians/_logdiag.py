@@ -23,17 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _compat
-from ._deps import _elementwise
+from . import _compat, _primitives
 from ._walker import _live, is_opaque
 
-ELEMENTWISE = frozenset(_elementwise.NAMES) | frozenset(_elementwise.ZERO) | {"mul", "integer_pow", "pow", "select_n"}
-# Data movement: the positions of the operands that carry data (None: all); the others must be known.
-MOVES = {
-    "reshape": (0,), "squeeze": (0,), "expand_dims": (0,), "transpose": (0,), "rev": (0,), "slice": (0,),
-    "broadcast_in_dim": (0,), "concatenate": None, "pad": None, "gather": (0,), "dynamic_slice": (0,),
-    "dynamic_update_slice": (0, 1),
-}
+ELEMENTWISE = (frozenset(_primitives.ELEMENTWISE) | frozenset(_primitives.ZERO) | frozenset(_primitives.PRODUCTS)
+               | {"select_n"})
+# Data movement (the catalogue's): the operands that carry data (None: all); the others must be known. Tags
+# move through pad's padding value too (as "no tag").
+MOVES = dict(_primitives.MOVES, pad=None)
 CALLS = {"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint"}
 LOG2 = math.log(2.0)
 
