@@ -814,6 +814,41 @@ def problem(
     return prob
 
 
+def trace_flat(t: "Transform", spec: CallSpec, avals: list, *, has_aux=False, holomorphic=False):
+    """``jax.make_jaxpr`` of the call's flat map ``x (n,) -> y (m,)`` with the traced leaves as inputs.
+
+    Returns ``(closed, seeds_positions, meta)``: the closed jaxpr, for each of
+    its inputs the offset of that leaf in ``x`` (``None`` for non-differentiated
+    leaves), and the :class:`Problem` metadata.
+    """
+    meta = {}
+
+    def g(*traced):
+        p = problem(t.fun, spec, traced, where=t.where, has_aux=has_aux, holomorphic=holomorphic,
+                    int_argnums=t.int_argnums, lazy=True)
+        meta["problem"] = p
+        # The leaves are the jaxpr's inputs (each seeded at its offset): no ravel of x and split back,
+        # which costs the analyses two movements of all n entries.
+        return p.flat_out(p.diff)[0]
+
+    try:
+        closed = jax.make_jaxpr(g)(*avals)
+    except _TRACER_ERRORS as e:
+        raise TracedControlFlowError(t.where, e) from e
+    static = {i for i, _ in spec.static}
+    traced_index = [i for i in range(spec.treedef.num_leaves) if i not in static]
+    where_in = {full: k for k, full in enumerate(traced_index)}
+    offsets: list = [None] * len(avals)
+    off = 0
+    for pos in spec.positions:
+        lo, hi = spec.arg_slices[pos]
+        for full in range(lo, hi):
+            k = where_in[full]
+            offsets[k] = off
+            off += math.prod(np.shape(avals[k]))
+    return closed, offsets, meta["problem"]
+
+
 def _weak_unravel(unravel: Callable, weak: list[bool]) -> Callable:
     """``unravel`` that gives weakly typed leaves back weakly typed (a differentiated Python float stays weak)."""
 

@@ -16,7 +16,6 @@ JVP); a proof that crashes falls back to the diagonal blocks of the full
 Jacobian, with a :class:`jacobians.PlanWarning` (see :mod:`._trust`).
 """
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _compat, _deps, _mesh, _planner, _structured, _trust, kernels
+from . import _args, _compat, _deps, _memory, _mesh, _planner, _structured, _trust, kernels
 from ._walker import Walker
 
 
@@ -413,10 +412,8 @@ def _independence(t, spec, opts, traced, avals, in_ax: int, batch: int) -> dict:
     Raises:
       CoupledBatchError: the proof, or (not strict) its certificate, finds examples that interact.
     """
-    from ._sparsity import trace_flat
-
     where = t.where
-    traced_flat = trace_flat(t, spec, avals, has_aux=opts["has_aux"])
+    traced_flat = _args.trace_flat(t, spec, avals, has_aux=opts["has_aux"])
     values = _trust.concrete(traced) or _trust.call_values(spec, t)
     try:
         with _trust.stage("batch independence proof", passing=(CoupledBatchError,)):
@@ -629,6 +626,7 @@ def batch_jacobian(
     chunk_size: int | None = None,
     mesh=None,
     mesh_axis=None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """Per-example Jacobians of a batch-first function, after proving the examples independent.
 
@@ -657,6 +655,8 @@ def batch_jacobian(
       chunk_size: at most this many JVPs/VJPs at a time.
       mesh, mesh_axis: split the batch across the devices of a mesh (padded to a
         multiple of the device count; see :func:`jacobians.jacobian`).
+      max_memory: a memory budget (bytes, or ``"2GB"``): the chunk size that fits, by XLA's
+        memory analysis (as :func:`jacobians.jacobian`); not with ``chunk_size``.
 
     Returns:
       A function returning the per-example Jacobians (``(jac, aux)`` with ``has_aux``).
@@ -677,14 +677,17 @@ def batch_jacobian(
     for name, ax in (("in_axes", in_axes), ("out_axes", out_axes)):
         if isinstance(ax, bool) or not isinstance(ax, int | np.integer):
             raise TypeError(f"{where}: {name} must be an int, got {ax!r}.")
-    opts = dict(
-        mode=_args.check_mode(mode, where),
-        has_aux=_args.check_bool(has_aux, "has_aux", where),
-        chunk_size=_args.check_chunk_size(chunk_size, where),
-        in_axes=int(in_axes),
-        out_axes=int(out_axes),
-        plans={},
-        shards=_mesh.resolve(mesh, where, mesh_axis),
-    )
-    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
-    return _trust.wrap(t)
+
+    def make(c):
+        opts = dict(
+            mode=_args.check_mode(mode, where),
+            has_aux=_args.check_bool(has_aux, "has_aux", where),
+            chunk_size=_args.check_chunk_size(c, where),
+            in_axes=int(in_axes),
+            out_axes=int(out_axes),
+            plans={},
+            shards=_mesh.resolve(mesh, where, mesh_axis),
+        )
+        return _trust.wrap(_args.Transform.jitted(fun, argnums, where, _compute, opts))
+
+    return _memory.transform(make, chunk_size, max_memory, where)

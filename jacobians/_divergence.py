@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _args, _deps, _memory, _trust, kernels
-from ._sparsity import detect_traced, trace_flat
+from ._args import trace_flat
+from ._sparsity import detect_traced
 from ._walker import has_custom_vjp
 
 ESTIMATORS = ("hutchinson", "hutch++", "xtrace")

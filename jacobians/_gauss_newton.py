@@ -22,7 +22,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import _args, _deps, _trust, kernels
-from ._sparsity import detect_traced, trace_flat
+from ._args import trace_flat
+from ._sparsity import detect_traced
 from ._walker import has_custom_vjp
 
 

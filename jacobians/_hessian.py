@@ -14,7 +14,6 @@ reverse mode. A structured sweep is chosen once per call structure and shapes
 and certified against Hessian-vector products first (see :mod:`._trust`).
 """
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -22,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _mesh, _planner, _structured, _trust, kernels
+from . import _args, _memory, _mesh, _planner, _structured, _trust, kernels
 
-HESSIAN_MODES = ("fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd", "auto")
+HESSIAN_MODES = _args.HESSIAN_MODES
 
 
 def _check_scalar(shapes, where: str, holomorphic: bool = False) -> None:
@@ -148,10 +147,9 @@ def _choose(t, spec, opts, traced, decide) -> str | None:
     try:
         sweep = decide()
         if sweep is not None:
-            from ._sparsity import trace_flat
 
             avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-            traced_flat = trace_flat(t, spec, avals, has_aux=opts["has_aux"])
+            traced_flat = _args.trace_flat(t, spec, avals, has_aux=opts["has_aux"])
             values = _trust.concrete(traced) or _trust.call_values(spec, t)
             with _trust.stage("certificate"):
                 cert = _trust.linear(
@@ -193,8 +191,7 @@ def _build_hessian(fun, argnums, mode, has_aux, chunk_size, with_value, where, m
         with_value=with_value,
         plans={},
     )
-    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute_hessian, t, spec, opts)))
-    return _trust.wrap(t)
+    return _trust.wrap(_args.Transform.jitted(fun, argnums, where, _compute_hessian, opts))
 
 
 def hessian(
@@ -207,6 +204,7 @@ def hessian(
     chunk_size: int | None = None,
     mesh=None,
     mesh_axis=None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """The Hessian of a scalar ``fun``: the Jacobian of its gradient (section 5.8, (5.147)).
 
@@ -229,6 +227,9 @@ def hessian(
       chunk_size: at most this many Hessian-vector products at a time (bounds memory).
       mesh, mesh_axis: split the Hessian-vector products across a mesh's devices
         (see :func:`jacobians.jacobian`).
+      max_memory: a memory budget (bytes, or ``"4GB"``): the most Hessian-vector products at
+        a time whose compiled program fits, by XLA's memory analysis (as
+        :func:`jacobians.jacobian`); not with ``chunk_size``.
 
     Returns:
       A function returning the Hessian pytree.
@@ -244,8 +245,10 @@ def hessian(
       Array([[4., 2.],
              [2., 0.]], dtype=float32)
     """
-    return _build_hessian(fun, argnums, mode, has_aux, chunk_size, False, "jacobians.hessian", mesh, mesh_axis,
-                          holomorphic)
+    where = "jacobians.hessian"
+    return _memory.transform(
+        lambda c: _build_hessian(fun, argnums, mode, has_aux, c, False, where, mesh, mesh_axis, holomorphic),
+        chunk_size, max_memory, where)
 
 
 def value_grad_and_hessian(
@@ -256,6 +259,7 @@ def value_grad_and_hessian(
     has_aux: bool = False,
     holomorphic: bool = False,
     chunk_size: int | None = None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """``(f(x), grad f(x), H(x))`` from one pass (the value and gradient ride along the Hessian's).
 
@@ -263,8 +267,10 @@ def value_grad_and_hessian(
     (``((value, grad, H), aux)`` with ``has_aux``); ``grad`` has the structure of
     the differentiated arguments, ``H`` that of :func:`hessian`.
     """
-    return _build_hessian(fun, argnums, mode, has_aux, chunk_size, True, "jacobians.value_grad_and_hessian",
-                          holomorphic=holomorphic)
+    where = "jacobians.value_grad_and_hessian"
+    return _memory.transform(
+        lambda c: _build_hessian(fun, argnums, mode, has_aux, c, True, where, holomorphic=holomorphic),
+        chunk_size, max_memory, where)
 
 
 def _compute_hvp(t, spec, mode, tangents, *traced):
@@ -415,7 +421,4 @@ def value_and_jacobian(
         has_aux=_args.check_bool(has_aux, "has_aux", where),
         chunk_size=_args.check_chunk_size(chunk_size, where),
     )
-    t = _args.Transform(
-        fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute_value_and_jacobian, t, spec, opts))
-    )
-    return _args.wrap(t)
+    return _args.wrap(_args.Transform.jitted(fun, argnums, where, _compute_value_and_jacobian, opts))

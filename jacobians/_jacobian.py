@@ -212,7 +212,7 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
     and whether that check is to run after the call (it evaluates the plan with the call's program).
     """
     engine = opts.engine
-    traced_flat = _sparsity.trace_flat(engine.t, spec, avals, has_aux=opts.has_aux)
+    traced_flat = _args.trace_flat(engine.t, spec, avals, has_aux=opts.has_aux)
     closed, offsets, p = traced_flat
 
     def detect(budget, columns=None):
@@ -300,7 +300,7 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
 
 def _sizes(t, spec, traced, opts) -> tuple[int, int]:
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-    _, _, p = _sparsity.trace_flat(t, spec, avals, has_aux=opts.has_aux)
+    _, _, p = _args.trace_flat(t, spec, avals, has_aux=opts.has_aux)
     return p.n, p.m
 
 

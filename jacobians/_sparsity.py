@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 from . import _args, _deps, _leaves
+from ._args import trace_flat
 from ._deps import _second
 
 
@@ -170,41 +171,6 @@ class Detected:
         """The pytree (as ``jacobian`` returns) of ``leaf_fn(block)`` over :meth:`blocks`."""
         rows = [self.in_treedef.unflatten([leaf_fn(b) for b in row]) for row in self.blocks()]
         return self.out_treedef.unflatten(rows)
-
-
-def trace_flat(t: "_args.Transform", spec: "_args.CallSpec", avals: list, *, has_aux=False, holomorphic=False):
-    """``jax.make_jaxpr`` of the call's flat map ``x (n,) -> y (m,)`` with the traced leaves as inputs.
-
-    Returns ``(closed, seeds_positions, meta)``: the closed jaxpr, for each of
-    its inputs the offset of that leaf in ``x`` (``None`` for non-differentiated
-    leaves), and the :class:`Problem` metadata.
-    """
-    meta = {}
-
-    def g(*traced):
-        p = _args.problem(t.fun, spec, traced, where=t.where, has_aux=has_aux, holomorphic=holomorphic,
-                          int_argnums=t.int_argnums, lazy=True)
-        meta["problem"] = p
-        # The leaves are the jaxpr's inputs (each seeded at its offset): no ravel of x and split back,
-        # which costs the analyses two movements of all n entries.
-        return p.flat_out(p.diff)[0]
-
-    try:
-        closed = jax.make_jaxpr(g)(*avals)
-    except _args._TRACER_ERRORS as e:
-        raise _args.TracedControlFlowError(t.where, e) from e
-    static = {i for i, _ in spec.static}
-    traced_index = [i for i in range(spec.treedef.num_leaves) if i not in static]
-    where_in = {full: k for k, full in enumerate(traced_index)}
-    offsets: list = [None] * len(avals)
-    off = 0
-    for pos in spec.positions:
-        lo, hi = spec.arg_slices[pos]
-        for full in range(lo, hi):
-            k = where_in[full]
-            offsets[k] = off
-            off += math.prod(np.shape(avals[k]))
-    return closed, offsets, meta["problem"]
 
 
 def detect_call(t, spec, avals, *, has_aux=False, max_nnz=None) -> Detected:

@@ -74,3 +74,19 @@ def test_divergence_under_a_budget(rng):
     div = jacobians.divergence(_pairwise, max_memory=full // 2)
     np.testing.assert_allclose(div(x), want, rtol=1e-10)
     assert div.memory(x).chunk_size is not None and div.memory(x).bytes <= full // 2
+
+
+def test_hessian_and_batch_jacobian_under_a_budget(rng):
+    def energy(x):
+        d = jnp.tanh(x[:, None] - x[None, :])
+        return jnp.sum(d @ d)
+
+    x = randn(rng, (16,))
+    full = _memory.measure(jacobians.hessian(energy), (x,), {})[0]
+    h = jacobians.hessian(energy, max_memory=full * 2 // 3)
+    np.testing.assert_allclose(h(x), jax.hessian(energy)(x), rtol=1e-10, atol=1e-10)
+    assert h.memory(x).chunk_size is not None and h.memory(x).bytes <= full * 2 // 3
+    X = randn(rng, (4, 16))
+    bj = jacobians.batch_jacobian(jax.vmap(_pairwise), max_memory="1GB")
+    np.testing.assert_allclose(bj(X), jax.vmap(jax.jacfwd(_pairwise))(X), rtol=1e-10, atol=1e-10)
+    assert bj.memory(X).chunk_size is None
