@@ -37,7 +37,7 @@ def _check_scalar(shapes, where: str, holomorphic: bool = False) -> None:
         )
 
 
-def _gradient(p: _args.Problem, inner: str, holomorphic: bool = False) -> Callable:
+def gradient(p: _args.Problem, inner: str, holomorphic: bool = False) -> Callable:
     """``x -> (grad f(x), (f(x), aux))`` with the inner mode, for a flat scalar problem.
 
     ``holomorphic``: ``x`` and ``f`` complex, the gradient ``df/dz`` (JAX's ``holomorphic=True``); the forward
@@ -65,7 +65,7 @@ def _gradient(p: _args.Problem, inner: str, holomorphic: bool = False) -> Callab
     return grad
 
 
-def _auto(run: Callable, where: str):
+def either_second(run: Callable, where: str):
     """Forward over reverse, unless JAX cannot differentiate in that order.
 
     Reverse over reverse where a custom_vjp forbids forward mode, forward over
@@ -86,13 +86,13 @@ def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, ch
     def run(m):
         outer, inner = m.split("_")
         kernel = kernels.forward if outer == "fwd" else kernels.reverse
-        g, H, (value, aux) = kernel(_gradient(p, inner, holomorphic), p.x, chunk_size, shards)
+        g, H, (value, aux) = kernel(gradient(p, inner, holomorphic), p.x, chunk_size, shards)
         return H, g, value, aux
 
     if mode == "auto" and chunk_size is None and shards is None and not jnp.iscomplexobj(p.x):
         # The Jacobian of the gradient may be cheaper by a structured sweep (one sweep through
         # the gradient's jaxpr instead of n JVPs): the planner's cost model decides.
-        grad = _gradient(p, "rev")
+        grad = gradient(p, "rev")
 
         def decide() -> str | None:
             try:
@@ -107,7 +107,7 @@ def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, ch
         if sweep is not None:
             g, H, (value, aux) = _structured.jacobian(grad, p.x, sweep)
             return H, g, value, aux
-    return _auto(run, where) if mode == "auto" else run(mode)
+    return either_second(run, where) if mode == "auto" else run(mode)
 
 
 def _hess_blocks(p: _args.Problem, H):
@@ -153,7 +153,7 @@ def _choose(t, spec, opts, traced, decide) -> str | None:
             values = _trust.concrete(traced) or _trust.call_values(spec, t)
             with _trust.stage("certificate"):
                 cert = _trust.linear(
-                    traced_flat, values, lambda q: _structured.jacobian(_gradient(q, "rev"), q.x, sweep)[1],
+                    traced_flat, values, lambda q: _structured.jacobian(gradient(q, "rev"), q.x, sweep)[1],
                     mode="fwd", hessian=True, where=where)
             if cert.failed:
                 _trust.certificate_failed(where, f"structured {sweep} Hessian", cert.detail)
@@ -286,13 +286,13 @@ def _compute_hvp(t, spec, mode, tangents, *traced):
 
     def run(m):
         outer, inner = m.split("_")
-        grad = _gradient(p, inner)
+        grad = gradient(p, inner)
         if outer == "fwd":
             return jax.jvp(lambda x: grad(x)[0], (p.x,), (v,))[1]
         # H is symmetric: H v is the VJP of the gradient with v.
         return jax.vjp(lambda x: grad(x)[0], p.x)[1](v)[0]
 
-    hv = _auto(run, t.where) if mode == "auto" else run(mode)
+    hv = either_second(run, t.where) if mode == "auto" else run(mode)
     return _grad_tree(p, hv)
 
 

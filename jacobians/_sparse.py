@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _args, _compat, _mesh, _planner, _trust, kernels
+from . import _args, _compat, _hessian, _memory, _mesh, _planner, _trust, kernels
+from ._args import trace_flat
 from ._sparsity import (
     Detected,
     SparsityPattern,
@@ -36,7 +37,6 @@ from ._sparsity import (
     check_scalar,
     detect_hessian_traced,
     detect_traced,
-    trace_flat,
 )
 from ._walker import primitives
 
@@ -852,13 +852,11 @@ def _seeds_like(colors: np.ndarray, c: int, x: jax.Array, fold: bool = False) ->
 def _compressed_hessian(p, plan: SparsePlan, mode: str, chunk_size: int | None, shards,
                         fold: bool = False) -> tuple[jax.Array, object]:
     """``H @ S``, shape ``(n, c)``: one Hessian-vector product per colour by ``mode``, and ``fun``'s aux."""
-    from ._hessian import _gradient
-
     seeds = _seeds_like(plan.colors, max(plan.n_colors, 1), p.x, fold)
     outer, inner = mode.split("_")
 
     def gradient(x):  # x -> (grad f(x), aux)
-        g, (_, aux) = _gradient(p, inner)(x)
+        g, (_, aux) = _hessian.gradient(p, inner)(x)
         return g, aux
 
     if outer == "fwd":  # the directional derivative of the gradient (inner "fwd": n JVPs, for a while_loop)
@@ -896,8 +894,6 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
       products: ``True``: return the compressed Hessian ``H @ S`` (``(n, c)``) and aux,
         not the entries; ``(compressed, aux)``: decompress these instead of computing them.
     """
-    from ._hessian import _auto
-
     def run(m):
         compressed, aux = _compressed_hessian(p, plan, m, chunk_size, shards, fold)
         if p.m != 1 or any(s.shape != () for s in p.out_leaves):
@@ -906,7 +902,7 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
 
     mode = mode or plan.mode
     if not isinstance(products, tuple):
-        compressed, aux = _auto(run, where) if mode == "auto" else run(mode)
+        compressed, aux = _hessian.either_second(run, where) if mode == "auto" else run(mode)
         if products is True:
             return compressed, aux
     else:
@@ -929,6 +925,7 @@ def sparse_jacobian(
     check: bool = False,
     mesh=None,
     mesh_axis=None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """A Jacobian that pays only for its nonzeros: one JVP or VJP per colour.
 
@@ -965,6 +962,8 @@ def sparse_jacobian(
       has_aux: ``fun`` returns ``(output, aux)``; the result is ``(jacobian, aux)``.
       chunk_size: at most this many JVPs/VJPs at a time (a ``lax.map`` over chunks
         of the colours' seeds; bounds memory), as :func:`jacobians.jacobian`'s.
+      max_memory: a memory budget (bytes, or ``"2GB"``): the chunk size that fits, by XLA's
+        memory analysis (as :func:`jacobians.jacobian`); not with ``chunk_size``.
       check: a plan that fails its certificate raises a ``ValueError`` naming the
         first missed entry, instead of falling back to the dense plan (use it to
         validate a hand-written pattern).
@@ -994,9 +993,14 @@ def sparse_jacobian(
         )
     if isinstance(sparsity, SparsePlan) and mode != "auto" and mode != sparsity.mode:
         raise ValueError(f"{where}: mode={mode!r} contradicts the given plan's mode {sparsity.mode!r}.")
-    engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where, shards=_mesh.resolve(mesh, where, mesh_axis),
-                     chunk_size=_args.check_chunk_size(chunk_size, where))
-    return _wrap(engine, _args.check_bool(check, "check", where))
+    check = _args.check_bool(check, "check", where)
+
+    def make(c):
+        return _wrap(_Engine(fun, argnums, sparsity, mode, output, has_aux, where,
+                             shards=_mesh.resolve(mesh, where, mesh_axis), chunk_size=_args.check_chunk_size(c, where)),
+                     check)
+
+    return _memory.transform(make, chunk_size, max_memory, where)
 
 
 def _wrap(engine: _Engine, check: bool) -> Callable:
@@ -1006,7 +1010,7 @@ def _wrap(engine: _Engine, check: bool) -> Callable:
     return wrapped
 
 
-HESSIAN_MODES = ("auto", "fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd")
+HESSIAN_MODES = _args.HESSIAN_MODES
 COLORINGS = ("auto", "star", "acyclic", "column")
 
 
@@ -1023,6 +1027,7 @@ def sparse_hessian(
     check: bool = False,
     mesh=None,
     mesh_axis=None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """The Hessian of a scalar ``fun`` that pays only for its nonzeros: one Hessian-vector product per colour.
 
@@ -1061,6 +1066,7 @@ def sparse_hessian(
       chunk_size: at most this many Hessian-vector products at a time (a
         ``lax.map`` over chunks of the colours' seeds; bounds memory), as
         :func:`jacobians.hessian`'s.
+      max_memory: as :func:`sparse_jacobian`'s.
       check: a plan that fails its certificate (Hessian-vector products at a random
         point) raises a ``ValueError``, as for :func:`sparse_jacobian`.
       mesh, mesh_axis: split the colours across the devices of a mesh.
@@ -1087,6 +1093,10 @@ def sparse_hessian(
             f"got {sparsity!r}."
         )
     chunk_size = _args.check_chunk_size(chunk_size, where)
-    engine = _Engine(fun, argnums, sparsity, mode, output, has_aux, where, coloring=coloring,
-                     shards=_mesh.resolve(mesh, where, mesh_axis), chunk_size=chunk_size)
-    return _wrap(engine, _args.check_bool(check, "check", where))
+    check = _args.check_bool(check, "check", where)
+
+    def make(c):
+        return _wrap(_Engine(fun, argnums, sparsity, mode, output, has_aux, where, coloring=coloring,
+                             shards=_mesh.resolve(mesh, where, mesh_axis), chunk_size=c), check)
+
+    return _memory.transform(make, chunk_size, max_memory, where)

@@ -90,3 +90,18 @@ def test_hessian_and_batch_jacobian_under_a_budget(rng):
     bj = jacobians.batch_jacobian(jax.vmap(_pairwise), max_memory="1GB")
     np.testing.assert_allclose(bj(X), jax.vmap(jax.jacfwd(_pairwise))(X), rtol=1e-10, atol=1e-10)
     assert bj.memory(X).chunk_size is None
+
+
+def test_sparse_engines_under_a_budget(rng):
+    def chain(x):  # a banded Hessian; each colour's HVP holds an (n, n) product
+        d = jnp.tanh(x[:, None] * x[None, :])
+        return jnp.sum(jnp.diag(d @ d)) + jnp.sum(x[1:] * x[:-1])
+
+    x = randn(rng, (16,))
+    sh = jacobians.sparse_hessian(chain, output="dense", max_memory="1GB")
+    np.testing.assert_allclose(sh(x), jax.hessian(chain)(x), rtol=1e-10, atol=1e-10)
+    assert sh.memory(x).chunk_size is None
+    sj = jacobians.sparse_jacobian(_pairwise, output="dense", max_memory="1GB")
+    np.testing.assert_allclose(sj(x), jax.jacfwd(_pairwise)(x), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="sparse_jacobian: give chunk_size or max_memory"):
+        jacobians.sparse_jacobian(_pairwise, chunk_size=2, max_memory="1GB")
