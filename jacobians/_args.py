@@ -62,8 +62,8 @@ RECOMPILE_WARN = 8  # distinct static values of one call structure before we war
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic)
 _ARRAY_IMPL = _compat.ARRAY_IMPL  # the concrete jax.Array type, checked by identity (None: general path)
 TRACED_TYPES = ARRAY_TYPES + (jax.ShapeDtypeStruct,)  # leaves passed to the compiled function
-_FAST_TYPES = (_ARRAY_IMPL, float, complex)  # argument types of the split-free call (ints: range-checked)
-_TRACER_ERRORS = (
+FAST_TYPES = (_ARRAY_IMPL, float, complex)  # argument types of the split-free call (ints: range-checked)
+TRACER_ERRORS = (
     jax.errors.ConcretizationTypeError,
     jax.errors.TracerBoolConversionError,
     jax.errors.TracerIntegerConversionError,
@@ -390,7 +390,7 @@ class _Splitter:
             try:
                 jax.eval_shape(functools.partial(call, jvp=True), values)
                 return False
-            except _TRACER_ERRORS:
+            except TRACER_ERRORS:
                 return True
             except Exception:  # noqa: BLE001 - no JVP here: a plain evaluation decides
                 pass
@@ -504,7 +504,7 @@ class Transform:
                 fn, traced, spec = self.compiled(args, kwargs)
                 if not kwargs and not spec.static and (not spec.numbers or spec in self._confirmed):
                     if len(traced) == len(args) and all(
-                        a is b and type(a) in _FAST_TYPES for a, b in zip(args, traced, strict=True)
+                        a is b and type(a) in FAST_TYPES for a, b in zip(args, traced, strict=True)
                     ):
                         self._fast[tuple(map(type, args))] = fn
                     elif not spec.numbers and len(traced) == len(leaves) and all(
@@ -514,7 +514,7 @@ class Transform:
                         self._tree_fast[treedef] = fn
         try:
             return fn(*traced)
-        except _TRACER_ERRORS as e:
+        except TRACER_ERRORS as e:
             raise TracedControlFlowError(self.where, e) from e
 
     def _first_with_numbers(self, fn, spec, n_traced, args, kwargs, *call_args):
@@ -716,7 +716,7 @@ class Problem:
         return out_def.unflatten(rows), aux
 
     def sweep_input(self) -> tuple[Callable, Any]:
-        """``(fn, x)`` for :func:`jacobians._structured.jacobian`: the leaves, or the flat view.
+        """``(fn, x)`` for :func:`jacobians._sweeps.jacobian`: the leaves, or the flat view.
 
         The leaves themselves where they share ``x``'s dtype and none is weakly typed (no ravel
         into ``x`` and no cut back), else ``(flat, x)``.
@@ -833,7 +833,7 @@ def trace_flat(t: "Transform", spec: CallSpec, avals: list, *, has_aux=False, ho
 
     try:
         closed = jax.make_jaxpr(g)(*avals)
-    except _TRACER_ERRORS as e:
+    except TRACER_ERRORS as e:
         raise TracedControlFlowError(t.where, e) from e
     static = {i for i, _ in spec.static}
     traced_index = [i for i in range(spec.treedef.num_leaves) if i not in static]
@@ -872,7 +872,7 @@ def output_shapes(call: Callable, diff: tuple, where: str, has_aux: bool) -> Any
     """``jax.eval_shape`` of the call (no evaluation), the aux part removed."""
     try:
         shapes = jax.eval_shape(call, diff)
-    except _TRACER_ERRORS as e:
+    except TRACER_ERRORS as e:
         raise TracedControlFlowError(where, e) from e
     except TypeError as e:
         if "is not a valid JAX type" not in str(e):

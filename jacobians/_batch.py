@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _compat, _deps, _memory, _mesh, _planner, _structured, _trust, kernels
+from . import _args, _compat, _deps, _memory, _mesh, _planner, _sweeps, _trust, kernels
 from ._walker import Walker
 
 
@@ -441,8 +441,8 @@ def _choose(t, spec, opts, plan, in_ax, default, n, m, x_dtype, fronts, shifted,
 
         def structured(sweep):
             if sweep == "fwd":
-                return jax.make_jaxpr(lambda v: _structured.jacobian(shifted, v, "fwd")[1])(jnp.zeros(n, x_dtype))
-            return jax.make_jaxpr(lambda v: _structured.jacobian(summed, v, "rev")[1])(xflat)
+                return jax.make_jaxpr(lambda v: _sweeps.jacobian(shifted, v, "fwd")[1])(jnp.zeros(n, x_dtype))
+            return jax.make_jaxpr(lambda v: _sweeps.jacobian(summed, v, "rev")[1])(xflat)
 
         choice = _planner.choose(closed, n, m, None, None, structured)
         if choice.method != "structured":
@@ -563,10 +563,10 @@ def _compute(t, spec, opts, *traced):
             return full(mode.split()[1])
         if mode.startswith("structured"):  # the same batch-sum maps, one structured sweep each
             if mode.endswith("fwd"):
-                _, jac, aux = _structured.jacobian(shifted, jnp.zeros(n, x_dtype), "fwd")
+                _, jac, aux = _sweeps.jacobian(shifted, jnp.zeros(n, x_dtype), "fwd")
                 return jac.reshape(batch, m, n), aux
             xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
-            _, jac, aux = _structured.jacobian(summed, xflat, "rev")
+            _, jac, aux = _sweeps.jacobian(summed, xflat, "rev")
             return _rev_blocks(jac), aux
         if mode == "fwd":
             _, jac, aux = kernels.forward(shifted, jnp.zeros(n, x_dtype), opts["chunk_size"])

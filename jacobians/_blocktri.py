@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compat, _deps, _logdiag, kernels
-from ._walker import _live, is_opaque
+from ._walker import is_opaque, live_equations
 
 ELEMENTWISE = _logdiag.ELEMENTWISE
 NO_CUT = ELEMENTWISE | {"reshape", "squeeze", "copy", "copy_p", "convert_element_type", "reduce_precision"}
@@ -224,7 +224,7 @@ def _stages(closed, offsets, n, walker, forced, batch=None) -> list[Stage]:
         else:
             deps[v] = _deps.identity(v.aval.shape, off)
             inputs.append((v, off))
-    live = _live(jaxpr)
+    live = live_equations(jaxpr)
     eqns = jaxpr.eqns
     last_use: dict = {}
     for k, eqn in enumerate(eqns):
@@ -463,7 +463,7 @@ def evaluate(p: LogDetPlan, leaves) -> tuple[jax.Array, jax.Array]:
         return jnp.zeros((), dtype), jnp.full((), -jnp.inf, dtype)
     env = dict(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, leaves, strict=True))
-    live = _live(jaxpr)
+    live = live_equations(jaxpr)
     shape = () if p.batch is None else (p.batch,)
     sign, logabs = jnp.ones(shape, dtype), jnp.zeros(shape, dtype)
     for st in p.stages:

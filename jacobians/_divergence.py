@@ -367,7 +367,7 @@ def trace_estimate(
         fn, traced, _ = t.compiled(args, kwargs)
         try:
             return fn(key, *traced)
-        except _args._TRACER_ERRORS as e:
+        except _args.TRACER_ERRORS as e:
             raise _args.TracedControlFlowError(where, e) from e
 
     return estimate

@@ -50,7 +50,7 @@ _DEFAULTS = {
 }
 
 # Errors JAX raises when traced code needs a concrete value.
-_TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError)
+TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError)
 
 
 def _real_dtype(dtype) -> np.dtype:
@@ -320,7 +320,7 @@ def gradcheck(
                 "pass a larger h",
             )
         numeric = np.asarray(_finite_differences(fun, x, dx, step, method, jit))
-    except _TRACER_ERRORS as e:
+    except TRACER_ERRORS as e:
         if not jit:
             raise
         raise TypeError(

@@ -7,7 +7,7 @@ pytrees and ``argnums`` tuples, block ``H[i][j]`` has shape
 and the inner differentiation: ``"fwd_rev"`` is forward over reverse
 (``jax.hessian``'s), ``"rev_rev"``, ``"rev_fwd"`` and ``"fwd_fwd"`` the others.
 ``"auto"`` takes the structured forward or reverse sweep through the gradient
-where the planner's cost model says it is cheaper (see ``_structured``), else
+where the planner's cost model says it is cheaper (see ``_sweeps``), else
 forward over reverse, and falls back to ``"rev_rev"`` where a ``custom_vjp``
 forbids forward mode and to ``"fwd_fwd"`` where a ``while_loop`` forbids
 reverse mode. A structured sweep is chosen once per call structure and shapes
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _memory, _mesh, _planner, _structured, _trust, kernels
+from . import _args, _memory, _mesh, _planner, _sweeps, _trust, kernels
 
 HESSIAN_MODES = _args.HESSIAN_MODES
 
@@ -100,12 +100,12 @@ def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, ch
             except Exception:  # noqa: BLE001 - no reverse-mode gradient (while_loop): the fallbacks below
                 return None
             plan = _planner.choose(closed, p.n, p.n, None, None,
-                                   lambda sweep: jax.make_jaxpr(lambda x: _structured.jacobian(grad, x, sweep)[1])(p.x))
+                                   lambda sweep: jax.make_jaxpr(lambda x: _sweeps.jacobian(grad, x, sweep)[1])(p.x))
             return plan.mode if plan.method == "structured" else None
 
         sweep = choose(decide) if choose is not None else decide()
         if sweep is not None:
-            g, H, (value, aux) = _structured.jacobian(grad, p.x, sweep)
+            g, H, (value, aux) = _sweeps.jacobian(grad, p.x, sweep)
             return H, g, value, aux
     return either_second(run, where) if mode == "auto" else run(mode)
 
@@ -153,7 +153,7 @@ def _choose(t, spec, opts, traced, decide) -> str | None:
             values = _trust.concrete(traced) or _trust.call_values(spec, t)
             with _trust.stage("certificate"):
                 cert = _trust.linear(
-                    traced_flat, values, lambda q: _structured.jacobian(gradient(q, "rev"), q.x, sweep)[1],
+                    traced_flat, values, lambda q: _sweeps.jacobian(gradient(q, "rev"), q.x, sweep)[1],
                     mode="fwd", hessian=True, where=where)
             if cert.failed:
                 _trust.certificate_failed(where, f"structured {sweep} Hessian", cert.detail)
@@ -331,7 +331,7 @@ def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[
         if fast is not None:
             try:
                 return fast(*tangents, *primals)
-            except _args._TRACER_ERRORS as e:
+            except _args.TRACER_ERRORS as e:
                 raise _args.TracedControlFlowError("jacobians.hvp", e) from e
     where = "jacobians.hvp"
     mode = _args.check_mode(mode, where, HESSIAN_MODES)
@@ -363,14 +363,14 @@ def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[
     tg = tuple(tangents)
     try:
         out = fn(*tg, *traced)
-    except _args._TRACER_ERRORS as e:
+    except _args.TRACER_ERRORS as e:
         raise _args.TracedControlFlowError(where, e) from e
     if (
         fast_key is not None
         and not spec.static
         and not spec.numbers
         and len(traced) == len(primals)
-        and all(a is b and type(a) in _args._FAST_TYPES for a, b in zip(primals, traced, strict=True))
+        and all(a is b and type(a) in _args.FAST_TYPES for a, b in zip(primals, traced, strict=True))
     ):
         if len(_HVP_FAST) >= 4 * _args.CACHE_MAX:
             _HVP_FAST.pop(next(iter(_HVP_FAST)))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _memory, _mesh, _methods, _planner, _sparse, _sparsity, _structured, _trust, layout
+from . import _args, _deps, _memory, _mesh, _methods, _planner, _sparse, _sparsity, _sweeps, _trust, layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,13 +222,13 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
 
     def color(det, mode):  # colouring costs O(nnz): affordable whenever detection stayed in budget
         with _trust.stage("colouring"):
-            return _sparse._make_plan(det.pattern, mode, det.primitives)
+            return _sparse.make_plan(det.pattern, mode, det.primitives)
 
     def structured(sweep):  # the sweep's program, traced (not run) for the cost model
         def g(*tr):
             q = _args.problem(t.fun, spec, tr, where=t.where, has_aux=opts.has_aux,
                               int_argnums=t.int_argnums, lazy=True)
-            return _structured.jacobian(*q.sweep_input(), sweep)[1]
+            return _sweeps.jacobian(*q.sweep_input(), sweep)[1]
 
         return jax.make_jaxpr(g)(*avals)
 
@@ -274,7 +274,7 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
     has_aux = _args.check_bool(has_aux, "has_aux", where)
     shards = _mesh.resolve(mesh, where, mesh_axis)
     # The compressed method runs through the sparse engine (dense output, same blocks).
-    engine = _sparse._Engine(fun, argnums, mode if method == "compressed" else "auto", "auto", "dense", has_aux, where,
+    engine = _sparse.Engine(fun, argnums, mode if method == "compressed" else "auto", "auto", "dense", has_aux, where,
                              shards=shards)
     opts = _Options(method, mode, _args.check_chunk_size(chunk_size, where), has_aux,
                     _args.check_bool(holomorphic, "holomorphic", where), order, shards, engine)

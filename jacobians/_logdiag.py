@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _compat, _primitives
-from ._walker import _live, is_opaque
+from ._walker import is_opaque, live_equations
 
 ELEMENTWISE = (frozenset(_primitives.ELEMENTWISE) | frozenset(_primitives.ZERO) | frozenset(_primitives.PRODUCTS)
                | {"select_n"})
@@ -180,7 +180,7 @@ class Sweep:
             if t is not None:
                 inner_tags[v] = t
         sub: list = []
-        for e, alive in zip(jaxpr.eqns, _live(jaxpr), strict=True):
+        for e, alive in zip(jaxpr.eqns, live_equations(jaxpr), strict=True):
             if not alive:
                 continue
             e_ins = [lat.constant(None if is_opaque(v.aval) else np.asarray(v.val), v.aval)
@@ -259,7 +259,7 @@ def _replay(eqns, env, state, actions) -> None:
                 sub_env[v_in] = _read(env, v)
                 if not isinstance(v, _compat.Literal) and v in state:
                     sub_state[v_in] = state[v]
-            live = [e for e, alive in zip(jaxpr.eqns, _live(jaxpr), strict=True) if alive]
+            live = [e for e, alive in zip(jaxpr.eqns, live_equations(jaxpr), strict=True) if alive]
             _replay(live, sub_env, sub_state, act[1])
             for v_out, v_in in zip(eqn.outvars, jaxpr.outvars, strict=True):
                 env[v_out] = _read(sub_env, v_in)

@@ -1,7 +1,7 @@
 """The primitive catalogue: what every analysis needs to know about a JAX primitive, written once.
 
 The dependency lattice (:mod:`._deps`), the Hessian lattice
-(:mod:`._deps._second`), the structured sweeps (:mod:`._structured`) and the
+(:mod:`._deps._second`), the structured sweeps (:mod:`._sweeps`) and the
 Taylor-mode Laplacian (:mod:`._taylor`) read their primitive facts from here,
 so one primitive cannot be linear in one analysis and nonlinear in another.
 Each analysis then maps families to its own rules.

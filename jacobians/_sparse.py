@@ -320,7 +320,7 @@ def _direction(mode: str, primitives: set[str], complex_out: bool) -> str:
     return "auto"
 
 
-def _make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str], complex_out: bool = False) -> SparsePlan:
+def make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str], complex_out: bool = False) -> SparsePlan:
     m, n = math.prod(det_pattern.out_shape), math.prod(det_pattern.in_shape)
     rows, cols = det_pattern.rows, det_pattern.cols
     mode = _direction(mode, primitives, complex_out)
@@ -397,7 +397,7 @@ def _make_hessian_plan(pattern: SparsityPattern, mode: str, coloring: str, work:
     return dataclasses.replace(best, costs=costs)
 
 
-class _Engine:
+class Engine:
     """Plans per call structure and shapes; the jitted evaluation reads the plan at trace time."""
 
     def __init__(self, fun, argnums, sparsity, mode, output, has_aux, where, coloring=None, shards=None,
@@ -463,7 +463,7 @@ class _Engine:
                     pattern, prims = det.pattern, prims | det.primitives
                 with _trust.stage("colouring"):
                     plan = (_make_hessian_plan(pattern, self.mode, self.coloring, _planner.pass_cost(closed))
-                            if hessian else _make_plan(pattern, self.mode, prims, complex_out))
+                            if hessian else make_plan(pattern, self.mode, prims, complex_out))
             with _trust.stage("certificate"):
                 cert = certify_plan(plan, traced_flat, values, where, hessian, self._hessian_mode(plan))
         except _trust.AnalysisError as e:
@@ -828,7 +828,7 @@ FOLD_BLOCKERS = {"dot_general", "conv_general_dilated"}  # products XLA would fo
 FOLD_MAX = 1 << 22  # nor fold seeds past this many entries (n times colours): XLA's evaluator is slow
 # Elementwise functions XLA's CPU backend computes in vectorised loops, but once per gathered entry in scalar
 # code when it fuses them into the decompression's gather: a sparse Hessian of a fun using them runs its
-# products and its decompression as two programs (see _Engine._build).
+# products and its decompression as two programs (see Engine._build).
 TRANSCENDENTAL = {"sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "tanh", "asinh", "acosh",
                   "atanh", "exp", "exp2", "expm1", "log", "log1p", "logistic", "pow", "erf", "erfc", "erf_inv",
                   "lgamma", "digamma", "igamma", "igammac", "bessel_i0e", "bessel_i1e", "cbrt"}
@@ -996,14 +996,14 @@ def sparse_jacobian(
     check = _args.check_bool(check, "check", where)
 
     def make(c):
-        return _wrap(_Engine(fun, argnums, sparsity, mode, output, has_aux, where,
+        return _wrap(Engine(fun, argnums, sparsity, mode, output, has_aux, where,
                              shards=_mesh.resolve(mesh, where, mesh_axis), chunk_size=_args.check_chunk_size(c, where)),
                      check)
 
     return _memory.transform(make, chunk_size, max_memory, where)
 
 
-def _wrap(engine: _Engine, check: bool) -> Callable:
+def _wrap(engine: Engine, check: bool) -> Callable:
     engine.check = check
     wrapped = _trust.wrap(engine.t)
     wrapped.plan = engine.plan
@@ -1096,7 +1096,7 @@ def sparse_hessian(
     check = _args.check_bool(check, "check", where)
 
     def make(c):
-        return _wrap(_Engine(fun, argnums, sparsity, mode, output, has_aux, where, coloring=coloring,
+        return _wrap(Engine(fun, argnums, sparsity, mode, output, has_aux, where, coloring=coloring,
                              shards=_mesh.resolve(mesh, where, mesh_axis), chunk_size=c), check)
 
     return _memory.transform(make, chunk_size, max_memory, where)

@@ -453,7 +453,7 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
                 outs = [np.asarray(o) for o in run(T, *point)]
             if computed is not None:  # the call's own program, as it was compiled (not under the eval context)
                 outs.append(np.asarray(computed(point)))
-        except (jax.errors.UnexpectedTracerError, *_args._TRACER_ERRORS) as e:
+        except (jax.errors.UnexpectedTracerError, *_args.TRACER_ERRORS) as e:
             return Certificate("skipped", f"fun cannot run when the plan is made ({type(e).__name__})")
         if not all(np.all(np.isfinite(o)) for o in outs):
             tried.append(label)

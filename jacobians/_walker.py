@@ -184,7 +184,7 @@ class Walker:
             env[v] = lat.const(_compat.host_constant(c), v.aval)
         for v, a in zip(jaxpr.invars, args, strict=True):
             env[v] = a
-        live = _live(jaxpr)
+        live = live_equations(jaxpr)
         for eqn, alive in zip(jaxpr.eqns, live, strict=True):
             if not alive:  # dead code (the flat view's unused ravel of x): its primitives still count as met
                 self.seen.add(eqn.primitive.name)
@@ -314,7 +314,7 @@ class Walker:
         return final + ys
 
 
-def _live(jaxpr) -> list[bool]:
+def live_equations(jaxpr) -> list[bool]:
     """Per equation, whether an output of the jaxpr (or an effect) needs it; a backward pass over the equations."""
     needed = {v for v in jaxpr.outvars if not isinstance(v, _compat.Literal)}
     live = [False] * len(jaxpr.eqns)

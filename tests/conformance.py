@@ -1251,7 +1251,7 @@ def check_host_eval(fun, args) -> Outcome:
     return Outcome("pass", f"{checked} equation(s) equal")
 
 
-def _structured(mode):
+def _sweeps(mode):
     def run(case, ctx):
         return _check_jacobian(case, ctx, lambda: jacobians.jacobian(case.fun, method="structured", mode=mode), mode)
 
@@ -1272,7 +1272,7 @@ def _default(case, ctx):
 
 _RUNNERS = {
     "sparsity": _sparsity, "hessian_sparsity": _hessian_sparsity, "sparse_hessian": _sparse_hessian,
-    "batch": _batch, "structured_fwd": _structured("fwd"), "structured_rev": _structured("rev"),
+    "batch": _batch, "structured_fwd": _sweeps("fwd"), "structured_rev": _sweeps("rev"),
     "compressed": _compressed, "sparse_jacobian": _sparse_jacobian, "default": _default,
     "host_eval": _host_eval_case,
 }

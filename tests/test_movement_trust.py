@@ -410,7 +410,7 @@ def test_gathers_and_scatters_patterns_are_sound():
 
 
 def test_closed_over_indices_make_selections(rng):
-    from jacobians import _structured
+    from jacobians import _sweeps
 
     # Closed-over integer arrays are read on the host: the gather is a selection in both sweeps
     # (not the dense generic rule), with its fill a constant.
@@ -421,7 +421,7 @@ def test_closed_over_indices_make_selections(rng):
     want = jax.jacfwd(f)(x)
     for sweep in ("fwd", "rev"):
         log = []
-        _, got, _ = _structured.jacobian(lambda v: (f(v), None), x, sweep, log)
+        _, got, _ = _sweeps.jacobian(lambda v: (f(v), None), x, sweep, log)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
         assert ("gather", "select", ["selection"]) in log, log
 

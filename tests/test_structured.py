@@ -10,19 +10,19 @@ from hypothesis import strategies as st
 from registry import CASES
 
 import jacobians
-from jacobians import _structured
+from jacobians import _sweeps
 
 
 def _flat(fun, shape):
     return lambda v: (jnp.ravel(fun(v.reshape(shape))), None)
 
 
-def _sweeps(fun, x, sweeps=("fwd", "rev")):
+def _both_sweeps(fun, x, sweeps=("fwd", "rev")):
     """Both sweeps and jax.jacfwd's answer in one compiled function (one compile per case)."""
     flat = _flat(fun, x.shape)
 
     def run(v):
-        got = {s: _structured.jacobian(flat, v.ravel(), s)[1] for s in sweeps}
+        got = {s: _sweeps.jacobian(flat, v.ravel(), s)[1] for s in sweeps}
         ref = jax.jacfwd(lambda u: flat(u)[0])(v.ravel()) if "fwd" in sweeps else jax.jacrev(lambda u: flat(u)[0])(
             v.ravel())
         return got, ref
@@ -35,7 +35,7 @@ def test_registry_both_sweeps_agree_with_jax(rng, name):
     c = CASES[name]
     x = randn(rng, c.shape)
     sweeps = tuple(s for s in ("fwd", "rev") if getattr(c, s))
-    got, ref = _sweeps(c.fun, x, sweeps)
+    got, ref = _both_sweeps(c.fun, x, sweeps)
     scale = 1.0 + float(jnp.max(jnp.abs(ref))) if ref.size else 1.0
     for s in sweeps:
         assert got[s].shape == ref.shape
@@ -102,7 +102,7 @@ def _program(ops, shape):
 def test_random_compositions_agree_with_jacfwd(shape, ops, seed):
     fun = _program(ops, shape)
     x = jnp.asarray(np.random.default_rng(seed).standard_normal(shape))
-    got, ref = _sweeps(fun, x)
+    got, ref = _both_sweeps(fun, x)
     for s in ("fwd", "rev"):
         np.testing.assert_allclose(got[s], ref, rtol=1e-9, atol=1e-9, err_msg=f"{ops} {s}")
 
@@ -117,13 +117,13 @@ def _mlp(h, n, m, rng):
 
 def _log(fun, x, sweep):
     log = []
-    jax.make_jaxpr(lambda v: _structured.jacobian(_flat(fun, x.shape), v, sweep, log)[1])(x.ravel())
+    jax.make_jaxpr(lambda v: _sweeps.jacobian(_flat(fun, x.shape), v, sweep, log)[1])(x.ravel())
     return log
 
 
 def _products(fun, x, sweep):
     """The matrix-matrix products (``dot_general`` with a 2-D result) of the sweep's program."""
-    closed = jax.make_jaxpr(lambda v: _structured.jacobian(_flat(fun, x.shape), v, sweep)[1])(x.ravel())
+    closed = jax.make_jaxpr(lambda v: _sweeps.jacobian(_flat(fun, x.shape), v, sweep)[1])(x.ravel())
     return [e for e in closed.jaxpr.eqns if e.primitive.name == "dot_general" and len(e.outvars[0].aval.shape) == 2]
 
 
@@ -163,11 +163,11 @@ def test_movement_and_elementwise_stay_selections(rng, sweep):
     log = _log(f, x, sweep)
     assert log and all(set(k) == {"selection"} for _, _, k in log), log
     assert not _products(f, x, sweep)
-    got, ref = _sweeps(f, x)
+    got, ref = _both_sweeps(f, x)
     np.testing.assert_allclose(got[sweep], ref, rtol=1e-12)
     # Read twice at the same entry, a column of the adjoint has two entries: dense, and still exact.
     g = lambda x: jnp.sin(x)[np.array([0, 1])] * jnp.sin(x)[np.array([1, 1])]  # noqa: E731
-    got, ref = _sweeps(g, x)
+    got, ref = _both_sweeps(g, x)
     np.testing.assert_allclose(got[sweep], ref, rtol=1e-12)
 
 
@@ -196,7 +196,7 @@ def test_generic_fallback_covers_control_flow(rng):
         return jax.lax.fori_loop(0, 3, lambda i, c: jnp.sin(c) * 1.1, x) + jnp.sort(x)
 
     x = randn(rng, (5,))
-    got, ref = _sweeps(f, x, ("fwd",))
+    got, ref = _both_sweeps(f, x, ("fwd",))
     np.testing.assert_allclose(got["fwd"], ref, rtol=1e-12)
     assert "generic" in [fam for _, fam, _ in _log(f, x, "fwd")]
 
@@ -277,7 +277,7 @@ def test_layers_with_free_axes_gather_instead_of_multiplying(rng, sweep):
     }
     X = randn(rng, (6, 4))
     for name, f in layouts.items():
-        got, ref = _sweeps(f, X, (sweep,))
+        got, ref = _both_sweeps(f, X, (sweep,))
         np.testing.assert_allclose(got[sweep], ref, rtol=1e-12, atol=1e-12, err_msg=name)
         assert "generic" not in [fam for _, fam, _ in _log(f, X, sweep)], name
     # Per-example Jacobians (the batch-sum maps of batch_jacobian): the first layer is W1 broadcast
@@ -315,7 +315,7 @@ def test_hessian_through_a_structured_sweep_of_the_gradient(rng):
     grad = lambda v: (jax.grad(loss)(v), None)  # noqa: E731
     assert "structured" in jacobians._planner.choose(
         jax.make_jaxpr(lambda v: grad(v)[0])(x), 128, 128, None, None,
-        lambda s: jax.make_jaxpr(lambda v: _structured.jacobian(grad, v, s)[1])(x),
+        lambda s: jax.make_jaxpr(lambda v: _sweeps.jacobian(grad, v, s)[1])(x),
     ).method
     np.testing.assert_allclose(jacobians.hessian(loss)(x), jax.hessian(loss)(x), rtol=1e-11, atol=1e-12)
     value, g, H = jacobians.value_grad_and_hessian(loss)(x)

@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_tree_allclose, randn
 
 import jacobians
-from jacobians import _batch, _deps, _methods, _planner, _structured, _trust
+from jacobians import _batch, _deps, _methods, _planner, _sweeps, _trust
 
 
 def _drop_rule(name):
@@ -99,7 +99,7 @@ def test_planner_failures_fall_back(where, monkeypatch, rng):
     if where == "cost model":
         monkeypatch.setattr(_planner, "pass_cost", _crash)
     else:
-        monkeypatch.setattr(_structured, "jacobian", _crash)
+        monkeypatch.setattr(_sweeps, "jacobian", _crash)
     got, caught = _lenient(lambda: jacobians.jacobian(f)(x))
     assert_tree_allclose(got, jax.jacfwd(f)(x))
     assert len(caught) == 1 and "injected failure" in caught[0]
@@ -124,7 +124,7 @@ def test_wrong_structured_sweeps_fail_their_certificates(monkeypatch, rng):
     loss = lambda x: jnp.sum(f(x) * x)  # noqa: E731
     x = randn(rng, (24,))
     monkeypatch.setattr(_methods.STRUCTURED, "margin", 1e9)  # every planner takes a structured sweep
-    monkeypatch.setattr(_structured, "jacobian", _skewed(_structured.jacobian))
+    monkeypatch.setattr(_sweeps, "jacobian", _skewed(_sweeps.jacobian))
     got, caught = _lenient(lambda: jacobians.jacobian(f)(x))
     assert_tree_allclose(got, jax.jacfwd(f)(x))
     assert len(caught) == 1 and "structured" in caught[0] and "failed its certificate" in caught[0]

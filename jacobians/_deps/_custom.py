@@ -112,7 +112,7 @@ def _n_diff(eqn) -> int:
     return sum(math.prod(v.aval.shape) for v in eqn.invars if _diff(v.aval))
 
 
-def _local(lat, eqn):
+def local_pattern(lat, eqn):
     """``(rows, cols)`` per output: output ``k``'s element ``rows`` reads input element ``cols``.
 
     Input elements are numbered across the differentiable operands in order.
@@ -147,13 +147,13 @@ def local_pairs(lat, eqn) -> tuple[np.ndarray, np.ndarray]:
     cotangent in the ``custom_vjp`` pullback's input cotangent ``i``) is a
     function of the primals, and ``(i, j)`` is a pair when it may read primal
     ``j``. Example: a rule ``t -> t * cos(x)`` gives the pairs ``(e, e)``; the
-    rule of ``relu`` (a select on ``x > 0``) none. Numbered as :func:`_local`'s inputs.
+    rule of ``relu`` (a select on ``x > 0``) none. Numbered as :func:`local_pattern`'s inputs.
     """
 
     def make():
         n = _n_diff(eqn)
         if eqn.primitive.name == "custom_jvp_call":
-            tangent = _local(lat, eqn)  # which input tangents each output tangent reads
+            tangent = local_pattern(lat, eqn)  # which input tangents each output tangent reads
             blank, _ = _third(eqn, False)
             coef = _walk(lat, eqn, n, True, blank)  # which primals each output tangent reads
             parts = [cross(from_coo(c.shape, r, t, n), c) for (r, t), c in zip(tangent, coef, strict=True)]
@@ -177,7 +177,7 @@ def custom(lat, eqn, ins):
     functions (``jvp_jaxpr_fun``, or ``fwd_jaxpr_thunk`` and ``bwd``) by binding.
     """
     try:
-        local = _local(lat, eqn)
+        local = local_pattern(lat, eqn)
     except Exception:  # noqa: BLE001 - an untraceable rule: be conservative, and say so
         lat.untraced.add(eqn.primitive.name)
         return [everything(ins, v.aval.shape) for v in eqn.outvars]

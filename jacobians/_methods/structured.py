@@ -1,6 +1,6 @@
 """Structured sweeps: one sweep carrying identity, diagonal, selection and dense Jacobians (:mod:`._sweeps`)."""
 
-from .. import _structured, _trust
+from .. import _sweeps, _trust
 from ._base import Call, Candidate, Context, pass_cost
 
 MARGIN = 0.8  # a sweep's selections and scatters cost more than their element counts say: a near tie is not worth them
@@ -25,10 +25,10 @@ class Structured:
                 continue
             if not only:  # on the default path a sweep that cannot trace is a defect: reported
                 try:
-                    with _structured.budget(limit), _trust.stage(f"structured {sweep} sweep",
-                                                                 (_structured.OverBudget,)):
+                    with _sweeps.budget(limit), _trust.stage(f"structured {sweep} sweep",
+                                                                 (_sweeps.OverBudget,)):
                         out.append(Candidate(self, sweep, 1, pass_cost(ctx.sweep(sweep))))
-                except _structured.OverBudget:
+                except _sweeps.OverBudget:
                     ctx.notes.append(f"structured {sweep} stopped: over the best other candidate's cost")
                 continue
             try:
@@ -40,11 +40,11 @@ class Structured:
         return out
 
     def evaluate(self, cand: Candidate, call: Call):
-        _, jac, aux = _structured.jacobian(*call.problem.sweep_input(), cand.mode, chunk_size=call.chunk_size)
+        _, jac, aux = _sweeps.jacobian(*call.problem.sweep_input(), cand.mode, chunk_size=call.chunk_size)
         return jac, aux
 
     def certify(self, cand, traced_flat, values, where, computed=None):
-        return _trust.linear(traced_flat, values, lambda p: _structured.jacobian(p.flat, p.x, cand.mode)[1],
+        return _trust.linear(traced_flat, values, lambda p: _sweeps.jacobian(p.flat, p.x, cand.mode)[1],
                              mode=cand.mode, where=where, computed=computed)
 
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _primitives, _structured
+from .. import _primitives, _sweeps
 from .._deps import DepsLattice, _custom
 from .._deps._sets import Deps, empty
 from .._walker import Lattice, Walker, bind
@@ -175,7 +175,7 @@ class Taylor(Lattice):
         shape = tuple(eqn.invars[i].aval.shape)
         if len(eqn.outvars) == 1 and tuple(eqn.outvars[0].aval.shape) == shape:
             try:
-                ((rows, cols),) = _custom._local(self._deps, eqn)
+                ((rows, cols),) = _custom.local_pattern(self._deps, eqn)
                 diff = [j for j, v in enumerate(eqn.invars) if _inexact(v.aval)]
                 start = sum(math.prod(eqn.invars[j].aval.shape) for j in diff[: diff.index(i)])
                 size = math.prod(shape)
@@ -271,7 +271,7 @@ def _family(lat, eqn, ins) -> str:
     if name in LINEAR:
         return "linear"
     if name in ELEMENTWISE and pointwise:
-        if complex_any and name not in _structured.HOLOMORPHIC:
+        if complex_any and name not in _sweeps.HOLOMORPHIC:
             return "generic"  # only real-differentiable there: no complex f', f''
         return "elementwise"
     return "generic"

@@ -21,7 +21,7 @@ layouts.
 import jax
 import jax.numpy as jnp
 
-from .. import _primitives, _structured
+from .. import _primitives, _sweeps
 from . import _block as bk
 from . import _layout
 
@@ -42,7 +42,7 @@ def _operands(lat, eqn, ins, active):
 
 def _partials(eqn, ins, active, second: bool):
     """``(d, dd)``: ``d[i] = df/du_i`` and ``dd[(i, k)] = d^2 f / du_i du_k`` (``i <= k``), of the output's shape."""
-    f, vary = _structured._as_function(eqn, ins, active, [0])
+    f, vary = _sweeps.as_function(eqn, ins, active, [0])
     ones = [jnp.ones_like(v) for v in vary]
     zero = [jnp.zeros_like(v) for v in vary]
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _structured
+from .. import _sweeps
 from . import _block as bk
 
 
@@ -60,7 +60,7 @@ def generic(lat, eqn, ins):
     """
     active = [i for i, v in enumerate(ins) if v.active]
     diff = _diff_outputs(eqn)
-    f, vary = _structured._as_function(eqn, ins, active, diff)
+    f, vary = _sweeps.as_function(eqn, ins, active, diff)
     ts = _dense_operands(lat, ins, active, vary)
 
     def nested(*cols):
@@ -81,7 +81,7 @@ def custom_vjp(lat, eqn, ins):
     """
     active = [i for i, v in enumerate(ins) if v.active]
     diff = _diff_outputs(eqn)
-    f, vary = _structured._as_function(eqn, ins, active, diff)
+    f, vary = _sweeps.as_function(eqn, ins, active, diff)
     ts = _dense_operands(lat, ins, active, vary)
     out_avals = [eqn.outvars[d].aval for d in diff]
     sizes = [math.prod(a.shape) for a in out_avals]

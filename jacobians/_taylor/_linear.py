@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _structured
+from .. import _sweeps
 from . import _block as bk
 from . import _layout
 
@@ -41,7 +41,7 @@ def apply(lat, eqn, ins, active, ts) -> list:
     Returns one block per output (``None`` for outputs without derivatives).
     """
     diff = [k for k, v in enumerate(eqn.outvars) if jnp.issubdtype(v.aval.dtype, jnp.inexact)]
-    f, vary = _structured._as_function(eqn, ins, active, diff)
+    f, vary = _sweeps.as_function(eqn, ins, active, diff)
     ts = [bk.cast(t, v.dtype) for t, v in zip(ts, vary, strict=True)]
     push = jax.vmap(lambda *cs: jax.jvp(f, vary, list(cs))[1])
     js = push(*[t[0] for t in ts])
@@ -63,7 +63,7 @@ def linear(lat, eqn, ins):
     if not lat.sparse or all(ins[i].idx is None for i in active):
         return _dense(lat, eqn, ins, active)
     name = eqn.primitive.name
-    if name in _structured.SELECT:
+    if name in _sweeps.SELECT:
         out = _movement(lat, eqn, ins, active)
         if out is not None:
             return out
@@ -101,7 +101,7 @@ def _movement(lat, eqn, ins, active):
     Example: ``concatenate`` of layouts ``[[0], [1]]`` and ``[[2, 3]]`` -> ``[[0, n], [1, n], [2, 3]]``
     (the narrower operand padded with the sentinel ``n``).
     """
-    found = _structured._selection_map(lat, eqn, ins)
+    found = _sweeps.selection_map(lat, eqn, ins)
     if found is None:
         return None
     pis, data = found

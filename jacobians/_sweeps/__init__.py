@@ -6,7 +6,7 @@ does the mirror image. For ``tanh(W2 tanh(W1 x))`` the closed form (the
 chain rule (5.56) with the book's elementwise Jacobians) is
 ``diag(s2) W2 diag(s1) W1``: one matrix product. The two sweeps here reach it
 by carrying each intermediate's Jacobian (forward) or the output's adjoint
-(reverse) as a structure of :mod:`._structure`: zero, a scaled selection
+(reverse) as a structure of :mod:`.structure`: zero, a scaled selection
 (identity, diagonal, permutation, broadcast, slice, gather with constant
 indices), or dense. A rule table on the shared walker maps each primitive to a
 family of local derivatives, used by both sweeps:
@@ -44,11 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _compat, _host_eval, _leaves, _primitives
-from . import _structure as st
-from ._deps import DepsLattice
-from ._deps._custom import _local as _custom_local
-from ._walker import Lattice, Walker, bind, is_opaque
+from .. import _compat, _host_eval, _leaves, _primitives
+from .._deps import DepsLattice
+from .._deps._custom import local_pattern
+from .._walker import Lattice, Walker, bind, is_opaque
+from . import structure as st
 
 LABEL_MAX = (1 << 31) - 2  # integer labels of a selection map fit int32
 
@@ -130,7 +130,7 @@ def _diagonal_rule(lat, eqn) -> bool:
     diff = [v for v in eqn.invars if _inexact(v.aval)]
     if len(diff) == 1 and len(eqn.outvars) == 1:
         try:
-            (rows, cols), = _custom_local(DepsLattice(diff[0].aval.size), eqn)
+            (rows, cols), = local_pattern(DepsLattice(diff[0].aval.size), eqn)
             ok = rows.size == np.unique(rows).size and bool(np.array_equal(rows, cols))
         except Exception:  # noqa: BLE001 - an untraceable rule: use the generic JVP
             ok = False
@@ -138,7 +138,7 @@ def _diagonal_rule(lat, eqn) -> bool:
     return ok
 
 
-def _as_function(eqn, ins, active: list, outputs: list):
+def as_function(eqn, ins, active: list, outputs: list):
     """``eqn`` as a function of its ``active`` operands (the others fixed) returning ``outputs``; and their values."""
     primals = [v.primal for v in ins]
 
@@ -155,12 +155,12 @@ def _as_function(eqn, ins, active: list, outputs: list):
 
 def _partials(eqn, ins, active) -> list:
     """The diagonal partial derivative of an elementwise ``eqn`` in each active operand (one JVP of ones each)."""
-    f, vary = _as_function(eqn, ins, active, [0])
+    f, vary = as_function(eqn, ins, active, [0])
     return [jax.jvp(f, vary, [jnp.ones_like(v) if i == k else jnp.zeros_like(v) for i, v in zip(active, vary)])[1][0]
             for k in active]
 
 
-def _selection_map(lat, eqn, ins) -> tuple[list, list] | None:
+def selection_map(lat, eqn, ins) -> tuple[list, list] | None:
     """Per output, ``pi`` with ``y[i] = cat(data operands)[pi[i]]`` (``-1``: a constant); the data operand positions."""
     data = [
         i for i, v in enumerate(eqn.invars) if _inexact(v.aval) and not (eqn.primitive.name == "select_n" and i == 0)
@@ -457,7 +457,7 @@ def _fw_elementwise(lat, eqn, ins):
 def _fw_select(lat, eqn, ins):
     if any(not isinstance(v.jac, st.Sel | None) for v in ins):
         return _fw_generic(lat, eqn, ins)
-    found = _selection_map(lat, eqn, ins)
+    found = selection_map(lat, eqn, ins)
     if found is None:
         return _fw_generic(lat, eqn, ins)
     pis, data = found
@@ -518,7 +518,7 @@ def _fw_generic(lat, eqn, ins):
     """The primitive's own JVP over the densified Jacobian's columns (``jax.jacfwd`` for this equation)."""
     active = [i for i, v in enumerate(ins) if v.jac is not None]
     diff_out = [k for k, v in enumerate(eqn.outvars) if _inexact(v.aval)]
-    f, vary = _as_function(eqn, ins, active, diff_out)
+    f, vary = as_function(eqn, ins, active, diff_out)
     dense = [st.densify(ins[i].jac, eqn.invars[i].aval.shape, lat.n, True, vary[j].dtype) for j, i in enumerate(active)]
     tangents = jax.vmap(lambda *ts: jax.jvp(f, vary, list(ts))[1], in_axes=-1, out_axes=-1)(*dense)
     jacs = [None] * len(eqn.outvars)
@@ -588,7 +588,7 @@ def _rv_elementwise(lat, eqn, ins, gs):
 
 
 def _rv_select(lat, eqn, ins, gs):
-    found = _selection_map(lat, eqn, ins) if all(isinstance(g, st.Sel | None) for g in gs) else None
+    found = selection_map(lat, eqn, ins) if all(isinstance(g, st.Sel | None) for g in gs) else None
     if found is None:
         return _rv_generic(lat, eqn, ins, gs)
     pis, data = found
@@ -664,7 +664,7 @@ def _rv_generic(lat, eqn, ins, gs):
     """The primitive's own VJP over the densified adjoint's rows (``jax.jacrev`` for this equation)."""
     active = [i for i, v in enumerate(ins) if v.jac is not None]
     diff_out = [k for k, v in enumerate(eqn.outvars) if _inexact(v.aval)]
-    f, vary = _as_function(eqn, ins, active, diff_out)
+    f, vary = as_function(eqn, ins, active, diff_out)
     _, pull = jax.vjp(f, *vary)
     cts = [st.densify(gs[k], eqn.outvars[k].aval.shape, lat.n, False, eqn.outvars[k].aval.dtype) for k in diff_out]
     grads = jax.vmap(lambda *c: pull(list(c)))(*cts)
