@@ -358,7 +358,7 @@ def trace_estimate(
         )
     holomorphic = _args.check_bool(holomorphic, "holomorphic", where)
     opts = dict(num_probes=int(num_probes), estimator=estimator, probes=probes, holomorphic=holomorphic)
-    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_estimate, t, spec, opts)))
+    t = _args.Transform.jitted(fun, argnums, where, _estimate, opts)
 
     @functools.wraps(fun)
     def estimate(*args, key=None, **kwargs):

@@ -118,7 +118,7 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
 
 def _compressed(opts, spec, traced):
     """The sparse engine's result for this call (its plan made by the planner, or its own detection)."""
-    out = opts.engine._compute(spec, traced)
+    out = opts.engine.compute(spec, traced)
     res, aux = out if opts.has_aux else (out, None)
     return _methods.Blocks(res), aux
 
@@ -152,7 +152,7 @@ def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
         opts.plans[key] = plan
         engine = opts.engine
         if plan.method == "compressed":  # the sparse engine evaluates it with no new detection
-            engine.plans[engine._key(spec, avals)] = (plan.sparse_plan, None, {})
+            engine.plans[engine.key(spec, avals)] = (plan.sparse_plan, None, {})
     return plan
 
 

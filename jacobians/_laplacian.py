@@ -29,7 +29,6 @@ Methods (``method=``):
   shows the candidates and the choice.
 """
 
-import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -430,7 +429,7 @@ def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where, me
             f"{where}: chunk_size bounds the columns of method='forward' and the HVPs of method='hvp'; the sparse "
             "sweep holds only each intermediate's own columns. Drop chunk_size or choose another method."
         )
-    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)))
+    t = _args.Transform.jitted(fun, argnums, where, _compute, opts)
     wrapped = _args.wrap(t)
 
     def plan(*args, **kwargs) -> LaplacianPlan:

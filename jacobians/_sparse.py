@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _args, _compat, _hessian, _memory, _mesh, _planner, _trust, kernels
+from . import _args, _compat, _hessian, _memory, _mesh, _methods, _planner, _trust, kernels
 from ._args import trace_flat
 from ._sparsity import (
     Detected,
@@ -312,12 +312,8 @@ def _direction(mode: str, primitives: set[str], complex_out: bool) -> str:
         return mode
     if complex_out:
         return "fwd"  # reverse mode on a non-holomorphic complex output is not a Jacobian
-    # JAX cannot push JVPs through custom_vjp, nor pull VJPs through while_loop.
-    has_vjp = bool({"custom_vjp_call", "custom_vjp_call_jaxpr"} & primitives)
-    has_while = "while" in primitives
-    if has_vjp != has_while:
-        return "rev" if has_vjp else "fwd"
-    return "auto"
+    allowed = _methods.directions(primitives)  # custom_vjp: no JVPs; while_loop: no VJPs
+    return next(iter(allowed)) if len(allowed) == 1 else "auto"
 
 
 def make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str], complex_out: bool = False) -> SparsePlan:
@@ -410,11 +406,11 @@ class Engine:
         self.plans: dict = {}
         self.t = _args.Transform(fun, argnums, where, self._build)
 
-    def _key(self, spec, avals):
+    def key(self, spec, avals):
         return spec, tuple((tuple(np.shape(a)), np.dtype(a.dtype)) for a in avals)
 
     def plan_for(self, spec, avals, values=None) -> tuple[SparsePlan, Detected | None, dict]:
-        key = self._key(spec, avals)
+        key = self.key(spec, avals)
         hit = self.plans.get(key)
         if hit is not None:
             return hit
@@ -509,14 +505,14 @@ class Engine:
     def _build(self, spec):
         hessian = self.coloring is not None
         if self.output == "dense" and not hessian:
-            return jax.jit(lambda *traced: self._compute(spec, traced))
+            return jax.jit(lambda *traced: self.compute(spec, traced))
         # BCOO and SciPy results: the compiled program returns the values only; the index arrays are
         # host constants attached afterwards (copying them out of the program cost as much as a gather).
         layouts: dict = {}
         split = self.output != "dense"
 
         def program(products, *traced):
-            out = self._compute(spec, traced, split=split, products=products)
+            out = self.compute(spec, traced, split=split, products=products)
             if not split:
                 return out
             out, layout = out
@@ -529,7 +525,7 @@ class Engine:
         # into the gather, recomputing each entry (a cosine, say) in the gather's scalar loop: 3-5x slower
         # on a banded objective than the products written one column per colour, vectorised, as the first
         # program's output. Polynomial funs are cheaper in one program (one dispatch).
-        first = jax.jit(lambda *traced: self._compute(spec, traced, products=True)) if hessian else None
+        first = jax.jit(lambda *traced: self.compute(spec, traced, products=True)) if hessian else None
         two: list = []  # decided at the first call, from its plan
 
         def call(*traced):
@@ -544,7 +540,7 @@ class Engine:
 
         return call
 
-    def _compute(self, spec, traced, split: bool = False, products=None):
+    def compute(self, spec, traced, split: bool = False, products=None):
         """The Jacobian (Hessian) pytree at the traced leaves; ``split``: ``(values, layout)`` instead.
 
         With ``split`` the result is the traced values (block data, or the flat

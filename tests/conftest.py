@@ -16,8 +16,7 @@ os.environ.setdefault("JACOBIANS_STRICT", "1")
 # Test programs are tiny and compiled once: LLVM's cheapest code generation (the same numbers, a few percent
 # slower to run) takes about 15% off the suite's time, most of which is XLA compiling. Subprocesses inherit it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                               " --xla_llvm_disable_expensive_passes=true").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 # CI runs the same examples every time (a red run must be reproducible);
 # local runs explore new ones.
