@@ -503,6 +503,15 @@ def _compute(t, spec, opts, *traced):
                 f"{where}: every output needs the batch axis out_axes={out_axes} of size {real_batch}, got shape "
                 f"{o.shape}."
             )
+    if real_batch == 0:  # no examples: the empty stack of per-example blocks (nothing to prove or push)
+        y, aux = call(fronts)
+        rows = []
+        for o in out_leaves:
+            oshape = tuple(int(d) for d in np.delete(o.shape, out_axes % len(o.shape)))
+            rows.append(in_treedef.unflatten([jnp.zeros((0,) + oshape + x.shape[1:], _args.promote(o.dtype, x.dtype))
+                                              for x in fronts]))
+        result = out_treedef.unflatten(rows)
+        return (result, aux) if opts["has_aux"] else result
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
     plan = opts["plans"].get(key) if opts.get("force") is None else {"mode": opts["force"]}
     if plan is None:  # once per call structure and shapes, on the host

@@ -79,6 +79,16 @@ def test_errors(rng):
         jacobians.batch_jacobian(lambda X: X.sum(0))(X)
 
 
+def test_empty_batch_gives_empty_blocks():
+    def f(X, W):
+        return jnp.tanh(X @ W), {"n": X.shape[0]}
+
+    W = jnp.ones((3, 2))
+    got, aux = jacobians.batch_jacobian(f, has_aux=True)(jnp.zeros((0, 3)), W)
+    want = jax.vmap(jax.jacfwd(lambda x: jnp.tanh(x @ W)))(jnp.zeros((0, 3)))
+    assert got.shape == want.shape == (0, 2, 3) and got.dtype == want.dtype and aux == {"n": 0}
+
+
 def test_per_example_gather_scatter_and_solve_proved(rng):
     # Issue 24: an embedding lookup (a vmapped gather by per-example traced indices: operand batching dims), a
     # label pick (a partly known index), per-example scatters by traced indices and a per-example
