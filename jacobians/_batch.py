@@ -478,10 +478,8 @@ def _compute(t, spec, opts, *traced):
     shards, real_batch = opts["shards"], batch
     if shards is not None and shards.count > 1:
         # Split the batch across the mesh: pad with copies of the last example, trim afterwards.
-        pad = -batch % shards.count
-        fronts = [shards.constrain(jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x)
-                  for x in fronts]
-        batch += pad
+        fronts = [shards.constrain(_mesh.pad_batch(x, shards.count)) for x in fronts]
+        batch = fronts[0].shape[0]
     feats = [math.prod(x.shape[1:]) for x in fronts]
     n = sum(feats)
 

@@ -132,11 +132,8 @@ def _compute(t, spec, opts, *traced):
         return opts["finish"](*jax.vmap(one, in_axes=in_axes)(*traced))
     # Split the batch across the mesh: pad with copies of the last point, trim afterwards.
     b = next(np.shape(x)[0] for x, d in zip(traced, diff_mask, strict=True) if d)
-    pad = -b % shards.count
-    padded = [
-        shards.constrain(jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x) if d else x
-        for x, d in zip(traced, diff_mask, strict=True)
-    ]
+    padded = [shards.constrain(_mesh.pad_batch(x, shards.count)) if d else x
+              for x, d in zip(traced, diff_mask, strict=True)]
     out = opts["finish"](*jax.vmap(one, in_axes=in_axes)(*padded))
     return _mesh.shard_result(jax.tree_util.tree_map(lambda r: r[:b], out), shards, lambda leaf: 0)
 
@@ -145,16 +142,11 @@ def _pad_and_shard(traced: list, diff_mask: list) -> tuple[list, int]:
     """Pad the batch to a multiple of the device count and shard it across devices."""
     devices = jax.devices()
     b = next(np.shape(x)[0] for x, d in zip(traced, diff_mask, strict=True) if d)
-    pad = -b % len(devices)
     mesh = Mesh(np.asarray(devices), ("batch",))
     out = []
     for x, d in zip(traced, diff_mask, strict=True):
         if d:
-            x = jnp.asarray(x)
-            if pad:
-                # Repeat the last point rather than pad with zeros: no spurious
-                # singular Jacobians or NaNs in the padding (it is dropped anyway).
-                x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
+            x = _mesh.pad_batch(jnp.asarray(x), len(devices))
             x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("batch")))
         out.append(x)
     return out, b
@@ -173,8 +165,7 @@ def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, m
 
         opts["batch_jac"] = batch_jacobian(fun, argnums, mesh=mesh, mesh_axis=mesh_axis)
     # batched=True calls fun per example: a trial trace of fun on the whole batch would not test that call.
-    t = _args.Transform(fun, argnums, where, lambda spec: jax.jit(functools.partial(_compute, t, spec, opts)),
-                        probe=not batched)
+    t = _args.Transform.jitted(fun, argnums, where, _compute, opts, probe=not batched)
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):

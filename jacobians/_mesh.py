@@ -11,6 +11,7 @@ takes every device of every process.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -61,3 +62,14 @@ def shard_result(tree, shards: Shards | None, axis_of):
         return leaf if ax is None or ax >= leaf.ndim else shards.constrain(leaf, ax)
 
     return jax.tree_util.tree_map(pin, tree)
+
+
+def pad_batch(x, count: int):
+    """``x`` padded along axis 0 to a multiple of ``count`` with copies of its last row.
+
+    Copies, not zeros: a zero example can have a singular Jacobian or give NaN; the
+    padding is dropped from the results. Seeds are padded with zero rows instead
+    (:func:`jacobians.kernels.sharded_vmap`): a zero seed is a zero pass.
+    """
+    pad = -x.shape[0] % count
+    return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
