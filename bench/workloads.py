@@ -33,7 +33,7 @@ import numpy as np
 from jax import lax
 
 import jacobians
-from jacobians import kernels
+from jacobians import _coloring, kernels
 
 try:  # torch is optional: never a dependency
     import torch
@@ -624,7 +624,7 @@ def _sparse_impls(w: Workload, f_flat: Callable, x_flat, rows, cols, m: int, n: 
 
     def detect_ours():
         p = jacobians.sparsity(f_flat, x_flat)
-        return kernels.color_columns(p.rows, p.cols, n)
+        return _coloring.color_columns(p.rows, p.cols, n)
 
     w.detect["jacobians"] = detect_ours
 

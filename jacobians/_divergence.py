@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _memory, _trust, kernels
+from . import _args, _coloring, _deps, _memory, _trust, kernels
 from ._args import trace_flat
 from ._sparsity import detect_traced
 from ._walker import has_custom_vjp
@@ -48,7 +48,7 @@ def _diagonal_colors(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
     off = rows != cols
     a, b = rows[off], cols[off]
     edge = np.arange(a.size)
-    return kernels.color_columns(np.concatenate([edge, edge]), np.concatenate([a, b]), n)
+    return _coloring.color_columns(np.concatenate([edge, edge]), np.concatenate([a, b]), n)
 
 
 def _products(p: _args.Problem, seeds, mode: str, where: str):

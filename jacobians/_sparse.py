@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _args, _compat, _hessian, _memory, _mesh, _methods, _planner, _trust, kernels
+from . import _args, _coloring, _compat, _hessian, _memory, _mesh, _methods, _planner, _trust, kernels
 from ._args import trace_flat
 from ._sparsity import (
     Detected,
@@ -252,7 +252,7 @@ def _coloring_problem(pattern: SparsityPattern, colors: np.ndarray, coloring: st
         return "the Hessian pattern is not symmetric"
     if coloring in ("star", "acyclic"):
         try:
-            kernels.symmetric_decompression(rows, cols, colors, coloring)
+            _coloring.symmetric_decompression(rows, cols, colors, coloring)
         except ValueError as e:
             return str(e)
         return None
@@ -322,11 +322,11 @@ def make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str], com
     mode = _direction(mode, primitives, complex_out)
 
     def fwd():
-        colors = kernels.color_columns(rows, cols, n)
+        colors = _coloring.color_columns(rows, cols, n)
         return SparsePlan(det_pattern, "fwd", colors, int(colors.max()) + 1 if n else 0, "column")
 
     def rev():
-        colors = kernels.color_rows(rows, cols, m)
+        colors = _coloring.color_rows(rows, cols, m)
         return SparsePlan(det_pattern, "rev", colors, int(colors.max()) + 1 if m else 0, "row")
 
     if mode != "auto":
@@ -358,8 +358,8 @@ def _make_hessian_plan(pattern: SparsityPattern, mode: str, coloring: str, work:
     n = math.prod(pattern.in_shape)
     rows, cols = pattern.rows, pattern.cols
     nnz = int(rows.size)
-    symmetric = getattr(kernels, "color_symmetric", None)
-    makers = {"column": lambda: kernels.color_columns(rows, cols, n)}
+    symmetric = getattr(_coloring, "color_symmetric", None)
+    makers = {"column": lambda: _coloring.color_columns(rows, cols, n)}
     if symmetric is not None:
         makers["star"] = lambda: symmetric(rows, cols, n, method="star")
         makers["acyclic"] = lambda: symmetric(rows, cols, n, method="acyclic")
@@ -793,7 +793,7 @@ def _decompression(plan: SparsePlan, layout: str) -> tuple[str, object]:
 
     Returns:
       ``("gather", index)``: ``compressed.reshape(-1)[index]``; or ``("substitute",
-      decompression)``: a :class:`kernels.SymmetricDecompression` to call (acyclic colourings).
+      decompression)``: a :class:`_coloring.SymmetricDecompression` to call (acyclic colourings).
     """
     cache = plan.__dict__.setdefault("_decompressions", {})  # on the (frozen) plan itself, never saved
     hit = cache.get(layout)
@@ -805,7 +805,7 @@ def _decompression(plan: SparsePlan, layout: str) -> tuple[str, object]:
 def _make_decompression(plan: SparsePlan, layout: str) -> tuple[str, object]:
     rows, cols = plan.pattern.rows, plan.pattern.cols
     if plan.coloring in ("star", "acyclic"):
-        d = kernels.symmetric_decompression(rows, cols, plan.colors, plan.coloring, layout)
+        d = _coloring.symmetric_decompression(rows, cols, plan.colors, plan.coloring, layout)
         return ("gather", d.index) if plan.coloring == "star" else ("substitute", d)
     c = max(plan.n_colors, 1)
     # Same-coloured lines share no entry: (i, j) is the only entry of its colour on its line.

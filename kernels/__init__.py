@@ -10,11 +10,6 @@ from ._basis import Shards as Shards
 from ._basis import basis_map as basis_map
 from ._basis import opaque as opaque
 from ._basis import sharded_vmap as sharded_vmap
-from ._coloring import color_columns as color_columns
-from ._coloring import color_rows as color_rows
-from ._coloring_decompression import SymmetricDecompression as SymmetricDecompression
-from ._coloring_decompression import symmetric_decompression as symmetric_decompression
-from ._coloring_symmetric import color_symmetric as color_symmetric
 from ._compressed import compressed_forward as compressed_forward
 from ._compressed import compressed_jvps as compressed_jvps
 from ._compressed import compressed_reverse as compressed_reverse
@@ -25,11 +20,7 @@ from ._reverse import reverse as reverse
 
 __all__ = [
     "Shards",
-    "SymmetricDecompression",
     "basis_map",
-    "color_columns",
-    "color_rows",
-    "color_symmetric",
     "compressed_forward",
     "compressed_jvps",
     "compressed_reverse",
@@ -39,5 +30,4 @@ __all__ = [
     "seed_map",
     "sharded_vmap",
     "slogdet",
-    "symmetric_decompression",
 ]

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.extend import core as jcore
 
-from jacobians import kernels
+from jacobians import _coloring
 
-color_columns, color_rows, color_symmetric = kernels.color_columns, kernels.color_rows, kernels.color_symmetric
-SymmetricDecompression = kernels.SymmetricDecompression
+color_columns, color_rows, color_symmetric = _coloring.color_columns, _coloring.color_rows, _coloring.color_symmetric
+SymmetricDecompression = _coloring.SymmetricDecompression
 
 # ---------------------------------------------------------------- patterns
 
@@ -237,7 +237,6 @@ def test_colour_count_past_the_first_mask_word():
 
 
 def test_too_many_colours_to_track_falls_back_to_one_colour_each(monkeypatch):
-    from jacobians.kernels import _coloring
 
     monkeypatch.setattr(_coloring, "_MASK_WORDS_MAX", 0)
     rows, cols = banded(30, 2)
@@ -248,7 +247,7 @@ def test_too_many_colours_to_track_falls_back_to_one_colour_each(monkeypatch):
 
 def test_dsatur_across_blocks(monkeypatch):
     # Big patterns are coloured block by block; shrink the block so that a small grid spans three.
-    from jacobians.kernels import _coloring_dsatur
+    from jacobians._coloring import dsatur as _coloring_dsatur
 
     monkeypatch.setattr(_coloring_dsatur, "BLOCK", 1024)
     rows, cols = stencil_2d(50)
@@ -373,7 +372,7 @@ def random_hessian(rng, rows, cols, n):
 def round_trip(rng, rows, cols, n, method, jit):
     H = random_hessian(rng, rows, cols, n)
     colors = color_symmetric(rows, cols, n, method)
-    dec = kernels.symmetric_decompression(rows, cols, colors, method)
+    dec = _coloring.symmetric_decompression(rows, cols, colors, method)
     assert dec.n_colors == n_colors(colors) and dec.n == n
     S = dec.seeds()  # (c, n)
     assert np.array_equal(S.sum(axis=0), np.ones(n))

@@ -11,7 +11,7 @@ from helpers import bcoo_to_dense, randn, reference
 from registry import CASES, names, stencil_1d, stencil_2d
 
 import jacobians
-from jacobians import kernels
+from jacobians import _coloring
 
 SPARSE = names(exclude=("dense", "book"))
 
@@ -47,7 +47,7 @@ def test_colourings_are_valid(rng, name):
     p = jacobians.sparsity(c.fun, randn(rng, c.shape))
     m, n = int(np.prod(p.out_shape)), int(np.prod(p.in_shape))
     M = p.to_dense().reshape(m, n)
-    for colors, mat in ((kernels.color_columns(p.rows, p.cols, n), M), (kernels.color_rows(p.rows, p.cols, m), M.T)):
+    for colors, mat in ((_coloring.color_columns(p.rows, p.cols, n), M), (_coloring.color_rows(p.rows, p.cols, m), M.T)):
         for c in np.unique(colors):
             # Within a colour, no row (column) has two nonzeros.
             assert np.all(mat[:, colors == c].sum(axis=1) <= 1)
@@ -55,11 +55,11 @@ def test_colourings_are_valid(rng, name):
 
 def test_colour_counts_are_small():
     p = jacobians.sparsity(stencil_1d, jnp.ones(50))
-    assert kernels.color_columns(p.rows, p.cols, 50).max() + 1 == 3
+    assert _coloring.color_columns(p.rows, p.cols, 50).max() + 1 == 3
     p = jacobians.sparsity(stencil_2d, jnp.ones((10, 10)))
-    assert kernels.color_columns(p.rows, p.cols, 100).max() + 1 <= 6
+    assert _coloring.color_columns(p.rows, p.cols, 100).max() + 1 <= 6
     p = jacobians.sparsity(lambda x: jnp.sin(x) * x, jnp.ones(100))
-    assert kernels.color_columns(p.rows, p.cols, 100).max() + 1 == 1
+    assert _coloring.color_columns(p.rows, p.cols, 100).max() + 1 == 1
 
 
 def test_auto_mode_picks_fewer_colours(rng):

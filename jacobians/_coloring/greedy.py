@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._coloring_graph import Structure, bucket, padded, run_on_host
+from .graph import Structure, bucket, padded, run_on_host
 
 
 def first_free(words: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

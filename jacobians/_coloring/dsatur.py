@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._coloring_graph import Structure, bucket, padded, start_on_host
-from ._coloring_greedy import first_free
+from .graph import Structure, bucket, padded, start_on_host
+from .greedy import first_free
 
 SHIFT = 14
 BLOCK = 1 << SHIFT  # priorities within a block stay below 1 << SHIFT

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._coloring_symmetric import METHODS, adjacency
+from .symmetric import METHODS, adjacency
 
 
 def _pair_counts(x: np.ndarray, b: np.ndarray, n_colors: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ Bitsets are Python integers, so the number of colours is unbounded.
 
 import numpy as np
 
-from ._coloring_graph import Structure, structure
+from .graph import Structure, structure
 
 METHODS = ("star", "acyclic")
 

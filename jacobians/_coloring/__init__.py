@@ -7,16 +7,16 @@ compressed row and column structure (never a list of conflicting pairs):
 
 1. the longest row is a lower bound (its columns all conflict); a row holding
    every nonempty column settles it at once;
-2. greedy in largest-first order (:mod:`._coloring_greedy`), ``O(nnz)``;
+2. greedy in largest-first order (:mod:`.greedy`), ``O(nnz)``;
 3. if that misses the bound and the pattern's rows and columns are short,
-   DSATUR (:mod:`._coloring_dsatur`), kept only when it uses fewer colours.
+   DSATUR (:mod:`.dsatur`), kept only when it uses fewer colours.
 """
 
 import numpy as np
 
-from ._coloring_dsatur import dsatur_affordable, dsatur_columns
-from ._coloring_graph import Structure, bucket, structure
-from ._coloring_greedy import greedy_columns
+from .dsatur import dsatur_affordable, dsatur_columns
+from .graph import Structure, bucket, structure
+from .greedy import greedy_columns
 
 # Row masks hold n_rows x n_colors bits; past this many 32-bit words, give each column its own colour.
 _MASK_WORDS_MAX = 1 << 26
@@ -86,3 +86,8 @@ def color_rows(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> np.ndarray:
       rows with no nonzero get colour 0.
     """
     return color_columns(cols, rows, n_rows)
+
+
+from .decompression import SymmetricDecompression as SymmetricDecompression  # noqa: E402
+from .decompression import symmetric_decompression as symmetric_decompression  # noqa: E402
+from .symmetric import color_symmetric as color_symmetric  # noqa: E402
