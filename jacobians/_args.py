@@ -728,6 +728,30 @@ class Problem:
         treedef = jax.tree_util.tree_structure(self.diff)
         return (lambda *ls: self.flat_out(treedef.unflatten(ls))), leaves
 
+    def in_tree(self, flat: jax.Array) -> Any:
+        """A flat ``(n,)`` vector (a gradient, a Hessian diagonal) as the differentiated arguments' pytree.
+
+        Leaf ``x`` in ``promote(out_dtype, x.dtype)``.
+        """
+        parts = _leaves.Leaves.of(self.in_leaves).split(flat, axis=0)
+        return self.in_treedef.unflatten([a.astype(promote(self.out_dtype, x.dtype))
+                                          for a, x in zip(parts, self.in_leaves, strict=True)])
+
+    def out_tree(self, flat: jax.Array) -> Any:
+        """A flat ``(m,)`` vector as the outputs' pytree, each leaf in its own dtype."""
+        parts = _leaves.Leaves.of(self.out_leaves).split(flat, axis=0)
+        return self.out_treedef.unflatten([a.astype(o.dtype) for a, o in zip(parts, self.out_leaves, strict=True)])
+
+    def hessian_blocks(self, H: jax.Array) -> Any:
+        """The flat ``(n, n)`` Hessian cut into ``x_i.shape + x_j.shape`` blocks (as ``jax.hessian``)."""
+        lay = _leaves.Leaves.of(self.in_leaves)
+        rows = [
+            self.in_treedef.unflatten([b.astype(promote(self.out_dtype, xi.dtype, xj.dtype))
+                                       for b, xj in zip(row, self.in_leaves, strict=True)])
+            for row, xi in zip(_leaves.blocks(H, lay, lay), self.in_leaves, strict=True)
+        ]
+        return self.in_treedef.unflatten(rows)
+
     @property
     def n(self) -> int:
         return self.x.size

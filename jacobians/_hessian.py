@@ -110,27 +110,6 @@ def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, ch
     return either_second(run, where) if mode == "auto" else run(mode)
 
 
-def _hess_blocks(p: _args.Problem, H):
-    rows, i = [], 0
-    for xi in p.in_leaves:
-        row, j = [], 0
-        for xj in p.in_leaves:
-            dtype = _args.promote(p.out_dtype, xi.dtype, xj.dtype)
-            row.append(H[i : i + xi.size, j : j + xj.size].reshape(xi.shape + xj.shape).astype(dtype))
-            j += xj.size
-        rows.append(p.in_treedef.unflatten(row))
-        i += xi.size
-    return p.in_treedef.unflatten(rows)
-
-
-def _grad_tree(p: _args.Problem, g):
-    leaves, i = [], 0
-    for x in p.in_leaves:
-        leaves.append(g[i : i + x.size].reshape(x.shape).astype(_args.promote(p.out_dtype, x.dtype)))
-        i += x.size
-    return p.in_treedef.unflatten(leaves)
-
-
 def _problem(t, spec, traced, has_aux, holomorphic=False):
     return _args.problem(
         t.fun, spec, traced, where=t.where, has_aux=has_aux, int_argnums=t.int_argnums, holomorphic=holomorphic,
@@ -171,9 +150,9 @@ def _compute_hessian(t, spec, opts, *traced):
     _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where, holomorphic)
     H, g, value, aux = _second(p, opts["mode"], opts["chunk_size"], t.where, opts["shards"],
                                lambda decide: _choose(t, spec, opts, traced, decide), holomorphic)
-    H = _hess_blocks(p, H)
+    H = p.hessian_blocks(H)
     if opts["with_value"]:
-        out = (value.reshape(()).astype(p.out_leaves[0].dtype), _grad_tree(p, g), H)
+        out = (value.reshape(()).astype(p.out_leaves[0].dtype), p.in_tree(g), H)
         out = p.out_treedef.unflatten([out[0]]), out[1], out[2]
     else:
         out = H
@@ -293,7 +272,7 @@ def _compute_hvp(t, spec, mode, tangents, *traced):
         return jax.vjp(lambda x: grad(x)[0], p.x)[1](v)[0]
 
     hv = either_second(run, t.where) if mode == "auto" else run(mode)
-    return _grad_tree(p, hv)
+    return p.in_tree(hv)
 
 
 def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[int, ...] = 0, mode: str = "auto"):

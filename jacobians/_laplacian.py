@@ -29,7 +29,6 @@ Methods (``method=``):
   shows the candidates and the choice.
 """
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -386,30 +385,13 @@ def _compute(t, spec, opts, *traced):
     return (result, aux) if opts["has_aux"] else result
 
 
-def _out_tree(p, flat):
-    leaves, o = [], 0
-    for out in p.out_leaves:
-        size = math.prod(out.shape)
-        leaves.append(flat[o : o + size].reshape(out.shape).astype(out.dtype))
-        o += size
-    return p.out_treedef.unflatten(leaves)
-
-
-def _in_tree(p, flat):
-    leaves, i = [], 0
-    for x in p.in_leaves:
-        leaves.append(flat[i : i + x.size].reshape(x.shape).astype(_args.promote(p.out_dtype, x.dtype)))
-        i += x.size
-    return p.in_treedef.unflatten(leaves)
-
-
 def _assemble(p, opts, y, J, S):
     if opts["kind"] == "diag":
         return p.blocks(S.T)
-    lap = _out_tree(p, S)
+    lap = p.out_tree(S)
     if not opts["with_grad"]:
         return lap
-    return _out_tree(p, y), _in_tree(p, J[:, 0]), lap
+    return p.out_tree(y), p.in_tree(J[:, 0]), lap
 
 
 def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where, mesh=None, mesh_axis=None):
