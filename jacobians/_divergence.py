@@ -13,6 +13,7 @@ it). Estimated: Hutchinson's
 takes the trace of a low-rank sketch exactly and estimates only the rest.
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -29,6 +30,25 @@ from ._walker import has_custom_vjp
 ESTIMATORS = ("hutchinson", "hutch++", "xtrace")
 PROBES = ("rademacher", "gaussian")
 CHUNK_ENTRIES = 1 << 22  # default chunk: at most this many Jacobian entries held at once
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """``divergence``'s options, checked once, and its plan cache."""
+
+    mode: _args.Mode
+    chunk_size: int | None
+    plans: dict = dataclasses.field(default_factory=dict, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EstimateOptions:
+    """``trace_estimate``'s options, checked once."""
+
+    num_probes: int
+    estimator: str
+    probes: str
+    holomorphic: bool
 
 
 def _square(p: _args.Problem, where: str) -> None:
@@ -118,18 +138,18 @@ def _compute(t, spec, opts, *traced):
     _square(p, where)
     n = p.n
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
-    colors = opts["plans"].get(key)
+    colors = opts.plans.get(key)
     if colors is None:
-        colors = opts["plans"][key] = _plan(t, spec, traced, n, opts["mode"])
+        colors = opts.plans[key] = _plan(t, spec, traced, n, opts.mode)
     n_colors = int(colors.max()) + 1 if n else 0
-    chunk = opts["chunk_size"] or max(1, CHUNK_ENTRIES // max(n, 1))
+    chunk = opts.chunk_size or max(1, CHUNK_ENTRIES // max(n, 1))
     chunk = min(chunk, max(n_colors, 1))
     seeds_all = np.asarray(colors[None, :] == np.arange(n_colors)[:, None], bool)  # (c, n)
     # Each diagonal entry j is read from the product with its colour's seed.
     picks = colors  # product row colors[j], entry j
 
     def products(seeds):  # (k, n) seeds -> (k, n) products J s (fwd) or s^T J (rev)
-        return _products(p, seeds, opts["mode"], where)
+        return _products(p, seeds, opts.mode, where)
 
     dtype = _args.promote(p.out_dtype, p.x.dtype)
     if chunk >= n_colors:
@@ -186,7 +206,7 @@ def divergence(
     where = "jacobians.divergence"
 
     def make(c):
-        opts = dict(mode=_args.check_mode(mode, where), chunk_size=_args.check_chunk_size(c, where), plans={})
+        opts = _Options(_args.check_mode(mode, where), _args.check_chunk_size(c, where))
         return _trust.wrap(_args.Transform.jitted(fun, argnums, where, _compute, opts))
 
     return _memory.transform(make, chunk_size, max_memory, where)
@@ -218,10 +238,10 @@ def _check_complex(diff: tuple, positions: tuple, where: str, holomorphic: bool)
 def _estimate(t, spec, opts, key, *traced):
     where = t.where
     _, _, diff = spec.rebuild(traced)
-    _check_complex(diff, spec.positions, where, opts["holomorphic"])
-    p = _args.problem(t.fun, spec, traced, where=where, int_argnums=t.int_argnums, holomorphic=opts["holomorphic"])
+    _check_complex(diff, spec.positions, where, opts.holomorphic)
+    p = _args.problem(t.fun, spec, traced, where=where, int_argnums=t.int_argnums, holomorphic=opts.holomorphic)
     _square(p, where)
-    n, k = p.n, opts["num_probes"]
+    n, k = p.n, opts.num_probes
     dtype = _args.promote(p.out_dtype, p.x.dtype)
     f = lambda x: p.flat(x)[0].astype(dtype)  # noqa: E731
     # tr(J) = tr(J^T): estimate with J (JVPs) or, where a custom_vjp forbids forward mode, J^T (VJPs).
@@ -236,21 +256,21 @@ def _estimate(t, spec, opts, key, *traced):
         apply = jax.vmap(lambda v: jv(jnp.real(v).astype(p.x.dtype)) + 1j * jv(jnp.imag(v).astype(p.x.dtype)))
     else:
         apply = jax.vmap(lambda v: jax.jvp(f, (p.x,), (v.astype(p.x.dtype),))[1])
-    if opts["estimator"] == "hutchinson":
-        Z = _probes(key, (k, n), opts["probes"], dtype)
+    if opts.estimator == "hutchinson":
+        Z = _probes(key, (k, n), opts.probes, dtype)
         samples = jnp.einsum("kn,kn->k", Z, apply(Z))
         return jnp.mean(samples), _stderr(samples)
-    if opts["estimator"] == "xtrace":
-        return _xtrace(apply, key, n, k // 2, opts["probes"], dtype)
+    if opts.estimator == "xtrace":
+        return _xtrace(apply, key, n, k // 2, opts.probes, dtype)
     # Hutch++: a third of the probes sketch the range, a third take the sketch's trace exactly,
     # a third estimate the trace of what the sketch leaves out.
     s = max(1, k // 3)
     r = max(1, k - 2 * s)
     k1, k2 = jax.random.split(key)
-    S = _probes(k1, (s, n), opts["probes"], dtype)
+    S = _probes(k1, (s, n), opts.probes, dtype)
     Q, _ = jnp.linalg.qr(apply(S).T)  # (n, s)
     exact = jnp.trace(Q.conj().T @ apply(Q.T).T)
-    G = _probes(k2, (r, n), opts["probes"], dtype)
+    G = _probes(k2, (r, n), opts.probes, dtype)
     Gp = G - (G @ Q.conj()) @ Q.T  # project out the sketch: rows (I - Q Q^H) g
     samples = jnp.einsum("kn,kn->k", Gp.conj(), apply(Gp))
     return exact + jnp.mean(samples), _stderr(samples)
@@ -357,7 +377,7 @@ def trace_estimate(
             f"{where}: estimator='xtrace' needs num_probes >= 4 (two probes sketch and two estimate), got {num_probes}."
         )
     holomorphic = _args.check_bool(holomorphic, "holomorphic", where)
-    opts = dict(num_probes=int(num_probes), estimator=estimator, probes=probes, holomorphic=holomorphic)
+    opts = _EstimateOptions(int(num_probes), estimator, probes, holomorphic)
     t = _args.Transform.jitted(fun, argnums, where, _estimate, opts)
 
     @functools.wraps(fun)

@@ -14,6 +14,7 @@ reverse mode. A structured sweep is chosen once per call structure and shapes
 and certified against Hessian-vector products first (see :mod:`._trust`).
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -35,6 +36,28 @@ def _check_scalar(shapes, where: str, holomorphic: bool = False) -> None:
             f"{where}: fun must return a scalar (shape ()), but its output is {shown}. For the second "
             "derivatives of a tensor-valued function use jacobians.jacobian(jacobians.jacobian(fun))."
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """A ``hessian``'s options, checked once when it is built, and its plan cache."""
+
+    shards: object
+    mode: _args.HessianMode
+    has_aux: bool
+    holomorphic: bool
+    chunk_size: int | None
+    with_value: bool
+    plans: dict = dataclasses.field(default_factory=dict, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _JacobianOptions:
+    """``value_and_jacobian``'s options, checked once."""
+
+    mode: _args.Mode
+    has_aux: bool
+    chunk_size: int | None
 
 
 def gradient(p: _args.Problem, inner: str, holomorphic: bool = False) -> Callable:
@@ -119,8 +142,8 @@ def _problem(t, spec, traced, has_aux, holomorphic=False):
 def _choose(t, spec, opts, traced, decide) -> str | None:
     """The structured sweep for these shapes, or ``None``: decided once, certified against HVPs at a random point."""
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
-    if key in opts["plans"]:
-        return opts["plans"][key]
+    if key in opts.plans:
+        return opts.plans[key]
     where = t.where
     sweep = None
     try:
@@ -128,7 +151,7 @@ def _choose(t, spec, opts, traced, decide) -> str | None:
         if sweep is not None:
 
             avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-            traced_flat = _args.trace_flat(t, spec, avals, has_aux=opts["has_aux"])
+            traced_flat = _args.trace_flat(t, spec, avals, has_aux=opts.has_aux)
             values = _trust.concrete(traced) or _trust.call_values(spec, t)
             with _trust.stage("certificate"):
                 cert = _trust.linear(
@@ -140,35 +163,34 @@ def _choose(t, spec, opts, traced, decide) -> str | None:
     except Exception as e:  # noqa: BLE001 - reported (strict: raised) by analysis_failed
         _trust.analysis_failed(where, e, "planner's cost model")
         sweep = None
-    opts["plans"][key] = sweep
+    opts.plans[key] = sweep
     return sweep
 
 
 def _compute_hessian(t, spec, opts, *traced):
-    holomorphic = opts["holomorphic"]
-    p = _problem(t, spec, traced, opts["has_aux"], holomorphic)
+    holomorphic = opts.holomorphic
+    p = _problem(t, spec, traced, opts.has_aux, holomorphic)
     _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where, holomorphic)
-    H, g, value, aux = _second(p, opts["mode"], opts["chunk_size"], t.where, opts["shards"],
+    H, g, value, aux = _second(p, opts.mode, opts.chunk_size, t.where, opts.shards,
                                lambda decide: _choose(t, spec, opts, traced, decide), holomorphic)
     H = p.hessian_blocks(H)
-    if opts["with_value"]:
+    if opts.with_value:
         out = (value.reshape(()).astype(p.out_leaves[0].dtype), p.in_tree(g), H)
         out = p.out_treedef.unflatten([out[0]]), out[1], out[2]
     else:
         out = H
-    return (out, aux) if opts["has_aux"] else out
+    return (out, aux) if opts.has_aux else out
 
 
 def _build_hessian(fun, argnums, mode, has_aux, chunk_size, with_value, where, mesh=None, mesh_axis=None,
                    holomorphic=False):
-    opts = dict(
+    opts = _Options(
         shards=_mesh.resolve(mesh, where, mesh_axis),
         mode=_args.check_mode(mode, where, HESSIAN_MODES),
         has_aux=_args.check_bool(has_aux, "has_aux", where),
         holomorphic=_args.check_bool(holomorphic, "holomorphic", where),
         chunk_size=_args.check_chunk_size(chunk_size, where),
         with_value=with_value,
-        plans={},
     )
     return _trust.wrap(_args.Transform.jitted(fun, argnums, where, _compute_hessian, opts))
 
@@ -362,20 +384,20 @@ _HVP_FAST: dict = {}  # (fun, argnums, mode, argument types) -> the compiled fun
 
 
 def _compute_value_and_jacobian(t, spec, opts, *traced):
-    p = _problem(t, spec, traced, opts["has_aux"])
+    p = _problem(t, spec, traced, opts.has_aux)
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
-    mode = opts["mode"]
+    mode = opts.mode
     if mode == "auto" or complex_out:
         mode = "fwd" if (complex_out or p.n <= p.m) else "rev"
     kernel = kernels.forward if mode == "fwd" else kernels.reverse
-    y, jac, aux = kernel(p.flat, p.x, opts["chunk_size"])
+    y, jac, aux = kernel(p.flat, p.x, opts.chunk_size)
     leaves, o = [], 0
     for out in p.out_leaves:
         size = out.size if hasattr(out, "size") else 1
         leaves.append(y[o : o + size].reshape(out.shape).astype(out.dtype))
         o += size
     value = p.out_treedef.unflatten(leaves)
-    if opts["has_aux"]:
+    if opts.has_aux:
         return (value, aux), p.blocks(jac)
     return value, p.blocks(jac)
 
@@ -395,7 +417,7 @@ def value_and_jacobian(
     ``jax.value_and_grad`` does with ``has_aux``, ``((value, aux), jacobian)``.
     """
     where = "jacobians.value_and_jacobian"
-    opts = dict(
+    opts = _JacobianOptions(
         mode=_args.check_mode(mode, where),
         has_aux=_args.check_bool(has_aux, "has_aux", where),
         chunk_size=_args.check_chunk_size(chunk_size, where),

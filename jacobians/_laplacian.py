@@ -51,6 +51,21 @@ SPARSE_MARGIN = 0.8  # the sparse sweep's gathers cost more than their element c
 
 
 @dataclass(frozen=True)
+class _Options:
+    """A Laplacian transformation's options, checked once when it is built, and its plan cache."""
+
+    shards: object
+    method: str
+    has_aux: bool
+    chunk_size: int | None
+    kind: str  # "trace" (the Laplacian) or "diag" (the Hessian diagonal)
+    with_grad: bool
+    scalar: bool
+    where: str
+    plans: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
 class LaplacianPlan:
     """What a Laplacian (or Hessian-diagonal) function does for one call structure, and why.
 
@@ -259,19 +274,19 @@ def _hessian_colors(pattern, n: int) -> np.ndarray:
     return colors
 
 
-def _program(p, method: str, opts: dict, colors, meta: dict):
+def _program(p, method: str, opts: "_Options", colors, meta: dict):
     """The traced (not run) program of one method: a closed jaxpr ``x -> (y, J, second, *aux)``."""
 
     def run(x):
         q = _args.Problem(p.flat, x, p.out_leaves, p.out_treedef, p.in_leaves, p.in_treedef, p.out_dtype)
         stats = {}
         if method == "hvp":
-            y, J, S, aux = _hvp(q, opts["kind"], colors, opts["chunk_size"], opts["where"], opts["shards"])
+            y, J, S, aux = _hvp(q, opts.kind, colors, opts.chunk_size, opts.where, opts.shards)
         else:
-            y, J, S, aux = _forward(q, opts["kind"], method == "sparse", opts["chunk_size"], stats, opts["shards"])
+            y, J, S, aux = _forward(q, opts.kind, method == "sparse", opts.chunk_size, stats, opts.shards)
         meta.update(stats)
         meta["n_aux"] = len(aux)
-        if not opts["with_grad"]:
+        if not opts.with_grad:
             J = jnp.zeros((), y.dtype)  # a placeholder: outputs stay positional
         elif J is None:  # the gradient by one reverse pass (forward for complex values, as jax.grad has none)
             scalar = lambda z: p.flat(z)[0][0]  # noqa: E731
@@ -282,7 +297,7 @@ def _program(p, method: str, opts: dict, colors, meta: dict):
     return jax.make_jaxpr(run)(p.x)
 
 
-def _choose(p, opts: dict) -> tuple[LaplacianPlan, dict]:
+def _choose(p, opts: "_Options") -> tuple[LaplacianPlan, dict]:
     """The plan for one call structure, and the programs traced while making it (reusable in this trace).
 
     ``"auto"`` traces the sparse sweep (its layouts are the analysis), the dense sweep only where the
@@ -290,7 +305,7 @@ def _choose(p, opts: dict) -> tuple[LaplacianPlan, dict]:
     (``HVP_PASSES`` evaluations per colour) only where it could win.
     """
     n, m = p.n, p.m
-    method, chunk = opts["method"], opts["chunk_size"]
+    method, chunk = opts.method, opts.chunk_size
     programs, costs, notes, stats = {}, {}, [], {}
     colors = pattern = None
 
@@ -309,14 +324,14 @@ def _choose(p, opts: dict) -> tuple[LaplacianPlan, dict]:
     if method == "forward" or (method == "auto" and chunk is not None):
         trace("forward")
     if method == "hvp":
-        pattern = _hessian_pattern(p, opts["kind"])
+        pattern = _hessian_pattern(p, opts.kind)
     elif method == "auto":
         closed = jax.make_jaxpr(lambda x: p.flat(x)[0])(p.x)
         one = HVP_PASSES * _planner.pass_cost(closed)
         if has_custom_vjp(closed) and (m != 1 or jnp.issubdtype(p.out_dtype, jnp.complexfloating)):
             notes.append("hvp not possible (a custom_vjp forbids the JVPs of JVPs an array output needs)")
         elif min(costs.values()) > 2 * one:  # else not even two colours could win
-            pattern = _hessian_pattern(p, opts["kind"])
+            pattern = _hessian_pattern(p, opts.kind)
             costs["hvp"] = _color_bound(pattern, n) * one
     if method == "auto":
         best = min(costs, key=costs.get)
@@ -354,18 +369,18 @@ def _key(spec, traced):
 
 def _plan_in_trace(t, spec, traced, opts, p):
     key = _key(spec, traced)
-    plan = opts["plans"].get(key)
+    plan = opts.plans.get(key)
     programs = {}
     if plan is None:
         plan, programs = _choose(p, opts)
-        opts["plans"][key] = plan
+        opts.plans[key] = plan
     return plan, programs
 
 
 def _compute(t, spec, opts, *traced):
     where = t.where
-    p = _args.problem(t.fun, spec, traced, where=where, has_aux=opts["has_aux"], int_argnums=t.int_argnums)
-    if opts["scalar"]:
+    p = _args.problem(t.fun, spec, traced, where=where, has_aux=opts.has_aux, int_argnums=t.int_argnums)
+    if opts.scalar:
         _check_scalar(p, where)
     plan, programs = _plan_in_trace(t, spec, traced, opts, p)
     if plan.method in programs:
@@ -378,24 +393,24 @@ def _compute(t, spec, opts, *traced):
     aux_leaves = outs[3:]
     n_aux = meta.get("n_aux", len(aux_leaves))
     aux = None
-    if opts["has_aux"]:
+    if opts.has_aux:
         aux_tree = jax.tree_util.tree_structure(jax.eval_shape(lambda z: p.flat(z)[1], p.x))
         aux = jax.tree_util.tree_unflatten(aux_tree, aux_leaves[:n_aux])
     result = _assemble(p, opts, y, J, S)
-    return (result, aux) if opts["has_aux"] else result
+    return (result, aux) if opts.has_aux else result
 
 
 def _assemble(p, opts, y, J, S):
-    if opts["kind"] == "diag":
+    if opts.kind == "diag":
         return p.blocks(S.T)
     lap = p.out_tree(S)
-    if not opts["with_grad"]:
+    if not opts.with_grad:
         return lap
     return p.out_tree(y), p.in_tree(J[:, 0]), lap
 
 
 def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where, mesh=None, mesh_axis=None):
-    opts = dict(
+    opts = _Options(
         shards=_mesh.resolve(mesh, where, mesh_axis),
         method=_args.check_choice(method, "method", METHODS, where),
         has_aux=_args.check_bool(has_aux, "has_aux", where),
@@ -404,9 +419,8 @@ def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where, me
         with_grad=with_grad,
         scalar=with_grad,
         where=where,
-        plans={},
     )
-    if opts["method"] == "sparse" and opts["chunk_size"] is not None:
+    if opts.method == "sparse" and opts.chunk_size is not None:
         raise ValueError(
             f"{where}: chunk_size bounds the columns of method='forward' and the HVPs of method='hvp'; the sparse "
             "sweep holds only each intermediate's own columns. Drop chunk_size or choose another method."
@@ -419,17 +433,17 @@ def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where, me
         spec, traced = t.split(args, kwargs)
         avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
         key = _key(spec, avals)
-        if key not in opts["plans"]:
+        if key not in opts.plans:
 
             def g(*tr):
-                p = _args.problem(t.fun, spec, tr, where=where, has_aux=opts["has_aux"], int_argnums=t.int_argnums)
-                if opts["scalar"]:
+                p = _args.problem(t.fun, spec, tr, where=where, has_aux=opts.has_aux, int_argnums=t.int_argnums)
+                if opts.scalar:
                     _check_scalar(p, where)
-                opts["plans"][key] = _choose(p, opts)[0]
+                opts.plans[key] = _choose(p, opts)[0]
                 return 0
 
             jax.make_jaxpr(g)(*avals)
-        return opts["plans"][key]
+        return opts.plans[key]
 
     wrapped.plan = plan
     return wrapped
