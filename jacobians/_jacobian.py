@@ -50,7 +50,7 @@ def _choose_mode(mode: str, n: int, m: int, complex_out: bool, holomorphic: bool
     return mode
 
 
-def _compute(t: _args.Transform, spec: _args.CallSpec, opts: dict, *traced):
+def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
     where = t.where
     # Real-valued functions of complex inputs: reverse mode, with jax.jacrev's convention.
     complex_ok = not opts.holomorphic and opts.mode != "fwd" and opts.order is None
@@ -184,10 +184,8 @@ def _passed(result) -> bool:
 
 
 def _dense_instead(plan: _planner.JacobianPlan, note: str) -> _planner.JacobianPlan:
-    mode = plan.fallback_mode or ("fwd" if plan.n < plan.m else "rev")
-    passes = plan.n if mode == "fwd" else plan.m
-    return _planner.JacobianPlan("dense", mode, passes, plan.n, plan.m, None, {}, note, certificate=_trust.fallback(),
-                                 seconds=plan.seconds, candidate=_methods.Candidate(_methods.DENSE, mode, passes, 0.0))
+    dense = _planner.dense(None, plan.n, plan.m, note, _trust.fallback(), mode=plan.fallback_mode)
+    return dataclasses.replace(dense, seconds=plan.seconds)
 
 
 def _settle(t, opts, key, result) -> bool:
@@ -255,7 +253,7 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
         with _trust.stage("certificate"):
             return cand.method.certify(cand, traced_flat, values, t.where, computed if after else None)
 
-    return dataclasses.replace(plan, fallback_mode=_planner.dense(closed, p.n, p.m, "").mode), check, after
+    return dataclasses.replace(plan, fallback_mode=_planner.dense_mode(closed, p.n, p.m)), check, after
 
 
 def _flat_jacobian(result, p, has_aux: bool) -> np.ndarray:

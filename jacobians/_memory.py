@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
+import numpy as np
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -97,38 +98,36 @@ def fit(make: Callable[[int | None], Callable], total: int, budget: int, args: t
     Raises:
       ValueError: even the result (with the arguments) is over the budget, or no chunk size fits.
     """
-    tried = []
+    tried: dict = {}  # chunk size -> bytes of its compiled program
+
+    def size(c):
+        if c not in tried:
+            tried[c] = measure(make(c), args, kwargs)[0]
+        return tried[c]
+
     full, out = measure(make(None), args, kwargs)
-    tried.append((None, full))
+    tried[None] = full
     if full <= budget:
-        return Fit(None, full, budget, tuple(tried))
+        return Fit(None, full, budget, tuple(tried.items()))
     if out >= budget:
         raise ValueError(f"{where}: the result alone takes {_human(out)}, over max_memory={_human(budget)}; "
                          "raise max_memory, or ask for less (a sparse result, J v products, a diagonal).")
+    # bytes(c) = base + per c through two chunked programs, then the largest c within the budget.
     c1 = max(1, total // 16)
     c2 = max(c1 + 1, total // 4) if total > 1 else 1
-    b1 = measure(make(c1), args, kwargs)[0]
-    tried.append((c1, b1))
-    b2 = b1
-    if c2 < total:
-        b2 = measure(make(c2), args, kwargs)[0]
-        tried.append((c2, b2))
+    b1 = size(c1)
+    b2 = size(c2) if c2 < total else b1
     per = max((b2 - b1) / (c2 - c1), 0.0) if c2 != c1 else 0.0
-    base = b1 - per * c1
-    c = int((budget - base) / per) if per > 0 else total
+    c = int((budget - (b1 - per * c1)) / per) if per > 0 else total
     c = min(max(c, 1), total - 1 if total > 1 else 1)
     for _ in range(12):
-        size = dict((k, v) for k, v in tried).get(c)
-        if size is None:
-            size = measure(make(c), args, kwargs)[0]
-            tried.append((c, size))
-        if size <= budget:
-            return Fit(c, size, budget, tuple(tried))
+        if size(c) <= budget:
+            return Fit(c, tried[c], budget, tuple(tried.items()))
         if c == 1:
             break
         c = max(1, c // 2)
     raise ValueError(f"{where}: no chunk size fits in max_memory={_human(budget)}: one pass at a time needs "
-                     f"{_human(min(v for _, v in tried))} (the result {_human(out)}); raise max_memory.")
+                     f"{_human(min(tried.values()))} (the result {_human(out)}); raise max_memory.")
 
 
 def bounded(make: Callable[[int | None], Callable], passes: Callable, max_memory, where: str) -> Callable | None:
@@ -183,8 +182,8 @@ def transform(make: Callable[[int | None], Callable], chunk_size, max_memory, wh
         return make(chunk_size)
     if chunk_size is not None:
         raise ValueError(f"{where}: give chunk_size or max_memory, not both (max_memory picks the chunk size).")
-    first = make(None)
-    run = bounded(make, passes or functools.partial(_inputs, first.transform), max_memory, where)
+    run = bounded(make, passes or (lambda *a, **k: _inputs(first.transform, *a, **k)), max_memory, where)
+    first = run.make(None)  # the unchunked function: the one measured first, whose name and attributes run takes
 
     def plan(*args, **kwargs):
         fit_ = run.memory(*args, **kwargs)
@@ -201,10 +200,4 @@ def transform(make: Callable[[int | None], Callable], chunk_size, max_memory, wh
 def _inputs(t, *args, **kwargs) -> int:
     """The differentiated arguments' total size (the basis vectors of a forward pass)."""
     spec, traced = t.split(args, kwargs)
-    diff = set()
-    for pos in spec.positions:
-        lo, hi = spec.arg_slices[pos]
-        diff.update(range(lo, hi))
-    static = {i for i, _ in spec.static}
-    index = [i for i in range(spec.treedef.num_leaves) if i not in static]
-    return max(1, sum(math.prod(getattr(traced[k], "shape", ())) for k, i in enumerate(index) if i in diff))
+    return max(1, sum(math.prod(np.shape(x)) for x, d in zip(traced, spec.diff_mask(), strict=True) if d))

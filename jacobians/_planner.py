@@ -137,24 +137,28 @@ def choose(closed, n: int, m: int, detect, color, structured=None, only_structur
     return rank(ctx)
 
 
-def dense(closed, n: int, m: int, reason: str, certificate=None) -> JacobianPlan:
+def dense(closed, n: int, m: int, reason: str, certificate=None, mode: str | None = None) -> JacobianPlan:
     """The dense plan, chosen from the shapes and the directions JAX can differentiate in, no cost model.
 
     The fallback where an analysis or a certificate failed: it reads nothing but
-    the primitives' names. Square maps go to reverse, as the cost model's ties do.
+    the primitives' names (:func:`dense_mode`), unless ``mode`` is given.
     """
-    try:
-        allowed = _methods.directions(primitives(closed))
-    except Exception:  # noqa: BLE001 - the fallback must not fail: the run falls back between directions too
-        allowed = frozenset({"fwd", "rev"})
-    mode = next(iter(allowed)) if len(allowed) == 1 else ("fwd" if n < m else "rev")
+    mode = mode or dense_mode(closed, n, m)
     passes = n if mode == "fwd" else m
     return JacobianPlan("dense", mode, passes, n, m, None, {}, reason,
                         certificate=certificate if certificate is not None else _trust.NOT_NEEDED,
                         candidate=Candidate(_methods.DENSE, mode, passes, 0.0))
 
 
+def dense_mode(closed, n: int, m: int) -> str:
+    """The dense method's direction: the one JAX can take, else forward when ``n < m`` (square: reverse, as ties)."""
+    try:
+        one = forced(closed)
+    except Exception:  # noqa: BLE001 - the fallback must not fail: the run falls back between directions too
+        one = None
+    return one or ("fwd" if n < m else "rev")
+
+
 def forced(closed) -> str | None:
     """The one direction JAX can differentiate ``closed`` in, or ``None`` where both are open."""
-    allowed = _methods.directions(primitives(closed))
-    return next(iter(allowed)) if len(allowed) == 1 else None
+    return _methods.single(_methods.directions(primitives(closed)))

@@ -312,8 +312,7 @@ def _direction(mode: str, primitives: set[str], complex_out: bool) -> str:
         return mode
     if complex_out:
         return "fwd"  # reverse mode on a non-holomorphic complex output is not a Jacobian
-    allowed = _methods.directions(primitives)  # custom_vjp: no JVPs; while_loop: no VJPs
-    return next(iter(allowed)) if len(allowed) == 1 else "auto"
+    return _methods.single(_methods.directions(primitives)) or "auto"  # custom_vjp: no JVPs; while: no VJPs
 
 
 def make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str], complex_out: bool = False) -> SparsePlan:

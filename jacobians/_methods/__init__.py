@@ -16,6 +16,7 @@ from ._base import (
     Mode,
     directions,
     pass_cost,
+    single,
 )
 from .compressed import COMPRESSED
 from .dense import DENSE
@@ -31,4 +32,4 @@ def by_name(name: str) -> Method:
 
 
 __all__ = ["COMPRESSED", "DENSE", "METHODS", "NAMES", "NO_FWD", "NO_REV", "STRUCTURED", "Blocks", "Call",
-           "Candidate", "Context", "Method", "MethodName", "Mode", "by_name", "directions", "pass_cost"]
+           "Candidate", "Context", "Method", "MethodName", "Mode", "by_name", "directions", "pass_cost", "single"]

@@ -49,6 +49,11 @@ def directions(primitives: set[str]) -> frozenset[str]:
     return frozenset(d for d, ok in (("fwd", fwd), ("rev", rev)) if ok)
 
 
+def single(allowed: frozenset) -> Mode | None:
+    """The one direction in ``allowed`` (:func:`directions`), or ``None`` where both are open."""
+    return next(iter(allowed)) if len(allowed) == 1 else None
+
+
 def pass_cost(closed) -> float:
     """One evaluation's cost from a closed or open jaxpr: FLOPs of products and convolutions, element counts elsewhere.
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from .. import _deps, _sparse, _trust
-from ._base import Call, Candidate, Context
+from ._base import Call, Candidate, Context, single
 
 PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
 DENSITY_BUDGET = 0.25  # stop detecting once nnz > this fraction of m * n (dense enough)
@@ -25,7 +25,7 @@ class Compressed:
         best = ctx.best if ctx.best < float("inf") else min(n, m) * f
         # A colouring also pays one gather per entry: past this many entries it cannot win.
         budget = min(int(DENSITY_BUDGET * n * m), NNZ_CAP, max(int(best - (1 + PASS_OVERHEAD) * f), 0))
-        forced = None if len(ctx.allowed) == 2 else next(iter(ctx.allowed))
+        forced = single(ctx.allowed)
         try:
             if n >= SAMPLE_FROM and _sample_rules_out(ctx.detect, budget, n, f, ctx.allowed, best):
                 ctx.notes.append(f"no colouring can win (the pattern's restriction to {SAMPLE} columns "
