@@ -497,7 +497,7 @@ class Transform:
         else:
             # Pytrees of strongly typed jax arrays (parameters): the spec depends only on the structure.
             leaves, treedef = jax.tree_util.tree_flatten(args) if not kwargs else (None, None)
-            fn = self._tree_fast.get(treedef) if leaves is not None else None
+            fn = self._tree_fast.get(treedef) if self._tree_fast and leaves is not None else None
             if fn is not None and all(type(v) is _ARRAY_IMPL and not v.weak_type for v in leaves):
                 traced = leaves
             else:

@@ -162,10 +162,9 @@ class Detected:
 
     def blocks(self, pattern: "SparsityPattern | None" = None) -> list[list[tuple]]:
         """Per (output leaf, input leaf): ``((r0, r1), (c0, c1), out_shape, in_shape)``."""
-        rows = []
-        for r0, r1, out in _leaves.Leaves.of(self.out_leaves).spans():
-            rows.append([((r0, r1), (c0, c1), out, x) for c0, c1, x in _leaves.Leaves.of(self.in_leaves).spans()])
-        return rows
+        cols = list(_leaves.Leaves.of(self.in_leaves).spans())
+        return [[((r0, r1), (c0, c1), out, x) for c0, c1, x in cols]
+                for r0, r1, out in _leaves.Leaves.of(self.out_leaves).spans()]
 
     def tree(self, leaf_fn) -> object:
         """The pytree (as ``jacobian`` returns) of ``leaf_fn(block)`` over :meth:`blocks`."""
