@@ -33,7 +33,8 @@ import numpy as np
 from jax import lax
 
 import jacobians
-from jacobians import _coloring, kernels
+from jacobians import kernels
+from jacobians._sparse import coloring as _coloring
 
 try:  # torch is optional: never a dependency
     import torch

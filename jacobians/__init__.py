@@ -38,11 +38,11 @@ from ._laplacian import laplacian as laplacian
 from ._laplacian import value_grad_and_laplacian as value_grad_and_laplacian
 from ._planner import JacobianPlan as JacobianPlan
 from ._sparse import SparsePlan as SparsePlan
+from ._sparse import SparsityPattern as SparsityPattern
+from ._sparse import hessian_sparsity as hessian_sparsity
 from ._sparse import sparse_hessian as sparse_hessian
 from ._sparse import sparse_jacobian as sparse_jacobian
-from ._sparsity import SparsityPattern as SparsityPattern
-from ._sparsity import hessian_sparsity as hessian_sparsity
-from ._sparsity import sparsity as sparsity
+from ._sparse import sparsity as sparsity
 from ._trust import PlanError as PlanError
 from ._trust import PlanWarning as PlanWarning
 from ._trust import strict as strict

@@ -1,6 +1,6 @@
 """Log-determinants from the Jacobian's block-triangular structure (flows without hand-written log-dets).
 
-For a square flat map ``x (n,) -> y (n,)`` (the jaxpr ``_sparsity.trace_flat``
+For a square flat map ``x (n,) -> y (n,)`` (the jaxpr ``_args.trace_flat``
 returns), :func:`plan` reads the structure on the host and :func:`evaluate`
 computes ``(sign, log|det J|)`` from it:
 

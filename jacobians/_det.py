@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import _args, _blocktri, _mesh, _planner, _sparsity, _trust, kernels
+from . import _args, _blocktri, _mesh, _planner, _trust, kernels
 
 
 def _check_sizes(p: _args.Problem, where: str, square: bool) -> None:
@@ -62,7 +62,7 @@ def _plan(t, spec, leaves, opts, square: bool, batch: int | None = None) -> _blo
     if plan is not None:
         return plan
     t0 = time.perf_counter()
-    closed, offsets, p = _sparsity.trace_flat(t, spec, avals)
+    closed, offsets, p = _args.trace_flat(t, spec, avals)
     forced = _planner.forced(closed)
     per_example = batch is None or (len(p.out_leaves) == 1 and len(p.in_leaves) == 1 and batch > 0
                                     and np.shape(p.out_leaves[0])[:1] == (batch,))

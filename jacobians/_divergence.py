@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _coloring, _deps, _memory, _trust, kernels
+from . import _args, _deps, _memory, _sparse, _trust, kernels
 from ._args import trace_flat
-from ._sparsity import detect_traced
 from ._walker import has_custom_vjp
 
 ESTIMATORS = ("hutchinson", "hutch++", "xtrace")
@@ -68,7 +67,7 @@ def _diagonal_colors(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
     off = rows != cols
     a, b = rows[off], cols[off]
     edge = np.arange(a.size)
-    return _coloring.color_columns(np.concatenate([edge, edge]), np.concatenate([a, b]), n)
+    return _sparse.coloring.color_columns(np.concatenate([edge, edge]), np.concatenate([a, b]), n)
 
 
 def _products(p: _args.Problem, seeds, mode: str, where: str):
@@ -90,7 +89,7 @@ def _plan(t, spec, traced, n: int, mode: str) -> np.ndarray:
     traced_flat = trace_flat(t, spec, avals)
     try:  # a sparse pattern lets inputs share a JVP; stop early if the pattern is dense
         with _trust.stage("sparsity detection", passing=(_deps.TooDense,)):
-            det = detect_traced(t, *traced_flat, max_nnz=16 * n + 1024)
+            det = _sparse.detect_traced(t, *traced_flat, max_nnz=16 * n + 1024)
         with _trust.stage("colouring"):
             colors = _diagonal_colors(det.pattern.rows, det.pattern.cols, n)
         if n and int(colors.max()) + 1 == n:

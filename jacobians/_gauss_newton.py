@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _coloring, _deps, _trust, kernels
+from . import _args, _deps, _sparse, _trust, kernels
 from ._args import trace_flat
-from ._sparsity import detect_traced
 from ._walker import has_custom_vjp
 
 
@@ -89,9 +88,9 @@ def _plan(t, spec, traced, n: int):
     traced_flat = trace_flat(t, spec, avals)
     try:
         with _trust.stage("sparsity detection", passing=(_deps.TooDense,)):
-            pat = detect_traced(t, *traced_flat, max_nnz=16 * n + 1024).pattern
+            pat = _sparse.detect_traced(t, *traced_flat, max_nnz=16 * n + 1024).pattern
         with _trust.stage("colouring"):
-            plan = (pat.rows, pat.cols, _coloring.color_columns(pat.rows, pat.cols, n))
+            plan = (pat.rows, pat.cols, _sparse.coloring.color_columns(pat.rows, pat.cols, n))
         with _trust.stage("certificate"):
             cert = _trust.linear(
                 traced_flat, _trust.concrete(traced) or _trust.call_values(spec, t),

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _memory, _mesh, _methods, _planner, _sparse, _sparsity, _sweeps, _trust, layout
+from . import _args, _deps, _memory, _mesh, _methods, _planner, _sparse, _sweeps, _trust, layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +216,7 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
     def detect(budget, columns=None):
         with warnings.catch_warnings(), _trust.stage("sparsity detection", passing=(_deps.TooDense,)):
             warnings.simplefilter("ignore")  # a primitive without a rule only makes the plan dense
-            return _sparsity.detect_traced(engine.t, closed, offsets, p, max_nnz=budget, columns=columns)
+            return _sparse.detect_traced(engine.t, closed, offsets, p, max_nnz=budget, columns=columns)
 
     def color(det, mode):  # colouring costs O(nnz): affordable whenever detection stayed in budget
         with _trust.stage("colouring"):

@@ -416,7 +416,7 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
     """Run a plan's check once, on the host, and judge it.
 
     Args:
-      traced_flat: ``(closed, offsets, problem)`` from ``_sparsity.trace_flat``: the jaxpr the plan was made from.
+      traced_flat: ``(closed, offsets, problem)`` from ``_args.trace_flat``: the jaxpr the plan was made from.
       values: the call's traced leaves, if known (``None``: a random point only).
       program: ``program(p, T, leaves) -> tuple of arrays``, traced and run once:
         ``p`` the :class:`_args.Problem` of the jaxpr at the point, ``T`` the

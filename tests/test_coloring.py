@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.extend import core as jcore
 
-from jacobians import _coloring
+from jacobians._sparse import coloring as _coloring
 
 color_columns, color_rows, color_symmetric = _coloring.color_columns, _coloring.color_rows, _coloring.color_symmetric
 SymmetricDecompression = _coloring.SymmetricDecompression
@@ -247,7 +247,7 @@ def test_too_many_colours_to_track_falls_back_to_one_colour_each(monkeypatch):
 
 def test_dsatur_across_blocks(monkeypatch):
     # Big patterns are coloured block by block; shrink the block so that a small grid spans three.
-    from jacobians._coloring import dsatur as _coloring_dsatur
+    from jacobians._sparse.coloring import dsatur as _coloring_dsatur
 
     monkeypatch.setattr(_coloring_dsatur, "BLOCK", 1024)
     rows, cols = stencil_2d(50)

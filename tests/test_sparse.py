@@ -11,7 +11,7 @@ from helpers import bcoo_to_dense, randn, reference
 from registry import CASES, names, stencil_1d, stencil_2d
 
 import jacobians
-from jacobians import _coloring
+from jacobians._sparse import coloring as _coloring
 
 SPARSE = names(exclude=("dense", "book"))
 

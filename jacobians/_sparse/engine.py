@@ -28,17 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _args, _coloring, _compat, _hessian, _memory, _mesh, _methods, _planner, _trust, kernels
-from ._args import trace_flat
-from ._sparsity import (
+from .. import _args, _compat, _hessian, _memory, _mesh, _methods, _planner, _trust, kernels
+from .._args import trace_flat
+from .._walker import primitives
+from . import coloring as colorings
+from .pattern import (
     Detected,
     SparsityPattern,
-    _abstract,
+    abstract,
     check_scalar,
     detect_hessian_traced,
     detect_traced,
 )
-from ._walker import primitives
 
 OUTPUTS = ("bcoo", "dense", "csr", "csc")
 _FORMAT = 1  # version of the .npz plan file
@@ -252,7 +253,7 @@ def _coloring_problem(pattern: SparsityPattern, colors: np.ndarray, coloring: st
         return "the Hessian pattern is not symmetric"
     if coloring in ("star", "acyclic"):
         try:
-            _coloring.symmetric_decompression(rows, cols, colors, coloring)
+            colorings.symmetric_decompression(rows, cols, colors, coloring)
         except ValueError as e:
             return str(e)
         return None
@@ -321,11 +322,11 @@ def make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str], com
     mode = _direction(mode, primitives, complex_out)
 
     def fwd():
-        colors = _coloring.color_columns(rows, cols, n)
+        colors = colorings.color_columns(rows, cols, n)
         return SparsePlan(det_pattern, "fwd", colors, int(colors.max()) + 1 if n else 0, "column")
 
     def rev():
-        colors = _coloring.color_rows(rows, cols, m)
+        colors = colorings.color_rows(rows, cols, m)
         return SparsePlan(det_pattern, "rev", colors, int(colors.max()) + 1 if m else 0, "row")
 
     if mode != "auto":
@@ -357,13 +358,9 @@ def _make_hessian_plan(pattern: SparsityPattern, mode: str, coloring: str, work:
     n = math.prod(pattern.in_shape)
     rows, cols = pattern.rows, pattern.cols
     nnz = int(rows.size)
-    symmetric = getattr(_coloring, "color_symmetric", None)
-    makers = {"column": lambda: _coloring.color_columns(rows, cols, n)}
-    if symmetric is not None:
-        makers["star"] = lambda: symmetric(rows, cols, n, method="star")
-        makers["acyclic"] = lambda: symmetric(rows, cols, n, method="acyclic")
-    if coloring != "auto" and coloring not in makers:
-        raise ValueError(f"jacobians.sparse_hessian: coloring {coloring!r} is not available here.")
+    makers = {"column": lambda: colorings.color_columns(rows, cols, n),
+              "star": lambda: colorings.color_symmetric(rows, cols, n, method="star"),
+              "acyclic": lambda: colorings.color_symmetric(rows, cols, n, method="acyclic")}
 
     def colour(name):
         colors = np.asarray(makers[name](), np.int64)
@@ -624,7 +621,7 @@ class Engine:
 
     def plan(self, *args, **kwargs) -> SparsePlan:
         spec, traced = self.t.split(args, kwargs)
-        return self.plan_for(spec, [_abstract(a) for a in traced], _trust.concrete(traced))[0]
+        return self.plan_for(spec, [abstract(a) for a in traced], _trust.concrete(traced))[0]
 
 
 class _BcooLayout:
@@ -792,7 +789,7 @@ def _decompression(plan: SparsePlan, layout: str) -> tuple[str, object]:
 
     Returns:
       ``("gather", index)``: ``compressed.reshape(-1)[index]``; or ``("substitute",
-      decompression)``: a :class:`_coloring.SymmetricDecompression` to call (acyclic colourings).
+      decompression)``: a :class:`colorings.SymmetricDecompression` to call (acyclic colourings).
     """
     cache = plan.__dict__.setdefault("_decompressions", {})  # on the (frozen) plan itself, never saved
     hit = cache.get(layout)
@@ -804,7 +801,7 @@ def _decompression(plan: SparsePlan, layout: str) -> tuple[str, object]:
 def _make_decompression(plan: SparsePlan, layout: str) -> tuple[str, object]:
     rows, cols = plan.pattern.rows, plan.pattern.cols
     if plan.coloring in ("star", "acyclic"):
-        d = _coloring.symmetric_decompression(rows, cols, plan.colors, plan.coloring, layout)
+        d = colorings.symmetric_decompression(rows, cols, plan.colors, plan.coloring, layout)
         return ("gather", d.index) if plan.coloring == "star" else ("substitute", d)
     c = max(plan.n_colors, 1)
     # Same-coloured lines share no entry: (i, j) is the only entry of its colour on its line.

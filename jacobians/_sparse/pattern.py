@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from . import _args, _deps, _leaves
-from ._args import trace_flat
-from ._deps import _second
+from .. import _args, _deps, _leaves
+from .._args import trace_flat
+from .._deps import _second
 
 
 class SparsityPattern:
@@ -138,7 +138,7 @@ class SparsityPattern:
         )
 
 
-def _abstract(a):
+def abstract(a):
     if isinstance(a, jax.ShapeDtypeStruct):
         return a
     if isinstance(a, _args.ARRAY_TYPES):
@@ -238,7 +238,7 @@ def sparsity(fun: Callable, *args, argnums: int | tuple[int, ...] = 0, has_aux: 
     t = _transform(fun, argnums, where)
     _args.check_bool(has_aux, "has_aux", where)
     spec, traced = t.split(args, kwargs)
-    det = detect_call(t, spec, [_abstract(a) for a in traced], has_aux=has_aux)
+    det = detect_call(t, spec, [abstract(a) for a in traced], has_aux=has_aux)
     return det.tree(lambda b: det.pattern.block(*b))
 
 
@@ -298,5 +298,5 @@ def hessian_sparsity(fun: Callable, *args, argnums: int | tuple[int, ...] = 0, h
     t = _transform(fun, argnums, where)
     _args.check_bool(has_aux, "has_aux", where)
     spec, traced = t.split(args, kwargs)
-    det = detect_hessian(t, spec, [_abstract(a) for a in traced], has_aux=has_aux)
+    det = detect_hessian(t, spec, [abstract(a) for a in traced], has_aux=has_aux)
     return det.tree(lambda b: det.pattern.block(*b))
