@@ -16,6 +16,7 @@ JVP); a proof that crashes falls back to the diagonal blocks of the full
 Jacobian, with a :class:`jacobians.PlanWarning` (see :mod:`._trust`).
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _args, _compat, _deps, _memory, _mesh, _planner, _sweeps, _trust, kernels
+from ._leaves import Leaves, blocks
 from ._walker import Walker
 
 
@@ -368,17 +370,17 @@ def _per_example(blk: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.einsum("box,bx->bo", blk.reshape(b, -1, k), v.reshape(b, k)).reshape((b,) + out)
 
 
-def _certify_blocks(t, spec, opts, traced_flat, values, mode: str, in_axes: int) -> "_trust.Certificate":
+def _certify_blocks(t, spec, opts: "_Options", traced_flat, values, mode: str, in_axes: int) -> "_trust.Certificate":
     """The blocks a batch plan gives, applied to random per-example tangents, against one JVP of ``fun``."""
     closed, offsets, meta = traced_flat
-    out_axes = opts["out_axes"]
-    forced = dict(opts, force=mode, shards=None)
-    in_shapes = [shape for _, shape in sorted((off, v.aval.shape) for v, off in
-                                              zip(closed.jaxpr.invars, offsets, strict=True) if off is not None)]
+    forced = dataclasses.replace(opts, force=mode, shards=None)
+    inputs = Leaves(tuple(shape for _, shape in sorted((off, v.aval.shape) for v, off in
+                                                       zip(closed.jaxpr.invars, offsets, strict=True)
+                                                       if off is not None)))
 
     def program(p, T, leaves):
         res = _compute(t, spec, forced, *leaves)
-        blocks = jax.tree_util.tree_leaves(res[0] if opts["has_aux"] else res)
+        blocks = jax.tree_util.tree_leaves(res[0] if opts.has_aux else res)
         ref = jax.vmap(lambda v: jax.jvp(lambda x: p.flat(x)[0], (p.x,), (v,))[1])(T)
         return (*blocks, ref)
 
@@ -387,17 +389,13 @@ def _certify_blocks(t, spec, opts, traced_flat, values, mode: str, in_axes: int)
         got = np.zeros(ref.shape, np.result_type(ref, np.float64))
         bound = np.zeros(ref.shape)
         for k, t_k in enumerate(T):
-            vs, o = [], 0
-            for shape in in_shapes:
-                size = math.prod(shape)
-                vs.append(np.moveaxis(t_k[o : o + size].reshape(shape), in_axes, 0).astype(np.float64))
-                o += size
+            vs = [np.moveaxis(v, in_axes, 0).astype(np.float64) for v in inputs.split(t_k)]
             ys, bs = [], []
             for i, leaf in enumerate(meta.out_leaves):
                 row = blocks[i * len(vs) : (i + 1) * len(vs)]
                 y = sum(_per_example(np.asarray(blk), v) for blk, v in zip(row, vs, strict=True))
                 yb = sum(_per_example(np.abs(np.asarray(blk)), np.abs(v)) for blk, v in zip(row, vs, strict=True))
-                ax = out_axes % len(leaf.shape)
+                ax = opts.out_axes % len(leaf.shape)
                 ys.append(np.moveaxis(y, 0, ax).reshape(-1))
                 bs.append(np.moveaxis(yb, 0, ax).reshape(-1))
             got[k], bound[k] = np.concatenate(ys), np.concatenate(bs)
@@ -406,20 +404,20 @@ def _certify_blocks(t, spec, opts, traced_flat, values, mode: str, in_axes: int)
     return _trust.certify(traced_flat, values, program, judge, f"JVPs through the {mode} blocks")
 
 
-def _independence(t, spec, opts, traced, avals, in_ax: int, batch: int) -> dict:
+def _independence(t, spec, opts: "_Options", traced, avals, in_ax: int, batch: int) -> dict:
     """Prove the examples independent and certify the proof (a plan dict; ``"mode": "full"`` if the proof failed).
 
     Raises:
       CoupledBatchError: the proof, or (not strict) its certificate, finds examples that interact.
     """
     where = t.where
-    traced_flat = _args.trace_flat(t, spec, avals, has_aux=opts["has_aux"])
+    traced_flat = _args.trace_flat(t, spec, avals, has_aux=opts.has_aux)
     values = _trust.concrete(traced) or _trust.call_values(spec, t)
     try:
         with _trust.stage("batch independence proof", passing=(CoupledBatchError,)):
-            _prove(traced_flat, where, in_ax, opts["out_axes"], batch)
+            _prove(traced_flat, where, in_ax, opts.out_axes, batch)
         with _trust.stage("certificate"):
-            cert = _certify_independence(traced_flat, values, in_ax, opts["out_axes"], batch)
+            cert = _certify_independence(traced_flat, values, in_ax, opts.out_axes, batch)
     except _trust.AnalysisError as e:
         return {"mode": "full", "note": _trust.analysis_failed(where, e)}
     if cert.failed:
@@ -432,19 +430,19 @@ def _independence(t, spec, opts, traced, avals, in_ax: int, batch: int) -> dict:
     return {"traced_flat": traced_flat, "values": values, "certificate": cert}
 
 
-def _choose(t, spec, opts, plan, in_ax, default, n, m, x_dtype, fronts, shifted, summed) -> str:
+def _choose(t, spec, opts: "_Options", plan, in_ax, default, view: "_Batch") -> str:
     """The cost model's choice between the batch-sum passes and the structured sweeps, certified."""
     where = t.where
+    n, dtype = view.per.total, view.dtype
     try:
-        closed = jax.make_jaxpr(lambda v: shifted(v)[0])(jnp.zeros(n, x_dtype))
-        xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
+        closed = jax.make_jaxpr(lambda v: view.shifted(v)[0])(jnp.zeros(n, dtype))
 
         def structured(sweep):
             if sweep == "fwd":
-                return jax.make_jaxpr(lambda v: _sweeps.jacobian(shifted, v, "fwd")[1])(jnp.zeros(n, x_dtype))
-            return jax.make_jaxpr(lambda v: _sweeps.jacobian(summed, v, "rev")[1])(xflat)
+                return jax.make_jaxpr(lambda v: _sweeps.jacobian(view.shifted, v, "fwd")[1])(jnp.zeros(n, dtype))
+            return jax.make_jaxpr(lambda v: _sweeps.jacobian(view.summed, v, "rev")[1])(view.flat())
 
-        choice = _planner.choose(closed, n, m, None, None, structured)
+        choice = _planner.choose(closed, n, view.m, None, None, structured)
         if choice.method != "structured":
             return choice.mode
         mode = f"structured {choice.mode}"
@@ -459,9 +457,110 @@ def _choose(t, spec, opts, plan, in_ax, default, n, m, x_dtype, fronts, shifted,
     return mode
 
 
-def _compute(t, spec, opts, *traced):
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """``batch_jacobian``'s options, checked once, and its plan cache (per call structure and shapes)."""
+
+    mode: _args.Mode
+    has_aux: bool
+    chunk_size: int | None
+    in_axes: int
+    out_axes: int
+    shards: object
+    force: str | None = None  # a batch mode the certificate evaluates (the plan cache is bypassed)
+    plans: dict = dataclasses.field(default_factory=dict, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """The batch-first view of one call: leaves with the batch in front, and the batch-sum maps over them.
+
+    ``fronts[k]`` is ``(B,) + per.shapes[k]``; the flat per-example input is
+    ``(n,) = per.total``, the flat whole-batch input ``(B n,)`` in ``whole``'s
+    layout (leaf after leaf, each row-major with its batch first), the
+    per-example output ``(m,)``.
+    """
+
+    fronts: tuple
+    call: Callable  # leaves with the batch in front -> (output pytree, aux)
+    m: int
+    out_axes: int
+    out_dtype: object
+
+    @property
+    def batch(self) -> int:
+        return self.fronts[0].shape[0]
+
+    @property
+    def per(self) -> Leaves:
+        return Leaves(tuple(x.shape[1:] for x in self.fronts))
+
+    @property
+    def whole(self) -> Leaves:
+        return Leaves.of(self.fronts)
+
+    @property
+    def dtype(self):
+        return _args.promote(*(x.dtype for x in self.fronts))
+
+    def flat(self):
+        """The whole batch as one flat ``(B n,)`` vector."""
+        return jnp.concatenate([x.reshape(-1).astype(self.dtype) for x in self.fronts])
+
+    def per_example(self, y):
+        """The output pytree as ``(B, m)``."""
+        return jnp.concatenate([jnp.moveaxis(o, self.out_axes, 0).reshape(self.batch, -1).astype(self.out_dtype)
+                                for o in jax.tree_util.tree_leaves(y)], axis=1)
+
+    def shifted(self, v):
+        """``v (n,)`` added to every example: the batch-sum trick, forward (one JVP per feature)."""
+        y, aux = self.call([x + d[None].astype(x.dtype) for x, d in zip(self.fronts, self.per.split(v), strict=True)])
+        return self.per_example(y).reshape(-1), aux
+
+    def parts(self, xflat):
+        """``(output, aux)`` at the whole batch given flat (``(B n,)``)."""
+        return self.call([d.astype(x.dtype) for x, d in zip(self.fronts, self.whole.split(xflat), strict=True)])
+
+    def stacked(self, xflat):
+        """The whole batch's outputs, flat ``(B m,)``: the map whose full Jacobian holds the blocks."""
+        y, aux = self.parts(xflat)
+        return self.per_example(y).reshape(-1), aux
+
+    def summed(self, xflat):
+        """The outputs summed over the batch: the batch-sum trick, reverse (one VJP per output)."""
+        y, aux = self.parts(xflat)
+        return self.per_example(y).sum(axis=0), aux
+
+    def columns(self, jac):
+        """``(..., B n)`` in ``whole``'s layout -> ``(..., B, n)`` in ``per``'s."""
+        lead = jac.shape[:-1]
+        return jnp.concatenate([blk.reshape(lead + (self.batch, -1)) for blk in self.whole.split(jac, axis=-1)],
+                               axis=-1)
+
+    def run(self, mode: str, chunk_size: int | None):
+        """``(B, m, n)`` per-example Jacobians and aux, by one of the batch modes."""
+        b, m, n = self.batch, self.m, self.per.total
+        if mode.startswith("full"):  # the diagonal blocks of the whole (B m, B n) Jacobian: right for any function
+            kernel = kernels.forward if mode.endswith("fwd") else kernels.reverse
+            _, jac, aux = kernel(self.stacked, self.flat(), chunk_size)  # (B m, B n)
+            diag = jnp.arange(b)
+            return self.columns(jac.reshape(b, m, -1))[diag, :, diag, :], aux
+        if mode.startswith("structured"):  # the same batch-sum maps, one structured sweep each
+            if mode.endswith("fwd"):
+                _, jac, aux = _sweeps.jacobian(self.shifted, jnp.zeros(n, self.dtype), "fwd")
+                return jac.reshape(b, m, n), aux
+            _, jac, aux = _sweeps.jacobian(self.summed, self.flat(), "rev")
+            return jnp.transpose(self.columns(jac), (1, 0, 2)), aux
+        if mode == "fwd":
+            _, jac, aux = kernels.forward(self.shifted, jnp.zeros(n, self.dtype), chunk_size)
+            return jac.reshape(b, m, n), aux
+        _, jac, aux = kernels.reverse(self.summed, self.flat(), chunk_size)  # (m, B n)
+        return jnp.transpose(self.columns(jac), (1, 0, 2)), aux
+
+
+def _compute(t, spec, opts: _Options, *traced):
     where = t.where
-    in_axes, out_axes = opts["in_axes"], opts["out_axes"]
+    in_axes, out_axes = opts.in_axes, opts.out_axes
     args, kwargs, diff = spec.rebuild(traced)
     _args.check_diff_dtypes(diff, spec.positions, where, False)
     in_tree = diff[0] if t.int_argnums else diff
@@ -472,16 +571,13 @@ def _compute(t, spec, opts, *traced):
     batches = {x.shape[in_axes] for x in in_leaves}
     if len(batches) != 1:
         raise ValueError(f"{where}: the differentiated leaves disagree on the batch size: {sorted(batches)}.")
-    (batch,) = batches
+    (real_batch,) = batches
     in_ax = in_axes % in_leaves[0].ndim
     fronts = [_move_to_front(x, in_ax) for x in in_leaves]
-    shards, real_batch = opts["shards"], batch
+    shards = opts.shards
     if shards is not None and shards.count > 1:
         # Split the batch across the mesh: pad with copies of the last example, trim afterwards.
         fronts = [shards.constrain(_mesh.pad_batch(x, shards.count)) for x in fronts]
-        batch = fronts[0].shape[0]
-    feats = [math.prod(x.shape[1:]) for x in fronts]
-    n = sum(feats)
 
     def call(leaves_front):
         leaves = [jnp.moveaxis(x, 0, in_ax) if in_ax else x for x in leaves_front]
@@ -490,9 +586,9 @@ def _compute(t, spec, opts, *traced):
         for pos, d in zip(spec.positions, (tree,) if t.int_argnums else tree, strict=True):
             a[pos] = d
         res = t.fun(*a, **kwargs)
-        return res if opts["has_aux"] else (res, None)
+        return res if opts.has_aux else (res, None)
 
-    out, _ = jax.eval_shape(call, [x[:real_batch] for x in fronts] if batch != real_batch else fronts)
+    out, _ = jax.eval_shape(call, [x[:real_batch] for x in fronts])
     _args.check_float_outputs(out, where)
     out_leaves, out_treedef = jax.tree_util.tree_flatten(out)
     for o in out_leaves:
@@ -501,125 +597,50 @@ def _compute(t, spec, opts, *traced):
                 f"{where}: every output needs the batch axis out_axes={out_axes} of size {real_batch}, got shape "
                 f"{o.shape}."
             )
+    # Per-example output leaves: the batch axis dropped.
+    outs = Leaves(tuple(tuple(int(d) for d in np.delete(o.shape, out_axes % len(o.shape))) for o in out_leaves))
     if real_batch == 0:  # no examples: the empty stack of per-example blocks (nothing to prove or push)
-        y, aux = call(fronts)
-        rows = []
-        for o in out_leaves:
-            oshape = tuple(int(d) for d in np.delete(o.shape, out_axes % len(o.shape)))
-            rows.append(in_treedef.unflatten([jnp.zeros((0,) + oshape + x.shape[1:], _args.promote(o.dtype, x.dtype))
-                                              for x in fronts]))
+        _, aux = call(fronts)
+        rows = [in_treedef.unflatten([jnp.zeros((0,) + oshape + x.shape[1:], _args.promote(o.dtype, x.dtype))
+                                      for x in fronts]) for o, oshape in zip(out_leaves, outs.shapes, strict=True)]
         result = out_treedef.unflatten(rows)
-        return (result, aux) if opts["has_aux"] else result
+        return (result, aux) if opts.has_aux else result
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
-    plan = opts["plans"].get(key) if opts.get("force") is None else {"mode": opts["force"]}
+    plan = opts.plans.get(key) if opts.force is None else {"mode": opts.force}
     if plan is None:  # once per call structure and shapes, on the host
         avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-        plan = opts["plans"][key] = _independence(t, spec, opts, traced, avals, in_ax, real_batch)
-    out_dtype = _args.promote(*(o.dtype for o in out_leaves))
-    x_dtype = _args.promote(*(x.dtype for x in in_leaves))
+        plan = opts.plans[key] = _independence(t, spec, opts, traced, avals, in_ax, real_batch)
+    view = _Batch(tuple(fronts), call, outs.total, out_axes, _args.promote(*(o.dtype for o in out_leaves)))
 
-    def per_example(y):  # (B, m_total) from the output pytree
-        return jnp.concatenate(
-            [jnp.moveaxis(o, out_axes, 0).reshape(batch, -1).astype(out_dtype) for o in jax.tree_util.tree_leaves(y)],
-            axis=1,
-        )
-
-    m = sum(math.prod(o.shape) for o in out_leaves) // real_batch
-
-    def shifted(v):  # feature j of every example moves together: the batch-sum trick, forward
-        parts, o = [], 0
-        for x, k in zip(fronts, feats, strict=True):
-            parts.append(x + v[o : o + k].reshape(x.shape[1:]).astype(x.dtype)[None])
-            o += k
-        y, aux = call(parts)
-        return per_example(y).reshape(-1), aux
-
-    def summed(xflat):  # the outputs summed over the batch: the batch-sum trick, reverse
-        parts, o = [], 0
-        for x, k in zip(fronts, feats, strict=True):
-            parts.append(xflat[o : o + batch * k].reshape(x.shape).astype(x.dtype))
-            o += batch * k
-        y, aux = call(parts)
-        return per_example(y).sum(axis=0), aux
-
-    def full(mode):  # the diagonal blocks of the whole (B m, B n) Jacobian: right for any function
-        xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
-
-        def whole(xf):
-            y, aux = summed_parts(xf)
-            return per_example(y).reshape(-1), aux
-
-        kernel = kernels.forward if mode == "fwd" else kernels.reverse
-        _, jac, aux = kernel(whole, xflat, opts["chunk_size"])  # (B m, B n) in leaf blocks
-        jac = jac.reshape(batch, m, -1)
-        blocks, o, diag = [], 0, jnp.arange(batch)
-        for x, k in zip(fronts, feats, strict=True):
-            blocks.append(jac[:, :, o : o + batch * k].reshape(batch, m, batch, k)[diag, :, diag, :])
-            o += batch * k
-        return jnp.concatenate(blocks, axis=2), aux
-
-    def summed_parts(xflat):
-        parts, o = [], 0
-        for x, k in zip(fronts, feats, strict=True):
-            parts.append(xflat[o : o + batch * k].reshape(x.shape).astype(x.dtype))
-            o += batch * k
-        return call(parts)
-
-    def run(mode):
-        if mode.startswith("full"):
-            return full(mode.split()[1])
-        if mode.startswith("structured"):  # the same batch-sum maps, one structured sweep each
-            if mode.endswith("fwd"):
-                _, jac, aux = _sweeps.jacobian(shifted, jnp.zeros(n, x_dtype), "fwd")
-                return jac.reshape(batch, m, n), aux
-            xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
-            _, jac, aux = _sweeps.jacobian(summed, xflat, "rev")
-            return _rev_blocks(jac), aux
-        if mode == "fwd":
-            _, jac, aux = kernels.forward(shifted, jnp.zeros(n, x_dtype), opts["chunk_size"])
-            return jac.reshape(batch, m, n), aux
-        xflat = jnp.concatenate([x.reshape(-1).astype(x_dtype) for x in fronts])
-        _, jac, aux = kernels.reverse(summed, xflat, opts["chunk_size"])  # (m, B * n) in leaf blocks
-        return _rev_blocks(jac), aux
-
-    def _rev_blocks(jac):
-        blocks, o = [], 0
-        for x, k in zip(fronts, feats, strict=True):
-            blocks.append(jac[:, o : o + batch * k].reshape(m, batch, k))
-            o += batch * k
-        return jnp.transpose(jnp.concatenate(blocks, axis=2), (1, 0, 2))
-
-    default = opts["mode"] if opts["mode"] != "auto" else ("fwd" if n <= m else "rev")
+    default = opts.mode if opts.mode != "auto" else ("fwd" if view.per.total <= view.m else "rev")
     if "mode" not in plan:  # the proof held: the planner's choice between batch-sum passes and structured sweeps
         plan["mode"] = default
-        if opts["mode"] == "auto" and opts["chunk_size"] is None and (shards is None or shards.count <= 1):
-            plan["mode"] = _choose(t, spec, opts, plan, in_ax, default, n, m, x_dtype, fronts, shifted, summed)
+        if opts.mode == "auto" and opts.chunk_size is None and (shards is None or shards.count <= 1):
+            plan["mode"] = _choose(t, spec, opts, plan, in_ax, default, view)
     preferred = plan["mode"]
     if preferred == "full":
         preferred = f"full {default}"
-    if opts["mode"] == "auto" and preferred.startswith("full"):
+
+    def run(mode):
+        return view.run(mode, opts.chunk_size)
+
+    if opts.mode == "auto" and preferred.startswith("full"):
         jac, aux = _args.with_fallback(run, preferred, "full rev", "full fwd", where)
-    elif opts["mode"] == "auto" and not preferred.startswith("structured"):
+    elif opts.mode == "auto" and not preferred.startswith("structured"):
         jac, aux = _args.with_fallback(run, preferred, "rev", "fwd", where)
     else:
         jac, aux = run(preferred)
 
-    rows, r = [], 0
-    for o in out_leaves:
-        oshape = tuple(int(d) for d in np.delete(o.shape, out_axes % len(o.shape)))
-        mo = math.prod(oshape)
-        row, c = [], 0
-        for x, k in zip(fronts, feats, strict=True):
-            dtype = _args.promote(o.dtype, x.dtype)
-            row.append(jac[:, r : r + mo, c : c + k].reshape((batch,) + oshape + x.shape[1:]).astype(dtype))
-            c += k
-        rows.append(in_treedef.unflatten(row))
-        r += mo
+    # (B, m, n) -> per (output leaf, input leaf) blocks (B,) + out + in (5.58, per example).
+    cut = blocks(jac, outs, view.per)
+    rows = [in_treedef.unflatten([blk.astype(_args.promote(o.dtype, x.dtype)) for blk, x in zip(row, fronts,
+                                                                                                 strict=True)])
+            for row, o in zip(cut, out_leaves, strict=True)]
     result = out_treedef.unflatten(rows)
-    if batch != real_batch:
+    if view.batch != real_batch:
         result = jax.tree_util.tree_map(lambda a: a[:real_batch], result)
     result = _mesh.shard_result(result, shards, lambda leaf: 0)
-    return (result, aux) if opts["has_aux"] else result
+    return (result, aux) if opts.has_aux else result
 
 
 def batch_jacobian(
@@ -686,15 +707,9 @@ def batch_jacobian(
             raise TypeError(f"{where}: {name} must be an int, got {ax!r}.")
 
     def make(c):
-        opts = dict(
-            mode=_args.check_mode(mode, where),
-            has_aux=_args.check_bool(has_aux, "has_aux", where),
-            chunk_size=_args.check_chunk_size(c, where),
-            in_axes=int(in_axes),
-            out_axes=int(out_axes),
-            plans={},
-            shards=_mesh.resolve(mesh, where, mesh_axis),
-        )
+        opts = _Options(_args.check_mode(mode, where), _args.check_bool(has_aux, "has_aux", where),
+                        _args.check_chunk_size(c, where), int(in_axes), int(out_axes),
+                        _mesh.resolve(mesh, where, mesh_axis))
         return _trust.wrap(_args.Transform.jitted(fun, argnums, where, _compute, opts))
 
     return _memory.transform(make, chunk_size, max_memory, where)

@@ -7,7 +7,6 @@ an output leaf of shape ``out.shape`` with respect to an input leaf of shape
 """
 
 import dataclasses
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _memory, _mesh, _methods, _planner, _sparse, _sweeps, _trust, layout
+from . import _args, _deps, _leaves, _memory, _mesh, _methods, _planner, _sparse, _sweeps, _trust, layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,11 +257,10 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
 
 def _flat_jacobian(result, p, has_aux: bool) -> np.ndarray:
     """The ``(m, n)`` matrix of a call's result (the pytree of blocks), on the host."""
-    blocks = jax.tree_util.tree_leaves(result[0] if has_aux else result)
+    cut = jax.tree_util.tree_leaves(result[0] if has_aux else result)
     n_in = len(p.in_leaves)
-    rows = [np.concatenate([np.asarray(blocks[i * n_in + j]).reshape(math.prod(o.shape), math.prod(x.shape))
-                            for j, x in enumerate(p.in_leaves)], axis=1) for i, o in enumerate(p.out_leaves)]
-    return np.concatenate(rows, axis=0)
+    return _leaves.join([cut[i * n_in : (i + 1) * n_in] for i in range(len(p.out_leaves))],
+                        _leaves.Leaves.of(p.out_leaves), _leaves.Leaves.of(p.in_leaves))
 
 
 def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, mesh=None, mesh_axis=None,

@@ -74,5 +74,15 @@ class Leaves:
 
 
 def blocks(jac, out: Leaves, inp: Leaves) -> list[list[Any]]:
-    """The flat ``(m, n)`` Jacobian cut into ``out.shape + in.shape`` blocks, per (output leaf, input leaf)."""
-    return [inp.split(row, axis=-1) for row in out.split(jac, axis=0)]
+    """The flat ``(..., m, n)`` Jacobian cut into ``... + out.shape + in.shape`` blocks, per (output leaf, input leaf).
+
+    Leading axes (a batch of per-example Jacobians) stay in front. Inverse: :func:`join`.
+    """
+    return [inp.split(row, axis=-1) for row in out.split(jac, axis=jac.ndim - 2)]
+
+
+def join(rows, out: Leaves, inp: Leaves):
+    """The blocks of :func:`blocks` (NumPy, one list of input-leaf blocks per output leaf) back as one ``(m, n)``."""
+    return np.concatenate([np.concatenate([np.asarray(blk).reshape(size, k) for blk, k in zip(row, inp.sizes,
+                                                                                             strict=True)], axis=1)
+                           for row, size in zip(rows, out.sizes, strict=True)], axis=0)
