@@ -23,6 +23,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import _args, _memory, _mesh, _planner, _sweeps, _trust, kernels
+from ._leaves import Leaves
 
 HESSIAN_MODES = _args.HESSIAN_MODES
 
@@ -391,12 +392,8 @@ def _compute_value_and_jacobian(t, spec, opts, *traced):
         mode = "fwd" if (complex_out or p.n <= p.m) else "rev"
     kernel = kernels.forward if mode == "fwd" else kernels.reverse
     y, jac, aux = kernel(p.flat, p.x, opts.chunk_size)
-    leaves, o = [], 0
-    for out in p.out_leaves:
-        size = out.size if hasattr(out, "size") else 1
-        leaves.append(y[o : o + size].reshape(out.shape).astype(out.dtype))
-        o += size
-    value = p.out_treedef.unflatten(leaves)
+    value = p.out_treedef.unflatten([v.astype(out.dtype) for v, out in
+                                     zip(Leaves.of(p.out_leaves).split(y), p.out_leaves, strict=True)])
     if opts.has_aux:
         return (value, aux), p.blocks(jac)
     return value, p.blocks(jac)
