@@ -69,7 +69,7 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
     # Unchunked dense Jacobians on one device run jax.jacfwd/jacrev's own program on the pytrees.
     call = _methods.Call(p, opts.chunk_size, opts.shards, lambda: _compressed(opts, spec, traced),
                          tree=order is None and opts.chunk_size is None and opts.shards is None
-                         and not complex_in)
+                         and not complex_in, leaves=traced)
     method, mode = opts.method, None
     if method == "compressed":
         jac, aux = _methods.COMPRESSED.evaluate(None, call)
@@ -221,13 +221,13 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
         with _trust.stage("colouring"):
             return _sparse.make_plan(det.pattern, mode, det.primitives)
 
-    def structured(sweep):  # the sweep's program, traced (not run) for the cost model
+    def structured(sweep):  # the sweep's program (jac, aux) of the call's traced leaves: costed, then evaluated
         def g(*tr):
             q = _args.problem(t.fun, spec, tr, where=t.where, has_aux=opts.has_aux,
                               int_argnums=t.int_argnums, lazy=True)
-            return _sweeps.jacobian(*q.sweep_input(), sweep)[1]
+            return _sweeps.jacobian(*q.sweep_input(), sweep)[1:]
 
-        return jax.make_jaxpr(g)(*avals)
+        return _methods.Traced(*jax.make_jaxpr(g, return_shape=True)(*avals))
 
     only = opts.method == "structured"
     use = only or opts.shards is None  # on a mesh, the basis vectors are what is split

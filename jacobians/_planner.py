@@ -123,7 +123,7 @@ def choose(closed, n: int, m: int, detect, color, structured=None, only_structur
       detect: ``detect(max_nnz, columns=None) -> Detected`` (raises ``TooDense``); ``columns``
         seeds only those inputs; ``None``: no compressed candidate.
       color: ``color(pattern, mode) -> SparsePlan`` for a forced or free direction.
-      structured: ``structured(sweep) -> closed jaxpr`` of that structured
+      structured: ``structured(sweep) -> closed jaxpr`` (or a ``_methods.Traced``) of that structured
         sweep's program (``None``: not a candidate).
       only_structured: choose between the two structured sweeps only (a sweep
         that raises is then no candidate, and none is a ``ValueError``).

@@ -27,6 +27,7 @@ plan is made (it closes over traced values, has side effects or calls back
 into Python) the check is skipped and the plan says so.
 """
 
+import concurrent.futures
 import contextlib
 import contextvars
 import functools
@@ -242,20 +243,89 @@ def calling(t: "_args.Transform", args: tuple, kwargs: dict) -> Iterator[None]:
         _CALL.reset(token)
 
 
+class _Lowered(BaseException):  # noqa: N818 - control flow, never seen outside this module
+    """Unwinds a check being prepared once its first program is lowered (:meth:`Pending.prepare`).
+
+    A ``BaseException``: the ``except Exception`` of the analyses between must not catch it.
+    """
+
+
+@dataclass
+class _Ahead:
+    """A check's first program, lowered while the call is traced and compiled on a worker thread meanwhile."""
+
+    preparing: bool = True
+    key: tuple | None = None
+    future: concurrent.futures.Future | None = None
+
+
+_AHEAD: contextvars.ContextVar = contextvars.ContextVar("jacobians_ahead", default=None)
+_WORKER: list = []  # one worker thread, made on first use
+
+
+def _run(run: Callable, what: str, T, point: list):
+    """``run(T, *point)``, or the same program compiled ahead (see :meth:`Pending.prepare`).
+
+    Preparing, the program is lowered here (tracing stays on this thread, with its JAX
+    configuration), handed to the worker to compile and the check unwound: the call's
+    own program then compiles on this thread while the check's compiles on the other.
+    """
+    ahead = _AHEAD.get()
+    if ahead is None:
+        return run(T, *point)
+    key = (what, T.shape, str(T.dtype), tuple((np.shape(a), str(getattr(a, "dtype", type(a).__name__))) for a in point))
+    if ahead.preparing:
+        if not _WORKER:
+            _WORKER.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jacobians-certificate"))
+        ahead.key, ahead.future = key, _WORKER[0].submit(run.lower(T, *point).compile)
+        raise _Lowered
+    future, ahead.future = ahead.future, None  # the first program only
+    if future is None or key != ahead.key:
+        return run(T, *point)
+    try:
+        compiled = future.result()
+    except Exception:  # noqa: BLE001 - compiled again below, where a real error is reported
+        return run(T, *point)
+    return compiled(T, *point)
+
+
 class Pending:
     """A deferred certificate and what to do with its result (see :func:`defer`)."""
 
     def __init__(self, check: Callable, settle: Callable):
         self._check, self._settle, self._stands = check, settle, None
+        self._ahead, self._early = None, None
+
+    def prepare(self) -> None:
+        """Start the check: run it up to its first program, lowered and compiled on a worker thread.
+
+        The call being traced compiles its own program next; the two compilations overlap
+        (XLA releases the interpreter while it compiles), so a first call pays about the
+        longer of the two instead of their sum. A check that needs no program finishes here.
+        """
+        ahead = _Ahead()
+        token = _AHEAD.set(ahead)
+        try:
+            self._early = self._check()
+        except _Lowered:
+            ahead.preparing = False
+            self._ahead = ahead
+        except Exception:  # noqa: BLE001 - the check runs again in wait(), which reports it
+            pass
+        finally:
+            _AHEAD.reset(token)
 
     def wait(self) -> bool:
         """Check and settle once (a failure: a warning, or strict a :class:`PlanError`); whether the plan stands."""
         if self._stands is None:
             self._stands = False  # a settle that raises (strict) leaves the plan replaced, not pending
+            token = _AHEAD.set(self._ahead)
             try:
-                result = self._check()
+                result = self._early if self._early is not None else self._check()
             except Exception as e:  # noqa: BLE001 - reported by settle
                 result = e
+            finally:
+                _AHEAD.reset(token)
             self._stands = bool(self._settle(result))
         return self._stands
 
@@ -274,6 +344,7 @@ def defer(check: Callable[[], "Certificate"], settle: Callable) -> "Pending | No
         return None
     pending = Pending(check, settle)
     call[3].append(pending)
+    pending.prepare()
     return pending
 
 
@@ -450,7 +521,7 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
         T = directions(np.random.default_rng(SEED + 1), meta)
         try:
             with jax.ensure_compile_time_eval():
-                outs = [np.asarray(o) for o in run(T, *point)]
+                outs = [np.asarray(o) for o in _run(run, what, T, point)]
             if computed is not None:  # the call's own program, as it was compiled (not under the eval context)
                 outs.append(np.asarray(computed(point)))
         except (jax.errors.UnexpectedTracerError, *_args.TRACER_ERRORS) as e:

@@ -14,6 +14,7 @@ from ._base import (
     Method,
     MethodName,
     Mode,
+    Traced,
     directions,
     pass_cost,
     single,
@@ -32,4 +33,5 @@ def by_name(name: str) -> Method:
 
 
 __all__ = ["COMPRESSED", "DENSE", "METHODS", "NAMES", "NO_FWD", "NO_REV", "STRUCTURED", "Blocks", "Call",
-           "Candidate", "Context", "Method", "MethodName", "Mode", "by_name", "directions", "pass_cost", "single"]
+           "Candidate", "Context", "Method", "MethodName", "Mode", "Traced", "by_name", "directions", "pass_cost",
+           "single"]

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import jax
+
 from .. import _compat
 
 Mode = Literal["fwd", "rev"]
@@ -114,7 +116,8 @@ class Context:
       allowed: the directions JAX can differentiate in (:func:`directions`).
       detect: ``detect(max_nnz, columns=None) -> Detected`` (raises ``TooDense``), or ``None``.
       color: ``color(detected, mode) -> SparsePlan``, or ``None``.
-      sweep: ``sweep(mode) -> closed jaxpr`` of a structured sweep's program (traced, not run), or ``None``.
+      sweep: ``sweep(mode)``: a structured sweep's program (traced, not run): its closed jaxpr, or a
+        :class:`Traced` ``(jac, aux)`` of the call's leaves that the method then evaluates; or ``None``.
       only: plan with this method alone (the caller fixed ``method=``), else ``None``.
       best: the cost of the best candidate so far (a method stops once it cannot beat it).
       notes: what the methods found on the way, for the plan's reason.
@@ -143,6 +146,7 @@ class Call:
       shards: split the basis vectors across devices (:class:`jacobians.kernels.Shards`), or ``None``.
       compressed: ``compressed() -> (m, n) Jacobian`` by the transformation's sparse engine.
       tree: the result may come back as the blocks (``Problem.tree_dense``: one real dtype, no chunking).
+      leaves: the call's traced leaves (what a :class:`Traced` program takes).
     """
 
     problem: Any
@@ -150,6 +154,24 @@ class Call:
     shards: Any = None
     compressed: Callable | None = None
     tree: bool = False
+    leaves: tuple = ()
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A program the planner traced to cost it, kept to be evaluated: tracing it again would cost as much.
+
+    Attributes:
+      closed: its closed jaxpr, of the call's traced leaves.
+      shapes: its outputs' pytree of shape structs (for the tree to rebuild).
+    """
+
+    closed: Any
+    shapes: Any
+
+    def __call__(self, leaves):
+        outs = _compat.jaxpr_as_fun(self.closed)(*leaves)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self.shapes), outs)
 
 
 class Blocks:

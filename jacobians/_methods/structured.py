@@ -1,7 +1,7 @@
 """Structured sweeps: one sweep carrying identity, diagonal, selection and dense Jacobians (:mod:`._sweeps`)."""
 
 from .. import _sweeps, _trust
-from ._base import Call, Candidate, Context, pass_cost
+from ._base import Call, Candidate, Context, Traced, pass_cost
 
 MARGIN = 0.8  # a sweep's selections and scatters cost more than their element counts say: a near tie is not worth them
 
@@ -27,19 +27,27 @@ class Structured:
                 try:
                     with _sweeps.budget(limit), _trust.stage(f"structured {sweep} sweep",
                                                                  (_sweeps.OverBudget,)):
-                        out.append(Candidate(self, sweep, 1, pass_cost(ctx.sweep(sweep))))
+                        out.append(self._candidate(ctx, sweep))
                 except _sweeps.OverBudget:
                     ctx.notes.append(f"structured {sweep} stopped: over the best other candidate's cost")
                 continue
             try:
-                out.append(Candidate(self, sweep, 1, pass_cost(ctx.sweep(sweep))))
+                out.append(self._candidate(ctx, sweep))
             except Exception as e:  # noqa: BLE001 - the caller asked for a sweep: say why none applies
                 ctx.notes.append(f"structured {sweep} not possible ({type(e).__name__}: {str(e).strip()[:200]})")
         if only and not out:
             raise ValueError("no structured sweep applies to this function: " + "; ".join(ctx.notes))
         return out
 
+    def _candidate(self, ctx: Context, sweep: str) -> Candidate:
+        program = ctx.sweep(sweep)  # a closed jaxpr, or a Traced program of the call's leaves (kept to evaluate)
+        if isinstance(program, Traced):
+            return Candidate(self, sweep, 1, pass_cost(program.closed), state=program)
+        return Candidate(self, sweep, 1, pass_cost(program))
+
     def evaluate(self, cand: Candidate, call: Call):
+        if isinstance(cand.state, Traced) and call.chunk_size is None and call.leaves:
+            return cand.state(call.leaves)  # the planner's trace of this sweep: not swept again
         _, jac, aux = _sweeps.jacobian(*call.problem.sweep_input(), cand.mode, chunk_size=call.chunk_size)
         return jac, aux
 
