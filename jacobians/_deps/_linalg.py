@@ -30,14 +30,30 @@ def dot_general(lat, eqn, ins):
     m = math.prod(lhs.shape[i] for i in lf)
     k = math.prod(lhs.shape[i] for i in lc)
     n = math.prod(rhs.shape[i] for i in rf)
-    # Element numbers of lhs as (b, m, k) and rhs as (b, k, n).
-    lidx = np.transpose(np.arange(lhs.size).reshape(lhs.shape), list(lb) + lf + list(lc)).reshape(b, m, k)
-    ridx = np.transpose(np.arange(rhs.size).reshape(rhs.shape), list(rb) + list(rc) + rf).reshape(b, k, n)
+    # Each operand's axes grouped as lhs (b, m, k) and rhs (b, k, n).
+    lgroups, rgroups = (tuple(lb), tuple(lf), tuple(lc)), (tuple(rb), tuple(rc), tuple(rf))
     parts = []
-    for dep, other, idx, other_idx, is_lhs in ((lhs, rhs, lidx, ridx, True), (rhs, lhs, ridx, lidx, False)):
+    for dep, other, groups, other_groups, is_lhs in ((lhs, rhs, lgroups, rgroups, True),
+                                                     (rhs, lhs, rgroups, lgroups, False)):
         if dep.nnz:
-            parts.append(_dot_part(lat, dep, other, idx, other_idx, is_lhs, (b, m, k, n), shape))
+            parts.append(_dot_part(lat, dep, other, groups, other_groups, is_lhs, (b, m, k, n), shape))
     return [union(parts, shape, lat.n)]
+
+
+def _grouped(elems: np.ndarray, shape: tuple, groups: tuple) -> list[np.ndarray]:
+    """The flat index of each element within each group of axes (row-major over the group's axes, as listed).
+
+    Only the elements asked for are visited: a product whose operand has few
+    sets (detection on a sample of columns) costs what those sets cost.
+    """
+    coords = np.unravel_index(elems, shape) if shape else ()  # a scalar operand has no axes to group
+    out = []
+    for axes in groups:
+        if not axes:
+            out.append(np.zeros(elems.shape, np.int64))
+        else:
+            out.append(np.ravel_multi_index(tuple(coords[a] for a in axes), tuple(shape[a] for a in axes)))
+    return out
 
 
 def contraction_groups(lhs_shape, rhs_shape, dimension_numbers) -> tuple[np.ndarray, np.ndarray, int]:
@@ -61,17 +77,14 @@ def contraction_groups(lhs_shape, rhs_shape, dimension_numbers) -> tuple[np.ndar
     return lk.astype(np.int64), rk.astype(np.int64), math.prod(sizes)
 
 
-def _dot_part(lat, dep, other, idx, other_idx, is_lhs, bmkn, shape):
+def _dot_part(lat, dep, other, groups, other_groups, is_lhs, bmkn, shape):
     b_, m_, k_, n_ = bmkn
-    # Position of each element of `dep` as (b, free, k).
-    inv = np.empty(dep.size, np.int64)
-    inv[idx.reshape(-1)] = np.arange(dep.size)
-    if is_lhs:
-        b, f, k = np.unravel_index(inv, (b_, m_, k_))
-    else:
-        b, k, f = np.unravel_index(inv, (b_, k_, n_))
     rows = dep.rows()
-    rb, rf, rk = b[rows], f[rows], k[rows]
+    # Position of each set of `dep` as (b, free, k).
+    if is_lhs:
+        rb, rf, rk = _grouped(rows, dep.shape, groups)
+    else:
+        rb, rk, rf = _grouped(rows, dep.shape, groups)
     if other.const is None or other.nnz or np.all(other.const != 0):
         # Every k reaches every output of its row: union over k, then broadcast.
         free = m_ if is_lhs else n_
@@ -85,7 +98,8 @@ def _dot_part(lat, dep, other, idx, other_idx, is_lhs, bmkn, shape):
             raise TooDense("dot_general")  # before building a set the planner would throw away
         return gather(u, target.reshape(shape))
     # A constant partner: join on k through its nonzeros.
-    vals = np.asarray(other.const).reshape(-1)[other_idx.reshape(-1)].reshape(other_idx.shape)
+    other_shape = (b_, k_, n_) if is_lhs else (b_, m_, k_)
+    vals = np.transpose(np.asarray(other.const), [a for g in other_groups for a in g]).reshape(other_shape)
     if is_lhs:
         ob, ok, on = np.nonzero(vals)  # (b, k, n)
     else:
