@@ -3,11 +3,21 @@
 Every transformation with a ``chunk_size`` option trades memory for passes:
 pushing ``c`` basis vectors at a time holds ``c`` tangents (or cotangents) of
 every intermediate. Under ``max_memory=B`` the first call of each call
-structure compiles the unchunked program and, if XLA's memory analysis of it
-(arguments + outputs + temporaries) is over ``B``, two chunked ones, fits
-``bytes(c) = a + b c`` through them, and takes the largest ``c`` whose
-compiled program is within ``B`` (halving while it is not). The choice is
-cached per call structure and shapes; the result alone over ``B`` is an error.
+structure compiles the program that makes every pass at once without planning
+(``chunk_size`` = the number of passes) and, if it fits in ``B``, the planned
+unchunked one; otherwise two chunked ones, fits ``bytes(c) = a + b c`` through
+them, and takes the largest ``c`` whose compiled program is within ``B``
+(shrinking while it is not). The choice is cached per call structure and shapes;
+the result alone over ``B`` is an error.
+
+A program's bytes are XLA's memory analysis of it (arguments + outputs +
+temporaries) plus its largest array (at most its temporaries): on the CPU
+backend a run's measured peak exceeds the analysis by up to about one such
+array (a pairwise-energy Hessian: +0.2-0.9 of its largest array, measured as
+the peak RSS of the run). Planning the unchunked program is skipped when the
+unplanned one is already over ``B``: the planner's own tracing at a size that
+cannot fit costs time and host memory (a structured-sweep cost model at
+n = 7449 held 1.2 GB).
 """
 
 import dataclasses
@@ -53,81 +63,120 @@ class Fit:
 
     Attributes:
       chunk_size: ``None`` (everything at once fits) or the chunk size.
-      bytes: arguments + outputs + temporaries of the compiled program, by XLA's memory analysis.
+      bytes: arguments + outputs + temporaries of the compiled program, by XLA's memory analysis,
+        plus ``largest``.
       budget: the ``max_memory`` in bytes.
-      tried: ``(chunk_size, bytes)`` of every program compiled to decide.
+      tried: ``(chunk_size, bytes)`` of every program compiled to decide (a chunk size equal to
+        the number of passes: every pass at once, unplanned; ``None``: the planned program).
+      largest: the program's largest array (at most its temporaries): the margin for a run's
+        peak over the analysis.
     """
 
     chunk_size: int | None
     bytes: int
     budget: int
     tried: tuple = ()
+    largest: int = 0
 
     def __str__(self) -> str:
         how = "everything at once" if self.chunk_size is None else f"chunk_size={self.chunk_size}"
-        return f"memory: {how}, {_human(self.bytes)} by XLA's analysis (max_memory {_human(self.budget)})"
+        return (f"memory: {how}, {_human(self.bytes)} by XLA's analysis (with its largest array, "
+                f"{_human(self.largest)}; max_memory {_human(self.budget)})")
 
 
-def measure(fn: Callable, args: tuple, kwargs: dict) -> tuple[int, int]:
-    """``(total, output)`` bytes of the program a transformed ``fn`` compiles for this call (shapes suffice).
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+             "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([0-9,]*)\]")
 
-    ``fn`` is a function this library returned (it has ``.transform``): the program is the one
-    its call would compile, lowered for the call's traced leaves (statics stay compiled in).
+
+def largest_array(hlo: str) -> int:
+    """The bytes of the largest array type written in an HLO module's text (0 for scalars only)."""
+    best = 0
+    for dtype, dims in _ARRAY.findall(hlo):
+        best = max(best, _ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(",") if d))
+    return best
+
+
+def analyse(fn: Callable, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """``(total, output, largest)`` bytes of the program a transformed ``fn`` compiles for this call.
+
+    ``total`` is XLA's memory analysis (arguments + outputs + temporaries, less
+    donated aliases) plus ``largest``, the program's largest array capped by its
+    temporaries: a run on the CPU backend peaks above the analysis by up to
+    about one such array. ``fn`` is a function this library returned (it has
+    ``.transform``): the program is the one its call would compile, lowered for
+    the call's traced leaves (statics stay compiled in); shapes suffice.
     """
     t = fn.transform
     jitted, traced, spec = t.compiled(args, kwargs)
     jitted = t.cache.get(spec, jitted)  # the jax.jit itself, not a first-call wrapper around it
     if not hasattr(jitted, "lower"):  # an engine that runs several programs: their sum, as one
         jitted = jax.jit(jitted)
-    stats = jitted.lower(*traced).compile().memory_analysis()
+    compiled = jitted.lower(*traced).compile()
+    stats = compiled.memory_analysis()
     if stats is None:  # pragma: no cover - a backend without the analysis
         raise NotImplementedError("this backend gives no memory analysis of compiled programs")
-    out = stats.output_size_in_bytes
-    total = stats.argument_size_in_bytes + out + stats.temp_size_in_bytes - stats.alias_size_in_bytes
-    return int(total), int(out)
+    out, temp = stats.output_size_in_bytes, stats.temp_size_in_bytes
+    largest = min(largest_array(compiled.as_text()), temp)
+    total = stats.argument_size_in_bytes + out + temp - stats.alias_size_in_bytes + largest
+    return int(total), int(out), int(largest)
+
+
+def measure(fn: Callable, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """``(total, output)`` bytes of the program a transformed ``fn`` compiles for this call (see :func:`analyse`)."""
+    return analyse(fn, args, kwargs)[:2]
 
 
 def fit(make: Callable[[int | None], Callable], total: int, budget: int, args: tuple, kwargs: dict,
         where: str) -> Fit:
-    """The largest chunk size (``None``: all ``total`` passes at once) whose program fits in ``budget`` bytes.
+    """The largest chunk size (``None``: all ``total`` passes at once, planned) whose program fits in ``budget`` bytes.
 
     Args:
-      make: ``make(chunk_size) -> function`` with the call's signature (the transformation at that chunk size).
+      make: ``make(chunk_size) -> function`` with the call's signature (the transformation at that chunk size;
+        ``chunk_size >= total``: every pass at once without planning).
       total: the number of passes unchunked (basis vectors, colours, HVPs).
 
     Raises:
       ValueError: even the result (with the arguments) is over the budget, or no chunk size fits.
     """
-    tried: dict = {}  # chunk size -> bytes of its compiled program
+    tried: dict = {}  # chunk size -> (bytes, largest) of its compiled program
 
     def size(c):
         if c not in tried:
-            tried[c] = measure(make(c), args, kwargs)[0]
-        return tried[c]
+            tried[c] = analyse(make(c), args, kwargs)[::2]
+        return tried[c][0]
 
-    full, out = measure(make(None), args, kwargs)
-    tried[None] = full
+    def done(c):
+        return Fit(c, tried[c][0], budget, tuple((k, v[0]) for k, v in tried.items()), tried[c][1])
+
+    total = max(int(total), 1)
+    full, out, largest = analyse(make(total), args, kwargs)  # every pass at once, no planner: cheap to build
+    tried[total] = (full, largest)
     if full <= budget:
-        return Fit(None, full, budget, tuple(tried.items()))
+        # It fits: the planned program (a structured sweep, a colouring) if that fits too.
+        return done(None) if size(None) <= budget else done(total)
     if out >= budget:
         raise ValueError(f"{where}: the result alone takes {_human(out)}, over max_memory={_human(budget)}; "
                          "raise max_memory, or ask for less (a sparse result, J v products, a diagonal).")
+    if total == 1:
+        raise ValueError(f"{where}: no chunk size fits in max_memory={_human(budget)}: one pass at a time needs "
+                         f"{_human(full)} (the result {_human(out)}); raise max_memory.")
     # bytes(c) = base + per c through two chunked programs, then the largest c within the budget.
     c1 = max(1, total // 16)
-    c2 = max(c1 + 1, total // 4) if total > 1 else 1
+    c2 = max(c1 + 1, total // 4)
     b1 = size(c1)
-    b2 = size(c2) if c2 < total else b1
-    per = max((b2 - b1) / (c2 - c1), 0.0) if c2 != c1 else 0.0
-    c = int((budget - (b1 - per * c1)) / per) if per > 0 else total
-    c = min(max(c, 1), total - 1 if total > 1 else 1)
+    b2 = size(c2) if c2 < total else full
+    per = max((b2 - b1) / (c2 - c1), 0.0)
+    c = int((budget - (b1 - per * c1)) / per) if per > 0 else total - 1
+    c = min(max(c, 1), total - 1)
     for _ in range(12):
         if size(c) <= budget:
-            return Fit(c, tried[c], budget, tuple(tried.items()))
+            return done(c)
         if c == 1:
             break
-        c = max(1, c // 2)
+        c = max(1, min(c - 1, int(c * budget / size(c))))  # bytes roughly proportional to c: shrink by the excess
     raise ValueError(f"{where}: no chunk size fits in max_memory={_human(budget)}: one pass at a time needs "
-                     f"{_human(min(tried.values()))} (the result {_human(out)}); raise max_memory.")
+                     f"{_human(min(v[0] for v in tried.values()))} (the result {_human(out)}); raise max_memory.")
 
 
 def bounded(make: Callable[[int | None], Callable], passes: Callable, max_memory, where: str) -> Callable | None:

@@ -46,6 +46,32 @@ def test_the_chunk_size_that_fits(rng):
     np.testing.assert_allclose(roomy(x), jax.jacfwd(_pairwise)(x), rtol=1e-10, atol=1e-10)
 
 
+def test_largest_array():
+    hlo = "%a = f32[19,400,3]{2,1,0} parameter(0)\n%b = (s32[], pred[7]) tuple()\n%c = bf16[2,2] add(%d, %e)"
+    assert _memory.largest_array(hlo) == 4 * 19 * 400 * 3
+    assert _memory.largest_array("%s = f64[] constant(1)") == 8
+
+
+def test_over_budget_skips_the_planned_program(rng):
+    """A budget the unplanned all-at-once program exceeds never plans (or compiles) the unchunked one.
+
+    Regression: the unchunked program was measured first, and planning it (a structured-sweep cost
+    model at n = 7449) held 1.2 GB of host memory under a 4 GB budget it could never meet.
+    """
+    def energy(x):
+        d = jnp.tanh(x[:, None] - x[None, :])
+        return jnp.sum(d @ d)
+
+    x = randn(rng, (16,))
+    full = _memory.measure(jacobians.hessian(energy, chunk_size=16), (x,), {})[0]
+    tight = jacobians.hessian(energy, max_memory=full * 2 // 3).memory(x)
+    assert None not in dict(tight.tried) and dict(tight.tried)[16] == full and tight.bytes <= full * 2 // 3
+    roomy = jacobians.hessian(energy, max_memory=full * 4).memory(x)
+    assert roomy.chunk_size is None and set(dict(roomy.tried)) == {16, None}
+    # The margin: the program's largest array, within its bytes.
+    assert 0 < roomy.largest < roomy.bytes and "largest array" in str(roomy)
+
+
 def test_errors(rng):
     x = randn(rng, (32,))
     with pytest.raises(ValueError, match=r"jacobians.jacobian: the result alone takes .* over max_memory=1 kB"):
