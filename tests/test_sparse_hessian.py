@@ -196,3 +196,33 @@ def test_float32_stays_float32(rng):
         assert got.dtype == np.float32, output
         dense = got if output == "dense" else got.todense() if output == "bcoo" else got.toarray()
         np.testing.assert_allclose(dense, ref, rtol=1e-5, atol=1e-6)
+
+
+def grid_energy(u):
+    """1/2 sum over the edges of a 6 x 6 grid of (u_i - u_j)^2 + 1/4 sum u^4: H = L + diag(3 u^2)."""
+    U = u.reshape(6, 6)
+    return 0.5 * (jnp.sum((U[1:] - U[:-1]) ** 2) + jnp.sum((U[:, 1:] - U[:, :-1]) ** 2)) + 0.25 * jnp.sum(u**4)
+
+
+@pytest.mark.parametrize("fun, n, folded", [(rosenbrock, 40, False), (grid_energy, 36, True)])
+def test_seed_folding_weighed_by_xla(monkeypatch, rng, fun, n, folded):
+    # Issue 27: folding the seeds removes a stencil's constant second derivatives from the program (the 2-D
+    # Laplacian energy), but only multiplies the arrays read where every term depends on x (Rosenbrock: 10-20%
+    # slower). XLA's cost analysis of both programs decides; the threshold is lowered to weigh small ones here.
+    from jacobians._sparse import engine
+
+    monkeypatch.setattr(engine, "FOLD_WEIGH", 1)
+    weighed = []
+    weigh = engine.Engine._weigh_fold
+    monkeypatch.setattr(engine.Engine, "_weigh_fold",
+                        staticmethod(lambda c, a: weighed.append(weigh(c, a)) or weighed[-1]))
+    h, reference = jacobians.sparse_hessian(fun), jax.jit(jax.hessian(fun))
+    x, x2 = randn(rng, (n,)), randn(rng, (n,))
+    np.testing.assert_allclose(h(x).todense(), reference(x), rtol=1e-10, atol=1e-12)
+    assert weighed == [folded]
+    # The chosen program, reused: weighed once per call structure.
+    np.testing.assert_allclose(h(x2).todense(), reference(x2), rtol=1e-10, atol=1e-12)
+    # Inside a transformation there are no concrete arguments to compile for: folded, not weighed, same values.
+    got = jax.jit(jacobians.sparse_hessian(fun, output="dense"))(x)
+    np.testing.assert_allclose(got, reference(x), rtol=1e-10, atol=1e-12)
+    assert weighed == [folded]

@@ -19,6 +19,7 @@ matrix of the flat result on the host.
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -507,28 +508,34 @@ class Engine:
         layouts: dict = {}
         split = self.output != "dense"
 
-        def program(products, *traced):
-            out = self.compute(spec, traced, split=split, products=products)
+        def program(fold, products, *traced):
+            out = self.compute(spec, traced, split=split, products=products, fold=fold)
             if not split:
                 return out
             out, layout = out
             layouts[tuple(map(jax.typeof, traced))] = layout
             return out
 
-        jitted = jax.jit(program)
+        # One jit per treatment of a Hessian's seeds (folded or not: see _weigh_fold), the flag bound.
+        programs = {f: jax.jit(functools.partial(program, f)) for f in ((True, False) if hessian else (True,))}
         # Hessians of funs with transcendental functions in two programs: the products, then their
         # decompression. In one, XLA's CPU backend lays the products out one row per colour and fuses them
         # into the gather, recomputing each entry (a cosine, say) in the gather's scalar loop: 3-5x slower
         # on a banded objective than the products written one column per colour, vectorised, as the first
         # program's output. Polynomial funs are cheaper in one program (one dispatch).
-        first = jax.jit(lambda *traced: self.compute(spec, traced, products=True)) if hessian else None
-        two: list = []  # decided at the first call, from its plan
+        firsts = {f: jax.jit(functools.partial(self.compute_products, spec, f)) for f in (True, False)} if hessian \
+            else None
+        chosen: list = []  # (two programs?, the program, the products' program), decided at the first call
 
         def call(*traced):
-            if hessian and not two:
-                avals = [jax.ShapeDtypeStruct(np.shape(a), jax.typeof(a).dtype) for a in traced]
-                two.append(self.plan_for(spec, avals)[2].get("two", False))
-            out = jitted(first(*traced) if hessian and two[0] else None, *traced)
+            if not chosen:
+                choice = self._choose(spec, traced, programs, firsts) if hessian else (False, programs[True], None)
+                if not hessian or not any(map(_compat.is_tracer, traced)):
+                    chosen.append(choice)
+            else:
+                choice = chosen[0]
+            two, jitted, first = choice
+            out = jitted(first(*traced) if two else None, *traced)
             if not split:
                 return out
             layout = next(iter(layouts.values())) if len(layouts) == 1 else layouts[tuple(map(jax.typeof, traced))]
@@ -536,14 +543,59 @@ class Engine:
 
         return call
 
-    def compute(self, spec, traced, split: bool = False, products=None):
+    def _choose(self, spec, traced, programs: dict, firsts: dict) -> tuple:
+        """A Hessian's programs for this call structure: ``(two, program, products' program)``.
+
+        ``two``: the products run as a program of their own (``fun`` has transcendental
+        functions). The seeds are folded where the plan allows it, unless weighing
+        (:meth:`_weigh_fold`) finds the program cheaper without.
+        """
+        avals = [jax.ShapeDtypeStruct(np.shape(a), jax.typeof(a).dtype) for a in traced]
+        plan, _, extra = self.plan_for(spec, avals)
+        two = extra.get("two", False)
+        fold = True
+        size = math.prod(plan.pattern.in_shape) * plan.n_colors
+        if (extra.get("fold", False) and FOLD_WEIGH <= size <= FOLD_MAX and self.chunk_size is None
+                and self.shards is None and not any(map(_compat.is_tracer, traced))):
+            fold = self._weigh_fold(firsts if two else programs, traced if two else (None, *traced))
+        return two, programs[fold], firsts[fold] if two else None
+
+    @staticmethod
+    def _weigh_fold(candidates: dict, args: tuple) -> bool:
+        """Whether a sparse Hessian's program is cheaper with its seeds folded, by XLA's own count.
+
+        Folding turns what the products compute from the seeds alone into constants: a stencil's
+        constant second derivatives vanish from the program (a 2-D Laplacian energy's keeps a quarter of
+        its flops), but products whose every term also depends on ``x`` only trade reading one seed matrix
+        for reading several folded copies of it (Rosenbrock: 24% fewer flops, 43% more bytes, 10-20%
+        slower). Both programs are compiled for ``args`` (jit reuses the chosen one's executable at the
+        call) and weighed by XLA's cost analysis as ``flops * bytes accessed``: in the fused scalar loop
+        that computes each gathered entry, neither resource dominates, and no weighted sum fits both
+        objectives (on both, the product picks the faster program). Folds where the analysis fails.
+        """
+        def cost(fold: bool) -> float:
+            analysis = candidates[fold].lower(*args).compile().cost_analysis()
+            analysis = analysis[0] if isinstance(analysis, list | tuple) else analysis
+            return max(float(analysis.get("flops", 0.0)), 1.0) * max(float(analysis.get("bytes accessed", 0.0)), 1.0)
+
+        try:
+            return cost(True) <= cost(False)
+        except Exception:  # noqa: BLE001 - a cost analysis is advice: without it, fold as before
+            return True
+
+    def compute_products(self, spec, fold: bool, *traced):
+        """A Hessian's compressed products and aux at the traced leaves (the first of two programs)."""
+        return self.compute(spec, traced, products=True, fold=fold)
+
+    def compute(self, spec, traced, split: bool = False, products=None, fold: bool = True):
         """The Jacobian (Hessian) pytree at the traced leaves; ``split``: ``(values, layout)`` instead.
 
         With ``split`` the result is the traced values (block data, or the flat
         data for SciPy outputs) and ``layout(values)``, a host function that builds
         the result from them and the plan's indices. Hessians: ``products=True``
         returns the compressed Hessian and aux only; ``products=(compressed, aux)``
-        starts from them.
+        starts from them; ``fold=False`` keeps the seeds from being folded even where
+        the plan allows it.
         """
         t = self.t
         avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
@@ -569,7 +621,7 @@ class Engine:
         rows, cols = plan.pattern.rows, plan.pattern.cols
         if self.coloring is not None:
             data, aux = _hessian_values(p, plan, t.where, self.shards, self._hessian_mode(plan), self.chunk_size,
-                                        fold=extra.get("fold", False) and p.n * plan.n_colors <= FOLD_MAX,
+                                        fold=fold and extra.get("fold", False) and p.n * plan.n_colors <= FOLD_MAX,
                                         products=products)
             if products is True:
                 return data, aux
@@ -818,6 +870,8 @@ def _hessian_cost(c: int, nnz: int, nodes: int, work: float) -> float:
 
 FOLD_BLOCKERS = {"dot_general", "conv_general_dilated"}  # products XLA would fold slowly with constant seeds
 FOLD_MAX = 1 << 22  # nor fold seeds past this many entries (n times colours): XLA's evaluator is slow
+FOLD_WEIGH = 1 << 14  # from this many seed entries on, XLA's cost analysis decides whether folding pays (below,
+# dispatch dominates and the second compilation would cost more than it saves)
 # Elementwise functions XLA's CPU backend computes in vectorised loops, but once per gathered entry in scalar
 # code when it fuses them into the decompression's gather: a sparse Hessian of a fun using them runs its
 # products and its decompression as two programs (see Engine._build).
@@ -842,8 +896,11 @@ def _seeds_like(colors: np.ndarray, c: int, x: jax.Array, fold: bool = False) ->
 
 
 def _compressed_hessian(p, plan: SparsePlan, mode: str, chunk_size: int | None, shards,
-                        fold: bool = False) -> tuple[jax.Array, object]:
-    """``H @ S``, shape ``(n, c)``: one Hessian-vector product per colour by ``mode``, and ``fun``'s aux."""
+                        fold: bool = False, layout: str = "nc") -> tuple[jax.Array, object]:
+    """``H @ S``: one Hessian-vector product per colour by ``mode``, and ``fun``'s aux.
+
+    ``layout``: ``"nc"``, shape ``(n, c)`` (one column per colour), or ``"cn"``, ``(c, n)``.
+    """
     seeds = _seeds_like(plan.colors, max(plan.n_colors, 1), p.x, fold)
     outer, inner = mode.split("_")
 
@@ -865,9 +922,7 @@ def _compressed_hessian(p, plan: SparsePlan, mode: str, chunk_size: int | None, 
 
             return jax.grad(slope, has_aux=True)(p.x)
 
-    # One column per colour: XLA's CPU code for stencil-like gradients (pads, shifted slices) runs
-    # several times faster in that layout than with one row per seed.
-    return kernels.seed_map(apply, seeds, chunk_size, shards, axis=1)
+    return kernels.seed_map(apply, seeds, chunk_size, shards, axis=1 if layout == "nc" else 0)
 
 
 def _scalar(p, x):
@@ -886,8 +941,15 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
       products: ``True``: return the compressed Hessian ``H @ S`` (``(n, c)``) and aux,
         not the entries; ``(compressed, aux)``: decompress these instead of computing them.
     """
+    # Products returned by a program of their own (``products``) are written one column per colour:
+    # XLA's CPU code for stencil-like gradients (pads, shifted slices) runs several times faster in that
+    # layout. Products fused into the decompression's gather are computed entry by entry in scalar code, where
+    # one row per colour (no transpose inside the loop) measured a few per cent faster on Rosenbrock and the
+    # 2-D Laplacian energy.
+    layout = "nc" if products is not None else "cn"
+
     def run(m):
-        compressed, aux = _compressed_hessian(p, plan, m, chunk_size, shards, fold)
+        compressed, aux = _compressed_hessian(p, plan, m, chunk_size, shards, fold, layout)
         if p.m != 1 or any(s.shape != () for s in p.out_leaves):
             raise ValueError(f"{where}: fun must return a scalar (shape ()), got output {p.out_leaves[0].shape}.")
         return compressed, aux
@@ -899,7 +961,7 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
             return compressed, aux
     else:
         compressed, aux = products
-    kind, how = _decompression(plan, "nc")
+    kind, how = _decompression(plan, layout)
     if kind == "substitute":
         return how(compressed), aux
     return compressed.reshape(-1).at[how].get(mode="promise_in_bounds"), aux
