@@ -204,8 +204,13 @@ def _seed(shape, offset: int | None, columns) -> "_deps.Deps":
     return _deps.Deps(tuple(int(d) for d in shape), np.cumsum(indptr), local + offset)
 
 
-def _transform(fun, argnums, where) -> "_args.Transform":
-    return _args.Transform(fun, argnums, where, build=lambda spec: None)
+def _blocks(detect: Callable, fun, argnums, has_aux, args, kwargs, where: str):
+    """The public pattern functions: ``detect`` (first or second order) on the call's abstract values, per block."""
+    t = _args.Transform(fun, argnums, where, build=lambda spec: None)
+    _args.check_bool(has_aux, "has_aux", where)
+    spec, traced = t.split(args, kwargs)
+    det = detect(t, spec, [abstract(a) for a in traced], has_aux=has_aux)
+    return det.tree(lambda b: det.pattern.block(*b))
 
 
 def sparsity(fun: Callable, *args, argnums: int | tuple[int, ...] = 0, has_aux: bool = False, **kwargs):
@@ -234,12 +239,7 @@ def sparsity(fun: Callable, *args, argnums: int | tuple[int, ...] = 0, has_aux: 
       >>> jacobians.sparsity(lambda x: jnp.sin(x) * x, jnp.ones(3)).nnz
       3
     """
-    where = "jacobians.sparsity"
-    t = _transform(fun, argnums, where)
-    _args.check_bool(has_aux, "has_aux", where)
-    spec, traced = t.split(args, kwargs)
-    det = detect_call(t, spec, [abstract(a) for a in traced], has_aux=has_aux)
-    return det.tree(lambda b: det.pattern.block(*b))
+    return _blocks(detect_call, fun, argnums, has_aux, args, kwargs, "jacobians.sparsity")
 
 
 def detect_hessian(t, spec, avals, *, has_aux=False, max_nnz=None) -> Detected:
@@ -294,9 +294,4 @@ def hessian_sparsity(fun: Callable, *args, argnums: int | tuple[int, ...] = 0, h
       >>> jacobians.hessian_sparsity(lambda x: jnp.sum(x ** 2), jnp.ones(3)).nnz
       3
     """
-    where = "jacobians.hessian_sparsity"
-    t = _transform(fun, argnums, where)
-    _args.check_bool(has_aux, "has_aux", where)
-    spec, traced = t.split(args, kwargs)
-    det = detect_hessian(t, spec, [abstract(a) for a in traced], has_aux=has_aux)
-    return det.tree(lambda b: det.pattern.block(*b))
+    return _blocks(detect_hessian, fun, argnums, has_aux, args, kwargs, "jacobians.hessian_sparsity")
