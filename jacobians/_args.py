@@ -434,6 +434,7 @@ class Transform:
         self._fast: dict[tuple, Callable] = {}  # by argument types: calls of jax arrays and floats, no split
         self._tree_fast: dict = {}  # by pytree structure: pytrees of strongly typed jax arrays, no split
         self._confirmed: set = set()  # specs whose traced Python numbers have compiled and run once
+        self._donating: dict = {}  # spec -> (the built function taking a donated result first, its result's avals)
 
     @classmethod
     def jitted(cls, fun: Callable, argnums: Any, where: str, compute: Callable, opts: Any, **kwargs) -> "Transform":
@@ -461,6 +462,7 @@ class Transform:
     def forget(self, spec: CallSpec) -> None:
         """Drop the built function of ``spec`` (its plan changed: the next call builds and traces anew)."""
         self.cache.pop(spec, None)
+        self._donating.pop(spec, None)
         self._fast.clear()
         self._tree_fast.clear()
 
@@ -483,7 +485,7 @@ class Transform:
         fn = self.build(spec)
         self.cache[spec] = fn
         if len(self.cache) > CACHE_MAX:
-            self.cache.popitem(last=False)
+            self._donating.pop(self.cache.popitem(last=False)[0], None)
             self._fast.clear()  # they may hold the evicted function
             self._tree_fast.clear()
         return fn
@@ -517,6 +519,35 @@ class Transform:
         except TRACER_ERRORS as e:
             raise TracedControlFlowError(self.where, e) from e
 
+    def built(self, args: tuple, kwargs: dict) -> bool:
+        """Whether this call's structure has compiled and run once (its plan made and checked)."""
+        spec, _ = self.split(args, kwargs, raw=True)
+        return spec in self.cache and (not spec.numbers or spec in self._confirmed)
+
+    def into(self, out, args: tuple, kwargs: dict):
+        """The call's result, computed into ``out``'s buffers: ``out`` (a previous result) is donated.
+
+        XLA writes the result where ``out`` was (no second buffer of the result's size is
+        alive at once); ``out`` is deleted. Only once the structure has run (:meth:`built`).
+        """
+        fn, traced, spec = self.compiled(args, kwargs)
+        entry = self._donating.get(spec)
+        if entry is None:
+            donating = jax.jit(lambda _, *tr: fn(*tr), donate_argnums=0, keep_unused=True)
+            entry = self._donating[spec] = (donating, jax.eval_shape(fn, *traced))
+        donating, want = entry
+        got_leaves, got_tree = jax.tree_util.tree_flatten(out)
+        want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+        if got_tree != want_tree or any(
+            not isinstance(g, ARRAY_TYPES) or g.shape != w.shape or g.dtype != w.dtype
+            for g, w in zip(got_leaves, want_leaves, strict=True)
+        ):
+            shown = jax.tree_util.tree_map(lambda a: f"{getattr(a, 'dtype', type(a).__name__)}{list(np.shape(a))}", out)
+            expect = jax.tree_util.tree_map(lambda a: f"{a.dtype}{list(a.shape)}", want)
+            raise ValueError(f"{self.where}: out must be a result of this call (arrays of the same structure, "
+                             f"shapes and dtypes), expected {expect}, got {shown}.")
+        return donating(out, *traced)
+
     def _first_with_numbers(self, fn, spec, n_traced, args, kwargs, *call_args):
         """The first call of a structure with traced Python numbers: if it fails, compile them in and retry.
 
@@ -546,7 +577,24 @@ def wrap(t: Transform) -> Callable:
     def transformed(*args, **kwargs):
         return t(*args, **kwargs)
 
+    return returned(transformed, t)
+
+
+def returned(transformed: Callable, t: Transform) -> Callable:
+    """``transformed`` (the function a transformation returns) with ``.transform`` and ``.into``."""
+
+    def into(out, *args, **kwargs):
+        """The result of ``(*args, **kwargs)`` written into ``out``'s buffers (donated: do not use ``out`` again).
+
+        ``out`` is a previous result of the same call structure (same pytree, shapes and
+        dtypes: a ``ValueError`` otherwise). The first call of a structure runs as usual.
+        """
+        if not t.built(args, kwargs):
+            return transformed(*args, **kwargs)
+        return t.into(out, args, kwargs)
+
     transformed.transform = t
+    transformed.into = into
     return transformed
 
 

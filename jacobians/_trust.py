@@ -229,8 +229,7 @@ def wrap(t: "_args.Transform") -> Callable:
         finally:
             _CALL.reset(token)
 
-    transformed.transform = t
-    return transformed
+    return _args.returned(transformed, t)
 
 
 @contextlib.contextmanager

@@ -217,3 +217,25 @@ def test_check_finds_a_missed_entry(mode, rng):
     pattern[3, 4] = False
     with pytest.raises(ValueError, match=r"pattern misses entry \(row 3, column 4\) of the flat Jacobian"):
         jacobians.sparse_jacobian(stencil_1d, sparsity=pattern, check=True, mode=mode)(x)
+
+
+def test_into_reuses_the_donated_result(rng):
+    """``.into(out, *args)`` writes the next result where a previous one was (donated), and checks ``out``."""
+    params = {"w": randn(rng, (4, 3)), "b": randn(rng, (4,))}
+    f = lambda p, x: jnp.tanh(p["w"] @ x + p["b"])  # noqa: E731
+    jf = jacobians.jacobian(f)
+    x1, x2 = randn(rng, (3,)), randn(rng, (3,))
+    first = jf.into(None, params, x1)  # the first call of a structure runs as usual (out is not read)
+    assert_tree_allclose(first, jax.jacrev(f)(params, x1))
+    where = first["w"].unsafe_buffer_pointer()
+    second = jf.into(first, params, x2)
+    assert_tree_allclose(second, jax.jacrev(f)(params, x2))
+    assert first["w"].is_deleted() and second["w"].unsafe_buffer_pointer() == where
+    with pytest.raises(ValueError, match=r"jacobians.jacobian: out must be a result of this call .*float64\[4, 4\]"):
+        jf.into({"w": jnp.zeros((4, 4, 3)), "b": jnp.zeros((4, 3))}, params, x2)
+    with pytest.raises(ValueError, match="jacobians.jacobian: out must be a result"):
+        jf.into(second["w"], params, x2)
+    h = jacobians.hessian(lambda x: jnp.sum(jnp.sin(x) ** 3))
+    H = h(x1)
+    np.testing.assert_allclose(h.into(H, x2), jax.hessian(lambda x: jnp.sum(jnp.sin(x) ** 3))(x2), rtol=1e-12)
+    assert H.is_deleted()
