@@ -18,6 +18,7 @@ program returns the values only); ``output="csr"``/``"csc"`` builds a SciPy
 matrix of the flat result on the host.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -548,16 +549,19 @@ class Engine:
 
         ``two``: the products run as a program of their own (``fun`` has transcendental
         functions). The seeds are folded where the plan allows it, unless weighing
-        (:meth:`_weigh_fold`) finds the program cheaper without.
+        (:meth:`_weigh_fold`) finds the program cheaper without. Only products fused into the
+        decompression's gather are weighed: a pair of programs already compiles twice at the
+        first call, and its products run in vectorised loops, where the folded copies' reads
+        are not paid entry by entry.
         """
         avals = [jax.ShapeDtypeStruct(np.shape(a), jax.typeof(a).dtype) for a in traced]
         plan, _, extra = self.plan_for(spec, avals)
         two = extra.get("two", False)
         fold = True
         size = math.prod(plan.pattern.in_shape) * plan.n_colors
-        if (extra.get("fold", False) and FOLD_WEIGH <= size <= FOLD_MAX and self.chunk_size is None
+        if (not two and extra.get("fold", False) and FOLD_WEIGH <= size <= FOLD_MAX and self.chunk_size is None
                 and self.shards is None and not any(map(_compat.is_tracer, traced))):
-            fold = self._weigh_fold(firsts if two else programs, traced if two else (None, *traced))
+            fold = self._weigh_fold(programs, (None, *traced))
         return two, programs[fold], firsts[fold] if two else None
 
     @staticmethod
@@ -573,13 +577,16 @@ class Engine:
         that computes each gathered entry, neither resource dominates, and no weighted sum fits both
         objectives (on both, the product picks the faster program). Folds where the analysis fails.
         """
-        def cost(fold: bool) -> float:
-            analysis = candidates[fold].lower(*args).compile().cost_analysis()
+        def cost(lowered) -> float:
+            analysis = lowered.compile().cost_analysis()
             analysis = analysis[0] if isinstance(analysis, list | tuple) else analysis
             return max(float(analysis.get("flops", 0.0)), 1.0) * max(float(analysis.get("bytes accessed", 0.0)), 1.0)
 
         try:
-            return cost(True) <= cost(False)
+            lowered = [candidates[fold].lower(*args) for fold in (True, False)]  # tracing holds the GIL
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:  # XLA compiles without it: both at once
+                folded, unfolded = pool.map(cost, lowered)
+            return folded <= unfolded
         except Exception:  # noqa: BLE001 - a cost analysis is advice: without it, fold as before
             return True
 
