@@ -287,6 +287,28 @@ def test_layers_with_free_axes_gather_instead_of_multiplying(rng, sweep):
     np.testing.assert_allclose(got, jax.vmap(jax.jacfwd(lambda x: f(x[None])[0]))(X), rtol=1e-12)
 
 
+@pytest.mark.parametrize("sweep", ["fwd", "rev"])
+def test_gram_places_one_line_per_entry(rng, sweep):
+    # X^T X: the Jacobian holds X's lines placed by a 0/1 pattern (the closed form). Each input
+    # entry gathers one line (n x 4 values), not one per output position (n x 4 x 4).
+    X = randn(rng, (6, 4))
+    flat = _flat(lambda X: X.T @ X, X.shape)
+    got, ref = _both_sweeps(lambda X: X.T @ X, X, (sweep,))
+    np.testing.assert_allclose(got[sweep], ref, rtol=1e-12, atol=1e-12)
+
+    def gathered(j):
+        for e in j.eqns:
+            if e.primitive.name == "gather":
+                yield e.outvars[0].aval.size
+            for v in e.params.values():
+                inner = getattr(v, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    yield from gathered(inner)
+
+    sizes = list(gathered(jax.make_jaxpr(lambda v: _sweeps.jacobian(flat, v, sweep)[1])(X.ravel()).jaxpr))
+    assert sizes and max(sizes) <= X.size * X.shape[1], sizes
+
+
 def _C(z):
     return jnp.asarray(z, jnp.complex128)
 

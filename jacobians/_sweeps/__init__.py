@@ -294,6 +294,17 @@ def _take_lines(mat: jax.Array, inv: np.ndarray, axis: int) -> jax.Array:
     return out * (mask[None, :] if axis == 1 else mask[:, None])
 
 
+def _per_line(inv: np.ndarray, has: np.ndarray) -> np.ndarray | None:
+    """``g`` with ``inv[r, c] == g[c]`` wherever ``has[r, c]`` (``-1`` where no row has ``c``), else ``None``.
+
+    Then ``take(A, inv)`` masked by ``has`` is ``take(A, g)`` broadcast over the rows times
+    ``has``: one gather of a line per ``c`` instead of one per ``(r, c)`` (``R^T R``'s Jacobian
+    is ``R``'s lines placed by a 0/1 pattern, as its closed form writes it).
+    """
+    g = inv.max(axis=0)
+    return g if np.array_equal(np.where(has, inv, g[None, :]), np.broadcast_to(g, inv.shape)) else None
+
+
 def _fw_dot_free(lat, eqn, k: int, ins):
     """Forward, operand ``k`` a selection with free axes: ``J[a, fb, c] = A[a, inv[fb, c]] scale[fb, inv[fb, c]]``.
 
@@ -317,6 +328,8 @@ def _fw_dot_free(lat, eqn, k: int, ins):
     has = inv >= 0
     if (inv == inv[0]).all():  # the same selection for every free position: one gather, broadcast
         term = jnp.broadcast_to(_take_lines(A, inv[0], axis=1)[:, None, :], (FA, FB, lat.n))
+    elif (line := _per_line(inv, has)) is not None:  # one line per input entry, placed by the 0/1 pattern
+        term = _take_lines(A, line, axis=1)[:, None, :] * jnp.asarray(has).astype(out.dtype)[None]
     else:
         term = jnp.take(A, jnp.asarray(np.where(has, inv, 0).reshape(-1)), axis=1).reshape(FA, FB, lat.n)
         term = term * jnp.asarray(has).astype(out.dtype)[None]
@@ -349,6 +362,8 @@ def _rv_dot_free(lat, eqn, k: int, ins, g: st.Sel):
     has = inv >= 0
     if (inv == inv[0]).all():
         res = jnp.broadcast_to(_take_lines(A, inv[0], axis=0)[:, None, :], (lat.n, FB, K))
+    elif (line := _per_line(inv, has)) is not None:
+        res = _take_lines(A, line, axis=0)[:, None, :] * jnp.asarray(has.T).astype(dtype)[:, :, None]
     else:
         res = jnp.take(A, jnp.asarray(np.where(has, inv, 0).T.reshape(-1)), axis=0).reshape(lat.n, FB, K)
         res = res * jnp.asarray(has.T).astype(dtype)[:, :, None]
