@@ -92,7 +92,9 @@ class LogDetPlan:
       passes: JVPs/VJPs in all (a sweep counts one).
       stages: the :class:`Stage` s (empty for the dense method).
       reason: one line on the choice.
-      seconds: host time spent planning.
+      seconds: host time spent planning (the certificate included).
+      certificate: the check of a structure plan against JAX's dense Jacobian
+        (``jacobians.Certificate``-like: ``status`` and ``detail``); ``None`` for the dense method.
     """
 
     method: str
@@ -104,6 +106,7 @@ class LogDetPlan:
     seconds: float | None = field(default=None, compare=False)
     closed: object = field(default=None, repr=False, compare=False)
     batch: int | None = None  # batch_first: one value per example
+    certificate: object = field(default=None, compare=False)  # the _trust.Certificate of a structure plan
 
     def __str__(self) -> str:
         lines = [f"log-determinant plan: {self.method}, {self.passes} passes (n={self.n}, {len(self.stages)} stages)"]
@@ -115,6 +118,8 @@ class LogDetPlan:
             lines.append(f"  stage {i}: {how}; blocks {sizes or '-'}" + (f"; nnz={s.nnz}" if s.nnz is not None else ""))
         if self.reason:
             lines.append(f"  {self.reason}")
+        if self.certificate is not None:
+            lines.append(f"  certificate: {self.certificate}")
         if self.seconds is not None:
             lines.append(f"  planned in {self.seconds * 1e3:.3g} ms")
         return "\n".join(lines)

@@ -28,6 +28,31 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from . import _args, _blocktri, _mesh, _planner, _trust, kernels
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The determinants' options, checked once at build time, and their plan cache.
+
+    Attributes:
+      batched: ``fun`` takes one point; ``x`` has a leading batch axis.
+      batch_first: ``fun`` takes a batch whose examples are independent.
+      kind: ``"slogdet"`` (square) or ``"log_volume"`` (rectangular, QR).
+      output: the public function (``"slogdet"``, ``"log_abs_det"``, ``"det"``, ``"log_volume"``).
+      finish: ``(sign, logabsdet) -> result`` of the public function.
+      shards: the resolved mesh split of the batch, or ``None``.
+      batch_jac: ``batch_first``: the ``batch_jacobian`` that proves and computes per-example Jacobians.
+      plans: the cached :class:`_blocktri.LogDetPlan` per call structure.
+    """
+
+    batched: bool
+    batch_first: bool
+    kind: str
+    output: str
+    finish: Callable
+    shards: object = None
+    batch_jac: Callable | None = None
+    plans: dict = dataclasses.field(default_factory=dict, repr=False)
+
+
 def _check_sizes(p: _args.Problem, where: str, square: bool) -> None:
     if square and p.m != p.n:
         out = [tuple(o.shape) for o in p.out_leaves]
@@ -58,7 +83,7 @@ def _plan(t, spec, leaves, opts, square: bool, batch: int | None = None) -> _blo
     """
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in leaves]
     key = (spec, square, batch, tuple((a.shape, np.dtype(a.dtype)) for a in avals))
-    plan = opts["plans"].get(key)
+    plan = opts.plans.get(key)
     if plan is not None:
         return plan
     t0 = time.perf_counter()
@@ -78,8 +103,167 @@ def _plan(t, spec, leaves, opts, square: bool, batch: int | None = None) -> _blo
         except Exception as e:  # noqa: BLE001 - reported (strict: raised) by analysis_failed
             plan = _blocktri.dense_plan(p.n, forced or "fwd", _trust.analysis_failed(t.where, e, "log-determinant "
                                                                                       "analysis"))
-    plan = opts["plans"][key] = dataclasses.replace(plan, seconds=time.perf_counter() - t0)
+    if plan.method != "dense":
+        values = _point_values(t, spec, leaves, avals, opts, batch)
+        deferrable = _trust.concrete(leaves) is None  # the call being traced runs: its program can be reused
+        plan = _certify(t, spec, opts, key if deferrable else None, plan, (closed, offsets, p), values)
+    plan = opts.plans[key] = dataclasses.replace(plan, seconds=time.perf_counter() - t0)
     return plan
+
+
+def _point_values(t, spec, leaves, avals, opts, batch) -> list | None:
+    """The values of the call being planned, for its certificate (one point's when batched), if known."""
+    values = _trust.concrete(leaves) or _trust.call_values(spec, t)
+    if values is not None and opts.batched and batch is None:  # fun takes one point: the first example's
+        values = [np.asarray(v)[0] if np.ndim(v) == len(a.shape) + 1 and np.shape(v)[0] else v for v, a in
+                  zip(values, avals, strict=True)]
+    if values is None or any(np.shape(v) != tuple(a.shape) for v, a in zip(values, avals, strict=True)):
+        return None
+    return values
+
+
+def _certify(t, spec, opts, key, plan: _blocktri.LogDetPlan, traced_flat: tuple, values) -> _blocktri.LogDetPlan:
+    """Check a structure plan against JAX: at once, or after the call being traced has run.
+
+    The check compares the plan's result at a random point (near the call's inputs when
+    known) with NumPy's ``slogdet`` of JAX's dense Jacobian there (per example for
+    ``batch_first``, whose off-diagonal blocks must also be exactly zero). Where a
+    concrete call is being traced, the check runs after it with the call's own compiled
+    program (its result at the check's point) and holds the call's result back until it
+    passes; a failed check replaces the plan by the dense one and the call runs again.
+    Up to ``CERTIFY_MAX`` inputs: the check costs ``n`` JVPs once per plan.
+
+    Returns:
+      The plan with its certificate; the dense plan where the check failed at once
+      (a PlanWarning; strict mode: a PlanError).
+    """
+    after = values is not None and key is not None
+
+    def check():
+        with _trust.stage("certificate"):
+            return _certificate(t, spec, opts, plan, traced_flat, values, after)
+
+    if after:
+        pending = _trust.defer(check, lambda result: _settle(t, opts, key, spec, result))
+        if pending is not None:
+            return plan
+    try:
+        result = check()
+    except Exception as e:  # noqa: BLE001 - reported by _judged
+        result = e
+    return _judged(plan, result, t.where)
+
+
+def _judged(plan: _blocktri.LogDetPlan, result, where: str) -> _blocktri.LogDetPlan:
+    """``plan`` with its certificate, or the dense plan where the check failed or raised (warn; strict: raise)."""
+    if isinstance(result, BaseException):
+        return _blocktri.dense_plan(plan.n, plan.mode, _trust.analysis_failed(where, result, "log-determinant "
+                                                                                            "analysis"))
+    if result.failed:
+        return _blocktri.dense_plan(plan.n, plan.mode, _trust.certificate_failed(
+            where, f"log-determinant {plan.method}", result.detail))
+    return dataclasses.replace(plan, certificate=result)
+
+
+def _settle(t, opts, key, spec, result) -> bool:
+    """A deferred check's result: keep the plan (``True``), or replace it and forget the compiled call."""
+    plan = opts.plans[key]
+    if not isinstance(result, BaseException) and not result.failed:
+        opts.plans[key] = dataclasses.replace(plan, certificate=result)
+        return True
+    # Replaced before the failure is reported: strict mode raises, and the next call must not reuse the plan.
+    opts.plans[key] = _blocktri.dense_plan(plan.n, plan.mode, "the plan failed its check")
+    t.forget(spec)
+    opts.plans[key] = dataclasses.replace(_judged(plan, result, t.where), seconds=plan.seconds)
+    return False
+
+
+CERTIFY_MAX = 4096  # inputs up to which a log-determinant plan is checked against JAX's dense Jacobian
+
+
+def _encode(sign, logabs, known) -> np.ndarray:
+    """``(examples, 4)``: sign, log|det| (``-inf`` as 0), whether it is ``-inf``, whether the sign is known."""
+    sign, logabs = (np.atleast_1d(np.asarray(v, np.float64)) for v in (sign, logabs))
+    sign = np.broadcast_to(sign, logabs.shape)
+    neg = np.isneginf(logabs)
+    return np.stack([sign, np.where(neg, 0.0, logabs), neg, np.full(logabs.shape, float(known))], -1)
+
+
+def _certificate(t, spec, opts, plan, traced_flat, values, after: bool) -> _trust.Certificate:
+    n, batch = plan.n, plan.batch
+    if n > CERTIFY_MAX:
+        return _trust.Certificate("skipped", f"n = {n} > {CERTIFY_MAX}: JAX's dense Jacobian would cost {n} JVPs")
+    examples = batch or 1
+    d = n // examples
+
+    def program(p, T, leaves):
+        del T  # no directions: the whole dense Jacobian is the reference
+        J = _flat_jacobian(p, plan.mode)
+        if after:
+            return (J,)
+        sign, logabs = _blocktri.evaluate(plan, leaves)  # no call to reuse: the plan's own program
+        return J, jnp.asarray(sign), jnp.where(jnp.isneginf(logabs), 0, logabs), jnp.isneginf(logabs)
+
+    def computed(point):  # the call's own compiled program at the check's point
+        mask = spec.diff_mask()
+        batched = opts.batched and not opts.batch_first
+        out = t.cache[spec](*[np.asarray(v)[None] if batched and m else v for v, m in zip(point, mask, strict=True)])
+        if opts.output == "slogdet":
+            return _encode(*out, True)
+        if opts.output == "det":
+            v = np.asarray(out, np.float64)
+            with np.errstate(divide="ignore"):
+                return _encode(np.sign(v), np.log(np.abs(v)), True)
+        return _encode(0.0, out, False)
+
+    def judge(outs, T, tol):
+        J = np.asarray(outs[0], np.float64).reshape(examples, d, examples, d)
+        if after:
+            got = outs[1]
+        else:
+            got = _encode(outs[1], np.where(outs[3], -np.inf, outs[2]), True)
+        sign, logabs, sing, known = (got[:, i] for i in range(4))
+        own = np.eye(examples, dtype=bool)[:, None, :, None]
+        coupled = np.abs(np.where(own, 0.0, J)).max(initial=0.0)
+        if coupled > 0:
+            return f"an entry of {coupled:.3g} links two examples the plan keeps apart"
+        blocks = np.stack([J[e, :, e, :] for e in range(examples)])
+        ref_sign, ref_logabs = np.linalg.slogdet(blocks)
+        with np.errstate(divide="ignore"):
+            rows = np.log(np.linalg.norm(blocks, axis=-1)).sum(-1)  # Hadamard's bound on log|det|
+        eps = float(np.finfo(outs[0].dtype).eps)
+        near = np.log(64 * d * eps)  # this far below Hadamard's bound: singular within rounding
+        for e in range(examples):
+            at = f" (example {e})" if batch else ""
+            ref_sing = np.isneginf(ref_logabs[e]) or np.isneginf(rows[e])
+            if ref_sing and not sing[e]:  # a row rounded to zero (a saturated tanh) cannot refute a finite log
+                return f"{_INCONCLUSIVE}JAX's dense Jacobian is singular where the plan gives {logabs[e]:.6g}{at}"
+            if sing[e] or ref_sing:
+                if (sing[e] or logabs[e] - rows[e] < near) and (ref_sing or ref_logabs[e] - rows[e] < near):
+                    continue
+                return f"log|det| {'-inf' if sing[e] else f'{logabs[e]:.6g}'}, JAX's {ref_logabs[e]:.6g}{at}"
+            if (known[e] and sign[e] != ref_sign[e]) or abs(logabs[e] - ref_logabs[e]) > tol * (
+                    abs(ref_logabs[e]) + np.sqrt(d)):
+                return (f"sign {sign[e]:g} and log|det| {logabs[e]:.6g}, JAX's {ref_sign[e]:g} and "
+                        f"{ref_logabs[e]:.6g}{at}")
+        return None
+
+    def directions(rng, p):
+        return np.zeros((1, 1), p.x.dtype)
+
+    what = "point: the result against NumPy's slogdet of JAX's dense Jacobian"
+    # A standard normal point first (a point scaled like the call's inputs may saturate the map, where
+    # JAX's own Jacobian rounds to zero and the plan's log-space answer is the better one), then near
+    # the call's inputs (maps defined only there).
+    cert = _trust.certify(traced_flat, None, program, judge, what, directions, computed if after else None)
+    if values is not None and (cert.status == "skipped" or _INCONCLUSIVE in cert.detail):
+        cert = _trust.certify(traced_flat, values, program, judge, what, directions, computed if after else None)
+    if _INCONCLUSIVE in cert.detail:
+        return _trust.Certificate("skipped", cert.detail.replace(_INCONCLUSIVE, ""))
+    return cert
+
+
+_INCONCLUSIVE = "inconclusive: "
 
 
 def _log_volume(J):
@@ -90,20 +274,20 @@ def _log_volume(J):
 
 
 def _compute(t, spec, opts, *traced):
-    where, square = t.where, opts["kind"] != "log_volume"
+    where, square = t.where, opts.kind != "log_volume"
     reduce = kernels.slogdet if square else _log_volume
     diff_mask = spec.diff_mask()
-    if opts["batch_first"]:
+    if opts.batch_first:
         args, kwargs, _ = spec.rebuild(traced)
         xs = [x for x, d in zip(traced, diff_mask, strict=True) if d]
         if len(xs) == 1 and np.ndim(xs[0]) and np.shape(xs[0])[0] == 0:  # an empty batch: nothing to prove
             dtype = jnp.result_type(xs[0]) if jnp.issubdtype(jnp.result_type(xs[0]), jnp.inexact) else float
-            return opts["finish"](jnp.ones((0,), dtype), jnp.zeros((0,), dtype))
-        if square and len(xs) == 1 and np.ndim(xs[0]) and opts["shards"] is None:  # (a mesh splits batch_jacobian)
+            return opts.finish(jnp.ones((0,), dtype), jnp.zeros((0,), dtype))
+        if square and len(xs) == 1 and np.ndim(xs[0]) and opts.shards is None:  # (a mesh splits batch_jacobian)
             plan = _plan(t, spec, traced, opts, square, batch=int(np.shape(xs[0])[0]))
             if plan.method != "dense":  # per-example blocks, proved apart by the pattern itself
-                return opts["finish"](*_blocktri.evaluate(plan, traced))
-        leaves = jax.tree_util.tree_leaves(opts["batch_jac"](*args, **kwargs))
+                return opts.finish(*_blocktri.evaluate(plan, traced))
+        leaves = jax.tree_util.tree_leaves(opts.batch_jac(*args, **kwargs))
         xs = [x for x, d in zip(traced, diff_mask, strict=True) if d]
         if len(leaves) != 1 or len(xs) != 1:
             raise ValueError(f"{where}: batch_first=True needs one array input and one array output.")
@@ -111,7 +295,7 @@ def _compute(t, spec, opts, *traced):
         J = J.reshape(J.shape[0], -1, math.prod(np.shape(x)[1:]))  # (B, m, n) per example
         if square and J.shape[1] != J.shape[2]:
             raise ValueError(f"{where}: a Jacobian determinant needs square per-example Jacobians, got {J.shape[1:]}.")
-        return opts["finish"](*reduce(J))
+        return opts.finish(*reduce(J))
 
     def one(*leaves):
         p = _args.problem(t.fun, spec, leaves, where=where, int_argnums=True)
@@ -121,20 +305,20 @@ def _compute(t, spec, opts, *traced):
             return _blocktri.evaluate(plan, leaves)
         return reduce(_flat_jacobian(p, plan.mode))
 
-    if not opts["batched"]:
-        return opts["finish"](*one(*traced))
+    if not opts.batched:
+        return opts.finish(*one(*traced))
     for x, d in zip(traced, diff_mask, strict=True):
         if d and np.ndim(x) == 0:
             raise ValueError(f"{where}: batched=True needs x with a leading batch axis, got a scalar.")
     in_axes = tuple(0 if d else None for d in diff_mask)
-    shards = opts["shards"]
+    shards = opts.shards
     if shards is None or shards.count <= 1:
-        return opts["finish"](*jax.vmap(one, in_axes=in_axes)(*traced))
+        return opts.finish(*jax.vmap(one, in_axes=in_axes)(*traced))
     # Split the batch across the mesh: pad with copies of the last point, trim afterwards.
     b = next(np.shape(x)[0] for x, d in zip(traced, diff_mask, strict=True) if d)
     padded = [shards.constrain(_mesh.pad_batch(x, shards.count)) if d else x
               for x, d in zip(traced, diff_mask, strict=True)]
-    out = opts["finish"](*jax.vmap(one, in_axes=in_axes)(*padded))
+    out = opts.finish(*jax.vmap(one, in_axes=in_axes)(*padded))
     return _mesh.shard_result(jax.tree_util.tree_map(lambda r: r[:b], out), shards, lambda leaf: 0)
 
 
@@ -153,24 +337,27 @@ def _pad_and_shard(traced: list, diff_mask: list) -> tuple[list, int]:
 
 
 def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, mesh_axis=None):
+    output = where.rsplit(".", 1)[-1]
     batched = _args.check_bool(batched, "batched", where)
     batch_first = _args.check_bool(batch_first, "batch_first", where)
     if batched and batch_first:
         raise ValueError(f"{where}: choose batched=True (fun takes one point) or batch_first=True (fun takes a "
                          "batch), not both.")
     shards = _mesh.resolve(mesh, where, mesh_axis)
-    opts = dict(batched=batched, batch_first=batch_first, kind=kind, finish=finish, shards=shards, plans={})
+    batch_jac = None
     if batch_first:
         from ._batch import batch_jacobian
 
-        opts["batch_jac"] = batch_jacobian(fun, argnums, mesh=mesh, mesh_axis=mesh_axis)
+        batch_jac = batch_jacobian(fun, argnums, mesh=mesh, mesh_axis=mesh_axis)
+    opts = _Options(batched, batch_first, kind, output, finish, shards, batch_jac)
     # batched=True calls fun per example: a trial trace of fun on the whole batch would not test that call.
     t = _args.Transform.jitted(fun, argnums, where, _compute, opts, probe=not batched)
+    checked = _trust.wrap(t)  # a plan made by a call is certified after it, with the call's own program
 
     @functools.wraps(fun)
     def wrapped(*args, **kwargs):
         if not batched or shards is not None or jax.device_count() == 1:  # one device pays nothing for sharding
-            return t(*args, **kwargs)
+            return checked(*args, **kwargs)
         fn, traced, spec = t.compiled(args, kwargs)
         mask = spec.diff_mask()
         for x, d in zip(traced, mask, strict=True):

@@ -264,3 +264,29 @@ def test_analysis_failure_falls_back(rng, monkeypatch):
     assert any(issubclass(w.category, jacobians.PlanWarning) for w in caught)
     assert lad.plan(x).method == "dense"
     np.testing.assert_allclose(got, _ref(f, x)[1], rtol=1e-12)
+
+
+def test_certificate_catches_wrong_plans(rng, monkeypatch):
+    # A coupling whose output swaps two entries (an odd permutation: sign -1), and a map with one 2x2 block.
+    W = randn(rng, (2, 2))
+    swapped = lambda x: jnp.concatenate([x[:2], x[2:] * jnp.exp(jnp.tanh(W @ x[:2]))])[jnp.array([1, 0, 2, 3])]  # noqa: E731
+    block = lambda x: jnp.stack([x[0] + 0.5 * jnp.sin(x[1]), x[1] + 0.7 * jnp.sin(x[0]), 2 * x[2]])  # noqa: E731
+    x4, x3 = randn(rng, (4,)), randn(rng, (3,))
+    good = jacobians.slogdet(swapped)
+    good(x4)
+    assert good.plan(x4).certificate.status == "passed"  # checked after the first call, by the call's program
+    wrong_sign = ("_parity", lambda perm: 1)
+    wrong_blocks = ("_components", lambda rows, cols, match, n: (np.arange(n), n))  # the 2x2 block split in two
+    for (name, rule), f, x, shown in ((wrong_sign, swapped, x4, r"sign 1 and log\|det\| \S+, JAX's -1"),
+                                      (wrong_blocks, block, x3, r"sign \S+ and log\|det\| \S+, JAX's")):
+        monkeypatch.setattr(_blocktri, name, rule)
+        with pytest.raises(jacobians.PlanError, match=r"log-determinant block-triangular plan failed its "
+                                                      rf"certificate \({shown}"):
+            jacobians.slogdet(f)(x)
+        with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="failed its certificate"):
+            sd = jacobians.slogdet(f)
+            sign, logabs = sd(x)
+        ref = _ref(f, x)
+        assert sign == ref[0] and sd.plan(x).method == "dense"  # the call ran again, on the dense path
+        np.testing.assert_allclose(logabs, ref[1], rtol=1e-12)
+        monkeypatch.undo()
