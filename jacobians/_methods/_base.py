@@ -60,12 +60,15 @@ def pass_cost(closed) -> float:
     """One evaluation's cost from a closed or open jaxpr: FLOPs of products and convolutions, element counts elsewhere.
 
     Nested jaxprs (a ``jit``, ``cond``'s branches, a loop body) are open and may
-    have constants of their own (a closure), which cost nothing here.
+    have constants of their own (a closure), which cost nothing here. A reshape
+    costs nothing either: XLA makes it a bitcast of the same buffer.
     """
     total = 0.0
     for eqn in _compat.unclose(closed)[0].eqns:
         name = eqn.primitive.name
         out = sum(math.prod(v.aval.shape) for v in eqn.outvars)
+        if name == "reshape":
+            continue
         if name == "dot_general":
             (lc, _), _ = eqn.params["dimension_numbers"]
             k = math.prod(eqn.invars[0].aval.shape[i] for i in lc)

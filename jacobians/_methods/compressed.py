@@ -13,7 +13,11 @@ SAMPLE_FROM = 4096  # inputs from which that pre-pass pays for itself
 
 
 class Compressed:
-    """Detection, colouring and one pass per colour; costed as passes plus the gather of ``nnz`` entries."""
+    """Detection, colouring and one pass per colour; costed as passes, the gather of ``nnz`` entries and the zeros.
+
+    The zeros: the dense result's ``m n`` entries, filled before the values are scattered into
+    them (no other method writes the result twice).
+    """
 
     name = "compressed"
     margin = 1.0
@@ -36,7 +40,7 @@ class Compressed:
             ctx.notes.append("the pattern is dense (detection stopped at the density budget)")
             return []
         nnz = plan.pattern.nnz
-        cost = plan.n_colors * f * (1 + PASS_OVERHEAD) + nnz
+        cost = plan.n_colors * f * (1 + PASS_OVERHEAD) + nnz + n * m  # + the dense result's zeros, scattered into
         verdict = f"{plan.n_colors} colours" if cost < best else (
             f"{plan.n_colors} colours do not pay for the decompression")
         return [Candidate(self, plan.mode, plan.n_colors, cost, plan, nnz, verdict)]
