@@ -359,7 +359,9 @@ def _batched(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     k = a.shape[-1]
     if a.size == 0:  # an empty batch (also one that vmap makes empty): no blocks to loop over
         return jnp.ones(a.shape[:-2], a.dtype), jnp.zeros(a.shape[:-2], a.dtype)
-    sign, logabs = _stack(a.reshape((-1, k, k)))
+    # Materialised first: fused into the kernel's loops (or its closed forms, which read each entry several
+    # times), the producer of ``a`` (a Jacobian's tanh, say) would be recomputed per use and per block.
+    sign, logabs = _stack(jax.lax.optimization_barrier(a.reshape(-1)).reshape((-1, k, k)))
     return sign.reshape(a.shape[:-2]), logabs.reshape(a.shape[:-2])
 
 
@@ -425,9 +427,12 @@ def _finite_fix(a: jax.Array, sign: jax.Array, logabs: jax.Array) -> tuple[jax.A
     One test over the results (not the input) when none is: the fast paths pay a reduction over ``B`` values.
     """
     flagged = ~(logabs < jnp.inf)  # NaN or +inf; -inf (singular) is exact
+    # The branch reads the stack through the same 1-D view as the LU's blocks: one buffer for both (as a
+    # (B, k, k) operand XLA gave it a layout of its own, a second copy of an input computed in the program).
+    shape, flat = a.shape, a.reshape(-1)
 
     def fix(sign, logabs):
-        ls, ll = _limit(a)
+        ls, ll = _limit(flat.reshape(shape))
         return jnp.where(flagged, ls, sign), jnp.where(flagged, ll, logabs)
 
     return jax.lax.cond(jnp.any(flagged), fix, lambda s, la: (s, la), sign, logabs)
