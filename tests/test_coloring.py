@@ -256,8 +256,25 @@ def test_dsatur_across_blocks(monkeypatch):
     assert n_colors(colors) <= 5
 
 
-def test_colouring_inside_a_jit_trace():
+def test_host_and_compiled_greedy_passes_agree(monkeypatch):
+    # Few columns are coloured on the host, many by the compiled loop: the same greedy pass, the same colours.
+    from jacobians._sparse.coloring import greedy
+
+    rows, cols = stencil_2d(12)
+    on_host = color_columns(rows, cols, 144)
+    monkeypatch.setattr(greedy, "HOST_MAX", 0)
+    compiled = color_columns(rows, cols, 144)
+    np.testing.assert_array_equal(on_host, compiled)
+    check_bipartite(rows, cols, compiled)
+
+
+@pytest.mark.parametrize("host_max", [0, None])
+def test_colouring_inside_a_jit_trace(monkeypatch, host_max):
     # sparse_jacobian plans while the user's function is traced: the loops must still run eagerly.
+    from jacobians._sparse.coloring import greedy
+
+    if host_max is not None:
+        monkeypatch.setattr(greedy, "HOST_MAX", host_max)
     rows, cols = stencil_2d(6)
 
     @jax.jit

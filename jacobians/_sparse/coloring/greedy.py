@@ -89,6 +89,11 @@ def _greedy_loop(order: jax.Array, col_rows: jax.Array, masks: jax.Array, count:
     return (lax.fori_loop(0, count, body, (masks, jnp.zeros(n, jnp.int32)))[1],)
 
 
+# Up to this many columns the greedy pass runs on the host, column by column (about 5 us each): compiling
+# the loop costs 0.1-0.4 s the first time a process meets its sizes, a plan's whole budget on small maps.
+HOST_MAX = 2048
+
+
 def _host_column(masks: np.ndarray, rows: np.ndarray) -> int | None:
     """Colour one column on the host: OR its rows' masks, take the first free bit, record it."""
     inv = ~np.bitwise_or.reduce(masks[rows], axis=0)
@@ -124,14 +129,16 @@ def greedy_columns(s: Structure, order: np.ndarray, n_words: int) -> np.ndarray 
     masks = np.zeros((m_pad, n_words), np.uint32)
     colors = np.zeros(n, np.int64)
     order = np.asarray(order, np.int64)
-    # Long columns first (a greedy order that puts them early anyway, largest first, loses nothing).
-    for j in order[long[order]]:
+    # Long columns first (a greedy order that puts them early anyway, largest first, loses nothing), on the
+    # host; the others too when they are few.
+    light = order[nonempty[order] & ~long[order]]
+    few = light.size <= HOST_MAX
+    for j in np.concatenate([order[long[order]], light]) if few else order[long[order]]:
         c = _host_column(masks, s.col_rows[s.col_ptr[j] : s.col_ptr[j + 1]])
         if c is None:
             return None
         colors[j] = c
-    light = order[nonempty[order] & ~long[order]]
-    if light.size:
+    if not few:
         n_pad = bucket(n, lo=1024)
         table = padded(s.col_ptr, s.col_rows, nonempty & ~long, width, n_pad, m_pad)
         seq = np.zeros(bucket(light.size, lo=1024), np.int32)
