@@ -346,9 +346,9 @@ def test_hessian_through_a_structured_sweep_of_the_gradient(rng):
 
 
 def test_sweeps_stop_once_they_cannot_win(rng):
-    # A parameter Jacobian (many inputs, two outputs): the forward sweep would carry a dense
-    # (hidden x n) Jacobian, far more than two VJPs cost; the planner stops tracing it early.
-    W1, W2 = rng.standard_normal((32, 64)), rng.standard_normal((2, 32))
+    # A parameter Jacobian (many inputs, eight outputs): the forward sweep would carry a dense
+    # (hidden x n) Jacobian, far more than eight VJPs cost; the planner stops tracing it early.
+    W1, W2 = rng.standard_normal((32, 64)), rng.standard_normal((8, 32))
     x = jnp.asarray(rng.standard_normal(64))
 
     def f(p):
@@ -365,3 +365,8 @@ def test_sweeps_stop_once_they_cannot_win(rng):
     # Asked for explicitly, the sweep has no budget and still runs.
     got = jacobians.jacobian(f, method="structured", mode="fwd")(p)
     np.testing.assert_allclose(got["w1"], want["w1"], rtol=1e-12, atol=1e-12)
+    # A diagonal Jacobian: one compressed pass beats any sweep's primal pass plus its dense (n, n) result,
+    # so no sweep is traced at all.
+    plan = jacobians.explain(lambda x: jnp.sin(x) * x, x)
+    assert plan.method == "compressed" and "no structured sweep can win" in plan.reason
+    assert not any(k.startswith("structured") for k in plan.costs)

@@ -16,6 +16,11 @@ class Structured:
         if ctx.sweep is None:
             return []
         only = ctx.only == self.name
+        # A sweep's program holds the primal pass and writes the dense (m, n) Jacobian: below the margin
+        # times the best candidate, or it is not traced at all (a compressed diagonal, a few colours).
+        if not only and ctx.f + ctx.m * ctx.n >= self.margin * ctx.best:
+            ctx.notes.append("no structured sweep can win (the primal pass and the dense result alone cost more)")
+            return []
         # A sweep is traced only while it can still win: its dense values may not outgrow the margin
         # times the best other candidate (every materialised entry costs at least one element operation).
         limit = None if only or ctx.best == float("inf") else self.margin * ctx.best
