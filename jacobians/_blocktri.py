@@ -394,11 +394,13 @@ def _greedy(n_nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     np.cumsum(np.bincount(src, minlength=n_nodes), out=ptr[1:])
     degree = np.diff(ptr)
     colors = np.full(n_nodes, -1, np.int64)
-    for v in np.lexsort((np.arange(n_nodes), -degree)):
+    free = np.ones(n_nodes + 1, bool)  # scratch: colours not used by the current node's neighbours
+    for v in np.lexsort((np.arange(n_nodes), -degree)).tolist():
         used = colors[dst[ptr[v]:ptr[v + 1]]]
-        used = np.unique(used[used >= 0])
-        gaps = np.flatnonzero(used != np.arange(used.size))  # used is sorted: the first gap is the least free
-        colors[v] = gaps[0] if gaps.size else used.size
+        used = used[used >= 0]
+        free[used] = False
+        colors[v] = int(np.argmax(free))  # the least free colour (a node has fewer neighbours than colours)
+        free[used] = True
     return colors
 
 

@@ -290,3 +290,33 @@ def test_certificate_catches_wrong_plans(rng, monkeypatch):
         assert sign == ref[0] and sd.plan(x).method == "dense"  # the call ran again, on the dense path
         np.testing.assert_allclose(logabs, ref[1], rtol=1e-12)
         monkeypatch.undo()
+
+
+def test_sparse_products_in_detection_match_the_pairwise_join(rng, monkeypatch):
+    # Large joins (a MADE's masked layers, a Glow step's convolutions) go through one SciPy product instead of
+    # listing every (output, input) pair: forced on small maps, the patterns must be the pairwise ones exactly.
+    from jacobians._deps import _conv, _linalg
+
+    def masked(shape, p):
+        return jnp.asarray(rng.standard_normal(shape) * (rng.random(shape) < p))
+
+    A, B3, K = masked((9, 7), 0.5), masked((3, 7, 4), 0.4), masked((3, 3, 2, 2), 0.6)
+    D = masked((7, 7), 0.4) + jnp.eye(7)  # mixing first: sets of several inputs (fewer links than pairs), unequal
+    cases = [
+        (lambda x: jnp.tanh(x @ A.T) @ A, (7,)),  # the constant on the right (the operand with sets first)
+        (lambda x: A @ jnp.sin(D @ x), (7,)),  # on the left: its nonzeros sorted by contracted index first
+        (lambda X: jnp.einsum("bmk,bkn->bnm", jnp.tanh(X @ D), B3), (3, 2, 7)),  # batch axes, permuted output
+        (lambda X: jax.lax.conv_general_dilated(X, K, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
+         (1, 5, 5, 2)),
+    ]
+    points = [randn(rng, shape) for _, shape in cases]
+    pairwise = [jacobians.sparsity(f, x).to_dense() for (f, _), x in zip(cases, points)]
+    taken = []
+    dot_sparse, compose = _linalg._dot_sparse, _conv._compose
+    monkeypatch.setattr(_linalg, "SPARSE_JOIN", -1)
+    monkeypatch.setattr(_linalg, "_dot_sparse", lambda *a: taken.append("dot") or dot_sparse(*a))
+    monkeypatch.setattr(_conv, "SPARSE_PAIRS", -1)
+    monkeypatch.setattr(_conv, "_compose", lambda *a: taken.append("conv") or compose(*a))
+    for (f, _), x, want in zip(cases, points, pairwise):
+        np.testing.assert_array_equal(jacobians.sparsity(f, x).to_dense(), want)
+    assert taken.count("dot") >= 3 and "conv" in taken

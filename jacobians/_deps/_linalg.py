@@ -4,9 +4,10 @@ import math
 
 import numpy as np
 
-from ._sets import everything, from_coo, gather, union
+from ._sets import Deps, everything, from_coo, gather, union
 
 JOIN_MAX = 1 << 25  # largest join through a constant operand before a product counts as dense
+SPARSE_JOIN = 1 << 20  # joins larger than this go through one sparse matrix product (when it has fewer links)
 
 # Matrix factorisations and solves: dense within one matrix, independent across batch dimensions.
 BATCHED_DENSE = ("cholesky", "triangular_solve", "lu", "qr", "householder_product", "geqrf", "geqp3",
@@ -110,13 +111,43 @@ def _dot_part(lat, dep, other, groups, other_groups, is_lhs, bmkn, shape):
     ptr = np.searchsorted(key, np.arange(b_ * k_ + 1))
     q = rb * k_ + rk
     cnt = ptr[q + 1] - ptr[q]
-    if int(cnt.sum()) > JOIN_MAX:
+    join = int(cnt.sum())
+    if join > JOIN_MAX:
         return everything([dep], shape)
+    if join > SPARSE_JOIN and (m_ if is_lhs else n_) * key.size < join:
+        return _dot_sparse(lat, dep, groups, *np.divmod(key, k_), on, is_lhs, bmkn, shape)  # (sorted by key)
     rep = np.repeat(np.arange(rows.size), cnt)
     start = np.repeat(ptr[q], cnt) + (np.arange(rep.size) - np.repeat(np.cumsum(cnt) - cnt, cnt))
     partner = on[start]
     out = (rb[rep] * m_ + rf[rep]) * n_ + partner if is_lhs else (rb[rep] * m_ + partner) * n_ + rf[rep]
     return from_coo(shape, out, dep.indices[rep], lat.n)
+
+
+def _dot_sparse(lat, dep, groups, ob, ok, on, is_lhs, bmkn, shape):
+    """The join through a constant partner as one sparse product (SciPy): ``sets(out) = E @ sets(dep)``.
+
+    ``E`` links each output element to the operand elements its nonzero partner entries
+    multiply: ``m * nnz(partner)`` links where the element-by-element join builds one pair
+    per (stored index, partner entry) and deduplicates them by sorting (a masked layer of a
+    MADE with 512 hidden units: 16M pairs, about 0.8 s; the product takes a fraction).
+    """
+    from scipy.sparse import csr_matrix
+
+    b_, m_, k_, n_ = bmkn
+    free = m_ if is_lhs else n_
+    # The flat index in dep's own shape of each (b, free, k) element (is_lhs) or (b, k, free) element.
+    axes = [a for g in groups for a in g]
+    order = np.arange(dep.size).reshape(dep.shape).transpose(axes).reshape((b_, m_, k_) if is_lhs else (b_, k_, n_))
+    f = np.arange(free)
+    src = order[ob[:, None], f[None, :], ok[:, None]] if is_lhs else order[ob[:, None], ok[:, None], f[None, :]]
+    dst = ((ob[:, None] * m_ + f[None, :]) * n_ + on[:, None] if is_lhs
+           else (ob[:, None] * m_ + on[:, None]) * n_ + f[None, :])
+    size = math.prod(shape)
+    links = csr_matrix((np.ones(src.size, np.float32), (dst.ravel(), src.ravel())), shape=(size, dep.size))
+    sets = csr_matrix((np.ones(dep.nnz, np.float32), dep.indices, dep.indptr), shape=(dep.size, max(lat.n, 1)))
+    out = links @ sets
+    out.sort_indices()
+    return Deps(tuple(int(d) for d in shape), out.indptr.astype(np.int64), out.indices.astype(np.int64))
 
 
 def batched_dense(lat, eqn, ins):
