@@ -21,6 +21,7 @@ the cases that finished.
 """
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -299,6 +300,31 @@ def _is_tie(row: dict, base: dict) -> bool:
     return row["q25_s"] <= base["q75_s"] and base["q25_s"] <= row["q75_s"]
 
 
+def _rounds(timed: dict, rows: dict, repeat: int, quick: bool) -> None:
+    """Time the implementations round by round, appending to each row's ``samples_s``.
+
+    Rounds interleave the implementations, rotating the order so that no implementation
+    always runs right after the same neighbour. Each kind (jax, torch, numpy) is timed in
+    its own phase: BLAS and OpenMP worker threads keep spinning after a call and would slow
+    whatever runs next. Slow implementations get fewer rounds.
+    """
+    for kind in ("jax", "torch", "numpy"):
+        order = [(n, c) for n, c in timed.items() if rows[n]["kind"] == kind]
+        if not order:
+            continue
+        time.sleep(0.05 if quick else 0.2)  # let the previous phase's workers go idle
+        deadline = time.perf_counter() + (20 if not quick else 2)
+        for r in range(repeat):
+            for impl_name, call in order[r % len(order) :] + order[: r % len(order)]:
+                row = rows[impl_name]
+                if r >= 3 and row["inner"] == 1 and time.perf_counter() > deadline:
+                    continue
+                t0 = time.perf_counter()
+                for _ in range(row["inner"]):
+                    call()
+                row["samples_s"].append((time.perf_counter() - t0) / row["inner"])
+
+
 def run_case(case: Case, quick: bool, repeat: int, timing: bool = True) -> dict:
     """Check, compile, then time every implementation of one case."""
     import jax
@@ -338,26 +364,16 @@ def run_case(case: Case, quick: bool, repeat: int, timing: bool = True) -> dict:
         except Exception as e:  # noqa: BLE001 - a failing implementation is a result
             row["status"] = "failed"
             row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-    # Interleave implementations round by round, rotating the order so that no
-    # implementation always runs right after the same neighbour. Each kind
-    # (jax, torch, numpy) is timed in its own phase: BLAS and OpenMP worker
-    # threads keep spinning after a call and would slow whatever runs next.
-    # Slow implementations get fewer rounds.
-    for kind in ("jax", "torch", "numpy"):
-        order = [(n, c) for n, c in timed.items() if rows[n]["kind"] == kind]
-        if not order:
-            continue
-        time.sleep(0.05 if quick else 0.2)  # let the previous phase's workers go idle
-        deadline = time.perf_counter() + (20 if not quick else 2)
-        for r in range(repeat):
-            for impl_name, call in order[r % len(order) :] + order[: r % len(order)]:
-                row = rows[impl_name]
-                if r >= 3 and row["inner"] == 1 and time.perf_counter() > deadline:
-                    continue
-                t0 = time.perf_counter()
-                for _ in range(row["inner"]):
-                    call()
-                row["samples_s"].append((time.perf_counter() - t0) / row["inner"])
+    # Python's garbage collector runs between samples, not inside them: its pauses (0.2-0.4 s
+    # with the plans and jaxprs a case holds) landed on whichever call was being timed.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        _rounds(timed, rows, repeat, quick)
+    finally:
+        gc.enable()
+        gc.unfreeze()
     for row in rows.values():
         s = row.pop("samples_s", None)
         if s:
