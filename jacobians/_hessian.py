@@ -23,7 +23,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import _args, _memory, _mesh, _planner, _sweeps, _trust, kernels
-from ._leaves import Leaves
+from ._leaves import Leaves, join
 
 HESSIAN_MODES = _args.HESSIAN_MODES
 
@@ -50,6 +50,7 @@ class _Options:
     chunk_size: int | None
     with_value: bool
     plans: dict = dataclasses.field(default_factory=dict, repr=False)
+    pending: dict = dataclasses.field(default_factory=dict, repr=False)  # certificates running (_trust.defer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +142,15 @@ def _problem(t, spec, traced, has_aux, holomorphic=False):
 
 
 def _choose(t, spec, opts, traced, decide) -> str | None:
-    """The structured sweep for these shapes, or ``None``: decided once, certified against HVPs at a random point."""
+    """The structured sweep for these shapes, or ``None``: decided once, certified against HVPs at a random point.
+
+    As :func:`jacobians.jacobian`'s plans: where the call being traced is concrete, the check runs
+    after it with the call's own compiled Hessian (only JAX's reference HVPs are compiled for it,
+    ahead, while the call compiles), and a failure replaces the sweep and runs the call again.
+    """
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
+    if key in opts.pending:  # made by a call that did not finish: settle it first
+        opts.pending[key].wait()
     if key in opts.plans:
         return opts.plans[key]
     where = t.where
@@ -150,22 +158,54 @@ def _choose(t, spec, opts, traced, decide) -> str | None:
     try:
         sweep = decide()
         if sweep is not None:
-
             avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
             traced_flat = _args.trace_flat(t, spec, avals, has_aux=opts.has_aux)
-            values = _trust.concrete(traced) or _trust.call_values(spec, t)
-            with _trust.stage("certificate"):
-                cert = _trust.linear(
-                    traced_flat, values, lambda q: _sweeps.jacobian(gradient(q, "rev"), q.x, sweep)[1],
-                    mode="fwd", hessian=True, where=where)
-            if cert.failed:
-                _trust.certificate_failed(where, f"structured {sweep} Hessian", cert.detail)
-                sweep = None
+            concrete = _trust.concrete(traced)
+            values = concrete or _trust.call_values(spec, t)
+            after = concrete is None and values is not None
+
+            def computed(point):  # the call's own Hessian at the point, flat (n, n)
+                res = t.cache[spec](*point)
+                res = res[0] if opts.has_aux else res
+                cut = jax.tree_util.tree_leaves(res[2] if opts.with_value else res)
+                lay = Leaves.of(traced_flat[2].in_leaves)
+                k = len(lay.shapes)
+                return join([cut[i * k : (i + 1) * k] for i in range(k)], lay, lay)
+
+            def check():
+                with _trust.stage("certificate"):
+                    return _trust.linear(
+                        traced_flat, values, lambda q: _sweeps.jacobian(gradient(q, "rev"), q.x, sweep)[1],
+                        mode="fwd", hessian=True, where=where, computed=computed if after else None)
+
+            pending = _trust.defer(check, lambda result: _settle(t, opts, key, sweep, result)) if after else None
+            if pending is not None:
+                opts.pending[key] = pending
+            else:
+                cert = check()
+                if cert.failed:
+                    _trust.certificate_failed(where, f"structured {sweep} Hessian", cert.detail)
+                    sweep = None
     except Exception as e:  # noqa: BLE001 - reported (strict: raised) by analysis_failed
         _trust.analysis_failed(where, e, "planner's cost model")
         sweep = None
     opts.plans[key] = sweep
     return sweep
+
+
+def _settle(t, opts, key, sweep: str, result) -> bool:
+    """A deferred check's result: keep the sweep (``True``), or replace it by HVPs and forget the compiled call."""
+    opts.pending.pop(key, None)
+    if not isinstance(result, BaseException) and not result.failed:
+        return True
+    # Replaced before the failure is reported: strict mode raises, and the next call must not reuse the sweep.
+    opts.plans[key] = None
+    t.forget(key[0])
+    if isinstance(result, BaseException):
+        _trust.analysis_failed(t.where, result)
+    else:
+        _trust.certificate_failed(t.where, f"structured {sweep} Hessian", result.detail)
+    return False
 
 
 def _compute_hessian(t, spec, opts, *traced):

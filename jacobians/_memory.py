@@ -210,8 +210,12 @@ def bounded(make: Callable[[int | None], Callable], passes: Callable, max_memory
     def run(*args, **kwargs):
         return get(choice(args, kwargs).chunk_size)(*args, **kwargs)
 
+    def into(out, *args, **kwargs):  # the chosen function's donated-buffer call (see _args.returned)
+        return get(choice(args, kwargs).chunk_size).into(out, *args, **kwargs)
+
     run.memory = lambda *args, **kwargs: choice(args, kwargs)
     run.make = get
+    run.into = into
     return run
 
 
@@ -239,8 +243,13 @@ def transform(make: Callable[[int | None], Callable], chunk_size, max_memory, wh
         p = run.make(fit_.chunk_size).plan(*args, **kwargs)
         return dataclasses.replace(p, memory=fit_) if any(f.name == "memory" for f in dataclasses.fields(p)) else p
 
-    run = functools.wraps(first)(run)
+    into = run.into
+    run = functools.wraps(first)(run)  # (copies first's attributes: those that must be run's are set again below)
     run.transform = first.transform
+    if hasattr(first, "into"):
+        run.into = into
+    else:
+        del run.into
     if hasattr(first, "plan"):
         run.plan = plan
     return run
