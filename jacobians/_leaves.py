@@ -83,6 +83,8 @@ def blocks(jac, out: Leaves, inp: Leaves) -> list[list[Any]]:
 
 def join(rows, out: Leaves, inp: Leaves):
     """The blocks of :func:`blocks` (NumPy, one list of input-leaf blocks per output leaf) back as one ``(m, n)``."""
+    if len(rows) == 1 and len(rows[0]) == 1:  # one block: a view, not a copy
+        return np.asarray(rows[0][0]).reshape(out.total, inp.total)
     return np.concatenate([np.concatenate([np.asarray(blk).reshape(size, k) for blk, k in zip(row, inp.sizes,
                                                                                              strict=True)], axis=1)
                            for row, size in zip(rows, out.sizes, strict=True)], axis=0)

@@ -49,8 +49,10 @@ class Compressed:
         return call.compressed()
 
     def certify(self, cand, traced_flat, values, where, computed=None):
-        if computed is not None:  # the call's dense result, every entry, against JAX's products
-            return _trust.linear(traced_flat, values, None, mode=cand.mode, where=where, computed=computed)
+        if computed is not None:  # the call's result at the pattern's entries (zero elsewhere by construction)
+            rows, cols = cand.state.pattern.rows, cand.state.pattern.cols
+            return _trust.linear(traced_flat, values, None, mode=cand.mode, entries=(rows, cols), where=where,
+                                 computed=lambda point: computed(point)[rows, cols])
         return _sparse.certify_plan(cand.state, traced_flat, values, where)
 
 

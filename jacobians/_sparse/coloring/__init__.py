@@ -5,8 +5,9 @@ nonzero of ``J @ seed`` comes from exactly one column. This is a partial
 distance-2 colouring of the bipartite row/column graph. It is computed on the
 compressed row and column structure (never a list of conflicting pairs):
 
-1. the longest row is a lower bound (its columns all conflict); a row holding
-   every nonempty column settles it at once;
+1. the longest row is a lower bound (its columns all conflict); rows of one
+   entry (nothing conflicts) or a row holding every nonempty column settle it
+   at once;
 2. greedy in largest-first order (:mod:`.greedy`), ``O(nnz)``;
 3. if that misses the bound and the pattern's rows and columns are short,
    DSATUR (:mod:`.dsatur`), kept only when it uses fewer colours.
@@ -33,6 +34,8 @@ def _color(s: Structure) -> np.ndarray:
     if not s.rows.size:
         return np.zeros(s.n_cols, np.int64)
     bound = int(s.row_len.max())
+    if bound == 1:  # no row holds two columns: nothing conflicts, one colour (a diagonal)
+        return np.zeros(s.n_cols, np.int64)
     if bound == int(nonempty.sum()):  # one row holds every nonempty column: all conflict
         colors = np.zeros(s.n_cols, np.int64)
         colors[nonempty] = np.arange(bound)

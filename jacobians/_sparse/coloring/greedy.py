@@ -89,9 +89,9 @@ def _greedy_loop(order: jax.Array, col_rows: jax.Array, masks: jax.Array, count:
     return (lax.fori_loop(0, count, body, (masks, jnp.zeros(n, jnp.int32)))[1],)
 
 
-# Up to this many columns the greedy pass runs on the host, column by column (about 5 us each): compiling
-# the loop costs 0.1-0.4 s the first time a process meets its sizes, a plan's whole budget on small maps.
-HOST_MAX = 2048
+# Up to this many columns the greedy pass runs on the host, column by column (about 8 us each): compiling
+# the loop costs 0.15-0.4 s the first time a process meets its sizes, a plan's whole budget on small maps.
+HOST_MAX = 8192
 
 
 def _host_column(masks: np.ndarray, rows: np.ndarray) -> int | None:
