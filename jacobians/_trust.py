@@ -614,7 +614,10 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
             size = ref.shape[1]
             prod, bound = _apply(np.asarray(rows), np.asarray(cols), got, T, side_out, size)
         else:
-            J = got.astype(np.result_type(got, np.float64))
+            # In the plan's own precision (at least float32): the products' rounding, ~sqrt(n) eps, is far
+            # below the tolerance (sqrt(eps)), and a large dense Jacobian is not copied to float64.
+            J = got.astype(np.result_type(got, np.float32), copy=False)
+            T = T.astype(np.result_type(T.dtype, J.dtype), copy=False)
             prod = T @ J if side_out else T @ J.T
             bound = np.abs(T) @ np.abs(J) if side_out else np.abs(T) @ np.abs(J).T
         return compare(prod, ref, bound, tol, "input entry" if side_out else "output entry")
