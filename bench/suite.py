@@ -3,7 +3,9 @@
 Method (after JAX's ``benchmarks/`` and lineax): every implementation is checked
 against the closed form before it is timed (a wrong one is reported, never
 timed); compilation and warm-up happen outside the timed loop, whose every call
-ends in ``block_until_ready``; implementations are interleaved over rounds so
+ends in ``block_until_ready``; a first call is a new function's (JAX and this
+library are warmed up on an unrelated function first, so that the process's own
+start-up is charged to no implementation); implementations are interleaved over rounds so
 that machine noise hits them alike; the median and interquartile range over
 rounds are reported, and ratios to ``jacobians`` come from the same run. A ratio
 whose IQR overlaps jacobians' is marked '~', a tie. Each case runs in its own
@@ -325,6 +327,26 @@ def _rounds(timed: dict, rows: dict, repeat: int, quick: bool) -> None:
                 row["samples_s"].append((time.perf_counter() - t0) / row["inner"])
 
 
+def _warm_up(dtype: str) -> None:
+    """Compile and run a tiny unrelated function through JAX's and jacobians' transformations.
+
+    A first call is the cost of a *new function*: the once-per-process start-up of JAX's
+    tracing and XLA's code generation (and of this library) must not fall on whichever
+    implementation happens to be timed first in a fresh process.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import jacobians
+
+    v = jnp.linspace(0.1, 1.0, 5, dtype=dtype)
+    f = lambda v: jnp.tanh(v) * v[::-1] + jnp.sin(v[0])  # noqa: E731
+    g = lambda v: jnp.sum(jnp.tanh(v) ** 2)  # noqa: E731
+    for fn in (jax.jit(jax.jacfwd(f)), jax.jit(jax.jacrev(f)), jax.jit(jax.hessian(g)), jacobians.jacobian(f),
+               jacobians.hessian(g)):
+        jax.block_until_ready(fn(v))
+
+
 def run_case(case: Case, quick: bool, repeat: int, timing: bool = True) -> dict:
     """Check, compile, then time every implementation of one case."""
     import jax
@@ -335,6 +357,7 @@ def run_case(case: Case, quick: bool, repeat: int, timing: bool = True) -> dict:
     leaves = [np.asarray(v) for v in jax.tree_util.tree_leaves(ref_vals)]
     scale = max([1.0] + [float(np.max(np.abs(v))) for v in leaves if v.size])
     rows, timed = {}, {}
+    _warm_up(case.dtype)
     for impl_name, impl in w.impls.items():
         row = rows[impl_name] = {"impl": impl_name, "kind": impl.kind}
         try:
