@@ -151,7 +151,8 @@ def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
         opts.plans[key] = plan
         engine = opts.engine
         if plan.method == "compressed":  # the sparse engine evaluates it with no new detection
-            engine.plans[engine.key(spec, avals)] = (plan.sparse_plan, None, {})
+            k = engine.key(spec, avals)
+            engine.plans[k] = (plan.sparse_plan, None, engine.plans.get(k, (None, None, {}))[2])
     return plan
 
 
@@ -252,6 +253,8 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
         with _trust.stage("certificate"):
             return cand.method.certify(cand, traced_flat, values, t.where, computed if after else None)
 
+    if plan.method == "compressed":  # what the sparse engine's evaluation needs of the jaxpr (its seeds' folding)
+        engine.plans[engine.key(spec, avals)] = (plan.sparse_plan, None, _sparse.facts(closed))
     return dataclasses.replace(plan, fallback_mode=_planner.dense_mode(closed, p.n, p.m)), check, after
 
 

@@ -16,9 +16,14 @@ import numpy as np
 from ._basis import Shards, opaque, sharded_vmap
 
 
-def _seeds(colors: np.ndarray, n_colors: int, dtype) -> jax.Array:
-    """The 0/1 seed rows, shape ``(n_colors, len(colors))``: row ``c`` marks colour ``c``."""
-    return opaque(jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], dtype))  # never constant-folded
+def _seeds(colors: np.ndarray, n_colors: int, dtype, fold: bool = False) -> jax.Array:
+    """The 0/1 seed rows, shape ``(n_colors, len(colors))``: row ``c`` marks colour ``c``.
+
+    Behind an optimization barrier unless ``fold``: XLA then cannot fold them with closed-over
+    weights at compile time (slow in its evaluator for large products).
+    """
+    seeds = jnp.asarray(colors[None, :] == np.arange(n_colors)[:, None], dtype)
+    return seeds if fold else opaque(seeds)
 
 
 def seed_map(apply: Callable, seeds: jax.Array, chunk_size: int | None = None, shards: Shards | None = None,
@@ -59,6 +64,7 @@ def compressed_jvps(
     n_colors: int,
     shards: Shards | None = None,
     chunk_size: int | None = None,
+    fold: bool = False,
 ) -> tuple[jax.Array, Any]:
     """``(J @ S)^T``: one JVP per colour, shape ``(n_colors, m)``, and ``fun``'s aux.
 
@@ -69,8 +75,9 @@ def compressed_jvps(
       n_colors: the number of colours (JVPs).
       shards: split the colours across devices.
       chunk_size: at most this many JVPs at a time (see :func:`seed_map`).
+      fold: the seeds are plain constants XLA may fold (see :func:`_seeds`).
     """
-    seeds = _seeds(colors, n_colors, x.dtype)  # (c, n)
+    seeds = _seeds(colors, n_colors, x.dtype, fold)  # (c, n)
     push = lambda t: jax.jvp(fun, (x,), (t,), has_aux=True)[1:]  # noqa: E731
     return seed_map(push, seeds, chunk_size, shards)  # (c, m): vmap's layout, no transpose
 
@@ -84,6 +91,7 @@ def compressed_forward(
     cols: np.ndarray,
     shards: Shards | None = None,
     chunk_size: int | None = None,
+    fold: bool = False,
 ) -> jax.Array:
     """The nonzeros ``J[rows, cols]`` of a flat ``fun``'s Jacobian, by column colouring.
 
@@ -95,11 +103,12 @@ def compressed_forward(
       rows, cols: the nonzeros to extract.
       shards: split the colours across devices.
       chunk_size: at most this many JVPs at a time.
+      fold: the seeds are plain constants XLA may fold (see :func:`_seeds`).
 
     Returns:
       ``(values, aux)``: the values, shape ``(len(rows),)``, and ``fun``'s aux.
     """
-    compressed, aux = compressed_jvps(fun, x, colors, n_colors, shards, chunk_size)
+    compressed, aux = compressed_jvps(fun, x, colors, n_colors, shards, chunk_size, fold)
     # One flat gather with precomputed indices decompresses.
     return compressed.reshape(-1)[colors[cols] * compressed.shape[1] + np.asarray(rows)], aux
 
@@ -113,6 +122,7 @@ def compressed_reverse(
     cols: np.ndarray,
     shards: Shards | None = None,
     chunk_size: int | None = None,
+    fold: bool = False,
 ) -> jax.Array:
     """The nonzeros ``J[rows, cols]`` of a flat ``fun``'s Jacobian, by row colouring.
 
@@ -124,11 +134,12 @@ def compressed_reverse(
       rows, cols: the nonzeros to extract.
       shards: split the colours across devices.
       chunk_size: at most this many VJPs at a time.
+      fold: the seeds are plain constants XLA may fold (see :func:`_seeds`).
 
     Returns:
       ``(values, aux)``: the values, shape ``(len(rows),)``, and ``fun``'s aux.
     """
     y, pullback, aux = jax.vjp(fun, x, has_aux=True)
-    seeds = _seeds(colors, n_colors, y.dtype)  # (c, m)
+    seeds = _seeds(colors, n_colors, y.dtype, fold)  # (c, m)
     compressed, _ = seed_map(lambda c: (pullback(c)[0], None), seeds, chunk_size, shards)  # (c, n)
     return compressed.reshape(-1)[colors[rows] * x.shape[0] + np.asarray(cols)], aux

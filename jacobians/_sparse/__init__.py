@@ -10,8 +10,8 @@
 """
 
 from . import coloring
-from .engine import Engine, SparsePlan, certify_plan, make_plan, sparse_hessian, sparse_jacobian
+from .engine import Engine, SparsePlan, certify_plan, facts, make_plan, sparse_hessian, sparse_jacobian
 from .pattern import Detected, SparsityPattern, detect_traced, hessian_sparsity, sparsity
 
-__all__ = ["Detected", "Engine", "SparsePlan", "SparsityPattern", "certify_plan", "coloring", "detect_traced",
+__all__ = ["Detected", "Engine", "SparsePlan", "SparsityPattern", "certify_plan", "coloring", "detect_traced", "facts",
            "hessian_sparsity", "make_plan", "sparse_hessian", "sparse_jacobian", "sparsity"]
