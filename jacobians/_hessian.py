@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _memory, _mesh, _planner, _sweeps, _trust, kernels
+from . import _args, _memory, _mesh, _methods, _planner, _sweeps, _trust, kernels
 from ._leaves import Leaves, join
 
 HESSIAN_MODES = _args.HESSIAN_MODES
@@ -118,19 +118,27 @@ def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, ch
         # The Jacobian of the gradient may be cheaper by a structured sweep (one sweep through
         # the gradient's jaxpr instead of n JVPs): the planner's cost model decides.
         grad = gradient(p, "rev")
+        traced: dict = {}  # the sweeps the cost model traced here: the chosen one is evaluated, not swept again
+
+        def sweep_program(sweep):
+            traced[sweep] = _methods.Traced(*jax.make_jaxpr(lambda x: _sweeps.jacobian(grad, x, sweep),
+                                                            return_shape=True)(p.x))
+            return traced[sweep]
 
         def decide() -> str | None:
             try:
                 closed = jax.make_jaxpr(lambda x: grad(x)[0])(p.x)
             except Exception:  # noqa: BLE001 - no reverse-mode gradient (while_loop): the fallbacks below
                 return None
-            plan = _planner.choose(closed, p.n, p.n, None, None,
-                                   lambda sweep: jax.make_jaxpr(lambda x: _sweeps.jacobian(grad, x, sweep)[1])(p.x))
+            plan = _planner.choose(closed, p.n, p.n, None, None, sweep_program)
             return plan.mode if plan.method == "structured" else None
 
         sweep = choose(decide) if choose is not None else decide()
         if sweep is not None:
-            g, H, (value, aux) = _sweeps.jacobian(grad, p.x, sweep)
+            if sweep in traced:  # (its consts may be this trace's values: used here only)
+                g, H, (value, aux) = traced[sweep]((p.x,))
+            else:
+                g, H, (value, aux) = _sweeps.jacobian(grad, p.x, sweep)
             return H, g, value, aux
     return either_second(run, where) if mode == "auto" else run(mode)
 
