@@ -898,7 +898,7 @@ def jacobian_folds(extra: dict, plan: "SparsePlan") -> bool:
     is small (``FOLD_WORK``); past ``FOLD_MAX`` seed entries never. ``extra``: the plan's facts
     (``"fold"``: no dense products, ``"pass"``: one pass's cost); unknown facts fold nothing.
     """
-    if "pass" not in extra or plan.pattern.in_shape and math.prod(plan.pattern.in_shape) * plan.n_colors > FOLD_MAX:
+    if "pass" not in extra or plan.colors.size * plan.n_colors > FOLD_MAX:  # the seeds are (colours, len(colors))
         return False
     return extra["fold"] or extra["pass"] * max(plan.n_colors, 1) <= FOLD_WORK
 FOLD_MAX = 1 << 22  # nor fold seeds past this many entries (n times colours): XLA's evaluator is slow
