@@ -519,18 +519,17 @@ class Transform:
         except TRACER_ERRORS as e:
             raise TracedControlFlowError(self.where, e) from e
 
-    def built(self, args: tuple, kwargs: dict) -> bool:
-        """Whether this call's structure has compiled and run once (its plan made and checked)."""
-        spec, _ = self.split(args, kwargs, raw=True)
-        return spec in self.cache and (not spec.numbers or spec in self._confirmed)
-
-    def into(self, out, args: tuple, kwargs: dict):
+    def into(self, out, args: tuple, kwargs: dict, first: Callable):
         """The call's result, computed into ``out``'s buffers: ``out`` (a previous result) is donated.
 
         XLA writes the result where ``out`` was (no second buffer of the result's size is
-        alive at once); ``out`` is deleted. Only once the structure has run (:meth:`built`).
+        alive at once); ``out`` is deleted. A structure that has not compiled and run once
+        (its plan made and checked) runs as ``first(*args, **kwargs)`` instead (``out`` unread).
         """
-        fn, traced, spec = self.compiled(args, kwargs)
+        spec, traced = self.split(args, kwargs, raw=True)
+        fn = self.cache.get(spec)
+        if fn is None or (spec.numbers and spec not in self._confirmed):
+            return first(*args, **kwargs)
         entry = self._donating.get(spec)
         if entry is None:
             donating = jax.jit(lambda _, *tr: fn(*tr), donate_argnums=0, keep_unused=True)
@@ -589,9 +588,7 @@ def returned(transformed: Callable, t: Transform) -> Callable:
         ``out`` is a previous result of the same call structure (same pytree, shapes and
         dtypes: a ``ValueError`` otherwise). The first call of a structure runs as usual.
         """
-        if not t.built(args, kwargs):
-            return transformed(*args, **kwargs)
-        return t.into(out, args, kwargs)
+        return t.into(out, args, kwargs, transformed)
 
     transformed.transform = t
     transformed.into = into
