@@ -168,17 +168,13 @@ def _choose(t, spec, opts, traced, decide) -> str | None:
         if sweep is not None:
             avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
             traced_flat = _args.trace_flat(t, spec, avals, has_aux=opts.has_aux)
-            concrete = _trust.concrete(traced)
-            values = concrete or _trust.call_values(spec, t)
-            after = concrete is None and values is not None
+            values, after = _trust.check_point(traced, spec, t)
 
             def computed(point):  # the call's own Hessian at the point, flat (n, n)
                 res = t.cache[spec](*point)
                 res = res[0] if opts.has_aux else res
-                cut = jax.tree_util.tree_leaves(res[2] if opts.with_value else res)
                 lay = Leaves.of(traced_flat[2].in_leaves)
-                k = len(lay.shapes)
-                return join([cut[i * k : (i + 1) * k] for i in range(k)], lay, lay)
+                return join(jax.tree_util.tree_leaves(res[2] if opts.with_value else res), lay, lay)
 
             def check():
                 with _trust.stage("certificate"):
@@ -440,8 +436,7 @@ def _compute_value_and_jacobian(t, spec, opts, *traced):
         mode = "fwd" if (complex_out or p.n <= p.m) else "rev"
     kernel = kernels.forward if mode == "fwd" else kernels.reverse
     y, jac, aux = kernel(p.flat, p.x, opts.chunk_size)
-    value = p.out_treedef.unflatten([v.astype(out.dtype) for v, out in
-                                     zip(Leaves.of(p.out_leaves).split(y), p.out_leaves, strict=True)])
+    value = p.out_tree(y)
     if opts.has_aux:
         return (value, aux), p.blocks(jac)
     return value, p.blocks(jac)

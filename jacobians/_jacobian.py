@@ -241,9 +241,7 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
         return _planner.dense(closed, p.n, p.m, note, _trust.fallback()), None, False
     if plan.method == "dense":
         return dataclasses.replace(plan, certificate=_trust.NOT_NEEDED), None, False
-    concrete = _trust.concrete(traced)
-    values = concrete or _trust.call_values(spec, t)
-    after = concrete is None and values is not None  # the call being traced is concrete: it will have run
+    values, after = _trust.check_point(traced, spec, t)
     cand = plan.candidate
 
     def computed(point):
@@ -260,9 +258,7 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
 
 def _flat_jacobian(result, p, has_aux: bool) -> np.ndarray:
     """The ``(m, n)`` matrix of a call's result (the pytree of blocks), on the host."""
-    cut = jax.tree_util.tree_leaves(result[0] if has_aux else result)
-    n_in = len(p.in_leaves)
-    return _leaves.join([cut[i * n_in : (i + 1) * n_in] for i in range(len(p.out_leaves))],
+    return _leaves.join(jax.tree_util.tree_leaves(result[0] if has_aux else result),
                         _leaves.Leaves.of(p.out_leaves), _leaves.Leaves.of(p.in_leaves))
 
 

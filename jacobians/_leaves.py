@@ -81,10 +81,14 @@ def blocks(jac, out: Leaves, inp: Leaves) -> list[list[Any]]:
     return [inp.split(row, axis=-1) for row in out.split(jac, axis=jac.ndim - 2)]
 
 
-def join(rows, out: Leaves, inp: Leaves):
-    """The blocks of :func:`blocks` (NumPy, one list of input-leaf blocks per output leaf) back as one ``(m, n)``."""
-    if len(rows) == 1 and len(rows[0]) == 1:  # one block: a view, not a copy
-        return np.asarray(rows[0][0]).reshape(out.total, inp.total)
-    return np.concatenate([np.concatenate([np.asarray(blk).reshape(size, k) for blk, k in zip(row, inp.sizes,
-                                                                                             strict=True)], axis=1)
-                           for row, size in zip(rows, out.sizes, strict=True)], axis=0)
+def join(cut: Sequence, out: Leaves, inp: Leaves):
+    """The blocks of :func:`blocks` back as one NumPy ``(m, n)``.
+
+    ``cut``: the blocks flattened row by row, as ``jax.tree_util.tree_leaves`` of a result's pytree gives them.
+    """
+    if len(cut) == 1:  # one block: a view, not a copy
+        return np.asarray(cut[0]).reshape(out.total, inp.total)
+    k = len(inp.shapes)
+    return np.concatenate([np.concatenate([np.asarray(blk).reshape(size, w) for blk, w in
+                                           zip(cut[i * k : (i + 1) * k], inp.sizes, strict=True)], axis=1)
+                           for i, size in enumerate(out.sizes)], axis=0)

@@ -369,6 +369,18 @@ def call_values(spec: "_args.CallSpec", *transforms) -> list | None:
     return concrete(traced) if spec2 == spec else None
 
 
+def check_point(traced: Sequence, spec: "_args.CallSpec", t: "_args.Transform") -> tuple[list | None, bool]:
+    """The values a plan made while tracing ``t``'s call is checked at, and whether the check may wait.
+
+    The values: the traced leaves themselves where concrete, else the call's (:func:`call_values`),
+    else ``None``. It may wait (:func:`defer`, then reuse the call's own compiled program) where
+    the leaves are tracers of a concrete call of ``t``: that call will have compiled and run.
+    """
+    own = concrete(traced)
+    values = own or call_values(spec, t)
+    return values, own is None and values is not None
+
+
 def flat_problem(traced_flat: tuple, leaves: Sequence) -> "_args.Problem":
     """The :class:`_args.Problem` of a call, evaluated from its jaxpr (``trace_flat``'s result) at ``leaves``."""
     closed, offsets, meta = traced_flat
