@@ -4,30 +4,9 @@ import math
 
 import numpy as np
 
-from ._sets import Deps, broadcast_to, compose, everything, union
+from ._sets import broadcast_to, compose, everything, union
 
 PAIRS_MAX = 1 << 26  # (output, window entry) pairs before a convolution counts as dense
-SPARSE_PAIRS = 1 << 20  # (output, input index) pairs above which the sets are one sparse product (SciPy)
-
-
-def _compose(shape, rows: np.ndarray, cols: np.ndarray, d: Deps, n_inputs: int) -> Deps:
-    """:func:`compose` (element ``rows[t]`` reads element ``cols[t]`` of ``d``), as one sparse product when large.
-
-    ``compose`` lists every (output, input index) pair and deduplicates them by sorting;
-    a Glow step's 3x3 convolutions over 16x16x8 list about 10^7 pairs (seconds).
-    SciPy's product of the 0/1 read pattern with ``d``'s sets gives the same sets.
-    """
-    rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-    if int((d.indptr[cols + 1] - d.indptr[cols]).sum()) <= SPARSE_PAIRS:
-        return compose(shape, rows, cols, d, n_inputs)
-    from scipy.sparse import csr_matrix
-
-    size = math.prod(shape)
-    reads = csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, d.size))
-    sets = csr_matrix((np.ones(d.nnz, np.float32), d.indices, d.indptr), shape=(d.size, max(n_inputs, 1)))
-    out = reads @ sets  # a sum of ones: nonzero exactly where some read element's set holds the input
-    out.sort_indices()
-    return Deps(tuple(int(s) for s in shape), out.indptr.astype(np.int64), out.indices.astype(np.int64))
 
 
 def _window(out_size, k_size, in_size, stride, pad_lo, lhs_dil, rhs_dil):
@@ -96,10 +75,10 @@ def conv(lat, eqn, ins):
     parts = []
     if lhs.nnz:
         keep = np.ones(rows.size, bool) if rhs.const is None else np.asarray(rhs.const).reshape(-1)[rcols] != 0
-        parts.append(_compose(out_shape, rows[keep], lcols[keep], lhs, lat.n))
+        parts.append(compose(out_shape, rows[keep], lcols[keep], lhs, lat.n))
     if rhs.nnz:
         keep = np.ones(rows.size, bool) if lhs.const is None else np.asarray(lhs.const).reshape(-1)[lcols] != 0
-        parts.append(_compose(out_shape, rows[keep], rcols[keep], rhs, lat.n))
+        parts.append(compose(out_shape, rows[keep], rcols[keep], rhs, lat.n))
     return [union(parts, out_shape, lat.n)]
 
 
