@@ -16,6 +16,8 @@ from ._compressed import compressed_reverse as compressed_reverse
 from ._compressed import seed_map as seed_map
 from ._det import slogdet as slogdet
 from ._forward import forward as forward
+from ._index import place as place
+from ._index import take as take
 from ._reverse import reverse as reverse
 
 __all__ = [
@@ -26,8 +28,10 @@ __all__ = [
     "compressed_reverse",
     "forward",
     "opaque",
+    "place",
     "reverse",
     "seed_map",
     "sharded_vmap",
     "slogdet",
+    "take",
 ]

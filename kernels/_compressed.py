@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._basis import Shards, opaque, sharded_vmap
+from ._index import take
 
 
 def _seeds(colors: np.ndarray, n_colors: int, dtype, fold: bool = False) -> jax.Array:
@@ -110,7 +111,7 @@ def compressed_forward(
     """
     compressed, aux = compressed_jvps(fun, x, colors, n_colors, shards, chunk_size, fold)
     # One flat gather with precomputed indices decompresses.
-    return compressed.reshape(-1)[colors[cols] * compressed.shape[1] + np.asarray(rows)], aux
+    return take(compressed.reshape(-1), colors[cols] * compressed.shape[1] + np.asarray(rows)), aux
 
 
 def compressed_reverse(
@@ -142,4 +143,4 @@ def compressed_reverse(
     y, pullback, aux = jax.vjp(fun, x, has_aux=True)
     seeds = _seeds(colors, n_colors, y.dtype, fold)  # (c, m)
     compressed, _ = seed_map(lambda c: (pullback(c)[0], None), seeds, chunk_size, shards)  # (c, n)
-    return compressed.reshape(-1)[colors[rows] * x.shape[0] + np.asarray(cols)], aux
+    return take(compressed.reshape(-1), colors[rows] * x.shape[0] + np.asarray(cols)), aux

@@ -186,3 +186,26 @@ def test_small_products_fold_their_seeds(rng):
         wrapped = jax.jit(jf)
         assert "optimization_barrier" not in wrapped.lower(x).as_text()
         np.testing.assert_allclose(wrapped(x), jax.jacfwd(g)(x), rtol=1e-12, atol=1e-12)
+
+
+def test_host_index_kernels(rng):
+    """kernels.take/place equal NumPy's indexing for runs, sorted, unsorted and traced indices (no scatter kept for a full write)."""
+    from jacobians import kernels
+
+    flat = jnp.asarray(rng.standard_normal(50))
+    for index in (np.arange(7, 19), np.array([3, 3, 9, 1]), np.sort(rng.choice(50, 12, replace=False)),
+                  rng.choice(50, 12, replace=False)):
+        np.testing.assert_array_equal(kernels.take(flat, index), np.asarray(flat)[index])
+        np.testing.assert_array_equal(jax.jit(kernels.take)(flat, index), np.asarray(flat)[index])
+    vals = jnp.asarray(rng.standard_normal(12), jnp.float32)
+    for index in (np.sort(rng.choice(50, 12, replace=False)), rng.choice(50, 12, replace=False)):
+        want = np.zeros(50, np.float64)
+        want[index] = np.asarray(vals)
+        got = kernels.place(50, index, vals, jnp.float64)
+        assert got.dtype == jnp.float64
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(jax.jit(kernels.place, static_argnums=0)(50, index, vals), want)
+    full = kernels.place(12, np.arange(12), vals)
+    np.testing.assert_array_equal(full, vals)
+    assert "scatter" not in str(jax.make_jaxpr(lambda v: kernels.place(12, np.arange(12), v))(vals))
+    assert "gather" not in str(jax.make_jaxpr(lambda f: kernels.take(f, np.arange(7, 19)))(flat))

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .. import _deps, _sparse, _trust
+from .. import _deps, _sparse
 from ._base import Call, Candidate, Context, single
 
 PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
@@ -49,10 +49,8 @@ class Compressed:
         return call.compressed()
 
     def certify(self, cand, traced_flat, values, where, computed=None):
-        if computed is not None:  # the call's result at the pattern's entries (zero elsewhere by construction)
-            rows, cols = cand.state.pattern.rows, cand.state.pattern.cols
-            return _trust.linear(traced_flat, values, None, mode=cand.mode, entries=(rows, cols), where=where,
-                                 computed=lambda point: computed(point)[rows, cols])
+        # Never by the call's own program (``computed``): it would write the dense result's m n
+        # entries again; the seeds and the check's directions go through one batched JVP instead.
         return _sparse.certify_plan(cand.state, traced_flat, values, where)
 
 

@@ -133,8 +133,7 @@ class SparsePlan:
             raise ValueError(f"SparsePlan.decompress: expected the compressed matrix of shape "
                              f"{(self.n_colors, size)}, got {compressed.shape}.")
         kind, how = _decompression(self, "cn")
-        return how(compressed) if kind == "substitute" else compressed.reshape(-1).at[how].get(
-            mode="promise_in_bounds")
+        return how(compressed) if kind == "substitute" else kernels.take(compressed.reshape(-1), how)
 
     def save(self, path) -> None:
         """Write the plan to a ``.npz`` file (NumPy arrays only: no pickles)."""
@@ -660,7 +659,10 @@ class Engine:
             sub = SparsityPattern(out_shape, in_shape, rows[keep] - r0, cols[keep] - c0)
             if self.output == "dense":
                 size = (math.prod(out_shape), math.prod(in_shape))
-                return jnp.zeros(size, dtype).at[sub.rows, sub.cols].set(vals).reshape(sub.shape)
+                if size[0] * size[1] >= 2**31:  # flat indices would need int64
+                    return jnp.zeros(size, dtype).at[sub.rows, sub.cols].set(vals).reshape(sub.shape)
+                return kernels.place(size[0] * size[1], sub.rows * size[1] + sub.cols, vals,
+                                     dtype).reshape(sub.shape)
             if split:  # a BCOO holding the host indices: separated from the traced values below
                 idx = sub.indices()
                 host[id(idx)] = idx
@@ -780,7 +782,7 @@ def certify_plan(plan: SparsePlan, traced_flat: tuple, values, where: str, hessi
             both = jnp.concatenate([jnp.asarray(seeds, y.dtype), T])
             out = jax.vmap(lambda u: pull(u)[0])(both)  # (c + k, n)
             index = plan.colors[rows] * p.n + cols
-        return out[:c].reshape(-1)[index], out[c:]
+        return kernels.take(out[:c].reshape(-1), index), out[c:]
 
     return _trust.linear(traced_flat, values, evaluate, mode=plan.mode, entries=(rows, cols), where=where,
                          reference="with")
@@ -996,7 +998,7 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
     kind, how = _decompression(plan, layout)
     if kind == "substitute":
         return how(compressed), aux
-    return compressed.reshape(-1).at[how].get(mode="promise_in_bounds"), aux
+    return kernels.take(compressed.reshape(-1), how), aux
 
 
 def sparse_jacobian(

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ... import kernels
 from .symmetric import METHODS, adjacency
 
 
@@ -98,7 +99,7 @@ def _preorder(n_nodes: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, n
 
 def _take(flat: jax.Array, index) -> jax.Array:
     """``flat[index]`` for indices known to lie in range: no clamping, no wrapping of negatives."""
-    return flat.at[index].get(mode="promise_in_bounds")
+    return kernels.take(flat, index)
 
 
 @jax.jit
