@@ -145,6 +145,26 @@ INT_OPS = {
 }
 
 
+# Float arithmetic NumPy rounds as XLA does: one correctly rounded IEEE operation in float32 or
+# float64. XLA's CPU runtime flushes subnormals to zero, so a fold that meets one (or a NaN or
+# infinity, whose signs and payloads are not worth matching) is left to XLA.
+FLOAT_OPS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "neg": np.negative}
+
+
+def _float_fold(op, args) -> np.ndarray | None:
+    args = [np.asarray(a) for a in args]
+    if len({a.dtype for a in args}) != 1 or args[0].dtype not in (np.float32, np.float64):
+        return None
+    with np.errstate(all="ignore"):
+        out = np.asarray(op(*args))
+    tiny = np.finfo(out.dtype).tiny
+    for a in (*args, out):
+        mag = np.abs(a)
+        if not np.all(np.isfinite(a)) or np.any((mag > 0) & (mag < tiny)):
+            return None
+    return out
+
+
 def _integers(args) -> bool:
     """All ``args`` integer or boolean arrays of one dtype (as every lax primitive's operands are)."""
     dtypes = {np.asarray(a).dtype for a in args}
@@ -159,6 +179,8 @@ def evaluate(name: str, params: dict, args: list, out_dtypes: list) -> list | No
         elif name in INT_OPS and _integers(args):
             with np.errstate(all="ignore"):
                 out = INT_OPS[name](*(np.asarray(a) for a in args))
+        elif name in FLOAT_OPS and (out := _float_fold(FLOAT_OPS[name], args)) is not None:
+            pass
         elif name == "select_n" and _integers(args[1:]):
             out = _select_n(*args)
         elif name == "convert_element_type" and np.asarray(args[0]).dtype.kind in "iub" and np.dtype(

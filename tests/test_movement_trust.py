@@ -182,6 +182,21 @@ def test_host_eval_integer_ops_wrap_and_are_bitwise(dtype, rng):
     assert {"add", "sub", "mul", "neg", "max", "min", "lt", "and", "or", "xor", "not", "select_n"} <= covered
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_eval_float_arithmetic_rounds_as_xla(dtype, rng):
+    # Wide exponents: products and sums overflow and underflow; subnormals (which XLA's CPU runtime
+    # flushes) and non-finite values must be left to XLA, everything else must be bit-equal.
+    info = np.finfo(dtype)
+    x = rng.standard_normal(256) * 2.0 ** rng.integers(info.minexp // 2, info.maxexp // 2, 256)
+    y = rng.standard_normal(256) * 2.0 ** rng.integers(info.minexp // 2, info.maxexp // 2, 256)
+    x[:3] = [info.tiny / 4, np.inf, 0.0]
+    x, y = jnp.asarray(x.astype(dtype)), jnp.asarray(y.astype(dtype))
+    covered = _host_vs_xla(lambda x, y: [x + y, x - y, x * y, lax.neg(x), x[5:] * y[5:], x[5] * y[6]], x, y)
+    assert {"mul"} <= covered  # the scalar product, at least, is exact and folds
+    host = _host_eval.evaluate("mul", {}, [np.asarray(x), np.asarray(y)], [np.dtype(dtype)])
+    assert host is None  # a subnormal operand
+
+
 def test_host_eval_booleans_and_conversions(rng):
     a, b = jnp.asarray(rng.random(16) < 0.5), jnp.asarray(rng.random(16) < 0.5)
     big = _ints(rng, (32,), np.int64)
