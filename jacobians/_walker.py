@@ -26,6 +26,7 @@ the lattice through :meth:`Lattice.const`, and equations that carry nothing
 still go to :meth:`Lattice.skip` (which computes their values).
 """
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -133,6 +134,10 @@ class Lattice:
         """``None`` if ``v`` is a well-formed value for ``aval``, else what is wrong."""
         return None
 
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Entered around each walk (e.g. a budget that the lattice's operations see)."""
+        return contextlib.nullcontext()
+
 
 def _fold(lat: Lattice, eqn, ins: list) -> list | None:
     """Evaluate ``eqn`` on the host when all its inputs are known constants."""
@@ -165,10 +170,11 @@ class Walker:
 
     def run(self, closed, args: Sequence) -> list:
         """The lattice values of ``closed``'s outputs given those of its inputs."""
-        if self.lat.staged:
-            return self._run(closed, args)
-        with jax.ensure_compile_time_eval():
-            return self._run(closed, args)
+        with self.lat.scope():
+            if self.lat.staged:
+                return self._run(closed, args)
+            with jax.ensure_compile_time_eval():
+                return self._run(closed, args)
 
     def _run(self, closed, args: Sequence) -> list:
         jaxpr, consts = _compat.unclose(closed)

@@ -121,3 +121,20 @@ def test_host_evaluation_matches_xla(f):
                 np.testing.assert_array_equal(g, np.asarray(w), err_msg=eqn.primitive.name)
         for v, w in zip(eqn.outvars, want):
             env[v] = np.asarray(w)
+
+
+def test_budget_stops_an_operation_before_it_builds_its_sets():
+    """A broadcast of a large set past the budget raises TooDense inside the gather, before allocating it.
+
+    (A third derivative's detection broadcast a 1024-input set over 10^6 elements: 8 GiB.)
+    """
+    from jacobians import _deps
+
+    def f(x):
+        return jnp.broadcast_to(jnp.sum(x), (1000,)) * 2.0
+
+    closed = jax.make_jaxpr(f)(jnp.ones(100))
+    with pytest.raises(_deps.TooDense, match="gather"):
+        _deps.detect(closed, [_deps.identity((100,))], 100, where="test", max_nnz=1000)
+    (out,), _ = _deps.detect(closed, [_deps.identity((100,))], 100, where="test", max_nnz=100_000)
+    assert out.nnz == 100_000  # within budget: the full sets

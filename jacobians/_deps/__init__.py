@@ -32,6 +32,7 @@ from ._sets import (
     everything,
     gather,
     identity,
+    limited,
     reduce_to,
     union,
     unique,
@@ -125,6 +126,9 @@ class DepsLattice(Lattice):
                 raise TooDense(eqn.primitive.name)
             res.append(o)
         return res
+
+    def scope(self):
+        return limited(self.max_nnz)  # an operation's intermediate stops before it is built, not after
 
     def check(self, v: Deps, aval) -> str | None:
         if not isinstance(v, Deps):

@@ -7,8 +7,10 @@ known at trace time (folded constants: literals, iotas, index arithmetic).
 Every operation here is vectorised NumPy: no Python loop over elements.
 """
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,28 @@ import numpy as np
 
 class TooDense(Exception):
     """Raised when a dependency set grows past the analysis's budget (the pattern is dense)."""
+
+
+# The entries one operation may build, while an analysis with a budget runs (see ``limited``): a
+# rule's intermediate (a broadcast of large sets, say) must stop before it is allocated, not after.
+_LIMIT: contextvars.ContextVar = contextvars.ContextVar("jacobians_deps_limit", default=None)
+LIMIT_FACTOR = 4  # an intermediate may hold this many times the budget (a rule reduces it afterwards)
+
+
+@contextlib.contextmanager
+def limited(max_nnz: int | None) -> Iterator[None]:
+    """Within: an operation that would build more than ``LIMIT_FACTOR * max_nnz`` entries raises :class:`TooDense`."""
+    token = _LIMIT.set(None if max_nnz is None else LIMIT_FACTOR * max(int(max_nnz), 1))
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
+
+
+def _building(total: int, what: str) -> None:
+    limit = _LIMIT.get()
+    if limit is not None and total > limit:
+        raise TooDense(what)
 
 
 @dataclass
@@ -93,6 +117,7 @@ def gather(d: Deps, idx: np.ndarray) -> Deps:
     indptr = np.zeros(flat.size + 1, np.int64)
     np.cumsum(lens, out=indptr[1:])
     total = int(indptr[-1])
+    _building(total, "gather")
     offs = np.arange(total) - np.repeat(indptr[:-1], lens)
     return Deps(tuple(idx.shape), indptr, d.indices[np.repeat(starts, lens) + offs])
 
@@ -133,6 +158,7 @@ def everything(ds: Sequence[Deps], shape) -> Deps:
     """The conservative answer: every element depends on every dependency of every input."""
     cols = unique(np.concatenate([d.indices for d in ds] + [np.zeros(0, np.int64)]))
     size = math.prod(shape)
+    _building(size * cols.size, "everything")
     indptr = np.arange(size + 1, dtype=np.int64) * cols.size
     return Deps(tuple(int(s) for s in shape), indptr, np.tile(cols, size))
 
@@ -206,7 +232,7 @@ def compose(shape, rows: np.ndarray, cols: np.ndarray, d: Deps, n_inputs: int) -
     starts = d.indptr[cols]
     lens = d.indptr[cols + 1] - starts
     total = int(lens.sum())
-    if total > SPARSE_PAIRS:
+    if total > SPARSE_PAIRS:  # SciPy's product builds no more than its result (checked by the walk)
         return _sparse_product(shape, rows, cols, d, n_inputs)
     ptr = np.cumsum(lens) - lens
     offs = np.arange(total) - np.repeat(ptr, lens)
