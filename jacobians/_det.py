@@ -311,14 +311,30 @@ def _compute(t, spec, opts, *traced):
         if d and np.ndim(x) == 0:
             raise ValueError(f"{where}: batched=True needs x with a leading batch axis, got a scalar.")
     in_axes = tuple(0 if d else None for d in diff_mask)
+    dense = []
+
+    def point(*leaves):  # one point's result, or (dense plans) its Jacobian for one kernel call on the stack
+        p = _args.problem(t.fun, spec, leaves, where=where, int_argnums=True)
+        _check_sizes(p, where, square)
+        plan = _plan(t, spec, leaves, opts, square)
+        if plan.method != "dense":
+            return _blocktri.evaluate(plan, leaves)
+        dense.append(True)
+        return (_flat_jacobian(p, plan.mode),)
+
+    def batch(*args):
+        out = jax.vmap(point, in_axes=in_axes)(*args)
+        # The kernel traced once, on the (B, n, n) stack: under vmap it would be traced again by its batching rule.
+        return opts.finish(*(reduce(out[0]) if dense else out))
+
     shards = opts.shards
     if shards is None or shards.count <= 1:
-        return opts.finish(*jax.vmap(one, in_axes=in_axes)(*traced))
+        return batch(*traced)
     # Split the batch across the mesh: pad with copies of the last point, trim afterwards.
     b = next(np.shape(x)[0] for x, d in zip(traced, diff_mask, strict=True) if d)
     padded = [shards.constrain(_mesh.pad_batch(x, shards.count)) if d else x
               for x, d in zip(traced, diff_mask, strict=True)]
-    out = opts.finish(*jax.vmap(one, in_axes=in_axes)(*padded))
+    out = batch(*padded)
     return _mesh.shard_result(jax.tree_util.tree_map(lambda r: r[:b], out), shards, lambda leaf: 0)
 
 

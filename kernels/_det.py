@@ -7,8 +7,10 @@ Here every matrix of a stack is processed at once, vectorised over the batch:
 - ``k <= 4``: closed forms (cofactor and Laplace expansions), a single fused
   elementwise pass. A closed form can under- or overflow where the determinant
   itself does not, or round a singular matrix to a tiny value, so each result
-  is checked (cheaply, from ``log|det|`` and the partial products) and the few
-  that fail are recomputed by the LU below.
+  is checked (cheaply, from the partial products) and flagged as a NaN; the
+  chunks of the batch holding a flagged result are redone by the same LU as
+  below, elementwise over the batch (one test over the results, and branches
+  that compile quickly: the rare path must not cost every first call).
 - ``k <= _UNROLL_MAX``: LU with partial pivoting, its columns unrolled, on
   cache-sized blocks of matrices stored batch-last (the batch is the fastest
   axis, so each operation is a vector instruction over many matrices).
@@ -24,7 +26,7 @@ unless it is first; multipliers through the reciprocal pivot), and
 NumPy's, an infinite *entry* anywhere gives ``+inf`` (with the sign of the
 determinant's leading term as the entry grows), not the NaN of an elimination
 that subtracts infinities: results that come out NaN or ``+inf`` are redone
-(:func:`_limit`, behind one test over the results). A NaN entry gives NaN.
+(:func:`_limit_parts`, behind one test over the results). A NaN entry gives NaN.
 """
 
 import functools
@@ -48,12 +50,14 @@ def _det2(a, b, c, d):
     return a * d - b * c
 
 
-def _closed(a: jax.Array) -> tuple[jax.Array, jax.Array, Callable]:
-    """Closed-form ``(sign, logabsdet, bad)`` for ``a`` of shape ``(B, k, k)``, ``k <= 4``.
+def _closed(a: jax.Array) -> jax.Array:
+    """Closed-form determinants ``(B,)`` of ``a`` of shape ``(B, k, k)``, ``k <= 4``, NaN where to redo.
 
-    ``bad(logabsdet)`` marks the results that may be less accurate than the
-    LU's (a function, so that the 2x2 test can run on the log), for the LU to
-    redo. Two things can go wrong in an expansion by minors:
+    The determinant is NaN where it may be less accurate than the LU's, for
+    the LU to redo: the flag rides in the one output, so that the whole pass
+    is one fused loop writing ``B`` values (XLA computed a separate flag, sign
+    and log each in a pass of its own over the input). Two things can go
+    wrong in an expansion by minors:
 
     - cancellation: its rounding error is up to a few ``eps * P``, with ``P``
       the same expansion in absolute values (the permanent of ``|A|``), while
@@ -71,13 +75,14 @@ def _closed(a: jax.Array) -> tuple[jax.Array, jax.Array, Callable]:
     """
     k = a.shape[-1]
     e = [[a[..., i, j] for j in range(k)] for i in range(k)]
+    info = jnp.finfo(a.dtype)
+    nan = np.asarray(np.nan, a.dtype)
     if k <= 2:
         d = e[0][0] if k == 1 else _det2(e[0][0], e[0][1], e[1][0], e[1][1])
-        logabs = jnp.log(jnp.abs(d))
-        # No partial product is multiplied again, so the test needs only the
-        # log (an output anyway): no extra pass over the input.
-        limit = np.asarray(-(jnp.finfo(a.dtype).minexp + 22) * np.log(2), a.dtype)
-        return jnp.sign(d), logabs, lambda logabs: ~(jnp.abs(logabs) <= limit)
+        # No partial product is multiplied again: only the result's range is tested.
+        ad = jnp.abs(d)
+        lo, hi = (np.asarray(2.0 ** (s * (info.minexp + 22)), a.dtype) for s in (1, -1))
+        return jnp.where((ad >= lo) & (ad <= hi), d, nan)
 
     def minor(i, j, p, q):  # 2x2 minor of rows i, j and columns p, q, and its absolute version
         x, y = e[i][p] * e[j][q], e[i][q] * e[j][p]
@@ -99,12 +104,10 @@ def _closed(a: jax.Array) -> tuple[jax.Array, jax.Array, Callable]:
         d = sum(s * top[i][0] * bot[5 - i][0] for i, s in enumerate(signs))
         P = sum(top[i][1] * bot[5 - i][1] for i in range(6))
         m = functools.reduce(jnp.maximum, [jnp.abs(v[0]) for v in top + bot])
-    info = jnp.finfo(a.dtype)
     ad = jnp.abs(d)
     ok = (ad >= np.asarray(2.0 ** (info.minexp + 22), a.dtype) * jnp.maximum(m, 1)) & (ad < jnp.inf)
     ratio = 2.0**12 if info.bits == 64 else 2.0**10  # rounding error below ~3e-12 (f64), ~2e-4 (f32)
-    bad = ~(ok & (P <= ad * np.asarray(ratio, a.dtype)))
-    return jnp.sign(d), jnp.log(ad), lambda logabs: bad
+    return jnp.where(ok & (P <= ad * np.asarray(ratio, a.dtype)), d, nan)
 
 
 # ---------------------------------------------------------------- LU, batch-last
@@ -173,19 +176,35 @@ def _from_pivots(neg: jax.Array, zero: jax.Array, logabs: jax.Array) -> tuple[ja
     return sign, jnp.where(zero, -jnp.inf, logabs)
 
 
-def _lu_small(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The same LU for ``a`` of shape ``(B, k, k)``, ``k <= 2``, elementwise over the batch (one fused pass)."""
-    if a.shape[-1] == 1:
-        p = a[:, 0, 0]
-        return _from_pivots(p < 0, p == 0, jnp.log(jnp.abs(p)))
-    x, y, z, w = a[:, 0, 0], a[:, 0, 1], a[:, 1, 0], a[:, 1, 1]
-    swap = jnp.abs(z) > jnp.abs(x)  # the first maximum; NaN never wins unless first
-    p, q = jnp.where(swap, z, x), jnp.where(swap, w, y)  # the pivot row
-    r0, r1 = jnp.where(swap, x, z), jnp.where(swap, y, w)
-    s, inv = _reciprocal(p)
-    u = r1 - ((r0 * s) * inv) * q
-    neg = swap ^ (p < 0) ^ (u < 0)
-    return _from_pivots(neg, (p == 0) | (u == 0), jnp.log(jnp.abs(p)) + jnp.log(jnp.abs(u)))
+def _lu_elementwise(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The same LU for ``a`` of shape ``(B, k, k)``, ``k <= _CLOSED_MAX``, elementwise over the batch (one fused pass).
+
+    The entries are ``(B,)`` vectors and the pivoting selects between them, so
+    the whole elimination is one loop over the batch; ``log|det|`` is the sum
+    of ``log|pivot|`` (no product to under- or overflow).
+    """
+    k = a.shape[-1]
+    rows = [[a[:, i, j] for j in range(k)] for i in range(k)]
+    neg = jnp.zeros(a.shape[:1], bool)
+    pivots = []
+    while len(rows) > 1:
+        m = len(rows)
+        best, idx = jnp.abs(rows[0][0]), jnp.zeros(a.shape[:1], jnp.int32)
+        for r in range(1, m):
+            gt = jnp.abs(rows[r][0]) > best  # the first maximum; NaN never wins unless first
+            best, idx = jnp.where(gt, jnp.abs(rows[r][0]), best), jnp.where(gt, r, idx)
+        P = rows[0]
+        for r in range(1, m):
+            P = [jnp.where(idx == r, x, y) for x, y in zip(rows[r], P, strict=True)]
+        others = [[jnp.where(idx == r, x, y) for x, y in zip(rows[0], rows[r], strict=True)] for r in range(1, m)]
+        s, inv = _reciprocal(P[0])
+        rows = [[x - ((R[0] * s) * inv) * y for x, y in zip(R[1:], P[1:], strict=True)] for R in others]
+        pivots.append(P[0])
+        neg = neg ^ (idx != 0)
+    pivots.append(rows[0][0])
+    neg = functools.reduce(jnp.logical_xor, [p < 0 for p in pivots], neg)
+    zero = functools.reduce(jnp.logical_or, [p == 0 for p in pivots])
+    return _from_pivots(neg, zero, sum(jnp.log(jnp.abs(p)) for p in pivots))
 
 
 def _lu_unrolled(A: jax.Array, keep) -> tuple[jax.Array, jax.Array]:
@@ -296,62 +315,85 @@ def _blocks(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 # -------------------------------------------------------- closed forms + LU redo
 
 
-def _redo(a: jax.Array, sign: jax.Array, logabs: jax.Array, bad: Callable) -> tuple[jax.Array, jax.Array]:
-    """Replace the closed-form results marked by ``bad(logabs)`` by the LU's (:func:`_blocks`).
+_FIX_CHUNK = 2048  # matrices per chunk of the rare redo: its temporaries stay small
 
-    Only blocks of ``W`` matrices that hold such a result are gathered and
-    factored, ``few`` blocks per round: a batch with a few singular matrices
-    costs one small LU, one with many at most 16 rounds (about one LU of the
-    whole batch). One LU instance in the program keeps compile time under 2 s
-    (a second one, for the whole batch at once, cost ~0.9 s more at k = 3). A
-    ``while_loop`` (of zero trips when nothing is bad) rather than a
-    ``lax.cond``, whose branches would copy the results. (``k <= 2`` goes
-    elementwise instead, see :func:`_stack`.)
+
+def _redo_chunks(a: jax.Array, sign: jax.Array, logabs: jax.Array, fix: Callable) -> tuple[jax.Array, jax.Array]:
+    """Redo the flagged (NaN or ``+inf``) results of ``a`` (``(B, k, k)``) by ``fix``, chunk by chunk.
+
+    The rare branch. Chunks of ``_FIX_CHUNK`` matrices (the last one overlaps
+    the one before it) in a loop, each redone only when it holds a flagged
+    result: the cost follows the number of flagged chunks, and the branch's
+    temporaries are a chunk's, not the batch's (XLA sizes one allocation per
+    call for every buffer of the program, branches included; past glibc's
+    32 MB it is a fresh mapping, and writing the batch's buffers into it faulted
+    in their pages on every call, 2 ms at B = 1e5, k = 3).
+
+    Args:
+      a: the stack.
+      sign, logabs: ``(B,)`` results so far; NaN or ``+inf`` in ``logabs`` marks the ones to redo.
+      fix: ``(chunk, sign, logabs) -> (sign, logabs)`` on ``C`` matrices.
     """
     B = a.shape[0]
-    W = min(32, B)
-    nb = -(-B // W)
-    few = min(nb, max(4, nb // 16))
-    offsets = jnp.arange(W, dtype=jnp.int32)
+    C = min(B, _FIX_CHUNK)
 
-    def todo(logabs, done):  # (nb, W): bad results in blocks not redone yet
-        return jnp.pad(bad(logabs), (0, nb * W - B)).reshape(nb, W) & ~done[:, None]
+    def body(i, carry):
+        start = jnp.minimum(i * C, B - C)
+        blk = jax.lax.dynamic_slice_in_dim(a, start, C)
+        s, la = (jax.lax.dynamic_slice_in_dim(v, start, C) for v in carry)
+        # +inf and NaN make the sum NaN or +inf; -inf (singular, exact) alone does not.
+        s, la = jax.lax.cond(~(jnp.sum(la) < jnp.inf), fix, lambda blk, s, la: (s, la), blk, s, la)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(v, x, start, 0) for v, x in zip(carry, (s, la), strict=True))
 
-    def gathered(sign, logabs, done, redo):
-        order = jnp.where(jnp.any(redo, axis=1), -jnp.arange(nb, dtype=jnp.int32), jnp.int32(-nb))
-        first = jax.lax.top_k(order, few)[1]  # the first such blocks (and others when there are fewer)
-        rows = (first[:, None] * W + offsets[None, :]).reshape(-1)
-        inside = jnp.minimum(rows, B - 1)
-        new_sign, new_logabs = _finite_fix(a[inside], *_blocks(a[inside]))
-        take = redo[first].reshape(-1)
-        sign = sign.at[rows].set(jnp.where(take, new_sign, sign[inside]), mode="drop")
-        logabs = logabs.at[rows].set(jnp.where(take, new_logabs, logabs[inside]), mode="drop")
-        return sign, logabs, done.at[first].set(True)
+    return jax.lax.fori_loop(0, -(-B // C), body, (sign, logabs))
 
-    def round_(state):
-        return gathered(*state, todo(state[1], state[2]))
 
-    done = jnp.zeros((nb,), bool)
-    sign, logabs, _ = jax.lax.while_loop(lambda state: jnp.any(todo(state[1], state[2])), round_, (sign, logabs, done))
-    return sign, logabs
+def _limit_where(a: jax.Array, sign: jax.Array, logabs: jax.Array, lu: Callable) -> tuple[jax.Array, jax.Array]:
+    """``(sign, logabs)``, NaN and ``+inf`` results replaced by the limit (:func:`_limit_parts`, factored by ``lu``)."""
+    flagged = ~(logabs < jnp.inf)  # NaN or +inf; -inf (singular) is exact
+    stacks, finish = _limit_parts(a)
+    ls, ll = finish(*lu(stacks))
+    return jnp.where(flagged, ls, sign), jnp.where(flagged, ll, logabs)
+
+
+def _fix_closed(a: jax.Array, sign: jax.Array, logabs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A chunk's flagged closed-form results redone by the elementwise LU, and its NaN and ``+inf`` by the limit.
+
+    One instance of the LU for the chunk and the limit's two stacks (one compile).
+    """
+    C = a.shape[0]
+    stacks, finish = _limit_parts(a)
+    lu_sign, lu_log = _lu_elementwise(jnp.concatenate([a, stacks]))
+    lim_sign, lim_log = finish(lu_sign[C:], lu_log[C:])
+    lu_sign, lu_log = lu_sign[:C], lu_log[:C]
+    flagged = ~(lu_log < jnp.inf)
+    lu_sign, lu_log = jnp.where(flagged, lim_sign, lu_sign), jnp.where(flagged, lim_log, lu_log)
+    redo = ~(logabs < jnp.inf)
+    return jnp.where(redo, lu_sign, sign), jnp.where(redo, lu_log, logabs)
 
 
 def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sign, logabsdet)`` of ``a`` of shape ``(B, k, k)``, real floating, ``1 <= k <= _LOOP_MAX``."""
+    """``(sign, logabsdet)`` of ``a`` of shape ``(B, k, k)``, real floating, ``1 <= k <= _LOOP_MAX``.
+
+    Up to ``_CLOSED_MAX``: the closed form in one fused pass and, only when
+    some result is flagged, the elementwise LU on the chunks that hold one
+    (:func:`_redo_chunks`): a ``cond`` of small branches, cheap to compile.
+    Its test is whether the sum of the determinants is NaN (every flag is a
+    NaN, which the sum carries; the flagged range keeps the sum finite): one
+    reduction, where ``any(isnan(d))`` took three passes. Above
+    ``_CLOSED_MAX``: the blocked LU, its NaN and ``+inf`` results redone by the limit.
+    """
     if a.shape[-1] > _CLOSED_MAX:
+        # Materialised first: fused into the LU's loops, the producer of ``a`` (a Jacobian's tanh, say)
+        # would be recomputed per use and per block.
+        a = jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
         return _finite_fix(a, *_blocks(a))
-    if a.shape[-1] <= 2:
-        # The elementwise LU costs about two closed forms: take it, elementwise, only where the
-        # closed form may be inexact, and only when some result is (one test over the batch).
-        sign, logabs, bad = _closed(a)
-        redo = bad(logabs)
+    d = _closed(a)
 
-        def fix(sign, logabs):
-            lu_sign, lu_logabs = _lu_small(a)
-            return _finite_fix(a, jnp.where(redo, lu_sign, sign), jnp.where(redo, lu_logabs, logabs))
+    def plain(d):
+        return jnp.sign(d), jnp.log(jnp.abs(d))
 
-        return jax.lax.cond(jnp.any(redo), fix, lambda s, la: (s, la), sign, logabs)
-    return _redo(a, *_closed(a))
+    return jax.lax.cond(jnp.isnan(jnp.sum(d)), lambda d: _redo_chunks(a, *plain(d), _fix_closed), plain, d)
 
 
 @custom_batching.custom_vmap
@@ -359,9 +401,7 @@ def _batched(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     k = a.shape[-1]
     if a.size == 0:  # an empty batch (also one that vmap makes empty): no blocks to loop over
         return jnp.ones(a.shape[:-2], a.dtype), jnp.zeros(a.shape[:-2], a.dtype)
-    # Materialised first: fused into the kernel's loops (or its closed forms, which read each entry several
-    # times), the producer of ``a`` (a Jacobian's tanh, say) would be recomputed per use and per block.
-    sign, logabs = _stack(jax.lax.optimization_barrier(a.reshape(-1)).reshape((-1, k, k)))
+    sign, logabs = _stack(a.reshape((-1, k, k)))
     return sign.reshape(a.shape[:-2]), logabs.reshape(a.shape[:-2])
 
 
@@ -378,26 +418,32 @@ _batched_jit = jax.jit(_batched)  # called eagerly, the loops above would run op
 
 @jax.jit
 def _lapack_jit(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``jnp.linalg.slogdet`` of ``(B, k, k)``, its NaN and ``+inf`` results redone by :func:`_limit`."""
+    """``jnp.linalg.slogdet`` of ``(B, k, k)``, its NaN and ``+inf`` results redone by :func:`_limit_parts`."""
     return _finite_fix(a, *jnp.linalg.slogdet(a))
 
 
 # ---------------------------------------------------------------- infinite entries
 
 
-def _limit(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sign, logabsdet)`` of a stack ``(B, k, k)`` with infinite entries, as the limit the entries go to.
+def _limit_parts(a: jax.Array) -> tuple[jax.Array, Callable]:
+    """The limit ``(sign, logabsdet)`` of matrices with infinite entries: the stacks to factor, and the finish.
 
     An LU of a matrix with an infinite entry subtracts infinities (NaN) even
     where its determinant is plainly infinite: ``det`` is a polynomial in the
     infinite entries, here ``det(F + t S)`` with ``F`` the finite entries
     (scaled by a power of two near their largest), ``S`` the signs of the
-    infinite ones and ``t -> inf``. Evaluated at two large ``t`` (by LAPACK:
-    this runs only for flagged matrices): when it grows with ``t`` the result is
-    ``+inf`` with the sign of the leading term; when it does not the infinite
-    entries meet only zero cofactors (``inf * 0``) and the result is NaN.
-    Matrices without infinite entries get the LU of the scaled matrix (an
-    elimination that overflowed on the unscaled one); a NaN entry gives NaN.
+    infinite ones and ``t -> inf``. Evaluated at two large ``t`` (in one LU
+    call: this runs only for flagged chunks): when it grows with ``t`` the
+    result is ``+inf`` with the sign of the leading term; when it does not
+    the infinite entries meet only zero cofactors (``inf * 0``) and the
+    result is NaN. Matrices without infinite entries get the LU of the scaled
+    matrix (an elimination that overflowed on the unscaled one); a NaN entry
+    gives NaN.
+
+    Returns:
+      ``(stacks, finish)``: ``stacks`` of shape ``(2 B, k, k)`` (``F + t1 S``
+      then ``F + t2 S``), so that one LU call takes both, and
+      ``finish(sign, logabsdet)`` of those ``2 B`` results giving the ``B`` limits.
     """
     k = a.shape[-1]
     inf = jnp.isinf(a)
@@ -410,32 +456,29 @@ def _limit(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     S = jnp.where(inf, jnp.sign(a), jnp.zeros((), a.dtype))
     step = 20 if jnp.finfo(a.dtype).bits < 64 else 40  # t = 2^step and 2^(2 step)
     t1, t2 = (np.asarray(2.0 ** (step * i), a.dtype) for i in (1, 2))
-    s1, l1 = jnp.linalg.slogdet(F + t1 * S)
-    s2, l2 = jnp.linalg.slogdet(F + t2 * S)
-    # Degree >= 1 in t: the log grows by step * degree * log 2 in the limit.
-    grows = l2 - l1 > np.asarray(0.5 * step * np.log(2), a.dtype)
-    nan = jnp.full_like(l1, jnp.nan)
-    scaled = l1 + k * e.astype(a.dtype) * np.asarray(np.log(2), a.dtype)
-    sign = jnp.where(has_nan, nan, jnp.where(has_inf, jnp.where(grows, s2, nan), s1))
-    logabs = jnp.where(has_nan, nan, jnp.where(has_inf, jnp.where(grows, jnp.inf, nan), scaled))
-    return sign, logabs
+
+    def finish(sign, logabs):
+        B = a.shape[0]
+        s1, l1, s2, l2 = sign[:B], logabs[:B], sign[B:], logabs[B:]
+        # Degree >= 1 in t: the log grows by step * degree * log 2 in the limit.
+        grows = l2 - l1 > np.asarray(0.5 * step * np.log(2), a.dtype)
+        nan = jnp.full_like(l1, jnp.nan)
+        scaled = l1 + k * e.astype(a.dtype) * np.asarray(np.log(2), a.dtype)
+        sign = jnp.where(has_nan, nan, jnp.where(has_inf, jnp.where(grows, s2, nan), s1))
+        logabs = jnp.where(has_nan, nan, jnp.where(has_inf, jnp.where(grows, jnp.inf, nan), scaled))
+        return sign, logabs
+
+    return jnp.concatenate([F + t1 * S, F + t2 * S]), finish
 
 
 def _finite_fix(a: jax.Array, sign: jax.Array, logabs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Redo by :func:`_limit` the results of ``a`` (``(B, k, k)``) that are NaN or ``+inf``.
+    """Redo by :func:`_limit_parts` the results of ``a`` (``(B, k, k)``) that are NaN or ``+inf``.
 
     One test over the results (not the input) when none is: the fast paths pay a reduction over ``B`` values.
     """
-    flagged = ~(logabs < jnp.inf)  # NaN or +inf; -inf (singular) is exact
-    # The branch reads the stack through the same 1-D view as the LU's blocks: one buffer for both (as a
-    # (B, k, k) operand XLA gave it a layout of its own, a second copy of an input computed in the program).
-    shape, flat = a.shape, a.reshape(-1)
-
-    def fix(sign, logabs):
-        ls, ll = _limit(flat.reshape(shape))
-        return jnp.where(flagged, ls, sign), jnp.where(flagged, ll, logabs)
-
-    return jax.lax.cond(jnp.any(flagged), fix, lambda s, la: (s, la), sign, logabs)
+    return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf),
+                        lambda s, la: _redo_chunks(a, s, la, functools.partial(_limit_where, lu=jnp.linalg.slogdet)),
+                        lambda s, la: (s, la), sign, logabs)
 
 
 # ---------------------------------------------------------------- gradient
