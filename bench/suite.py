@@ -345,6 +345,15 @@ def _warm_up(dtype: str) -> None:
     for fn in (jax.jit(jax.jacfwd(f)), jax.jit(jax.jacrev(f)), jax.jit(jax.hessian(g)), jacobians.jacobian(f),
                jacobians.hessian(g)):
         jax.block_until_ready(fn(v))
+    # Each of the default's plans once (compressed, structured, a deferred certificate on its worker
+    # thread): their first use in a process loads code (SciPy's graphs, the colourings) a new function
+    # does not pay again.
+    w = jnp.linspace(0.1, 1.0, 64, dtype=dtype)
+    M = jnp.linspace(-1.0, 1.0, 64 * 64, dtype=dtype).reshape(64, 64)
+    for fn in (jacobians.jacobian(lambda w: jnp.cos(w) * w),
+               jacobians.jacobian(lambda w: jnp.tanh(M @ jnp.tanh(M @ w))),
+               jacobians.hessian(lambda w: jnp.sum(jnp.cos(w[1:] - w[:-1]) ** 2))):
+        jax.block_until_ready(fn(w))
 
 
 def run_case(case: Case, quick: bool, repeat: int, timing: bool = True) -> dict:

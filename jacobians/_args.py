@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _compat, _leaves
+from . import _compat, _hoist, _leaves
 
 # The options every transformation shares, written once (typing.Literal for readers and checkers).
 Mode = Literal["fwd", "rev", "auto"]
@@ -442,7 +442,8 @@ class Transform:
 
         jit's C++ fast path then dispatches repeat calls without hashing any Python state.
         """
-        t = cls(fun, argnums, where, lambda spec: jax.jit(functools.partial(compute, t, spec, opts)), **kwargs)
+        t = cls(fun, argnums, where, lambda spec: _hoist.Hoisted(functools.partial(compute, t, spec, opts)),
+                **kwargs)
         return t
 
     def compiled(self, args: tuple, kwargs: dict) -> tuple[Callable, list, CallSpec]:
@@ -455,6 +456,8 @@ class Transform:
         fn = self.cache.get(spec)
         if fn is None:
             fn = self._new(spec)
+        elif getattr(fn, "call", None) is not None:  # a Hoisted program that has compiled: call it directly
+            fn = self.cache[spec] = fn.call
         if spec.numbers and spec not in self._confirmed:
             fn = functools.partial(self._first_with_numbers, fn, spec, len(traced), args, kwargs)
         return fn, traced, spec
@@ -504,6 +507,9 @@ class Transform:
                 traced = leaves
             else:
                 fn, traced, spec = self.compiled(args, kwargs)
+                out = self._run(fn, traced)
+                if getattr(fn, "call", None) is not None and self.cache.get(spec) is fn:
+                    fn = self.cache[spec] = fn.call  # compiled by this call: later calls skip the Hoisted wrapper
                 if not kwargs and not spec.static and (not spec.numbers or spec in self._confirmed):
                     if len(traced) == len(args) and all(
                         a is b and type(a) in FAST_TYPES for a, b in zip(args, traced, strict=True)
@@ -514,6 +520,10 @@ class Transform:
                         for a, b in zip(leaves, traced, strict=True)
                     ):
                         self._tree_fast[treedef] = fn
+                return out
+        return self._run(fn, traced)
+
+    def _run(self, fn, traced):
         try:
             return fn(*traced)
         except TRACER_ERRORS as e:

@@ -68,6 +68,12 @@ def staged():
     return eager_constant_folding(False)
 
 
+def aval_key(x) -> tuple:
+    """``(shape, dtype, weak_type)`` of an array, tracer or Python number, as ``jax.jit`` keys its traces."""
+    aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)  # typeof: JAX >= 0.6
+    return tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False))
+
+
 def is_tracer(x) -> bool:
     """True when ``x`` is a JAX tracer (its value is unknown at trace time)."""
     return isinstance(x, jax.core.Tracer)
@@ -103,6 +109,18 @@ def unclose(jaxpr) -> tuple[Any, list]:
 def jaxpr_as_fun(closed):
     """A Python function that evaluates a closed jaxpr: ``f(*args) -> list of outputs``."""
     return _jex.jaxpr_as_fun(closed)
+
+
+def eval_with_consts(closed, consts: Sequence, *args) -> list:
+    """Evaluate a closed jaxpr with other values (tracers, say) in place of its constants."""
+    jaxpr, _ = unclose(closed)
+    return _eval_jaxpr(jaxpr, list(consts), *args)
+
+
+def _eval_jaxpr(jaxpr, consts, *args):
+    from jax._src.core import eval_jaxpr  # noqa: PLC0415 - not public on every supported release
+
+    return eval_jaxpr(jaxpr, consts, *args)
 
 
 def jaxprs_in_params(params: dict) -> Iterator:

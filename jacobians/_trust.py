@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _compat
+from . import _args, _compat, _hoist
 from ._walker import is_opaque, primitives
 
 ENV = "JACOBIANS_STRICT"
@@ -262,8 +262,8 @@ _AHEAD: contextvars.ContextVar = contextvars.ContextVar("jacobians_ahead", defau
 _WORKER: list = []  # one worker thread, made on first use
 
 
-def _run(run: Callable, what: str, T, point: list):
-    """``run(T, *point)``, or the same program compiled ahead (see :meth:`Pending.prepare`).
+def _run(run: Callable, what: str, consts: tuple, T, point: list):
+    """``run(consts, T, *point)``, or the same program compiled ahead (see :meth:`Pending.prepare`).
 
     Preparing, the program is lowered here (tracing stays on this thread, with its JAX
     configuration), handed to the worker to compile and the check unwound: the call's
@@ -271,21 +271,21 @@ def _run(run: Callable, what: str, T, point: list):
     """
     ahead = _AHEAD.get()
     if ahead is None:
-        return run(T, *point)
+        return run(consts, T, *point)
     key = (what, T.shape, str(T.dtype), tuple((np.shape(a), str(getattr(a, "dtype", type(a).__name__))) for a in point))
     if ahead.preparing:
         if not _WORKER:
             _WORKER.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jacobians-certificate"))
-        ahead.key, ahead.future = key, _WORKER[0].submit(run.lower(T, *point).compile)
+        ahead.key, ahead.future = key, _WORKER[0].submit(run.lower(consts, T, *point).compile)
         raise _Lowered
     future, ahead.future = ahead.future, None  # the first program only
     if future is None or key != ahead.key:
-        return run(T, *point)
+        return run(consts, T, *point)
     try:
         compiled = future.result()
     except Exception:  # noqa: BLE001 - compiled again below, where a real error is reported
-        return run(T, *point)
-    return compiled(T, *point)
+        return run(consts, T, *point)
+    return compiled(consts, T, *point)
 
 
 class Pending:
@@ -381,18 +381,23 @@ def check_point(traced: Sequence, spec: "_args.CallSpec", t: "_args.Transform") 
     return values, own is None and values is not None
 
 
-def flat_problem(traced_flat: tuple, leaves: Sequence) -> "_args.Problem":
-    """The :class:`_args.Problem` of a call, evaluated from its jaxpr (``trace_flat``'s result) at ``leaves``."""
+def flat_problem(traced_flat: tuple, leaves: Sequence, consts: tuple = ()) -> "_args.Problem":
+    """The :class:`_args.Problem` of a call, evaluated from its jaxpr (``trace_flat``'s result) at ``leaves``.
+
+    ``consts``: values for the jaxpr's large constants (:func:`_hoist.large`: arguments of a
+    check's program, not embedded in it), in that order.
+    """
     closed, offsets, meta = traced_flat
     order = sorted((off, k) for k, off in enumerate(offsets) if off is not None)
     x, unravel = ravel_pytree([leaves[k] for _, k in order])
-    fn = _compat.jaxpr_as_fun(closed)
+    values = _compat.unclose(closed)[1]
+    values = _hoist.substitute(values, _hoist.large(values), consts) if consts else values
 
     def flat(xf):
         ins = list(leaves)
         for (_, k), d in zip(order, unravel(xf), strict=True):
             ins[k] = d
-        (y,) = fn(*ins)
+        (y,) = _compat.eval_with_consts(closed, values, *ins)
         return y, None
 
     return _args.Problem(flat, x, meta.out_leaves, meta.out_treedef, meta.in_leaves, meta.in_treedef, meta.out_dtype)
@@ -521,18 +526,19 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
     if meta.n == 0 or meta.m == 0:
         return Certificate("passed", "an empty Jacobian")
     directions = directions or (lambda rng, p: rng.standard_normal((CHECKS, p.n)).astype(p.x.dtype))
-    def staged(T, *leaves):
+    def staged(consts, T, *leaves):
         with _compat.staged():  # one program: not an eager compilation per operation on constants
-            return program(flat_problem(traced_flat, leaves), T, leaves)
+            return program(flat_problem(traced_flat, leaves, consts), T, leaves)
 
     run = jax.jit(staged, compiler_options=COMPILER_OPTIONS)
+    consts = _hoist.large(_compat.unclose(closed)[1])  # arguments of the check's program, not its constants
     tol = rtol(closed, meta.x.dtype, meta.out_dtype)
     tried = []
     for label, point in points(closed, offsets, values):
         T = directions(np.random.default_rng(SEED + 1), meta)
         try:
             with jax.ensure_compile_time_eval():
-                outs = [np.asarray(o) for o in _run(run, what, T, point)]
+                outs = [np.asarray(o) for o in _run(run, what, consts, T, point)]
             if computed is not None:  # the call's own program, as it was compiled (not under the eval context)
                 outs.append(np.asarray(computed(point)))
         except (jax.errors.UnexpectedTracerError, *_args.TRACER_ERRORS) as e:

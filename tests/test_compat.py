@@ -259,6 +259,18 @@ def test_jaxpr_as_fun(rng):
     np.testing.assert_allclose(out, np.sin(np.asarray(x) * np.asarray(a)))
 
 
+def test_eval_with_consts_and_aval_key(rng):
+    x = jnp.asarray(rng.normal(size=3))
+    a = jnp.asarray(rng.normal(size=3))
+    closed = jax.make_jaxpr(lambda v: jnp.sin(v * a))(x)
+    (consts_a,) = [c for c in _compat.unclose(closed)[1] if c is a]
+    (out,) = _compat.eval_with_consts(closed, [2.0 * consts_a], x)  # another value in place of the constant
+    np.testing.assert_allclose(out, np.sin(np.asarray(x) * 2.0 * np.asarray(a)))
+    assert _compat.aval_key(x) == ((3,), "float64", False)
+    assert _compat.aval_key(1.5) == ((), "float64", True)  # a Python number: weakly typed, as jit traces it
+    assert jax.jit(lambda v: _compat.aval_key(v) == ((3,), "float64", False))(x)
+
+
 # --- regressions ---------------------------------------------------------------------------------
 
 

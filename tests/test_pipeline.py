@@ -120,6 +120,33 @@ def test_no_retrace_on_repeat_calls(rng):
         assert len(count) == n, name
 
 
+def test_closed_over_arrays_are_arguments_of_the_program(rng):
+    """A large array fun closes over is passed to the compiled program, not embedded in it (compile time)."""
+    from jacobians import _hoist
+
+    W = randn(rng, (128, 128))  # 128 KiB in float64: past HOIST_BYTES
+    count = []
+
+    def f(x):
+        count.append(1)
+        return jnp.tanh(W @ x)
+
+    jf = jacobians.jacobian(f, mode="fwd")
+    x = randn(rng, (128,))
+    np.testing.assert_allclose(jf(x), jax.jacfwd(f)(x), rtol=1e-12)
+    traces = len(count)
+    np.testing.assert_allclose(jf(2.0 * x), jax.jacfwd(f)(2.0 * x), rtol=1e-12)
+    assert len(count) == traces + 1  # jax.jacfwd's trace only: ours traced once
+    (program,) = jf.transform.cache.values()  # the compiled program, called with W first
+    lowered = program.func.lower(*program.args, x).as_text()
+    assert "tensor<128x128xf64>" in lowered.splitlines()[[k for k, line in enumerate(lowered.splitlines())
+                                                          if "func.func public @main" in line][0]]
+    assert not [line for line in lowered.splitlines() if "constant" in line and "128x128xf64" in line]
+    hoisted = _hoist.Hoisted(lambda x: W @ x)
+    np.testing.assert_allclose(hoisted(x), W @ x)
+    assert len(hoisted._consts) == 1 and hoisted._consts[0] is W
+
+
 def test_pytree_calls_skip_the_split_and_keep_its_meaning(rng):
     """Parameter pytrees of strong jax arrays take the split-free call; anything else still goes through the split."""
     count = []

@@ -1,0 +1,71 @@
+"""A transformation's compiled program, with the large arrays that ``fun`` closes over passed in as arguments.
+
+``jax.jit`` embeds every array a traced function closes over in the program as an
+HLO constant. XLA's CPU compiler pays for each byte of them (about 25 ms per 4 MB
+matrix) and constant-folds what is computed from them alone (a weight matrix's
+transpose, evaluated by XLA's interpreter). The weights of a network a user
+differentiates are such arrays: they are hoisted here instead, so the program
+compiles as if they were arguments, and runs the same.
+
+Only ``jax.Array`` constants of at least ``HOIST_BYTES`` are hoisted (the user's
+arrays); NumPy constants (the engines' seeds and index arrays, which XLA should
+see and fold) stay in the program.
+"""
+
+import functools
+
+import jax
+
+from . import _compat
+
+HOIST_BYTES = 1 << 16
+
+
+def _avals(args) -> tuple:
+    return tuple(_compat.aval_key(a) for a in args)
+
+
+def large(values) -> tuple:
+    """The constants among ``values`` to pass as arguments: concrete ``jax.Array`` s of ``HOIST_BYTES`` or more."""
+    return tuple(c for c in values if isinstance(c, jax.Array) and not _compat.is_tracer(c)
+                 and c.nbytes >= HOIST_BYTES)
+
+
+def substitute(values, hoisted: tuple, given) -> list:
+    """``values`` with each of the ``hoisted`` arrays (found by identity) replaced by its ``given`` counterpart."""
+    where = {id(c): k for k, c in enumerate(hoisted)}
+    return [given[where[id(c)]] if id(c) in where else c for c in values]
+
+
+class Hoisted:
+    """``jax.jit(fun)``, called as ``fun(*args)`` with positional array (or number) arguments.
+
+    The first call traces ``fun`` once (``jax.make_jaxpr``) to find its large
+    constants; the program compiled then (and for any later shapes) takes them as
+    leading arguments. Later calls dispatch through ``jax.jit``'s own fast path.
+    """
+
+    def __init__(self, fun):
+        self.fun = fun
+        self._consts: tuple = ()
+        self._traced: dict = {}  # avals -> (closed jaxpr, out tree) traced by the first call, used once
+        self._jit = jax.jit(self._body)
+        self._jit0 = jax.jit(functools.partial(self._body, ()))  # no constants to pass: no partial per call
+        self.call = None  # once compiled: the program itself (jax.jit's fast path), to call instead of this
+
+    def _body(self, consts, *args):
+        hit = self._traced.pop(_avals(args), None)
+        if hit is None:  # new shapes: trace fun again (its constants are the same arrays, found by identity)
+            closed, shape = jax.make_jaxpr(self.fun, return_shape=True)(*args)
+            hit = closed, jax.tree_util.tree_structure(shape)
+        closed, tree = hit
+        values = substitute(_compat.unclose(closed)[1], self._consts, consts)
+        return jax.tree_util.tree_unflatten(tree, _compat.eval_with_consts(closed, values, *args))
+
+    def __call__(self, *args):
+        if self.call is None:
+            closed, shape = jax.make_jaxpr(self.fun, return_shape=True)(*args)
+            self._consts = large(_compat.unclose(closed)[1])
+            self._traced[_avals(args)] = closed, jax.tree_util.tree_structure(shape)
+            self.call = functools.partial(self._jit, self._consts) if self._consts else self._jit0
+        return self.call(*args)
