@@ -273,6 +273,10 @@ def _log_volume(J):
     return jnp.ones((), J.dtype), jnp.sum(jnp.log(d), axis=-1)
 
 
+_CHUNK_BATCH = 16 << 20  # batched dense plans whose Jacobians take more bytes than this go in chunks ...
+_CHUNK_BYTES = 1 << 18  # ... of about this many bytes of Jacobians
+
+
 def _compute(t, spec, opts, *traced):
     where, square = t.where, opts.kind != "log_volume"
     reduce = kernels.slogdet if square else _log_volume
@@ -322,10 +326,30 @@ def _compute(t, spec, opts, *traced):
         dense.append(True)
         return (_flat_jacobian(p, plan.mode),)
 
-    def batch(*args):
+    def stacked(*args):  # (sign, logabsdet) of a batch
         out = jax.vmap(point, in_axes=in_axes)(*args)
         # The kernel traced once, on the (B, n, n) stack: under vmap it would be traced again by its batching rule.
-        return opts.finish(*(reduce(out[0]) if dense else out))
+        return reduce(out[0]) if dense else out
+
+    def batch(*args):
+        xs = [x for x, d in zip(args, diff_mask, strict=True) if d]
+        b, n = np.shape(xs[0])[0], sum(math.prod(np.shape(x)[1:]) for x in xs)
+        size = n * n * max(jnp.dtype(jnp.result_type(x)).itemsize for x in xs)  # one point's dense Jacobian
+        if b * size <= _CHUNK_BATCH:
+            return opts.finish(*stacked(*args))
+        # A chunk of points at a time: the batch's Jacobians are never all in memory (past glibc's 32 MB
+        # threshold the program's buffers are a fresh mapping each call, and filling them faults its pages in).
+        C = max(1, _CHUNK_BYTES // size)
+        count = -(-b // C)
+
+        def body(_, i):
+            start = jnp.minimum(i * C, b - C)  # the last chunk overlaps the one before it
+            return None, stacked(*[jax.lax.dynamic_slice_in_dim(x, start, C) if d else x
+                                   for x, d in zip(args, diff_mask, strict=True)])
+
+        _, out = jax.lax.scan(body, None, jnp.arange(count))
+        tail = b - (count - 1) * C
+        return opts.finish(*(jnp.concatenate([v[:-1].reshape(-1), v[-1, C - tail:]]) for v in out))
 
     shards = opts.shards
     if shards is None or shards.count <= 1:

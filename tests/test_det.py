@@ -208,6 +208,60 @@ def test_kernel_mixed_batches_and_shapes(rng):
     np.testing.assert_allclose(kernels.slogdet(Z)[1], jnp.linalg.slogdet(Z)[1], rtol=1e-12)
 
 
+def test_kernel_flags_redone_per_chunk(rng):
+    # Past one chunk of the rare redo (2048 matrices; the last chunk overlaps the one before it), flagged
+    # results in the first and in the last chunk only are redone, the others kept: 3x3 (closed form and
+    # the elementwise LU) and 6x6 (the LU without row exchanges, near-identity matrices, and LAPACK).
+    for k in (3, 6):
+        A = np.eye(k) + 0.1 * rng.standard_normal((4500, k, k))  # diagonally dominant: no exchange needed
+        A[5, 1] = 0  # singular (the closed form flags it; the LU finds a zero pivot after an exchange)
+        A[4400, 0, k - 1] = np.inf  # an infinite entry in the last chunk only: +inf
+        A[4401] = A[4401][::-1]  # partial pivoting exchanges rows
+        A[4402] *= 1e200  # out of the fast paths' range
+        s, l = slogdet_jit(jnp.asarray(A))
+        rs, rl = np.linalg.slogdet(np.where(np.isinf(A), 1e30, A))
+        rl[4400], rl[4402] = np.inf, np.linalg.slogdet(A[4402] / 1e200)[1] + k * np.log(1e200)
+        np.testing.assert_array_equal(s, rs)
+        np.testing.assert_allclose(l, rl, rtol=1e-12, atol=1e-14)
+        assert s[5] == 0 and l[5] == -np.inf
+
+
+def test_kernel_without_exchanges_is_exact(rng):
+    # 5x5 (the LU without row exchanges): on diagonally dominant matrices it is the pivoting LU itself, so
+    # its results equal the pivoting LU's bit for bit (a pivoting LU on matrices that need exchanges: same
+    # program through the LAPACK redo); a zero pivot with nothing below it stays singular.
+    A = np.eye(5) * 4 + rng.standard_normal((64, 5, 5))
+    A[3] = np.triu(A[3])
+    A[3, 4, 4] = 0  # singular, no exchange: sign 0, -inf
+    s, l = slogdet_jit(jnp.asarray(A))
+    rs, rl = np.linalg.slogdet(A)
+    np.testing.assert_array_equal(s, rs)
+    np.testing.assert_allclose(l, rl, rtol=1e-14, atol=1e-14)
+    assert s[3] == 0 and l[3] == -np.inf
+    grad = jax.jit(jax.grad(lambda A: jnp.sum(kernels.slogdet(A)[1])))(jnp.asarray(A[4:]))
+    np.testing.assert_allclose(grad, np.swapaxes(np.linalg.inv(A[4:]), -1, -2), rtol=1e-10, atol=1e-12)
+
+
+def test_batched_dense_plan_in_chunks(rng, monkeypatch):
+    # Large batches of dense Jacobians are computed and reduced a chunk of points at a time (the last chunk
+    # overlapping): the same values as one stack, and the same gradients as autodiff through JAX's slogdet.
+    from jacobians import _det
+
+    monkeypatch.setattr(_det, "_CHUNK_BATCH", 1024)  # bytes: 8 points of 3x3 float64 Jacobians stay in one stack
+    monkeypatch.setattr(_det, "_CHUNK_BYTES", 512)  # chunks of 7 points: 3 chunks for 19 points
+    W = randn(rng, (3, 3)) / 2
+    f = lambda x: x + jnp.tanh(W @ x)  # noqa: E731
+    xs = randn(rng, (19, 3))
+
+    def ref(xs):
+        return jax.vmap(lambda x: jnp.linalg.slogdet(jax.jacfwd(f)(x))[1])(xs)
+
+    logdet = jacobians.log_abs_det(f, batched=True)
+    np.testing.assert_allclose(logdet(xs), ref(xs), rtol=1e-12)
+    g = jax.grad(lambda xs: jnp.sum(logdet(xs) ** 2))(xs)
+    np.testing.assert_allclose(g, jax.grad(lambda xs: jnp.sum(ref(xs) ** 2))(xs), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_kernel_half_precision(rng, dtype):
     A = jnp.asarray(rng.standard_normal((7, 3, 3)), dtype)
