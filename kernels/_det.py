@@ -11,11 +11,15 @@ Here every matrix of a stack is processed at once, vectorised over the batch:
   chunks of the batch holding a flagged result are redone by the same LU as
   below, elementwise over the batch (one test over the results, and branches
   that compile quickly: the rare path must not cost every first call).
-- ``k <= _UNROLL_MAX``: LU with partial pivoting, its columns unrolled, on
-  cache-sized blocks of matrices stored batch-last (the batch is the fastest
-  axis, so each operation is a vector instruction over many matrices).
-- ``k <= _LOOP_MAX``: the same LU with the columns in ``fori_loop`` s (a
-  bounded trace, so bounded compile time).
+- ``k <= _UNROLL_MAX``: LU without row exchanges, its columns unrolled,
+  elementwise over the batch (one fused pass); where partial pivoting would
+  exchange rows (or the pivots' product leaves the normal range) the result is
+  flagged and the chunks holding one are redone by LAPACK's LU. Jacobians of
+  flows and coordinate changes (``I`` plus something small) need no exchange.
+- ``k <= _LOOP_MAX``: LU with partial pivoting, its columns in ``fori_loop`` s
+  (a bounded trace, so bounded compile time), on cache-sized blocks of
+  matrices stored batch-last (the batch is the fastest axis, so each
+  operation is a vector instruction over many matrices).
 - larger, or complex: ``jnp.linalg.slogdet``, faster there.
 
 The LU is LAPACK's ``getf2`` (first maximal ``|pivot|``, a NaN never chosen
@@ -38,7 +42,7 @@ import numpy as np
 from jax import custom_batching
 
 _CLOSED_MAX = 4  # closed forms up to this size
-_UNROLL_MAX = 8  # LU with unrolled columns up to this size
+_UNROLL_MAX = 8  # LU without row exchanges, unrolled, up to this size
 _LOOP_MAX = 20  # LU in loops up to this size; jnp.linalg.slogdet (faster) above
 _GROUP = 4  # columns per fixed-size loop in the looped LU
 
@@ -245,44 +249,6 @@ def _lu_nopivot(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return sign, jnp.where(~swap & (safe | zero), logabs, np.asarray(np.nan, a.dtype))
 
 
-def _lu_unrolled(A: jax.Array, keep) -> tuple[jax.Array, jax.Array]:
-    """``(sign, logabsdet)`` of a batch-last block ``(k, k, C)``, the columns unrolled."""
-    A = keep(A)
-    pivots = []
-    odd = jnp.zeros(A.shape[2:], bool)
-    while A.shape[0] > 1:
-        p, swapped, A = _eliminate(A, keep)
-        pivots.append(p)
-        odd = odd ^ swapped
-    pivots.append(A[0, 0])
-    # Elementwise over the pivots (a reduction over a stacked axis fuses poorly).
-    neg = functools.reduce(jnp.logical_xor, [p < 0 for p in pivots], odd)
-    zero = functools.reduce(jnp.logical_or, [p == 0 for p in pivots])
-    return _from_pivots(neg, zero, _log_product(pivots))
-
-
-def _log_product(pivots: list[jax.Array]) -> jax.Array:
-    """``sum(log|p|)`` over the pivots, as the log of their product where that is exact.
-
-    One log instead of ``k``: the product is exact to rounding unless a
-    partial product leaves the normal range (a subnormal loses digits);
-    blocks with such a matrix take the sum of logs.
-    """
-    info = jnp.finfo(pivots[0].dtype)
-    lo, hi = np.asarray(2.0 ** (info.minexp + 22), info.dtype), np.asarray(2.0 ** (info.maxexp - 24), info.dtype)
-    prod = jnp.abs(pivots[0])
-    safe = (prod >= lo) & (prod <= hi)
-    for p in pivots[1:]:
-        prod = prod * jnp.abs(p)
-        safe = safe & (prod >= lo) & (prod <= hi)
-    fast = jnp.log(prod)
-
-    def slow():
-        return jnp.where(safe, fast, sum(jnp.log(jnp.abs(p)) for p in pivots))
-
-    return jax.lax.cond(jnp.all(safe), lambda: fast, slow)
-
-
 def _lu_looped(A: jax.Array, keep) -> tuple[jax.Array, jax.Array]:
     """The same LU with the columns in ``fori_loop`` s: a trace of bounded size.
 
@@ -320,14 +286,11 @@ def _blocks(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     instead of transposing it inside every operation that reads it.
     """
     B, k, _ = a.shape
-    unrolled = k <= _UNROLL_MAX
-    # Blocks of about 64 KiB (128 KiB for the looped LU, which keeps fewer
-    # temporaries), a power of two of matrices: measured best on a 2-core CPU.
-    budget = (64 if unrolled else 128) * 1024 // (k * k * a.dtype.itemsize)
+    # Blocks of about 128 KiB, a power of two of matrices: measured best on a 2-core CPU.
+    budget = 128 * 1024 // (k * k * a.dtype.itemsize)
     C = min(max(64, 1 << (budget.bit_length() - 1)), 512, B)
     n = -(-B // C)
     flat = a.reshape(-1)  # through 1-D, so that the transpose below is a real copy
-    block = _lu_unrolled if unrolled else _lu_looped
 
     def load(i):
         start = jnp.minimum(i * C, B - C)  # the last block overlaps the one before it
@@ -335,7 +298,7 @@ def _blocks(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         return jnp.transpose(blk.reshape(C, k * k)).reshape(k, k, C)
 
     def body(blk, i):
-        sign, logabs = block(blk, _keeper(i, a.dtype))
+        sign, logabs = _lu_looped(blk, _keeper(i, a.dtype))
         # The next block depends on this one's result, so that it can take
         # the carry's buffer in place (else XLA copies the block twice).
         zero = jnp.abs(sign[0]) * 0  # +0.0: x - 0 == x for every x, -0.0 included
@@ -353,7 +316,7 @@ def _blocks(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 # -------------------------------------------------------- closed forms + LU redo
 
 
-_FIX_CHUNK = 2048  # matrices per chunk of the rare redo: its temporaries stay small
+_FIX_CHUNK = 512  # matrices per chunk of the rare redo: its temporaries stay small, and few chunks hold a flag
 
 
 def _redo_chunks(a: jax.Array, sign: jax.Array, logabs: jax.Array, fix: Callable) -> tuple[jax.Array, jax.Array]:
@@ -397,17 +360,14 @@ def _limit_where(a: jax.Array, sign: jax.Array, logabs: jax.Array, lu: Callable)
 def _fix_lu(a: jax.Array, sign: jax.Array, logabs: jax.Array, lu: Callable) -> tuple[jax.Array, jax.Array]:
     """A chunk's flagged results redone by a pivoting LU ``lu``, and what it gives as NaN or ``+inf`` by the limit.
 
-    One instance of the LU for the chunk and the limit's two stacks (one compile).
+    The limit (LAPACK's LU of its two stacks) only when some redone result needs it: matrices that are
+    merely singular or ill-conditioned, the common reason for a redo, pay one LU.
     """
-    C = a.shape[0]
-    stacks, finish = _limit_parts(a)
-    lu_sign, lu_log = lu(jnp.concatenate([a, stacks]))
-    lim_sign, lim_log = finish(lu_sign[C:], lu_log[C:])
-    lu_sign, lu_log = lu_sign[:C], lu_log[:C]
-    flagged = ~(lu_log < jnp.inf)
-    lu_sign, lu_log = jnp.where(flagged, lim_sign, lu_sign), jnp.where(flagged, lim_log, lu_log)
     redo = ~(logabs < jnp.inf)
-    return jnp.where(redo, lu_sign, sign), jnp.where(redo, lu_log, logabs)
+    lu_sign, lu_log = lu(a)
+    sign, logabs = jnp.where(redo, lu_sign, sign), jnp.where(redo, lu_log, logabs)
+    return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf), functools.partial(_limit_where, a, lu=jnp.linalg.slogdet),
+                        lambda s, la: (s, la), sign, logabs)
 
 
 def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:

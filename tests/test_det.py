@@ -209,7 +209,7 @@ def test_kernel_mixed_batches_and_shapes(rng):
 
 
 def test_kernel_flags_redone_per_chunk(rng):
-    # Past one chunk of the rare redo (2048 matrices; the last chunk overlaps the one before it), flagged
+    # Past one chunk of the rare redo (512 matrices; the last chunk overlaps the one before it), flagged
     # results in the first and in the last chunk only are redone, the others kept: 3x3 (closed form and
     # the elementwise LU) and 6x6 (the LU without row exchanges, near-identity matrices, and LAPACK).
     for k in (3, 6):
