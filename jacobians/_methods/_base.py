@@ -22,7 +22,6 @@ The planner (:mod:`jacobians._planner`) asks every registered method
 returns it inside the :class:`JacobianPlan`.
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -30,6 +29,7 @@ from typing import Any, Literal, Protocol
 import jax
 
 from .. import _compat
+from .._cost import pass_cost as pass_cost
 
 Mode = Literal["fwd", "rev"]
 MethodName = Literal["auto", "dense", "compressed", "structured"]  # jacobian(method=...)
@@ -54,31 +54,6 @@ def directions(primitives: set[str]) -> frozenset[str]:
 def single(allowed: frozenset) -> Mode | None:
     """The one direction in ``allowed`` (:func:`directions`), or ``None`` where both are open."""
     return next(iter(allowed)) if len(allowed) == 1 else None
-
-
-def pass_cost(closed) -> float:
-    """One evaluation's cost from a closed or open jaxpr: FLOPs of products and convolutions, element counts elsewhere.
-
-    Nested jaxprs (a ``jit``, ``cond``'s branches, a loop body) are open and may
-    have constants of their own (a closure), which cost nothing here. A reshape
-    costs nothing either: XLA makes it a bitcast of the same buffer.
-    """
-    total = 0.0
-    for eqn in _compat.unclose(closed)[0].eqns:
-        name = eqn.primitive.name
-        out = sum(math.prod(v.aval.shape) for v in eqn.outvars)
-        if name == "reshape":
-            continue
-        if name == "dot_general":
-            (lc, _), _ = eqn.params["dimension_numbers"]
-            k = math.prod(eqn.invars[0].aval.shape[i] for i in lc)
-            total += 2.0 * out * k
-        elif name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape
-            total += 2.0 * out * math.prod(rhs) / max(rhs[0], 1)
-        else:
-            total += out + sum(pass_cost(s) for s in _compat.jaxprs_in_params(eqn.params))
-    return max(total, 1.0)
 
 
 @dataclass(frozen=True)

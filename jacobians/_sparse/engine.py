@@ -337,7 +337,8 @@ def make_plan(det_pattern: SparsityPattern, mode: str, primitives: set[str], com
     # win (a direction whose every column conflicts can take long to colour and never pays).
     lb_fwd = int(np.bincount(rows).max()) if rows.size else 0
     lb_rev = int(np.bincount(cols).max()) if cols.size else 0
-    first, second, lb_second = (fwd, rev, lb_rev) if lb_fwd < lb_rev else (rev, fwd, lb_fwd)
+    # Equal bounds: forward first (JVPs keep no primal pass for a pullback, and compile faster).
+    first, second, lb_second = (fwd, rev, lb_rev) if lb_fwd <= lb_rev else (rev, fwd, lb_fwd)
     best = first()
     if lb_second < 0.75 * best.n_colors:  # greedy rarely lands within a quarter of its bound's rival
         other = second()

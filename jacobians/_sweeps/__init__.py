@@ -45,6 +45,7 @@ import numpy as np
 from jax import lax
 
 from .. import _compat, _host_eval, _leaves, _primitives
+from .._cost import eqn_cost
 from .._deps import DepsLattice
 from .._deps._custom import local_pattern
 from .._walker import Lattice, Walker, bind, is_opaque
@@ -533,6 +534,7 @@ def _fw_generic(lat, eqn, ins):
     """The primitive's own JVP over the densified Jacobian's columns (``jax.jacfwd`` for this equation)."""
     active = [i for i, v in enumerate(ins) if v.jac is not None]
     diff_out = [k for k, v in enumerate(eqn.outvars) if _inexact(v.aval)]
+    _charge(lat.n * eqn_cost(eqn), spend=False)  # one JVP of the equation per column: stop before tracing them
     f, vary = as_function(eqn, ins, active, diff_out)
     dense = [st.densify(ins[i].jac, eqn.invars[i].aval.shape, lat.n, True, vary[j].dtype) for j, i in enumerate(active)]
     tangents = jax.vmap(lambda *ts: jax.jvp(f, vary, list(ts))[1], in_axes=-1, out_axes=-1)(*dense)
@@ -679,6 +681,7 @@ def _rv_generic(lat, eqn, ins, gs):
     """The primitive's own VJP over the densified adjoint's rows (``jax.jacrev`` for this equation)."""
     active = [i for i, v in enumerate(ins) if v.jac is not None]
     diff_out = [k for k, v in enumerate(eqn.outvars) if _inexact(v.aval)]
+    _charge(lat.n * eqn_cost(eqn), spend=False)  # one VJP of the equation per row: stop before tracing them
     f, vary = as_function(eqn, ins, active, diff_out)
     _, pull = jax.vjp(f, *vary)
     cts = [st.densify(gs[k], eqn.outvars[k].aval.shape, lat.n, False, eqn.outvars[k].aval.dtype) for k in diff_out]
