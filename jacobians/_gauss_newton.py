@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _deps, _sparse, _trust, kernels
+from . import _args, _deps, _hoist, _sparse, _trust, kernels
 from ._args import trace_flat
 from ._walker import has_custom_vjp
 
@@ -165,17 +165,12 @@ class GaussNewton:
 class _GN:
     def __init__(self, fun, argnums, where):
         plans: dict = {}
-        self.t = {
-            "mv": _args.Transform(
-                fun, argnums, where, lambda spec: jax.jit(functools.partial(_mv, self.t["mv"], spec))
-            ),
-            "diagonal": _args.Transform(
-                fun, argnums, where, lambda spec: jax.jit(functools.partial(_diagonal, self.t["diagonal"], spec, plans))
-            ),
-            "materialise": _args.Transform(
-                fun, argnums, where, lambda spec: jax.jit(functools.partial(_materialise, self.t["materialise"], spec))
-            ),
-        }
+        builds = {"mv": lambda spec: (_mv, self.t["mv"], spec),
+                  "diagonal": lambda spec: (_diagonal, self.t["diagonal"], spec, plans),
+                  "materialise": lambda spec: (_materialise, self.t["materialise"], spec)}
+        self.t = {name: _args.Transform(fun, argnums, where,
+                                        lambda spec, b=b: _hoist.Hoisted(functools.partial(*b(spec))))
+                  for name, b in builds.items()}
 
     def compiled(self, name, args, kwargs):
         return self.t[name].compiled(args, kwargs)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _memory, _mesh, _methods, _planner, _sweeps, _trust, kernels
+from . import _args, _hoist, _memory, _mesh, _methods, _planner, _sweeps, _trust, kernels
 from ._leaves import Leaves, join
 
 HESSIAN_MODES = _args.HESSIAN_MODES
@@ -394,8 +394,8 @@ def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[
         t = _HVP_CACHE[key] = _args.Transform(
             # Tangents first, one argument each (no tuple for jax.jit to flatten), then the traced leaves.
             fun, argnums, where,
-            lambda spec: jax.jit(lambda *a: _compute_hvp(t, spec, mode, a[: len(spec.positions)],
-                                                         *a[len(spec.positions):]))
+            lambda spec: _hoist.Hoisted(lambda *a: _compute_hvp(t, spec, mode, a[: len(spec.positions)],
+                                                                *a[len(spec.positions):]))
         )
     fn, traced, spec = t.compiled(tuple(primals), {})
     if len(tangents) != len(spec.positions):
@@ -420,7 +420,7 @@ def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[
     ):
         if len(_HVP_FAST) >= 4 * _args.CACHE_MAX:
             _HVP_FAST.pop(next(iter(_HVP_FAST)))
-        _HVP_FAST[fast_key] = fn
+        _HVP_FAST[fast_key] = getattr(fn, "call", None) or fn  # the compiled program itself once it has run
     return out
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from .. import _args, _compat, _hessian, _memory, _mesh, _methods, _planner, _trust, kernels
+from .. import _args, _compat, _hessian, _hoist, _memory, _mesh, _methods, _planner, _trust, kernels
 from .._args import trace_flat
 from .._walker import primitives
 from . import coloring as colorings
@@ -502,7 +502,7 @@ class Engine:
     def _build(self, spec):
         hessian = self.coloring is not None
         if self.output == "dense" and not hessian:
-            return jax.jit(lambda *traced: self.compute(spec, traced))
+            return _hoist.Hoisted(lambda *traced: self.compute(spec, traced))
         # BCOO and SciPy results: the compiled program returns the values only; the index arrays are
         # host constants attached afterwards (copying them out of the program cost as much as a gather).
         layouts: dict = {}
