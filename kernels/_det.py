@@ -349,25 +349,11 @@ def _redo_chunks(a: jax.Array, sign: jax.Array, logabs: jax.Array, fix: Callable
     return jax.lax.fori_loop(0, -(-B // C), body, (sign, logabs))
 
 
-def _limit_where(a: jax.Array, sign: jax.Array, logabs: jax.Array, lu: Callable) -> tuple[jax.Array, jax.Array]:
-    """``(sign, logabs)``, NaN and ``+inf`` results replaced by the limit (:func:`_limit_parts`, factored by ``lu``)."""
-    flagged = ~(logabs < jnp.inf)  # NaN or +inf; -inf (singular) is exact
-    stacks, finish = _limit_parts(a)
-    ls, ll = finish(*lu(stacks))
-    return jnp.where(flagged, ls, sign), jnp.where(flagged, ll, logabs)
-
-
 def _fix_lu(a: jax.Array, sign: jax.Array, logabs: jax.Array, lu: Callable) -> tuple[jax.Array, jax.Array]:
-    """A chunk's flagged results redone by a pivoting LU ``lu``, and what it gives as NaN or ``+inf`` by the limit.
-
-    The limit (LAPACK's LU of its two stacks) only when some redone result needs it: matrices that are
-    merely singular or ill-conditioned, the common reason for a redo, pay one LU.
-    """
+    """A chunk's NaN and ``+inf`` results redone by :func:`_exact` with the pivoting LU ``lu``."""
     redo = ~(logabs < jnp.inf)
-    lu_sign, lu_log = lu(a)
-    sign, logabs = jnp.where(redo, lu_sign, sign), jnp.where(redo, lu_log, logabs)
-    return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf), functools.partial(_limit_where, a, lu=jnp.linalg.slogdet),
-                        lambda s, la: (s, la), sign, logabs)
+    exact_sign, exact_log = _exact(a, lu)
+    return jnp.where(redo, exact_sign, sign), jnp.where(redo, exact_log, logabs)
 
 
 def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -426,8 +412,8 @@ _batched_jit = jax.jit(_batched)  # called eagerly, the loops above would run op
 
 @jax.jit
 def _lapack_jit(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``jnp.linalg.slogdet`` of ``(B, k, k)``, its NaN and ``+inf`` results redone by :func:`_limit_parts`."""
-    return _finite_fix(a, *jnp.linalg.slogdet(a))
+    """``jnp.linalg.slogdet`` of ``(B, k, k)``, its NaN and ``+inf`` results redone by the limit (:func:`_exact`)."""
+    return _exact(a, jnp.linalg.slogdet)
 
 
 # ---------------------------------------------------------------- infinite entries
@@ -440,8 +426,8 @@ def _limit_parts(a: jax.Array) -> tuple[jax.Array, Callable]:
     where its determinant is plainly infinite: ``det`` is a polynomial in the
     infinite entries, here ``det(F + t S)`` with ``F`` the finite entries
     (scaled by a power of two near their largest), ``S`` the signs of the
-    infinite ones and ``t -> inf``. Evaluated at two large ``t`` (in one LU
-    call: this runs only for flagged chunks): when it grows with ``t`` the
+    infinite ones and ``t -> inf``. Evaluated at two large ``t`` (this runs
+    only where an LU gave NaN or ``+inf``, :func:`_exact`): when it grows with ``t`` the
     result is ``+inf`` with the sign of the leading term; when it does not
     the infinite entries meet only zero cofactors (``inf * 0``) and the
     result is NaN. Matrices without infinite entries get the LU of the scaled
@@ -449,9 +435,9 @@ def _limit_parts(a: jax.Array) -> tuple[jax.Array, Callable]:
     gives NaN.
 
     Returns:
-      ``(stacks, finish)``: ``stacks`` of shape ``(2 B, k, k)`` (``F + t1 S``
-      then ``F + t2 S``), so that one LU call takes both, and
-      ``finish(sign, logabsdet)`` of those ``2 B`` results giving the ``B`` limits.
+      ``(point, finish)``: ``point(i)`` is the stack ``F + t_i S`` (``i`` 1 or
+      2, may be traced) and ``finish(s1, l1, s2, l2)`` gives the ``B`` limits
+      from the two stacks' ``(sign, logabsdet)``.
     """
     k = a.shape[-1]
     inf = jnp.isinf(a)
@@ -469,9 +455,10 @@ def _limit_parts(a: jax.Array) -> tuple[jax.Array, Callable]:
     step = 20 if jnp.finfo(a.dtype).bits < 64 else 40  # t = 2^step and 2^(2 step)
     t1, t2 = (np.asarray(2.0 ** (step * i), a.dtype) for i in (1, 2))
 
-    def finish(sign, logabs):
-        B = a.shape[0]
-        s1, l1, s2, l2 = sign[:B], logabs[:B], sign[B:], logabs[B:]
+    def point(i):
+        return F + jnp.where(i == 1, t1, t2) * S
+
+    def finish(s1, l1, s2, l2):
         # Degree >= 1 in t: the log grows by step * degree * log 2 in the limit.
         grows = l2 - l1 > np.asarray(0.5 * step * np.log(2), a.dtype)
         nan = jnp.full_like(l1, jnp.nan)
@@ -480,7 +467,38 @@ def _limit_parts(a: jax.Array) -> tuple[jax.Array, Callable]:
         logabs = jnp.where(has_nan, nan, jnp.where(has_inf, jnp.where(grows, jnp.inf, nan), scaled))
         return sign, logabs
 
-    return jnp.concatenate([F + t1 * S, F + t2 * S]), finish
+    return point, finish
+
+
+def _exact(a: jax.Array, lu: Callable) -> tuple[jax.Array, jax.Array]:
+    """``(sign, logabsdet)`` of ``a`` (``(B, k, k)``) by the pivoting LU ``lu``, its NaN and ``+inf`` by the limit.
+
+    One instance of ``lu`` in the program (each costs its compile): a
+    ``while_loop`` factors ``a`` in its first trip and, only when some
+    result is NaN or ``+inf``, the limit's two stacks (:func:`_limit_parts`)
+    in two more; the limit's preparations run only then.
+    """
+    empty = jnp.zeros(a.shape[:1], a.dtype)
+
+    def body(state):
+        i, results = state
+        x = jax.lax.cond(i == 0, lambda: a, lambda: _limit_parts(a)[0](i))
+        s, la = lu(x)
+        return i + 1, tuple((jnp.where(i == j, s, rs), jnp.where(i == j, la, rl)) for j, (rs, rl) in
+                            enumerate(results))
+
+    def more(state):
+        i, results = state
+        return (i == 0) | ((i < 3) & ~(jnp.sum(results[0][1]) < jnp.inf))  # NaN or +inf in the first trip's
+
+    _, ((s0, l0), (s1, l1), (s2, l2)) = jax.lax.while_loop(more, body, (jnp.int32(0), ((empty, empty),) * 3))
+    flagged = ~(l0 < jnp.inf)  # NaN or +inf; -inf (singular) is exact
+
+    def limit(s0, l0):
+        ls, ll = _limit_parts(a)[1](s1, l1, s2, l2)
+        return jnp.where(flagged, ls, s0), jnp.where(flagged, ll, l0)
+
+    return jax.lax.cond(jnp.any(flagged), limit, lambda s0, l0: (s0, l0), s0, l0)
 
 
 def _finite_fix(a: jax.Array, sign: jax.Array, logabs: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -489,7 +507,7 @@ def _finite_fix(a: jax.Array, sign: jax.Array, logabs: jax.Array) -> tuple[jax.A
     One test over the results (not the input) when none is: the fast paths pay a reduction over ``B`` values.
     """
     return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf),
-                        lambda s, la: _redo_chunks(a, s, la, functools.partial(_limit_where, lu=jnp.linalg.slogdet)),
+                        lambda s, la: _redo_chunks(a, s, la, functools.partial(_fix_lu, lu=jnp.linalg.slogdet)),
                         lambda s, la: (s, la), sign, logabs)
 
 
