@@ -493,37 +493,47 @@ class Transform:
             self._tree_fast.clear()
         return fn
 
-    def __call__(self, *args, **kwargs):
-        # The common call (positional jax arrays and Python floats) skips the split: its spec depends only
-        # on the argument types (traced numbers once their structure has run: see _first_with_numbers).
-        fn = None if kwargs else self._fast.get(tuple(map(type, args)))
-        if fn is not None:
-            traced = args
-        else:
-            # Pytrees of strongly typed jax arrays (parameters): the spec depends only on the structure.
-            leaves, treedef = jax.tree_util.tree_flatten(args) if not kwargs else (None, None)
-            fn = self._tree_fast.get(treedef) if self._tree_fast and leaves is not None else None
-            if fn is not None and all(type(v) is _ARRAY_IMPL and not v.weak_type for v in leaves):
-                traced = leaves
-            else:
-                fn, traced, spec = self.compiled(args, kwargs)
-                out = self._run(fn, traced)
-                if getattr(fn, "call", None) is not None and self.cache.get(spec) is fn:
-                    fn = self.cache[spec] = fn.call  # compiled by this call: later calls skip the Hoisted wrapper
-                if not kwargs and not spec.static and (not spec.numbers or spec in self._confirmed):
-                    if len(traced) == len(args) and all(
-                        a is b and type(a) in FAST_TYPES for a, b in zip(args, traced, strict=True)
-                    ):
-                        self._fast[tuple(map(type, args))] = fn
-                    elif not spec.numbers and len(traced) == len(leaves) and all(
-                        a is b and type(a) is _ARRAY_IMPL and not a.weak_type
-                        for a, b in zip(leaves, traced, strict=True)
-                    ):
-                        self._tree_fast[treedef] = fn
-                return out
-        return self._run(fn, traced)
+    def fast(self, args: tuple) -> tuple[Callable, Sequence] | None:
+        """``(compiled function, traced leaves)`` of a positional call that needs no split, else ``None``.
 
-    def _run(self, fn, traced):
+        The common call (positional jax arrays and Python floats) skips the split: its spec depends
+        only on the argument types (traced numbers once their structure has run: see
+        ``_first_with_numbers``); so do pytrees of strongly typed jax arrays (parameters), whose
+        spec depends only on the structure. New shapes of a known structure retrace in ``jax.jit``.
+        """
+        fn = self._fast.get(tuple(map(type, args)))
+        if fn is not None:
+            return fn, args
+        if self._tree_fast:
+            leaves, treedef = jax.tree_util.tree_flatten(args)
+            fn = self._tree_fast.get(treedef)
+            if fn is not None and all(type(v) is _ARRAY_IMPL and not v.weak_type for v in leaves):
+                return fn, leaves
+        return None
+
+    def __call__(self, *args, **kwargs):
+        hit = None if kwargs else self.fast(args)
+        if hit is not None:
+            return self.run(*hit)
+        fn, traced, spec = self.compiled(args, kwargs)
+        out = self.run(fn, traced)
+        if getattr(fn, "call", None) is not None and self.cache.get(spec) is fn:
+            fn = self.cache[spec] = fn.call  # compiled by this call: later calls skip the Hoisted wrapper
+        if not kwargs and not spec.static and (not spec.numbers or spec in self._confirmed):
+            leaves, treedef = jax.tree_util.tree_flatten(args)
+            if len(traced) == len(args) and all(
+                a is b and type(a) in FAST_TYPES for a, b in zip(args, traced, strict=True)
+            ):
+                self._fast[tuple(map(type, args))] = fn
+            elif not spec.numbers and len(traced) == len(leaves) and all(
+                a is b and type(a) is _ARRAY_IMPL and not a.weak_type
+                for a, b in zip(leaves, traced, strict=True)
+            ):
+                self._tree_fast[treedef] = fn
+        return out
+
+    def run(self, fn, traced):
+        """``fn(*traced)``, a tracer error explained (:class:`TracedControlFlowError`)."""
         try:
             return fn(*traced)
         except TRACER_ERRORS as e:
