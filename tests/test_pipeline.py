@@ -267,3 +267,14 @@ def test_into_reuses_the_donated_result(rng):
         H = h(x1)
         np.testing.assert_allclose(h.into(H, x2), jax.hessian(lambda x: jnp.sum(jnp.sin(x) ** 3))(x2), rtol=1e-12)
         assert H.is_deleted()
+
+
+def test_new_shapes_of_a_compiled_structure_plan_and_check_again(rng):
+    """The dispatch fast path keys on argument types: a new shape retraces, plans and certifies its own plan."""
+    f = lambda x: jnp.sin(x) * x + x[::-1] ** 2  # noqa: E731
+    jf = jacobians.jacobian(f)
+    for n in (12, 20, 20, 32):
+        x = randn(rng, (n,))
+        np.testing.assert_allclose(jf(x), jax.jacfwd(f)(x), rtol=1e-12, atol=1e-12)
+        plan = jf.plan(x)
+        assert plan.method == "compressed" and not plan.certificate.failed, plan
