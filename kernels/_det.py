@@ -413,7 +413,7 @@ _batched_jit = jax.jit(_batched)  # called eagerly, the loops above would run op
 @jax.jit
 def _lapack_jit(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``jnp.linalg.slogdet`` of ``(B, k, k)``, its NaN and ``+inf`` results redone by the limit (:func:`_exact`)."""
-    return _exact(a, jnp.linalg.slogdet)
+    return _exact(a, jnp.linalg.slogdet, lazy=True)  # the main path: no extra passes over the stack
 
 
 # ---------------------------------------------------------------- infinite entries
@@ -470,19 +470,29 @@ def _limit_parts(a: jax.Array) -> tuple[jax.Array, Callable]:
     return point, finish
 
 
-def _exact(a: jax.Array, lu: Callable) -> tuple[jax.Array, jax.Array]:
+def _exact(a: jax.Array, lu: Callable, lazy: bool = False) -> tuple[jax.Array, jax.Array]:
     """``(sign, logabsdet)`` of ``a`` (``(B, k, k)``) by the pivoting LU ``lu``, its NaN and ``+inf`` by the limit.
 
     One instance of ``lu`` in the program (each costs its compile): a
     ``while_loop`` factors ``a`` in its first trip and, only when some
     result is NaN or ``+inf``, the limit's two stacks (:func:`_limit_parts`)
-    in two more; the limit's preparations run only then.
+    in two more.
+
+    Args:
+      a: the stack.
+      lu: ``(B, k, k) -> (sign, logabsdet)``, a pivoting LU.
+      lazy: the limit's preparations (a few passes over ``a``) only when some
+        result needs them, behind ``cond`` s (more to compile); else always.
     """
     empty = jnp.zeros(a.shape[:1], a.dtype)
+    parts = None if lazy else _limit_parts(a)
 
     def body(state):
         i, results = state
-        x = jax.lax.cond(i == 0, lambda: a, lambda: _limit_parts(a)[0](i))
+        if lazy:
+            x = jax.lax.cond(i == 0, lambda: a, lambda: _limit_parts(a)[0](i))
+        else:
+            x = jnp.where(i == 0, a, parts[0](i))
         s, la = lu(x)
         return i + 1, tuple((jnp.where(i == j, s, rs), jnp.where(i == j, la, rl)) for j, (rs, rl) in
                             enumerate(results))
@@ -495,9 +505,11 @@ def _exact(a: jax.Array, lu: Callable) -> tuple[jax.Array, jax.Array]:
     flagged = ~(l0 < jnp.inf)  # NaN or +inf; -inf (singular) is exact
 
     def limit(s0, l0):
-        ls, ll = _limit_parts(a)[1](s1, l1, s2, l2)
+        ls, ll = (parts or _limit_parts(a))[1](s1, l1, s2, l2)
         return jnp.where(flagged, ls, s0), jnp.where(flagged, ll, l0)
 
+    if not lazy:
+        return limit(s0, l0)
     return jax.lax.cond(jnp.any(flagged), limit, lambda s0, l0: (s0, l0), s0, l0)
 
 
