@@ -407,8 +407,7 @@ def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jax.lax.cond(jnp.isnan(jnp.sum(d)), lambda d: _redo_chunks(a, *plain(d), fix), plain, d)
 
 
-@custom_batching.custom_vmap
-def _batched(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _batched_impl(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     k = a.shape[-1]
     if a.size == 0:  # an empty batch (also one that vmap makes empty): no blocks to loop over
         return jnp.ones(a.shape[:-2], a.dtype), jnp.zeros(a.shape[:-2], a.dtype)
@@ -416,12 +415,18 @@ def _batched(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return sign.reshape(a.shape[:-2]), logabs.reshape(a.shape[:-2])
 
 
+_batched = custom_batching.custom_vmap(_batched_impl)
+
+
 @_batched.def_vmap
 def _batched_vmap(axis_size, in_batched, a):
     # Under vmap the mapped axis (at 0) is one more batch axis: keeps the
     # whole-batch test in _stack a test, instead of computing both branches.
-    del axis_size, in_batched
-    return _batched(a), (True, True)
+    # An input the vmap does not map (a scan's residuals under jax.hessian) gives outputs it does not map,
+    # computed by the implementation itself: claiming them mapped gave wrong shapes, and calling _batched
+    # on them came back to this rule without end.
+    del axis_size
+    return (_batched if in_batched[0] else _batched_impl)(a), (in_batched[0], in_batched[0])
 
 
 _batched_jit = jax.jit(_batched)  # called eagerly, the loops above would run op by op

@@ -244,7 +244,8 @@ def test_kernel_without_exchanges_is_exact(rng):
 
 def test_batched_dense_plan_in_chunks(rng, monkeypatch):
     # Large batches of dense Jacobians are computed and reduced a chunk of points at a time (the last chunk
-    # overlapping): the same values as one stack, and the same gradients as autodiff through JAX's slogdet.
+    # overlapping): the same values as one stack, and the same gradients as autodiff through JAX's slogdet
+    # (second order through the scan: test_kernel_hessian_through_scan).
     from jacobians import _det
 
     monkeypatch.setattr(_det, "_CHUNK_BATCH", 1024)  # bytes: 8 points of 3x3 float64 Jacobians stay in one stack
@@ -280,6 +281,19 @@ def test_kernel_under_vmap(rng, k):
     np.testing.assert_array_equal(vs, s)
     np.testing.assert_allclose(vl, l, rtol=1e-13)
     assert s[1, 2] == 0 and l[1, 2] == -np.inf
+
+
+def test_kernel_hessian_through_scan(rng):
+    # jax.hessian through a scan of the kernel (log_abs_det's chunks of a large batch): the vmap of the
+    # scan's residuals reaches the kernel's batching rule with an unmapped input (it claimed the outputs
+    # mapped: wrong shapes; and recursed).
+    A = randn(rng, (3, 7, 3, 3))
+
+    def f(kernel, x):
+        return jnp.sum(jax.lax.scan(lambda c, a: (c, kernel(a * x)[1]), None, A)[1])
+
+    h = jax.jit(jax.hessian(lambda x: f(kernels.slogdet, x)))(jnp.ones(()))
+    np.testing.assert_allclose(h, jax.hessian(lambda x: f(jnp.linalg.slogdet, x))(jnp.ones(())), rtol=1e-10)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 6])  # cofactors up to 3x3 (1, 2, 3 each their own), a solve above
