@@ -317,6 +317,7 @@ def _blocks(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 _FIX_CHUNK = 512  # matrices per chunk of the rare redo: its temporaries stay small, and few chunks hold a flag
+_FIX_WHOLE = 4 << 20  # bytes of a stack redone in one piece
 
 
 def _redo_chunks(a: jax.Array, sign: jax.Array, logabs: jax.Array, fix: Callable) -> tuple[jax.Array, jax.Array]:
@@ -336,7 +337,9 @@ def _redo_chunks(a: jax.Array, sign: jax.Array, logabs: jax.Array, fix: Callable
       fix: ``(chunk, sign, logabs) -> (sign, logabs)`` on ``C`` matrices.
     """
     B = a.shape[0]
-    C = min(B, _FIX_CHUNK)
+    if a.size * a.dtype.itemsize <= _FIX_WHOLE or B <= _FIX_CHUNK:
+        return fix(a, sign, logabs)  # a small stack in one piece: no loop to compile, small temporaries anyway
+    C = _FIX_CHUNK
 
     def body(i, carry):
         start = jnp.minimum(i * C, B - C)

@@ -208,17 +208,19 @@ def test_kernel_mixed_batches_and_shapes(rng):
     np.testing.assert_allclose(kernels.slogdet(Z)[1], jnp.linalg.slogdet(Z)[1], rtol=1e-12)
 
 
-def test_kernel_flags_redone_per_chunk(rng):
+def test_kernel_flags_redone_per_chunk(rng, monkeypatch):
     # Past one chunk of the rare redo (512 matrices; the last chunk overlaps the one before it), flagged
     # results in the first and in the last chunk only are redone, the others kept: 3x3 (closed form and
     # the elementwise LU) and 6x6 (the LU without row exchanges, near-identity matrices, and LAPACK).
+    # (Stacks under _FIX_WHOLE bytes are redone in one piece, as every other test's.)
+    monkeypatch.setattr(kernels._det, "_FIX_WHOLE", 0)
     for k in (3, 6):
         A = np.eye(k) + 0.1 * rng.standard_normal((4500, k, k))  # diagonally dominant: no exchange needed
         A[5, 1] = 0  # singular (the closed form flags it; the LU finds a zero pivot after an exchange)
         A[4400, 0, k - 1] = np.inf  # an infinite entry in the last chunk only: +inf
         A[4401] = A[4401][::-1]  # partial pivoting exchanges rows
         A[4402] *= 1e200  # out of the fast paths' range
-        s, l = slogdet_jit(jnp.asarray(A))
+        s, l = jax.jit(kernels.slogdet)(jnp.asarray(A))  # a new jit: the module's may hold a one-piece program
         rs, rl = np.linalg.slogdet(np.where(np.isinf(A), 1e30, A))
         rl[4400], rl[4402] = np.inf, np.linalg.slogdet(A[4402] / 1e200)[1] + k * np.log(1e200)
         np.testing.assert_array_equal(s, rs)
