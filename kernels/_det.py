@@ -384,8 +384,10 @@ def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     (:func:`_redo_chunks`): a ``cond`` of small branches, cheap to compile.
     Its test is whether the sum of the determinants is NaN (every flag is a
     NaN, which the sum carries; the flagged range keeps the sum finite): one
-    reduction, where ``any(isnan(d))`` took three passes. Above
-    ``_CLOSED_MAX``: the blocked LU, its NaN and ``+inf`` results redone by the limit.
+    reduction, where ``any(isnan(d))`` took three passes. Up to
+    ``_UNROLL_MAX``: the LU without row exchanges (:func:`_lu_nopivot`), the
+    chunks it flags redone by LAPACK's. Above: the blocked, looped pivoting
+    LU. Every path's NaN and ``+inf`` results are redone by the limit.
     """
     k = a.shape[-1]
     if k > _UNROLL_MAX:
