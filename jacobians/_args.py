@@ -456,8 +456,7 @@ class Transform:
         fn = self.cache.get(spec)
         if fn is None:
             fn = self._new(spec)
-        elif getattr(fn, "call", None) is not None:  # a Hoisted program that has compiled: call it directly
-            fn = self.cache[spec] = fn.call
+        fn = _program(fn)
         if spec.numbers and spec not in self._confirmed:
             fn = functools.partial(self._first_with_numbers, fn, spec, len(traced), args, kwargs)
         return fn, traced, spec
@@ -517,9 +516,9 @@ class Transform:
             return self.run(*hit)
         fn, traced, spec = self.compiled(args, kwargs)
         out = self.run(fn, traced)
-        if getattr(fn, "call", None) is not None and self.cache.get(spec) is fn:
-            fn = self.cache[spec] = fn.call  # compiled by this call: later calls skip the Hoisted wrapper
-        if not kwargs and not spec.static and (not spec.numbers or spec in self._confirmed):
+        # The structure's program as it stands after this call (never this call's own first-call wrapper).
+        fn = _program(self.cache.get(spec))
+        if fn is not None and not kwargs and not spec.static and (not spec.numbers or spec in self._confirmed):
             leaves, treedef = jax.tree_util.tree_flatten(args)
             if len(traced) == len(args) and all(
                 a is b and type(a) in FAST_TYPES for a, b in zip(args, traced, strict=True)
@@ -552,8 +551,11 @@ class Transform:
             return first(*args, **kwargs)
         entry = self._donating.get(spec)
         if entry is None:
-            donating = jax.jit(lambda _, *tr: fn(*tr), donate_argnums=0, keep_unused=True)
-            entry = self._donating[spec] = (donating, jax.eval_shape(fn, *traced))
+            if isinstance(fn, _hoist.Hoisted) and fn.call is not None:  # its closed-over arrays stay arguments
+                donating = fn.donating()
+            else:
+                donating = jax.jit(lambda _, *tr: fn(*tr), donate_argnums=0, keep_unused=True)
+            entry = self._donating[spec] = (donating, jax.eval_shape(_program(fn), *traced))
         donating, want = entry
         got_leaves, got_tree = jax.tree_util.tree_flatten(out)
         want_leaves, want_tree = jax.tree_util.tree_flatten(want)
@@ -587,6 +589,12 @@ class Transform:
             self._confirmed.clear()
         self._confirmed.add(spec)
         return out
+
+
+def _program(fn):
+    """What to call for a built function: a traced :class:`_hoist.Hoisted` program's own ``call``."""
+    call = getattr(fn, "call", None)
+    return fn if call is None else call
 
 
 def wrap(t: Transform) -> Callable:

@@ -74,6 +74,11 @@ def aval_key(x) -> tuple:
     return tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False))
 
 
+def jit_disabled() -> bool:
+    """True inside ``jax.disable_jit()`` (compiled programs run op by op)."""
+    return bool(jax.config.jax_disable_jit)
+
+
 def is_tracer(x) -> bool:
     """True when ``x`` is a JAX tracer (its value is unknown at trace time)."""
     return isinstance(x, jax.core.Tracer)

@@ -9,12 +9,15 @@ compiles as if they were arguments, and runs the same.
 
 Only ``jax.Array`` constants of at least ``HOIST_BYTES`` are hoisted (the user's
 arrays); NumPy constants (the engines' seeds and index arrays, which XLA should
-see and fold) stay in the program.
+see and fold) stay in the program. As with ``jax.jit``, the program keeps the
+values it was traced with: the hoisted arrays are copied once, so a caller who
+later donates or deletes a closed-over array does not pull it from under us.
 """
 
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from . import _compat
 
@@ -28,7 +31,7 @@ def _avals(args) -> tuple:
 def large(values) -> tuple:
     """The constants among ``values`` to pass as arguments: concrete ``jax.Array`` s of ``HOIST_BYTES`` or more."""
     return tuple(c for c in values if isinstance(c, jax.Array) and not _compat.is_tracer(c)
-                 and c.nbytes >= HOIST_BYTES)
+                 and not c.is_deleted() and c.nbytes >= HOIST_BYTES)
 
 
 def substitute(values, hoisted: tuple, given) -> list:
@@ -37,21 +40,31 @@ def substitute(values, hoisted: tuple, given) -> list:
     return [given[where[id(c)]] if id(c) in where else c for c in values]
 
 
+def _copy(a: jax.Array) -> jax.Array:
+    """A copy of ``a`` in its own buffers, placed (sharded) as ``a`` is."""
+    try:
+        return jax.device_put(a, a.sharding, may_alias=False)
+    except TypeError:  # pragma: no cover - a JAX without may_alias
+        return jnp.array(a, copy=True)
+
+
 class Hoisted:
     """``jax.jit(fun)``, called as ``fun(*args)`` with positional array (or number) arguments.
 
     The first call traces ``fun`` once (``jax.make_jaxpr``) to find its large
-    constants; the program compiled then (and for any later shapes) takes them as
-    leading arguments. Later calls dispatch through ``jax.jit``'s own fast path.
+    constants; the program compiled then (and for any later shapes) takes copies
+    of them as leading arguments. ``call`` is then the program itself (``jax.jit``'s
+    fast path, the constants bound), for callers to keep instead of this object.
     """
 
     def __init__(self, fun):
         self.fun = fun
-        self._consts: tuple = ()
+        self._found: tuple = ()  # the closed-over arrays, as the traces hold them (kept: ids stay theirs)
+        self._consts: tuple = ()  # their copies, passed to the program
         self._traced: dict = {}  # avals -> (closed jaxpr, out tree) traced by the first call, used once
         self._jit = jax.jit(self._body)
         self._jit0 = jax.jit(functools.partial(self._body, ()))  # no constants to pass: no partial per call
-        self.call = None  # once compiled: the program itself (jax.jit's fast path), to call instead of this
+        self.call = None  # once traced: the program, to call instead of this object
 
     def _body(self, consts, *args):
         hit = self._traced.pop(_avals(args), None)
@@ -59,13 +72,33 @@ class Hoisted:
             closed, shape = jax.make_jaxpr(self.fun, return_shape=True)(*args)
             hit = closed, jax.tree_util.tree_structure(shape)
         closed, tree = hit
-        values = substitute(_compat.unclose(closed)[1], self._consts, consts)
+        values = substitute(_compat.unclose(closed)[1], self._found, consts)
         return jax.tree_util.tree_unflatten(tree, _compat.eval_with_consts(closed, values, *args))
 
+    def _trace(self, args) -> None:
+        """The first trace: find the constants, keep the jaxpr for the program's own trace."""
+        closed, shape = jax.make_jaxpr(self.fun, return_shape=True)(*args)
+        self._found = large(_compat.unclose(closed)[1])
+        self._consts = tuple(_copy(c) for c in self._found)
+        self._traced[_avals(args)] = closed, jax.tree_util.tree_structure(shape)
+        self.call = functools.partial(self._jit, self._consts) if self._consts else self._jit0
+
     def __call__(self, *args):
+        if _compat.jit_disabled():  # as jax.jit under jax.disable_jit(): run fun as it is
+            return self.fun(*args)
         if self.call is None:
-            closed, shape = jax.make_jaxpr(self.fun, return_shape=True)(*args)
-            self._consts = large(_compat.unclose(closed)[1])
-            self._traced[_avals(args)] = closed, jax.tree_util.tree_structure(shape)
-            self.call = functools.partial(self._jit, self._consts) if self._consts else self._jit0
+            self._trace(args)
         return self.call(*args)
+
+    def lower(self, *args):
+        """The program's ``jax.stages.Lowered`` for these arguments (shapes suffice)."""
+        if self.call is None:
+            self._trace(args)
+        return self._jit.lower(self._consts, *args)
+
+    def donating(self):
+        """``(out, *args) -> result``: the program writing its result into ``out``'s buffers (donated)."""
+        if self.call is None:
+            raise RuntimeError("Hoisted.donating: the program has not been traced yet")
+        program = jax.jit(lambda _, consts, *args: self._body(consts, *args), donate_argnums=0, keep_unused=True)
+        return lambda out, *args: program(out, self._consts, *args)

@@ -151,10 +151,11 @@ INT_OPS = {
 FLOAT_OPS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "neg": np.negative}
 
 
-def _float_fold(op, args) -> np.ndarray | None:
+def _float_fold(op, args, out_dtypes) -> np.ndarray | None:
     args = [np.asarray(a) for a in args]
-    if len({a.dtype for a in args}) != 1 or args[0].dtype not in (np.float32, np.float64):
-        return None
+    dtypes = {a.dtype for a in args} | {np.dtype(d) for d in out_dtypes}
+    if len(dtypes) != 1 or args[0].dtype not in (np.float32, np.float64):
+        return None  # one dtype in and out: the operation rounds once, in it
     with np.errstate(all="ignore"):
         out = np.asarray(op(*args))
     tiny = np.finfo(out.dtype).tiny
@@ -179,7 +180,7 @@ def evaluate(name: str, params: dict, args: list, out_dtypes: list) -> list | No
         elif name in INT_OPS and _integers(args):
             with np.errstate(all="ignore"):
                 out = INT_OPS[name](*(np.asarray(a) for a in args))
-        elif name in FLOAT_OPS and (out := _float_fold(FLOAT_OPS[name], args)) is not None:
+        elif name in FLOAT_OPS and (out := _float_fold(FLOAT_OPS[name], args, out_dtypes)) is not None:
             pass
         elif name == "select_n" and _integers(args[1:]):
             out = _select_n(*args)

@@ -219,9 +219,6 @@ def wrap(t: "_args.Transform") -> Callable:
 
     @functools.wraps(t.fun)
     def transformed(*args, **kwargs):
-        hit = None if kwargs else t.fast(args)
-        if hit is not None:  # a compiled structure: nothing is planned, nothing can be deferred
-            return t.run(*hit)
         pending: list[Pending] = []
         token = _CALL.set((t, args, kwargs, pending))
         try:

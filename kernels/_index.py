@@ -18,7 +18,9 @@ def _facts(index) -> tuple[np.ndarray | None, bool, bool]:
     """The host index (or ``None`` for a traced one), whether it is sorted, and whether unique."""
     if not isinstance(index, np.ndarray):
         return None, False, False
-    if index.size and index.dtype != np.int32 and int(index.max()) < 2**31:
+    if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
+        raise TypeError(f"kernels: expected a 1-D integer index, got {index.dtype}{list(index.shape)}")
+    if not index.size or (index.dtype != np.int32 and int(index.max()) < 2**31):
         index = index.astype(np.int32)  # a smaller constant, and no int64 where x64 is off
     d = np.diff(index)
     return index, bool(np.all(d >= 0)), bool(np.all(d > 0))
@@ -29,13 +31,13 @@ def take(flat, index):
 
     Args:
       flat: shape ``(size,)``.
-      index: integer indices, shape ``(k,)``: a NumPy array (its order seen on the host: a
-        contiguous run is a slice) or a traced array.
+      index: integer indices, shape ``(k,)``: a NumPy array or list (its order seen on the
+        host: a contiguous run is a slice) or a jax array.
 
     Returns:
       Shape ``(k,)``.
     """
-    host, ordered, unique = _facts(index)
+    host, ordered, unique = _facts(np.asarray(index) if isinstance(index, list | tuple) else index)
     if host is not None and host.size and unique and int(host[-1]) - int(host[0]) == host.size - 1:
         return lax.slice_in_dim(flat, int(host[0]), int(host[0]) + host.size)  # a run: no gather at all
     index = index if host is None else host
@@ -54,7 +56,7 @@ def place(size: int, index, values, dtype=None):
     """
     dtype = dtype or values.dtype
     values = values.astype(dtype)
-    host, ordered, unique = _facts(index)
+    host, ordered, unique = _facts(np.asarray(index) if isinstance(index, list | tuple) else index)
     if host is not None and host.size == size and unique and (size == 0 or int(host[0]) == 0):
         return values  # every entry written, in order
     zeros = lax.full((size,), 0, dtype)

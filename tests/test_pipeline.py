@@ -137,14 +137,14 @@ def test_closed_over_arrays_are_arguments_of_the_program(rng):
     traces = len(count)
     np.testing.assert_allclose(jf(2.0 * x), jax.jacfwd(f)(2.0 * x), rtol=1e-12)
     assert len(count) == traces + 1  # jax.jacfwd's trace only: ours traced once
-    (program,) = jf.transform.cache.values()  # the compiled program, called with W first
-    lowered = program.func.lower(*program.args, x).as_text()
+    (program,) = jf.transform.cache.values()  # the Hoisted program, called with (a copy of) W first
+    lowered = program.lower(x).as_text()
     assert "tensor<128x128xf64>" in lowered.splitlines()[[k for k, line in enumerate(lowered.splitlines())
                                                           if "func.func public @main" in line][0]]
     assert not [line for line in lowered.splitlines() if "constant" in line and "128x128xf64" in line]
     hoisted = _hoist.Hoisted(lambda x: W @ x)
     np.testing.assert_allclose(hoisted(x), W @ x)
-    assert len(hoisted._consts) == 1 and hoisted._consts[0] is W
+    assert len(hoisted._consts) == 1 and hoisted._found[0] is W and hoisted._consts[0] is not W  # a copy
 
 
 def test_pytree_calls_skip_the_split_and_keep_its_meaning(rng):
@@ -278,3 +278,36 @@ def test_new_shapes_of_a_compiled_structure_plan_and_check_again(rng):
         np.testing.assert_allclose(jf(x), jax.jacfwd(f)(x), rtol=1e-12, atol=1e-12)
         plan = jf.plan(x)
         assert plan.method == "compressed" and not plan.certificate.failed, plan
+
+
+def test_numbers_fast_path_never_replays_the_first_call(rng):
+    """A structure with a traced Python number: a later call that fails must fail, not return the first result."""
+    f = lambda x, s: jnp.sin(x.reshape(2, -1)).ravel() * s  # noqa: E731
+    jf = jacobians.jacobian(f)
+    x4 = randn(rng, (4,))
+    np.testing.assert_allclose(jf(x4, 2.0), jax.jacfwd(f)(x4, 2.0), rtol=1e-12)
+    np.testing.assert_allclose(jf(x4, 2.5), jax.jacfwd(f)(x4, 2.5), rtol=1e-12)
+    with pytest.raises(TypeError, match="reshape"):
+        jf(randn(rng, (5,)), 3.0)
+    np.testing.assert_allclose(jf(x4, 5.0), jax.jacfwd(f)(x4, 5.0), rtol=1e-12)
+
+
+def test_closed_over_arrays_may_be_donated_after_the_first_call(rng):
+    """As jax.jit, the program keeps the values it was traced with: donating the user's array breaks nothing."""
+    W = randn(rng, (128, 128))
+    x = randn(rng, (128,))
+    f = lambda x: jnp.tanh(W @ x)  # noqa: E731
+    jf = jacobians.jacobian(f, mode="fwd")
+    want = jax.jacfwd(f)(x)
+    np.testing.assert_allclose(jf(x), want, rtol=1e-12)
+    jax.jit(lambda w: w * 2.0, donate_argnums=0)(W)  # W's buffer is gone (on backends that donate)
+    np.testing.assert_allclose(jf(x), want, rtol=1e-12)
+
+
+def test_disable_jit_runs_the_planned_method_and_its_check(rng):
+    W = randn(rng, (40, 40))
+    f = lambda x: jnp.tanh(W @ x) * x[::-1]  # noqa: E731
+    x = randn(rng, (40,))
+    with jax.disable_jit():  # strict mode (the suite's): a failed or crashed certificate would raise
+        got = jacobians.jacobian(f)(x)
+    np.testing.assert_allclose(got, jax.jacfwd(f)(x), rtol=1e-12, atol=1e-14)

@@ -209,3 +209,14 @@ def test_host_index_kernels(rng):
     np.testing.assert_array_equal(full, vals)
     assert "scatter" not in str(jax.make_jaxpr(lambda v: kernels.place(12, np.arange(12), v))(vals))
     assert "gather" not in str(jax.make_jaxpr(lambda f: kernels.take(f, np.arange(7, 19)))(flat))
+
+
+def test_host_index_kernels_reject_what_they_cannot_read():
+    from jacobians import kernels
+
+    flat = jnp.arange(6.0)
+    np.testing.assert_array_equal(kernels.take(flat, [4, 1]), [4.0, 1.0])  # a list is a host index
+    with pytest.raises(TypeError, match="1-D integer index"):
+        kernels.take(flat, np.array([[0, 1]]))
+    with pytest.raises(TypeError, match="1-D integer index"):
+        kernels.place(6, np.array([True, False]), jnp.ones(2))
