@@ -130,7 +130,9 @@ def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, ch
                 closed = jax.make_jaxpr(lambda x: grad(x)[0])(p.x)
             except Exception:  # noqa: BLE001 - no reverse-mode gradient (while_loop): the fallbacks below
                 return None
-            plan = _planner.choose(closed, p.n, p.n, None, None, sweep_program)
+            # The reverse sweep over the gradient first: it won on every loss measured (MLPs, Rosenbrock,
+            # log-sum-exp, quadratic forms), so the forward sweep is traced only while it can still beat it.
+            plan = _planner.choose(closed, p.n, p.n, None, None, sweep_program, sweeps=("rev", "fwd"))
             return plan.mode if plan.method == "structured" else None
 
         sweep = choose(decide) if choose is not None else decide()

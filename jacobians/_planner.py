@@ -115,7 +115,8 @@ def context(closed, n: int, m: int, **kwargs) -> Context:
     return Context(closed, n, m, pass_cost(closed), _methods.directions(primitives(closed)), **kwargs)
 
 
-def choose(closed, n: int, m: int, detect, color, structured=None, only_structured: bool = False) -> JacobianPlan:
+def choose(closed, n: int, m: int, detect, color, structured=None, only_structured: bool = False,
+           sweeps: tuple = ("fwd", "rev")) -> JacobianPlan:
     """Plan for a flat map ``R^n -> R^m`` whose jaxpr is ``closed`` (:func:`rank` over every method).
 
     Args:
@@ -127,13 +128,14 @@ def choose(closed, n: int, m: int, detect, color, structured=None, only_structur
         sweep's program (``None``: not a candidate).
       only_structured: choose between the two structured sweeps only (a sweep
         that raises is then no candidate, and none is a ``ValueError``).
+      sweeps: the order the structured sweeps are traced in (``Context.sweeps``).
 
     Raises:
       _trust.AnalysisError: an analysis failed (not with ``only_structured``); the
         caller falls back to :func:`dense`.
     """
     ctx = context(closed, n, m, detect=detect, color=color, sweep=structured,
-                  only="structured" if only_structured else None)
+                  only="structured" if only_structured else None, sweeps=sweeps)
     return rank(ctx)
 
 

@@ -97,6 +97,8 @@ class Context:
       sweep: ``sweep(mode)``: a structured sweep's program (traced, not run): its closed jaxpr, or a
         :class:`Traced` ``(jac, aux)`` of the call's leaves that the method then evaluates; or ``None``.
       only: plan with this method alone (the caller fixed ``method=``), else ``None``.
+      sweeps: the structured sweeps in the order they are traced (the second stops once it cannot
+        beat the first): the one likelier to win first.
       best: the cost of the best candidate so far (a method stops once it cannot beat it).
       notes: what the methods found on the way, for the plan's reason.
     """
@@ -110,6 +112,7 @@ class Context:
     color: Callable | None = None
     sweep: Callable | None = None
     only: str | None = None
+    sweeps: tuple = ("fwd", "rev")
     best: float = float("inf")
     notes: list = field(default_factory=list)
 

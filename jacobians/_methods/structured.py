@@ -25,7 +25,7 @@ class Structured:
         # times the best other candidate (every materialised entry costs at least one element operation).
         limit = None if only or ctx.best == float("inf") else self.margin * ctx.best
         out = []
-        for sweep in ("fwd", "rev"):
+        for sweep in ctx.sweeps:
             if sweep not in ctx.allowed:
                 continue
             if not only:  # on the default path a sweep that cannot trace is a defect: reported
@@ -33,6 +33,8 @@ class Structured:
                     with _sweeps.budget(limit), _trust.stage(f"structured {sweep} sweep",
                                                                  (_sweeps.OverBudget,)):
                         out.append(self._candidate(ctx, sweep))
+                    # The other sweep must beat this one (no margin between siblings): it stops as soon as it cannot.
+                    limit = out[-1].cost if limit is None else min(limit, out[-1].cost)
                 except _sweeps.OverBudget:
                     ctx.notes.append(f"structured {sweep} stopped: over the best other candidate's cost")
                 continue
