@@ -202,7 +202,8 @@ def _lu_elementwise(a: jax.Array) -> tuple[jax.Array, jax.Array]:
             P = [jnp.where(idx == r, x, y) for x, y in zip(rows[r], P, strict=True)]
         others = [[jnp.where(idx == r, x, y) for x, y in zip(rows[0], rows[r], strict=True)] for r in range(1, m)]
         s, inv = _reciprocal(P[0])
-        rows = [[x - ((R[0] * s) * inv) * y for x, y in zip(R[1:], P[1:], strict=True)] for R in others]
+        mults = [(R[0] * s) * inv for R in others]  # column 0 of L, once per row
+        rows = [[x - m * y for x, y in zip(R[1:], P[1:], strict=True)] for R, m in zip(others, mults, strict=True)]
         pivots.append(P[0])
         neg = neg ^ (idx != 0)
     pivots.append(rows[0][0])
@@ -233,7 +234,9 @@ def _lu_nopivot(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         ap = jnp.abs(p)
         swap = functools.reduce(jnp.logical_or, [~(jnp.abs(r[0]) <= ap) for r in rows[1:]], swap)  # NaN: True
         s, inv = _reciprocal(p)
-        rows = [[x - ((R[0] * s) * inv) * y for x, y in zip(R[1:], rows[0][1:], strict=True)] for R in rows[1:]]
+        mults = [(R[0] * s) * inv for R in rows[1:]]  # column 0 of L, once per row
+        rows = [[x - m * y for x, y in zip(R[1:], rows[0][1:], strict=True)] for R, m in zip(rows[1:], mults,
+                                                                                           strict=True)]
         pivots.append(p)
     pivots.append(rows[0][0])
     info = jnp.finfo(a.dtype)
