@@ -326,6 +326,11 @@ def _compute(t, spec, opts, *traced):
         dense.append(True)
         return (_flat_jacobian(p, plan.mode),)
 
+    def dense_plan(args) -> bool:  # one point's plan (cached: point() finds it), made here from shapes
+        avals = [jax.ShapeDtypeStruct(np.shape(x)[1:] if d else np.shape(x), jnp.result_type(x))
+                 for x, d in zip(args, diff_mask, strict=True)]
+        return _plan(t, spec, avals, opts, square).method == "dense"
+
     def stacked(*args):  # (sign, logabsdet) of a batch
         out = jax.vmap(point, in_axes=in_axes)(*args)
         # The kernel traced once, on the (B, n, n) stack: under vmap it would be traced again by its batching rule.
@@ -335,7 +340,7 @@ def _compute(t, spec, opts, *traced):
         xs = [x for x, d in zip(args, diff_mask, strict=True) if d]
         b, n = np.shape(xs[0])[0], sum(math.prod(np.shape(x)[1:]) for x in xs)
         size = n * n * max(jnp.dtype(jnp.result_type(x)).itemsize for x in xs)  # one point's dense Jacobian
-        if b * size <= _CHUNK_BATCH:
+        if b * size <= _CHUNK_BATCH or not dense_plan(args):
             return opts.finish(*stacked(*args))
         # A chunk of points at a time: the batch's Jacobians are never all in memory (past glibc's 32 MB
         # threshold the program's buffers are a fresh mapping each call, and filling them faults its pages in).

@@ -261,6 +261,11 @@ def test_batched_dense_plan_in_chunks(rng, monkeypatch):
 
     logdet = jacobians.log_abs_det(f, batched=True)
     np.testing.assert_allclose(logdet(xs), ref(xs), rtol=1e-12)
+    assert "scan" in str(jax.make_jaxpr(logdet)(xs))
+    # A structured plan forms no dense Jacobians: its batch stays whole (one chunk per point was 1.5-2x slower).
+    diagonal = jacobians.log_abs_det(jnp.tanh, batched=True)
+    np.testing.assert_allclose(diagonal(xs), jnp.sum(jnp.log1p(-jnp.tanh(xs) ** 2), -1), rtol=1e-10)
+    assert "scan" not in str(jax.make_jaxpr(diagonal)(xs))
     g = jax.grad(lambda xs: jnp.sum(logdet(xs) ** 2))(xs)
     np.testing.assert_allclose(g, jax.grad(lambda xs: jnp.sum(ref(xs) ** 2))(xs), rtol=1e-10, atol=1e-12)
 
