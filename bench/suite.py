@@ -348,8 +348,8 @@ def _warm_up(dtype: str) -> None:
     # Each of the default's plans once (compressed, structured, a deferred certificate on its worker
     # thread): their first use in a process loads code (SciPy's graphs, the colourings) a new function
     # does not pay again.
-    w = jnp.linspace(0.1, 1.0, 64, dtype=dtype)
-    M = jnp.linspace(-1.0, 1.0, 64 * 64, dtype=dtype).reshape(64, 64)
+    w = jnp.linspace(0.1, 1.0, 16, dtype=dtype)
+    M = jnp.linspace(-1.0, 1.0, 16 * 16, dtype=dtype).reshape(16, 16)
     for fn in (jacobians.jacobian(lambda w: jnp.cos(w) * w),
                jacobians.jacobian(lambda w: jnp.tanh(M @ jnp.tanh(M @ w))),
                jacobians.hessian(lambda w: jnp.sum(jnp.cos(w[1:] - w[:-1]) ** 2))):
