@@ -164,7 +164,7 @@ def plan(closed, offsets, n: int, forced: str | None, where: str, batch: int | N
     lat = _deps.DepsLattice(n, budget)
     walker = _deps.Walker(lat)
     try:
-        with jax.ensure_compile_time_eval():
+        with jax.ensure_compile_time_eval(), lat.scope():  # the budget inside each operation too (as Walker.run)
             stages = _stages(closed, offsets, n, walker, forced, batch)
     except _deps.TooDense:
         if batch is not None:
