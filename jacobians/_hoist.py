@@ -51,19 +51,20 @@ def _copy(a: jax.Array) -> jax.Array:
 class Hoisted:
     """``jax.jit(fun)``, called as ``fun(*args)`` with positional array (or number) arguments.
 
-    The first call traces ``fun`` once (``jax.make_jaxpr``) to find its large
+    The first call traces ``fun`` once (``jax.jit(fun).trace``) to find its large
     constants; the program compiled then (and for any later shapes) takes copies
-    of them as leading arguments. ``call`` is then the program itself (``jax.jit``'s
-    fast path, the constants bound), for callers to keep instead of this object.
+    of them as leading arguments, or is that jit itself where there are none.
+    ``call`` is then the program (``jax.jit``'s fast path, the constants bound),
+    for callers to keep instead of this object.
     """
 
     def __init__(self, fun):
         self.fun = fun
+        self._plain = jax.jit(fun)  # the program when there is nothing to hoist (its first trace is kept)
         self._found: tuple = ()  # the closed-over arrays, as the traces hold them (kept: ids stay theirs)
         self._consts: tuple = ()  # their copies, passed to the program
         self._traced: dict = {}  # avals -> (closed jaxpr, out tree) traced by the first call, used once
         self._jit = jax.jit(self._body)
-        self._jit0 = jax.jit(functools.partial(self._body, ()))  # no constants to pass: no partial per call
         self.call = None  # once traced: the program, to call instead of this object
 
     def _body(self, consts, *args):
@@ -76,12 +77,20 @@ class Hoisted:
         return jax.tree_util.tree_unflatten(tree, _compat.eval_with_consts(closed, values, *args))
 
     def _trace(self, args) -> None:
-        """The first trace: find the constants, keep the jaxpr for the program's own trace."""
-        closed, shape = jax.make_jaxpr(self.fun, return_shape=True)(*args)
+        """The first trace, by ``jax.jit(fun)`` itself.
+
+        Nothing to hoist: that jit is the program (its trace is reused: one trace in all). Else its
+        jaxpr is kept for the hoisting program's own trace, which evaluates it.
+        """
+        traced = self._plain.trace(*args)
+        closed = traced.jaxpr
         self._found = large(_compat.unclose(closed)[1])
+        if not self._found:
+            self.call = self._plain
+            return
         self._consts = tuple(_copy(c) for c in self._found)
-        self._traced[_avals(args)] = closed, jax.tree_util.tree_structure(shape)
-        self.call = functools.partial(self._jit, self._consts) if self._consts else self._jit0
+        self._traced[_avals(args)] = closed, jax.tree_util.tree_structure(traced.out_info)
+        self.call = functools.partial(self._jit, self._consts)
 
     def __call__(self, *args):
         if _compat.jit_disabled():  # as jax.jit under jax.disable_jit(): run fun as it is
@@ -94,11 +103,13 @@ class Hoisted:
         """The program's ``jax.stages.Lowered`` for these arguments (shapes suffice)."""
         if self.call is None:
             self._trace(args)
-        return self._jit.lower(self._consts, *args)
+        return self._jit.lower(self._consts, *args) if self._consts else self._plain.lower(*args)
 
     def donating(self):
         """``(out, *args) -> result``: the program writing its result into ``out``'s buffers (donated)."""
         if self.call is None:
             raise RuntimeError("Hoisted.donating: the program has not been traced yet")
+        if not self._consts:
+            return jax.jit(lambda _, *args: self.fun(*args), donate_argnums=0, keep_unused=True)
         program = jax.jit(lambda _, consts, *args: self._body(consts, *args), donate_argnums=0, keep_unused=True)
         return lambda out, *args: program(out, self._consts, *args)
