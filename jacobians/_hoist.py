@@ -14,7 +14,10 @@ values it was traced with: the hoisted arrays are copied once, so a caller who
 later donates or deletes a closed-over array does not pull it from under us.
 """
 
+import concurrent.futures
+import contextvars
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,24 @@ import jax.numpy as jnp
 from . import _compat
 
 HOIST_BYTES = 1 << 16
+
+# Work to start once the program being traced by a first call is lowered and compiling (see :func:`later`).
+_LATER: contextvars.ContextVar = contextvars.ContextVar("jacobians_after_lowering", default=None)
+_COMPILER: list = []  # one worker thread compiling first calls' programs, made on first use
+
+
+def later(start: Callable[[], None]) -> bool:
+    """Run ``start`` once the program being traced has been lowered and is compiling, if a first call traces it.
+
+    Returns ``False`` (the caller runs ``start`` now) outside such a trace. A certificate
+    deferred while a call is traced lowers its own program then: on the caller's thread,
+    while the call's program compiles on a worker thread (XLA releases the interpreter).
+    """
+    waiting = _LATER.get()
+    if waiting is None:
+        return False
+    waiting.append(start)
+    return True
 
 
 def _avals(args) -> tuple:
@@ -96,7 +117,36 @@ class Hoisted:
         if _compat.jit_disabled():  # as jax.jit under jax.disable_jit(): run fun as it is
             return self.fun(*args)
         if self.call is None:
+            if any(map(_compat.is_tracer, args)):  # inside a caller's trace: nothing compiles here
+                self._trace(args)
+            else:
+                return self._first(args)
+        return self.call(*args)
+
+    def _first(self, args):
+        """A first concrete call: trace; lower; compile on a worker thread while deferred work starts here."""
+        waiting: list = []
+        token = _LATER.set(waiting)
+        try:
             self._trace(args)
+        finally:
+            _LATER.reset(token)
+        future = None
+        try:
+            lowered = self.lower(*args)
+            if not _COMPILER:
+                _COMPILER.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jacobians-compile"))
+            future = _COMPILER[0].submit(lowered.compile)  # the call below finds it in JAX's compilation cache
+        except Exception:  # noqa: BLE001 - the call below lowers and compiles again, and reports
+            pass
+        finally:
+            for start in waiting:
+                start()
+        if future is not None:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - as above
+                pass
         return self.call(*args)
 
     def lower(self, *args):

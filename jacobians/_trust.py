@@ -343,7 +343,8 @@ def defer(check: Callable[[], "Certificate"], settle: Callable) -> "Pending | No
         return None
     pending = Pending(check, settle)
     call[3].append(pending)
-    pending.prepare()
+    if not _hoist.later(pending.prepare):  # else prepared while the call's program compiles
+        pending.prepare()
     return pending
 
 
