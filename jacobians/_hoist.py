@@ -12,6 +12,10 @@ arrays); NumPy constants (the engines' seeds and index arrays, which XLA should
 see and fold) stay in the program. As with ``jax.jit``, the program keeps the
 values it was traced with: the hoisted arrays are copied once, so a caller who
 later donates or deletes a closed-over array does not pull it from under us.
+
+A first call's program is compiled on a worker thread, so that work its trace
+deferred (a plan's certificate lowering its own program: :func:`later`) runs on
+the caller's thread meanwhile.
 """
 
 import concurrent.futures
