@@ -16,6 +16,7 @@ from ._compressed import compressed_reverse as compressed_reverse
 from ._compressed import seed_map as seed_map
 from ._det import slogdet as slogdet
 from ._forward import forward as forward
+from ._index import from_entries as from_entries
 from ._index import place as place
 from ._index import take as take
 from ._reverse import reverse as reverse
@@ -27,6 +28,7 @@ __all__ = [
     "compressed_jvps",
     "compressed_reverse",
     "forward",
+    "from_entries",
     "opaque",
     "place",
     "reverse",

@@ -63,3 +63,25 @@ def place(size: int, index, values, dtype=None):
     index = index if host is None else host
     return lax.scatter(zeros, index[:, None], values, _SCATTER, indices_are_sorted=ordered, unique_indices=True,
                        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def from_entries(shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray, values, dtype=None):
+    """The ``(m, n)`` matrix with ``values`` at the host entries ``(rows, cols)`` (distinct, in range), zero elsewhere.
+
+    Where every row holds at most one entry (a diagonal, a permutation, an elementwise
+    map's Jacobian) the matrix is one select against a column iota, the single fused pass
+    that ``jax.jacfwd``'s program is, not a fill of zeros and a scatter (which compile as
+    two loops); otherwise a scatter at flat indices (:func:`place`).
+    """
+    m, n = shape
+    dtype = dtype or values.dtype
+    rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    if rows.size and m * n < 2**31 and np.unique(rows).size == rows.size:
+        col = np.full(m, -1, np.int64)
+        col[rows] = cols
+        per_row = place(m, rows, values, dtype)  # the values in row order (no scatter where every row has one)
+        hit = lax.broadcasted_iota(np.int32, (m, n), 1) == col.astype(np.int32)[:, None]
+        return lax.select(hit, lax.broadcast_in_dim(per_row, (m, n), (0,)), lax.full((m, n), 0, dtype))
+    if m * n >= 2**31:  # flat indices would need int64
+        return lax.full((m, n), 0, dtype).at[rows, cols].set(values.astype(dtype))
+    return place(m * n, rows * n + cols, values, dtype).reshape(m, n)

@@ -220,3 +220,25 @@ def test_host_index_kernels_reject_what_they_cannot_read():
         kernels.take(flat, np.array([[0, 1]]))
     with pytest.raises(TypeError, match="1-D integer index"):
         kernels.place(6, np.array([True, False]), jnp.ones(2))
+
+
+def test_dense_from_entries_one_select_or_a_scatter(rng):
+    """kernels.from_entries equals NumPy's assignment; a matrix with at most one entry per row is one select."""
+    from jacobians import kernels
+
+    m, n = 7, 5
+    for rows, cols in (
+        (np.arange(5), rng.permutation(5)),  # one entry in each of five rows (two rows empty)
+        (np.arange(7), rng.integers(0, 5, 7)),  # one per row, every row
+        (np.array([0, 0, 3, 6]), np.array([1, 4, 2, 0])),  # a row with two: the scatter
+    ):
+        vals = jnp.asarray(rng.standard_normal(rows.size))
+        want = np.zeros((m, n))
+        want[rows, cols] = np.asarray(vals)
+        got = kernels.from_entries((m, n), rows, cols, vals)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(jax.jit(lambda v, r=rows, c=cols: kernels.from_entries((m, n), r, c, v))(vals),
+                                      want)
+    program = str(jax.make_jaxpr(lambda v: kernels.from_entries((7, 5), np.arange(7), np.arange(7) % 5, v))(
+        jnp.ones(7)))
+    assert "scatter" not in program and "select_n" in program

@@ -660,10 +660,7 @@ class Engine:
             sub = SparsityPattern(out_shape, in_shape, rows[keep] - r0, cols[keep] - c0)
             if self.output == "dense":
                 size = (math.prod(out_shape), math.prod(in_shape))
-                if size[0] * size[1] >= 2**31:  # flat indices would need int64
-                    return jnp.zeros(size, dtype).at[sub.rows, sub.cols].set(vals).reshape(sub.shape)
-                return kernels.place(size[0] * size[1], sub.rows * size[1] + sub.cols, vals,
-                                     dtype).reshape(sub.shape)
+                return kernels.from_entries(size, sub.rows, sub.cols, vals, dtype).reshape(sub.shape)
             if split:  # a BCOO holding the host indices: separated from the traced values below
                 idx = sub.indices()
                 host[id(idx)] = idx
