@@ -138,3 +138,23 @@ def test_budget_stops_an_operation_before_it_builds_its_sets():
         _deps.detect(closed, [_deps.identity((100,))], 100, where="test", max_nnz=1000)
     (out,), _ = _deps.detect(closed, [_deps.identity((100,))], 100, where="test", max_nnz=100_000)
     assert out.nnz == 100_000  # within budget: the full sets
+
+
+def test_budget_holds_inside_custom_rules_local_walks():
+    """A custom_jvp rule's local pattern is walked by a lattice of its own: the outer budget still holds there."""
+    from jacobians import _deps
+
+    @jax.custom_jvp
+    def spread(x):
+        return jnp.broadcast_to(jnp.sum(x), (1000,))
+
+    @spread.defjvp
+    def spread_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return spread(x), jnp.broadcast_to(jnp.sum(t), (1000,))
+
+    closed = jax.make_jaxpr(lambda x: spread(x) * 2.0)(jnp.ones(100))
+    with pytest.raises(_deps.TooDense, match="^(gather|everything)$"):  # inside the rule, before building the sets
+        _deps.detect(closed, [_deps.identity((100,))], 100, where="test", max_nnz=1000)
+    (out,), _ = _deps.detect(closed, [_deps.identity((100,))], 100, where="test", max_nnz=100_000)
+    assert out.nnz == 100_000

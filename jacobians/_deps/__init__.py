@@ -14,6 +14,7 @@ factorisations), ``_conv`` and ``_custom`` (``custom_jvp`` / ``custom_vjp``).
 Control flow and nested jaxprs are the walker's.
 """
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -128,7 +129,9 @@ class DepsLattice(Lattice):
         return res
 
     def scope(self):
-        return limited(self.max_nnz)  # an operation's intermediate stops before it is built, not after
+        # An operation's intermediate stops before it is built, not after. A lattice without a budget of
+        # its own (a custom rule's local pattern, walked inside a budgeted walk) keeps the outer one.
+        return limited(self.max_nnz) if self.max_nnz is not None else contextlib.nullcontext()
 
     def check(self, v: Deps, aval) -> str | None:
         if not isinstance(v, Deps):
