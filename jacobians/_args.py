@@ -456,7 +456,7 @@ class Transform:
         fn = self.cache.get(spec)
         if fn is None:
             fn = self._new(spec)
-        fn = _program(fn)
+        fn = program(fn)
         if spec.numbers and spec not in self._confirmed:
             fn = functools.partial(self._first_with_numbers, fn, spec, len(traced), args, kwargs)
         return fn, traced, spec
@@ -517,7 +517,7 @@ class Transform:
         fn, traced, spec = self.compiled(args, kwargs)
         out = self.run(fn, traced)
         # The structure's program as it stands after this call (never this call's own first-call wrapper).
-        fn = _program(self.cache.get(spec))
+        fn = program(self.cache.get(spec))
         if fn is not None and not kwargs and not spec.static and (not spec.numbers or spec in self._confirmed):
             leaves, treedef = jax.tree_util.tree_flatten(args)
             if len(traced) == len(args) and all(
@@ -555,7 +555,7 @@ class Transform:
                 donating = fn.donating()
             else:
                 donating = jax.jit(lambda _, *tr: fn(*tr), donate_argnums=0, keep_unused=True)
-            entry = self._donating[spec] = (donating, jax.eval_shape(_program(fn), *traced))
+            entry = self._donating[spec] = (donating, jax.eval_shape(program(fn), *traced))
         donating, want = entry
         got_leaves, got_tree = jax.tree_util.tree_flatten(out)
         want_leaves, want_tree = jax.tree_util.tree_flatten(want)
@@ -591,7 +591,7 @@ class Transform:
         return out
 
 
-def _program(fn):
+def program(fn):
     """What to call for a built function: a traced :class:`_hoist.Hoisted` program's own ``call``."""
     call = getattr(fn, "call", None)
     return fn if call is None else call

@@ -118,14 +118,9 @@ def jaxpr_as_fun(closed):
 
 def eval_with_consts(closed, consts: Sequence, *args) -> list:
     """Evaluate a closed jaxpr with other values (tracers, say) in place of its constants."""
-    jaxpr, _ = unclose(closed)
-    return _eval_jaxpr(jaxpr, list(consts), *args)
-
-
-def _eval_jaxpr(jaxpr, consts, *args):
     from jax._src.core import eval_jaxpr  # noqa: PLC0415 - not public on every supported release
 
-    return eval_jaxpr(jaxpr, consts, *args)
+    return eval_jaxpr(unclose(closed)[0], list(consts), *args)
 
 
 def jaxprs_in_params(params: dict) -> Iterator:

@@ -422,7 +422,7 @@ def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[
     ):
         if len(_HVP_FAST) >= 4 * _args.CACHE_MAX:
             _HVP_FAST.pop(next(iter(_HVP_FAST)))
-        _HVP_FAST[fast_key] = getattr(fn, "call", None) or fn  # the compiled program itself once it has run
+        _HVP_FAST[fast_key] = _args.program(fn)  # the compiled program itself once it has run
     return out
 
 

@@ -163,7 +163,8 @@ class Hoisted:
         """``(out, *args) -> result``: the program writing its result into ``out``'s buffers (donated)."""
         if self.call is None:
             raise RuntimeError("Hoisted.donating: the program has not been traced yet")
+        # The programs inside are the ones already traced (their traces are reused, not fun's redone).
         if not self._consts:
-            return jax.jit(lambda _, *args: self.fun(*args), donate_argnums=0, keep_unused=True)
-        program = jax.jit(lambda _, consts, *args: self._body(consts, *args), donate_argnums=0, keep_unused=True)
+            return jax.jit(lambda _, *args: self._plain(*args), donate_argnums=0, keep_unused=True)
+        program = jax.jit(lambda _, consts, *args: self._jit(consts, *args), donate_argnums=0, keep_unused=True)
         return lambda out, *args: program(out, self._consts, *args)

@@ -14,10 +14,12 @@ _SCATTER = lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_di
                                        scatter_dims_to_operand_dims=(0,))
 
 
-def _facts(index) -> tuple[np.ndarray | None, bool, bool]:
-    """The host index (or ``None`` for a traced one), whether it is sorted, and whether unique."""
+def _facts(index) -> tuple[object, bool, bool]:
+    """The index to use (a compact host array, or the traced one), whether it is known sorted, and unique."""
+    if isinstance(index, list | tuple):
+        index = np.asarray(index)
     if not isinstance(index, np.ndarray):
-        return None, False, False
+        return index, False, False
     if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
         raise TypeError(f"kernels: expected a 1-D integer index, got {index.dtype}{list(index.shape)}")
     if not index.size or (index.dtype != np.int32 and int(index.max()) < 2**31):
@@ -37,10 +39,9 @@ def take(flat, index):
     Returns:
       Shape ``(k,)``.
     """
-    host, ordered, unique = _facts(np.asarray(index) if isinstance(index, list | tuple) else index)
-    if host is not None and host.size and unique and int(host[-1]) - int(host[0]) == host.size - 1:
-        return lax.slice_in_dim(flat, int(host[0]), int(host[0]) + host.size)  # a run: no gather at all
-    index = index if host is None else host
+    index, ordered, unique = _facts(index)
+    if unique and index.size and int(index[-1]) - int(index[0]) == index.size - 1:
+        return lax.slice_in_dim(flat, int(index[0]), int(index[0]) + index.size)  # a run: no gather at all
     return lax.gather(flat, index[:, None], _GATHER, (1,), indices_are_sorted=ordered, unique_indices=unique,
                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
@@ -56,11 +57,10 @@ def place(size: int, index, values, dtype=None):
     """
     dtype = dtype or values.dtype
     values = values.astype(dtype)
-    host, ordered, unique = _facts(np.asarray(index) if isinstance(index, list | tuple) else index)
-    if host is not None and host.size == size and unique and (size == 0 or int(host[0]) == 0):
+    index, ordered, unique = _facts(index)
+    if unique and index.size == size and (size == 0 or int(index[0]) == 0):
         return values  # every entry written, in order
     zeros = lax.full((size,), 0, dtype)
-    index = index if host is None else host
     return lax.scatter(zeros, index[:, None], values, _SCATTER, indices_are_sorted=ordered, unique_indices=True,
                        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
@@ -76,7 +76,7 @@ def from_entries(shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray, val
     m, n = shape
     dtype = dtype or values.dtype
     rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-    if rows.size and m * n < 2**31 and np.unique(rows).size == rows.size:
+    if rows.size and np.unique(rows).size == rows.size:
         col = np.full(m, -1, np.int64)
         col[rows] = cols
         per_row = place(m, rows, values, dtype)  # the values in row order (no scatter where every row has one)
