@@ -171,30 +171,6 @@ def _triangular_solve(lat, eqn, ins):
     return [_deps.union(parts, shape, lat.n)]
 
 
-def _linear_solve(lat, eqn, ins):
-    """``custom_linear_solve`` (``jnp.linalg.solve``, ``jax.scipy.linalg.solve``): as JAX differentiates it.
-
-    Its JVP is ``dx = solve(db - dA x)`` with ``x = solve(b)``: the solve's own
-    jaxpr on the right-hand side, and the matvec's on ``x`` for the matrix's
-    tangents. So the result reads what ``solve`` reads of ``b`` and of its
-    constants, joined with what the same solve reads of ``b`` joined with
-    ``matvec(x)``. A batched solve (a stack of matrices and right-hand sides)
-    keeps every example to itself.
-    """
-    lengths, jaxprs = eqn.params["const_lengths"], eqn.params["jaxprs"]
-    parts, k = {}, 0
-    for name in ("matvec", "vecmat", "solve", "transpose_solve"):
-        parts[name] = ins[k : k + getattr(lengths, name)]
-        k += getattr(lengths, name)
-    b = ins[k:]
-    walker = Walker(lat)
-    x = walker.run(jaxprs.solve, [*parts["solve"], *b])
-    r = walker.run(jaxprs.matvec, [*parts["matvec"], *x[: len(b)]])
-    rhs = [lat.join([bi, ri], v.aval) for bi, ri, v in zip(b, r, eqn.invars[k:], strict=True)]
-    dx = walker.run(jaxprs.solve, [*parts["solve"], *rhs])
-    return [lat.join([a, c], v.aval) for a, c, v in zip(x, dx, eqn.outvars, strict=True)]
-
-
 class _PreciseLattice(_deps.DepsLattice):
     """The dependency lattice with the finer rules above (batched gathers and scatters, solves).
 
@@ -202,8 +178,7 @@ class _PreciseLattice(_deps.DepsLattice):
     so a ``custom_jvp`` around a batched solve (``slogdet``) stays per-example.
     """
 
-    rules = {**_deps.DepsLattice.rules, "gather": _batched_gather, "custom_linear_solve": _linear_solve,
-             "triangular_solve": _triangular_solve,
+    rules = {**_deps.DepsLattice.rules, "gather": _batched_gather, "triangular_solve": _triangular_solve,
              **{name: _batched_scatter for name in ("scatter", "scatter-add", "scatter_add", "scatter-sub",
                                                     "scatter_sub", "scatter-mul", "scatter_mul", "scatter-min",
                                                     "scatter_min", "scatter-max", "scatter_max")

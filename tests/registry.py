@@ -268,6 +268,12 @@ def cholesky_batch(x):
     return jnp.linalg.cholesky(X @ jnp.swapaxes(X, 1, 2) + 3 * jnp.eye(2, dtype=x.dtype)[None]).ravel()
 
 
+@case((4,), "square")  # custom_linear_solve: jnp.linalg.solve's primitive (an LU inside, its pivots a gather)
+def linear_solve(x):
+    M = jnp.outer(x, x) + 3 * jnp.eye(4, dtype=x.dtype) + _c(B22, x)[0, 0] * jnp.diag(x)
+    return jnp.linalg.solve(M, jnp.sin(x))
+
+
 @case((75,), "sparse", "conv")
 def conv_same(x):
     return jnp.tanh(lax.conv_general_dilated(x.reshape(1, 3, 5, 5), _c(W_CONV, x), (1, 1), "SAME")).ravel()

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 
+from .._walker import Walker
 from ._sets import compose, everything, from_coo, gather, union
 
 JOIN_MAX = 1 << 25  # largest join through a constant operand before a product counts as dense
@@ -176,5 +177,29 @@ def batched_dense(lat, eqn, ins):
     return outs
 
 
-RULES = {"dot_general": dot_general}
+def linear_solve(lat, eqn, ins):
+    """``custom_linear_solve`` (``jnp.linalg.solve``, ``jax.scipy.linalg.solve``): as JAX differentiates it.
+
+    Its JVP is ``dx = solve(db - dA x)`` with ``x = solve(b)``: the solve's own
+    jaxpr on the right-hand side, and the matvec's on ``x`` for the matrix's
+    tangents. So the result reads what ``solve`` reads of ``b`` and of its
+    constants, joined with what the same solve reads of ``b`` joined with
+    ``matvec(x)``. A batched solve (a stack of matrices and right-hand sides)
+    keeps every example to itself.
+    """
+    lengths, jaxprs = eqn.params["const_lengths"], eqn.params["jaxprs"]
+    parts, k = {}, 0
+    for name in ("matvec", "vecmat", "solve", "transpose_solve"):
+        parts[name] = ins[k : k + getattr(lengths, name)]
+        k += getattr(lengths, name)
+    b = ins[k:]
+    walker = Walker(lat)
+    x = walker.run(jaxprs.solve, [*parts["solve"], *b])
+    r = walker.run(jaxprs.matvec, [*parts["matvec"], *x[: len(b)]])
+    rhs = [lat.join([bi, ri], v.aval) for bi, ri, v in zip(b, r, eqn.invars[k:], strict=True)]
+    dx = walker.run(jaxprs.solve, [*parts["solve"], *rhs])
+    return [lat.join([a, c], v.aval) for a, c, v in zip(x, dx, eqn.outvars, strict=True)]
+
+
+RULES = {"dot_general": dot_general, "custom_linear_solve": linear_solve}
 RULES.update({name: batched_dense for name in BATCHED_DENSE})
