@@ -48,6 +48,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import _compat, _hoist, _leaves
+from ._walker import differentiated
 
 # The options every transformation shares, written once (typing.Literal for readers and checkers).
 Mode = Literal["fwd", "rev", "auto"]
@@ -643,12 +644,17 @@ _NO_FWD = "custom_vjp"  # JAX: "can't apply forward-mode autodiff (jvp) to a cus
 _NO_REV = "Reverse-mode differentiation does not work for lax.while_loop"
 
 
-def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where: str):
+def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where: str, jaxpr=None):
     """``run(preferred)``, or the other direction where JAX cannot differentiate in this one.
 
     Where JAX cannot push JVPs (a ``custom_vjp``) run ``no_fwd``, where it cannot
     pull VJPs (a ``while_loop`` with a dynamic trip count) run ``no_rev``. Both failing is explained.
+    With the function's ``jaxpr`` the direction is read from it first: some JAX releases
+    report a JVP of a ``custom_vjp`` only when the program is lowered, after the trace.
     """
+    if jaxpr is not None:
+        if {"custom_vjp_call", "custom_vjp_call_jaxpr"} & differentiated(jaxpr):
+            preferred = no_fwd
     try:
         return run(preferred)
     except (TypeError, ValueError) as e:
@@ -748,6 +754,7 @@ class Problem:
     has_aux: bool = False
     where: str = ""
     flat_out: Callable | None = None  # diff_args -> (y, aux): flat outputs of the pytree inputs (no ravel of x)
+    jaxpr: Any = None  # of call (diff_args -> result), from the trace that found the output shapes (not lazy)
 
     def tree_dense(self, mode: str) -> tuple[Any, Any] | None:
         """``(blocks, aux)`` by ``jax.jacfwd``/``jax.jacrev``'s own program on the pytrees, or ``None``.
@@ -896,7 +903,8 @@ def problem(
         prob.out_dtype = promote(*(_promotable(s, constant) for s in leaves), *extra)
 
     if not lazy:
-        record(output_shapes(call, diff, where, has_aux))
+        prob.jaxpr, shapes = traced_output(call, diff, where, has_aux)
+        record(shapes)
 
     def flat_out(diff_args):
         res = call(diff_args)
@@ -967,15 +975,20 @@ def _split_aux(res: Any, where: str) -> tuple:
 
 def output_shapes(call: Callable, diff: tuple, where: str, has_aux: bool) -> Any:
     """``jax.eval_shape`` of the call (no evaluation), the aux part removed."""
+    return traced_output(call, diff, where, has_aux)[1]
+
+
+def traced_output(call: Callable, diff: tuple, where: str, has_aux: bool) -> tuple[Any, Any]:
+    """``(closed jaxpr, output shapes)`` of the call (one trace, no evaluation), the aux part removed."""
     try:
-        shapes = jax.eval_shape(call, diff)
+        closed, shapes = jax.make_jaxpr(call, return_shape=True)(diff)
     except TRACER_ERRORS as e:
         raise TracedControlFlowError(where, e) from e
     except TypeError as e:
         if "is not a valid JAX type" not in str(e):
             raise
         raise TypeError(f"{where}: fun must return arrays (a pytree of arrays); {str(e).splitlines()[0]}") from e
-    return _split_aux(shapes, where)[0] if has_aux else shapes
+    return closed, (_split_aux(shapes, where)[0] if has_aux else shapes)
 
 
 def check_float_outputs(shapes: Any, where: str, holomorphic: bool = False) -> None:

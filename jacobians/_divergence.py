@@ -79,7 +79,7 @@ def _products(p: _args.Problem, seeds, mode: str, where: str):
         _, pull = jax.vjp(lambda x: p.flat(x)[0], p.x)
         return jax.vmap(lambda s: pull(s)[0])(seeds)
 
-    return _args.with_fallback(run, "fwd", "rev", "fwd", where) if mode == "auto" else run(mode)
+    return _args.with_fallback(run, "fwd", "rev", "fwd", where, p.jaxpr) if mode == "auto" else run(mode)
 
 
 def _plan(t, spec, traced, n: int, mode: str) -> np.ndarray:

@@ -90,13 +90,13 @@ def gradient(p: _args.Problem, inner: str, holomorphic: bool = False) -> Callabl
     return grad
 
 
-def either_second(run: Callable, where: str):
+def either_second(run: Callable, where: str, jaxpr=None):
     """Forward over reverse, unless JAX cannot differentiate in that order.
 
     Reverse over reverse where a custom_vjp forbids forward mode, forward over
     forward where a while_loop forbids reverse mode.
     """
-    return _args.with_fallback(run, "fwd_rev", "rev_rev", "fwd_fwd", where)
+    return _args.with_fallback(run, "fwd_rev", "rev_rev", "fwd_fwd", where, jaxpr)
 
 
 def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, choose=None, holomorphic=False):
@@ -142,7 +142,7 @@ def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, ch
             else:
                 g, H, (value, aux) = _sweeps.jacobian(grad, p.x, sweep)
             return H, g, value, aux
-    return either_second(run, where) if mode == "auto" else run(mode)
+    return either_second(run, where, p.jaxpr) if mode == "auto" else run(mode)
 
 
 def _problem(t, spec, traced, has_aux, holomorphic=False):
@@ -340,7 +340,7 @@ def _compute_hvp(t, spec, mode, tangents, *traced):
         # H is symmetric: H v is the VJP of the gradient with v.
         return jax.vjp(lambda x: grad(x)[0], p.x)[1](v)[0]
 
-    hv = either_second(run, t.where) if mode == "auto" else run(mode)
+    hv = either_second(run, t.where, p.jaxpr) if mode == "auto" else run(mode)
     return p.in_tree(hv)
 
 

@@ -201,7 +201,7 @@ def _hvp(p, kind: str, colors: np.ndarray, chunk, where: str, shards=None):
 
     # Reverse over reverse where a custom_vjp forbids JVPs; forward over forward where a while_loop forbids VJPs.
     if scalar:
-        second = _args.with_fallback(checked, "fwd", "rev", "fwd_fwd", where)
+        second = _args.with_fallback(checked, "fwd", "rev", "fwd_fwd", where, p.jaxpr)
     else:
         try:
             second = checked("fwd")

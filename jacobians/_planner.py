@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from . import _methods, _trust
 from ._methods import Candidate, Context, pass_cost
-from ._walker import primitives
+from ._walker import differentiated
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def rank(ctx: Context, methods=None) -> JacobianPlan:
 
 def context(closed, n: int, m: int, **kwargs) -> Context:
     """The :class:`Context` of a flat map ``R^n -> R^m`` whose jaxpr is ``closed``."""
-    return Context(closed, n, m, pass_cost(closed), _methods.directions(primitives(closed)), **kwargs)
+    return Context(closed, n, m, pass_cost(closed), _methods.directions(differentiated(closed)), **kwargs)
 
 
 def choose(closed, n: int, m: int, detect, color, structured=None, only_structured: bool = False,
@@ -163,4 +163,4 @@ def dense_mode(closed, n: int, m: int) -> str:
 
 def forced(closed) -> str | None:
     """The one direction JAX can differentiate ``closed`` in, or ``None`` where both are open."""
-    return _methods.single(_methods.directions(primitives(closed)))
+    return _methods.single(_methods.directions(differentiated(closed)))

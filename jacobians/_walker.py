@@ -343,6 +343,26 @@ def primitives(jaxpr) -> set[str]:
     return names
 
 
+# Calls whose bodies JAX never differentiates: it differentiates their rules (the JVP rule, fwd/bwd) instead.
+_RULED = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
+def differentiated(jaxpr) -> set[str]:
+    """Names of the primitives JAX differentiates in a (closed) jaxpr: nested ones, not custom rules' bodies.
+
+    What decides the directions JAX can take (``jacobians._methods.directions``): a
+    ``while_loop`` inside a ``custom_vjp`` (``odeint``'s solver) does not block reverse mode.
+    """
+    jaxpr = _compat.unclose(jaxpr)[0]
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        if eqn.primitive.name not in _RULED:
+            for sub in _compat.jaxprs_in_params(eqn.params):
+                names |= differentiated(sub)
+    return names
+
+
 def has_custom_vjp(jaxpr) -> bool:
-    """True when JAX cannot push JVPs through the jaxpr (it contains a ``custom_vjp``)."""
-    return bool({"custom_vjp_call", "custom_vjp_call_jaxpr"} & primitives(jaxpr))
+    """True when JAX cannot push JVPs through the jaxpr (it differentiates a ``custom_vjp``)."""
+    return bool({"custom_vjp_call", "custom_vjp_call_jaxpr"} & differentiated(jaxpr))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _compat
 from .._walker import Walker, bind
 from ._sets import compose, concat, cross, empty, everything, from_coo, identity
 
@@ -23,6 +24,16 @@ _CACHE_MAX = 512
 
 def _diff(aval) -> bool:
     return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def diff_operands(eqn) -> list[int]:
+    """The operands JAX differentiates: the inexact ones, but never a ``custom_vjp``'s leading constants.
+
+    Those are what its rules close over (``odeint``'s tableau); JAX refuses to differentiate them
+    (``CustomVJPException``), and tracing the pullback with them differentiated raised it here.
+    """
+    skip = 0 if eqn.primitive.name == "custom_jvp_call" else int(eqn.params.get("num_consts", 0))
+    return [i for i, v in enumerate(eqn.invars) if i >= skip and _diff(v.aval)]
 
 
 def _cached(lat, key, eqn, make):
@@ -51,7 +62,7 @@ def _rule_jaxpr(eqn):
     """
     in_avals = [v.aval for v in eqn.invars]
     out_avals = [v.aval for v in eqn.outvars]
-    diff = [i for i, a in enumerate(in_avals) if _diff(a)]
+    diff = diff_operands(eqn)
     douts = [i for i, a in enumerate(out_avals) if _diff(a)]
 
     def f(args, dargs):
@@ -88,7 +99,9 @@ def _walk(lat, eqn, n_local, primals, third):
     for i in diff:
         seeds.append(identity(in_avals[i].shape, off) if primals else empty(in_avals[i].shape))
         off += math.prod(in_avals[i].shape)
-    return Walker(lat.fresh(n_local)).run(closed, blank + seeds + third)
+    local = lat.fresh(n_local)
+    local.evaluated = True  # the rule's jaxpr is evaluated, not differentiated (see custom)
+    return Walker(local).run(closed, blank + seeds + third)
 
 
 def _third(eqn, seeded):
@@ -96,9 +109,8 @@ def _third(eqn, seeded):
     in_avals = [v.aval for v in eqn.invars]
     out_avals = [v.aval for v in eqn.outvars]
     if eqn.primitive.name == "custom_jvp_call":
-        diff = [i for i, a in enumerate(in_avals) if _diff(a)]
         seeds, off = [], 0
-        for i in diff:
+        for i in diff_operands(eqn):
             seeds.append(identity(in_avals[i].shape, off) if seeded else empty(in_avals[i].shape))
             off += math.prod(in_avals[i].shape)
         return seeds, off
@@ -109,7 +121,7 @@ def _third(eqn, seeded):
 
 
 def _n_diff(eqn) -> int:
-    return sum(math.prod(v.aval.shape) for v in eqn.invars if _diff(v.aval))
+    return sum(math.prod(eqn.invars[i].aval.shape) for i in diff_operands(eqn))
 
 
 def local_pattern(lat, eqn):
@@ -176,12 +188,18 @@ def custom(lat, eqn, ins):
     primal alone would say [{0}, {0}]). Reads ``call_jaxpr`` and the rule
     functions (``jvp_jaxpr_fun``, or ``fwd_jaxpr_thunk`` and ``bwd``) by binding.
     """
+    if getattr(lat, "evaluated", False):
+        # Inside a rule's own jaxpr a custom call is evaluated, so its data flow is its primal's. (Its rule's
+        # pattern would recurse without end: odeint's pullback runs an odeint, whose pullback runs one...)
+        inner = _compat.called_jaxpr(eqn)
+        n_in = len(_compat.unclose(inner)[0].invars)
+        return Walker(lat).run(inner, ins[len(ins) - n_in :])
     try:
         local = local_pattern(lat, eqn)
     except Exception:  # noqa: BLE001 - an untraceable rule: be conservative, and say so
         lat.untraced.add(eqn.primitive.name)
         return [everything(ins, v.aval.shape) for v in eqn.outvars]
-    diff = [d for d, v in zip(ins, eqn.invars, strict=True) if _diff(v.aval)]
+    diff = [ins[i] for i in diff_operands(eqn)]
     source = concat(diff) if diff else empty((0,))
     return [compose(v.aval.shape, r, c, source, lat.n) for (r, c), v in zip(local, eqn.outvars, strict=True)]
 

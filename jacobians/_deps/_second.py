@@ -307,7 +307,7 @@ class HessianLattice(DepsLattice):
                 li, lj = _custom.local_pairs(self, eqn)
             except Exception:  # noqa: BLE001 - an untraceable rule (first order warned): all pairs within
                 return self._within_all(outs)
-            diff = [d for d, v in zip(ins, eqn.invars, strict=True) if jnp.issubdtype(v.aval.dtype, jnp.inexact)]
+            diff = [ins[i] for i in _custom.diff_operands(eqn)]
             source = concat(diff) if diff else empty((0,))
             return self._across(gather(source, li), gather(source, lj))
         if name in _elementwise.NAMES or name in ("integer_pow", "pow"):

@@ -40,7 +40,9 @@ NO_REV = frozenset({"while"})
 
 
 def directions(primitives: set[str]) -> frozenset[str]:
-    """The directions JAX can differentiate a jaxpr holding these primitives in.
+    """The directions JAX can differentiate a jaxpr in, from the primitives it differentiates there.
+
+    ``primitives``: :func:`jacobians._walker.differentiated` of the jaxpr (custom rules' bodies left out).
 
     Both where neither is possible: the call itself then says why (see
     :func:`jacobians._args.with_fallback`).

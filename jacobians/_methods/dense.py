@@ -30,7 +30,7 @@ class Dense:
     def evaluate_either(self, mode: str, call: Call, where: str):
         """``evaluate`` in ``mode``, or in the other direction where JAX cannot differentiate in this one."""
         return _args.with_fallback(lambda d: self.evaluate(Candidate(self, d, 0, 0.0), call), mode, "rev", "fwd",
-                                   where)
+                                   where, call.problem.jaxpr)
 
     def certify(self, cand, traced_flat, values, where, computed=None):
         return None  # JAX's own JVPs/VJPs

@@ -32,7 +32,7 @@ from jax.experimental import sparse as jsparse
 
 from .. import _args, _compat, _hessian, _hoist, _memory, _mesh, _methods, _planner, _trust, kernels
 from .._args import trace_flat
-from .._walker import primitives
+from .._walker import differentiated, primitives
 from . import coloring as colorings
 from .pattern import (
     Detected,
@@ -453,10 +453,10 @@ class Engine:
                 if pattern is None:
                     with _trust.stage("Hessian sparsity detection" if hessian else "sparsity detection"):
                         det = detect_hessian_traced(traced_flat) if hessian else detect_traced(t, *traced_flat)
-                    pattern, prims = det.pattern, prims | det.primitives
+                    pattern = det.pattern
                 with _trust.stage("colouring"):
                     plan = (_make_hessian_plan(pattern, self.mode, self.coloring, _planner.pass_cost(closed))
-                            if hessian else make_plan(pattern, self.mode, prims, complex_out))
+                            if hessian else make_plan(pattern, self.mode, differentiated(closed), complex_out))
             with _trust.stage("certificate"):
                 cert = certify_plan(plan, traced_flat, values, where, hessian, self._hessian_mode(plan))
         except _trust.AnalysisError as e:
@@ -988,7 +988,7 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
 
     mode = mode or plan.mode
     if not isinstance(products, tuple):
-        compressed, aux = _hessian.either_second(run, where) if mode == "auto" else run(mode)
+        compressed, aux = _hessian.either_second(run, where, p.jaxpr) if mode == "auto" else run(mode)
         if products is True:
             return compressed, aux
     else:

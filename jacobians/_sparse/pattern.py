@@ -17,6 +17,7 @@ from jax.experimental import sparse as jsparse
 from .. import _args, _deps, _leaves
 from .._args import trace_flat
 from .._deps import _second
+from .._walker import differentiated
 
 
 class SparsityPattern:
@@ -153,7 +154,7 @@ class Detected:
         self.pattern = pattern  # flat: out_shape (m,), in_shape (n,)
         self.out_leaves, self.in_leaves = out_leaves, in_leaves
         self.out_treedef, self.in_treedef = out_treedef, in_treedef
-        self.primitives = primitives
+        self.primitives = primitives  # those JAX differentiates (the directions it can take)
 
     @property
     def single(self) -> bool:
@@ -188,7 +189,7 @@ def detect_traced(t, closed, offsets, p, *, max_nnz=None, columns=None) -> Detec
     seeds = [_seed(v.aval.shape, off, columns) for v, off in zip(closed.jaxpr.invars, offsets, strict=True)]
     (out,), walker = _deps.detect(closed, seeds, p.n, where=t.where, max_nnz=max_nnz)
     pattern = SparsityPattern((p.m,), (p.n,), out.rows(), out.indices)
-    return Detected(pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, walker.seen)
+    return Detected(pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, differentiated(closed))
 
 
 def _seed(shape, offset: int | None, columns) -> "_deps.Deps":
@@ -272,7 +273,7 @@ def detect_hessian_traced(traced_flat, *, max_nnz=None) -> Detected:
     outs = walker.run(closed, seeds)
     rows, cols = lat.pairs(outs)  # only pairs that reach the output count
     pattern = SparsityPattern((n,), (n,), np.concatenate([rows, cols]), np.concatenate([cols, rows]))
-    return Detected(pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, walker.seen)
+    return Detected(pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, differentiated(closed))
 
 
 def hessian_sparsity(fun: Callable, *args, argnums: int | tuple[int, ...] = 0, has_aux: bool = False, **kwargs):

@@ -141,7 +141,9 @@ def _diagonal_rule(lat, eqn) -> bool:
 
 def as_function(eqn, ins, active: list, outputs: list):
     """``eqn`` as a function of its ``active`` operands (the others fixed) returning ``outputs``; and their values."""
-    primals = [v.primal for v in ins]
+    # Folded operands are NumPy values; JAX passes arrays, and custom rules' Python may index them with
+    # tracers (odeint's backward pass: ts[i]), which NumPy cannot.
+    primals = [jnp.asarray(v.primal) if isinstance(v.primal, np.ndarray | np.generic) else v.primal for v in ins]
 
     def f(*vals):
         a = list(primals)

@@ -176,7 +176,7 @@ class Taylor(Lattice):
         if len(eqn.outvars) == 1 and tuple(eqn.outvars[0].aval.shape) == shape:
             try:
                 ((rows, cols),) = _custom.local_pattern(self._deps, eqn)
-                diff = [j for j, v in enumerate(eqn.invars) if _inexact(v.aval)]
+                diff = _custom.diff_operands(eqn)
                 start = sum(math.prod(eqn.invars[j].aval.shape) for j in diff[: diff.index(i)])
                 size = math.prod(shape)
                 mine = (cols >= start) & (cols < start + size)
