@@ -30,7 +30,8 @@ ELEMENTWISE = tuple(
 )
 ZERO = tuple(
     "floor ceil round sign stop_gradient is_finite nextafter eq ne lt le gt ge and or not xor "
-    "population_count clz shift_left shift_right_logical shift_right_arithmetic".split()
+    "eq_to lt_to le_to "  # total-order comparisons (JAX >= 0.10: jax.scipy.linalg.expm's, sorts')
+    "population_count clz shift_left shift_right_logical shift_right_arithmetic mulhi".split()
 )
 # Element-wise products and powers: their rules look at known zero factors and exponents.
 PRODUCTS = ("mul", "integer_pow", "pow")

@@ -752,6 +752,14 @@ def _linalg():
                (3, 3), tol=1e-8)
     yield Conf("lu", "", "jnp.linalg.solve", lambda x: jnp.linalg.solve(x[:, :3] + 4 * jnp.eye(3, dtype=x.dtype),
                                                                         jnp.sin(x[:, 3:])), (3, 5), tol=1e-8)
+    yield Conf("custom_linear_solve", "", "jnp.linalg.solve, vector b",
+               lambda x: jnp.linalg.solve(x[:, :3] + 4 * jnp.eye(3, dtype=x.dtype), jnp.sin(x[:, 3])), (3, 4), tol=1e-8)
+    yield Conf("custom_linear_solve", "", "batched (2,3,3), constant matrices",
+               lambda x: jnp.linalg.solve(_c(_const("solve", (2, 3, 3)) + 4 * np.eye(3), x), x[..., None] ** 2)[..., 0],
+               (2, 3), tol=1e-8)
+    yield Conf("custom_linear_solve", "", "lax.custom_linear_solve, symmetric, a while_loop solve (cg)",
+               lambda x: jax.scipy.sparse.linalg.cg(lambda v: v * (3 + x**2) + 0.1 * (jnp.roll(v, 1) + jnp.roll(v, -1)),
+                                                    jnp.sin(x), tol=1e-14, maxiter=50)[0], (5,), tol=1e-6, rev=False)
     yield Conf("lu", "", "inv", lambda x: jnp.linalg.inv(x + 4 * jnp.eye(3, dtype=x.dtype)), (3, 3), tol=1e-8)
     yield Conf("lu", "", "slogdet batched", lambda x: jnp.linalg.slogdet(x + _eye(x, 4.0))[1],
                (2, 3, 3), tol=1e-8)
