@@ -680,6 +680,12 @@ def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where
 # --- the flat view of a call ------------------------------------------------------------------
 
 
+def shapes_key(values: Sequence) -> tuple:
+    """``(shape, dtype)`` of each value, for the plan caches (typed PRNG keys' extended dtypes included)."""
+    return tuple((tuple(np.shape(a)), a.dtype if jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended)
+                  else np.dtype(a.dtype)) for a in values)
+
+
 def promote(*dtypes):
     """The dtype of a block holding d(out)/d(in), under JAX's standard rules even under strict promotion."""
     with jax.numpy_dtype_promotion("standard"):

@@ -580,7 +580,7 @@ def _compute(t, spec, opts: _Options, *traced):
                                       for x in fronts]) for o, oshape in zip(out_leaves, outs.shapes, strict=True)]
         result = out_treedef.unflatten(rows)
         return (result, aux) if opts.has_aux else result
-    key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
+    key = (spec, _args.shapes_key(traced))
     plan = opts.plans.get(key) if opts.force is None else {"mode": opts.force}
     if plan is None:  # once per call structure and shapes, on the host
         avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]

@@ -82,7 +82,7 @@ def _plan(t, spec, leaves, opts, square: bool, batch: int | None = None) -> _blo
     dense plan with a PlanWarning (strict mode: a PlanError), see :mod:`._trust`.
     """
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in leaves]
-    key = (spec, square, batch, tuple((a.shape, np.dtype(a.dtype)) for a in avals))
+    key = (spec, square, batch, _args.shapes_key(avals))
     plan = opts.plans.get(key)
     if plan is not None:
         return plan

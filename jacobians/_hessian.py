@@ -158,7 +158,7 @@ def _choose(t, spec, opts, traced, decide) -> str | None:
     after it with the call's own compiled Hessian (only JAX's reference HVPs are compiled for it,
     ahead, while the call compiles), and a failure replaces the sweep and runs the call again.
     """
-    key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
+    key = (spec, _args.shapes_key(traced))
     if key in opts.pending:  # made by a call that did not finish: settle it first
         opts.pending[key].wait()
     if key in opts.plans:

@@ -131,7 +131,7 @@ def _planned(opts, complex_any: bool) -> bool:
 def _plan(t, spec, traced, opts) -> _planner.JacobianPlan:
     """The cached plan for this call structure and these shapes (made on the host at trace time)."""
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-    key = (spec, tuple((a.shape, np.dtype(a.dtype)) for a in avals))
+    key = (spec, _args.shapes_key(avals))
     if key in opts.pending:  # made by a call that did not finish (or asked for by explain): settle it first
         opts.pending[key].wait()
     plan = opts.plans.get(key)

@@ -364,7 +364,7 @@ def _check_scalar(p, where: str) -> None:
 
 
 def _key(spec, traced):
-    return (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
+    return (spec, _args.shapes_key(traced))
 
 
 def _plan_in_trace(t, spec, traced, opts, p):

@@ -311,3 +311,25 @@ def test_disable_jit_runs_the_planned_method_and_its_check(rng):
     with jax.disable_jit():  # strict mode (the suite's): a failed or crashed certificate would raise
         got = jacobians.jacobian(f)(x)
     np.testing.assert_allclose(got, jax.jacfwd(f)(x), rtol=1e-12, atol=1e-14)
+
+
+def test_typed_prng_keys_ride_along(rng):
+    # jax.random.key's extended dtype in the plan caches' keys: every transformation crashed on it.
+    x, key = randn(rng, (3,)), jax.random.key(int(rng.integers(1 << 30)))
+
+    def f(x, k):
+        return x * jax.random.normal(k, (3,), x.dtype) + jnp.sin(x[::-1])
+
+    J = jax.jacfwd(f)(x, key)
+    np.testing.assert_allclose(jacobians.jacobian(f)(x, key), J, rtol=1e-12)
+    np.testing.assert_allclose(jacobians.sparse_jacobian(f, output="dense")(x, key), J, rtol=1e-12)
+    np.testing.assert_allclose(jacobians.log_abs_det(f)(x, key), np.linalg.slogdet(J)[1], rtol=1e-12)
+
+    def g(x, k):
+        return jnp.sum(f(x, k) ** 2)
+
+    np.testing.assert_allclose(jacobians.hessian(g)(x, key), jax.hessian(g)(x, key), rtol=1e-10)
+    np.testing.assert_allclose(jacobians.laplacian(g)(x, key), jnp.trace(jax.hessian(g)(x, key)), rtol=1e-10)
+    xs = jnp.stack([x, x**2])
+    np.testing.assert_allclose(jacobians.batch_jacobian(lambda X, k: jax.vmap(lambda v: f(v, k))(X))(xs, key),
+                               jax.vmap(lambda v: jax.jacfwd(f)(v, key))(xs), rtol=1e-12)

@@ -405,7 +405,7 @@ class Engine:
         self.t = _args.Transform(fun, argnums, where, self._build)
 
     def key(self, spec, avals):
-        return spec, tuple((tuple(np.shape(a)), np.dtype(a.dtype)) for a in avals)
+        return spec, _args.shapes_key(avals)
 
     def plan_for(self, spec, avals, values=None) -> tuple[SparsePlan, Detected | None, dict]:
         key = self.key(spec, avals)
