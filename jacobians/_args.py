@@ -248,7 +248,7 @@ class CallSpec:
 
 def _weakly_typed(x: Any) -> Any:
     """A traced Python number as ``jax.jit`` sees it: weakly typed (``x * t`` keeps ``x``'s dtype)."""
-    if type(x) in NUMBER_TYPES or _weak(x):
+    if type(x) in NUMBER_TYPES or is_weak(x):
         return x
     return cast(x, x.dtype, weak=True)
 
@@ -309,14 +309,14 @@ class _Splitter:
         for i, leaf in enumerate(leaves):
             if i in diff_idx:
                 if not isinstance(leaf, ARRAY_TYPES):
-                    if isinstance(leaf, float | complex) or _weak(leaf):
+                    if isinstance(leaf, float | complex) or is_weak(leaf):
                         weak.append(i)
                     leaf = _diff_leaf(leaf, self.where, f"a leaf of argument {diff_idx[i]}")
-                elif _weak(leaf):
+                elif is_weak(leaf):
                     weak.append(i)
                 traced.append(leaf)
             elif isinstance(leaf, TRACED_TYPES):
-                if _weak(leaf):
+                if is_weak(leaf):
                     weak.append(i)
                 traced.append(leaf)
             elif type(leaf) in NUMBER_TYPES and _traceable_number(leaf):
@@ -692,7 +692,7 @@ def promote(*dtypes):
         return jnp.result_type(*dtypes)
 
 
-def _weak(x) -> bool:
+def is_weak(x) -> bool:
     return bool(getattr(getattr(x, "aval", x), "weak_type", False))
 
 
@@ -704,7 +704,7 @@ def _promotable(s, weak: bool = True) -> Any:
     A weakly typed int (a Python ``int`` output) counts as a float: its
     derivative is floating-point (zero).
     """
-    if not _weak(s):
+    if not is_weak(s):
         return s.dtype
     if jnp.issubdtype(s.dtype, jnp.integer):
         return float
@@ -729,12 +729,12 @@ def _output_struct(s) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((), number_dtype(type(s)), weak_type=True)
     if getattr(s, "dtype", None) is None:
         return s  # not an array: check_float_outputs says so
-    return jax.ShapeDtypeStruct(np.shape(s), s.dtype, weak_type=_weak(s))
+    return jax.ShapeDtypeStruct(np.shape(s), s.dtype, weak_type=is_weak(s))
 
 
 def cast(x: jax.Array, dtype, weak: bool = False) -> jax.Array:
     """``x`` in ``dtype``; weakly typed (as JAX's own derivatives of Python scalars are) when ``weak``."""
-    if x.dtype == dtype and _weak(x) == weak:
+    if x.dtype == dtype and is_weak(x) == weak:
         return x
     if weak:
         return _compat.convert_weak(x, dtype)
@@ -771,7 +771,7 @@ class Problem:
         adds nothing: one real dtype on each side, no weak types (``None`` otherwise).
         """
         outs = self.out_leaves
-        if self.call is None or not outs or any(_weak(s) for s in outs) or any(_weak(v) for v in self.in_leaves):
+        if self.call is None or not outs or any(is_weak(s) for s in outs) or any(is_weak(v) for v in self.in_leaves):
             return None
         dt_in, dt_out = {np.dtype(v.dtype) for v in self.in_leaves}, {np.dtype(s.dtype) for s in outs}
         if len(dt_in) != 1 or dt_out != {np.dtype(self.out_dtype)}:
@@ -808,7 +808,7 @@ class Problem:
         into ``x`` and no cut back), else ``(flat, x)``.
         """
         leaves = jax.tree_util.tree_leaves(self.diff)
-        if (self.flat_out is None or not leaves or any(_weak(v) for v in leaves)
+        if (self.flat_out is None or not leaves or any(is_weak(v) for v in leaves)
                 or {np.dtype(v.dtype) for v in leaves} != {np.dtype(self.x.dtype)}):
             return self.flat, self.x
         treedef = jax.tree_util.tree_structure(self.diff)
@@ -851,7 +851,7 @@ class Problem:
         dtype_of = dtype_of or block_dtype
         cut = _leaves.blocks(jac, _leaves.Leaves.of(self.out_leaves), _leaves.Leaves.of(self.in_leaves))
         rows = [
-            self.in_treedef.unflatten([cast(b, dtype_of(out, x), weak=_weak(out) and _weak(x))
+            self.in_treedef.unflatten([cast(b, dtype_of(out, x), weak=is_weak(out) and is_weak(x))
                                        for b, x in zip(row, self.in_leaves, strict=True)])
             for row, out in zip(cut, self.out_leaves, strict=True)
         ]
@@ -887,7 +887,7 @@ def problem(
 
     in_tree = diff[0] if int_argnums else diff
     in_leaves, in_treedef = jax.tree_util.tree_flatten(in_tree)
-    weak = [_weak(leaf) for leaf in jax.tree_util.tree_leaves(diff)]
+    weak = [is_weak(leaf) for leaf in jax.tree_util.tree_leaves(diff)]
     # One dtype for x by the leaves' dtypes (float32 and float64 -> float64, a Python float's weak type
     # ignored: it is not rounded to float32), also under strict promotion.
     strong = jax.tree_util.tree_map(lambda leaf: cast(leaf, leaf.dtype), diff) if any(weak) else diff
@@ -904,8 +904,8 @@ def problem(
         prob.out_leaves = [_output_struct(s) for s in leaves]
         # With no weakly typed input, a weakly typed output is a constant (a Python number): it takes the
         # dtype of the others (or of x). Otherwise its dtype counts: its derivative may be nonzero.
-        constant = not any(_weak(leaf) for leaf in in_leaves)
-        extra = [x.dtype] if constant and all(_weak(s) for s in leaves) else []
+        constant = not any(is_weak(leaf) for leaf in in_leaves)
+        extra = [x.dtype] if constant and all(is_weak(s) for s in leaves) else []
         prob.out_dtype = promote(*(_promotable(s, constant) for s in leaves), *extra)
 
     if not lazy:
@@ -1013,7 +1013,7 @@ def check_float_outputs(shapes: Any, where: str, holomorphic: bool = False) -> N
             raise TypeError(f"{where}: fun must return arrays, but {label} is a {type(leaf).__name__}.")
         if holomorphic and not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(f"{where}: holomorphic=True requires complex outputs, but {label} has dtype {dtype}.")
-        if not jnp.issubdtype(dtype, jnp.inexact) and not (_weak(leaf) and jnp.issubdtype(dtype, jnp.integer)):
+        if not jnp.issubdtype(dtype, jnp.inexact) and not (is_weak(leaf) and jnp.issubdtype(dtype, jnp.integer)):
             raise TypeError(
                 f"{where}: fun must return floating-point arrays, but {label} has dtype "
                 f"{dtype}; integer outputs have no derivative. Return it as aux "

@@ -321,16 +321,39 @@ def value_grad_and_hessian(
         chunk_size, max_memory, where)
 
 
+def _check_tangents(tangents: tuple, p: _args.Problem, int_argnums: bool, where: str) -> None:
+    """Tangents as ``jax.jvp`` takes them: the differentiated arguments' structure, shapes and dtypes.
+
+    A Python float (weakly typed) stands for any real floating dtype, as in JAX; anything else must
+    match exactly (a complex tangent of a real argument would lose its imaginary part).
+    """
+    tree = tangents[0] if int_argnums else tuple(tangents)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if treedef != p.in_treedef:
+        raise TypeError(
+            f"{where}: tangents must have the structure of the differentiated arguments, {p.in_treedef}; got "
+            f"{treedef} (as for jax.jvp)."
+        )
+    for i, (tl, xl) in enumerate(zip(leaves, p.in_leaves, strict=True)):
+        if tuple(np.shape(tl)) != tuple(np.shape(xl)):
+            raise ValueError(
+                f"{where}: tangent leaf {i} has shape {tuple(np.shape(tl))}, its argument {tuple(np.shape(xl))} "
+                "(as for jax.jvp)."
+            )
+        td, xd = jnp.result_type(tl), jnp.result_type(xl)
+        weak_real = _args.is_weak(tl) and jnp.issubdtype(td, jnp.floating) and jnp.issubdtype(xd, jnp.inexact)
+        if td != xd and not weak_real:
+            raise TypeError(
+                f"{where}: tangent leaf {i} has dtype {td}, its argument {xd}: they must be equal (as for jax.jvp)."
+            )
+
+
 def _compute_hvp(t, spec, mode, tangents, *traced):
     p = _problem(t, spec, traced, False)
     _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where)
+    _check_tangents(tangents, p, t.int_argnums, t.where)
     v, _ = ravel_pytree(tangents)
-    if v.shape != p.x.shape:
-        raise ValueError(
-            f"{t.where}: tangents must match the differentiated arguments, with {p.x.size} entries in all; "
-            f"got {v.size}."
-        )
-    v = v.astype(p.x.dtype)
+    v = v.astype(p.x.dtype)  # (only weakly typed Python floats differ: as jax.jvp, they take the primal's dtype)
 
     def run(m):
         outer, inner = m.split("_")

@@ -201,6 +201,18 @@ def test_hvp_errors_and_fast_path(rng):
     from jacobians import _hessian
 
     assert any(k[0] is f for k in _hessian._HVP_FAST), "the repeated call did not take the fast path"
-    with pytest.raises(ValueError, match=r"jacobians.hvp: tangents must match the differentiated arguments, with 3 "
-                                         r"entries in all; got 2"):
+    with pytest.raises(ValueError, match=r"jacobians.hvp: tangent leaf 0 has shape \(2,\), its argument \(3,\)"):
         jacobians.hvp(f, (x,), (v[:2],))
+    # Tangents as jax.jvp takes them: a complex tangent of a real argument gave H Re(v) (its imaginary part
+    # dropped), and a reshaped or restructured tangent was read in the argument's order.
+    with pytest.raises(TypeError, match=r"jacobians.hvp: tangent leaf 0 has dtype complex128, its argument float64"):
+        jacobians.hvp(f, (x,), (v.astype(jnp.complex128),))
+    with pytest.raises(TypeError, match=r"jacobians.hvp: tangent leaf 0 has dtype float32, its argument float64"):
+        jacobians.hvp(f, (x,), (v.astype(jnp.float32),))
+    with pytest.raises(ValueError, match=r"shape \(3, 1\), its argument \(3,\)"):
+        jacobians.hvp(f, (x,), (v[:, None],))
+    g = lambda d: jnp.sum(jnp.sin(d["a"]) * d["b"] ** 2)  # noqa: E731
+    with pytest.raises(TypeError, match=r"tangents must have the structure of the differentiated arguments"):
+        jacobians.hvp(g, ({"a": x, "b": x},), ({"a": v, "c": v},))
+    np.testing.assert_allclose(jacobians.hvp(lambda s: jnp.sin(s) * s, (jnp.asarray(0.3),), (2.0,)),
+                               jax.jvp(jax.grad(lambda s: jnp.sin(s) * s), (jnp.asarray(0.3),), (2.0,))[1])
