@@ -51,7 +51,16 @@ _GROUP = 4  # columns per fixed-size loop in the looped LU
 
 
 def _det2(a, b, c, d):
-    return a * d - b * c
+    return _difference(a * d, b * c)
+
+
+def _difference(x, y):
+    """``x - y``, exactly 0 where the two rounded products are equal.
+
+    XLA may contract ``a * d - b * c`` into a fused multiply-add, which subtracts the rounded ``b * c`` from
+    the exact ``a * d``: two equal rows then leave their rounding error (4.8e-17) instead of a singular 0.
+    """
+    return jnp.where(x == y, jnp.zeros((), x.dtype), x - y)
 
 
 def _closed(a: jax.Array) -> jax.Array:
@@ -90,7 +99,7 @@ def _closed(a: jax.Array) -> jax.Array:
 
     def minor(i, j, p, q):  # 2x2 minor of rows i, j and columns p, q, and its absolute version
         x, y = e[i][p] * e[j][q], e[i][q] * e[j][p]
-        return x - y, jnp.abs(x) + jnp.abs(y)
+        return _difference(x, y), jnp.abs(x) + jnp.abs(y)
 
     if k == 3:
         # Cofactor expansion along the first row.
@@ -128,6 +137,16 @@ def _reciprocal(p: jax.Array) -> tuple[jax.Array, jax.Array]:
     info = jnp.finfo(p.dtype)
     s = jnp.where(jnp.abs(p) < info.tiny, np.asarray(2.0 ** (info.nmant + 2), p.dtype), np.asarray(1, p.dtype))
     return s, 1 / jnp.where(p == 0, np.asarray(1, p.dtype), p * s)
+
+
+def _multiplier(x: jax.Array, p: jax.Array, s: jax.Array, inv: jax.Array) -> jax.Array:
+    """``x / p`` (an entry of L) from :func:`_reciprocal`'s ``(s, inv)``; exactly ``+-1`` where ``x == +-p``.
+
+    The reciprocal's product leaves its rounding (``x * (1 / x)`` need not be 1): a repeated row would
+    eliminate to a tiny nonzero instead of the exact zero pivot of a singular matrix.
+    """
+    one = jnp.ones((), x.dtype)
+    return jnp.where(x == p, one, jnp.where(x == -p, -one, (x * s) * inv))
 
 
 def _keeper(i: jax.Array, dtype):
@@ -170,7 +189,7 @@ def _eliminate(A: jax.Array, keep) -> tuple[jax.Array, jax.Array, jax.Array]:
     rows = jnp.arange(1, m, dtype=A.dtype)[:, None, None]
     rest = jnp.where(rows == idx[None, None], A[0][None], A[1:])  # row 0 takes the pivot row's place
     s, r = _reciprocal(P[0])
-    mult = (rest[:, 0] * s[None]) * r[None]  # the multipliers, column 0 of L
+    mult = _multiplier(rest[:, 0], P[0][None], s[None], r[None])  # the multipliers, column 0 of L
     return P[0], idx != 0, keep(rest[:, 1:] - mult[:, None] * P[None, 1:])
 
 
@@ -202,7 +221,7 @@ def _lu_elementwise(a: jax.Array) -> tuple[jax.Array, jax.Array]:
             P = [jnp.where(idx == r, x, y) for x, y in zip(rows[r], P, strict=True)]
         others = [[jnp.where(idx == r, x, y) for x, y in zip(rows[0], rows[r], strict=True)] for r in range(1, m)]
         s, inv = _reciprocal(P[0])
-        mults = [(R[0] * s) * inv for R in others]  # column 0 of L, once per row
+        mults = [_multiplier(R[0], P[0], s, inv) for R in others]  # column 0 of L, once per row
         rows = [[x - m * y for x, y in zip(R[1:], P[1:], strict=True)] for R, m in zip(others, mults, strict=True)]
         pivots.append(P[0])
         neg = neg ^ (idx != 0)
@@ -234,7 +253,7 @@ def _lu_nopivot(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         ap = jnp.abs(p)
         swap = functools.reduce(jnp.logical_or, [~(jnp.abs(r[0]) <= ap) for r in rows[1:]], swap)  # NaN: True
         s, inv = _reciprocal(p)
-        mults = [(R[0] * s) * inv for R in rows[1:]]  # column 0 of L, once per row
+        mults = [_multiplier(R[0], p, s, inv) for R in rows[1:]]  # column 0 of L, once per row
         rows = [[x - m * y for x, y in zip(R[1:], rows[0][1:], strict=True)] for R, m in zip(rows[1:], mults,
                                                                                            strict=True)]
         pivots.append(p)

@@ -346,3 +346,17 @@ def test_errors(rng):
     with pytest.raises(TypeError, match=r"dtype int"):
         jacobians.det(jnp.sin)(jnp.arange(3))
 
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_kernel_repeated_rows_are_exactly_singular(rng, k):
+    # A fused multiply-add in a closed form's a*d - b*c left the rounding error of b*c (4.8e-17): a finite
+    # log|det| for two equal rows. A structurally singular flow Jacobian's 2x2 blocks met it.
+    A = np.array(randn(rng, (5, k, k)))
+    A[:, 1] = A[:, 0]
+    s, la = kernels.slogdet(jnp.asarray(A))
+    np.testing.assert_array_equal(s, 0.0)
+    np.testing.assert_array_equal(la, -np.inf)
+    f = lambda x: jnp.abs(x) * x[::-1]  # noqa: E731 - rows 0 and 4 repeat where x0, x4 share a sign
+    x = jnp.asarray([0.7, -1.2, 0.4, 2.0, 1.5])
+    assert tuple(map(float, jacobians.slogdet(f)(x))) == (0.0, -np.inf)
