@@ -768,14 +768,14 @@ class Problem:
         The flat view costs two copies of the Jacobian for pytree inputs or outputs (the
         concatenation of per-leaf cotangents or tangents, then the cut into blocks); pushing
         basis pytrees through the pytree function costs neither. Used where the flat view
-        adds nothing: one real dtype on each side, no weak types (``None`` otherwise).
+        adds nothing: one real dtype for inputs and outputs alike, no weak types (``None`` otherwise).
         """
         outs = self.out_leaves
         if self.call is None or not outs or any(is_weak(s) for s in outs) or any(is_weak(v) for v in self.in_leaves):
             return None
         dt_in, dt_out = {np.dtype(v.dtype) for v in self.in_leaves}, {np.dtype(s.dtype) for s in outs}
-        if len(dt_in) != 1 or dt_out != {np.dtype(self.out_dtype)}:
-            return None
+        if dt_in != dt_out or dt_out != {np.dtype(self.out_dtype)}:
+            return None  # (mixed precisions: jacfwd's blocks take the output's dtype, jacrev's the input's)
         if not all(jnp.issubdtype(d, jnp.floating) for d in dt_in | dt_out):
             return None
 

@@ -333,3 +333,18 @@ def test_typed_prng_keys_ride_along(rng):
     xs = jnp.stack([x, x**2])
     np.testing.assert_allclose(jacobians.batch_jacobian(lambda X, k: jax.vmap(lambda v: f(v, k))(X))(xs, key),
                                jax.vmap(lambda v: jax.jacfwd(f)(v, key))(xs), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+def test_mixed_precision_blocks_promote(mode, rng):
+    # The documented rule, whatever the plan: d(out)/d(in) has dtype promote(out.dtype, in.dtype). JAX's own
+    # pytree program (taken for one dtype throughout) gave jacfwd's output dtype or jacrev's input dtype.
+    x32 = randn(rng, (3,), jnp.float32)
+    up = jacobians.jacobian(lambda x: x.astype(jnp.float64) ** 2, mode=mode)(x32)
+    down = jacobians.jacobian(lambda x: (x**2).astype(jnp.float32), mode=mode)(x32.astype(jnp.float64))
+    assert up.dtype == down.dtype == jnp.float64
+    np.testing.assert_allclose(up, np.diag(2 * np.asarray(x32, np.float64)), rtol=1e-12)
+    p = {"a": x32[:2], "b": randn(rng, (3,))}
+    got = jacobians.jacobian(lambda p: {"u": jnp.sum(p["a"]).astype(jnp.float64) * p["b"], "v": p["a"] ** 2}, mode=mode)(p)
+    dtypes = jax.tree_util.tree_map(lambda a: a.dtype, got)
+    assert dtypes == {"u": {"a": jnp.float64, "b": jnp.float64}, "v": {"a": jnp.float32, "b": jnp.float64}}
