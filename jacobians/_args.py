@@ -170,6 +170,16 @@ def _diff_leaf(leaf: Any, where: str, label: str):
     )
 
 
+# What a complex input can do with each transformation (the options it has); others take real inputs only.
+_HOLOMORPHIC_HINT = " For a holomorphic function pass holomorphic=True."
+_COMPLEX_HINTS = {
+    "jacobians.jacobian": _HOLOMORPHIC_HINT[:-1] + "; for a real-valued function of complex inputs use reverse "
+                          "mode (mode='rev' or 'auto', jax.jacrev's convention).",
+    **dict.fromkeys(("jacobians.hessian", "jacobians.value_grad_and_hessian", "jacobians.divergence",
+                     "jacobians.trace_estimate"), _HOLOMORPHIC_HINT),
+}
+
+
 def check_diff_dtypes(diff: tuple, positions: tuple[int, ...], where: str, holomorphic: bool, allow_complex=False):
     """Check the dtypes of the differentiated arguments (at trace time)."""
     for i, arg in zip(positions, diff, strict=True):
@@ -185,8 +195,7 @@ def check_diff_dtypes(diff: tuple, positions: tuple[int, ...], where: str, holom
                 allow_complex and jnp.issubdtype(x.dtype, jnp.complexfloating)
             ):
                 hint = (
-                    " For a holomorphic function pass holomorphic=True; for a real-valued function of complex "
-                    "inputs use reverse mode (mode='rev' or 'auto', jax.jacrev's convention)."
+                    _COMPLEX_HINTS.get(where, " Pass its real and imaginary parts as separate real arguments.")
                     if jnp.issubdtype(x.dtype, jnp.complexfloating)
                     else " Cast it with x.astype(jnp.float32) (or float64)."
                 )

@@ -267,6 +267,9 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
     method = _args.check_choice(method, "method", _methods.NAMES, where)
     mode = _args.check_mode(mode, where)
     has_aux = _args.check_bool(has_aux, "has_aux", where)
+    if method == "compressed" and holomorphic:
+        raise ValueError(f"{where}: method='compressed' takes real inputs; for holomorphic=True use method='auto', "
+                         "'dense' or 'structured'.")
     shards = _mesh.resolve(mesh, where, mesh_axis)
     # The compressed method runs through the sparse engine (dense output, same blocks).
     engine = _sparse.Engine(fun, argnums, mode if method == "compressed" else "auto", "auto", "dense", has_aux, where,

@@ -348,3 +348,14 @@ def test_mixed_precision_blocks_promote(mode, rng):
     got = jacobians.jacobian(lambda p: {"u": jnp.sum(p["a"]).astype(jnp.float64) * p["b"], "v": p["a"] ** 2}, mode=mode)(p)
     dtypes = jax.tree_util.tree_map(lambda a: a.dtype, got)
     assert dtypes == {"u": {"a": jnp.float64, "b": jnp.float64}, "v": {"a": jnp.float32, "b": jnp.float64}}
+
+
+def test_complex_input_errors_offer_only_the_call_s_own_options():
+    z = jnp.arange(3.0).astype(jnp.complex128)
+    with pytest.raises(TypeError, match=r"jacobians.log_abs_det: .*complex128. Pass its real and imaginary parts"):
+        jacobians.log_abs_det(jnp.sin)(z)
+    with pytest.raises(TypeError, match=r"jacobians.hessian: .*complex128. For a holomorphic function pass "
+                                        r"holomorphic=True.$"):
+        jacobians.hessian(lambda z: jnp.sum(z**2))(z)
+    with pytest.raises(ValueError, match=r"jacobians.jacobian: method='compressed' takes real inputs"):
+        jacobians.jacobian(jnp.sin, holomorphic=True, method="compressed")
