@@ -133,6 +133,11 @@ class Sweep:
         if rest or not jnp.issubdtype(out.aval.dtype, jnp.inexact):
             actions.append(("bind",))
             return outs
+        if jnp.issubdtype(out.aval.dtype, jnp.complexfloating) or any(
+            t is not None and jnp.issubdtype(v.aval.dtype, jnp.complexfloating)
+            for v, t in zip(eqn.invars, tagged, strict=True)
+        ):  # the log-derivative rules are real ones: abs(z), real(z * z) carry no real "sign" to chain
+            raise NoSweep(f"'{name}' on complex values")
         if name in ELEMENTWISE or (name == "custom_jvp_call" and _elementwise_call(_compat.called_jaxpr(eqn))):
             if any(np.broadcast_shapes(v.aval.shape, out.aval.shape) != out.aval.shape for v in eqn.invars):
                 raise NoSweep(f"'{name}' broadcasts its output")
