@@ -334,7 +334,18 @@ def _log_sum(terms):
         m = jnp.maximum(m, L)
     safe = jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype))
     total = sum(S * jnp.exp(L - safe) for L, S in terms)
-    return safe + jnp.log(jnp.abs(total)), jnp.sign(total)
+    return safe + _log_abs(total), jnp.sign(total)
+
+
+def _log_abs(v):
+    """``log |v|``, ``-inf`` at 0 with a zero derivative there (not ``(1 / 0) * 0``, a NaN in every gradient).
+
+    A factor that is exactly 0 at this point (``round(x)`` at 0.37: a singular block, or a product's
+    zero term) has derivative 0 there too (JAX's own); its logarithm's NaN gradient had spread to all.
+    """
+    a = jnp.abs(v)
+    zero = a == 0
+    return jnp.where(zero, -jnp.inf, jnp.log(jnp.where(zero, jnp.ones((), a.dtype), a)))
 
 
 def _function_name(eqn) -> str | None:
@@ -356,7 +367,7 @@ def _log_partial(eqn, k, vals, out):
     zero = jnp.zeros(out.shape, out.dtype)
 
     def log_abs(v):
-        return jnp.log(jnp.abs(jnp.asarray(v, out.dtype)))
+        return _log_abs(jnp.asarray(v, out.dtype))
 
     if name in ("add", "add_any", "convert_element_type", "copy", "copy_p", "reduce_precision"):
         return zero, one
