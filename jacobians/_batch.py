@@ -26,7 +26,7 @@ import numpy as np
 
 from . import _args, _compat, _deps, _memory, _mesh, _planner, _sweeps, _trust, kernels
 from ._leaves import Leaves, blocks
-from ._walker import Walker
+from ._walker import Walker, has_custom_vjp
 
 
 class CoupledBatchError(ValueError):
@@ -309,33 +309,41 @@ _ADVICE = ("batch_jacobian would silently drop those derivatives. Write the per-
 def _certify_independence(traced_flat, values, in_axes: int, out_axes: int, batch: int) -> "_trust.Certificate":
     """Certify the proof: JVPs whose tangents live in some examples only leave the others' outputs exactly zero.
 
-    The tangents live in the first example, the last, and a random half.
+    The tangents live in the first example, the last, and a random half. Where a ``custom_vjp``
+    bars JVPs, the same by VJPs: cotangents in some examples leave the others' inputs' exactly zero.
     """
     in_ex, out_ex = _examples(traced_flat, in_axes, out_axes)
     groups = [np.array([0]), np.array([batch - 1])]
     half = np.random.default_rng(_trust.SEED).permutation(batch)[: max(batch // 2, 1)]
     groups.append(np.sort(half))
+    reverse = has_custom_vjp(traced_flat[0])
+    seeded, read = (out_ex, in_ex) if reverse else (in_ex, out_ex)
 
     def directions(rng, p):
-        z = rng.standard_normal((len(groups), p.n))
-        return (z * np.stack([np.isin(in_ex, g) for g in groups])).astype(p.x.dtype)
+        z = rng.standard_normal((len(groups), p.m if reverse else p.n))
+        return (z * np.stack([np.isin(seeded, g) for g in groups])).astype(p.out_dtype if reverse else p.x.dtype)
 
     def program(p, T, leaves):
-        return (jax.vmap(lambda t: jax.jvp(lambda x: p.flat(x)[0], (p.x,), (t,))[1])(T),)
+        f = lambda x: p.flat(x)[0]  # noqa: E731
+        if reverse:
+            pull = jax.vjp(f, p.x)[1]
+            return (jax.vmap(lambda u: pull(u)[0])(T),)
+        return (jax.vmap(lambda t: jax.jvp(f, (p.x,), (t,))[1])(T),)
 
     def judge(outs, T, tol):
         (ref,) = outs
+        kind, entry = ("a cotangent", "input") if reverse else ("a tangent", "output")
         for g, r in zip(groups, ref, strict=True):
-            leak = np.flatnonzero((r != 0) & ~np.isin(out_ex, g))
+            leak = np.flatnonzero((r != 0) & ~np.isin(read, g))
             if leak.size:
                 i = int(leak[0])
                 shown = f"example {int(g[0])}" if g.size == 1 else f"{g.size} examples"
-                return (f"a tangent in {shown} changed output entry {i} of example {int(out_ex[i])} by {r[i]:.3g} "
+                return (f"{kind} in {shown} changed {entry} entry {i} of example {int(read[i])} by {r[i]:.3g} "
                         f"({leak.size} such entries)")
         return None
 
-    return _trust.certify(traced_flat, values, program, judge, "JVPs with tangents in some examples only",
-                          directions)
+    how = "VJPs with cotangents" if reverse else "JVPs with tangents"
+    return _trust.certify(traced_flat, values, program, judge, f"{how} in some examples only", directions)
 
 
 def _per_example(blk: np.ndarray, v: np.ndarray) -> np.ndarray:

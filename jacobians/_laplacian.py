@@ -291,7 +291,9 @@ def _program(p, method: str, opts: "_Options", colors, meta: dict):
         elif J is None:  # the gradient by one reverse pass (forward for complex values, as jax.grad has none)
             scalar = lambda z: p.flat(z)[0][0]  # noqa: E731
             complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
-            J = (jax.jacfwd(scalar) if complex_out else jax.grad(scalar))(x)[:, None]
+            grad = lambda d: (jax.jacrev if d == "rev" else jax.jacfwd)(scalar)(x)  # noqa: E731
+            # Forward where a while_loop bars the reverse pass, reverse where a custom_vjp bars JVPs.
+            J = (grad("fwd") if complex_out else _args.with_fallback(grad, "rev", "rev", "fwd", opts.where))[:, None]
         return y, J, S, *aux
 
     return jax.make_jaxpr(run)(p.x)

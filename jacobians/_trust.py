@@ -615,15 +615,19 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
         if reference is not None:
             ref = reference(p, T)
         elif hessian:
-            g = lambda x: jax.grad(lambda z: f(z)[0])(x)  # noqa: E731
+            from . import _hessian  # noqa: PLC0415 - _hessian imports this module
 
-            def hvp(direction):
-                if direction == "fwd":
+            def hvp(order):  # as hessian differentiates: forward over forward where a while_loop bars VJPs
+                outer, inner = order.split("_")
+                grad = _hessian.gradient(p, inner)
+                g = lambda x: grad(x)[0]  # noqa: E731
+                if outer == "fwd":
                     return jax.vmap(lambda t: jax.jvp(g, (p.x,), (t,))[1])(T)
                 _, pull = jax.vjp(g, p.x)
                 return jax.vmap(lambda t: pull(t)[0])(T)
 
-            ref = _args.with_fallback(hvp, "rev" if mode == "rev" else "fwd", "rev", "fwd", where)
+            ref = _args.with_fallback(hvp, "rev_rev" if mode == "rev" else "fwd_rev", "rev_rev", "fwd_fwd", where,
+                                      closed)
         elif mode == "fwd":
             ref = jax.vmap(lambda t: jax.jvp(f, (p.x,), (t,))[1])(T)
         else:

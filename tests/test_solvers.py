@@ -93,3 +93,31 @@ def test_solve_inside_every_analysis(rng):
         g = lambda x: jnp.sum(f(x) ** 2)  # noqa: E731
         np.testing.assert_allclose(jacobians.hessian(g)(x), jax.hessian(g)(x), rtol=1e-10)
         np.testing.assert_allclose(jacobians.laplacian(g)(x), jnp.trace(jax.hessian(g)(x)), rtol=1e-10)
+
+
+@jax.custom_vjp
+def _g(x):
+    return jnp.sin(x) * x
+
+
+_g.defvjp(lambda x: (_g(x), x), lambda x, ct: (ct * (jnp.cos(x) * x + jnp.sin(x)),))
+
+
+def _loop(x):  # a while_loop with a dynamic trip count: no reverse mode
+    return jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.cos(c[1]) * c[1]), (0, x))[1]
+
+
+def test_custom_vjp_and_while_loop_through_every_fallback(rng):
+    x, v = randn(rng, (3,)), randn(rng, (3,))
+    s = lambda x: jnp.sum(_g(x) ** 2)  # noqa: E731
+    H = jax.jacrev(jax.jacrev(s))(x)
+    np.testing.assert_allclose(jacobians.hvp(s, (x,), (v,)), H @ v, rtol=1e-10)  # JAX 0.10 fails jvp at lowering
+    X = randn(rng, (4, 3))
+    got = jacobians.batch_jacobian(jax.vmap(lambda x: _g(x) * x[::-1]))(X)  # its certificate: VJPs here
+    np.testing.assert_allclose(got, jax.vmap(jax.jacrev(lambda x: _g(x) * x[::-1]))(X), rtol=1e-12)
+    w = lambda x: jnp.sum(_loop(x) ** 2)  # noqa: E731
+    Hw = jax.jacfwd(jax.jacfwd(w))(x)
+    value, grad, lap = jacobians.value_grad_and_laplacian(w)(x)  # the gradient forward
+    np.testing.assert_allclose(grad, jax.jacfwd(w)(x), rtol=1e-12)
+    np.testing.assert_allclose(lap, np.trace(Hw), rtol=1e-10)
+    np.testing.assert_allclose(jacobians.sparse_hessian(w, output="dense")(x), Hw, rtol=1e-10)  # its certificate
