@@ -36,6 +36,7 @@ once and says what was expected.
 import collections
 import functools
 import math
+import re
 import struct
 import warnings
 from collections.abc import Callable, Sequence
@@ -924,6 +925,8 @@ def problem(
     def flat_out(diff_args):
         res = call(diff_args)
         out, aux = _split_aux(res, where) if has_aux else (res, None)
+        if has_aux:
+            _check_aux(aux, where)
         if prob.out_treedef is None:
             record(out)
         ys = [jnp.ravel(y).astype(prob.out_dtype) for y in jax.tree_util.tree_leaves(out)]
@@ -988,6 +991,16 @@ def _split_aux(res: Any, where: str) -> tuple:
     return res[0], res[1]
 
 
+def _check_aux(aux: Any, where: str) -> None:
+    """Aux leaves are values a compiled program can return: arrays, tracers, numbers."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(aux)[0]:
+        if not (_compat.is_tracer(leaf) or isinstance(leaf, (*ARRAY_TYPES, int, float, complex))):
+            raise TypeError(
+                f"{where}: fun must return arrays (a pytree of arrays), its aux too (has_aux=True: the result is "
+                f"compiled); got {type(leaf)} at output component [1]{jax.tree_util.keystr(path)}."
+            )
+
+
 def output_shapes(call: Callable, diff: tuple, where: str, has_aux: bool) -> Any:
     """``jax.eval_shape`` of the call (no evaluation), the aux part removed."""
     return traced_output(call, diff, where, has_aux)[1]
@@ -1002,7 +1015,12 @@ def traced_output(call: Callable, diff: tuple, where: str, has_aux: bool) -> tup
     except TypeError as e:
         if "is not a valid JAX type" not in str(e):
             raise
-        raise TypeError(f"{where}: fun must return arrays (a pytree of arrays); {str(e).splitlines()[0]}") from e
+        # JAX's message names its own trace's location; keep what it found and where in the result.
+        found = re.search(r"a value of type (.+?) at (output component [^\s,]+|the output)", str(e))
+        got = f"; got {found.group(1)} at {found.group(2)}" if found else ""
+        what = ("fun must return arrays (a pytree of arrays), its aux too (has_aux=True: the result is compiled)"
+                if has_aux else "fun must return arrays (a pytree of arrays)")
+        raise TypeError(f"{where}: {what}{got}.") from e
     return closed, (_split_aux(shapes, where)[0] if has_aux else shapes)
 
 

@@ -100,6 +100,9 @@ def test_errors_name_the_call(name, rng):
         TRANSFORMS[name](jnp.sin, has_aux="yes")
     with pytest.raises(TypeError, match=rf"jacobians.{name}: fun must return arrays"):
         TRANSFORMS[name](lambda x: "abc")(x)
+    with pytest.raises(TypeError, match=rf"jacobians.{name}: fun must return arrays .*its aux too .*got <class 'str'> "
+                                        r"at output component \[1\]\['b'\]\.\n"):
+        TRANSFORMS[name](lambda x: (jnp.sin(x), {"b": "abc"}), has_aux=True)(x)
     with pytest.raises(TypeError, match=rf"jacobians.{name}: .*argument 0 has dtype int"):
         TRANSFORMS[name](jnp.sin)(jnp.arange(3))
 
