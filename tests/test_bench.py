@@ -32,6 +32,7 @@ def _assert_fits(text):
     assert not wide, f"{len(wide)} lines wider than {rep.WIDTH} columns, e.g. {wide[0]!r}"
 
 
+@pytest.mark.slow
 def test_quick_run_streams_checks_and_saves(tmp_path):
     cases = ["tall_8x256_f32", "logdet_k2_1e3_f32"]
     proc = _bench("--quick", "--only", cases[0], "--only", cases[1], "--repeat", "3", "--out", str(tmp_path))

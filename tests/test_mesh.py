@@ -110,6 +110,7 @@ def _env(devices):
     return env
 
 
+@pytest.mark.slow
 def test_every_engine_on_four_devices():
     out = subprocess.run([sys.executable, "-c", SINGLE_PROCESS], env=_env(4), capture_output=True, text=True,
                          timeout=300)
@@ -123,6 +124,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_over_loopback(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))

@@ -5,6 +5,8 @@ import importlib
 import importlib.metadata
 import pathlib
 
+import pytest
+
 import jacobians
 from jacobians import kernels
 
@@ -150,6 +152,7 @@ def _pyproject_version() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_works(tmp_path):
     """Build the wheel offline, install it alone into a fresh virtualenv, use it from outside the repository."""
     import os
