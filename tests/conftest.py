@@ -41,6 +41,10 @@ def pytest_unconfigure(config):
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# float32 tests compare with float64 references: on GPUs XLA's default matmul and convolution precision is
+# TF32 (10 mantissa bits), for JAX's own transformations and ours alike, which no float32 tolerance here allows.
+if jax.default_backend() != "cpu":
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 # Tests that start a fresh Python and JAX in a subprocess run first: the longest single tests, they

@@ -330,3 +330,20 @@ def test_a_loaded_plan_for_another_function_is_certified(tmp_path, rng):
     assert len(caught) == 1 and "given sparse Jacobian" in caught[0] and "misses entry" in caught[0]
     with pytest.raises(jacobians.PlanError, match="given sparse Jacobian"):
         jacobians.sparse_jacobian(other, sparsity=loaded)(x)
+
+
+def test_certificate_tolerance_follows_gpu_windowed_max(monkeypatch):
+    # On a GPU JAX computes the JVP of a float64 windowed max with 20 mantissa bits (select_and_gather_add's
+    # packed pairs): a check there must allow that rounding, and only where such a primitive runs.
+    def pool(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (2,), (1,), "VALID") * x[1:]
+
+    x = jnp.linspace(0.0, 1.0, 6)
+    closed, plain = jax.make_jaxpr(pool)(x), jax.make_jaxpr(jnp.sin)(x)
+    full = 2.0 * float(np.finfo(np.float64).eps) ** 0.5
+    assert _trust.rtol(closed, x.dtype) == pytest.approx(full)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _trust.rtol(closed, x.dtype) == pytest.approx(2.0 * 2.0**-10)
+    assert _trust.rtol(plain, x.dtype) == pytest.approx(full)
+    assert _trust.rtol(jax.make_jaxpr(pool)(x.astype(jnp.float32)), jnp.float32) == pytest.approx(
+        2.0 * float(np.finfo(np.float32).eps) ** 0.5)
