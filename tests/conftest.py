@@ -57,10 +57,63 @@ _FIRST = (
 )
 
 
+# The default leg (README's command) has 4 minutes on 2 cores: the longest tests (2-6 s each, measured with
+# --durations on a 2-core machine; integration tests whose properties smaller tests also check) run in
+# the `slow` leg of .ci/run with the multi-process ones. `pytest -m slow` runs them.
+_SLOW = frozenset({
+    "test_batch.py::test_per_example_gather_scatter_and_solve_proved",
+    "test_coloring.py::test_random_round_trips",
+    "test_contract.py::test_chain_equals_jacobian_of_composition",
+    "test_contract.py::test_matvec_vecmat_are_jvp_vjp",
+    "test_det.py::test_batched_dense_plan_in_chunks",
+    "test_det.py::test_kernel_mixed_batches_and_shapes",
+    "test_docs.py::test_docstring_examples_run",
+    "test_flows.py::test_batch_first_reads_per_example_structure",
+    "test_flows.py::test_certificate_catches_wrong_plans",
+    "test_flows.py::test_custom_vjp_takes_the_reverse_route",
+    "test_flows.py::test_flow_layers[coupling]",
+    "test_flows.py::test_flow_layers[glow]",
+    "test_flows.py::test_flow_layers[made]",
+    "test_gradcheck.py::test_each_dtype_gets_its_own_defaults",
+    "test_gradcheck.py::test_half_precision_has_its_own_defaults[bfloat16]",
+    "test_gradcheck.py::test_half_precision_has_its_own_defaults[float16]",
+    "test_hessian.py::test_hessian_holomorphic[auto]",
+    "test_identities.py::test_det_gradient_at_singular_matrices",
+    "test_identities.py::test_inverse_family",
+    "test_memory.py::test_laplacian_under_a_budget",
+    "test_memory.py::test_sparse_engines_under_a_budget",
+    "test_movement_trust.py::test_gathers_and_scatters_structured[fwd]",
+    "test_movement_trust.py::test_structured_holomorphic",
+    "test_movement_trust.py::test_structured_sweeps_dtype_and_mode_table[indexing_rules_control-fwd]",
+    "test_movement_trust.py::test_structured_sweeps_dtype_and_mode_table[where_and_orders-fwd]",
+    "test_pipeline.py::test_typed_prng_keys_ride_along",
+    "test_siblings.py::test_determinants_take_the_pipeline",
+    "test_solvers.py::test_custom_vjp_and_while_loop_through_every_fallback",
+    "test_solvers.py::test_ode_jacobians[jacobian]",
+    "test_solvers.py::test_ode_second_order[hessian]",
+    "test_sparse_hessian.py::test_auto_colouring_counts_decompression",
+    "test_sparse_hessian.py::test_float32_stays_float32",
+    "test_sparse_hessian.py::test_modes_and_chunks_equal_jax_hessian[fwd_rev-2]",
+    "test_sparse_hessian.py::test_plan_compressed_matrix_and_decompression",
+    "test_structured.py::test_generic_rules_charge_their_passes_before_tracing",
+    "test_structured.py::test_hessian_through_a_structured_sweep_of_the_gradient",
+    "test_structured.py::test_random_compositions_agree_with_jacfwd",
+    "test_trace.py::test_complex_holomorphic_traces",
+    "test_trace.py::test_seeds_next_to_closed_over_weights_are_not_constant_folded",
+    "test_trace.py::test_xtrace_unbiased_with_honest_errors_and_better_than_hutch_pp",
+    "test_trust.py::test_complex_outputs_of_real_inputs",
+    "test_trust.py::test_given_patterns_are_certified",
+    "test_trust.py::test_wrong_structured_sweeps_fail_their_certificates",
+})
+
+
 def pytest_collection_modifyitems(config, items):
     def rank(item):
         return next((i for i, prefix in enumerate(_FIRST) if item.nodeid.startswith(prefix)), len(_FIRST))
 
+    for item in items:
+        if item.nodeid.removeprefix("tests/") in _SLOW:
+            item.add_marker(pytest.mark.slow)
     items.sort(key=rank)  # stable: the rest keep their order
 
 
