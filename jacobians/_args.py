@@ -49,7 +49,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import _compat, _hoist, _leaves
-from ._walker import differentiated
+from ._walker import DILATED_WINDOW, differentiated
 
 # The options every transformation shares, written once (typing.Literal for readers and checkers).
 Mode = Literal["fwd", "rev", "auto"]
@@ -652,24 +652,33 @@ class TracedControlFlowError(TypeError):
 
 _NO_FWD = "custom_vjp"  # JAX: "can't apply forward-mode autodiff (jvp) to a custom_vjp function."
 _NO_REV = "Reverse-mode differentiation does not work for lax.while_loop"
+# NotImplementedError of a transposition: "VJP not implemented for select_and_gather (MaxPool) with window
+# dilation", "Transpose rule (for reverse-mode differentiation) for 'p' not implemented".
+_NO_TRANSPOSE = ("VJP not implemented", "Transpose rule")
 
 
 def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where: str, jaxpr=None):
     """``run(preferred)``, or the other direction where JAX cannot differentiate in this one.
 
     Where JAX cannot push JVPs (a ``custom_vjp``) run ``no_fwd``, where it cannot
-    pull VJPs (a ``while_loop`` with a dynamic trip count) run ``no_rev``. Both failing is explained.
-    With the function's ``jaxpr`` the direction is read from it first: some JAX releases
-    report a JVP of a ``custom_vjp`` only when the program is lowered, after the trace.
+    pull VJPs (a ``while_loop`` with a dynamic trip count, a primitive it cannot transpose)
+    run ``no_rev``. Both failing is explained. With the function's ``jaxpr`` the direction is
+    read from it first: some JAX releases report a JVP of a ``custom_vjp`` only when the
+    program is lowered, after the trace.
     """
     if jaxpr is not None:
-        if {"custom_vjp_call", "custom_vjp_call_jaxpr"} & differentiated(jaxpr):
+        names = differentiated(jaxpr)
+        if {"custom_vjp_call", "custom_vjp_call_jaxpr"} & names:
             preferred = no_fwd
+        elif DILATED_WINDOW in names:
+            preferred = no_rev
     try:
         return run(preferred)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, NotImplementedError) as e:
         msg = str(e)
-        if _NO_REV in msg:
+        if isinstance(e, NotImplementedError) and not any(k in msg for k in _NO_TRANSPOSE):
+            raise
+        if _NO_REV in msg or isinstance(e, NotImplementedError):
             alt = no_rev
         elif _NO_FWD in msg and "forward-mode" in msg:
             alt = no_fwd
@@ -680,10 +689,11 @@ def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where
         first = e
     try:
         return run(alt)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, NotImplementedError) as e:
         raise TypeError(
             f"{where}: no mode can differentiate fun: it contains a custom_vjp (no forward mode) and a "
-            f"while_loop with a dynamic trip count (no reverse mode). JAX said: {str(first).splitlines()[0]}"
+            "while_loop with a dynamic trip count or a primitive JAX cannot transpose (no reverse mode). "
+            f"JAX said: {str(first).splitlines()[0]}"
         ) from e
 
 

@@ -347,16 +347,26 @@ def primitives(jaxpr) -> set[str]:
 _RULED = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 
 
+# A pseudo-name in :func:`differentiated`: a windowed max or min with window dilation, whose JVP
+# (select_and_gather_add) JAX cannot transpose ("VJP not implemented ... with window dilation").
+DILATED_WINDOW = "reduce_window_max/min with window_dilation"
+
+
 def differentiated(jaxpr) -> set[str]:
     """Names of the primitives JAX differentiates in a (closed) jaxpr: nested ones, not custom rules' bodies.
 
     What decides the directions JAX can take (``jacobians._methods.directions``): a
     ``while_loop`` inside a ``custom_vjp`` (``odeint``'s solver) does not block reverse mode.
+    Parameters that bar a direction add a pseudo-name (:data:`DILATED_WINDOW`).
     """
     jaxpr = _compat.unclose(jaxpr)[0]
     names = set()
     for eqn in jaxpr.eqns:
         names.add(eqn.primitive.name)
+        if eqn.primitive.name in ("reduce_window_max", "reduce_window_min") and any(
+            d != 1 for d in eqn.params.get("window_dilation", ())
+        ):
+            names.add(DILATED_WINDOW)
         if eqn.primitive.name not in _RULED:
             for sub in _compat.jaxprs_in_params(eqn.params):
                 names |= differentiated(sub)

@@ -78,6 +78,30 @@ def test_auto_plans_from_the_jaxpr(rng):
     assert jacobians.explain(CASES["while_shift"].fun, randn(rng, (5,))).mode == "fwd"
 
 
+def test_dilated_max_pool_takes_forward_mode(rng):
+    # JAX cannot transpose the JVP of a window-dilated max (select_and_gather_add): a wide map, which the
+    # cost model would pull by VJPs, and the Hessians over a gradient must go forward.
+    c = jnp.asarray(randn(rng, (8,)))
+
+    def f(x):
+        y = (jnp.sin(x) * c).reshape(2, 4)
+        return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2), (1, 1), ((0, 0), (1, 0)),
+                                     window_dilation=(1, 2)).ravel()
+
+    x = randn(rng, (8,))
+    with pytest.raises(NotImplementedError):
+        jax.jacrev(f)(x)
+    assert jacobians.explain(f, x).mode == "fwd"
+    want = jax.jacfwd(f)(x)
+    for kw in ({}, {"method": "dense"}, {"chunk_size": 3}):
+        assert_tree_allclose(jacobians.jacobian(f, **kw)(x), want)
+    h = lambda x: jnp.sum(f(x) ** 3)  # noqa: E731
+    H = jax.jacfwd(jax.jacfwd(h))(x)
+    assert_tree_allclose(jacobians.hessian(h)(x), H)
+    assert_tree_allclose(jacobians.hvp(h, (x,), (x,)), H @ x)
+    np.testing.assert_allclose(jacobians.laplacian(h)(x), np.trace(H), rtol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["stencil_2d", "conv_same", "block_diagonal", "custom_vjp", "while_shift", "mlp_two_layer"])
 def test_every_planned_method_agrees(name, rng):
     c = CASES[name]

@@ -226,3 +226,18 @@ def test_seed_folding_weighed_by_xla(monkeypatch, rng, fun, n, folded):
     got = jax.jit(jacobians.sparse_hessian(fun, output="dense"))(x)
     np.testing.assert_allclose(got, reference(x), rtol=1e-10, atol=1e-12)
     assert weighed == [folded]
+
+
+def test_a_hessian_at_rounding_level_is_certified():
+    # sum(Q**2) of an orthogonal Q is identically 3: every Hessian entry is rounding (~1e-17), where the
+    # plan's and JAX's HVPs disagree by as much as JAX's two orders of differentiation disagree with each
+    # other. The certificate allows that disagreement (strict mode: a false alarm would raise).
+    A0 = jnp.array([[4.5, 0.3, -0.2], [0.1, 3.8, 0.4], [-0.3, 0.2, 4.2]])
+
+    def h(x):
+        M = A0 + 0.3 * jnp.array([[x[0], x[1], x[2]], [x[3], x[4], x[5]], [x[0] * x[5], x[1], x[3]]])
+        return jnp.sum(jnp.linalg.qr(M)[0] ** 2)
+
+    x = jnp.array([0.9, -1.1, 0.7, 1.3, -0.6, 1.2])
+    H = np.asarray(jacobians.sparse_hessian(h)(x).todense())
+    assert np.abs(H).max() < 1e-14 and np.abs(np.asarray(jax.hessian(h)(x))).max() < 1e-14

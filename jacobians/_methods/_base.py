@@ -28,15 +28,16 @@ from typing import Any, Literal, Protocol
 
 import jax
 
-from .. import _compat
+from .. import _compat, _walker
 from .._cost import pass_cost as pass_cost
 
 Mode = Literal["fwd", "rev"]
 MethodName = Literal["auto", "dense", "compressed", "structured"]  # jacobian(method=...)
 
-# JAX cannot push JVPs through a custom_vjp, nor pull VJPs through a while_loop (a dynamic trip count).
+# JAX cannot push JVPs through a custom_vjp, nor pull VJPs through a while_loop (a dynamic trip count) or a
+# window-dilated max-pool.
 NO_FWD = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
-NO_REV = frozenset({"while"})
+NO_REV = frozenset({"while", _walker.DILATED_WINDOW})
 
 
 def directions(primitives: set[str]) -> frozenset[str]:
