@@ -308,3 +308,27 @@ def test_errors(rng):
     with pytest.raises(TypeError, match="fun must return floating-point arrays"):
         jacobians.laplacian(lambda z: jnp.sum(z).astype(jnp.int32))(x)
     assert math.isclose(float(jacobians.laplacian(lambda z: jnp.sum(z**2))(x)), 6.0)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward", "sparse", "hvp"])
+def test_custom_vjp_inside_a_scan(method):
+    # JAX pushes no JVP through a custom_vjp, nor a JVP of one (its "custom_lin"), also inside a scan's
+    # body: the forward Laplacian takes the scan's local Jacobian and curvature from VJPs there.
+    @jax.custom_vjp
+    def g(x):
+        return x * jnp.exp(x)
+
+    g.defvjp(lambda x: (g(x), x), lambda x, ct: (ct * (1 + x) * jnp.exp(x),))
+
+    def h(x):
+        y = jax.lax.scan(lambda c, _: (g(c) * 0.5 + jnp.sin(c), None), x, None, length=2)[0]
+        return jnp.sum(y**2)
+
+    x = jnp.array([0.9, -1.1, 0.7, 1.3])
+    H = jax.jacrev(jax.jacrev(h))(x)
+    np.testing.assert_allclose(jacobians.laplacian(h, method=method)(x), np.trace(H), rtol=1e-10)
+    if method == "auto":
+        np.testing.assert_allclose(jacobians.hessian_diagonal(h)(x), np.diag(H), rtol=1e-10)
+        v, grad, lap = jacobians.value_grad_and_laplacian(h)(x)
+        np.testing.assert_allclose(grad, jax.grad(h)(x), rtol=1e-12)
+        np.testing.assert_allclose(lap, np.trace(H), rtol=1e-10)

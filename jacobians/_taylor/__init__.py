@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _primitives, _sweeps
+from .. import _compat, _primitives, _sweeps
 from .._deps import DepsLattice, _custom
 from .._deps._sets import Deps, empty
-from .._walker import Lattice, Walker, bind
+from .._walker import _RULED, Lattice, Walker, bind, has_custom_vjp
 from . import _block as bk
 from . import _elementwise, _generic, _layout, _linalg, _linear
 from ._block import TV
@@ -232,6 +232,13 @@ def _custom_name(eqn) -> str | None:
     return getattr(info, "func_name", None)
 
 
+def _holds_custom_vjp(eqn) -> bool:
+    """A call or loop (scan, cond, pjit, remat) whose body JAX differentiates holds a ``custom_vjp``."""
+    if eqn.primitive.name in _RULED:
+        return False
+    return any(has_custom_vjp(sub) for sub in _compat.jaxprs_in_params(eqn.params))
+
+
 def _family(lat, eqn, ins) -> str:
     """Which rule applies to ``eqn`` given its active operands."""
     name = eqn.primitive.name
@@ -241,8 +248,8 @@ def _family(lat, eqn, ins) -> str:
     out = eqn.outvars[0].aval if len(eqn.outvars) == 1 else None
     pointwise = out is not None and all(_broadcastable(eqn.invars[i].aval.shape, out.shape) for i in active)
     complex_any = any(_is_complex(v) for v in (*eqn.invars, *eqn.outvars))
-    if name in CUSTOM_VJP:
-        return "custom_vjp"
+    if name in CUSTOM_VJP or _holds_custom_vjp(eqn):
+        return "custom_vjp"  # its VJPs give the local Jacobian: JAX pushes no JVP (nor a JVP of one) through
     if name in _linalg.RULES:
         return name
     if name == "custom_jvp_call" and _custom_name(eqn) in _linalg.CUSTOM:
