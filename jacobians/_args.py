@@ -445,6 +445,9 @@ class Transform:
         self._fast: dict[tuple, Callable] = {}  # by argument types: calls of jax arrays and floats, no split
         self._tree_fast: dict = {}  # by pytree structure: pytrees of strongly typed jax arrays, no split
         self._confirmed: set = set()  # specs whose traced Python numbers have compiled and run once
+        # recover(spec, traced, error) -> True where the engine replaced the plan of a call whose program XLA
+        # failed to compile (its own crash, e.g. a RET_CHECK): the call then runs once more, with that plan.
+        self.recover: Callable | None = None
         self._donating: dict = {}  # spec -> (the built function taking a donated result first, its result's avals)
 
     @classmethod
@@ -526,7 +529,14 @@ class Transform:
         if hit is not None:
             return self.run(*hit)
         fn, traced, spec = self.compiled(args, kwargs)
-        out = self.run(fn, traced)
+        try:
+            out = self.run(fn, traced)
+        except jax.errors.JaxRuntimeError as e:
+            if self.recover is None or not _compiler_failure(e) or not self.recover(spec, traced, e):
+                raise
+            self.forget(spec)
+            fn, traced, spec = self.compiled(args, kwargs)
+            out = self.run(fn, traced)
         # The structure's program as it stands after this call (never this call's own first-call wrapper).
         fn = program(self.cache.get(spec))
         if fn is not None and not kwargs and not spec.static and (not spec.numbers or spec in self._confirmed):
@@ -632,6 +642,12 @@ def returned(transformed: Callable, t: Transform) -> Callable:
     transformed.transform = t
     transformed.into = into
     return transformed
+
+
+def _compiler_failure(e: Exception) -> bool:
+    """XLA's own failure to compile a program (an internal check), not an error of the values it ran on."""
+    msg = str(e)
+    return msg.startswith("INTERNAL") or "RET_CHECK" in msg or "Failed to translate module" in msg
 
 
 class TracedControlFlowError(TypeError):

@@ -278,6 +278,20 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
                     _args.check_bool(holomorphic, "holomorphic", where), order, shards, engine)
     t = _args.Transform.jitted(fun, argnums, where, _compute, opts)
     opts.engine.callers = (t,)  # a plan made while t's call is traced may check at that call's inputs
+
+    def recover(spec, traced, error) -> bool:
+        """XLA failed to compile a planned (not dense) program: the dense one, once, with a warning."""
+        key = (spec, _args.shapes_key([jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]))
+        plan = opts.plans.get(key)
+        if plan is None or plan.method == "dense":
+            return False
+        opts.pending.pop(key, None)
+        _trust.drop_deferred()  # its check would run the program that did not compile
+        opts.engine.plans.clear()
+        opts.plans[key] = _dense_instead(plan, _trust.compiler_failed(where, plan.key, "dense", error))
+        return True
+
+    t.recover = recover
     wrapped = _trust.wrap(t)
 
     def plan(*args, **kwargs) -> _planner.JacobianPlan:

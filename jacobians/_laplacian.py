@@ -29,6 +29,7 @@ Methods (``method=``):
   shows the candidates and the choice.
 """
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _compat, _deps, _memory, _mesh, _planner, _taylor, kernels
+from . import _args, _compat, _deps, _memory, _mesh, _planner, _taylor, _trust, kernels
 from ._deps import _second as _deps_second
 from ._divergence import _diagonal_colors
 from ._walker import has_custom_vjp
@@ -428,6 +429,22 @@ def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where, me
             "sweep holds only each intermediate's own columns. Drop chunk_size or choose another method."
         )
     t = _args.Transform.jitted(fun, argnums, where, _compute, opts)
+
+    def recover(spec, traced, error) -> bool:
+        """XLA failed to compile the planned program: the next exact method, once, with a warning."""
+        key = _key(spec, traced)
+        plan = opts.plans.get(key)
+        if plan is None or "instead" in plan.reason:
+            return False
+        n = plan.n
+        other = "forward" if plan.method == "hvp" else "hvp"
+        colors = np.arange(n) if other == "hvp" else None  # one HVP per input: no pattern needed, exact
+        note = _trust.compiler_failed(where, plan.method, other, error)
+        opts.plans[key] = dataclasses.replace(plan, method=other, colors=colors, n_colors=None if colors is None
+                                              else n, passes=1 if colors is None else n, reason=note)
+        return True
+
+    t.recover = recover
     wrapped = _args.wrap(t)
 
     def plan(*args, **kwargs) -> LaplacianPlan:

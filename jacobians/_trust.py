@@ -159,6 +159,19 @@ def certificate_failed(where: str, plan: str, detail: str, bug: bool = True) -> 
     return _report(where, f"the {plan} plan failed its certificate ({detail})", None, bug=bug)
 
 
+def compiler_failed(where: str, planned: str, instead: str, exc: BaseException) -> str:
+    """XLA failed to compile a plan's program (its own crash): warn or, strict, raise; returns the new plan's note.
+
+    Not the analysis' defect, but a program the plan made that XLA cannot build: another exact method runs.
+    """
+    what = f"XLA failed to compile the {planned} program ({type(exc).__name__}: {_first_line(exc)[:200]})"
+    if is_strict():
+        raise PlanError(f"{where}: {what}. (Strict mode, from {ENV} or jacobians.strict(): an error instead of "
+                        f"the {instead} method.)") from exc
+    warnings.warn(f"{where}: {what}; the {instead} method is used (right, maybe slower).", PlanWarning, stacklevel=5)
+    return f"{what}; the {instead} method instead"
+
+
 def _report(where: str, what: str, cause: BaseException | None, bug: bool) -> str:
     """Raise (strict) or warn once; the note for the dense plan that replaces the failed one."""
     defect = " This is a defect of jacobians' analysis: please report it." if bug else ""
@@ -327,6 +340,13 @@ class Pending:
                 _AHEAD.reset(token)
             self._stands = bool(self._settle(result))
         return self._stands
+
+
+def drop_deferred() -> None:
+    """Forget the checks the current wrapped call deferred (its plan was replaced before they could run)."""
+    call = _CALL.get()
+    if call is not None and len(call) >= 4:
+        call[3].clear()
 
 
 def defer(check: Callable[[], "Certificate"], settle: Callable) -> "Pending | None":

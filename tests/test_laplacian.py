@@ -332,3 +332,37 @@ def test_custom_vjp_inside_a_scan(method):
         v, grad, lap = jacobians.value_grad_and_laplacian(h)(x)
         np.testing.assert_allclose(grad, jax.grad(h)(x), rtol=1e-12)
         np.testing.assert_allclose(lap, np.trace(H), rtol=1e-10)
+
+
+def test_a_program_xla_cannot_compile_falls_back(monkeypatch):
+    # jaxlib 0.10.2's CPU compiler fails (a RET_CHECK) on the forward Hessian diagonal of a scan over
+    # dynamic slices: a planned program XLA cannot build gives way, once, to another exact method.
+    from jacobians import _args
+
+    def h(x):
+        return jnp.sum(jnp.sin(x) * x[::-1]) ** 2
+
+    x = jnp.array([0.9, -1.1, 0.7, 1.3])
+    run, failed = _args.Transform.run, []
+
+    def crashing(self, fn, traced):
+        if not failed:  # traced and planned, then "compiled"
+            failed.append(True)
+            jax.eval_shape(fn, *traced)
+            raise jax.errors.JaxRuntimeError("INTERNAL: RET_CHECK failure (fusion_compiler.cc:546) llvm_module")
+        return run(self, fn, traced)
+
+    monkeypatch.setattr(_args.Transform, "run", crashing)
+    with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="XLA failed to compile the forward"):
+        got = jacobians.hessian_diagonal(h, method="forward")(x)
+    np.testing.assert_allclose(got, np.diag(jax.hessian(h)(x)), rtol=1e-12)
+    failed.clear()
+    with pytest.raises(jacobians.PlanError, match="XLA failed to compile"):
+        jacobians.laplacian(h)(x)
+
+    def runtime(self, fn, traced):  # an error of the values, not of the compiler: raised as it is
+        raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: a check failed at run time")
+
+    monkeypatch.setattr(_args.Transform, "run", runtime)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):
+        jacobians.laplacian(h)(x)

@@ -347,3 +347,37 @@ def test_certificate_tolerance_follows_gpu_windowed_max(monkeypatch):
     assert _trust.rtol(plain, x.dtype) == pytest.approx(full)
     assert _trust.rtol(jax.make_jaxpr(pool)(x.astype(jnp.float32)), jnp.float32) == pytest.approx(
         2.0 * float(np.finfo(np.float32).eps) ** 0.5)
+
+
+def test_a_planned_program_xla_cannot_compile_gives_the_dense_one(monkeypatch):
+    # A compressed plan whose program XLA fails to build (its own crash, e.g. a RET_CHECK) is replaced by
+    # the dense program for that call and the next, with a warning (strict: a PlanError).
+    from jacobians import _args
+
+    def f(x):
+        return jnp.sin(x) * 2.0 + jnp.roll(x, 1) ** 2
+
+    x = jnp.linspace(0.1, 1.0, 40)
+    run, failed = _args.Transform.run, []
+
+    def crashing(self, fn, traced):
+        if not failed:
+            failed.append(True)
+            jax.eval_shape(fn, *traced)  # traced and planned, then "compiled"
+            raise jax.errors.JaxRuntimeError("INTERNAL: RET_CHECK failure (fusion_compiler.cc:546) llvm_module")
+        return run(self, fn, traced)
+
+    monkeypatch.setattr(_args.Transform, "run", crashing)
+    g = jacobians.jacobian(f)
+    assert g.plan(x).method == "compressed"
+    with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="XLA failed to compile the compressed"):
+        got = g(x)
+    assert_tree_allclose(got, jax.jacfwd(f)(x))
+    assert g.plan(x).method == "dense"
+    assert_tree_allclose(g(x * 2), jax.jacfwd(f)(x * 2))
+    failed.clear()  # planned within the call this time, its certificate deferred to the call's end
+    with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="XLA failed to compile"):
+        assert_tree_allclose(jacobians.jacobian(f)(x), jax.jacfwd(f)(x))
+    failed.clear()
+    with pytest.raises(jacobians.PlanError, match="XLA failed to compile"):
+        jacobians.jacobian(f)(x)
