@@ -174,6 +174,12 @@ def test_auto_mode_respects_what_jax_can_differentiate(rng):
     assert jacobians.sparse_jacobian(c.fun).plan(randn(rng, c.shape)).mode == "rev"
     c = CASES["while_shift"]
     assert jacobians.sparse_jacobian(c.fun).plan(randn(rng, c.shape)).mode == "fwd"
+    # A direction forced where JAX cannot go is the caller's error, said at once (not a failed certificate).
+    with pytest.raises(ValueError, match="mode='rev' pulls VJPs, which JAX cannot"):
+        jacobians.sparse_jacobian(c.fun, mode="rev")(randn(rng, c.shape))
+    c = CASES["custom_vjp"]
+    with pytest.raises(ValueError, match="mode='fwd' pushes JVPs"):
+        jacobians.sparse_jacobian(c.fun, mode="fwd")(randn(rng, c.shape))
 
 
 def test_small_products_fold_their_seeds(rng):

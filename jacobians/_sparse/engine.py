@@ -440,6 +440,13 @@ class Engine:
                 f"{where}: mode='rev' needs real outputs, but fun returns complex values ({p.out_dtype}); use "
                 "mode='fwd' or 'auto' (forward mode: one JVP per colour of the columns)."
             )
+        forced = getattr(given, "mode", None) if isinstance(given, SparsePlan) else self.mode
+        if not hessian and forced in ("fwd", "rev") and forced not in _methods.directions(differentiated(closed)):
+            why = ("pulls VJPs, which JAX cannot pull through fun (a while_loop with a dynamic trip count, or a "
+                   "primitive it cannot transpose)" if forced == "rev" else
+                   "pushes JVPs, which JAX cannot push through fun's custom_vjp")
+            raise ValueError(f"{where}: mode={forced!r} {why}; use mode={'fwd' if forced == 'rev' else 'rev'!r} "
+                             "or 'auto'.")
         pattern = None
         if not isinstance(given, str | SparsePlan):
             pattern = _coerce_pattern(given, self._given_shape(p), where)
