@@ -344,7 +344,7 @@ def primitives(jaxpr) -> set[str]:
 
 
 # Calls whose bodies JAX never differentiates: it differentiates their rules (the JVP rule, fwd/bwd) instead.
-_RULED = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+RULED = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 
 
 # A pseudo-name in :func:`differentiated`: a windowed max or min with window dilation, whose JVP
@@ -367,7 +367,7 @@ def differentiated(jaxpr) -> set[str]:
             d != 1 for d in eqn.params.get("window_dilation", ())
         ):
             names.add(DILATED_WINDOW)
-        if eqn.primitive.name not in _RULED:
+        if eqn.primitive.name not in RULED:
             for sub in _compat.jaxprs_in_params(eqn.params):
                 names |= differentiated(sub)
     return names

@@ -33,7 +33,7 @@ import numpy as np
 from .. import _compat, _primitives, _sweeps
 from .._deps import DepsLattice, _custom
 from .._deps._sets import Deps, empty
-from .._walker import _RULED, Lattice, Walker, bind, has_custom_vjp
+from .._walker import RULED, Lattice, Walker, bind, has_custom_vjp
 from . import _block as bk
 from . import _elementwise, _generic, _layout, _linalg, _linear
 from ._block import TV
@@ -234,7 +234,7 @@ def _custom_name(eqn) -> str | None:
 
 def _holds_custom_vjp(eqn) -> bool:
     """A call or loop (scan, cond, pjit, remat) whose body JAX differentiates holds a ``custom_vjp``."""
-    if eqn.primitive.name in _RULED:
+    if eqn.primitive.name in RULED:
         return False
     return any(has_custom_vjp(sub) for sub in _compat.jaxprs_in_params(eqn.params))
 
