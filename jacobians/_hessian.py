@@ -239,7 +239,22 @@ def _build_hessian(fun, argnums, mode, has_aux, chunk_size, with_value, where, m
         chunk_size=_args.check_chunk_size(chunk_size, where),
         with_value=with_value,
     )
-    return _trust.wrap(_args.Transform.jitted(fun, argnums, where, _compute_hessian, opts))
+    t = _args.Transform.jitted(fun, argnums, where, _compute_hessian, opts)
+
+    def recover(spec, traced, error) -> bool:
+        """XLA failed to compile a structured sweep's program: the HVPs (JAX's own), once, with a warning."""
+        key = (spec, _args.shapes_key(traced))
+        sweep = opts.plans.get(key)
+        if sweep is None:
+            return False
+        opts.pending.pop(key, None)
+        _trust.drop_deferred()  # its check would run the program that did not compile
+        opts.plans[key] = None
+        _trust.compiler_failed(where, f"structured {sweep} Hessian", "HVP", error)
+        return True
+
+    t.recover = recover
+    return _trust.wrap(t)
 
 
 def hessian(
