@@ -150,6 +150,16 @@ def _multiplier(x: jax.Array, p: jax.Array, s: jax.Array, inv: jax.Array) -> jax
     return jnp.where(x == p, one, jnp.where(x == -p, -one, (x * s) * inv))
 
 
+def _rounded(q: jax.Array) -> jax.Array:
+    """``q`` itself, rounded on its own: a select that XLA's CPU compiler cannot contract ``x - q`` through.
+
+    The LU's update ``x - m y`` is otherwise one fused multiply-add, which keeps the product's rounding
+    error: an exactly singular matrix (``[[1, 1], [3, 3]]``: ``1 - fl(1/3) 3``) then leaves a pivot of
+    5.6e-17 and a finite ``log|det|``, where LAPACK's ``getf2`` (and NumPy) give exactly 0 and ``-inf``.
+    """
+    return jnp.where(q == 0, jnp.zeros((), q.dtype), q)
+
+
 def _keeper(i: jax.Array, dtype):
     """An identity ``v -> v / one`` that XLA computes once instead of fusing it into each consumer.
 
@@ -191,7 +201,7 @@ def _eliminate(A: jax.Array, keep) -> tuple[jax.Array, jax.Array, jax.Array]:
     rest = jnp.where(rows == idx[None, None], A[0][None], A[1:])  # row 0 takes the pivot row's place
     s, r = _reciprocal(P[0])
     mult = _multiplier(rest[:, 0], P[0][None], s[None], r[None])  # the multipliers, column 0 of L
-    return P[0], idx != 0, keep(rest[:, 1:] - mult[:, None] * P[None, 1:])
+    return P[0], idx != 0, keep(rest[:, 1:] - _rounded(mult[:, None] * P[None, 1:]))
 
 
 def _from_pivots(neg: jax.Array, zero: jax.Array, logabs: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -223,7 +233,8 @@ def _lu_elementwise(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         others = [[jnp.where(idx == r, x, y) for x, y in zip(rows[0], rows[r], strict=True)] for r in range(1, m)]
         s, inv = _reciprocal(P[0])
         mults = [_multiplier(R[0], P[0], s, inv) for R in others]  # column 0 of L, once per row
-        rows = [[x - m * y for x, y in zip(R[1:], P[1:], strict=True)] for R, m in zip(others, mults, strict=True)]
+        rows = [[x - _rounded(m * y) for x, y in zip(R[1:], P[1:], strict=True)]
+                for R, m in zip(others, mults, strict=True)]
         pivots.append(P[0])
         neg = neg ^ (idx != 0)
     pivots.append(rows[0][0])
@@ -255,8 +266,8 @@ def _lu_nopivot(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         swap = functools.reduce(jnp.logical_or, [~(jnp.abs(r[0]) <= ap) for r in rows[1:]], swap)  # NaN: True
         s, inv = _reciprocal(p)
         mults = [_multiplier(R[0], p, s, inv) for R in rows[1:]]  # column 0 of L, once per row
-        rows = [[x - m * y for x, y in zip(R[1:], rows[0][1:], strict=True)] for R, m in zip(rows[1:], mults,
-                                                                                           strict=True)]
+        rows = [[x - _rounded(m * y) for x, y in zip(R[1:], rows[0][1:], strict=True)]
+                for R, m in zip(rows[1:], mults, strict=True)]
         pivots.append(p)
     pivots.append(rows[0][0])
     info = jnp.finfo(a.dtype)
