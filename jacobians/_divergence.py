@@ -73,11 +73,11 @@ def _diagonal_colors(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
 def _products(p: _args.Problem, seeds, mode: str, where: str):
     """``J s`` (forward) or ``s^T J`` (reverse) for each row ``s`` of ``seeds``; ``"auto"``: forward where JAX can."""
 
-    def run(direction):
+    def run(direction):  # 0/1 (or weighted) seeds in the dtype each direction takes: the input's, the output's
         if direction == "fwd":
-            return jax.vmap(lambda s: jax.jvp(lambda x: p.flat(x)[0], (p.x,), (s,))[1])(seeds)
+            return jax.vmap(lambda s: jax.jvp(lambda x: p.flat(x)[0], (p.x,), (s,))[1])(seeds.astype(p.x.dtype))
         _, pull = jax.vjp(lambda x: p.flat(x)[0], p.x)
-        return jax.vmap(lambda s: pull(s)[0])(seeds)
+        return jax.vmap(lambda s: pull(s)[0])(seeds.astype(p.out_dtype))
 
     return _args.with_fallback(run, "fwd", "rev", "fwd", where, p.jaxpr) if mode == "auto" else run(mode)
 
@@ -85,6 +85,8 @@ def _products(p: _args.Problem, seeds, mode: str, where: str):
 def _plan(t, spec, traced, n: int, mode: str) -> np.ndarray:
     """The colours of the inputs: a certified distance-1 colouring of the symmetrised pattern, or each its own."""
     where = t.where
+    if n == 0:
+        return np.arange(0)  # an empty trace: nothing to colour or certify
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
     traced_flat = trace_flat(t, spec, avals)
     try:  # a sparse pattern lets inputs share a JVP; stop early if the pattern is dense

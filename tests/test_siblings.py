@@ -106,3 +106,17 @@ def test_errors(rng):
         jacobians.trace_estimate(jnp.sin, num_probes=2, estimator="exact")
     with pytest.raises(ValueError, match=r"choose batched=True .* or batch_first=True"):
         jacobians.det(jnp.sin, batched=True, batch_first=True)
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+def test_divergence_of_mixed_precision_and_empty_maps(mode):
+    # float32 in, float64 out: the seeds take the dtype each direction pushes (JVPs the input's, VJPs the
+    # output's); an empty input has divergence 0, with nothing to colour or certify (strict: no warning).
+    def f(x):
+        y = x.astype(jnp.float64)
+        return 2.0 * y * jnp.sin(y[::-1])
+
+    x = jnp.linspace(0.1, 1.0, 4).astype(jnp.float32)
+    want = np.trace(np.asarray(jax.jacfwd(f)(x)))
+    np.testing.assert_allclose(jacobians.divergence(f, mode=mode)(x), want, rtol=1e-6)
+    assert float(jacobians.divergence(jnp.sin, mode=mode)(jnp.zeros((0,)))) == 0.0
