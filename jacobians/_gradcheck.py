@@ -280,8 +280,12 @@ def gradcheck(
     h = default_h if h is None else h
     tol = default_tol if tol is None else tol
     for name, v in (("h", h), ("tol", tol)):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-            raise ValueError(f"{where}: {name} must be a positive number, got {v!r}.")
+        # Python, NumPy and 0-d JAX real numbers (np.float32(1e-4), jnp.asarray(1e-4)), not bools or arrays.
+        real_scalar = (not isinstance(v, bool | np.bool_) and np.ndim(v) == 0
+                       and np.issubdtype(np.asarray(v).dtype, np.number)
+                       and not np.issubdtype(np.asarray(v).dtype, np.complexfloating))
+        if not real_scalar or not float(v) > 0 or not np.isfinite(float(v)):
+            raise ValueError(f"{where}: {name} must be a positive finite real number (a scalar), got {v!r}.")
     h, tol = float(h), float(tol)
 
     def result(status, problem, error=float("inf"), **worst):
@@ -341,7 +345,11 @@ def gradcheck(
     numeric64 = numeric.astype(np.complex128 if np.iscomplexobj(numeric) else np.float64)
     analytic64 = analytic.astype(np.complex128 if np.iscomplexobj(analytic) else np.float64)
     diff = numeric64 - analytic64
-    num, den = float(np.sum(np.abs(diff) ** 2)), float(np.sum(np.abs(numeric64 + analytic64) ** 2))
+    # The metric's sums of squares, of values scaled by the largest entry: entries past 1e154 would overflow.
+    big = max(float(np.max(np.abs(numeric64), initial=0.0)), float(np.max(np.abs(analytic64), initial=0.0)))
+    scale = big if np.isfinite(big) and big > 0 else 1.0
+    num = float(np.sum(np.abs(diff / scale) ** 2))
+    den = float(np.sum(np.abs((numeric64 + analytic64) / scale) ** 2))
     error = 0.0 if num == 0 else (float(np.sqrt(num / den)) if den > 0 else float("inf"))
     worst = {}
     if diff.size:

@@ -1,6 +1,7 @@
 """Gradient checking with the book's relative-error metric."""
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -272,11 +273,11 @@ def test_errors():
         TypeError, match=r"x must be a floating-point array \(real, or complex for a holomorphic fun\), got dtype int"
     ):
         jacobians.gradcheck(jnp.sin, jnp.arange(2))
-    with pytest.raises(ValueError, match=r"h must be a positive number, got -0.1"):
+    with pytest.raises(ValueError, match=r"h must be a positive finite real number \(a scalar\), got -0.1"):
         jacobians.gradcheck(jnp.sin, jnp.ones(2), h=-0.1)
-    with pytest.raises(ValueError, match=r"tol must be a positive number, got 0"):
+    with pytest.raises(ValueError, match=r"tol must be a positive finite real number \(a scalar\), got 0"):
         jacobians.gradcheck(jnp.sin, jnp.ones(2), tol=0)
-    with pytest.raises(ValueError, match=r"h must be a positive number, got True"):
+    with pytest.raises(ValueError, match=r"h must be a positive finite real number \(a scalar\), got True"):
         jacobians.gradcheck(jnp.sin, jnp.ones(2), h=True)
     with pytest.raises(TypeError, match=r"jacobians.gradcheck: jit must be True or False, got 'no'"):
         jacobians.gradcheck(jnp.sin, jnp.ones(2), jit="no")
@@ -284,3 +285,14 @@ def test_errors():
         ValueError, match=r"method='complex' \(the complex step\) needs real float32 or float64 x, got dtype complex128"
     ):
         jacobians.gradcheck(jnp.sin, jnp.ones(2, jnp.complex128), method="complex")
+
+
+def test_huge_entries_and_numpy_steps():
+    # Entries past 1e154: the metric's sums of squares are of values scaled by the largest entry (they
+    # overflowed to a NaN error); NumPy and 0-d JAX numbers are numbers for h and tol.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = jacobians.gradcheck(jnp.exp, jnp.array([700.0]))
+    assert np.isfinite(res.error) and res.error < 1e-5
+    for h in (np.float32(1e-4), jnp.asarray(1e-4), np.float64(1e-4)):
+        assert jacobians.gradcheck(jnp.sin, jnp.array([0.3]), h=h, tol=np.float64(1e-6)).passed
