@@ -275,6 +275,9 @@ def _replay(eqns, env, state, actions) -> None:
         for v, o in zip(eqn.outvars, outs, strict=True):
             if not isinstance(v, _compat.DropVar):
                 env[v] = o
+        if eqn.primitive.name == "exp" and not jnp.iscomplexobj(vals[0]):
+            # log|exp(u)| = u, kept for a product's partial: exp(s) itself underflows to 0 in a flow's scale.
+            env[("log", eqn.outvars[0])] = vals[0]
         if kind == "bind":
             continue
         out = outs[0]
@@ -308,7 +311,8 @@ def _replay(eqns, env, state, actions) -> None:
             if mask is None:
                 continue
             L, S = state[eqn.invars[k]]
-            pl, ps = _log_partial(eqn, k, vals, out)
+            others = [env.get(("log", v)) if not isinstance(v, _compat.Literal) else None for v in eqn.invars]
+            pl, ps = _log_partial(eqn, k, vals, out, others)
             terms.append((jnp.where(mask, pl + L.astype(out.dtype), ninf),
                           jnp.where(mask, ps * S.astype(out.dtype), jnp.zeros((), out.dtype))))
         if not terms:
@@ -359,9 +363,13 @@ def _softplus(a):
     return jnp.logaddexp(a, jnp.zeros((), a.dtype))
 
 
-def _log_partial(eqn, k, vals, out):
-    """``(log |d out / d operand_k|, sign)`` elementwise, by log-derivative rules where the primitive has one."""
+def _log_partial(eqn, k, vals, out, logs=None):
+    """``(log |d out / d operand_k|, sign)`` elementwise, by log-derivative rules where the primitive has one.
+
+    ``logs``: per operand, ``log |value|`` where it is known exactly (an ``exp``'s argument), else ``None``.
+    """
     name = eqn.primitive.name
+    logs = logs or [None] * len(vals)
     a = jnp.asarray(vals[k])
     one = jnp.ones(out.shape, out.dtype)
     zero = jnp.zeros(out.shape, out.dtype)
@@ -376,10 +384,14 @@ def _log_partial(eqn, k, vals, out):
     if name == "neg":
         return zero, -one
     if name == "mul":
+        if logs[1 - k] is not None:  # a positive factor exp(u): log |partial| = u, finite where exp(u) underflows
+            return zero + jnp.asarray(logs[1 - k], out.dtype), one
         b = jnp.asarray(vals[1 - k], out.dtype)
         return zero + log_abs(b), one * jnp.sign(b)
     if name == "div":
         num, den = (jnp.asarray(v, out.dtype) for v in vals)
+        if k == 0 and logs[1] is not None:
+            return zero - jnp.asarray(logs[1], out.dtype), one
         if k == 0:
             return zero - log_abs(den), one * jnp.sign(den)
         return zero + log_abs(num) - 2 * log_abs(den), -one * jnp.sign(num)

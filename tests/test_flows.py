@@ -343,3 +343,20 @@ def test_gradients_through_exactly_zero_factors_are_finite():
               lambda x: x * jnp.round(x) + x):  # (the second is singular at -1.1: JAX's gradient is 0 there)
         want = jax.grad(lambda z: jnp.linalg.slogdet(jax.jacfwd(f)(z))[1])(x)
         np.testing.assert_allclose(jax.grad(jacobians.log_abs_det(f))(x), want, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["mul", "div"])
+def test_coupling_scale_in_log_space(op):
+    # x2 * exp(s(x1)) (or x2 / exp(-s)) with s = -200 in float32: exp(s) underflows to 0, its logarithm
+    # does not. log|det J| = sum s, finite, from the exp's argument (was -inf from log|exp(s)|).
+    def coupling(x):
+        a, b = x[:2], x[2:]
+        s = -100.0 * jnp.tanh(a)
+        return jnp.concatenate([a, (b * jnp.exp(s) if op == "mul" else b / jnp.exp(-s)) + a])
+
+    x = jnp.full((4,), 10.0, jnp.float32)
+    np.testing.assert_allclose(jacobians.log_abs_det(coupling)(x), -200.0, rtol=1e-6)
+    y = jnp.array([0.3, -0.2, 0.5, 0.9])
+    ref = lambda v: jnp.linalg.slogdet(jax.jacfwd(coupling)(v))[1]  # noqa: E731
+    np.testing.assert_allclose(jacobians.log_abs_det(coupling)(y), ref(y), rtol=1e-12)
+    np.testing.assert_allclose(jax.grad(jacobians.log_abs_det(coupling))(y), jax.grad(ref)(y), atol=1e-10)
