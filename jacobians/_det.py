@@ -267,7 +267,13 @@ _INCONCLUSIVE = "inconclusive: "
 
 
 def _log_volume(J):
-    """``(1, 1/2 log det(J^T J))`` through ``R`` of ``J = QR``."""
+    """``(1, 1/2 log det(J^T J))`` through ``R`` of ``J = QR``; a square ``J``'s ``log|det J|`` by the kernel.
+
+    Square, the kernel's LU is exact where ``J`` is singular (``-inf``), as :func:`log_abs_det`; a QR's
+    ``R_ii`` keeps rounding there (an exactly rank-deficient ``J`` gives ``log 1e-16``, not ``-inf``).
+    """
+    if J.shape[-2] == J.shape[-1]:
+        return jnp.ones((), J.dtype), kernels.slogdet(J)[1]
     R = jnp.linalg.qr(J, mode="r")
     d = jnp.abs(jnp.diagonal(R, axis1=-2, axis2=-1))
     return jnp.ones((), J.dtype), jnp.sum(jnp.log(d), axis=-1)

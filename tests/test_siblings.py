@@ -120,3 +120,10 @@ def test_divergence_of_mixed_precision_and_empty_maps(mode):
     want = np.trace(np.asarray(jax.jacfwd(f)(x)))
     np.testing.assert_allclose(jacobians.divergence(f, mode=mode)(x), want, rtol=1e-6)
     assert float(jacobians.divergence(jnp.sin, mode=mode)(jnp.zeros((0,)))) == 0.0
+
+
+def test_log_volume_of_a_singular_square_map_is_minus_inf():
+    # Square: the kernel's LU, as log_abs_det (QR's R_ii kept a rounding residue: log 1e-16, not -inf).
+    x = jnp.array([0.3, 0.7])
+    g = lambda x: jnp.stack([x[0] + x[1], 2 * x[0] + 2 * x[1]])  # noqa: E731
+    assert float(jacobians.log_volume(g)(x)) == float(jacobians.log_abs_det(g)(x)) == -np.inf
