@@ -121,12 +121,18 @@ def det(X: jax.Array) -> jax.Array:
     if n == 0:
         return X
     U, s, Vt = jnp.linalg.svd(X)
-    # prod_{j != i} s_j as (product of those before i) * (product of those after i).
+    # prod_{j != i} s_j as (product of those before i) * (product of those after i), of the singular
+    # values over the largest (at most 1: nothing overflows); that largest to the power n - 1 multiplies
+    # last, where it may overflow: exact zeros stay 0 (inf * 0 would be NaN; jax.grad(det) gives 0 there).
+    top = s[0]
+    t = s / jnp.where(top == 0, jnp.ones((), s.dtype), top)
     ones = jnp.ones((1,), s.dtype)
-    before = jnp.cumprod(jnp.concatenate([ones, s[:-1]]))
-    after = jnp.cumprod(jnp.concatenate([ones, s[::-1][:-1]]))[::-1]
+    before = jnp.cumprod(jnp.concatenate([ones, t[:-1]]))
+    after = jnp.cumprod(jnp.concatenate([ones, t[::-1][:-1]]))[::-1]
     sign = jnp.linalg.slogdet(U)[0] * jnp.linalg.slogdet(Vt)[0]  # each +-1: U and V are orthogonal
-    return (sign * (U * (before * after)[None, :])) @ Vt
+    scaled = (sign * (U * (before * after)[None, :])) @ Vt
+    scale = top ** (n - 1)
+    return jnp.where(scaled == 0, jnp.zeros((), scaled.dtype), scaled * scale)
 
 
 def inverse(X: jax.Array) -> jax.Array:

@@ -173,3 +173,10 @@ def test_errors():
         I.weighted_least_squares(jnp.ones(3), jnp.ones((3, 2)), jnp.ones(2), jnp.ones((2, 2)))
     with pytest.raises(ValueError, match=r"do not chain"):
         I.bilinear_inverse(jnp.ones(2), jnp.eye(3), jnp.ones(3))
+
+
+def test_det_gradient_where_the_determinant_overflows():
+    # |X| X^{-T} of 1e200 I: the diagonal overflows to inf, the zeros stay 0 (as jax.grad(det)), not NaN.
+    got = np.asarray(I.det(jnp.eye(3) * 1e200))
+    np.testing.assert_array_equal(got, np.asarray(jax.grad(jnp.linalg.det)(jnp.eye(3) * 1e200)))
+    assert np.isinf(got[0, 0]) and got[0, 1] == 0
