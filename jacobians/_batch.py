@@ -595,10 +595,16 @@ def _compute(t, spec, opts: _Options, *traced):
         plan = opts.plans[key] = _independence(t, spec, opts, traced, avals, in_ax, real_batch)
     view = _Batch(tuple(fronts), call, outs.total, out_axes, _args.promote(*(o.dtype for o in out_leaves)))
 
-    default = opts.mode if opts.mode != "auto" else ("fwd" if view.per.total <= view.m else "rev")
+    # Reverse mode on a complex output of real inputs gives the real part only (it is no Jacobian): forward.
+    complex_out = any(jnp.issubdtype(o.dtype, jnp.complexfloating) for o in out_leaves)
+    if complex_out and opts.mode == "rev":
+        raise TypeError(f"{where}: mode='rev' needs real outputs, but fun returns complex values; use mode='fwd' "
+                        "or 'auto'.")
+    default = opts.mode if opts.mode != "auto" else ("fwd" if complex_out or view.per.total <= view.m else "rev")
     if "mode" not in plan:  # the proof held: the planner's choice between batch-sum passes and structured sweeps
         plan["mode"] = default
-        if opts.mode == "auto" and opts.chunk_size is None and (shards is None or shards.count <= 1):
+        if (opts.mode == "auto" and opts.chunk_size is None and (shards is None or shards.count <= 1)
+                and not complex_out):
             plan["mode"] = _choose(t, spec, opts, plan, in_ax, default, view)
     preferred = plan["mode"]
     if preferred == "full":

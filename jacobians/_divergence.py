@@ -73,12 +73,23 @@ def _diagonal_colors(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
 def _products(p: _args.Problem, seeds, mode: str, where: str):
     """``J s`` (forward) or ``s^T J`` (reverse) for each row ``s`` of ``seeds``; ``"auto"``: forward where JAX can."""
 
-    def run(direction):  # 0/1 (or weighted) seeds in the dtype each direction takes: the input's, the output's
-        if direction == "fwd":
-            return jax.vmap(lambda s: jax.jvp(lambda x: p.flat(x)[0], (p.x,), (s,))[1])(seeds.astype(p.x.dtype))
-        _, pull = jax.vjp(lambda x: p.flat(x)[0], p.x)
-        return jax.vmap(lambda s: pull(s)[0])(seeds.astype(p.out_dtype))
+    def cast(s, dtype):  # 0/1 (or real weighted) seeds: their real part where the direction takes real values
+        if jnp.iscomplexobj(s) and not jnp.issubdtype(dtype, jnp.complexfloating):
+            s = jnp.real(s)
+        return s.astype(dtype)
 
+    def run(direction):  # the seeds in the dtype each direction takes: the input's, the output's
+        if direction == "fwd":
+            return jax.vmap(lambda s: jax.jvp(lambda x: p.flat(x)[0], (p.x,), (s,))[1])(cast(seeds, p.x.dtype))
+        _, pull = jax.vjp(lambda x: p.flat(x)[0], p.x)
+        return jax.vmap(lambda s: pull(s)[0])(cast(seeds, p.out_dtype))
+
+    if jnp.issubdtype(p.out_dtype, jnp.complexfloating) and not jnp.issubdtype(p.x.dtype, jnp.complexfloating):
+        # Reverse mode on a complex output of real inputs pulls the real part only: no trace of J.
+        if mode == "rev":
+            raise TypeError(f"{where}: mode='rev' needs real outputs, but fun returns complex values; use "
+                            "mode='fwd' or 'auto'.")
+        return run("fwd")
     return _args.with_fallback(run, "fwd", "rev", "fwd", where, p.jaxpr) if mode == "auto" else run(mode)
 
 
@@ -137,6 +148,10 @@ def _compute(t, spec, opts, *traced):
     where = t.where
     p = _args.problem(t.fun, spec, traced, where=where, int_argnums=t.int_argnums)
     _square(p, where)
+    if (opts.mode == "rev" and jnp.issubdtype(p.out_dtype, jnp.complexfloating)
+            and not jnp.issubdtype(p.x.dtype, jnp.complexfloating)):
+        raise TypeError(f"{where}: mode='rev' needs real outputs, but fun returns complex values; use mode='fwd' "
+                        "or 'auto'.")
     n = p.n
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
     colors = opts.plans.get(key)

@@ -127,3 +127,20 @@ def test_log_volume_of_a_singular_square_map_is_minus_inf():
     x = jnp.array([0.3, 0.7])
     g = lambda x: jnp.stack([x[0] + x[1], 2 * x[0] + 2 * x[1]])  # noqa: E731
     assert float(jacobians.log_volume(g)(x)) == float(jacobians.log_abs_det(g)(x)) == -np.inf
+
+
+def test_complex_outputs_of_real_inputs_go_forward():
+    # Reverse mode on a complex output of real inputs pulls the real part only: batch_jacobian and
+    # divergence go forward (they silently dropped the imaginary part), and a forced mode="rev" says why.
+    c = lambda v: v.astype(jnp.complex128)  # noqa: E731
+    eix = lambda v: jnp.exp(jax.lax.complex(jnp.zeros_like(v), v))  # noqa: E731
+    rc = lambda x: eix(x) * c(x)  # noqa: E731
+    X = jnp.array([[0.1, 0.5, 1.0], [0.2, 0.4, 0.8]])
+    np.testing.assert_allclose(jacobians.batch_jacobian(rc)(X), jax.vmap(jax.jacfwd(rc))(X), rtol=1e-12)
+    np.testing.assert_allclose(jacobians.divergence(rc)(X[0]), np.trace(jax.jacfwd(rc)(X[0])), rtol=1e-12)
+    st = lambda u: eix(u) * c(jnp.roll(u, 1)) + c(u**2)  # noqa: E731 - colours shared across inputs
+    y = jnp.linspace(0.1, 1.0, 12)
+    np.testing.assert_allclose(jacobians.divergence(st)(y), np.trace(jax.jacfwd(st)(y)), rtol=1e-12)
+    for fn in (jacobians.batch_jacobian(rc, mode="rev"), jacobians.divergence(rc, mode="rev")):
+        with pytest.raises(TypeError, match="mode='rev' needs real outputs"):
+            fn(X if fn.transform.where.endswith("batch_jacobian") else X[0])
