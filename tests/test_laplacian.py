@@ -366,3 +366,17 @@ def test_a_program_xla_cannot_compile_falls_back(monkeypatch):
     monkeypatch.setattr(_args.Transform, "run", runtime)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):
         jacobians.laplacian(h)(x)
+
+
+@pytest.mark.parametrize("method", ["auto", "sparse", "forward", "hvp"])
+def test_empty_input_leaves(method):
+    # A sum over an empty leaf holds no columns; an empty input has Laplacian 0 (both crashed the sparse sweep).
+    def s(p):
+        return jnp.sum(p["w"] ** 3) + jnp.sum(p["b"] ** 2)
+
+    p = {"w": jnp.array([1.0, 2.0]), "b": jnp.zeros((0,))}
+    assert float(jacobians.laplacian(s, method=method)(p)) == 18.0
+    diag = jacobians.hessian_diagonal(s, method=method)(p)
+    np.testing.assert_array_equal(diag["w"], [6.0, 12.0])
+    assert diag["b"].shape == (0,)
+    assert float(jacobians.laplacian(lambda t: jnp.sum(t**2), method=method)(jnp.zeros((0,)))) == 0.0

@@ -81,6 +81,8 @@ def reduce(idx: np.ndarray | None, axes, n: int) -> np.ndarray | None:
     rows = moved.reshape(kept_shape + (-1,))
     if all(idx.shape[a] == 1 for a in axes):
         return np.ascontiguousarray(rows)
+    if any(idx.shape[a] == 0 for a in axes):  # a sum over nothing holds no columns
+        return np.zeros(kept_shape + (0,), idx.dtype)
     # Common case first: every reduced element holds the same columns (a hidden layer's units).
     first = moved[(slice(None),) * len(keep) + (0,) * len(axes)]
     if np.array_equal(moved, np.broadcast_to(first.reshape(kept_shape + (1,) * len(axes) + first.shape[-1:]),
@@ -111,7 +113,9 @@ def positions(src: np.ndarray, dst: np.ndarray | None, n: int) -> np.ndarray | N
     if dst is None:
         dst_rows = np.broadcast_to(np.arange(n, dtype=np.int64), (size, n))
     else:
-        dst_rows = dst.reshape(size, -1)
+        dst_rows = dst.reshape(size, dst.shape[-1])
+    if size == 0 or k_src == 0:  # no elements, or no source columns: every destination column is empty
+        return np.full(shape + (dst_rows.shape[1],), k_src, np.int64)
     src_rows = src.reshape(size, k_src)
     base = np.arange(size, dtype=np.int64)[:, None] * (n + 1)
     keys = (src_rows + base).reshape(-1)  # sorted: rows are sorted and bases increase
