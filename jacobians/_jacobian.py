@@ -297,13 +297,13 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
     def plan(*args, **kwargs) -> _planner.JacobianPlan:
         """The plan ``mode="auto"`` makes for these arguments (shapes suffice); see :func:`jacobians.explain`."""
         spec, traced = t.split(args, kwargs)
-        if opts.method == "compressed" or not _planned(opts, False):
+        if opts.method == "compressed" or not _planned(opts, opts.holomorphic):  # complex: dense, unplanned
             n_m = _sizes(t, spec, traced, opts)
             mode = opts.mode if opts.mode != "auto" else ("fwd" if n_m[0] <= n_m[1] else "rev")
             method = "dense" if opts.method == "auto" else opts.method
             passes = 1 if method == "structured" else (n_m[0] if mode == "fwd" else n_m[1])
             return _planner.JacobianPlan(method, mode, passes, *n_m,
-                                         reason="method or mode fixed by the caller, or chunked: no planning")
+                                         reason="method or mode fixed by the caller, chunked, or complex: no planning")
         return _plan(t, spec, traced, opts)
 
     wrapped.plan = plan
@@ -312,7 +312,7 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
 
 def _sizes(t, spec, traced, opts) -> tuple[int, int]:
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
-    _, _, p = _args.trace_flat(t, spec, avals, has_aux=opts.has_aux)
+    _, _, p = _args.trace_flat(t, spec, avals, has_aux=opts.has_aux, holomorphic=opts.holomorphic)
     return p.n, p.m
 
 

@@ -347,3 +347,16 @@ def test_bad_outputs(rng):
         jacobians.jacobian(lambda x: jax.lax.complex(x, x), mode="rev")(x)
     with pytest.raises(TypeError, match=r"holomorphic=True requires complex outputs"):
         jacobians.jacobian(lambda z: jnp.abs(z), holomorphic=True)(jax.lax.complex(x, x))
+
+
+def test_holomorphic_plans_and_budgets():
+    # holomorphic=True: plan() and max_memory= take the complex inputs (they traced the function as real),
+    # and divergence (no holomorphic option) names what it can do instead.
+    f = lambda z: jnp.sin(z) * z[::-1]  # noqa: E731
+    z = jnp.array([1.0 + 0.5j, 2.0 - 1.0j, 0.3j])
+    want = jax.jacfwd(f, holomorphic=True)(z)
+    assert_tree_allclose(jacobians.jacobian(f, holomorphic=True, max_memory="1MB")(z), want)
+    plan = jacobians.jacobian(f, holomorphic=True).plan(z)
+    assert (plan.method, plan.passes) == ("dense", 3)
+    with pytest.raises(TypeError, match="real and imaginary parts as separate real arguments"):
+        jacobians.divergence(lambda v: v * v)(z)
