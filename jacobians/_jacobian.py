@@ -297,7 +297,13 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
     def plan(*args, **kwargs) -> _planner.JacobianPlan:
         """The plan ``mode="auto"`` makes for these arguments (shapes suffice); see :func:`jacobians.explain`."""
         spec, traced = t.split(args, kwargs)
-        if opts.method == "compressed" or not _planned(opts, opts.holomorphic):  # complex: dense, unplanned
+        if opts.method == "compressed":  # the sparse engine's plan: its colours are the passes
+            n_m = _sizes(t, spec, traced, opts)
+            sp = opts.engine.plan(*args, **kwargs)
+            return _planner.JacobianPlan("compressed", sp.mode, sp.n_colors, *n_m, nnz=int(sp.pattern.nnz),
+                                         reason="method fixed by the caller", sparse_plan=sp,
+                                         certificate=sp.certificate)
+        if not _planned(opts, opts.holomorphic):  # complex: dense, unplanned
             n_m = _sizes(t, spec, traced, opts)
             mode = opts.mode if opts.mode != "auto" else ("fwd" if n_m[0] <= n_m[1] else "rev")
             method = "dense" if opts.method == "auto" else opts.method

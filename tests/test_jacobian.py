@@ -360,3 +360,13 @@ def test_holomorphic_plans_and_budgets():
     assert (plan.method, plan.passes) == ("dense", 3)
     with pytest.raises(TypeError, match="real and imaginary parts as separate real arguments"):
         jacobians.divergence(lambda v: v * v)(z)
+
+
+def test_compressed_method_plan_shows_its_colours(rng):
+    # method="compressed": plan() is the sparse engine's (3 colours of a 3-point stencil), not n passes.
+    c = CASES["stencil_1d"]
+    x = randn(rng, (30,))
+    for mode in ("auto", "fwd", "rev"):
+        plan = jacobians.jacobian(c.fun, method="compressed", mode=mode).plan(x)
+        assert plan.method == "compressed" and plan.passes == 3 and plan.nnz is not None
+        assert plan.certificate is not None and not plan.certificate.failed
