@@ -56,3 +56,24 @@ def bcoo_to_dense(m):
     out = np.zeros(m.shape, data.dtype)
     np.add.at(out, tuple(idx[keep].T), data[keep])
     return out
+
+
+def failing_compile(monkeypatch) -> list:
+    """Make a transformation's next program "fail to compile" as XLA's compiler does (a RET_CHECK).
+
+    The call is traced and planned first (``jax.eval_shape``), then raises. Returns a list that holds
+    ``True`` once the failure happened: clear it to arm the next call's failure again.
+    """
+    from jacobians import _args
+
+    run, failed = _args.Transform.run, []
+
+    def crashing(self, fn, traced):
+        if not failed:
+            failed.append(True)
+            jax.eval_shape(fn, *traced)
+            raise jax.errors.JaxRuntimeError("INTERNAL: RET_CHECK failure (fusion_compiler.cc:546) llvm_module")
+        return run(self, fn, traced)
+
+    monkeypatch.setattr(_args.Transform, "run", crashing)
+    return failed

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_tree_allclose, randn
+from helpers import assert_tree_allclose, failing_compile, randn
 
 import jacobians
 
@@ -221,24 +221,14 @@ def test_hvp_errors_and_fast_path(rng):
 def test_a_structured_program_xla_cannot_compile_gives_the_hvps(monkeypatch):
     # As jacobian's plans (test_trust): a structured Hessian sweep whose program XLA fails to build gives
     # way to JAX's HVPs, once, with a warning.
-    from jacobians import _args
-
     W = jnp.asarray(np.random.default_rng(3).standard_normal((64, 64))) / 8.0  # 64 wide: a structured sweep
 
     def loss(x):
         return jnp.sum(jnp.tanh(W @ jnp.tanh(W @ x)) ** 2)
 
     x = jnp.linspace(-1.0, 1.0, 64)
-    run, failed = _args.Transform.run, []
-
-    def crashing(self, fn, traced):
-        if not failed:
-            failed.append(True)
-            jax.eval_shape(fn, *traced)  # traced and planned, then "compiled"
-            raise jax.errors.JaxRuntimeError("INTERNAL: RET_CHECK failure (fusion_compiler.cc:546) llvm_module")
-        return run(self, fn, traced)
-
-    monkeypatch.setattr(_args.Transform, "run", crashing)
+    failed = failing_compile(monkeypatch)
     with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="XLA failed to compile the structured"):
         got = jacobians.hessian(loss)(x)
+    assert failed == [True]
     np.testing.assert_allclose(got, jax.hessian(loss)(x), rtol=1e-10)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import registry
-from helpers import assert_tree_allclose, randn
+from helpers import assert_tree_allclose, failing_compile, randn
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
@@ -343,16 +343,7 @@ def test_a_program_xla_cannot_compile_falls_back(monkeypatch):
         return jnp.sum(jnp.sin(x) * x[::-1]) ** 2
 
     x = jnp.array([0.9, -1.1, 0.7, 1.3])
-    run, failed = _args.Transform.run, []
-
-    def crashing(self, fn, traced):
-        if not failed:  # traced and planned, then "compiled"
-            failed.append(True)
-            jax.eval_shape(fn, *traced)
-            raise jax.errors.JaxRuntimeError("INTERNAL: RET_CHECK failure (fusion_compiler.cc:546) llvm_module")
-        return run(self, fn, traced)
-
-    monkeypatch.setattr(_args.Transform, "run", crashing)
+    failed = failing_compile(monkeypatch)
     with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="XLA failed to compile the forward"):
         got = jacobians.hessian_diagonal(h, method="forward")(x)
     np.testing.assert_allclose(got, np.diag(jax.hessian(h)(x)), rtol=1e-12)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_tree_allclose, randn
+from helpers import assert_tree_allclose, failing_compile, randn
 
 import jacobians
 from jacobians import _batch, _deps, _methods, _planner, _sweeps, _trust
@@ -352,22 +352,11 @@ def test_certificate_tolerance_follows_gpu_windowed_max(monkeypatch):
 def test_a_planned_program_xla_cannot_compile_gives_the_dense_one(monkeypatch):
     # A compressed plan whose program XLA fails to build (its own crash, e.g. a RET_CHECK) is replaced by
     # the dense program for that call and the next, with a warning (strict: a PlanError).
-    from jacobians import _args
-
     def f(x):
         return jnp.sin(x) * 2.0 + jnp.roll(x, 1) ** 2
 
     x = jnp.linspace(0.1, 1.0, 40)
-    run, failed = _args.Transform.run, []
-
-    def crashing(self, fn, traced):
-        if not failed:
-            failed.append(True)
-            jax.eval_shape(fn, *traced)  # traced and planned, then "compiled"
-            raise jax.errors.JaxRuntimeError("INTERNAL: RET_CHECK failure (fusion_compiler.cc:546) llvm_module")
-        return run(self, fn, traced)
-
-    monkeypatch.setattr(_args.Transform, "run", crashing)
+    failed = failing_compile(monkeypatch)
     g = jacobians.jacobian(f)
     assert g.plan(x).method == "compressed"
     with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="XLA failed to compile the compressed"):
