@@ -430,12 +430,15 @@ def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where, me
         )
     t = _args.Transform.jitted(fun, argnums, where, _compute, opts)
 
+    recovered: set = set()  # the keys whose plan is already the replacement: no second switch
+
     def recover(spec, traced, error) -> bool:
         """XLA failed to compile the planned program: the next exact method, once, with a warning."""
         key = _key(spec, traced)
         plan = opts.plans.get(key)
-        if plan is None or "instead" in plan.reason:
+        if plan is None or key in recovered:
             return False
+        recovered.add(key)
         n = plan.n
         other = "forward" if plan.method == "hvp" else "hvp"
         colors = np.arange(n) if other == "hvp" else None  # one HVP per input: no pattern needed, exact
