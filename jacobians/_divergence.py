@@ -70,6 +70,11 @@ def _diagonal_colors(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
     return _sparse.coloring.color_columns(np.concatenate([edge, edge]), np.concatenate([a, b]), n)
 
 
+def _complex_of_real(p: _args.Problem) -> bool:
+    """Complex outputs of real inputs: their VJPs pull the real part only, no trace of ``J``."""
+    return bool(jnp.issubdtype(p.out_dtype, jnp.complexfloating) and not jnp.issubdtype(p.x.dtype, jnp.complexfloating))
+
+
 def _products(p: _args.Problem, seeds, mode: str, where: str):
     """``J s`` (forward) or ``s^T J`` (reverse) for each row ``s`` of ``seeds``; ``"auto"``: forward where JAX can."""
 
@@ -84,11 +89,7 @@ def _products(p: _args.Problem, seeds, mode: str, where: str):
         _, pull = jax.vjp(lambda x: p.flat(x)[0], p.x)
         return jax.vmap(lambda s: pull(s)[0])(cast(seeds, p.out_dtype))
 
-    if jnp.issubdtype(p.out_dtype, jnp.complexfloating) and not jnp.issubdtype(p.x.dtype, jnp.complexfloating):
-        # Reverse mode on a complex output of real inputs pulls the real part only: no trace of J.
-        if mode == "rev":
-            raise TypeError(f"{where}: mode='rev' needs real outputs, but fun returns complex values; use "
-                            "mode='fwd' or 'auto'.")
+    if _complex_of_real(p):  # reverse mode pulls the real part only (a forced mode="rev" raised in _compute)
         return run("fwd")
     return _args.with_fallback(run, "fwd", "rev", "fwd", where, p.jaxpr) if mode == "auto" else run(mode)
 
@@ -148,8 +149,7 @@ def _compute(t, spec, opts, *traced):
     where = t.where
     p = _args.problem(t.fun, spec, traced, where=where, int_argnums=t.int_argnums)
     _square(p, where)
-    if (opts.mode == "rev" and jnp.issubdtype(p.out_dtype, jnp.complexfloating)
-            and not jnp.issubdtype(p.x.dtype, jnp.complexfloating)):
+    if opts.mode == "rev" and _complex_of_real(p):  # reverse mode would keep the real part only
         raise TypeError(f"{where}: mode='rev' needs real outputs, but fun returns complex values; use mode='fwd' "
                         "or 'auto'.")
     n = p.n
