@@ -7,6 +7,7 @@ an output leaf of shape ``out.shape`` with respect to an input leaf of shape
 """
 
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -298,8 +299,8 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
         """The plan ``mode="auto"`` makes for these arguments (shapes suffice); see :func:`jacobians.explain`."""
         spec, traced = t.split(args, kwargs)
         if opts.method == "compressed":  # the sparse engine's plan: its colours are the passes
-            n_m = _sizes(t, spec, traced, opts)
             sp = opts.engine.plan(*args, **kwargs)
+            n_m = math.prod(sp.pattern.in_shape), math.prod(sp.pattern.out_shape)
             return _planner.JacobianPlan("compressed", sp.mode, sp.n_colors, *n_m, nnz=int(sp.pattern.nnz),
                                          reason="method fixed by the caller", sparse_plan=sp,
                                          certificate=sp.certificate)
