@@ -165,22 +165,19 @@ def compiler_failed(where: str, planned: str, instead: str, exc: BaseException) 
     Not the analysis' defect, but a program the plan made that XLA cannot build: another exact method runs.
     """
     what = f"XLA failed to compile the {planned} program ({type(exc).__name__}: {_first_line(exc)[:200]})"
-    if is_strict():
-        raise PlanError(f"{where}: {what}. (Strict mode, from {ENV} or jacobians.strict(): an error instead of "
-                        f"the {instead} method.)") from exc
-    warnings.warn(f"{where}: {what}; the {instead} method is used (right, maybe slower).", PlanWarning, stacklevel=5)
-    return f"{what}; the {instead} method instead"
+    return _report(where, what, exc, bug=False, instead=instead, stacklevel=5)
 
 
-def _report(where: str, what: str, cause: BaseException | None, bug: bool) -> str:
-    """Raise (strict) or warn once; the note for the dense plan that replaces the failed one."""
+def _report(where: str, what: str, cause: BaseException | None, bug: bool, instead: str = "dense",
+            stacklevel: int = 3) -> str:
+    """Raise (strict) or warn once; the note for the plan (by default the dense one) that replaces the failed one."""
     defect = " This is a defect of jacobians' analysis: please report it." if bug else ""
     if is_strict():
         raise PlanError(f"{where}: {what}.{defect} (Strict mode, from {ENV} or jacobians.strict(): an error "
-                        "instead of the dense method.)") from cause
-    warnings.warn(f"{where}: {what}; the dense method is used (right, only slower).{defect}", PlanWarning,
-                  stacklevel=3)
-    return f"{what}; the dense method is used"
+                        f"instead of the {instead} method.)") from cause
+    warnings.warn(f"{where}: {what}; the {instead} method is used (right, only slower).{defect}", PlanWarning,
+                  stacklevel=stacklevel)
+    return f"{what}; the {instead} method is used"
 
 
 # --- certificates -----------------------------------------------------------------------------
