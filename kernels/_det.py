@@ -485,10 +485,7 @@ def _batched_vmap(axis_size, in_batched, a):
 _batched_jit = jax.jit(_batched)  # called eagerly, the loops above would run op by op
 
 
-@jax.jit
-def _lapack_jit(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``jnp.linalg.slogdet`` of ``(B, k, k)``, its NaN and ``+inf`` results redone by the limit (:func:`_exact`)."""
-    return _exact(a, jnp.linalg.slogdet)
+_lapack_jit = jax.jit(_lapack)  # k > _LOOP_MAX on every platform: jnp.linalg.slogdet and the limit
 
 
 # ---------------------------------------------------------------- infinite entries
