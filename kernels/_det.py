@@ -32,6 +32,9 @@ NumPy's, an infinite *entry* anywhere gives ``+inf`` (with the sign of the
 determinant's leading term as the entry grows), not the NaN of an elimination
 that subtracts infinities: results that come out NaN or ``+inf`` are redone
 (:func:`_limit_parts`, behind one test over the results). A NaN entry gives NaN.
+Exact zero pivots for exactly singular input (repeated or proportional rows) are
+the CPU's: on a GPU the LU's updates compile to fused multiply-adds (as in the
+solver's own LU), and such matrices may come out with a tiny, finite ``|det|``.
 """
 
 import functools
@@ -456,8 +459,17 @@ def _lapack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     Off the CPU each trip of :func:`_looped`'s loops is a kernel launch: measured on an H200
     (``bench/results/gpu-h200``), 12.4 ms against 0.17 ms for ``jnp.linalg.slogdet`` at k = 16, B = 1e4.
+    There, too, each ``while_loop`` trip and ``cond`` reads its predicate on the host: :func:`_exact`'s
+    loop (one LU instance, for the CPU's compile time) took 0.43 ms at k = 16 (``gpu-h200-s7``); the
+    LU and one ``cond`` for the limit instead.
     """
-    return _exact(a, jnp.linalg.slogdet)
+    return jax.lax.platform_dependent(a, cpu=lambda a: _exact(a, jnp.linalg.slogdet), default=_solver)
+
+
+def _solver(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`_lapack` off the CPU: ``jnp.linalg.slogdet``, its NaN and ``+inf`` results redone by the limit."""
+    sign, logabs = jnp.linalg.slogdet(a)
+    return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf), _limit_where, lambda a, s, la: (s, la), a, sign, logabs)
 
 
 def _batched_impl(a: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -140,14 +140,15 @@ def _stack(rng, k, dtype):
 # unrolled LU (5, 8), the looped LU (9: two groups of _GROUP=4 columns and a last group of one, as 13,
 # 17; 16: whole groups only, as 12, 20), jnp.linalg.slogdet above 20 (25). float32 for each closed form
 # and once per LU (at its smallest size: the cheapest compile).
-# "solver": the path off the CPU for 8 < k <= 20 (the solver's batched LU and the limit), which a CPU run
-# never takes by itself.
+# "solver": the path off the CPU for k > 8 (the solver's batched LU and one cond for the limit), which a CPU
+# run never takes by itself.
 @pytest.mark.parametrize(("k", "path"), [(1, "auto"), (2, "auto"), (3, "auto"), (4, "auto"), (5, "auto"),
-                                         (8, "auto"), (9, "auto"), (16, "auto"), (25, "auto"), (9, "solver")])
+                                         (8, "auto"), (9, "auto"), (16, "auto"), (25, "auto"), (9, "solver"),
+                                         (25, "solver")])
 def test_kernel_matches_references(rng, k, path):
     from jacobians.kernels import _det
 
-    run = slogdet_jit if path == "auto" else jax.jit(_det._lapack)
+    run = slogdet_jit if path == "auto" else jax.jit(_det._solver)
     for dtype in (np.float64, np.float32) if k in (1, 2, 3, 4, 5, 9) else (np.float64,):
         mats, kinds, rs, rl = _stack(rng, k, dtype)
         s, l = (np.asarray(v) for v in run(jnp.asarray(mats)))
@@ -379,6 +380,10 @@ def test_kernel_repeated_rows_are_exactly_singular(rng, k):
 def test_kernel_proportional_rows_are_exactly_singular(rng, k):
     # A last row c times the first (c = 3, 5, 7: 1 - fl(1/c) c is not 0 in a fused multiply-add) is singular:
     # sign 0 and -inf, as LAPACK's getf2 gives, where a contracted update left a pivot of 1e-16.
+    if k > 4 and jax.default_backend() != "cpu":
+        # Off the CPU the LU's update compiles to a fused multiply-add (and k > 8 is the solver's LU, which
+        # does the same): on an H200 none of these came out exactly singular, from jnp.linalg.slogdet neither.
+        pytest.skip("exact zero pivots of an LU are the CPU's (LAPACK getf2's)")
     M = rng.integers(-9, 10, (60, k, k)).astype(np.float64)
     M[:, -1] = np.asarray([3.0, 5.0, 7.0])[np.arange(60) % 3, None] * M[:, 0]
     s, l = (np.asarray(v) for v in slogdet_jit(jnp.asarray(M)))

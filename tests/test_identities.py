@@ -176,7 +176,8 @@ def test_errors():
 
 
 def test_det_gradient_where_the_determinant_overflows():
-    # |X| X^{-T} of 1e200 I: the diagonal overflows to inf, the zeros stay 0 (as jax.grad(det)), not NaN.
+    # |X| X^{-T} of 1e200 I: the diagonal (1e400) overflows to inf, the zeros stay 0, not NaN. (jax.grad(det)
+    # agrees on the CPU; on an H200 it gave 0 on the diagonal.)
     got = np.asarray(I.det(jnp.eye(3) * 1e200))
-    np.testing.assert_array_equal(got, np.asarray(jax.grad(jnp.linalg.det)(jnp.eye(3) * 1e200)))
+    np.testing.assert_array_equal(got, np.where(np.eye(3) > 0, np.inf, 0.0))
     assert np.isinf(got[0, 0]) and got[0, 1] == 0

@@ -241,3 +241,20 @@ def test_a_hessian_at_rounding_level_is_certified():
     x = jnp.array([0.9, -1.1, 0.7, 1.3, -0.6, 1.2])
     H = np.asarray(jacobians.sparse_hessian(h)(x).todense())
     assert np.abs(H).max() < 1e-14 and np.abs(np.asarray(jax.hessian(h)(x))).max() < 1e-14
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_transcendental_hessian_programs_follow_the_platform(rng, monkeypatch, platform):
+    # The products in a program of their own are for XLA's CPU fusion; elsewhere the second dispatch is what
+    # a call costs (on an H200 +60 us of 140): one program there, with the same values.
+    from jacobians._sparse import engine
+
+    monkeypatch.setattr(engine, "_platform", lambda traced: platform)
+    calls = []
+    products = engine.Engine.compute_products
+    monkeypatch.setattr(engine.Engine, "compute_products", lambda *a: calls.append(1) or products(*a))
+    f = lambda x: jnp.sum(jnp.cos(x[1:] * x[:-1])) + x[0] * jnp.sum(jnp.sin(x))  # noqa: E731
+    x = randn(rng, (30,))
+    H = jacobians.sparse_hessian(f, output="dense")(x)
+    np.testing.assert_allclose(H, jax.hessian(f)(x), rtol=1e-12, atol=1e-12)
+    assert bool(calls) == (platform == "cpu")

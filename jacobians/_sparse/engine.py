@@ -562,7 +562,9 @@ class Engine:
         """
         avals = [jax.ShapeDtypeStruct(np.shape(a), jax.typeof(a).dtype) for a in traced]
         plan, _, extra = self.plan_for(spec, avals)
-        two = extra.get("two", False)
+        # Two programs only on the CPU, whose fusion the split is for: on an H200 the second dispatch cost
+        # 60 us of a 140 us call (arrowhead and banded, n = 1e4; bench/results/gpu-h200-s7/probe.txt).
+        two = extra.get("two", False) and _platform(traced) == "cpu"
         fold = True
         size = math.prod(plan.pattern.in_shape) * plan.n_colors
         if (not two and extra.get("fold", False) and FOLD_WEIGH <= size <= FOLD_MAX and self.chunk_size is None
@@ -1193,3 +1195,11 @@ def sparse_hessian(
                              shards=_mesh.resolve(mesh, where, mesh_axis), chunk_size=c), check)
 
     return _memory.transform(make, chunk_size, max_memory, where)
+
+
+def _platform(traced) -> str:
+    """The platform a call runs on: its first array's device's, else JAX's default backend's."""
+    for a in traced:
+        if isinstance(a, jax.Array) and not _compat.is_tracer(a):
+            return next(iter(a.devices())).platform
+    return jax.default_backend()
