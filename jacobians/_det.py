@@ -466,16 +466,16 @@ def slogdet(
     {args}
 
     Returns:
-      A function returning ``(sign, logabsdet)``, each a scalar (shape ``(batch,)``
-      when batched). A singular Jacobian gives sign 0 and logabsdet ``-inf``; an
-      infinite entry gives ``+inf`` with the sign of the determinant's leading term
-      (``jnp.linalg.slogdet`` often gives NaN there: its elimination subtracts
+      A function returning ``(sign, logabsdet)`` (a :class:`jacobians.kernels.SlogdetResult`, the named
+      tuple of ``jnp.linalg.slogdet``), each a scalar (shape ``(batch,)`` when batched). A singular
+      Jacobian gives sign 0 and logabsdet ``-inf``; an infinite entry gives ``+inf`` with the sign of the
+      determinant's leading term (``jnp.linalg.slogdet`` often gives NaN there: its elimination subtracts
       infinities); logabsdet stays finite where det would under- or overflow.
 
     Raises:
       ValueError: input and output sizes differ (on the first call).
     """
-    return _build(fun, argnums, batched, batch_first, "jacobians.slogdet", "slogdet", lambda s, la: (s, la), mesh,
+    return _build(fun, argnums, batched, batch_first, "jacobians.slogdet", "slogdet", kernels.SlogdetResult, mesh,
                   mesh_axis)
 
 

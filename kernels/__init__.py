@@ -14,6 +14,7 @@ from ._compressed import compressed_forward as compressed_forward
 from ._compressed import compressed_jvps as compressed_jvps
 from ._compressed import compressed_reverse as compressed_reverse
 from ._compressed import seed_map as seed_map
+from ._det import SlogdetResult as SlogdetResult
 from ._det import slogdet as slogdet
 from ._forward import forward as forward
 from ._index import from_entries as from_entries
@@ -34,6 +35,7 @@ __all__ = [
     "reverse",
     "seed_map",
     "sharded_vmap",
+    "SlogdetResult",
     "slogdet",
     "take",
 ]

@@ -39,6 +39,7 @@ solver's own LU), and such matrices may come out with a tiny, finite ``|det|``.
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -635,8 +636,15 @@ def _inverse_transpose(a: jax.Array) -> jax.Array:
     return cof * (s / det[..., None, None])
 
 
+class SlogdetResult(NamedTuple):
+    """``(sign, logabsdet)``, as ``jnp.linalg.slogdet`` returns them: a tuple, its fields named."""
+
+    sign: jax.Array
+    logabsdet: jax.Array
+
+
 @jax.custom_jvp
-def slogdet(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+def slogdet(a: jax.Array) -> "SlogdetResult":
     """Sign and natural log of ``|det|`` of a stack of square matrices.
 
     Same results as ``jnp.linalg.slogdet`` (NumPy's semantics for singular and
@@ -648,8 +656,8 @@ def slogdet(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         promoted like ``jnp.linalg.slogdet`` does).
 
     Returns:
-      ``(sign, logabsdet)``, each of shape ``a.shape[:-2]``. A singular
-      matrix has sign 0 and logabsdet ``-inf``; logabsdet stays finite where
+      :class:`SlogdetResult` ``(sign, logabsdet)`` (a named tuple, as ``jnp.linalg.slogdet``'s), each of
+      shape ``a.shape[:-2]``. A singular matrix has sign 0 and logabsdet ``-inf``; logabsdet stays finite where
       ``det`` itself would under- or overflow.
     """
     a = jnp.asarray(a)
@@ -659,17 +667,17 @@ def slogdet(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         raise ValueError(f"jacobians.kernels.slogdet: a must have shape (..., k, k), got {tuple(a.shape)}.")
     k, batch = a.shape[-1], a.shape[:-2]
     if k == 0 or a.size == 0:
-        return jnp.ones(batch, a.dtype), jnp.zeros(batch, a.dtype)
+        return SlogdetResult(jnp.ones(batch, a.dtype), jnp.zeros(batch, a.dtype))
     if jnp.issubdtype(a.dtype, jnp.complexfloating):
-        return tuple(jnp.linalg.slogdet(a))
+        return SlogdetResult(*jnp.linalg.slogdet(a))
     if k > _LOOP_MAX:
         flat = a.reshape((-1, k, k))
         sign, logabs = _lapack_jit(flat.astype(jnp.float32) if jnp.finfo(a.dtype).bits < 32 else flat)
-        return sign.reshape(batch).astype(a.dtype), logabs.reshape(batch).astype(a.dtype)
+        return SlogdetResult(sign.reshape(batch).astype(a.dtype), logabs.reshape(batch).astype(a.dtype))
     if jnp.finfo(a.dtype).bits < 32:  # float16 and bfloat16: compute in float32
         sign, logabs = _batched_jit(a.astype(jnp.float32))
-        return sign.astype(a.dtype), logabs.astype(a.dtype)
-    return _batched_jit(a)
+        return SlogdetResult(sign.astype(a.dtype), logabs.astype(a.dtype))
+    return SlogdetResult(*_batched_jit(a))
 
 
 @slogdet.defjvp
@@ -679,10 +687,10 @@ def _slogdet_jvp(primals, tangents):
     a = jnp.asarray(a)
     k = a.shape[-1]
     if jnp.issubdtype(a.dtype, jnp.complexfloating) or k > _LOOP_MAX or k == 0:
-        # jnp's rule (a SlogdetResult pair); the primal stays this function's own (a tuple, as slogdet returns).
+        # jnp's rule; the primal stays this function's own.
         _, (dsign, dlog) = jax.jvp(jnp.linalg.slogdet, (a,), (da,))
-        return (sign, logabs), (dsign, dlog)
+        return SlogdetResult(sign, logabs), SlogdetResult(dsign, dlog)
     dtype = a.dtype if jnp.issubdtype(a.dtype, jnp.inexact) else jnp.result_type(float)
     work = jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
     dlog = jnp.sum(_inverse_transpose(a.astype(work)) * jnp.asarray(da, work), axis=(-2, -1))
-    return (sign, logabs), (jnp.zeros_like(sign), dlog.astype(dtype))
+    return SlogdetResult(sign, logabs), SlogdetResult(jnp.zeros_like(sign), dlog.astype(dtype))

@@ -396,3 +396,17 @@ def test_kernel_proportional_rows_are_exactly_singular(rng, k):
         assert tuple(map(float, slogdet_jit(jnp.asarray(M)))) == (0.0, -np.inf)
     f = lambda x: jnp.stack([x[0] + x[1], 3 * x[0] + 3 * x[1]])  # noqa: E731
     assert jacobians.log_abs_det(f)(jnp.array([0.3, 0.7])) == -np.inf
+
+
+def test_slogdet_results_are_named_like_jnp(rng):
+    # A drop-in for jnp.linalg.slogdet: its fields by name, under jit, vmap and grad too.
+    A = jnp.asarray(randn(rng, (4, 3, 3)))
+    got, want = kernels.slogdet(A), jnp.linalg.slogdet(A)
+    assert got._fields == want._fields == ("sign", "logabsdet")
+    np.testing.assert_allclose(got.logabsdet, want.logabsdet, rtol=1e-12)
+    np.testing.assert_array_equal(jax.vmap(kernels.slogdet)(A).sign, want.sign)
+    g = jax.grad(lambda A: jnp.sum(kernels.slogdet(A).logabsdet))(A)
+    np.testing.assert_allclose(g, jnp.swapaxes(jnp.linalg.inv(A), -1, -2), rtol=1e-10)
+    W = randn(rng, (3, 3))
+    r = jax.jit(jacobians.slogdet(lambda x: W @ x + jnp.sin(x)))(randn(rng, (3,)))
+    assert isinstance(r, kernels.SlogdetResult) and r.sign in (-1.0, 1.0)
