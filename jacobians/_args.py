@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _compat, _hoist, _leaves
+from . import _compat, _hoist, _leaves, kernels
 from ._walker import DILATED_WINDOW, differentiated
 
 # The options every transformation shares, written once (typing.Literal for readers and checkers).
@@ -668,6 +668,7 @@ class TracedControlFlowError(TypeError):
 
 _NO_FWD = "custom_vjp"  # JAX: "can't apply forward-mode autodiff (jvp) to a custom_vjp function."
 _NO_REV = "Reverse-mode differentiation does not work for lax.while_loop"
+_NO_LINEARIZE = "Linearization failed to produce known values"  # a custom_vmap: no reverse mode either
 # NotImplementedError of a transposition: "VJP not implemented for select_and_gather (MaxPool) with window
 # dilation", "Transpose rule (for reverse-mode differentiation) for 'p' not implemented".
 _NO_TRANSPOSE = ("VJP not implemented", "Transpose rule")
@@ -686,7 +687,7 @@ def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where
         names = differentiated(jaxpr)
         if {"custom_vjp_call", "custom_vjp_call_jaxpr"} & names:
             preferred = no_fwd
-        elif DILATED_WINDOW in names:
+        elif {DILATED_WINDOW, "custom_vmap_call"} & names:
             preferred = no_rev
     try:
         return run(preferred)
@@ -694,7 +695,7 @@ def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where
         msg = str(e)
         if isinstance(e, NotImplementedError) and not any(k in msg for k in _NO_TRANSPOSE):
             raise
-        if _NO_REV in msg or isinstance(e, NotImplementedError):
+        if _NO_REV in msg or _NO_LINEARIZE in msg or isinstance(e, NotImplementedError):
             alt = no_rev
         elif _NO_FWD in msg and "forward-mode" in msg:
             alt = no_fwd
@@ -833,7 +834,7 @@ class Problem:
         def push(t):
             return jax.jvp(fn, (self.diff,), (t,), has_aux=True)
 
-        _, jac, aux = jax.vmap(push, out_axes=(None, -1, None))(tangent_tree)
+        _, jac, aux = kernels.primal_once(lambda axes: jax.vmap(push, out_axes=axes)(tangent_tree), -1)
         rows = [self.in_treedef.unflatten(in_lay.split(y, axis=-1)) for y in jax.tree_util.tree_leaves(jac)]
         return out_def.unflatten(rows), aux
 

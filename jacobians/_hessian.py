@@ -82,9 +82,9 @@ def gradient(p: _args.Problem, inner: str, holomorphic: bool = False) -> Callabl
     else:
 
         def grad(x):
-            value, g, aux = jax.vmap(
-                lambda t: jax.jvp(scalar, (x,), (t,), has_aux=True), out_axes=(None, 0, None)
-            )(jnp.eye(x.shape[0], dtype=x.dtype))
+            basis = jnp.eye(x.shape[0], dtype=x.dtype)
+            value, g, aux = kernels.primal_once(lambda axes: jax.vmap(
+                lambda t: jax.jvp(scalar, (x,), (t,), has_aux=True), out_axes=axes)(basis), 0)
             return g, (value, aux)
 
     return grad
@@ -472,10 +472,16 @@ def _compute_value_and_jacobian(t, spec, opts, *traced):
     p = _problem(t, spec, traced, opts.has_aux)
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
     mode = opts.mode
-    if mode == "auto" or complex_out:
-        mode = "fwd" if (complex_out or p.n <= p.m) else "rev"
-    kernel = kernels.forward if mode == "fwd" else kernels.reverse
-    y, jac, aux = kernel(p.flat, p.x, opts.chunk_size)
+
+    def run(mode):
+        return (kernels.forward if mode == "fwd" else kernels.reverse)(p.flat, p.x, opts.chunk_size)
+
+    if complex_out:
+        y, jac, aux = run("fwd")
+    elif mode == "auto":  # the other direction where JAX cannot take this one (a custom_vjp, a while_loop)
+        y, jac, aux = _args.with_fallback(run, "fwd" if p.n <= p.m else "rev", "rev", "fwd", t.where, p.jaxpr)
+    else:
+        y, jac, aux = run(mode)
     value = p.out_tree(y)
     if opts.has_aux:
         return (value, aux), p.blocks(jac)

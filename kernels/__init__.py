@@ -17,6 +17,7 @@ from ._compressed import seed_map as seed_map
 from ._det import SlogdetResult as SlogdetResult
 from ._det import slogdet as slogdet
 from ._forward import forward as forward
+from ._forward import primal_once as primal_once
 from ._index import from_entries as from_entries
 from ._index import place as place
 from ._index import take as take
@@ -29,6 +30,7 @@ __all__ = [
     "compressed_jvps",
     "compressed_reverse",
     "forward",
+    "primal_once",
     "from_entries",
     "opaque",
     "place",

@@ -21,6 +21,23 @@ def _has_custom_lin(jaxpr) -> bool:
     return False
 
 
+def primal_once(run: Callable[[tuple], tuple], axis: int) -> tuple:
+    """``run(out_axes)`` (a vmapped JVP's ``(y, tangents, aux)``) with the primal and aux unbatched, as ``jax.jacfwd``.
+
+    Where a primitive's JVP rule batches the primal as well (a scatter into ``lax.empty``, on which
+    ``jax.jacfwd`` itself fails: "got axis spec None but output was batched"), the primal and aux come
+    out batched instead and the first copy is kept: the same values, computed per basis vector.
+    """
+    try:
+        return run((None, axis, None))
+    except ValueError as e:
+        if "out_axes" not in str(e):
+            raise
+    y, tangents, aux = run((0, axis, 0))
+    first = lambda v: v[0]  # noqa: E731
+    return jax.tree_util.tree_map(first, y), tangents, jax.tree_util.tree_map(first, aux)
+
+
 def forward(
     fun: Callable[[jax.Array], tuple[jax.Array, Any]],
     x: jax.Array,
@@ -46,7 +63,8 @@ def forward(
         def push(t):
             return jax.jvp(fun, (x,), (t,), has_aux=True)
 
-        return sharded_vmap(push, jax.numpy.eye(n, dtype=x.dtype), shards, out_axes=(None, -1, None))
+        basis = jax.numpy.eye(n, dtype=x.dtype)
+        return primal_once(lambda axes: sharded_vmap(push, basis, shards, out_axes=axes), -1)
 
     # Chunked: linearize once (primal and residuals computed once), then apply
     # the linear map to chunks of basis vectors (chunk_size=1: one by one, no vmap).

@@ -372,3 +372,49 @@ def test_compressed_method_plan_shows_its_colours(rng):
         plan = jacobians.jacobian(c.fun, method="compressed", mode=mode).plan(x)
         assert plan.method == "compressed" and plan.passes == 3 and plan.nnz is not None
         assert plan.certificate is not None and not plan.certificate.failed
+
+
+def test_a_jvp_that_batches_the_primal_is_still_a_jacobian():
+    # A scatter into lax.empty: JAX's JVP rule batches the primal along with the tangents, and jax.jacfwd
+    # fails ("got axis spec None but output was batched"); forward mode keeps one copy of the primal instead.
+    def f(x):
+        out = jax.lax.empty((2,), x.dtype).at[0].set(1.0)
+        return out.at[1].set(out[0] * jnp.sin(x[0]) * x[2])
+
+    x = jnp.asarray([0.3, -1.2, 0.7])
+    want = jax.jacrev(f)(x)
+    for kw in ({}, {"mode": "fwd"}, {"mode": "fwd", "method": "dense"}, {"mode": "fwd", "chunk_size": 2}):
+        assert_tree_allclose(jacobians.jacobian(f, **kw)(x), want)
+    value, J = jacobians.value_and_jacobian(f, mode="fwd")(x)
+    assert_tree_allclose(value, f(x))
+    assert_tree_allclose(J, want)
+    tree = jacobians.jacobian(lambda d: f(d["x"]), mode="fwd")({"x": x})
+    assert_tree_allclose(tree["x"], want)
+
+
+def test_custom_vmap_and_custom_vjp_take_the_direction_jax_can():
+    # A custom_vmap cannot be linearized (no reverse mode); a custom_vjp has no forward mode. The default of
+    # every entry point takes the other direction instead of JAX's error.
+    @jax.custom_batching.custom_vmap
+    def s(x):
+        return jnp.sin(x)
+
+    @s.def_vmap
+    def _(axis_size, in_batched, xs):
+        return jnp.sin(xs), in_batched[0]
+
+    @jax.custom_vjp
+    def c(x):
+        return jnp.sin(x) * 2.0
+
+    c.defvjp(lambda x: (c(x), jnp.cos(x)), lambda r, g: (2.0 * r * g,))
+    x = jnp.asarray([0.1, 0.2, 0.3])
+    wide = lambda x: jnp.concatenate([s(x), s(x) ** 2, x])  # noqa: E731 - m > n: reverse mode by cost
+    assert_tree_allclose(jacobians.jacobian(wide)(x), jax.jacfwd(wide)(x))
+    assert_tree_allclose(jacobians.value_and_jacobian(wide)(x)[1], jax.jacfwd(wide)(x))
+    g = lambda x: jnp.sum(s(x) * x)  # noqa: E731
+    assert_tree_allclose(jacobians.hessian(g)(x), jax.jacfwd(jax.jacfwd(g))(x))
+    narrow = lambda x: c(x) * x[::-1]  # noqa: E731
+    value, J = jacobians.value_and_jacobian(narrow)(x)
+    assert_tree_allclose(value, narrow(x))
+    assert_tree_allclose(J, jax.jacrev(narrow)(x))
