@@ -158,3 +158,16 @@ def test_budget_holds_inside_custom_rules_local_walks():
         _deps.detect(closed, [_deps.identity((100,))], 100, where="test", max_nnz=1000)
     (out,), _ = _deps.detect(closed, [_deps.identity((100,))], 100, where="test", max_nnz=100_000)
     assert out.nnz == 100_000
+
+
+def test_derivative_programs_of_tanh_are_elementwise(rng):
+    # From JAX 0.11 on, tanh's JVP is one_minus_square(tanh x): a primitive of its own, elementwise. Without
+    # a rule for it every derivative program of a tanh network was read as dense (and warned).
+    x = randn(rng, (7,))
+    g = jax.grad(lambda x: jnp.sum(jnp.tanh(x) * x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pattern = jacobians.sparsity(g, x)
+        np.testing.assert_allclose(jacobians.divergence(g)(x), np.trace(jax.jacfwd(g)(x)), rtol=1e-12)
+    assert pattern.nnz == 7
+    np.testing.assert_array_equal(pattern.to_dense().reshape(7, 7) != 0, np.eye(7, dtype=bool))
