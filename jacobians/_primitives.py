@@ -26,7 +26,7 @@ ELEMENTWISE = tuple(
     "sqrt rsqrt cbrt abs logistic erf erfc erf_inv lgamma digamma polygamma igamma igammac "
     "igamma_grad_a random_gamma_grad bessel_i0e bessel_i1e zeta regularized_incomplete_beta "
     "square add add_any sub div rem max min atan2 conj real imag complex clamp "
-    "one_minus_square "  # 1 - x^2 (JAX >= 0.11: tanh's derivative)
+    "one_minus_square log2 polynomial "  # JAX >= 0.11: 1 - x^2 (tanh's derivative), log2, Horner (x, *coeffs)
     "convert_element_type reduce_precision copy copy_p".split()
 )
 ZERO = tuple(
@@ -41,7 +41,8 @@ SIGNS = {"add": (1, 1), "add_any": (1, 1), "sub": (1, -1), "neg": (-1,), "copy":
          "convert_element_type": (1,)}
 HOLOMORPHIC = frozenset(
     "neg sin cos tan sinh cosh tanh asin acos atan asinh acosh atanh exp exp2 log log1p expm1 sqrt rsqrt "
-    "square one_minus_square add add_any sub mul div integer_pow pow logistic select_n copy copy_p".split()
+    "square one_minus_square log2 polynomial add add_any sub mul div integer_pow pow logistic select_n copy "
+    "copy_p".split()
 )
 IDENTITIES = ("optimization_barrier", "sharding_constraint", "device_put", "mesh_cast", "reshard")
 # primitive -> positions of the operands whose data moves (None: all of them).

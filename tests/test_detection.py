@@ -171,3 +171,22 @@ def test_derivative_programs_of_tanh_are_elementwise(rng):
         np.testing.assert_allclose(jacobians.divergence(g)(x), np.trace(jax.jacfwd(g)(x)), rtol=1e-12)
     assert pattern.nnz == 7
     np.testing.assert_array_equal(pattern.to_dense().reshape(7, 7) != 0, np.eye(7, dtype=bool))
+
+
+@pytest.mark.skipif(not hasattr(jax.lax, "polynomial"), reason="lax.polynomial and log2 are JAX >= 0.12 primitives")
+def test_polynomial_and_log2_primitives(rng):
+    # Horner's polynomial(x, *coeffs) and log2: elementwise (coefficients broadcast like any operand).
+    c = jnp.asarray(randn(rng, (7,)))
+
+    def f(x):
+        return jax.lax.polynomial(x, [0.5, c, 2.0, -1.0]) + jnp.log2(x * x + 1.0)
+
+    x = randn(rng, (7,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pattern = jacobians.sparsity(f, x)
+        np.testing.assert_allclose(jacobians.jacobian(f)(x), jax.jacfwd(f)(x), rtol=1e-12)
+        h = lambda x: jnp.sum(f(x) * jnp.roll(x, 1))  # noqa: E731
+        np.testing.assert_allclose(jacobians.sparse_hessian(h, output="dense")(x), jax.hessian(h)(x), rtol=1e-10)
+        np.testing.assert_allclose(jacobians.laplacian(h)(x), np.trace(jax.hessian(h)(x)), rtol=1e-10)
+    assert pattern.nnz == 7
