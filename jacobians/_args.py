@@ -666,6 +666,13 @@ class TracedControlFlowError(TypeError):
 
 # --- directions JAX cannot differentiate in ----------------------------------------------------
 
+def complex_rev_error(where: str, or_holomorphic: bool = False, dtype=None, note: str = "") -> TypeError:
+    """The error of a forced ``mode="rev"`` on complex outputs: their VJPs pull the real part only (no Jacobian)."""
+    return TypeError(f"{where}: mode='rev' needs real outputs{' (or holomorphic=True)' if or_holomorphic else ''}, "
+                     f"but fun returns complex values{f' ({dtype})' if dtype is not None else ''}; use mode='fwd' "
+                     f"or 'auto'{note}.")
+
+
 _NO_FWD = "custom_vjp"  # JAX: "can't apply forward-mode autodiff (jvp) to a custom_vjp function."
 _NO_REV = "Reverse-mode differentiation does not work for lax.while_loop"
 _NO_LINEARIZE = "Linearization failed to produce known values"  # a custom_vmap: no reverse mode either

@@ -598,8 +598,7 @@ def _compute(t, spec, opts: _Options, *traced):
     # Reverse mode on a complex output of real inputs gives the real part only (it is no Jacobian): forward.
     complex_out = any(jnp.issubdtype(o.dtype, jnp.complexfloating) for o in out_leaves)
     if complex_out and opts.mode == "rev":
-        raise TypeError(f"{where}: mode='rev' needs real outputs, but fun returns complex values; use mode='fwd' "
-                        "or 'auto'.")
+        raise _args.complex_rev_error(where)
     default = opts.mode if opts.mode != "auto" else ("fwd" if complex_out or view.per.total <= view.m else "rev")
     if "mode" not in plan:  # the proof held: the planner's choice between batch-sum passes and structured sweeps
         plan["mode"] = default

@@ -150,8 +150,7 @@ def _compute(t, spec, opts, *traced):
     p = _args.problem(t.fun, spec, traced, where=where, int_argnums=t.int_argnums)
     _square(p, where)
     if opts.mode == "rev" and _complex_of_real(p):  # reverse mode would keep the real part only
-        raise TypeError(f"{where}: mode='rev' needs real outputs, but fun returns complex values; use mode='fwd' "
-                        "or 'auto'.")
+        raise _args.complex_rev_error(where)
     n = p.n
     key = (spec, tuple((np.shape(a), np.dtype(a.dtype)) for a in traced))
     colors = opts.plans.get(key)

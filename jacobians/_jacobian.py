@@ -39,10 +39,7 @@ def _choose_mode(mode: str, n: int, m: int, complex_out: bool, holomorphic: bool
     if complex_out and not holomorphic:
         # Reverse mode on a non-holomorphic complex output is not a Jacobian.
         if mode == "rev":
-            raise TypeError(
-                f"{where}: mode='rev' needs real outputs (or holomorphic=True), but fun "
-                "returns complex values; use mode='fwd' or 'auto'."
-            )
+            raise _args.complex_rev_error(where, or_holomorphic=True)
         return "fwd"
     if mode == "auto":
         # Forward costs one JVP per input entry, reverse one VJP per output entry.

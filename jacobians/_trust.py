@@ -48,9 +48,9 @@ CHECKS = 3  # random tangents (cotangents) per certificate
 BINARY_CHECKS = 8  # random 0/1 directions in the second check of a map with custom rules
 CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
 SEED = 0x5EED  # certificates are deterministic: the same plan gets the same check
-# A check runs once: compile it fast (about half the time of XLA's default optimisation on CPU).
-# A check's program runs once: it is not worth optimising, nor (on a GPU) autotuning its convolutions and
-# GEMMs, which cost seconds per new shape on first calls (DebugOptions fields: harmless on other backends).
+# A check's program runs once: compile it fast (about half the time of XLA's default optimisation on CPU), and
+# on a GPU without autotuning its convolutions and GEMMs, which cost seconds per new shape on first calls
+# (DebugOptions fields: harmless on other backends).
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_gpu_autotune_level": 0}
 CALLBACKS = {"pure_callback", "io_callback", "debug_callback", "callback"}
 

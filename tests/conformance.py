@@ -134,6 +134,13 @@ def _split2(x, a_shape, b_shape):
 _SQ = jnp.sin  # the default nonlinear map in front of the primitive
 
 
+def _horner(y, coeffs):
+    """``sum_k coeffs[k] y^k``: ``lax.polynomial`` (a primitive from JAX 0.12 on), else ``jnp.polyval``."""
+    if hasattr(lax, "polynomial"):
+        return lax.polynomial(y, coeffs)
+    return jnp.polyval(jnp.asarray(coeffs[::-1], y.dtype), y)
+
+
 # --- element-wise -----------------------------------------------------------------------------
 
 
@@ -147,6 +154,9 @@ _UNARY = [
     ("erf_inv", lax.erf_inv, _unit), ("lgamma", lax.lgamma, _pos), ("digamma", lax.digamma, _pos),
     ("bessel_i0e", lax.bessel_i0e, _SQ), ("bessel_i1e", lax.bessel_i1e, _SQ), ("neg", lax.neg, _SQ),
     ("square", lax.square, _SQ), ("abs", jnp.abs, lambda x: 3 * jnp.sin(x)),
+    # Primitives of JAX >= 0.11 / 0.12 (older releases compute the same function from other primitives).
+    ("one_minus_square", getattr(lax, "one_minus_square", lambda y: (1 - y) * (1 + y)), _SQ), ("log2", jnp.log2, _pos),
+    ("polynomial", lambda y: _horner(y, [0.5, 1.0, -2.0, 0.3]), _SQ),
     ("sign", lambda y: jnp.sign(y) * y, lambda x: 3 * jnp.sin(x)),
     ("floor", lambda y: jnp.floor(y) + y, lambda x: 3 * jnp.sin(x)),
     ("ceil", lambda y: jnp.ceil(y) * y, lambda x: 3 * jnp.sin(x)),

@@ -436,10 +436,8 @@ class Engine:
         if isinstance(given, SparsePlan):
             _check_given_plan(given, p, hessian, where)
         if complex_out and "rev" in (self.mode, getattr(given, "mode", None)):
-            raise TypeError(
-                f"{where}: mode='rev' needs real outputs, but fun returns complex values ({p.out_dtype}); use "
-                "mode='fwd' or 'auto' (forward mode: one JVP per colour of the columns)."
-            )
+            raise _args.complex_rev_error(where, dtype=p.out_dtype,
+                                          note=" (forward mode: one JVP per colour of the columns)")
         forced = getattr(given, "mode", None) if isinstance(given, SparsePlan) else self.mode
         if not hessian and forced in ("fwd", "rev") and forced not in _methods.directions(differentiated(closed)):
             why = ("pulls VJPs, which JAX cannot pull through fun (a while_loop with a dynamic trip count, or a "
