@@ -49,7 +49,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import _compat, _hoist, _leaves, kernels
-from ._walker import DILATED_WINDOW, differentiated
+from ._walker import BARS_REVERSE, differentiated
 
 # The options every transformation shares, written once (typing.Literal for readers and checkers).
 Mode = Literal["fwd", "rev", "auto"]
@@ -676,9 +676,24 @@ def complex_rev_error(where: str, or_holomorphic: bool = False, dtype=None, note
 _NO_FWD = "custom_vjp"  # JAX: "can't apply forward-mode autodiff (jvp) to a custom_vjp function."
 _NO_REV = "Reverse-mode differentiation does not work for lax.while_loop"
 _NO_LINEARIZE = "Linearization failed to produce known values"  # a custom_vmap: no reverse mode either
+_NO_TRANSPOSE_SOLVE = "transpose_solve required"  # a custom_linear_solve without transpose_solve
 # NotImplementedError of a transposition: "VJP not implemented for select_and_gather (MaxPool) with window
 # dilation", "Transpose rule (for reverse-mode differentiation) for 'p' not implemented".
 _NO_TRANSPOSE = ("VJP not implemented", "Transpose rule")
+# What JAX says where it cannot differentiate fun in some direction (its own limits, not an analysis' defect).
+_JAX_REFUSALS = ("can't apply forward-mode autodiff", _NO_REV, _NO_LINEARIZE, _NO_TRANSPOSE_SOLVE,
+                 *_NO_TRANSPOSE, "callbacks do not support JVP", "Differentiation rule for")
+
+
+def jax_refused(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is JAX refusing to differentiate a primitive of fun."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(k in str(exc) for k in _JAX_REFUSALS):
+            return True
+        exc = exc.__cause__ or getattr(exc, "cause", None)
+    return False
 
 
 def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where: str, jaxpr=None):
@@ -694,7 +709,7 @@ def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where
         names = differentiated(jaxpr)
         if {"custom_vjp_call", "custom_vjp_call_jaxpr"} & names:
             preferred = no_fwd
-        elif {DILATED_WINDOW, "custom_vmap_call"} & names:
+        elif BARS_REVERSE & names:
             preferred = no_rev
     try:
         return run(preferred)
@@ -702,7 +717,7 @@ def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where
         msg = str(e)
         if isinstance(e, NotImplementedError) and not any(k in msg for k in _NO_TRANSPOSE):
             raise
-        if _NO_REV in msg or _NO_LINEARIZE in msg or isinstance(e, NotImplementedError):
+        if any(k in msg for k in (_NO_REV, _NO_LINEARIZE, _NO_TRANSPOSE_SOLVE)) or isinstance(e, NotImplementedError):
             alt = no_rev
         elif _NO_FWD in msg and "forward-mode" in msg:
             alt = no_fwd

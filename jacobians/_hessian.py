@@ -482,6 +482,10 @@ def _compute_value_and_jacobian(t, spec, opts, *traced):
         y, jac, aux = _args.with_fallback(run, "fwd" if p.n <= p.m else "rev", "rev", "fwd", t.where, p.jaxpr)
     else:
         y, jac, aux = run(mode)
+    if "custom_vmap_call" in _args.differentiated(p.jaxpr):
+        # The vmapped JVPs evaluate a custom_vmap by its batching rule, primal included: the value is
+        # fun's own, evaluated once more (a rule that agrees with fun costs one call, XLA may share it).
+        y, aux = p.flat(p.x)
     value = p.out_tree(y)
     if opts.has_aux:
         return (value, aux), p.blocks(jac)

@@ -70,6 +70,12 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
                          and not complex_in, leaves=traced)
     method, mode = opts.method, None
     if method == "compressed":
+        if complex_in:
+            raise TypeError(
+                f"{where}: method='compressed' takes real inputs, but fun's input has dtype {p.x.dtype}; for a "
+                "real-valued function of complex inputs use method='dense' or 'auto' (reverse mode, "
+                "jax.jacrev's convention)."
+            )
         jac, aux = _methods.COMPRESSED.evaluate(None, call)
     elif _planned(opts, complex_in or complex_out):
         cand = _plan(t, spec, traced, opts).candidate

@@ -8,6 +8,7 @@ Each analysis then maps families to its own rules.
 
 Families:
 
+- ``HOST_CALLS``: host callbacks, opaque (each output depends on every operand);
 - ``ZERO``: a derivative that vanishes wherever it exists (``floor``, comparisons, bit ops);
 - ``ELEMENTWISE``: differentiable element-wise primitives (NumPy broadcasting of size-1 axes);
   ``SIGNS`` the linear ones with their constant partials; ``HOLOMORPHIC`` those whose
@@ -32,8 +33,12 @@ ELEMENTWISE = tuple(
 ZERO = tuple(
     "floor ceil round sign stop_gradient is_finite nextafter eq ne lt le gt ge and or not xor "
     "eq_to lt_to le_to "  # total-order comparisons (JAX >= 0.10: jax.scipy.linalg.expm's, sorts')
-    "population_count clz shift_left shift_right_logical shift_right_arithmetic mulhi".split()
+    "population_count clz shift_left shift_right_logical shift_right_arithmetic mulhi "
+    "bitcast_convert_type".split()  # JAX's JVP of a bit reinterpretation is zero
 )
+# Host callbacks: JAX has no derivative for them (a custom_jvp around one gives it its rule), so every
+# analysis takes each output to depend on all operands; it is no missing rule, and no warning is given.
+HOST_CALLS = ("pure_callback", "io_callback")
 # Element-wise products and powers: their rules look at known zero factors and exponents.
 PRODUCTS = ("mul", "integer_pow", "pow")
 # Linear element-wise primitives and their constant partials, per operand.
@@ -85,4 +90,4 @@ PIECEWISE_LINEAR = frozenset({
 # Every primitive the catalogue names (the conformance suite covers each: tests/test_conformance.py).
 ALL = frozenset(ELEMENTWISE) | frozenset(ZERO) | frozenset(PRODUCTS) | frozenset(SIGNS) | frozenset(IDENTITIES) | (
     frozenset(MOVES) | frozenset(SCATTERS) | frozenset(REDUCTIONS) | frozenset(CUMULATIVE) | LINEAR | PIECEWISE_LINEAR
-    | HOLOMORPHIC)
+    | HOLOMORPHIC | frozenset(HOST_CALLS))

@@ -153,6 +153,10 @@ def analysis_failed(where: str, exc: BaseException, analysis: str = "planner") -
         analysis, exc = exc.analysis, exc.cause
     prim = primitive_of(exc)
     at = f" at primitive '{prim}'" if prim else ""
+    if _args.jax_refused(exc):
+        # Not the analysis' defect: JAX cannot differentiate fun there. JAX's own methods run and, if they
+        # cannot either, raise JAX's own error.
+        return f"JAX cannot differentiate fun{at} by the {analysis}'s transformation; the dense method is used"
     return _report(where, f"the {analysis} failed{at} ({type(exc).__name__}: {_first_line(exc)})", exc, bug=True)
 
 

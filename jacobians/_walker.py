@@ -36,6 +36,7 @@ import numpy as np
 
 from . import _compat, _host_eval
 from ._compat import bind as bind
+from ._primitives import HOST_CALLS
 
 FOLD_MAX = 1 << 20  # fold equations whose outputs have at most this many elements
 UNROLL_MAX = 1 << 12  # scan steps walked one by one before falling back to a fixed point
@@ -226,7 +227,8 @@ class Walker:
             n_in = len(_compat.unclose(inner)[0].invars)
             outs = self._run(inner, ins[len(ins) - n_in :])
         else:
-            self.unknown.add(name)
+            if name not in HOST_CALLS:
+                self.unknown.add(name)
             outs = lat.default(eqn, ins)
         outs = lat.post(eqn, outs)
         if len(outs) != len(eqn.outvars):
@@ -350,6 +352,10 @@ RULED = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"
 # A pseudo-name in :func:`differentiated`: a windowed max or min with window dilation, whose JVP
 # (select_and_gather_add) JAX cannot transpose ("VJP not implemented ... with window dilation").
 DILATED_WINDOW = "reduce_window_max/min with window_dilation"
+# Another: a custom_linear_solve without a transpose_solve ("transpose_solve required for backwards mode").
+UNTRANSPOSABLE_SOLVE = "custom_linear_solve without transpose_solve"
+# The primitives and pseudo-names that bar reverse mode whatever the trip counts (a while_loop may not).
+BARS_REVERSE = frozenset({DILATED_WINDOW, UNTRANSPOSABLE_SOLVE, "custom_vmap_call"})
 
 
 def differentiated(jaxpr) -> set[str]:
@@ -357,7 +363,7 @@ def differentiated(jaxpr) -> set[str]:
 
     What decides the directions JAX can take (``jacobians._methods.directions``): a
     ``while_loop`` inside a ``custom_vjp`` (``odeint``'s solver) does not block reverse mode.
-    Parameters that bar a direction add a pseudo-name (:data:`DILATED_WINDOW`).
+    Parameters that bar a direction add a pseudo-name (:data:`DILATED_WINDOW`, :data:`UNTRANSPOSABLE_SOLVE`).
     """
     jaxpr = _compat.unclose(jaxpr)[0]
     names = set()
@@ -367,6 +373,10 @@ def differentiated(jaxpr) -> set[str]:
             d != 1 for d in eqn.params.get("window_dilation", ())
         ):
             names.add(DILATED_WINDOW)
+        if eqn.primitive.name == "custom_linear_solve" and getattr(
+            eqn.params.get("jaxprs"), "transpose_solve", True
+        ) is None:
+            names.add(UNTRANSPOSABLE_SOLVE)
         if eqn.primitive.name not in RULED:
             for sub in _compat.jaxprs_in_params(eqn.params):
                 names |= differentiated(sub)

@@ -163,6 +163,9 @@ _UNARY = [
 ]
 
 
+_SAME_WIDTH_INT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
+
+
 @_family("unary")
 def _unary():
     for name, op, pre in _UNARY:
@@ -184,6 +187,12 @@ def _unary():
                lambda x: jnp.real(jnp.sin(x).astype(jnp.complex128) * (1 + 2j)), (3, 4))
     yield Conf("convert_element_type", "", "f64->bool->f64",
                lambda x: (jnp.sin(x) > 0).astype(x.dtype) * jnp.cos(x), (3, 4))
+    yield Conf("bitcast_convert_type", "", "float->int bits (zero derivative) * y",
+               lambda x: (lax.bitcast_convert_type(jnp.sin(x), _SAME_WIDTH_INT[x.dtype.itemsize]) % 3).astype(x.dtype)
+               * jnp.sin(x), (3, 4))
+    yield Conf("bitcast_convert_type", "", "f64->2 x u32 (zero derivative) + y",
+               lambda x: jnp.sum(lax.bitcast_convert_type(jnp.sin(x).astype(jnp.float64), jnp.uint32) % 5, -1)
+               .astype(x.dtype) + jnp.cos(x), (3, 4))
     yield Conf("stop_gradient", "", "y * stop_gradient(y)", lambda x: lax.stop_gradient(jnp.sin(x)) * jnp.sin(x),
                (3, 4))
     yield Conf("copy", "", "jnp.array(copy=True)", lambda x: jnp.array(jnp.sin(x), copy=True) * x, (3, 4))

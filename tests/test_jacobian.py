@@ -418,3 +418,22 @@ def test_custom_vmap_and_custom_vjp_take_the_direction_jax_can():
     value, J = jacobians.value_and_jacobian(narrow)(x)
     assert_tree_allclose(value, narrow(x))
     assert_tree_allclose(J, jax.jacrev(narrow)(x))
+
+
+def test_value_and_jacobian_value_is_fun_s_own_under_a_custom_vmap(rng):
+    # The vmapped JVPs evaluate a custom_vmap by its batching rule (here one that disagrees with fun on
+    # purpose); the value returned is fun's own, the Jacobian JAX's (jax.jacfwd takes the rule as well).
+    @jax.custom_batching.custom_vmap
+    def s(x):
+        return jnp.sin(x) * 2.0
+
+    @s.def_vmap
+    def _(axis_size, in_batched, xs):
+        return jnp.sin(xs) * 2.0 + 1.0, in_batched[0]
+
+    f = lambda x: s(x) * x[::-1]  # noqa: E731
+    x = randn(rng, (4,))
+    for mode in ("auto", "fwd"):
+        value, J = jacobians.value_and_jacobian(f, mode=mode)(x)
+        assert_tree_allclose(value, f(x))
+        assert_tree_allclose(J, jax.jacfwd(f)(x))

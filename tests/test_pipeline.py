@@ -362,3 +362,7 @@ def test_complex_input_errors_offer_only_the_call_s_own_options():
         jacobians.hessian(lambda z: jnp.sum(z**2))(z)
     with pytest.raises(ValueError, match=r"jacobians.jacobian: method='compressed' takes real inputs"):
         jacobians.jacobian(jnp.sin, holomorphic=True, method="compressed")
+    for mode in ("auto", "rev"):  # a real-valued function of complex inputs: the dense method, not another mode
+        with pytest.raises(TypeError, match=r"jacobians.jacobian: method='compressed' takes real inputs.*complex128"
+                                            r".*use method='dense' or 'auto'"):
+            jacobians.jacobian(lambda z: jnp.abs(z) ** 2, method="compressed", mode=mode)(z + 1j)

@@ -97,3 +97,63 @@ def test_custom_vjp_and_while_loop_through_every_fallback(rng):
     np.testing.assert_allclose(grad, jax.jacfwd(w)(x), rtol=1e-12)
     np.testing.assert_allclose(lap, np.trace(Hw), rtol=1e-10)
     np.testing.assert_allclose(jacobians.sparse_hessian(w, output="dense")(x), Hw, rtol=1e-10)  # its certificate
+
+
+def _solve_loss(x):
+    """A ``lax.custom_linear_solve`` without ``transpose_solve``: JAX has no reverse mode through it."""
+    A = jnp.diag(x) + 0.1 * jnp.outer(x, x[::-1]) + 3 * jnp.eye(x.size, dtype=x.dtype)
+    y = jax.lax.custom_linear_solve(lambda v: A @ v, jnp.sin(x), lambda mv, r: jnp.linalg.solve(A, r))
+    return jnp.sum(y**2) + jnp.sum(x[:2] * y[1:3])
+
+
+@pytest.mark.parametrize("name", ["hessian", "sparse_hessian", "fwd_fwd", "hessian_diagonal", "laplacian",
+                                  "jacobian", "hvp"])
+def test_untransposable_linear_solve_takes_forward_mode(name, rng):
+    """Every second-order transformation goes forward over forward (its certificate too), strict: no warning."""
+    x = jnp.abs(randn(rng, (4,))) + 0.5
+    H = np.asarray(jax.jacfwd(jax.jacfwd(_solve_loss))(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = {
+            "hessian": lambda: jacobians.hessian(_solve_loss)(x),
+            "sparse_hessian": lambda: jacobians.sparse_hessian(_solve_loss, output="dense")(x),
+            "fwd_fwd": lambda: jacobians.sparse_hessian(_solve_loss, mode="fwd_fwd", output="dense")(x),
+            "hessian_diagonal": lambda: np.diag(jacobians.hessian_diagonal(_solve_loss)(x)),
+            "laplacian": lambda: np.eye(4) * jacobians.laplacian(_solve_loss)(x) / 4,
+            "jacobian": lambda: jacobians.jacobian(jax.jacfwd(_solve_loss))(x),
+            "hvp": lambda: jacobians.hvp(_solve_loss, (x,), (x[::-1],)),
+        }[name]()
+    want = {"hessian_diagonal": np.diag(np.diag(H)), "laplacian": np.eye(4) * np.trace(H) / 4,
+            "hvp": H @ np.asarray(x[::-1])}.get(name, H)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_host_callbacks(rng):
+    """A pure_callback is opaque to every analysis, without a warning: under a custom_jvp its rule is
+    differentiated; where JAX cannot differentiate it, JAX's own error comes, strict or not (no PlanError)."""
+    x = randn(rng, (5,))
+
+    @jax.custom_jvp
+    def host_sin(a):
+        return jax.pure_callback(np.sin, jax.ShapeDtypeStruct(a.shape, a.dtype), a)
+
+    host_sin.defjvp(lambda p, t: (host_sin(p[0]), jnp.cos(p[0]) * t[0]))
+
+    def f(x):
+        shifted = jax.pure_callback(np.cos, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.lax.stop_gradient(x))
+        return host_sin(x) * x[::-1] + shifted
+
+    want = jax.jacfwd(f)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(jacobians.jacobian(f)(x), want, rtol=1e-12)
+        np.testing.assert_allclose(jacobians.sparse_jacobian(f, output="dense")(x), want, rtol=1e-12)
+        pattern = np.asarray(jacobians.sparsity(f, x).to_dense())
+    np.testing.assert_array_equal(pattern, np.eye(5, dtype=bool) | np.eye(5, dtype=bool)[::-1])
+
+    def g(x):  # a callback with a tangent: JAX cannot differentiate it
+        return jax.pure_callback(np.cos, jax.ShapeDtypeStruct(x.shape, x.dtype), x) * x
+
+    for strict in (True, False):
+        with jacobians.strict(strict), pytest.raises(ValueError, match="(?i)callbacks do not support JVP"):
+            jacobians.jacobian(g)(x)

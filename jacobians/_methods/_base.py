@@ -35,9 +35,10 @@ Mode = Literal["fwd", "rev"]
 MethodName = Literal["auto", "dense", "compressed", "structured"]  # jacobian(method=...)
 
 # JAX cannot push JVPs through a custom_vjp, nor pull VJPs through a while_loop (a dynamic trip count), a
-# window-dilated max-pool or a custom_vmap (JAX 0.10: "Linearization failed to produce known values").
+# window-dilated max-pool, a custom_linear_solve without transpose_solve or a custom_vmap (JAX 0.10:
+# "Linearization failed to produce known values").
 NO_FWD = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
-NO_REV = frozenset({"while", _walker.DILATED_WINDOW, "custom_vmap_call"})
+NO_REV = frozenset({"while"}) | _walker.BARS_REVERSE
 
 
 def directions(primitives: set[str]) -> frozenset[str]:
