@@ -235,6 +235,9 @@ def wrap(t: "_args.Transform") -> Callable:
 
     @functools.wraps(t.fun)
     def transformed(*args, **kwargs):
+        if not kwargs and (hit := t.fast(args)) is not None:
+            # A structure that has run (its plans made and checked): nothing to remember, no check to defer.
+            return t.run(*hit)
         pending: list[Pending] = []
         token = _CALL.set((t, args, kwargs, pending))
         try:

@@ -10,9 +10,11 @@ from ._basis import Shards as Shards
 from ._basis import basis_map as basis_map
 from ._basis import opaque as opaque
 from ._basis import sharded_vmap as sharded_vmap
+from ._compressed import compressed_dense as compressed_dense
 from ._compressed import compressed_forward as compressed_forward
 from ._compressed import compressed_jvps as compressed_jvps
 from ._compressed import compressed_reverse as compressed_reverse
+from ._compressed import compressed_vjps as compressed_vjps
 from ._compressed import seed_map as seed_map
 from ._det import SlogdetResult as SlogdetResult
 from ._det import slogdet as slogdet
@@ -21,14 +23,17 @@ from ._forward import primal_once as primal_once
 from ._index import from_entries as from_entries
 from ._index import place as place
 from ._index import take as take
+from ._index import take_rows as take_rows
 from ._reverse import reverse as reverse
 
 __all__ = [
     "Shards",
     "basis_map",
+    "compressed_dense",
     "compressed_forward",
     "compressed_jvps",
     "compressed_reverse",
+    "compressed_vjps",
     "forward",
     "from_entries",
     "opaque",
@@ -40,4 +45,5 @@ __all__ = [
     "SlogdetResult",
     "slogdet",
     "take",
+    "take_rows",
 ]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._basis import Shards, opaque, sharded_vmap
-from ._index import take
+from ._index import take, take_rows
 
 
 def _seeds(colors: np.ndarray, n_colors: int, dtype, fold: bool = False) -> jax.Array:
@@ -83,6 +83,44 @@ def compressed_jvps(
     return seed_map(push, seeds, chunk_size, shards)  # (c, m): vmap's layout, no transpose
 
 
+def compressed_vjps(
+    fun: Callable[[jax.Array], tuple[jax.Array, Any]],
+    x: jax.Array,
+    colors: np.ndarray,
+    n_colors: int,
+    shards: Shards | None = None,
+    chunk_size: int | None = None,
+    fold: bool = False,
+) -> tuple[jax.Array, Any]:
+    """``S^T J``: one VJP per colour of the rows, shape ``(n_colors, n)``, and ``fun``'s aux.
+
+    Arguments as :func:`compressed_jvps`, ``colors`` the colour of each row (shape ``(m,)``).
+    """
+    y, pullback, aux = jax.vjp(fun, x, has_aux=True)
+    seeds = _seeds(colors, n_colors, y.dtype, fold)  # (c, m)
+    return seed_map(lambda c: (pullback(c)[0], None), seeds, chunk_size, shards)[0], aux  # (c, n)
+
+
+def compressed_dense(compressed: jax.Array, colors: np.ndarray, mode: str, rows: tuple[int, int],
+                     cols: tuple[int, int], mask=None, dtype=None) -> jax.Array:
+    """The block ``J[r0:r1, c0:c1]`` of a Jacobian, dense, read off its compressed matrix.
+
+    Every entry of the block is its colour's product (``fwd``: ``compressed[colors[j], i]``,
+    ``compressed`` of shape ``(c, m)``; ``rev``: ``compressed[colors[i], j]``, shape ``(c, n)``):
+    one gather of whole rows (as many indices as columns or rows, not as entries) and, where
+    same-coloured columns (rows) share a row (column) outside the pattern, one select against the
+    block's pattern ``mask`` (``(r1 - r0, c1 - c0)`` booleans). The gather-and-scatter of the
+    entries that :func:`from_entries` would do writes the same values and compiles slower.
+    """
+    (r0, r1), (c0, c1) = rows, cols
+    if mode == "fwd":
+        full = take_rows(compressed[:, r0:r1], colors[c0:c1]).T  # (r, c)
+    else:
+        full = take_rows(compressed[:, c0:c1], colors[r0:r1])
+    full = full.astype(dtype or full.dtype)
+    return full if mask is None else jax.numpy.where(mask, full, jax.numpy.zeros((), full.dtype))
+
+
 def compressed_forward(
     fun: Callable[[jax.Array], jax.Array],
     x: jax.Array,
@@ -140,7 +178,5 @@ def compressed_reverse(
     Returns:
       ``(values, aux)``: the values, shape ``(len(rows),)``, and ``fun``'s aux.
     """
-    y, pullback, aux = jax.vjp(fun, x, has_aux=True)
-    seeds = _seeds(colors, n_colors, y.dtype, fold)  # (c, m)
-    compressed, _ = seed_map(lambda c: (pullback(c)[0], None), seeds, chunk_size, shards)  # (c, n)
+    compressed, aux = compressed_vjps(fun, x, colors, n_colors, shards, chunk_size, fold)  # (c, n)
     return take(compressed.reshape(-1), colors[rows] * x.shape[0] + np.asarray(cols)), aux

@@ -46,6 +46,22 @@ def take(flat, index):
                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
+def take_rows(a, index):
+    """``a[index]`` along the first axis of a 2-D array, for host indices in range (not checked).
+
+    Args:
+      a: shape ``(r, k)``.
+      index: integer indices into ``[0, r)``, shape ``(s,)``, a NumPy array.
+
+    Returns:
+      Shape ``(s, k)``.
+    """
+    index, ordered, unique = _facts(index)
+    dims = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,))
+    return lax.gather(a, index[:, None], dims, (1, a.shape[1]), indices_are_sorted=ordered, unique_indices=unique,
+                      mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
 def place(size: int, index, values, dtype=None):
     """A 1-D array of ``size`` zeros with ``values`` written at ``index`` (distinct indices in range).
 

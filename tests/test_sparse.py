@@ -248,3 +248,57 @@ def test_dense_from_entries_one_select_or_a_scatter(rng):
     program = str(jax.make_jaxpr(lambda v: kernels.from_entries((7, 5), np.arange(7), np.arange(7) % 5, v))(
         jnp.ones(7)))
     assert "scatter" not in program and "select_n" in program
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_dense_results_read_off_the_compressed_products(rng, mode, monkeypatch):
+    """A dense compressed Jacobian reads each block off the products (one row gather, a select against the
+    block's pattern where same-coloured columns share a row, nothing where none do); every block of a
+    pytree equals JAX's, and a large mask is an argument of the compiled program, not a constant."""
+    from jacobians import _hoist
+    from jacobians._sparse import engine
+
+    seen = []
+    decide = engine._dense_block
+    monkeypatch.setattr(engine, "_dense_block", lambda *a: seen.append(decide(*a)) or seen[-1])
+    K = jnp.asarray(rng.standard_normal((4, 2, 3, 3)))
+
+    def f(p):  # two input leaves, two output leaves: four blocks, stencils (masked) and diagonals
+        conv = jnp.tanh(jax.lax.conv_general_dilated(p["x"][None], K, (1, 1), "SAME")[0])
+        return {"conv": conv * p["s"][:, None, None], "diag": jnp.sin(p["s"]) * p["x"][0, 0, :4]}
+
+    p = {"x": randn(rng, (2, 12, 12)), "s": randn(rng, (4,))}
+    jf = jacobians.sparse_jacobian(f, mode=mode, output="dense")
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), jf(p),
+                           jax.jacfwd(f)(p))
+    masks = [mask for how, mask in seen if how == "mask"]
+    assert masks, seen
+    assert any(isinstance(m, jax.Array) and m.nbytes >= _hoist.HOIST_BYTES for m in masks)
+    # The diagonal-like blocks: at most one entry per row, a select against an iota.
+    assert any(how == "entries" for how, _ in seen)
+    np.testing.assert_allclose(jax.jit(jf)(p)["conv"]["x"], jax.jacfwd(f)(p)["conv"]["x"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_dense_results_of_conflict_free_colourings_are_the_products(rng, mode, monkeypatch):
+    from jacobians import kernels
+    from jacobians._sparse import engine
+
+    seen = []
+    decide = engine._dense_block
+    monkeypatch.setattr(engine, "_dense_block", lambda *a: seen.append(decide(*a)[0]) or decide(*a))
+
+    # Output "a" depends densely on input "a" only, "b" on "b" elementwise: "b"'s columns reuse "a"'s
+    # colours but touch none of "a"'s rows, so block (a, a) is its products; block (b, b) is a diagonal.
+    W = jnp.arange(1.0, 10.0).reshape(3, 3)
+    f = lambda p: {"a": jnp.tanh(W @ p["a"]), "b": jnp.sin(p["b"])}  # noqa: E731
+    x = {"a": randn(rng, (3,)), "b": randn(rng, (5,))}
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+                           jacobians.sparse_jacobian(f, mode=mode, output="dense")(x), jax.jacfwd(f)(x))
+    assert sorted(set(seen)) == ["entries", "full"], seen
+    C = jnp.asarray(rng.standard_normal((3, 12)))
+    colors = np.arange(12) % 3
+    full = kernels.compressed_dense(C, colors, "fwd", (2, 7), (1, 12))
+    np.testing.assert_array_equal(full, np.asarray(C)[colors[1:12]][:, 2:7].T)
+    np.testing.assert_array_equal(kernels.compressed_dense(C, colors, "rev", (1, 3), (2, 7)),
+                                  np.asarray(C)[colors[1:3]][:, 2:7])

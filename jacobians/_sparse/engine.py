@@ -640,9 +640,12 @@ class Engine:
                 return data, aux
             det = Detected(plan.pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, set())
         else:
-            kernel = kernels.compressed_forward if plan.mode == "fwd" else kernels.compressed_reverse
-            data, aux = kernel(flat, p.x, plan.colors, max(plan.n_colors, 1), rows, cols, self.shards,
-                               self.chunk_size, fold=fold and jacobian_folds(extra, plan))
+            fwd = plan.mode == "fwd"
+            products = kernels.compressed_jvps if fwd else kernels.compressed_vjps
+            compressed, aux = products(flat, p.x, plan.colors, max(plan.n_colors, 1), self.shards, self.chunk_size,
+                                       fold=fold and jacobian_folds(extra, plan))  # (c, m) or (c, n)
+            index = plan.colors[cols] * p.m + rows if fwd else plan.colors[rows] * p.n + cols
+            data = None if self.output == "dense" else kernels.take(compressed.reshape(-1), index)
             det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
 
         def offsets(leaves):
@@ -660,11 +663,18 @@ class Engine:
             # Each block in its own output's and input's dtype, as jacobian's (a Hessian: the function's).
             dtype = (_args.promote(p.out_dtype, in_at[c0].dtype) if self.coloring is not None
                      else _args.block_dtype(out_at[r0], in_at[c0]))  # weak types by kind, as Problem.blocks
-            vals = data[keep] if keep.size < data.size else data
+            sub = SparsityPattern(out_shape, in_shape, rows[keep] - r0, cols[keep] - c0)
+            if self.output == "dense" and self.coloring is None:
+                how, mask = _dense_block(plan, (r0, r1), (c0, c1), sub)
+                if how != "entries":
+                    return kernels.compressed_dense(compressed, plan.colors, plan.mode, (r0, r1), (c0, c1), mask,
+                                                    dtype).reshape(sub.shape)
+                vals = kernels.take(compressed.reshape(-1), index[keep])
+            else:
+                vals = data[keep] if keep.size < data.size else data
             if jnp.iscomplexobj(vals) and not jnp.issubdtype(dtype, jnp.complexfloating):
                 vals = jnp.real(vals)  # a real output of real inputs: the imaginary part is exactly zero
             vals = vals.astype(dtype)
-            sub = SparsityPattern(out_shape, in_shape, rows[keep] - r0, cols[keep] - c0)
             if self.output == "dense":
                 size = (math.prod(out_shape), math.prod(in_shape))
                 return kernels.from_entries(size, sub.rows, sub.cols, vals, dtype).reshape(sub.shape)
@@ -828,6 +838,53 @@ def _locate(traced_flat: tuple, values, plan: SparsePlan, hessian: bool) -> str 
                     f"{label} ({len(missed)} missed in all)")
         return None
     return None
+
+
+MASK_MAX = 1 << 28  # a dense block's pattern mask (bytes) past which its entries are scattered instead
+
+
+def _dense_block(plan: SparsePlan, rows: tuple[int, int], cols: tuple[int, int], sub: SparsityPattern):
+    """How a dense result's block is read off a Jacobian's compressed matrix (:func:`kernels.compressed_dense`).
+
+    ``("entries", None)``: gather the entries and write them into zeros (:func:`kernels.from_entries`:
+    a select against a column iota where each row holds at most one, a diagonal's case); ``("full",
+    None)``: every product of the block is an entry or an exact zero (no two same-coloured columns
+    share a row of the block), so the products are the block; ``("mask", mask)``: the products where
+    the pattern is, zeros elsewhere. A mask of ``_hoist.HOIST_BYTES`` or more is a device array, which
+    the program takes as an argument (embedded as a constant it compiles slower than the scatter).
+    Cached on the plan per block.
+    """
+    cache = plan.__dict__.setdefault("_dense_blocks", {})  # on the (frozen) plan itself, never saved
+    key = (rows, cols)
+    if key in cache:
+        return cache[key]
+    (r0, r1), (c0, c1) = rows, cols
+    r, c = r1 - r0, c1 - c0
+    fwd = plan.mode == "fwd"
+    if sub.rows.size == 0 or np.unique(sub.rows).size == sub.rows.size or r * c > MASK_MAX:
+        cache[key] = "entries", None
+        return cache[key]
+    # Which (colour, row) products are structurally nonzero (fwd; rev: (colour, column)), over the whole
+    # pattern: a colour's product sums every column of that colour, in the block or not.
+    prow, pcol = plan.pattern.rows, plan.pattern.cols
+    size = math.prod(plan.pattern.out_shape) if fwd else math.prod(plan.pattern.in_shape)
+    occupied = np.zeros((max(plan.n_colors, 1), size), bool)
+    if fwd:
+        occupied[plan.colors[pcol], prow] = True
+        reached = occupied[:, r0:r1].sum(1)[plan.colors[c0:c1]].sum()
+    else:
+        occupied[plan.colors[prow], pcol] = True
+        reached = occupied[:, c0:c1].sum(1)[plan.colors[r0:r1]].sum()
+    if reached == sub.rows.size:
+        cache[key] = "full", None
+        return cache[key]
+    mask = np.zeros((r, c), bool)
+    mask[sub.rows, sub.cols] = True
+    if mask.nbytes >= _hoist.HOIST_BYTES:
+        with jax.ensure_compile_time_eval():
+            mask = jax.device_put(mask)  # a concrete array: hoisted out of the program (see above)
+    cache[key] = "mask", mask
+    return cache[key]
 
 
 def _check_symmetric(pattern: SparsityPattern, where: str) -> None:
