@@ -420,6 +420,9 @@ class _Splitter:
         return True
 
 
+MISS = object()  # Transform.fast: no fast path for this call
+
+
 class Transform:
     """A built transformation: the argument pipeline around an engine.
 
@@ -506,28 +509,31 @@ class Transform:
             self._tree_fast.clear()
         return fn
 
-    def fast(self, args: tuple) -> tuple[Callable, Sequence] | None:
-        """``(compiled function, traced leaves)`` of a positional call that needs no split, else ``None``.
+    def fast(self, args: tuple):
+        """The result of a positional call that needs no split, or :data:`MISS`.
 
         The common call (positional jax arrays and Python floats) skips the split: its spec depends
         only on the argument types (traced numbers once their structure has run: see
         ``_first_with_numbers``); so do pytrees of strongly typed jax arrays (parameters), whose
         spec depends only on the structure. New shapes of a known structure retrace in ``jax.jit``.
+        One method, no tuple of results: a call's overhead over ``jax.jit``'s is what runs here.
         """
-        fn = self._fast.get(tuple(map(type, args)))
-        if fn is not None:
-            return fn, args
-        if self._tree_fast:
-            leaves, treedef = jax.tree_util.tree_flatten(args)
+        fn = self._fast.get(tuple(map(type, args))) if self._fast else None
+        if fn is None:
+            if not self._tree_fast:
+                return MISS
+            args, treedef = jax.tree_util.tree_flatten(args)
             fn = self._tree_fast.get(treedef)
-            if fn is not None and all(type(v) is _ARRAY_IMPL and not v.weak_type for v in leaves):
-                return fn, leaves
-        return None
+            if fn is None or not all(type(v) is _ARRAY_IMPL and not v.weak_type for v in args):
+                return MISS
+        try:
+            return fn(*args)
+        except TRACER_ERRORS as e:
+            raise TracedControlFlowError(self.where, e) from e
 
     def __call__(self, *args, **kwargs):
-        hit = None if kwargs else self.fast(args)
-        if hit is not None:
-            return self.run(*hit)
+        if not kwargs and (out := self.fast(args)) is not MISS:
+            return out
         fn, traced, spec = self.compiled(args, kwargs)
         try:
             out = self.run(fn, traced)

@@ -235,9 +235,9 @@ def wrap(t: "_args.Transform") -> Callable:
 
     @functools.wraps(t.fun)
     def transformed(*args, **kwargs):
-        if not kwargs and (hit := t.fast(args)) is not None:
+        if not kwargs and (out := t.fast(args)) is not _args.MISS:
             # A structure that has run (its plans made and checked): nothing to remember, no check to defer.
-            return t.run(*hit)
+            return out
         pending: list[Pending] = []
         token = _CALL.set((t, args, kwargs, pending))
         try:
