@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .. import _deps, _sparse
+from .. import _deps, _sparse, _trust
 from ._base import Call, Candidate, Context, single
 
 PASS_OVERHEAD = 0.25  # a compressed pass also builds its seed and gathers: count it a bit dearer
@@ -10,6 +10,7 @@ DENSITY_BUDGET = 0.25  # stop detecting once nnz > this fraction of m * n (dense
 NNZ_CAP = 1 << 22  # and never hold more than this many entries while planning
 SAMPLE = 64  # columns seeded by the detection pre-pass that can rule colourings out
 SAMPLE_FROM = 4096  # inputs from which that pre-pass pays for itself
+OWN_PROGRAM_MAX = 1 << 24  # entries of the dense result up to which the check reads the call's own result
 
 
 class Compressed:
@@ -49,8 +50,15 @@ class Compressed:
         return call.compressed()
 
     def certify(self, cand, traced_flat, values, where, computed=None):
-        # Never by the call's own program (``computed``): it would write the dense result's m n
-        # entries again; the seeds and the check's directions go through one batched JVP instead.
+        meta = traced_flat[2]
+        if computed is not None and meta.m * meta.n <= OWN_PROGRAM_MAX:
+            # By the call's own program at the check's point (run once more: it is compiled), so that only
+            # JAX's few JVPs (VJPs) compile for the check, alongside the call's program: a compiled program
+            # of the plan's own for the check cost the 3x16x16 -> 8x16x16 convolution's first call 40-50 ms
+            # of its 170 (2 cores).
+            return _trust.linear(traced_flat, values, None, mode=cand.mode, where=where, computed=computed)
+        # Else the seeds and the check's directions go through one batched JVP: the dense result's m n
+        # entries are not written (and copied to the host) once more.
         return _sparse.certify_plan(cand.state, traced_flat, values, where)
 
 
