@@ -176,7 +176,8 @@ _HOLOMORPHIC_HINT = " For a holomorphic function pass holomorphic=True."
 _COMPLEX_HINTS = {
     "jacobians.jacobian": _HOLOMORPHIC_HINT[:-1] + "; for a real-valued function of complex inputs use reverse "
                           "mode (mode='rev' or 'auto', jax.jacrev's convention).",
-    **dict.fromkeys(("jacobians.hessian", "jacobians.value_grad_and_hessian", "jacobians.trace_estimate"),
+    **dict.fromkeys(("jacobians.hessian", "jacobians.value_grad_and_hessian", "jacobians.trace_estimate",
+                     "jacobians.value_and_jacobian"),
                     _HOLOMORPHIC_HINT),
 }
 

@@ -60,6 +60,7 @@ class _JacobianOptions:
     mode: _args.Mode
     has_aux: bool
     chunk_size: int | None
+    holomorphic: bool = False
 
 
 def gradient(p: _args.Problem, inner: str, holomorphic: bool = False) -> Callable:
@@ -469,14 +470,16 @@ _HVP_FAST: dict = {}  # (fun, argnums, mode, argument types) -> the compiled fun
 
 
 def _compute_value_and_jacobian(t, spec, opts, *traced):
-    p = _problem(t, spec, traced, opts.has_aux)
+    p = _problem(t, spec, traced, opts.has_aux, opts.holomorphic)
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
     mode = opts.mode
 
     def run(mode):
         return (kernels.forward if mode == "fwd" else kernels.reverse)(p.flat, p.x, opts.chunk_size)
 
-    if complex_out:
+    if complex_out and not opts.holomorphic:  # a non-holomorphic complex output: its JVPs (VJPs pull real parts)
+        if mode == "rev":
+            raise _args.complex_rev_error(t.where, or_holomorphic=True)
         y, jac, aux = run("fwd")
     elif mode == "auto":  # the other direction where JAX cannot take this one (a custom_vjp, a while_loop)
         y, jac, aux = _args.with_fallback(run, "fwd" if p.n <= p.m else "rev", "rev", "fwd", t.where, p.jaxpr)
@@ -498,18 +501,21 @@ def value_and_jacobian(
     *,
     mode: str = "auto",
     has_aux: bool = False,
+    holomorphic: bool = False,
     chunk_size: int | None = None,
 ) -> Callable:
     """``(fun(x), J(x))`` from one pass: the value is the primal of the JVPs/VJPs.
 
     Arguments as :func:`jacobians.jacobian` (``mode`` ``"fwd"``, ``"rev"`` or
-    ``"auto"``). Returns a function giving ``(value, jacobian)``, or, as
-    ``jax.value_and_grad`` does with ``has_aux``, ``((value, aux), jacobian)``.
+    ``"auto"``; ``holomorphic=True``: complex inputs and outputs, ``d fun / dz``). Returns a
+    function giving ``(value, jacobian)``, or, as ``jax.value_and_grad`` does with
+    ``has_aux``, ``((value, aux), jacobian)``.
     """
     where = "jacobians.value_and_jacobian"
     opts = _JacobianOptions(
         mode=_args.check_mode(mode, where),
         has_aux=_args.check_bool(has_aux, "has_aux", where),
         chunk_size=_args.check_chunk_size(chunk_size, where),
+        holomorphic=_args.check_bool(holomorphic, "holomorphic", where),
     )
     return _args.wrap(_args.Transform.jitted(fun, argnums, where, _compute_value_and_jacobian, opts))

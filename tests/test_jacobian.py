@@ -437,3 +437,21 @@ def test_value_and_jacobian_value_is_fun_s_own_under_a_custom_vmap(rng):
         value, J = jacobians.value_and_jacobian(f, mode=mode)(x)
         assert_tree_allclose(value, f(x))
         assert_tree_allclose(J, jax.jacfwd(f)(x))
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+def test_value_and_jacobian_holomorphic(rng, mode):
+    f = lambda z: jnp.sin(z) * z[::-1] + z**2  # noqa: E731
+    z = jax.lax.complex(randn(rng, (3,)), randn(rng, (3,)))
+    value, J = jacobians.value_and_jacobian(f, mode=mode, holomorphic=True)(z)
+    assert_tree_allclose(value, f(z))
+    assert_tree_allclose(J, jax.jacfwd(f, holomorphic=True)(z))
+    g = lambda x: jnp.exp(jax.lax.complex(jnp.zeros_like(x), x))  # noqa: E731 - complex outputs of real inputs
+    x = randn(rng, (3,))
+    if mode == "rev":
+        with pytest.raises(TypeError, match="jacobians.value_and_jacobian: mode='rev' needs real outputs"):
+            jacobians.value_and_jacobian(g, mode=mode)(x)
+    else:
+        assert_tree_allclose(jacobians.value_and_jacobian(g, mode=mode)(x)[1], jax.jacfwd(g)(x))
+    with pytest.raises(TypeError, match="complex128. For a holomorphic function pass holomorphic=True"):
+        jacobians.value_and_jacobian(f)(z)
