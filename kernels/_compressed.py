@@ -117,7 +117,10 @@ def compressed_dense(compressed: jax.Array, colors: np.ndarray, mode: str, rows:
         full = take_rows(compressed[:, r0:r1], colors[c0:c1]).T  # (r, c)
     else:
         full = take_rows(compressed[:, c0:c1], colors[r0:r1])
-    full = full.astype(dtype or full.dtype)
+    dtype = dtype or full.dtype
+    if jax.numpy.iscomplexobj(full) and not jax.numpy.issubdtype(dtype, jax.numpy.complexfloating):
+        full = jax.numpy.real(full)  # a real output beside complex ones: its imaginary part is exactly zero
+    full = full.astype(dtype)
     return full if mask is None else jax.numpy.where(mask, full, jax.numpy.zeros((), full.dtype))
 
 
