@@ -697,7 +697,12 @@ def jax_refused(exc: BaseException) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if any(k in str(exc) for k in _JAX_REFUSALS):
+        msg = str(exc)
+        if any(k in msg for k in _JAX_REFUSALS):
+            return True
+        # A rule JAX has only in part ("scatter_mul gradients are only implemented if `unique_indices=True`").
+        if isinstance(exc, NotImplementedError) and any(k in msg.lower() for k in ("gradient", "differentiat",
+                                                                                  "jvp", "transpose")):
             return True
         exc = exc.__cause__ or getattr(exc, "cause", None)
     return False

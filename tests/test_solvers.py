@@ -157,3 +157,19 @@ def test_host_callbacks(rng):
     for strict in (True, False):
         with jacobians.strict(strict), pytest.raises(ValueError, match="(?i)callbacks do not support JVP"):
             jacobians.jacobian(g)(x)
+
+
+@pytest.mark.parametrize("name", ["jacobian", "compressed", "sparse_jacobian", "divergence"])
+def test_a_rule_jax_has_only_in_part_gives_jax_s_error(name):
+    """scatter-mul with repeated indices: JAX has no JVP; its error comes, strict or not, no PlanError."""
+    x = jnp.arange(1.0, 7.0)
+    f = lambda x: (1.0 + x).at[np.array([0, 2, 2, 5, 0, 1])].mul(x[::-1])  # noqa: E731
+    call = {"jacobian": lambda: jacobians.jacobian(f)(x),
+            "compressed": lambda: jacobians.jacobian(f, method="compressed")(x),
+            "sparse_jacobian": lambda: jacobians.sparse_jacobian(f, output="dense")(x),
+            "divergence": lambda: jacobians.divergence(f)(x)}[name]
+    for strict in (True, False):
+        with jacobians.strict(strict), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(NotImplementedError, match="only implemented if `unique_indices=True`"):
+                call()
