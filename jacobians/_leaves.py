@@ -60,6 +60,12 @@ class Leaves:
         pieces = []
         for start, stop, shape in self.spans():
             part = a
+            if stop == start and a.shape[axis]:
+                # An empty leaf: a new empty array, not a slice (XLA's CPU compiler aborts the process on
+                # an empty slice of a concatenation in some fused programs: "SmallVector unable to grow").
+                zeros = np.zeros if isinstance(a, np.ndarray) else jnp.zeros
+                pieces.append(zeros(a.shape[:axis] + shape + a.shape[axis + 1 :], a.dtype))
+                continue
             if stop - start != a.shape[axis]:
                 index = [slice(None)] * a.ndim
                 index[axis] = slice(start, stop)

@@ -455,3 +455,18 @@ def test_value_and_jacobian_holomorphic(rng, mode):
         assert_tree_allclose(jacobians.value_and_jacobian(g, mode=mode)(x)[1], jax.jacfwd(g)(x))
     with pytest.raises(TypeError, match="complex128. For a holomorphic function pass holomorphic=True"):
         jacobians.value_and_jacobian(f)(z)
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+def test_empty_leaves_beside_others(rng, mode):
+    # An empty output (input) leaf cut off a concatenation made XLA's CPU compiler abort the process
+    # ("SmallVector unable to grow"): empty leaves are made, not sliced.
+    x = randn(rng, (2,))
+    f = lambda x: {"e": jnp.zeros((0,), x.dtype) + x.sum() * 0, "a": x**2}  # noqa: E731
+    value, J = jacobians.value_and_jacobian(f, mode=mode)(x)
+    assert_tree_allclose(value, f(x))
+    assert_tree_allclose(J, jax.jacfwd(f)(x))
+    g = lambda t: jnp.sum(t[0] ** 3)  # noqa: E731
+    v, grad, H = jacobians.value_grad_and_hessian(g)((x, jnp.zeros((0,), x.dtype)))
+    assert_tree_allclose(grad, (3 * x**2, jnp.zeros((0,), x.dtype)))
+    assert_tree_allclose(H, jax.hessian(g)((x, jnp.zeros((0,), x.dtype))))
