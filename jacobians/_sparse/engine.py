@@ -640,11 +640,10 @@ class Engine:
                 return data, aux
             det = Detected(plan.pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, set())
         else:
-            fwd = plan.mode == "fwd"
-            products = kernels.compressed_jvps if fwd else kernels.compressed_vjps
+            products = kernels.compressed_jvps if plan.mode == "fwd" else kernels.compressed_vjps
             compressed, aux = products(flat, p.x, plan.colors, max(plan.n_colors, 1), self.shards, self.chunk_size,
                                        fold=fold and jacobian_folds(extra, plan))  # (c, m) or (c, n)
-            index = plan.colors[cols] * p.m + rows if fwd else plan.colors[rows] * p.n + cols
+            index = _decompression(plan, "cn")[1]  # the plan's cached gather: J[rows, cols] off the products
             data = None if self.output == "dense" else kernels.take(compressed.reshape(-1), index)
             det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
 
@@ -791,13 +790,11 @@ def certify_plan(plan: SparsePlan, traced_flat: tuple, values, where: str, hessi
         if plan.mode == "fwd":
             both = jnp.concatenate([jnp.asarray(seeds, p.x.dtype), T])
             out = jax.vmap(lambda t: jax.jvp(f, (p.x,), (t,))[1])(both)  # (c + k, m)
-            index = plan.colors[cols] * p.m + rows
         else:
             y, pull = jax.vjp(f, p.x)
             both = jnp.concatenate([jnp.asarray(seeds, y.dtype), T])
             out = jax.vmap(lambda u: pull(u)[0])(both)  # (c + k, n)
-            index = plan.colors[rows] * p.n + cols
-        return kernels.take(out[:c].reshape(-1), index), out[c:]
+        return kernels.take(out[:c].reshape(-1), _decompression(plan, "cn")[1]), out[c:]
 
     return _trust.linear(traced_flat, values, evaluate, mode=plan.mode, entries=(rows, cols), where=where,
                          reference="with")
