@@ -174,10 +174,10 @@ def _diff_leaf(leaf: Any, where: str, label: str):
 # What a complex input can do with each transformation (the options it has); others take real inputs only.
 _HOLOMORPHIC_HINT = " For a holomorphic function pass holomorphic=True."
 _COMPLEX_HINTS = {
-    "jacobians.jacobian": _HOLOMORPHIC_HINT[:-1] + "; for a real-valued function of complex inputs use reverse "
-                          "mode (mode='rev' or 'auto', jax.jacrev's convention).",
-    **dict.fromkeys(("jacobians.hessian", "jacobians.value_grad_and_hessian", "jacobians.trace_estimate",
-                     "jacobians.value_and_jacobian"),
+    **dict.fromkeys(("jacobians.jacobian", "jacobians.value_and_jacobian"),
+                    _HOLOMORPHIC_HINT[:-1] + "; for a real-valued function of complex inputs use reverse "
+                    "mode (mode='rev' or 'auto', jax.jacrev's convention)."),
+    **dict.fromkeys(("jacobians.hessian", "jacobians.value_grad_and_hessian", "jacobians.trace_estimate"),
                     _HOLOMORPHIC_HINT),
 }
 
@@ -595,7 +595,20 @@ class Transform:
             expect = jax.tree_util.tree_map(lambda a: f"{a.dtype}{list(a.shape)}", want)
             raise ValueError(f"{self.where}: out must be a result of this call (arrays of the same structure, "
                              f"shapes and dtypes), expected {expect}, got {shown}.")
-        return donating(out, *traced)
+        try:
+            return donating(out, *traced)
+        except Exception as e:
+            deleted = [(path, g) for path, g in jax.tree_util.tree_flatten_with_path(out)[0]
+                       if isinstance(g, jax.Array) and g.is_deleted()]
+            if not deleted:
+                raise
+            path, g = deleted[0]
+            raise ValueError(
+                f"{self.where}: .into(out, ...) writes into out's buffers, but out{jax.tree_util.keystr(path)} "
+                f"({g.dtype}{list(g.shape)}) has been deleted (donated to an earlier .into call or "
+                "jax.jit(donate_argnums=...), or .delete()d). Pass the result of the last call, "
+                "out = f.into(out, *args), or call f(*args) for a fresh result."
+            ) from e
 
     def _first_with_numbers(self, fn, spec, n_traced, args, kwargs, *call_args):
         """The first call of a structure with traced Python numbers: if it fails, compile them in and retry.
@@ -678,6 +691,13 @@ def complex_rev_error(where: str, or_holomorphic: bool = False, dtype=None, note
     return TypeError(f"{where}: mode='rev' needs real outputs{' (or holomorphic=True)' if or_holomorphic else ''}, "
                      f"but fun returns complex values{f' ({dtype})' if dtype is not None else ''}; use mode='fwd' "
                      f"or 'auto'{note}.")
+
+
+def complex_to_complex_error(where: str, p) -> TypeError:
+    """The error of a complex-to-complex ``fun`` without ``holomorphic=True`` (it has no complex Jacobian)."""
+    return TypeError(f"{where}: fun has complex inputs ({p.x.dtype}) and complex outputs ({p.out_dtype}); pass "
+                     "holomorphic=True for a holomorphic function (a non-holomorphic complex map has no complex "
+                     "Jacobian).")
 
 
 _NO_FWD = "custom_vjp"  # JAX: "can't apply forward-mode autodiff (jvp) to a custom_vjp function."
@@ -1046,10 +1066,18 @@ def _weak_unravel(unravel: Callable, weak: list[bool]) -> Callable:
 def _split_aux(res: Any, where: str) -> tuple:
     if not (isinstance(res, tuple | list) and len(res) == 2):
         raise TypeError(
-            f"{where}: has_aux=True requires fun to return a pair (output, aux), "
-            f"got {jax.tree_util.tree_structure(res)}."
+            f"{where}: has_aux=True requires fun to return a pair (output, aux), got {_describe_result(res)}."
         )
     return res[0], res[1]
+
+
+def _describe_result(res: Any) -> str:
+    """What fun returned, for a message: ``a tuple of 3 elements``, ``one array float32[3, 2]``, ..."""
+    if isinstance(res, tuple | list):
+        return f"a {type(res).__name__} of {len(res)} element{'' if len(res) == 1 else 's'}"
+    if getattr(res, "dtype", None) is not None and getattr(res, "shape", None) is not None:
+        return f"one array {res.dtype}{list(res.shape)} (no aux)"
+    return f"a {type(res).__name__} ({jax.tree_util.tree_structure(res)})"
 
 
 def _check_aux(aux: Any, where: str) -> None:

@@ -550,7 +550,8 @@ def _compute(t, spec, opts: _Options, *traced):
     in_leaves, in_treedef = jax.tree_util.tree_flatten(in_tree)
     for x in in_leaves:
         if x.ndim == 0 or not -x.ndim <= in_axes < x.ndim:
-            raise ValueError(f"{where}: in_axes={in_axes} is not an axis of a differentiated leaf of shape {x.shape}.")
+            raise ValueError(f"{where}: the batch axis in_axes={in_axes} is not an axis of a differentiated leaf "
+                             f"of shape {x.shape}.")
     batches = {x.shape[in_axes] for x in in_leaves}
     if len(batches) != 1:
         raise ValueError(f"{where}: the differentiated leaves disagree on the batch size: {sorted(batches)}.")
@@ -569,7 +570,7 @@ def _compute(t, spec, opts: _Options, *traced):
         for pos, d in zip(spec.positions, (tree,) if t.int_argnums else tree, strict=True):
             a[pos] = d
         res = t.fun(*a, **kwargs)
-        return res if opts.has_aux else (res, None)
+        return _args._split_aux(res, where) if opts.has_aux else (res, None)
 
     out, _ = jax.eval_shape(call, [x[:real_batch] for x in fronts])
     _args.check_float_outputs(out, where)
@@ -689,7 +690,26 @@ def batch_jacobian(
       >>> jacobians.batch_jacobian(lambda X: X ** 2)(X).shape
       (3, 2, 2)
     """
-    where = "jacobians.batch_jacobian"
+    return batch_jacobian_for("jacobians.batch_jacobian", fun, argnums, in_axes=in_axes, out_axes=out_axes,
+                              mode=mode, has_aux=has_aux, chunk_size=chunk_size, mesh=mesh, mesh_axis=mesh_axis,
+                              max_memory=max_memory)
+
+
+def batch_jacobian_for(
+    where: str,
+    fun: Callable,
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    in_axes: int = 0,
+    out_axes: int = 0,
+    mode: str = "auto",
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    mesh=None,
+    mesh_axis=None,
+    max_memory: int | str | None = None,
+) -> Callable:
+    """:func:`batch_jacobian` built for a caller (``log_abs_det(batch_first=True)``): its errors name ``where``."""
     for name, ax in (("in_axes", in_axes), ("out_axes", out_axes)):
         if isinstance(ax, bool) or not isinstance(ax, int | np.integer):
             raise TypeError(f"{where}: {name} must be an int, got {ax!r}.")

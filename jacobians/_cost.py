@@ -4,12 +4,17 @@ import math
 
 from . import _compat
 
+# Predicates and selects: XLA fuses them into the loop of the arithmetic they guard (a compare and a
+# blend per element; a broadcast scalar is a register), so a guarded product
+# (``where(a == 0, 0, c * a)``) costs what the product costs.
+FREE = frozenset({"reshape", "select_n", "eq", "ne", "lt", "le", "gt", "ge"})
+
 
 def eqn_cost(eqn) -> float:
     """One equation's cost (its nested jaxprs' included; a reshape is free: XLA makes it a bitcast)."""
     name = eqn.primitive.name
-    if name == "reshape":
-        return 0.0
+    if name in FREE or (name == "broadcast_in_dim" and math.prod(eqn.invars[0].aval.shape) == 1):
+        return 0.0  # (a scalar's broadcast is a constant in the fused loop)
     out = sum(math.prod(v.aval.shape) for v in eqn.outvars)
     if name == "dot_general":
         (lc, _), _ = eqn.params["dimension_numbers"]

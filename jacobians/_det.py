@@ -402,9 +402,9 @@ def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, m
     shards = _mesh.resolve(mesh, where, mesh_axis)
     batch_jac = None
     if batch_first:
-        from ._batch import batch_jacobian
+        from ._batch import batch_jacobian_for
 
-        batch_jac = batch_jacobian(fun, argnums, mesh=mesh, mesh_axis=mesh_axis)
+        batch_jac = batch_jacobian_for(where, fun, argnums, mesh=mesh, mesh_axis=mesh_axis)
     opts = _Options(batched, batch_first, kind, output, finish, shards, batch_jac)
     # batched=True calls fun per example: a trial trace of fun on the whole batch would not test that call.
     t = _args.Transform.jitted(fun, argnums, where, _compute, opts, probe=not batched)

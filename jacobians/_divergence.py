@@ -404,5 +404,34 @@ def trace_estimate(
             return fn(key, *traced)
         except _args.TRACER_ERRORS as e:
             raise _args.TracedControlFlowError(where, e) from e
+        except Exception as e:
+            problem = _key_problem(key)
+            if problem is None:
+                raise
+            raw = jax.eval_shape(jax.random.PRNGKey, 0)  # the default implementation's raw key: uint32[2]
+            raise TypeError(
+                f"{where}: key must be one PRNG key, a typed key from jax.random.key(seed) or a raw "
+                f"{raw.dtype}{list(raw.shape)} key from jax.random.PRNGKey(seed), got {problem}."
+            ) from e
 
     return estimate
+
+
+def _key_problem(key) -> str | None:
+    """What is wrong with ``key`` as one ``jax.random`` key (what it is), or ``None`` where JAX takes it.
+
+    Asked only after a call failed: a valid key costs nothing.
+    """
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is None or shape is None:
+        shown = repr(key)
+        return f"{type(key).__name__} ({shown})" if len(shown) <= 40 else type(key).__name__
+    described = f"an array {dtype}{list(shape)}"
+    try:
+        jax.eval_shape(lambda k: jax.random.normal(k, ()), key)
+    except Exception as e:  # noqa: BLE001 - JAX refused it as a key: say what came
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape) or "single key" in first:
+            return f"{described}, a batch of keys (pass one key, or jax.vmap over the keys)"
+        return f"{described} (JAX said: {first.split(' for impl=')[0]})"
+    return None

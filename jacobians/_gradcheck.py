@@ -12,7 +12,8 @@ not vanish next to a large ``|x_j|``. The difference quotient divides by the
 step actually taken, ``(x_j + h_j) - x_j`` in ``x``'s dtype.
 """
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import jax
@@ -196,6 +197,27 @@ def _nonfinite(a: np.ndarray, name: str) -> str:
     return f"the {name} Jacobian has {count} non-finite {entries} (first at {first}: {a[first]})"
 
 
+def _kind(v) -> str:
+    """``int (3)``, ``dict``: a value's type, and its repr where short."""
+    shown = repr(v)
+    return f"{type(v).__name__} ({shown})" if len(shown) <= 60 else type(v).__name__
+
+
+def _as_array(x, where: str) -> jax.Array:
+    """``x`` as one array (arrays, numbers, nested lists of numbers); a pytree or other object: a clear error."""
+    if isinstance(x, jax.Array | np.ndarray | np.generic | int | float | complex):
+        return jnp.asarray(x)
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        pytree = isinstance(x, Mapping | list | tuple) or dataclasses.is_dataclass(x) or not (
+            jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x)))
+        hint = (" gradcheck checks a function of one array: for a pytree, check the function of its flat vector "
+                "(x_flat, unravel = jax.flatten_util.ravel_pytree(x); gradcheck(lambda v: fun(unravel(v)), x_flat))."
+                if pytree else "")
+        raise TypeError(f"{where}: x must be a floating-point array, got {_kind(x)}.{hint}") from e
+
+
 def gradcheck(
     fun: Callable,
     x: jax.Array,
@@ -253,16 +275,21 @@ def gradcheck(
     Raises:
       ValueError: unknown method, non-positive h or tol, the complex step on
         complex or 16-bit ``x``.
-      TypeError: ``x`` is not a floating-point array, ``jit`` is not a bool,
+      TypeError: ``fun`` (or a given ``jac_fun``) is not callable, ``x`` is not
+        a floating-point array (a dict, dataclass or other pytree either), ``jit`` is not a bool,
         or (with ``jit=True``) ``fun`` needs concrete values: Python control
         flow on traced values cannot be compiled.
     """
     where = "jacobians.gradcheck"
+    if not callable(fun):
+        raise TypeError(f"{where}: fun must be callable, got {_kind(fun)}.")
+    if jac_fun is not None and not callable(jac_fun):
+        raise TypeError(f"{where}: jac_fun must be callable or None, got {_kind(jac_fun)}.")
     if method not in METHODS:
         raise ValueError(f"{where}: method must be one of {METHODS}, got {method!r}.")
     if not isinstance(jit, bool):
         raise TypeError(f"{where}: jit must be True or False, got {jit!r}.")
-    x = jnp.asarray(x)
+    x = _as_array(x, where)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         raise TypeError(
             f"{where}: x must be a floating-point array (real, or complex for a holomorphic fun), got dtype "

@@ -470,14 +470,21 @@ _HVP_FAST: dict = {}  # (fun, argnums, mode, argument types) -> the compiled fun
 
 
 def _compute_value_and_jacobian(t, spec, opts, *traced):
-    p = _problem(t, spec, traced, opts.has_aux, opts.holomorphic)
+    # Real-valued functions of complex inputs: reverse mode, with jax.jacrev's convention (as jacobians.jacobian).
+    p = _args.problem(t.fun, spec, traced, where=t.where, has_aux=opts.has_aux, int_argnums=t.int_argnums,
+                      holomorphic=opts.holomorphic, allow_complex=not opts.holomorphic and opts.mode != "fwd")
+    complex_in = jnp.issubdtype(p.x.dtype, jnp.complexfloating) and not opts.holomorphic
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
     mode = opts.mode
 
     def run(mode):
         return (kernels.forward if mode == "fwd" else kernels.reverse)(p.flat, p.x, opts.chunk_size)
 
-    if complex_out and not opts.holomorphic:  # a non-holomorphic complex output: its JVPs (VJPs pull real parts)
+    if complex_in:
+        if complex_out:
+            raise _args.complex_to_complex_error(t.where, p)
+        y, jac, aux = run("rev")
+    elif complex_out and not opts.holomorphic:  # a non-holomorphic complex output: its JVPs (VJPs pull real parts)
         if mode == "rev":
             raise _args.complex_rev_error(t.where, or_holomorphic=True)
         y, jac, aux = run("fwd")

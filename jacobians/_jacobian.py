@@ -91,11 +91,7 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
     else:
         if complex_in:
             if complex_out:
-                raise TypeError(
-                    f"{where}: fun has complex inputs ({p.x.dtype}) and complex outputs ({p.out_dtype}); pass "
-                    "holomorphic=True for a holomorphic function (a non-holomorphic complex map has no complex "
-                    "Jacobian)."
-                )
+                raise _args.complex_to_complex_error(where, p)
             mode = "rev"
         else:
             mode = _choose_mode(opts.mode, p.n, p.m, complex_out, opts.holomorphic, where)

@@ -139,7 +139,8 @@ class Sweep:
         ):  # the log-derivative rules are real ones: abs(z), real(z * z) carry no real "sign" to chain
             raise NoSweep(f"'{name}' on complex values")
         if name in ELEMENTWISE or (name == "custom_jvp_call" and _elementwise_call(_compat.called_jaxpr(eqn))):
-            if any(np.broadcast_shapes(v.aval.shape, out.aval.shape) != out.aval.shape for v in eqn.invars):
+            if any(np.broadcast_shapes(v.aval.shape, out.aval.shape) != out.aval.shape
+                   for v in eqn.invars if not is_opaque(v.aval)):  # (a PRNG key carries no data: random_gamma)
                 raise NoSweep(f"'{name}' broadcasts its output")
             out_tag, masks = self._combine(ins, tagged, out.aval.shape, skip=1 if name == "select_n" else 0)
             tags[out] = out_tag
@@ -243,6 +244,8 @@ def run(eqns, env: dict, inputs, output, actions) -> tuple[jax.Array, jax.Array]
         state[v] = (jnp.zeros(x.shape, x.dtype), jnp.ones(x.shape, x.dtype))
     _replay(eqns, env, state, actions)
     L, S = state[output]
+    # A derivative that is exactly 0 (tanh at inf, exp at -inf) has sign 0, as slogdet's convention has it.
+    S = jnp.where(L == -jnp.inf, jnp.zeros((), S.dtype), S)
     return jnp.ravel(S), jnp.ravel(L)
 
 
@@ -352,6 +355,15 @@ def _log_abs(v):
     return jnp.where(zero, -jnp.inf, jnp.log(jnp.where(zero, jnp.ones((), a.dtype), a)))
 
 
+def _sign(v):
+    """``sign(v)`` with signed zeros kept (``-1`` at ``-0.``): the sign of ``1 / v``, whose log is ``-log|v|``.
+
+    ``log``'s derivative at ``+0.`` is ``+inf`` and at ``-0.`` is ``-inf`` (JAX's ``1 / x``); ``sign(0) = 0``
+    there would give ``det = 0 * inf``, a NaN.
+    """
+    return jnp.where(v == 0, jnp.copysign(jnp.ones((), v.dtype), v), jnp.sign(v))
+
+
 def _function_name(eqn) -> str | None:
     """The name of the Python function a ``custom_jvp_call`` wraps (``logaddexp`` for softplus), if recorded."""
     inner = _compat.unclose(eqn.params.get("call_jaxpr"))[0] if eqn.params.get("call_jaxpr") is not None else None
@@ -393,24 +405,27 @@ def _log_partial(eqn, k, vals, out, logs=None):
         if k == 0 and logs[1] is not None:
             return zero - jnp.asarray(logs[1], out.dtype), one
         if k == 0:
-            return zero - log_abs(den), one * jnp.sign(den)
+            return zero - log_abs(den), one * _sign(den)
         return zero + log_abs(num) - 2 * log_abs(den), -one * jnp.sign(num)
     if name in ("exp", "expm1"):
         return zero + a, one
     if name == "log":
-        return zero - log_abs(a), one * jnp.sign(a)
+        return zero - log_abs(a), one * _sign(jnp.asarray(a, out.dtype))
     if name == "log1p":
-        return zero - jnp.where(a > -1, jnp.log1p(a), log_abs(1 + a)), one * jnp.sign(1 + a)
+        return zero - jnp.where(a > -1, jnp.log1p(a), log_abs(1 + a)), one * _sign(jnp.asarray(1 + a, out.dtype))
     if name == "tanh":
         b = jnp.abs(a)
         return zero + 2 * (LOG2 - b - _softplus(-2 * b)), one
     if name == "logistic":
         return zero - _softplus(-a) - _softplus(a), one
-    if name == "sqrt":
-        return zero - LOG2 - 0.5 * jnp.log(a), one
+    if name == "sqrt":  # 1 / (2 sqrt(a)): -inf at -0. (sqrt(-0.) = -0.)
+        return zero - LOG2 - 0.5 * jnp.log(a), one * _sign(jnp.asarray(a, out.dtype))
     if name == "integer_pow" and eqn.params["y"] not in (0, 1):
-        y = eqn.params["y"]
-        s = jnp.sign(a) ** (y - 1) * (1 if y > 0 else -1)
+        y = eqn.params["y"]  # y a^(y - 1): the sign of a^(y - 1) is its parity's, 0 at a = 0 when y > 1
+        base = _sign(jnp.asarray(a, out.dtype)) if (y - 1) % 2 else jnp.ones((), out.dtype)
+        s = base * (1 if y > 0 else -1)
+        if y > 1:
+            s = jnp.where(a == 0, jnp.zeros((), out.dtype), s)
         return zero + math.log(abs(y)) + (y - 1) * log_abs(a), one * s
     if name == "custom_jvp_call" and _function_name(eqn) == "logaddexp" and len(vals) == 2:
         # softplus, log_sigmoid: d out / d a = exp(a - out), exact in logs where the partial underflows.

@@ -10,7 +10,9 @@ Families:
 
 - ``HOST_CALLS``: host callbacks, opaque (each output depends on every operand);
 - ``ZERO``: a derivative that vanishes wherever it exists (``floor``, comparisons, bit ops);
-- ``ELEMENTWISE``: differentiable element-wise primitives (NumPy broadcasting of size-1 axes);
+- ``ELEMENTWISE``: differentiable element-wise primitives (NumPy broadcasting of size-1 axes of their
+  numeric operands; ``random_gamma``'s PRNG key, of the output's leading batch shape or ``()``, carries no
+  derivative and does not broadcast that way: rules must skip operands that are not numbers);
   ``SIGNS`` the linear ones with their constant partials; ``HOLOMORPHIC`` those whose
   derivative on complex values is multiplication by a complex number;
 - ``IDENTITIES``: placement and scheduling (each result is its own operand);
@@ -25,7 +27,7 @@ Families:
 ELEMENTWISE = tuple(
     "neg sin cos tan asin acos atan sinh cosh tanh asinh acosh atanh exp exp2 log log1p expm1 "
     "sqrt rsqrt cbrt abs logistic erf erfc erf_inv lgamma digamma polygamma igamma igammac "
-    "igamma_grad_a random_gamma_grad bessel_i0e bessel_i1e zeta regularized_incomplete_beta "
+    "igamma_grad_a random_gamma random_gamma_grad bessel_i0e bessel_i1e zeta regularized_incomplete_beta "
     "square add add_any sub div rem max min atan2 conj real imag complex clamp "
     "one_minus_square log2 polynomial "  # JAX >= 0.11: 1 - x^2 (tanh's derivative), log2, Horner (x, *coeffs)
     "convert_element_type reduce_precision copy copy_p".split()

@@ -39,6 +39,12 @@ def _square(X, where: str) -> jax.Array:
     return X
 
 
+def _inexact_dtype(dtype) -> jnp.dtype:
+    """The dtype ``jnp.linalg`` computes in for operands of ``dtype`` (integers and booleans promoted as JAX does)."""
+    # Read from jnp.linalg.det itself (not cached: the answer may change with jax_enable_x64).
+    return jnp.dtype(jax.eval_shape(jnp.linalg.det, jax.ShapeDtypeStruct((1, 1), dtype)).dtype)
+
+
 def _match(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"jacobians.identities.{where}: {msg}")
@@ -106,21 +112,28 @@ def det(X: jax.Array) -> jax.Array:
 
     ``|X| X^{-T}`` is the cofactor matrix ``adj(X)^T``, which is defined for
     every ``X``, singular ones included (there ``jacobians.jacobian(jnp.linalg.det)``
-    gives the same). It is computed from the SVD ``X = U S V^T`` as
-    ``det(U) det(V) U diag(prod_{j != i} s_j) V^T``, with the products of the
-    other singular values formed without dividing by ``s_i``.
+    gives the same). It is computed from the SVD ``X = U S V^H`` as
+    ``det(U) det(V^H) conj(U) diag(prod_{j != i} s_j) conj(V^H)``, with the products
+    of the other singular values formed without dividing by ``s_i``.
 
     Args:
-      X: shape ``(N, N)``.
+      X: shape ``(N, N)``, real or complex. For complex ``X`` the result is the
+        complex derivative of the (holomorphic) determinant, as from
+        ``jax.jacfwd(jnp.linalg.det, holomorphic=True)``; like every identity
+        here it transposes, never conjugates. Integer and boolean ``X`` are
+        promoted as ``jnp.linalg.det`` promotes them.
 
     Returns:
-      Shape ``(N, N)``.
+      Shape ``(N, N)``, of the dtype ``jnp.linalg.det(X)`` has.
     """
     X = _square(X, "det")
+    dtype = _inexact_dtype(X.dtype)
     n = X.shape[0]
     if n == 0:
-        return X
-    U, s, Vt = jnp.linalg.svd(X)
+        return jnp.zeros((0, 0), dtype)
+    # No SVD kernels in half precision: float16 and bfloat16 work in float32 and round once at the end.
+    work = jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
+    U, s, Vh = jnp.linalg.svd(X.astype(work))
     # prod_{j != i} s_j as (product of those before i) * (product of those after i), of the singular
     # values over the largest (at most 1: nothing overflows); that largest to the power n - 1 multiplies
     # last, where it may overflow: exact zeros stay 0 (inf * 0 would be NaN; jax.grad(det) gives 0 there).
@@ -129,10 +142,13 @@ def det(X: jax.Array) -> jax.Array:
     ones = jnp.ones((1,), s.dtype)
     before = jnp.cumprod(jnp.concatenate([ones, t[:-1]]))
     after = jnp.cumprod(jnp.concatenate([ones, t[::-1][:-1]]))[::-1]
-    sign = jnp.linalg.slogdet(U)[0] * jnp.linalg.slogdet(Vt)[0]  # each +-1: U and V are orthogonal
-    scaled = (sign * (U * (before * after)[None, :])) @ Vt
-    scale = top ** (n - 1)
-    return jnp.where(scaled == 0, jnp.zeros((), scaled.dtype), scaled * scale)
+    # det(U) det(V^H): +-1 for orthogonal factors, a unit complex number for unitary ones (slogdet's sign).
+    phase = jnp.linalg.slogdet(U)[0] * jnp.linalg.slogdet(Vh)[0]
+    # X^{-T} = conj(U) S^{-1} conj(V^H) (conj is the identity on real values).
+    scaled = (phase * (jnp.conj(U) * (before * after).astype(work)[None, :])) @ jnp.conj(Vh)
+    scale = (top ** (n - 1)).astype(work)
+    out = jnp.where(scaled == 0, jnp.zeros((), work), scaled * scale)
+    return out.astype(dtype)
 
 
 def inverse(X: jax.Array) -> jax.Array:
@@ -156,7 +172,8 @@ def bilinear_inverse(a: jax.Array, X: jax.Array, b: jax.Array) -> jax.Array:
 
     Args:
       a, b: shape ``(N,)``; X: shape ``(N, N)``, invertible (at a singular
-        ``X`` the result is not finite, as for :func:`inverse`).
+        ``X`` the result is not finite, as for :func:`inverse`). Integer and
+        boolean operands are promoted as ``jnp.linalg.inv`` promotes them.
 
     Returns:
       Shape ``(N, N)``.
@@ -167,6 +184,8 @@ def bilinear_inverse(a: jax.Array, X: jax.Array, b: jax.Array) -> jax.Array:
     shapes = f"a {tuple(a.shape)}, X {tuple(X.shape)}, b {tuple(b.shape)}"
     _match(a.shape == b.shape == X.shape[:1], where, f"{shapes} do not chain.")
     Xi = jnp.linalg.inv(X)
+    # Integer and boolean a, b promoted as jnp.linalg.inv promotes X (strict promotion has no int-float path).
+    a, b = (v if jnp.issubdtype(v.dtype, jnp.inexact) else v.astype(_inexact_dtype(v.dtype)) for v in (a, b))
     return -jnp.outer(Xi.T @ a, Xi @ b)
 
 

@@ -210,6 +210,12 @@ def _unary():
     yield Conf("regularized_incomplete_beta", "", "betainc(a, b const, x)",
                lambda x: jax.scipy.special.betainc(_c(2.0, x), _c(3.0, x), 0.5 + 0.4 * jnp.sin(x)), (3, 4),
                tol=1e-6)
+    # A draw with respect to its shape parameter (implicit reparameterisation): element-wise in ``a``; the key,
+    # one for all (broadcast to the batch under vmap) or one per row, carries no derivative.
+    yield Conf("random_gamma", "", "gamma(constant key, a)", lambda x: jax.random.gamma(jax.random.key(5), _pos(x)),
+               (3, 4), tol=1e-7)
+    yield Conf("random_gamma", "", "gamma(a key per row, a) under vmap", lambda x: jax.vmap(jax.random.gamma)(
+        jax.random.split(jax.random.key(6), 3), _pos(x)), (3, 4), tol=1e-7)
 
 
 _COMPLEX_UNARY = [

@@ -79,6 +79,30 @@ def test_errors(rng):
         jacobians.batch_jacobian(lambda X: X.sum(0))(X)
 
 
+def test_has_aux_needs_a_pair(rng):
+    X = randn(rng, (4, 3))
+    with pytest.raises(TypeError, match=r"jacobians.batch_jacobian: has_aux=True requires fun to return a pair "
+                                        r"\(output, aux\), got one array float64\[4, 3\] \(no aux\)"):
+        jacobians.batch_jacobian(jnp.sin, has_aux=True)(X)
+    with pytest.raises(TypeError, match=r"jacobians.batch_jacobian: has_aux=True requires fun to return a pair "
+                                        r"\(output, aux\), got a tuple of 3 elements"):
+        jacobians.batch_jacobian(lambda X: (X, X, X), has_aux=True)(X)
+
+
+def test_errors_name_the_caller_that_built_the_batch_jacobian():
+    from jacobians._batch import batch_jacobian_for
+
+    with pytest.raises(ValueError, match=r"^jacobians.log_abs_det: the batch axis in_axes=0 is not an axis of a "
+                                        r"differentiated leaf of shape \(\)"):
+        batch_jacobian_for("jacobians.log_abs_det", jnp.sin)(jnp.float64(1.0))
+
+
+def test_log_abs_det_batch_first_errors_name_log_abs_det(rng):
+    with pytest.raises(ValueError, match=r"^jacobians.log_abs_det: every output needs the batch axis out_axes=0 "
+                                        r"of size 4, got shape \(3,\)"):
+        jacobians.log_abs_det(lambda X: X.sum(0), batch_first=True)(randn(rng, (4, 3)))
+
+
 def test_empty_batch_gives_empty_blocks():
     def f(X, W):
         return jnp.tanh(X @ W), {"n": X.shape[0]}

@@ -152,6 +152,38 @@ def test_log_space_elementwise():
     np.testing.assert_allclose(jacobians.log_abs_det(jax.nn.softplus)(jnp.asarray(z)), -200.474077, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "f, x, want",
+    [
+        (jnp.log, [0.0, 1.0, 4.0], (1.0, np.inf)),  # log' = 1/x: +inf at +0., -inf at -0.
+        (jnp.log, [-0.0, 1.0, 4.0], (-1.0, np.inf)),
+        (jnp.log, [-2.0, 1.0, 4.0], (-1.0, np.log(0.5 * 0.25))),
+        (jnp.log1p, [-1.0, 1.0, 4.0], (1.0, np.inf)),
+        (lambda x: 2.0 * jnp.log(x), [0.0, 1.0, 4.0], (1.0, np.inf)),
+        (lambda x: x**-1, [0.0, 1.0, 4.0], (-1.0, np.inf)),
+        (lambda x: x**-2, [0.0, 1.0, 4.0], (-1.0, np.inf)),
+        (lambda x: x**-2, [-0.0, 1.0, 4.0], (1.0, np.inf)),
+        (lambda x: x**3, [0.0, 1.0, 4.0], (0.0, -np.inf)),
+        (lambda x: x**3, [-3.0, 1.0, 4.0], (1.0, np.log(27.0 * 3 * 48))),
+        (lambda x: x / jnp.asarray([0.0, 1.0, 2.0]), [1.0, 1.0, 4.0], (1.0, np.inf)),
+        (lambda x: jnp.asarray([0.0, 1.0, 2.0]) / x, [1.0, 1.0, 4.0], (0.0, -np.inf)),
+        (jnp.sqrt, [0.0, 1.0, 4.0], (1.0, np.inf)),
+        (jnp.sqrt, [-0.0, 1.0, 4.0], (-1.0, np.inf)),
+        (jnp.tanh, [np.inf, 1.0, 2.0], (0.0, -np.inf)),  # a derivative exactly 0: slogdet's (0, -inf)
+        (jnp.exp, [-np.inf, 1.0, 2.0], (0.0, -np.inf)),
+        (jax.nn.sigmoid, [np.inf, 1.0, 2.0], (0.0, -np.inf)),
+    ],
+)
+def test_log_diagonal_signs_at_zeros_and_infinities(f, x, want):
+    # The sign comes from the derivative, not the input: log at 0 had sign 0 and det = 0 * inf = NaN.
+    x = jnp.asarray(x, jnp.float64)
+    assert [s.method for s in jacobians.slogdet(f).plan(x).stages] == ["sweep"]
+    sign, logabs = jacobians.slogdet(f)(x)
+    assert (float(sign), float(logabs)) == pytest.approx(want, rel=1e-12)
+    det = float(jacobians.det(f)(x))
+    assert det == (0.0 if want[0] == 0 else pytest.approx(want[0] * np.exp(want[1]), rel=1e-12))
+
+
 @pytest.mark.parametrize("k", [2, 3, 4, 8, 16])
 def test_infinite_entry_gives_plus_inf(k):
     c = np.ones(k)

@@ -1,5 +1,6 @@
 """Gradient checking with the book's relative-error metric."""
 
+import dataclasses
 import functools
 import warnings
 
@@ -285,6 +286,23 @@ def test_errors():
         ValueError, match=r"method='complex' \(the complex step\) needs real float32 or float64 x, got dtype complex128"
     ):
         jacobians.gradcheck(jnp.sin, jnp.ones(2, jnp.complex128), method="complex")
+
+
+def test_bad_fun_and_x_name_gradcheck():
+    @dataclasses.dataclass
+    class Params:
+        w: jax.Array
+
+    with pytest.raises(TypeError, match=r"jacobians.gradcheck: x must be a floating-point array, got dict "
+                                        r"\(\{'w': .*ravel_pytree"):
+        jacobians.gradcheck(lambda p: jnp.sin(p["w"]), {"w": jnp.ones(2)})
+    with pytest.raises(TypeError, match=r"jacobians.gradcheck: x must be a floating-point array, got Params\b.*"
+                                        r"ravel_pytree"):
+        jacobians.gradcheck(lambda p: jnp.sin(p.w), Params(jnp.ones(2)))
+    with pytest.raises(TypeError, match=r"jacobians.gradcheck: fun must be callable, got int \(3\)"):
+        jacobians.gradcheck(3, jnp.ones(2))
+    with pytest.raises(TypeError, match=r"jacobians.gradcheck: jac_fun must be callable or None, got ndarray"):
+        jacobians.gradcheck(jnp.sin, jnp.ones(2), np.eye(2))
 
 
 def test_huge_entries_and_numpy_steps():

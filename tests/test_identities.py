@@ -181,3 +181,59 @@ def test_det_gradient_where_the_determinant_overflows():
     got = np.asarray(I.det(jnp.eye(3) * 1e200))
     np.testing.assert_array_equal(got, np.where(np.eye(3) > 0, np.inf, 0.0))
     assert np.isinf(got[0, 0]) and got[0, 1] == 0
+
+
+def _complex_of_rank(rng, n, r):
+    """A complex ``(n, n)`` matrix of rank ``r``: a complex ``(n, r)`` factor times a complex ``(r, n)`` one."""
+    a, b, c, d = (rng.standard_normal(s) for s in ((n, r), (n, r), (r, n), (r, n)))
+    return jax.lax.complex(jnp.asarray(a @ c - b @ d), jnp.asarray(a @ d + b @ c))
+
+
+det_jit = jax.jit(I.det)  # one compilation per shape and dtype (eagerly, each of its operations compiles)
+
+
+def test_det_gradient_of_complex_matrices(rng):
+    # For complex X the derivative of the holomorphic det is still adj(X)^T = |X| X^{-T}: conj(U) ... conj(V^H)
+    # from the SVD X = U S V^H, and det(U) det(V^H) a unit complex number. It used U ... V^H: a wrong answer.
+    for r in (3, 2, 1):  # invertible, and singular of rank N - 1 and N - 2
+        X = _complex_of_rank(rng, 3, r)
+        got = det_jit(X)
+        assert got.dtype == jnp.complex128
+        np.testing.assert_allclose(got, _cofactors(X), rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(got, 0.0, atol=1e-11)
+    np.testing.assert_allclose(
+        det_jit(X := _complex_of_rank(rng, 3, 3)),
+        jax.jacfwd(jnp.linalg.det, holomorphic=True)(X),
+        rtol=1e-9,
+        atol=1e-11,
+    )
+    got = det_jit(X.astype(jnp.complex64))
+    assert got.dtype == jnp.complex64
+    np.testing.assert_allclose(got, _cofactors(X), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bool", "int8", "uint8", "int32", "int64", "float16", "bfloat16", "float32"])
+def test_det_gradient_promotes_like_jnp_linalg_det(dtype):
+    # The result has jnp.linalg.det(X)'s dtype (JAX's promotion of integers and booleans, under x64 too); half
+    # precision works in float32 (the SVD has no half kernels: it raised) and rounds once. A 0 x 0 integer X
+    # came back as itself, an integer array.
+    X = jnp.array([[2, 1, 0], [1, 3, 1], [0, 1, 1]]).astype(dtype)
+    want = np.asarray(_cofactors(np.asarray(X, np.float64)))
+    got = det_jit(X)
+    assert got.dtype == jnp.linalg.det(X).dtype
+    tol = 1e-2 if jnp.finfo(got.dtype).bits < 32 else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+    empty = det_jit(jnp.zeros((0, 0), dtype))  # (jnp.linalg.det itself fails at 0 x 0 in half precision)
+    assert empty.dtype == got.dtype and empty.shape == (0, 0)
+
+
+def test_bilinear_inverse_of_integer_operands():
+    # a^T X^{-1} b with integer a, X, b: a and b are promoted as jnp.linalg.inv promotes X (under strict promotion
+    # Xi @ a had no int-float path and raised).
+    X, a, b = jnp.array([[2, 1], [1, 3]]), jnp.array([1, 2]), jnp.array([3, -1])
+    got = I.bilinear_inverse(a, X, b)
+    assert got.dtype == jnp.linalg.inv(X).dtype
+    Xf = np.asarray(X, np.float64)
+    np.testing.assert_allclose(
+        got, I.bilinear_inverse(np.asarray(a, np.float64), Xf, np.asarray(b, np.float64)), rtol=1e-6
+    )

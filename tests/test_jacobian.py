@@ -453,8 +453,19 @@ def test_value_and_jacobian_holomorphic(rng, mode):
             jacobians.value_and_jacobian(g, mode=mode)(x)
     else:
         assert_tree_allclose(jacobians.value_and_jacobian(g, mode=mode)(x)[1], jax.jacfwd(g)(x))
-    with pytest.raises(TypeError, match="complex128. For a holomorphic function pass holomorphic=True"):
+    with pytest.raises(TypeError, match=r"jacobians.value_and_jacobian: fun has complex inputs \(complex128\) and "
+                                        r"complex outputs .*pass holomorphic=True"):
         jacobians.value_and_jacobian(f)(z)
+
+
+@pytest.mark.parametrize("mode", ["auto", "rev"])
+def test_value_and_jacobian_real_function_of_complex_inputs(rng, mode):
+    f = lambda z: jnp.abs(z) ** 2 + jnp.real(z[::-1])  # noqa: E731
+    z = jax.lax.complex(randn(rng, (3,)), randn(rng, (3,)))
+    value, J = jacobians.value_and_jacobian(f, mode=mode)(z)
+    assert_tree_allclose(value, f(z))
+    assert_tree_allclose(J, jax.jacrev(f)(z))
+    assert_tree_allclose(J, jacobians.jacobian(f, mode=mode)(z))
 
 
 @pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])

@@ -371,3 +371,24 @@ def test_empty_input_leaves(method):
     np.testing.assert_array_equal(diag["w"], [6.0, 12.0])
     assert diag["b"].shape == (0,)
     assert float(jacobians.laplacian(lambda t: jnp.sum(t**2), method=method)(jnp.zeros((0,)))) == 0.0
+
+
+@pytest.mark.parametrize("method", ["forward", "sparse"])
+def test_an_infinite_partial_stays_in_its_entry(method, rng):
+    # sqrt at x_0 = 0: f' = inf times the other inputs' zero columns was NaN in every entry;
+    # jax.hessian (forward over reverse) gives -inf at entry 0 only, as here.
+    W = randn(rng, (6, 6)) / 3
+    g = lambda x: jnp.sum(jnp.tanh(W @ x)) + jnp.sum(jnp.sqrt(x))  # noqa: E731
+    x = jnp.abs(randn(rng, (6,))).at[0].set(0.0)
+    want = np.diag(np.asarray(jax.hessian(g)(x)))
+    assert want[0] == -np.inf and np.isfinite(want[1:]).all()
+    got = jacobians.hessian_diagonal(g, method=method)(x)
+    np.testing.assert_allclose(got, want, **F64)
+    assert jacobians.laplacian(g, method=method)(x) == -np.inf
+    v, gr, lap = jacobians.value_grad_and_laplacian(g, method=method)(x)
+    np.testing.assert_allclose(gr, jax.grad(g)(x), **F64)
+    assert lap == -np.inf and np.isfinite(v)
+    # A NaN input entry: NaN in its own entry only (jax.hessian's diagonal), not everywhere.
+    h = lambda x: jnp.sum(jnp.abs(x) ** 2.5)  # noqa: E731
+    y = randn(rng, (4,)).at[1].set(jnp.nan)
+    np.testing.assert_allclose(jacobians.hessian_diagonal(h, method=method)(y), np.diag(jax.hessian(h)(y)), **F64)

@@ -272,6 +272,21 @@ def test_into_reuses_the_donated_result(rng):
         assert H.is_deleted()
 
 
+def test_into_a_deleted_out_says_so(rng):
+    jf = jacobians.jacobian(lambda p: jnp.sin(p["w"]))
+    p = {"w": randn(rng, (3,))}
+    out = jf(p)
+    out["w"].delete()
+    with pytest.raises(ValueError, match=r"jacobians.jacobian: \.into\(out, \.\.\.\) writes into out's buffers, "
+                                         r"but out\['w'\] \(float64\[3, 3\]\) has been deleted \(donated"):
+        jf.into(out, p)
+    fresh = jf(p)
+    jf.into(fresh, p)  # fresh is donated: passing it again is the same mistake
+    if fresh["w"].is_deleted():
+        with pytest.raises(ValueError, match=r"out\['w'\] \(float64\[3, 3\]\) has been deleted"):
+            jf.into(fresh, p)
+
+
 def test_new_shapes_of_a_compiled_structure_plan_and_check_again(rng):
     """The dispatch fast path keys on argument types: a new shape retraces, plans and certifies its own plan."""
     f = lambda x: jnp.sin(x) * x + x[::-1] ** 2  # noqa: E731

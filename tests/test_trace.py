@@ -96,6 +96,22 @@ def test_trace_estimate_errors(rng):
         jacobians.trace_estimate(jnp.sin, num_probes=4, holomorphic=1)
 
 
+def test_key_must_be_one_prng_key(rng):
+    x = randn(rng, (3,))
+    est = jacobians.trace_estimate(jnp.sin, num_probes=4)
+    # What jax.random takes: a typed key and a raw uint32[2] key (the same bits: the same estimate).
+    assert [float(v) for v in est(x, key=jax.random.key(1))] == [float(v) for v in est(x, key=jax.random.PRNGKey(1))]
+    with pytest.raises(TypeError, match=r"jacobians.trace_estimate: key must be one PRNG key, a typed key from "
+                                        r"jax.random.key\(seed\) or a raw uint32\[2\] key .*got int \(3\)"):
+        est(x, key=3)
+    with pytest.raises(TypeError, match=r"jacobians.trace_estimate: key must be one PRNG key.* got an array "
+                                        r"uint32\[3\] \(JAX said: .*shape"):
+        est(x, key=jnp.zeros(3, jnp.uint32))
+    with pytest.raises(TypeError, match=r"jacobians.trace_estimate: key must be one PRNG key.* got an array "
+                                        r"key<fry>\[2\], a batch of keys"):
+        est(x, key=jax.random.split(jax.random.key(0)))
+
+
 def test_seeds_next_to_closed_over_weights_are_not_constant_folded(rng):
     # Closed-over weights are constants of the compiled program; constant seeds times them would be folded by
     # XLA at compile time (an n = 1024 MLP: 20+ s). Every engine that builds its own seeds hides them behind

@@ -91,10 +91,21 @@ def derivatives(fn, u):
     return y, d1, d2
 
 
+def times(c, a):
+    """``c * a`` with ``0`` where ``a`` is exactly ``0``: a zero derivative times an infinite partial is 0.
+
+    ``sqrt`` at ``x_0 = 0`` has ``f' = inf``; its element's columns for the other inputs are
+    exact zeros, and ``inf * 0 = NaN`` there would spread to every entry of a Laplacian or a
+    Hessian diagonal (``jax.hessian``, reverse over forward, gives ``-inf`` at that entry only).
+    A NaN partial (an input entry that is NaN) stays in its own element's columns likewise.
+    """
+    return jnp.where(a == 0, jnp.zeros((), a.dtype), c * a)
+
+
 def unary(lat, t, d1, d2):
     """The block of ``f(u)`` from ``u``'s block ``t``: ``J' = f' J``, ``L' = f' L + f'' (J, J)``."""
     j, second = cast(t, d1.dtype)
-    return d1[None] * j, d1[None] * second + d2[None] * products(lat, j, j)
+    return times(d1[None], j), times(d1[None], second) + times(d2[None], products(lat, j, j))
 
 
 def materialize(v):
@@ -125,8 +136,8 @@ def add(a, b):
 
 
 def scale(c, t):
-    """An element-wise factor ``c`` (shape ``S``) times a block."""
-    return c[None] * t[0], c[None] * t[1]
+    """An element-wise factor ``c`` (shape ``S``) times a block (exact zeros stay zero, see :func:`times`)."""
+    return times(c[None], t[0]), times(c[None], t[1])
 
 
 def add_second(t, s):
@@ -226,4 +237,4 @@ def cast(t, dtype):
 
 
 __all__ = ["TV", "Lazy", "add", "add_second", "apply", "broadcast", "cast", "cols", "compress", "derivatives",
-           "gather", "materialize", "products", "relayout", "root", "scale", "seed", "unary", "zeros"]
+           "gather", "materialize", "products", "relayout", "root", "scale", "seed", "times", "unary", "zeros"]

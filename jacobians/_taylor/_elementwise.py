@@ -88,7 +88,7 @@ def elementwise(lat, eqn, ins, second: bool = True):
     if second:
         s = None
         for (i, j), c in dd.items():
-            p = c.astype(out.dtype)[None] * bk.products(lat, ts[i][0], ts[j][0]) * (1 if i == j else 2)
+            p = bk.times(c.astype(out.dtype)[None], bk.products(lat, ts[i][0], ts[j][0]) * (1 if i == j else 2))
             s = p if s is None else s + p
         total = bk.add_second(total, s)
     return [(total, dst)]
