@@ -75,14 +75,17 @@ def _flat_jacobian(p: _args.Problem, mode: str):
     return J
 
 
-def _plan(t, spec, leaves, opts, square: bool, batch: int | None = None) -> _blocktri.LogDetPlan:
+def _plan(t, spec, leaves, opts, batch: int | None = None) -> _blocktri.LogDetPlan:
     """The cached plan for one point's leaves (shapes suffice): block-triangular, singular or dense.
+
+    A square map's plan serves its log-volume too: ``1/2 log det(J^T J) = log |det J|`` (in log space
+    where the structure allows: a saturated ``tanh`` keeps a finite log-volume).
 
     Made on the host at trace time. An analysis that raises falls back to the
     dense plan with a PlanWarning (strict mode: a PlanError), see :mod:`._trust`.
     """
     avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in leaves]
-    key = (spec, square, batch, _args.shapes_key(avals))
+    key = (spec, batch, _args.shapes_key(avals))
     plan = opts.plans.get(key)
     if plan is not None:
         return plan
@@ -91,9 +94,9 @@ def _plan(t, spec, leaves, opts, square: bool, batch: int | None = None) -> _blo
     forced = _planner.forced(closed)
     per_example = batch is None or (len(p.out_leaves) == 1 and len(p.in_leaves) == 1 and batch > 0
                                     and np.shape(p.out_leaves[0])[:1] == (batch,))
-    if not square or p.n != p.m or p.n == 0 or not per_example:
+    if p.n != p.m or p.n == 0 or not per_example:
         plan = _blocktri.dense_plan(p.n, forced or "fwd", "a log-volume (rectangular): QR of the dense Jacobian"
-                                    if not square else "no structure to read")
+                                    if p.n != p.m else "no structure to read")
     else:
         try:
             with _trust.stage("log-determinant analysis", passing=(_blocktri.Coupled,)):
@@ -238,9 +241,11 @@ def _certificate(t, spec, opts, plan, traced_flat, values, after: bool) -> _trus
             ref_sing = np.isneginf(ref_logabs[e]) or np.isneginf(rows[e])
             if ref_sing and not sing[e]:  # a row rounded to zero (a saturated tanh) cannot refute a finite log
                 return f"{_INCONCLUSIVE}JAX's dense Jacobian is singular where the plan gives {logabs[e]:.6g}{at}"
+            # Singular within rounding on both sides (a map singular everywhere, jax.nn.standardize's rows):
+            # both logs are rounding noise far below Hadamard's bound, their signs too.
+            if (sing[e] or logabs[e] - rows[e] < near) and (ref_sing or ref_logabs[e] - rows[e] < near):
+                continue
             if sing[e] or ref_sing:
-                if (sing[e] or logabs[e] - rows[e] < near) and (ref_sing or ref_logabs[e] - rows[e] < near):
-                    continue
                 return f"log|det| {'-inf' if sing[e] else f'{logabs[e]:.6g}'}, JAX's {ref_logabs[e]:.6g}{at}"
             if (known[e] and sign[e] != ref_sign[e]) or abs(logabs[e] - ref_logabs[e]) > tol * (
                     abs(ref_logabs[e]) + np.sqrt(d)):
@@ -293,8 +298,8 @@ def _compute(t, spec, opts, *traced):
         if len(xs) == 1 and np.ndim(xs[0]) and np.shape(xs[0])[0] == 0:  # an empty batch: nothing to prove
             dtype = jnp.result_type(xs[0]) if jnp.issubdtype(jnp.result_type(xs[0]), jnp.inexact) else float
             return opts.finish(jnp.ones((0,), dtype), jnp.zeros((0,), dtype))
-        if square and len(xs) == 1 and np.ndim(xs[0]) and opts.shards is None:  # (a mesh splits batch_jacobian)
-            plan = _plan(t, spec, traced, opts, square, batch=int(np.shape(xs[0])[0]))
+        if len(xs) == 1 and np.ndim(xs[0]) and opts.shards is None:  # (a mesh splits batch_jacobian)
+            plan = _plan(t, spec, traced, opts, batch=int(np.shape(xs[0])[0]))
             if plan.method != "dense":  # per-example blocks, proved apart by the pattern itself
                 return opts.finish(*_blocktri.evaluate(plan, traced))
         leaves = jax.tree_util.tree_leaves(opts.batch_jac(*args, **kwargs))
@@ -310,7 +315,7 @@ def _compute(t, spec, opts, *traced):
     def one(*leaves):
         p = _args.problem(t.fun, spec, leaves, where=where, int_argnums=True)
         _check_sizes(p, where, square)
-        plan = _plan(t, spec, leaves, opts, square)
+        plan = _plan(t, spec, leaves, opts)
         if plan.method != "dense":
             return _blocktri.evaluate(plan, leaves)
         return reduce(_flat_jacobian(p, plan.mode))
@@ -326,7 +331,7 @@ def _compute(t, spec, opts, *traced):
     def point(*leaves):  # one point's result, or (dense plans) its Jacobian for one kernel call on the stack
         p = _args.problem(t.fun, spec, leaves, where=where, int_argnums=True)
         _check_sizes(p, where, square)
-        plan = _plan(t, spec, leaves, opts, square)
+        plan = _plan(t, spec, leaves, opts)
         if plan.method != "dense":
             return _blocktri.evaluate(plan, leaves)
         dense.append(True)
@@ -335,7 +340,7 @@ def _compute(t, spec, opts, *traced):
     def dense_plan(args) -> bool:  # one point's plan (cached: point() finds it), made here from shapes
         avals = [jax.ShapeDtypeStruct(np.shape(x)[1:] if d else np.shape(x), jnp.result_type(x))
                  for x, d in zip(args, diff_mask, strict=True)]
-        return _plan(t, spec, avals, opts, square).method == "dense"
+        return _plan(t, spec, avals, opts).method == "dense"
 
     def stacked(*args):  # (sign, logabsdet) of a batch
         out = jax.vmap(point, in_axes=in_axes)(*args)
@@ -429,12 +434,12 @@ def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, m
         if batch_first:
             xs = [x for x, d in zip(traced, mask, strict=True) if d]
             b = int(np.shape(xs[0])[0]) if len(xs) == 1 and np.ndim(xs[0]) else None
-            if b is None or kind == "log_volume":
+            if b is None:
                 return _blocktri.dense_plan(0, "fwd", "batch_first=True: batch_jacobian's per-example Jacobians")
-            return _plan(t, spec, traced, opts, True, batch=b)
+            return _plan(t, spec, traced, opts, batch=b)
         avals = [jax.ShapeDtypeStruct(np.shape(a)[1:] if batched and d else np.shape(a), a.dtype)
                  for a, d in zip(traced, mask, strict=True)]
-        return _plan(t, spec, avals, opts, kind != "log_volume")
+        return _plan(t, spec, avals, opts)
 
     wrapped.transform = t
     wrapped.plan = plan
