@@ -28,14 +28,42 @@ from ._leaves import Leaves, join
 HESSIAN_MODES = _args.HESSIAN_MODES
 
 
-def _check_scalar(shapes, where: str, holomorphic: bool = False) -> None:
+def _check_scalar(shapes, where: str, holomorphic: bool = False, bare: bool = False) -> None:
+    """``fun``'s output must be one real (holomorphic: complex) scalar.
+
+    ``bare``: the scalar itself, not held in a container (a dict, a 1-tuple): what ``jax.grad`` takes,
+    for :func:`hvp` (``jax.hessian``, and so :func:`hessian`, keeps such a container around its result).
+    """
     _args.check_float_outputs(shapes, where, holomorphic)
-    leaves = jax.tree_util.tree_leaves(shapes)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
     if len(leaves) != 1 or leaves[0].shape != ():
-        shown = leaves[0].shape if len(leaves) == 1 else jax.tree_util.tree_structure(shapes)
+        shown = leaves[0].shape if len(leaves) == 1 else treedef
         raise ValueError(
             f"{where}: fun must return a scalar (shape ()), but its output is {shown}. For the second "
             "derivatives of a tensor-valued function use jacobians.jacobian(jacobians.jacobian(fun))."
+        )
+    if not holomorphic:
+        check_real_output(leaves[0].dtype, where, holomorphic_option=not bare)  # (hvp, the bare one, has none)
+    if bare and not jax.tree_util.treedef_is_leaf(treedef):
+        raise TypeError(
+            f"{where}: fun must return its scalar itself, but returns it in a container, {treedef} (as "
+            "jax.jvp(jax.grad(fun)), which refuses it too); return the scalar (e.g. fun(x)['loss']), or use "
+            "jacobians.hessian, which keeps the container around the Hessian as jax.hessian does."
+        )
+
+
+def check_real_output(dtype, where: str, holomorphic_option: bool = False) -> None:
+    """A Hessian (not holomorphic) needs a real scalar: ``jax.hessian`` refuses complex outputs (as ``jax.grad``).
+
+    ``holomorphic_option``: the call takes ``holomorphic=True``, which the message then names.
+    """
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        hint = (", or, for a holomorphic fun of complex inputs, pass holomorphic=True" if holomorphic_option
+                else "")
+        raise TypeError(
+            f"{where}: fun must return a real scalar (a real floating-point dtype), but its output has dtype "
+            f"{np.dtype(dtype)} (jax.hessian refuses complex outputs too). Differentiate jnp.real(fun) and "
+            f"jnp.imag(fun) separately{hint}."
         )
 
 
@@ -221,13 +249,33 @@ def _compute_hessian(t, spec, opts, *traced):
     _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where, holomorphic)
     H, g, value, aux = _second(p, opts.mode, opts.chunk_size, t.where, opts.shards,
                                lambda decide: _choose(t, spec, opts, traced, decide), holomorphic)
-    H = p.hessian_blocks(H)
+    # fun's output container (a dict or 1-tuple holding the scalar) around each result, as jax.hessian
+    # (jacfwd(jacrev(fun))) keeps it; around the gradient too, as jax.jacrev(fun): one convention for all three.
+    def held(tree):
+        return p.out_treedef.unflatten([tree])
+
+    H = held(_weak_as_inputs(p, p.hessian_blocks(H)))
     if opts.with_value:
-        out = (value.reshape(()).astype(p.out_leaves[0].dtype), p.in_tree(g), H)
-        out = p.out_treedef.unflatten([out[0]]), out[1], out[2]
+        out0 = p.out_leaves[0]
+        value = _args.cast(value.reshape(()), out0.dtype, weak=_args.is_weak(out0))
+        out = held(value), held(_weak_as_inputs(p, p.in_tree(g))), H
     else:
         out = H
     return (out, aux) if opts.has_aux else out
+
+
+def _weak_as_inputs(p: _args.Problem, tree):
+    """Results for weakly typed inputs (Python floats) weakly typed, as JAX's derivatives are.
+
+    ``tree``: a gradient (leaf ``i`` for input leaf ``i``) or Hessian blocks (row ``H[i]`` for input leaf
+    ``i``): ``jax.hessian``'s block ``H[i][j]`` is a derivative of the gradient's leaf ``i``, weak where ``x_i`` is.
+    """
+    weak = [_args.is_weak(v) for v in p.in_leaves]
+    if not any(weak):
+        return tree
+    parts = p.in_treedef.flatten_up_to(tree)
+    return p.in_treedef.unflatten([jax.tree_util.tree_map(lambda b: _args.cast(b, b.dtype, weak=True), part) if w
+                                   else part for part, w in zip(parts, weak, strict=True)])
 
 
 def _build_hessian(fun, argnums, mode, has_aux, chunk_size, with_value, where, mesh=None, mesh_axis=None,
@@ -296,12 +344,15 @@ def hessian(
         :func:`jacobians.jacobian`); not with ``chunk_size``.
 
     Returns:
-      A function returning the Hessian pytree.
+      A function returning the Hessian pytree; where ``fun`` returns its scalar in a
+      container (a dict, a 1-tuple, a NamedTuple), the Hessian in that container, as
+      ``jax.hessian`` gives it. Blocks for a Python float argument are weakly typed, as JAX's.
 
     Raises:
       ValueError: a non-scalar output (use ``jacobian(jacobian(fun))``), unknown mode.
       TypeError: integer inputs, complex inputs without ``holomorphic`` (real
-        inputs with it); a function no mode can differentiate twice.
+        inputs with it); a complex output without ``holomorphic`` (as ``jax.hessian``);
+        a function no mode can differentiate twice.
 
     Example::
 
@@ -329,7 +380,9 @@ def value_grad_and_hessian(
 
     Arguments as :func:`hessian`. Returns a function giving ``(value, grad, H)``
     (``((value, grad, H), aux)`` with ``has_aux``); ``grad`` has the structure of
-    the differentiated arguments, ``H`` that of :func:`hessian`.
+    the differentiated arguments, ``H`` that of :func:`hessian`. Where ``fun`` returns
+    its scalar in a container (a dict, a 1-tuple), each of the three is in it:
+    ``(fun(x), jax.jacrev(fun)(x), jax.hessian(fun)(x))``.
     """
     where = "jacobians.value_grad_and_hessian"
     return _memory.transform(
@@ -366,7 +419,7 @@ def _check_tangents(tangents: tuple, p: _args.Problem, int_argnums: bool, where:
 
 def _compute_hvp(t, spec, mode, tangents, *traced):
     p = _problem(t, spec, traced, False)
-    _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where)
+    _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where, bare=True)
     _check_tangents(tangents, p, t.int_argnums, t.where)
     v, _ = ravel_pytree(tangents)
     v = v.astype(p.x.dtype)  # (only weakly typed Python floats differ: as jax.jvp, they take the primal's dtype)
@@ -380,7 +433,7 @@ def _compute_hvp(t, spec, mode, tangents, *traced):
         return jax.vjp(lambda x: grad(x)[0], p.x)[1](v)[0]
 
     hv = either_second(run, t.where, p.jaxpr) if mode == "auto" else run(mode)
-    return p.in_tree(hv)
+    return _weak_as_inputs(p, p.in_tree(hv))  # as jax.jvp(jax.grad(fun)): weak for a Python float argument
 
 
 def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[int, ...] = 0, mode: str = "auto"):
@@ -400,6 +453,10 @@ def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[
 
     Returns:
       ``H v``: for an int ``argnums`` the structure of that argument, else a tuple.
+
+    Raises:
+      TypeError: ``fun`` returns its scalar in a container (a dict, a 1-tuple) or a
+        complex scalar, as ``jax.jvp(jax.grad(fun))`` refuses them.
 
     Example::
 
@@ -442,7 +499,7 @@ def hvp(fun: Callable, primals: tuple, tangents: tuple, *, argnums: int | tuple[
     if len(tangents) != len(spec.positions):
         # A non-scalar fun is the first thing to say (as hessian says it), before the tangents' count.
         args, kwargs, _ = spec.rebuild(traced)
-        _check_scalar(_args.output_shapes(lambda d: fun(*args, **kwargs), (), where, False), where)
+        _check_scalar(_args.output_shapes(lambda d: fun(*args, **kwargs), (), where, False), where, bare=True)
         raise ValueError(
             f"{where}: tangents must have one entry per differentiated argument ({len(spec.positions)}), got "
             f"{len(tangents)}."

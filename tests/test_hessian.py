@@ -1,6 +1,7 @@
 """Second order: hessian, hvp, value_* and sparse Hessians agree with jax.hessian."""
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -232,3 +233,81 @@ def test_a_structured_program_xla_cannot_compile_gives_the_hvps(monkeypatch):
         got = jacobians.hessian(loss)(x)
     assert failed == [True]
     np.testing.assert_allclose(got, jax.hessian(loss)(x), rtol=1e-10)
+
+
+class _Loss(NamedTuple):
+    loss: jax.Array
+
+
+CONTAINERS = {"dict": lambda s: {"loss": s}, "tuple": lambda s: (s,), "list": lambda s: [s], "namedtuple": _Loss}
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+def test_hessian_keeps_the_output_container(container, rng):
+    # Bad-input hunt: a scalar returned in a container (a dict, a 1-tuple) lost it; jax.hessian keeps it
+    # around the Hessian, with pytree inputs and argnums tuples alike.
+    wrap = CONTAINERS[container]
+    x, y = randn(rng, (2,)), randn(rng, (3,))
+    f = lambda d: wrap(jnp.sum(d["a"] ** 3) * jnp.sum(jnp.sin(d["b"])))  # noqa: E731
+    g = lambda a, b: wrap(jnp.sum(a**2) * b[0] + jnp.sum(jnp.cos(b)))  # noqa: E731
+    p = {"a": x, "b": y}
+    assert_tree_allclose(jacobians.hessian(f)(p), jax.jit(jax.hessian(f))(p))
+    assert_tree_allclose(jacobians.hessian(g, (0, 1))(x, y), jax.jit(jax.hessian(g, (0, 1)))(x, y))
+
+
+def test_value_grad_hessian_and_hvp_of_an_output_container(rng):
+    # value_grad_and_hessian keeps the container around all three, as (fun(x), jax.jacrev(fun)(x),
+    # jax.hessian(fun)(x)); hvp refuses it, as jax.jvp(jax.grad(fun)) does, in a message naming the call.
+    x = randn(rng, (3,))
+    f = lambda x: {"loss": jnp.sum(x**3)}  # noqa: E731
+    want = jax.jit(lambda x: (f(x), jax.jacrev(f)(x), jax.hessian(f)(x)))(x)
+    assert_tree_allclose(jacobians.value_grad_and_hessian(f)(x), want)
+    h = lambda x: ({"loss": jnp.sum(jnp.sin(x))}, x[0])  # noqa: E731
+    assert_tree_allclose(jacobians.hessian(h, has_aux=True)(x), jax.jit(jax.hessian(h, has_aux=True))(x))
+    with pytest.raises(TypeError, match="Gradient only defined for scalar-output functions"):
+        jax.jvp(jax.grad(f), (x,), (x,))
+    for call in (lambda: jacobians.hvp(f, (x,), (x,)), lambda: jacobians.hvp(f, (x,), (x, x))):
+        with pytest.raises(TypeError, match=r"jacobians.hvp: fun must return its scalar itself, but returns it in a "
+                                            r"container, PyTreeDef\(\{'loss': \*\}\) \(as jax.jvp\(jax.grad\(fun\)\)"):
+            call()
+
+
+@pytest.mark.parametrize("x64", [True, False])
+def test_second_derivatives_of_a_python_float_are_weakly_typed(x64):
+    # Bad-input hunt: the Hessian and HVP of a Python float argument came back strongly typed; JAX's are weak
+    # (float64 under x64, float32 without), the gradient and value of value_grad_and_hessian too.
+    with jax.enable_x64(x64):
+        f = lambda s: s**3  # noqa: E731
+        dtype = jnp.float64 if x64 else jnp.float32
+
+        def check(got, want):
+            assert_tree_allclose(got, want)
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+                assert a.dtype == b.dtype == dtype and a.weak_type == b.weak_type, (a, b)
+
+        H = jax.jit(jax.hessian(f))(2.0)  # (jit keeps weak types; eager jax.hessian compiles each primitive)
+        check(jacobians.hessian(f)(2.0), H)
+        check(jacobians.hvp(f, (2.0,), (1.5,)), jax.jit(lambda s, t: jax.jvp(jax.grad(f), (s,), (t,))[1])(2.0, 1.5))
+        check(jacobians.value_grad_and_hessian(f)(2.0), (*jax.jit(jax.value_and_grad(f))(2.0), H))
+        # Mixed: a block is weak where its row's argument is (the gradient's leaf it differentiates).
+        g = lambda s, y: s**2 * jnp.sum(y**2)  # noqa: E731
+        y = jnp.ones(2, dtype)
+        check(jacobians.hessian(g, (0, 1))(2.0, y), jax.jit(jax.hessian(g, (0, 1)))(2.0, y))
+
+
+def test_complex_output_of_real_inputs_is_a_clear_type_error(rng):
+    # Bad-input hunt: jax.hessian refuses a complex scalar of real inputs; ours gave JAX's raw grad message
+    # (sparse_hessian a PlanError calling it a defect). One TypeError naming the call, what it needs, the dtype.
+    x = randn(rng, (3,))
+    f = lambda x: jnp.sum(jax.lax.complex(x, x**2))  # noqa: E731
+    with pytest.raises(TypeError, match="jacrev requires real-valued outputs"):
+        jax.hessian(f)(x)
+    need = r"fun must return a real scalar \(a real floating-point dtype\), but its output has dtype complex128"
+    with pytest.raises(TypeError, match=rf"jacobians.hessian: {need}.*pass holomorphic=True"):
+        jacobians.hessian(f)(x)
+    with pytest.raises(TypeError, match=rf"jacobians.value_grad_and_hessian: {need}"):
+        jacobians.value_grad_and_hessian(f)(x)
+    with pytest.raises(TypeError, match=rf"jacobians.hvp: {need}"):
+        jacobians.hvp(f, (x,), (x,))
+    with pytest.raises(TypeError, match=rf"jacobians.sparse_hessian: {need}"):
+        jacobians.sparse_hessian(f)(x)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 from helpers import randn
+from jax.experimental import sparse as jsparse
 from jax.flatten_util import ravel_pytree
 
 import jacobians
@@ -258,3 +259,44 @@ def test_transcendental_hessian_programs_follow_the_platform(rng, monkeypatch, p
     H = jacobians.sparse_hessian(f, output="dense")(x)
     np.testing.assert_allclose(H, jax.hessian(f)(x), rtol=1e-12, atol=1e-12)
     assert bool(calls) == (platform == "cpu")
+
+
+def _dict_out(p):
+    return {"loss": jnp.sum(p["a"] ** 2 * p["a"][::-1]) + p["a"][0] * jnp.sum(jnp.sin(p["b"]))}
+
+
+def _tuple_out(a, b):
+    return (jnp.sum(a[1:] * a[:-1] ** 2) * b[0] + jnp.sum(b**3),)
+
+
+@pytest.mark.parametrize("output, fun, argnums", [("dense", _dict_out, 0), ("bcoo", _tuple_out, (0, 1)),
+                                                  ("csr", _dict_out, 0)])
+def test_output_container_kept_as_jax_hessian(output, fun, argnums, rng):
+    # Bad-input hunt: a scalar returned in a container (a dict, a 1-tuple) lost it; jax.hessian keeps it around
+    # the Hessian, with pytree inputs and argnums tuples alike (the SciPy outputs stay one flat matrix).
+    x, y = randn(rng, (3,)), randn(rng, (2,))
+    args = ({"a": x, "b": y},) if fun is _dict_out else (x, y)
+    got = jacobians.sparse_hessian(fun, argnums, output=output)(*args)
+    want = jax.jit(jax.hessian(fun, argnums))(*args)
+    if output == "csr":  # one flat matrix, as for a bare scalar
+        assert isinstance(got, scipy.sparse.csr_matrix)
+        np.testing.assert_allclose(got.toarray(), flat_dense(want["loss"], args[0]), rtol=1e-12, atol=1e-12)
+        return
+    got = jax.jit(lambda h: jax.tree_util.tree_map(lambda b: b.todense() if isinstance(b, jsparse.BCOO) else b, h,
+                                                   is_leaf=lambda b: isinstance(b, jsparse.BCOO)))(got)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_python_float_argument_weakly_typed_and_complex_output_a_type_error(rng):
+    # Bad-input hunt: the dense Hessian of a Python float was strongly typed (jax.hessian's is weak); a complex
+    # scalar output of real inputs was a PlanError calling it a defect of the library (jax.hessian: a TypeError).
+    got, want = jacobians.sparse_hessian(lambda s: s**3, output="dense")(2.0), jax.jit(jax.hessian(lambda s: s**3))(2.0)
+    assert got.dtype == want.dtype and got.weak_type and want.weak_type
+    np.testing.assert_allclose(got, want)
+    x = randn(rng, (3,))
+    with pytest.raises(TypeError, match=r"jacobians.sparse_hessian: fun must return a real scalar \(a real "
+                                        r"floating-point dtype\), but its output has dtype complex128"):
+        jacobians.sparse_hessian(lambda x: jnp.sum(jax.lax.complex(x, x**2)))(x)

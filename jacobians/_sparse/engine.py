@@ -429,6 +429,8 @@ class Engine:
         closed, _, p = traced_flat
         if hessian:
             check_scalar(t, p)
+            # Before the certificate, which would report JAX's error as a PlanError:
+            _hessian.check_real_output(p.out_leaves[0].dtype, where)
         complex_out = not hessian and bool(jnp.issubdtype(p.out_dtype, jnp.complexfloating))
         prims = primitives(closed.jaxpr)
         if extra is not None:
@@ -676,7 +678,10 @@ class Engine:
             vals = vals.astype(dtype)
             if self.output == "dense":
                 size = (math.prod(out_shape), math.prod(in_shape))
-                return kernels.from_entries(size, sub.rows, sub.cols, vals, dtype).reshape(sub.shape)
+                dense = kernels.from_entries(size, sub.rows, sub.cols, vals, dtype).reshape(sub.shape)
+                # A Hessian's block H[i][j] weakly typed where x_i is (a Python float), as jax.hessian's.
+                weak = self.coloring is not None and _args.is_weak(out_at[r0])
+                return _args.cast(dense, dtype, weak=True) if weak else dense
             if split:  # a BCOO holding the host indices: separated from the traced values below
                 idx = sub.indices()
                 host[id(idx)] = idx
@@ -686,6 +691,8 @@ class Engine:
                                 unique_indices=True)
 
         result = det.tree(block)
+        if self.coloring is not None:  # fun's output container (a dict or 1-tuple holding the scalar), as jax.hessian
+            result = p.out_treedef.unflatten([result])
         result = (result, aux) if self.has_aux else result
         if not split:
             return result
@@ -1219,14 +1226,16 @@ def sparse_hessian(
       mesh, mesh_axis: split the colours across the devices of a mesh.
 
     Returns:
-      A function returning the Hessian (``(H, aux)`` with ``has_aux``); its
+      A function returning the Hessian (``(H, aux)`` with ``has_aux``), in ``fun``'s
+      output container where it returns its scalar in one (a dict, a 1-tuple), as
+      ``jax.hessian`` (not ``"csr"``/``"csc"``: one flat matrix); its
       ``plan(*args, **kwargs)`` returns the :class:`SparsePlan`.
 
     Raises:
       ValueError: a non-scalar output; a given pattern that is not square or not
         symmetric; unknown ``coloring``, ``mode`` or ``output``; ``output="csr"``/``"csc"``
         inside a transformation.
-      TypeError: ``chunk_size`` not a positive int.
+      TypeError: ``chunk_size`` not a positive int; a complex output (as ``jax.hessian``).
     """
     where = "jacobians.sparse_hessian"
     _args.check_fun(fun, where)
