@@ -413,6 +413,19 @@ def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, m
     opts = _Options(batched, batch_first, kind, output, finish, shards, batch_jac)
     # batched=True calls fun per example: a trial trace of fun on the whole batch would not test that call.
     t = _args.Transform.jitted(fun, argnums, where, _compute, opts, probe=not batched)
+
+    def recover(spec, traced, error) -> bool:
+        """XLA failed to compile a structure plan's program: the dense method, once, with a warning."""
+        keys = [k for k, p in opts.plans.items() if k[0] == spec and p.method == "block-triangular"]
+        if not keys:
+            return False
+        _trust.drop_deferred()  # its check would run the program that did not compile
+        note = _trust.compiler_failed(where, "block-triangular log-determinant", "dense", error)
+        for k in keys:
+            opts.plans[k] = _blocktri.dense_plan(opts.plans[k].n, opts.plans[k].mode, note)
+        return True
+
+    t.recover = recover
     checked = _trust.wrap(t)  # a plan made by a call is certified after it, with the call's own program
 
     @functools.wraps(fun)

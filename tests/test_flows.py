@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import randn
+from helpers import failing_compile, randn
 
 import jacobians
 from jacobians import _blocktri
@@ -392,3 +392,18 @@ def test_coupling_scale_in_log_space(op):
     ref = lambda v: jnp.linalg.slogdet(jax.jacfwd(coupling)(v))[1]  # noqa: E731
     np.testing.assert_allclose(jacobians.log_abs_det(coupling)(y), ref(y), rtol=1e-12)
     np.testing.assert_allclose(jax.grad(jacobians.log_abs_det(coupling))(y), jax.grad(ref)(y), atol=1e-10)
+
+
+def test_a_program_xla_cannot_compile_falls_back_to_dense(rng, monkeypatch):
+    # A block-triangular program XLA's compiler refuses gives way, once, to the dense method (strict: an error).
+    f, _ = coupling(rng, 8)
+    x = randn(rng, (8,))
+    failed = failing_compile(monkeypatch)
+    lad = jacobians.log_abs_det(f)
+    with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="XLA failed to compile the block-tri"):
+        got = lad(x)
+    np.testing.assert_allclose(got, _ref(f, x)[1], rtol=1e-10)
+    assert failed and lad.plan(x).method == "dense" and "XLA failed to compile" in lad.plan(x).reason
+    failed.clear()
+    with pytest.raises(jacobians.PlanError, match="XLA failed to compile"):
+        jacobians.slogdet(f)(x)

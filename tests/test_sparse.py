@@ -1,13 +1,14 @@
 """Sparse Jacobians: detected patterns are conservative (exact where they can be), colourings
 are valid, compressed evaluation equals the dense Jacobian, detection is cached."""
 
+import math
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import bcoo_to_dense, randn, reference
+from helpers import bcoo_to_dense, failing_compile, randn, reference
 from registry import CASES, names, stencil_1d, stencil_2d
 
 import jacobians
@@ -302,3 +303,22 @@ def test_dense_results_of_conflict_free_colourings_are_the_products(rng, mode, m
     np.testing.assert_array_equal(full, np.asarray(C)[colors[1:12]][:, 2:7].T)
     np.testing.assert_array_equal(kernels.compressed_dense(C, colors, "rev", (1, 3), (2, 7)),
                                   np.asarray(C)[colors[1:3]][:, 2:7])
+
+
+@pytest.mark.parametrize("hessian", [False, True])
+def test_a_program_xla_cannot_compile_falls_back_to_every_entry(hessian, monkeypatch):
+    # A sparse program XLA's compiler refuses gives way, once, to the dense plan (strict: an error).
+    f = lambda x: jnp.sin(x[1:]) * x[:-1] ** 2  # noqa: E731  (banded)
+    g = lambda x: jnp.sum(f(x) ** 2)  # noqa: E731
+    x = jnp.linspace(0.3, 1.7, 7)
+    make, ref = (jacobians.sparse_hessian, jax.hessian(g)) if hessian else (jacobians.sparse_jacobian, jax.jacfwd(f))
+    fn = make(g if hessian else f, output="dense")
+    failed = failing_compile(monkeypatch)
+    with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="XLA failed to compile the sparse"):
+        got = fn(x)
+    np.testing.assert_allclose(got, ref(x), rtol=1e-12, atol=1e-12)
+    plan = fn.plan(x)
+    assert failed and plan.pattern.nnz == math.prod(plan.pattern.in_shape) * math.prod(plan.pattern.out_shape)
+    failed.clear()
+    with pytest.raises(jacobians.PlanError, match="XLA failed to compile"):
+        make(g if hessian else f, output="dense")(x)

@@ -403,6 +403,26 @@ class Engine:
         self.callers: tuple = ()  # transformations whose calls run this engine (their inputs serve the check)
         self.plans: dict = {}
         self.t = _args.Transform(fun, argnums, where, self._build)
+        self.t.recover = self._recover
+
+    def _recover(self, spec, traced, error) -> bool:
+        """XLA failed to compile a sparse plan's program: the dense plan (every entry), once, with a warning."""
+        avals = [abstract(a) for a in traced]
+        key = self.key(spec, avals)
+        hit = self.plans.get(key)
+        if hit is None:
+            return False
+        plan, _, extra = hit
+        if plan.pattern.nnz == math.prod(plan.pattern.in_shape) * math.prod(plan.pattern.out_shape):
+            return False  # every entry already (the dense plan): nothing else to try
+        hessian = self.coloring is not None
+        closed, _, p = trace_flat(self.t, spec, avals, has_aux=self.has_aux)
+        _trust.drop_deferred()  # a check would run the program that did not compile
+        name = f"sparse {'Hessian' if hessian else 'Jacobian'} ({plan.mode}, {plan.n_colors} colours)"
+        note = _trust.compiler_failed(self.t.where, name, "dense", error)
+        complex_out = not hessian and bool(jnp.issubdtype(p.out_dtype, jnp.complexfloating))
+        self.plans[key] = (self._dense(p, primitives(closed.jaxpr), complex_out, _trust.fallback(note)), None, extra)
+        return True
 
     def key(self, spec, avals):
         return spec, _args.shapes_key(avals)
