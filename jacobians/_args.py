@@ -154,6 +154,9 @@ def check_fun(fun: Any, where: str) -> Callable:
     return fun
 
 
+_ALLOW_INT = ("jacobians.jacobian", "jacobians.value_and_jacobian")  # the transformations taking allow_int
+
+
 def _diff_leaf(leaf: Any, where: str, label: str):
     """Accept an array or a Python float/complex as a leaf to differentiate."""
     if isinstance(leaf, ARRAY_TYPES) or isinstance(leaf, jax.ShapeDtypeStruct):
@@ -161,7 +164,8 @@ def _diff_leaf(leaf: Any, where: str, label: str):
     if isinstance(leaf, bool | int):
         raise TypeError(
             f"{where}: cannot differentiate with respect to {label}, a Python int ({leaf!r}); "
-            "pass a float (e.g. 1.0) or a floating-point array."
+            "pass a float (e.g. 1.0) or a floating-point array"
+            + (", or allow_int=True to hold it fixed." if where in _ALLOW_INT else ".")
         )
     if isinstance(leaf, float | complex):
         return _number_array(leaf)  # weakly typed again inside the trace (CallSpec.weak)
@@ -199,7 +203,9 @@ def check_diff_dtypes(diff: tuple, positions: tuple[int, ...], where: str, holom
                 hint = (
                     _COMPLEX_HINTS.get(where, " Pass its real and imaginary parts as separate real arguments.")
                     if jnp.issubdtype(x.dtype, jnp.complexfloating)
-                    else " Cast it with x.astype(jnp.float32) (or float64)."
+                    else " Cast it with x.astype(jnp.float32) (or float64)" + (
+                        ", or pass allow_int=True to hold it fixed (zero blocks, as jax.jacrev)."
+                        if where in _ALLOW_INT else ".")
                 )
                 raise TypeError(
                     f"{where}: can only differentiate with respect to real floating-point "

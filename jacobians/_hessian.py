@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _args, _hoist, _memory, _mesh, _methods, _planner, _sweeps, _trust, kernels
+from . import _allow_int, _args, _hoist, _memory, _mesh, _methods, _planner, _sweeps, _trust, kernels
 from ._leaves import Leaves, join
 
 HESSIAN_MODES = _args.HESSIAN_MODES
@@ -567,11 +567,13 @@ def value_and_jacobian(
     has_aux: bool = False,
     holomorphic: bool = False,
     chunk_size: int | None = None,
+    allow_int: bool = False,
 ) -> Callable:
     """``(fun(x), J(x))`` from one pass: the value is the primal of the JVPs/VJPs.
 
     Arguments as :func:`jacobians.jacobian` (``mode`` ``"fwd"``, ``"rev"`` or
-    ``"auto"``; ``holomorphic=True``: complex inputs and outputs, ``d fun / dz``). Returns a
+    ``"auto"``; ``holomorphic=True``: complex inputs and outputs, ``d fun / dz``;
+    ``allow_int``: integer leaves held fixed, zero blocks, as ``jax.jacrev``). Returns a
     function giving ``(value, jacobian)``, or, as ``jax.value_and_grad`` does with
     ``has_aux``, ``((value, aux), jacobian)``.
     """
@@ -582,4 +584,12 @@ def value_and_jacobian(
         chunk_size=_args.check_chunk_size(chunk_size, where),
         holomorphic=_args.check_bool(holomorphic, "holomorphic", where),
     )
-    return _args.wrap(_args.Transform.jitted(fun, argnums, where, _compute_value_and_jacobian, opts))
+    result = _args.wrap(_args.Transform.jitted(fun, argnums, where, _compute_value_and_jacobian, opts))
+    if not _args.check_bool(allow_int, "allow_int", where):
+        return result
+
+    def build(g, positions):
+        return value_and_jacobian(g, positions, mode=mode, has_aux=has_aux, holomorphic=holomorphic,
+                                  chunk_size=chunk_size)
+
+    return _allow_int.with_int_leaves(fun, result, build, argnums, has_aux, lambda r: r[1], lambda r, j: (r[0], j))

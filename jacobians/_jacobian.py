@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _args, _deps, _leaves, _memory, _mesh, _methods, _planner, _sparse, _sweeps, _trust, layout
+from . import _allow_int, _args, _deps, _leaves, _memory, _mesh, _methods, _planner, _sparse, _sweeps, _trust, layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +349,7 @@ def jacobian(
     mesh=None,
     mesh_axis=None,
     max_memory: int | str | None = None,
+    allow_int: bool = False,
 ) -> Callable:
     """The Jacobian of ``fun``, compiled, in the book's numerator layout (5.58).
 
@@ -398,6 +399,9 @@ def jacobian(
         program fits, by XLA's memory analysis (see :mod:`jacobians._memory`; the
         plan's ``memory`` says what was chosen); an error where even the result does
         not fit. Not with ``chunk_size``.
+      allow_int: as ``jax.jacrev``'s: integer (and bool) leaves of the differentiated
+        arguments are held fixed, their blocks zeros of the leaf's dtype and shape
+        ``out.shape + leaf.shape`` (else they are a ``TypeError``).
 
     Returns:
       A function with ``fun``'s signature returning the Jacobian pytree
@@ -420,7 +424,16 @@ def jacobian(
     def make(c):
         return _build(fun, argnums, mode, has_aux, holomorphic, c, None, where, mesh, mesh_axis, method)
 
-    return _memory.transform(make, chunk_size, max_memory, where, lambda *a, **k: make(1).plan(*a, **k).passes)
+    result = _memory.transform(make, chunk_size, max_memory, where, lambda *a, **k: make(1).plan(*a, **k).passes)
+    if not _args.check_bool(allow_int, "allow_int", where):
+        return result
+
+    def build(g, positions):
+        return jacobian(g, positions, mode=mode, method=method, has_aux=has_aux, holomorphic=holomorphic,
+                        chunk_size=chunk_size, mesh=mesh, mesh_axis=mesh_axis, max_memory=max_memory)
+
+    return _allow_int.with_int_leaves(fun, result, build, argnums, has_aux, lambda r: r[0] if has_aux else r,
+                                      lambda r, j: (j, r[1]) if has_aux else j)
 
 
 def jacobian_matrix(

@@ -481,3 +481,36 @@ def test_empty_leaves_beside_others(rng, mode):
     v, grad, H = jacobians.value_grad_and_hessian(g)((x, jnp.zeros((0,), x.dtype)))
     assert_tree_allclose(grad, (3 * x**2, jnp.zeros((0,), x.dtype)))
     assert_tree_allclose(H, jax.hessian(g)((x, jnp.zeros((0,), x.dtype))))
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+def test_allow_int_holds_integer_leaves_fixed(rng, mode):
+    # jax.jacrev(allow_int=True): integer leaves get zero blocks, the float leaves their Jacobian.
+    f = lambda p, c: {"y": p["w"] * p["n"].astype(p["w"].dtype) ** 2 * c, "s": jnp.sum(jnp.sin(p["w"]))}  # noqa: E731
+    p = {"w": randn(rng, (3,)), "n": jnp.arange(1, 4)}
+    got = jacobians.jacobian(f, allow_int=True, mode=mode)(p, 2.0)
+    want = jax.jacrev(f, allow_int=True)(p, 2.0)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert a.shape == b.shape and (a.dtype == b.dtype or b.dtype == jax.dtypes.float0)
+        np.testing.assert_allclose(a, np.asarray(b, a.dtype), rtol=1e-12)
+    # Several argnums, a Python int (weakly typed zeros, as JAX), an argument that is all integer, has_aux.
+    g = lambda x, n, y: (x * n + y**2, n)  # noqa: E731
+    x, y = randn(rng, (2,)), randn(rng, (2,))
+    (jx, jn, jy), aux = jacobians.jacobian(g, (0, 1, 2), allow_int=True, has_aux=True, mode=mode)(x, 3, y)
+    wx, wn, wy = jax.jacrev(lambda *a: g(*a)[0], (0, 1, 2), allow_int=True)(x, 3, y)
+    np.testing.assert_allclose(jx, wx, rtol=1e-12)
+    np.testing.assert_allclose(jy, wy, rtol=1e-12)
+    assert aux == 3 and jn.shape == (2,) and jn.weak_type and not np.any(jn)
+    value, jac = jacobians.value_and_jacobian(lambda n, x: n.astype(x.dtype) * x, (0, 1), allow_int=True, mode=mode)(
+        jnp.int32(4), x)
+    np.testing.assert_allclose(value, 4 * x)
+    assert jac[0].dtype == jnp.int32 and jac[0].shape == (2,) and not np.any(jac[0])
+    np.testing.assert_allclose(jac[1], 4 * np.eye(2))
+    # jit and vmap of the returned function; without allow_int the error says how to allow it.
+    fn = jacobians.jacobian(f, allow_int=True, mode=mode)
+    np.testing.assert_allclose(jax.jit(fn)(p, 2.0)["s"]["w"], np.cos(p["w"]), rtol=1e-12)
+    batch = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), p)
+    assert jax.vmap(fn, (0, None))(batch, 2.0)["y"]["n"].shape == (2, 3, 3)
+    with pytest.raises(TypeError, match=r"jacobians.jacobian: .*argument 0\['n'\] has dtype int.*allow_int=True"):
+        jacobians.jacobian(f, mode=mode)(p, 2.0)
