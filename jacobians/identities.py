@@ -7,6 +7,8 @@ benchmarks. Scalar-valued maps of a vector ``x`` therefore return a vector of
 ``x``'s shape (the book's ``1 x N`` row vector with the singleton dropped).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -41,7 +43,13 @@ def _square(X, where: str) -> jax.Array:
 
 def _inexact_dtype(dtype) -> jnp.dtype:
     """The dtype ``jnp.linalg`` computes in for operands of ``dtype`` (integers and booleans promoted as JAX does)."""
-    # Read from jnp.linalg.det itself (not cached: the answer may change with jax_enable_x64).
+    return _linalg_dtype(jnp.dtype(dtype), bool(jax.config.jax_enable_x64))
+
+
+@functools.lru_cache(maxsize=64)
+def _linalg_dtype(dtype, x64: bool) -> jnp.dtype:
+    del x64  # (a key only: the answer changes with jax_enable_x64)
+    # Read from jnp.linalg.det itself, once per dtype.
     return jnp.dtype(jax.eval_shape(jnp.linalg.det, jax.ShapeDtypeStruct((1, 1), dtype)).dtype)
 
 
