@@ -62,13 +62,12 @@ def with_int_leaves(fun: Callable, plain: Callable, build: Callable, argnums, ha
         transformed = built.get(layout)
         if transformed is None:
             transformed = built[layout] = build(_split_fun(fun, layout), positions[0] if single else positions)
-        floats = [tuple(x for x, i in zip(leaves, m, strict=True) if not i) for (leaves, _), m in zip(parts, masks,
-                                                                                                      strict=True)]
-        fixed = tuple(tuple(x for x, i in zip(leaves, m, strict=True) if i) for (leaves, _), m in zip(parts, masks,
-                                                                                                       strict=True))
-        new = list(args)
-        for p, f in zip(positions, floats, strict=True):
-            new[p] = f or (0.0,)  # all integer: a placeholder to differentiate (g ignores it; its block dropped)
+        new, fixed = list(args), []
+        for p, (leaves, _), m in zip(positions, parts, masks, strict=True):
+            floats = tuple(x for x, i in zip(leaves, m, strict=True) if not i)
+            fixed.append(tuple(x for x, i in zip(leaves, m, strict=True) if i))
+            new[p] = floats or (0.0,)  # all integer: a placeholder to differentiate (g ignores it; its block dropped)
+        fixed = tuple(fixed)
         res = transformed(*new, fixed, **kwargs)
         out_def, out_shapes = _output(fun, args, kwargs, has_aux, shapes)
         jac = jacobian_of(res)
@@ -102,7 +101,7 @@ def _zeros(shape, leaf):
 
 def _split_fun(fun: Callable, layout) -> Callable:
     """``g(*args, fixed)``: ``fun`` with each differentiated argument rebuilt from its float tuple and ``fixed``."""
-    n, positions, treedefs, masks = layout
+    _, positions, treedefs, masks = layout
 
     def g(*a, **kwargs):
         a = list(a)

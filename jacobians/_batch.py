@@ -690,26 +690,13 @@ def batch_jacobian(
       >>> jacobians.batch_jacobian(lambda X: X ** 2)(X).shape
       (3, 2, 2)
     """
-    return batch_jacobian_for("jacobians.batch_jacobian", fun, argnums, in_axes=in_axes, out_axes=out_axes,
-                              mode=mode, has_aux=has_aux, chunk_size=chunk_size, mesh=mesh, mesh_axis=mesh_axis,
-                              max_memory=max_memory)
+    return batch_jacobian_for("jacobians.batch_jacobian", fun, argnums, in_axes, out_axes, mode, has_aux,
+                              chunk_size, mesh, mesh_axis, max_memory)
 
 
-def batch_jacobian_for(
-    where: str,
-    fun: Callable,
-    argnums: int | tuple[int, ...] = 0,
-    *,
-    in_axes: int = 0,
-    out_axes: int = 0,
-    mode: str = "auto",
-    has_aux: bool = False,
-    chunk_size: int | None = None,
-    mesh=None,
-    mesh_axis=None,
-    max_memory: int | str | None = None,
-) -> Callable:
-    """:func:`batch_jacobian` built for a caller (``log_abs_det(batch_first=True)``): its errors name ``where``."""
+def batch_jacobian_for(where: str, fun: Callable, argnums, in_axes, out_axes, mode, has_aux, chunk_size, mesh,
+                       mesh_axis, max_memory) -> Callable:
+    """:func:`batch_jacobian` (its arguments, none defaulted) built for a caller: its errors name ``where``."""
     for name, ax in (("in_axes", in_axes), ("out_axes", out_axes)):
         if isinstance(ax, bool) or not isinstance(ax, int | np.integer):
             raise TypeError(f"{where}: {name} must be an int, got {ax!r}.")

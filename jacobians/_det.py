@@ -409,7 +409,8 @@ def _build(fun, argnums, batched, batch_first, where, kind, finish, mesh=None, m
     if batch_first:
         from ._batch import batch_jacobian_for
 
-        batch_jac = batch_jacobian_for(where, fun, argnums, mesh=mesh, mesh_axis=mesh_axis)
+        batch_jac = batch_jacobian_for(where, fun, argnums, in_axes=0, out_axes=0, mode="auto", has_aux=False,
+                                       chunk_size=None, mesh=mesh, mesh_axis=mesh_axis, max_memory=None)
     opts = _Options(batched, batch_first, kind, output, finish, shards, batch_jac)
     # batched=True calls fun per example: a trial trace of fun on the whole batch would not test that call.
     t = _args.Transform.jitted(fun, argnums, where, _compute, opts, probe=not batched)
