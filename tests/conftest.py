@@ -61,6 +61,13 @@ _FIRST = (
 # --durations on a 2-core machine; integration tests whose properties smaller tests also check) run in
 # the `slow` leg of .ci/run with the multi-process ones. `pytest -m slow` runs them.
 _SLOW = frozenset({
+    "test_sparse_hessian.py::test_transcendental_hessian_programs_follow_the_platform[cpu]",
+    "test_memory.py::test_hessian_and_batch_jacobian_under_a_budget",
+    "test_solvers.py::test_untransposable_linear_solve_takes_forward_mode[hessian]",
+    "test_sparse_hessian.py::test_modes_and_chunks_equal_jax_hessian[rev_rev-2]",
+    "test_detection.py::test_random_gamma_is_elementwise_in_its_shape",
+    "test_memory.py::test_divergence_under_a_budget",
+    "test_det.py::test_kernel_repeated_rows_are_exactly_singular[4]",
     "test_sparse_hessian.py::test_a_hessian_at_rounding_level_is_certified",
     "test_sparse_hessian.py::test_modes_and_chunks_equal_jax_hessian[rev_fwd-3]",
     "test_laplacian.py::test_custom_vjp_inside_a_scan[auto]",
