@@ -759,6 +759,14 @@ def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where
             alt = no_rev
         elif _NO_FWD in msg and "forward-mode" in msg:
             alt = no_fwd
+        elif no_rev != preferred:
+            # An error JAX gives no name to (a transpose rule that fails on some parameters: a max-pool with
+            # a negative padding, JAX 0.10): forward mode decides; where it fails too, the first error stands.
+            try:
+                return run(no_rev)
+            except (TypeError, ValueError, NotImplementedError):
+                pass
+            raise
         else:
             raise
         if alt == preferred:

@@ -119,6 +119,17 @@ def gradient(p: _args.Problem, inner: str, holomorphic: bool = False) -> Callabl
     return grad
 
 
+def order_for(names: set[str]) -> str:
+    """The one second-order mode JAX can take through a jaxpr differentiating ``names``, else ``"auto"``.
+
+    ``"fwd_fwd"`` where it cannot pull VJPs (:data:`jacobians._methods.NO_REV`), ``"rev_rev"``
+    where it cannot push JVPs (a ``custom_vjp``). A plan that records it needs no jaxpr when
+    it is evaluated (some refusals surface only when the program is lowered).
+    """
+    only = _methods.single(_methods.directions(names))
+    return {"fwd": "fwd_fwd", "rev": "rev_rev"}.get(only, "auto")
+
+
 def either_second(run: Callable, where: str, jaxpr=None):
     """Forward over reverse, unless JAX cannot differentiate in that order.
 

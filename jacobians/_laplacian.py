@@ -41,6 +41,7 @@ import numpy as np
 from . import _args, _compat, _deps, _memory, _mesh, _planner, _taylor, _trust, kernels
 from ._deps import _second as _deps_second
 from ._divergence import _diagonal_colors
+from ._taylor import _honest
 from ._walker import has_custom_vjp
 
 METHODS = ("auto", "forward", "sparse", "hvp")
@@ -279,7 +280,8 @@ def _program(p, method: str, opts: "_Options", colors, meta: dict):
     """The traced (not run) program of one method: a closed jaxpr ``x -> (y, J, second, *aux)``."""
 
     def run(x):
-        q = _args.Problem(p.flat, x, p.out_leaves, p.out_treedef, p.in_leaves, p.in_treedef, p.out_dtype)
+        q = _args.Problem(p.flat, x, p.out_leaves, p.out_treedef, p.in_leaves, p.in_treedef, p.out_dtype,
+                          jaxpr=p.jaxpr)
         stats = {}
         if method == "hvp":
             y, J, S, aux = _hvp(q, opts.kind, colors, opts.chunk_size, opts.where, opts.shards)
@@ -294,7 +296,8 @@ def _program(p, method: str, opts: "_Options", colors, meta: dict):
             complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
             grad = lambda d: (jax.jacrev if d == "rev" else jax.jacfwd)(scalar)(x)  # noqa: E731
             # Forward where a while_loop bars the reverse pass, reverse where a custom_vjp bars JVPs.
-            J = (grad("fwd") if complex_out else _args.with_fallback(grad, "rev", "rev", "fwd", opts.where))[:, None]
+            either = lambda: _args.with_fallback(grad, "rev", "rev", "fwd", opts.where, p.jaxpr)  # noqa: E731
+            J = (grad("fwd") if complex_out else either())[:, None]
         return y, J, S, *aux
 
     return jax.make_jaxpr(run)(p.x)
@@ -318,6 +321,16 @@ def _choose(p, opts: "_Options") -> tuple[LaplacianPlan, dict]:
         costs[name] = _planner.pass_cost(programs[name][0])
         return meta
 
+    closed = jax.make_jaxpr(lambda x: p.flat(x)[0])(p.x) if method != "hvp" else None
+    rule = _honest.disagreeing_rule(closed) if closed is not None else None
+    if rule is not None:
+        why = (f"the custom_jvp rule of '{rule}' is not the derivative of its primal, and JAX differentiates "
+               "both: a Taylor sweep carries one of them")
+        if method == "auto":
+            notes.append(why + "; the HVPs follow JAX")
+        else:
+            notes.append(_trust.method_cannot_follow(opts.where, method, "hvp", why))
+        method = "hvp"
     if method == "sparse" or (method == "auto" and chunk is None):
         stats = trace("sparse")
         if method == "auto" and stats["columns"] <= SPARSE_CLEAR * n:
@@ -329,7 +342,6 @@ def _choose(p, opts: "_Options") -> tuple[LaplacianPlan, dict]:
     if method == "hvp":
         pattern = _hessian_pattern(p, opts.kind)
     elif method == "auto":
-        closed = jax.make_jaxpr(lambda x: p.flat(x)[0])(p.x)
         one = HVP_PASSES * _planner.pass_cost(closed)
         if has_custom_vjp(closed) and (m != 1 or jnp.issubdtype(p.out_dtype, jnp.complexfloating)):
             notes.append("hvp not possible (a custom_vjp forbids the JVPs of JVPs an array output needs)")
@@ -344,7 +356,7 @@ def _choose(p, opts: "_Options") -> tuple[LaplacianPlan, dict]:
         reason = f"the {best} program is cheapest"
     else:
         best = method
-        reason = "method fixed by the caller"
+        reason = "method fixed by the caller" if rule is None else "a custom_jvp rule decides"
     if best == "hvp":
         colors = _hessian_colors(pattern, n)
     n_colors = None if colors is None else (int(colors.max()) + 1 if n else 0)

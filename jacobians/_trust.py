@@ -174,6 +174,15 @@ def compiler_failed(where: str, planned: str, instead: str, exc: BaseException) 
     return _report(where, what, exc, bug=False, instead=instead, stacklevel=5)
 
 
+def method_cannot_follow(where: str, method: str, instead: str, why: str) -> str:
+    """The caller's method cannot give JAX's derivative of this ``fun`` (``why``): warn or, strict, raise.
+
+    Not a defect: JAX's own semantics (a custom rule) that the method cannot represent; ``instead`` runs.
+    """
+    return _report(where, f"method={method!r} cannot give JAX's derivative here ({why})", None, bug=False,
+                   instead=instead)
+
+
 def _report(where: str, what: str, cause: BaseException | None, bug: bool, instead: str = "dense",
             stacklevel: int = 3) -> str:
     """Raise (strict) or warn once; the note for the plan (by default the dense one) that replaces the failed one."""
@@ -730,7 +739,9 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
         # Rounding alone, where the Hessian is at rounding level (identically zero, say): JAX's two orders
         # of differentiation then disagree by as much. The plan stands if it is within that of JAX.
         noisy = _second_opinion(traced_flat, values, program, judge, what, directions, computed,
-                                lambda p, T: hvp(p, T, "rev_rev" if first_order == "fwd_rev" else "fwd_rev"))
+                                lambda p, T: _args.with_fallback(
+                                    lambda order: hvp(p, T, order), "rev_rev" if first_order == "fwd_rev"
+                                    else "fwd_rev", "rev_rev", "fwd_fwd", where, closed))
         if noisy is not None and not noisy.failed:
             return noisy
     if cert.failed and CUSTOM & primitives(closed):

@@ -349,9 +349,10 @@ def primitives(jaxpr) -> set[str]:
 RULED = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 
 
-# A pseudo-name in :func:`differentiated`: a windowed max or min with window dilation, whose JVP
-# (select_and_gather_add) JAX cannot transpose ("VJP not implemented ... with window dilation").
-DILATED_WINDOW = "reduce_window_max/min with window_dilation"
+# A pseudo-name in :func:`differentiated`: a windowed max or min with window dilation or a negative padding,
+# whose JVP (select_and_gather_add) JAX cannot transpose ("VJP not implemented ... with window dilation";
+# "slice start_indices must have every element be nonnegative" for a negative padding, JAX 0.10).
+DILATED_WINDOW = "reduce_window_max/min with window_dilation or negative padding"
 # Another: a custom_linear_solve without a transpose_solve ("transpose_solve required for backwards mode").
 UNTRANSPOSABLE_SOLVE = "custom_linear_solve without transpose_solve"
 # The primitives and pseudo-names that bar reverse mode whatever the trip counts (a while_loop may not).
@@ -369,8 +370,9 @@ def differentiated(jaxpr) -> set[str]:
     names = set()
     for eqn in jaxpr.eqns:
         names.add(eqn.primitive.name)
-        if eqn.primitive.name in ("reduce_window_max", "reduce_window_min") and any(
-            d != 1 for d in eqn.params.get("window_dilation", ())
+        if eqn.primitive.name in ("reduce_window_max", "reduce_window_min") and (
+            any(d != 1 for d in eqn.params.get("window_dilation", ()))
+            or any(lo < 0 or hi < 0 for lo, hi in eqn.params.get("padding", ()))
         ):
             names.add(DILATED_WINDOW)
         if eqn.primitive.name == "custom_linear_solve" and getattr(

@@ -379,14 +379,15 @@ def _cumulative():
 def _window():
     for (shape, dims, strides, pad), base, wdil in itertools.product(
         [((4, 5), (2, 2), (1, 1), "VALID"), ((4, 5), (2, 3), (2, 1), "SAME"),
-         ((4, 5), (1, 2), (1, 2), ((1, 0), (0, 1)))],
+         ((4, 5), (1, 2), (1, 2), ((1, 0), (0, 1))), ((5, 6), (2, 2), (1, 1), ((-1, 0), (1, -1)))],
         [(1, 1), (1, 2)], [(1, 1), (2, 1)],
     ):
         p = f"{shape} window={dims} strides={strides} padding={pad} base_dilation={base} window_dilation={wdil}"
         for name, init, op in (("reduce_window_sum", 0.0, lax.add), ("reduce_window_max", -jnp.inf, lax.max),
                                ("reduce_window_min", jnp.inf, lax.min)):
-            # JAX has no VJP of max/min pooling with window dilation (select_and_gather): forward only.
-            rev = name == "reduce_window_sum" or wdil == (1, 1)
+            # JAX has no VJP of max/min pooling with window dilation or negative padding: forward only.
+            negative = not isinstance(pad, str) and any(lo < 0 or hi < 0 for lo, hi in pad)
+            rev = name == "reduce_window_sum" or (wdil == (1, 1) and not negative)
             yield Conf(name, "", p, lambda x, i=init, o=op, d=dims, s=strides, pd=pad, b=base, w=wdil: lax.reduce_window(
                 jnp.sin(x), i, o, d, s, pd, base_dilation=b, window_dilation=w), shape, rev=rev)
     yield Conf("reduce_window_sum", "", "avg_pool NHWC 2x2", lambda x: lax.reduce_window(
@@ -1064,6 +1065,9 @@ class Context:
         self._compute()
         if isinstance(self._hess[kind], NoReference):
             raise self._hess[kind]
+        if not all(np.isfinite(h).all() for h in self._hess[kind]):
+            # A window wholly in the padding gives -inf, and sin(-inf) is NaN: NaN * 0 fills JAX's Hessian.
+            raise NoReference(f"JAX's Hessian of {kind}(out) is not finite (an output entry is infinite)")
         return self._hess[kind]
 
     def _hessian_fn(self, kind: str):

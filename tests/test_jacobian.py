@@ -78,19 +78,21 @@ def test_auto_plans_from_the_jaxpr(rng):
     assert jacobians.explain(CASES["while_shift"].fun, randn(rng, (5,))).mode == "fwd"
 
 
-def test_dilated_max_pool_takes_forward_mode(rng):
-    # JAX cannot transpose the JVP of a window-dilated max (select_and_gather_add): a wide map, which the
-    # cost model would pull by VJPs, and the Hessians over a gradient must go forward.
+@pytest.mark.parametrize("window", ["dilated", "negative padding"])
+def test_untransposable_max_pool_takes_forward_mode(window, rng):
+    # JAX cannot transpose the JVP of a max over windows with dilation (NotImplementedError) or a negative
+    # padding (a TypeError, raised only when the program is lowered): a wide map, which the cost model would
+    # pull by VJPs, and every second-order method over a gradient must go forward.
     c = jnp.asarray(randn(rng, (8,)))
+    pad, dil = (((0, 0), (1, 0)), (1, 2)) if window == "dilated" else (((0, 0), (1, -1)), (1, 1))
 
     def f(x):
         y = (jnp.sin(x) * c).reshape(2, 4)
-        return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2), (1, 1), ((0, 0), (1, 0)),
-                                     window_dilation=(1, 2)).ravel()
+        return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2), (1, 1), pad, window_dilation=dil).ravel()
 
     x = randn(rng, (8,))
-    with pytest.raises(NotImplementedError):
-        jax.jacrev(f)(x)
+    with pytest.raises((NotImplementedError, TypeError)):
+        jax.jit(jax.jacrev(f))(x)
     assert jacobians.explain(f, x).mode == "fwd"
     want = jax.jacfwd(f)(x)
     for kw in ({}, {"method": "dense"}, {"chunk_size": 3}):
@@ -98,10 +100,13 @@ def test_dilated_max_pool_takes_forward_mode(rng):
     h = lambda x: jnp.sum(f(x) ** 3)  # noqa: E731
     H = jax.jacfwd(jax.jacfwd(h))(x)
     assert_tree_allclose(jacobians.hessian(h)(x), H)
+    assert_tree_allclose(jacobians.sparse_hessian(h, output="dense")(x), H)
     # On a GPU JAX's second-order JVP of a windowed max packs pairs into 20 mantissa bits: 1.6e-6 apart there.
     tol = dict(rtol=1e-10, atol=1e-12) if jax.default_backend() == "cpu" else dict(rtol=1e-5, atol=1e-8)
     assert_tree_allclose(jacobians.hvp(h, (x,), (x,)), H @ x, **tol)
     np.testing.assert_allclose(jacobians.laplacian(h)(x), np.trace(H), **tol)
+    for method in ("auto", "hvp", "forward"):
+        np.testing.assert_allclose(jacobians.hessian_diagonal(h, method=method)(x), np.diag(H), **tol)
 
 
 @pytest.mark.parametrize("name", ["stencil_2d", "conv_same", "block_diagonal", "custom_vjp", "while_shift", "mlp_two_layer"])

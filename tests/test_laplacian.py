@@ -392,3 +392,41 @@ def test_an_infinite_partial_stays_in_its_entry(method, rng):
     h = lambda x: jnp.sum(jnp.abs(x) ** 2.5)  # noqa: E731
     y = randn(rng, (4,)).at[1].set(jnp.nan)
     np.testing.assert_allclose(jacobians.hessian_diagonal(h, method=method)(y), np.diag(jax.hessian(h)(y)), **F64)
+
+
+@jax.custom_jvp
+def _scaled_sin(x):
+    return jnp.sin(x)
+
+
+@_scaled_sin.defjvp
+def _scaled_sin_jvp(primals, tangents):
+    # A rule that is not the derivative of its primal (a scaled gradient, as a straight-through estimator).
+    (x,), (t,) = primals, tangents
+    return jnp.sin(x), 2.0 * jnp.cos(x) * t
+
+
+def test_a_custom_rule_that_is_not_its_primals_derivative(rng):
+    # JAX's Hessian differentiates the rule as a function: the inner derivative is the rule's (2 cos x), the
+    # outer one the derivative of its primal output (cos x). A Taylor sweep carries one first derivative per
+    # value and gave another number; the planner sees the disagreement and takes the HVPs, which follow JAX.
+    f = lambda x: jnp.sum(_scaled_sin(x) * x[0]) + jnp.sum(jax.nn.softplus(x) ** 2)  # noqa: E731
+    x = randn(rng, (5,))
+    H = np.asarray(jax.hessian(f)(x))
+    assert not np.allclose(H, H.T)  # JAX's own Hessian of such a rule is not symmetric
+    plan = jacobians.laplacian(f).plan(x)
+    assert plan.method == "hvp" and "_scaled_sin" in str(plan), str(plan)
+    np.testing.assert_allclose(jacobians.laplacian(f)(x), np.trace(H), **F64)
+    np.testing.assert_allclose(jacobians.hessian_diagonal(f)(x), np.diag(H), **F64)
+    np.testing.assert_allclose(jax.jit(jacobians.value_grad_and_laplacian(f))(x)[2], np.trace(H), **F64)
+    for method in ("forward", "sparse"):  # the caller's method cannot follow JAX: strict raises, else warns
+        with pytest.raises(jacobians.PlanError, match="_scaled_sin.*not the derivative of its primal"):
+            jacobians.laplacian(f, method=method)(x)
+        with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="the hvp method is used"):
+            got = jacobians.hessian_diagonal(f, method=method)(x)
+        np.testing.assert_allclose(got, np.diag(H), **F64)
+    # Rules that are their primal's derivative (JAX's relu, softplus, logsumexp) keep the forward sweep.
+    g = lambda x: jnp.sum(jax.nn.relu(x) ** 3) + jax.nn.logsumexp(x) + jnp.sum(jax.nn.softplus(x) * x)  # noqa: E731
+    assert jacobians.laplacian(g, method="forward").plan(x).method == "forward"
+    assert "not the derivative of its primal" not in str(jacobians.laplacian(g).plan(x))
+    _check(g, x)

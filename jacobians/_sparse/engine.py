@@ -482,7 +482,8 @@ class Engine:
                         det = detect_hessian_traced(traced_flat) if hessian else detect_traced(t, *traced_flat)
                     pattern = det.pattern
                 with _trust.stage("colouring"):
-                    plan = (_make_hessian_plan(pattern, self.mode, self.coloring, _planner.pass_cost(closed))
+                    plan = (_make_hessian_plan(pattern, self._order(differentiated(closed)), self.coloring,
+                                               _planner.pass_cost(closed))
                             if hessian else make_plan(pattern, self.mode, differentiated(closed), complex_out))
             with _trust.stage("certificate"):
                 cert = certify_plan(plan, traced_flat, values, where, hessian, self._hessian_mode(plan))
@@ -513,12 +514,16 @@ class Engine:
         m = n if self.coloring is not None else p.m  # a Hessian is (n, n)
         full = SparsityPattern((m,), (n,), np.repeat(np.arange(m), n), np.tile(np.arange(n), m))
         if self.coloring is not None:
-            return SparsePlan(full, self.mode, np.arange(n), n, "column", certificate=cert)
+            return SparsePlan(full, self._order(prims), np.arange(n), n, "column", certificate=cert)
         mode = _direction(self.mode, prims, complex_out)
         if mode == "auto":
             mode = "fwd" if n <= m else "rev"
         size = n if mode == "fwd" else m
         return SparsePlan(full, mode, np.arange(size), size, JACOBIAN_PLANS[mode], certificate=cert)
+
+    def _order(self, names: set[str]) -> str:
+        """A Hessian plan's mode: the one given, else the one JAX can take through fun (or ``"auto"``)."""
+        return self.mode if self.mode != "auto" else _hessian.order_for(names)
 
     def _hessian_mode(self, plan: SparsePlan) -> str | None:
         """The engine's Hessian mode where it names one, else the plan's (``None``: a Jacobian)."""
