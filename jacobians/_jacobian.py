@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _allow_int, _args, _deps, _leaves, _memory, _mesh, _methods, _planner, _sparse, _sweeps, _trust, layout
+from ._walker import differentiated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,11 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
         if opts.mode == "auto" and not complex_out and not complex_in:
             jac, aux = _methods.DENSE.evaluate_either(mode, call, where)
         else:
+            # The caller's direction, where JAX cannot differentiate fun in it: say so before JAX's inner error
+            # (some come only when the program is lowered, from the transpose of a max-pool's JVP).
+            if (opts.mode == mode and p.jaxpr is not None and mode not in _methods.directions(differentiated(p.jaxpr))
+                    and not _args.differentiable(p, mode)):
+                raise _args.forced_mode_error(where, mode)
             jac, aux = _methods.DENSE.evaluate(_methods.Candidate(_methods.DENSE, mode, 0, 0.0), call)
     if isinstance(jac, _methods.Blocks):
         result = jac.tree

@@ -350,8 +350,9 @@ RULED = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"
 
 
 # A pseudo-name in :func:`differentiated`: a windowed max or min with window dilation or a negative padding,
-# whose JVP (select_and_gather_add) JAX cannot transpose ("VJP not implemented ... with window dilation";
-# "slice start_indices must have every element be nonnegative" for a negative padding, JAX 0.10).
+# or its JVP (select_and_gather_add, in a linearized program), which JAX cannot transpose ("VJP not
+# implemented ... with window dilation"; "slice start_indices must have every element be nonnegative" for
+# a negative padding, JAX 0.10).
 DILATED_WINDOW = "reduce_window_max/min with window_dilation or negative padding"
 # Another: a custom_linear_solve without a transpose_solve ("transpose_solve required for backwards mode").
 UNTRANSPOSABLE_SOLVE = "custom_linear_solve without transpose_solve"
@@ -370,7 +371,7 @@ def differentiated(jaxpr) -> set[str]:
     names = set()
     for eqn in jaxpr.eqns:
         names.add(eqn.primitive.name)
-        if eqn.primitive.name in ("reduce_window_max", "reduce_window_min") and (
+        if eqn.primitive.name in ("reduce_window_max", "reduce_window_min", "select_and_gather_add") and (
             any(d != 1 for d in eqn.params.get("window_dilation", ()))
             or any(lo < 0 or hi < 0 for lo, hi in eqn.params.get("padding", ()))
         ):

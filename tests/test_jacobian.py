@@ -1,6 +1,7 @@
 """The engine: agreement with jax.jacfwd/jacrev, the book's examples, caching, errors."""
 
 import enum
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,31 @@ def test_untransposable_max_pool_takes_forward_mode(window, rng):
     np.testing.assert_allclose(jacobians.laplacian(h)(x), np.trace(H), **tol)
     for method in ("auto", "hvp", "forward"):
         np.testing.assert_allclose(jacobians.hessian_diagonal(h, method=method)(x), np.diag(H), **tol)
+    # Reverse mode forced by the caller: a clear error naming the call, not JAX's error from inside a transpose.
+    for jac in (jacobians.jacobian, jacobians.sparse_jacobian):
+        with pytest.raises(ValueError, match=rf"{jac.__name__}: mode='rev' pulls VJPs, which JAX cannot"):
+            jac(f, mode="rev")(x)
+
+
+def test_a_barrier_on_data_bars_no_direction(rng):
+    # A max-pool JAX cannot transpose, or a custom_vjp, applied to data the Jacobian does not depend on:
+    # JAX's jacrev / jacfwd go through, and so does the caller's forced mode (it was refused as if active).
+    data = jnp.asarray(randn(rng, (4, 6)))
+    pool = lambda y: jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (2, 2), (1, 1), ((-1, 0), (1, -1)))  # noqa: E731
+
+    @jax.custom_vjp
+    def s(y):
+        return jnp.sin(y)
+
+    s.defvjp(lambda y: (jnp.sin(y), y), lambda y, g: (jnp.cos(y) * g,))
+    w = randn(rng, (3,))
+    f = lambda w: jnp.outer(w, pool(data).ravel()) ** 2  # noqa: E731
+    g = lambda w: jnp.sin(w) * jnp.sum(s(data))  # noqa: E731
+    for jac in (jacobians.jacobian, functools.partial(jacobians.sparse_jacobian, output="dense")):
+        assert_tree_allclose(jac(f, mode="rev")(w), jax.jacrev(f)(w))
+        assert_tree_allclose(jac(g, mode="fwd")(w), jax.jacfwd(g)(w))
+    with pytest.raises(ValueError, match="jacobians.jacobian: mode='fwd' pushes JVPs, which JAX cannot push"):
+        jacobians.jacobian(lambda w: s(w) * 2.0, mode="fwd")(w)
 
 
 @pytest.mark.parametrize("name", ["stencil_2d", "conv_same", "block_diagonal", "custom_vjp", "while_shift", "mlp_two_layer"])

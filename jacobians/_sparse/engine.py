@@ -391,6 +391,14 @@ def _make_hessian_plan(pattern: SparsityPattern, mode: str, coloring: str, work:
     return dataclasses.replace(best, costs=costs)
 
 
+def _differentiable(traced_flat, avals, mode: str) -> bool:
+    """:func:`jacobians._args.differentiable` of a traced call, at its leaves' shapes."""
+    found = []
+    jax.eval_shape(lambda *leaves: found.append(_args.differentiable(_trust.flat_problem(traced_flat, leaves), mode)),
+                   *avals)
+    return found[0]
+
+
 class Engine:
     """Plans per call structure and shapes; the jitted evaluation reads the plan at trace time."""
 
@@ -461,12 +469,9 @@ class Engine:
             raise _args.complex_rev_error(where, dtype=p.out_dtype,
                                           note=" (forward mode: one JVP per colour of the columns)")
         forced = getattr(given, "mode", None) if isinstance(given, SparsePlan) else self.mode
-        if not hessian and forced in ("fwd", "rev") and forced not in _methods.directions(differentiated(closed)):
-            why = ("pulls VJPs, which JAX cannot pull through fun (a while_loop with a dynamic trip count, or a "
-                   "primitive it cannot transpose)" if forced == "rev" else
-                   "pushes JVPs, which JAX cannot push through fun's custom_vjp")
-            raise ValueError(f"{where}: mode={forced!r} {why}; use mode={'fwd' if forced == 'rev' else 'rev'!r} "
-                             "or 'auto'.")
+        if (not hessian and forced in ("fwd", "rev") and forced not in _methods.directions(differentiated(closed))
+                and not _differentiable(traced_flat, avals, forced)):
+            raise _args.forced_mode_error(where, forced)
         pattern = None
         if not isinstance(given, str | SparsePlan):
             pattern = _coerce_pattern(given, self._given_shape(p), where)
