@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _allow_int, _args, _hoist, _memory, _mesh, _methods, _planner, _sweeps, _trust, kernels
+from . import _allow_int, _args, _compat, _hoist, _memory, _mesh, _methods, _planner, _sweeps, _trust, _walker, kernels
 from ._leaves import Leaves, join
 
 HESSIAN_MODES = _args.HESSIAN_MODES
@@ -428,10 +428,38 @@ def _check_tangents(tangents: tuple, p: _args.Problem, int_argnums: bool, where:
             )
 
 
+def asymmetric_rule(jaxpr) -> str | None:
+    """A ``custom_jvp`` of ``jaxpr`` through which JAX's Hessian is not symmetric, else ``None``.
+
+    JAX's Hessian is the Jacobian of the gradient; a rule whose tangent map is not the derivative of
+    any function (:func:`jacobians._taylor._honest.disagreeing_rule`) makes it unsymmetric, and a
+    method that reads ``H^T`` for ``H`` (a reverse outer pass, a symmetric colouring) gives another matrix.
+    """
+    if jaxpr is None or "custom_jvp_call" not in _walker.primitives(_compat.unclose(jaxpr)[0]):
+        return None
+    from ._taylor import _honest  # noqa: PLC0415 - the Taylor package imports the engines' modules
+
+    return _honest.disagreeing_rule(jaxpr, symmetric=True)
+
+
+def forward_outer(where: str, mode: str, jaxpr) -> str:
+    """``mode``, or forward over ``mode``'s inner pass where a reverse outer pass would give ``H^T v``.
+
+    The caller's reverse outer ``mode`` then warns or, strict, raises
+    (:func:`jacobians._trust.method_cannot_follow`).
+    """
+    if mode == "auto" or mode.startswith("fwd") or (rule := asymmetric_rule(jaxpr)) is None:
+        return mode
+    why = f"the custom_jvp rule of '{rule}' is not the derivative of a function: JAX's Hessian is not symmetric"
+    _trust.method_cannot_follow(where, f"mode={mode!r}", "forward outer pass", why)
+    return "fwd_" + mode.split("_")[1]
+
+
 def _compute_hvp(t, spec, mode, tangents, *traced):
     p = _problem(t, spec, traced, False)
     _check_scalar(p.out_treedef.unflatten(p.out_leaves), t.where, bare=True)
     _check_tangents(tangents, p, t.int_argnums, t.where)
+    mode = forward_outer(t.where, mode, p.jaxpr)
     v, _ = ravel_pytree(tangents)
     v = v.astype(p.x.dtype)  # (only weakly typed Python floats differ: as jax.jvp, they take the primal's dtype)
 

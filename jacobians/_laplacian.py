@@ -329,7 +329,7 @@ def _choose(p, opts: "_Options") -> tuple[LaplacianPlan, dict]:
         if method == "auto":
             notes.append(why + "; the HVPs follow JAX")
         else:
-            notes.append(_trust.method_cannot_follow(opts.where, method, "hvp", why))
+            notes.append(_trust.method_cannot_follow(opts.where, f"method={method!r}", "hvp", why))
         method = "hvp"
     if method == "sparse" or (method == "auto" and chunk is None):
         stats = trace("sparse")

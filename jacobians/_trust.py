@@ -174,13 +174,13 @@ def compiler_failed(where: str, planned: str, instead: str, exc: BaseException) 
     return _report(where, what, exc, bug=False, instead=instead, stacklevel=5)
 
 
-def method_cannot_follow(where: str, method: str, instead: str, why: str) -> str:
-    """The caller's method cannot give JAX's derivative of this ``fun`` (``why``): warn or, strict, raise.
+def method_cannot_follow(where: str, asked: str, instead: str, why: str) -> str:
+    """The caller's choice cannot give JAX's derivative of this ``fun``: warn or, strict, raise.
 
+    ``asked`` names the choice (``"method='forward'"``), ``why`` says why it cannot.
     Not a defect: JAX's own semantics (a custom rule) that the method cannot represent; ``instead`` runs.
     """
-    return _report(where, f"method={method!r} cannot give JAX's derivative here ({why})", None, bug=False,
-                   instead=instead)
+    return _report(where, f"{asked} cannot give JAX's derivative here ({why})", None, bug=False, instead=instead)
 
 
 def _report(where: str, what: str, cause: BaseException | None, bug: bool, instead: str = "dense",

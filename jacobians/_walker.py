@@ -155,9 +155,11 @@ def _fold(lat: Lattice, eqn, ins: list) -> list | None:
         try:
             with jax.ensure_compile_time_eval():
                 out = bind(eqn, values)
+            out = out if eqn.primitive.multiple_results else [out]
+            # Some releases stage custom_vjp_call into an enclosing jit trace even here: a tracer, not a value.
+            out = [np.asarray(o) for o in out]
         except Exception:  # noqa: BLE001 - folding is an optimisation only
             return None
-        out = out if eqn.primitive.multiple_results else [out]
     return [lat.constant(np.asarray(o), v.aval) for o, v in zip(out, eqn.outvars, strict=True)]
 
 

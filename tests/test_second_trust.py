@@ -192,6 +192,49 @@ def test_sparse_hessian_equals_jax(name, rng):
     np.testing.assert_allclose(got, _jax_hessians(name)(x[None])[0], rtol=1e-10, atol=1e-12)
 
 
+@jax.custom_jvp
+def _rolled(x):
+    return jnp.sum(x**2)
+
+
+@_rolled.defjvp
+def _rolled_rule(primals, tangents):  # the tangent map t -> 2 roll(x) . t is no function's derivative
+    (x,), (t,) = primals, tangents
+    return _rolled(x), 2 * jnp.sum(jnp.roll(x, 1) * t)
+
+
+def test_an_unsymmetric_jax_hessian_is_followed(rng):
+    # JAX's Hessian is the Jacobian of the gradient; through such a rule (or one that is not the derivative of
+    # its primal) it is not symmetric. A symmetric colouring or a reverse outer pass reads H^T for H: the
+    # planner takes a column colouring, forward over reverse, and a caller's choice of either warns or raises.
+    f = lambda x: _rolled(x) + jnp.sum(jnp.sin(x) * x[0]) + _detached_jvp(x[1:3])  # noqa: E731
+    x = randn(rng, (6,))
+    H = np.asarray(jax.hessian(f)(x))
+    assert not np.allclose(H, H.T)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-10, atol=1e-12)
+    plan = jacobians.sparse_hessian(f).plan(x)
+    assert plan.coloring == "column" and plan.mode.startswith("fwd"), plan
+    close(jacobians.sparse_hessian(f, output="dense")(x), H)
+    close(jax.jit(jacobians.sparse_hessian(f, output="dense", mode="fwd_fwd"))(x), H)
+    v = randn(rng, (6,))
+    for mode in ("fwd_rev", "rev_rev", "rev_fwd", "fwd_fwd"):
+        close(jacobians.hessian(f, mode=mode)(x), H)
+    close(jacobians.hvp(f, (x,), (v,)), H @ v)
+    for kw in ({"coloring": "star"}, {"coloring": "acyclic"}, {"mode": "rev_rev"}):
+        with pytest.raises(jacobians.PlanError, match=f"{list(kw.values())[0]}.*not the derivative of a function"):
+            jacobians.sparse_hessian(f, output="dense", **kw)(x)
+        with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="column colouring, forward outer"):
+            close(jacobians.sparse_hessian(f, output="dense", **kw)(x), H)
+    with pytest.raises(jacobians.PlanError, match="mode='rev_fwd' cannot give JAX's derivative"):
+        jacobians.hvp(f, (x,), (v,), mode="rev_fwd")
+    with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="forward outer pass"):
+        close(jacobians.hvp(f, (x,), (v,), mode="rev_rev"), H @ v)
+    # A symmetric Hessian through honest rules (JAX's own softplus, relu) keeps the cheapest colouring.
+    g = lambda x: jnp.sum(jax.nn.softplus(x[1:] * x[:-1])) + jnp.sum(jax.nn.relu(x) ** 3)  # noqa: E731
+    assert jacobians.sparse_hessian(g, coloring="star", mode="rev_rev").plan(x).coloring == "star"
+    close(jacobians.sparse_hessian(g, output="dense", coloring="star", mode="rev_rev")(x), jax.hessian(g)(x))
+
+
 # ------------------------------------------------------------------------------------------ first order
 
 

@@ -429,7 +429,9 @@ class Engine:
         name = f"sparse {'Hessian' if hessian else 'Jacobian'} ({plan.mode}, {plan.n_colors} colours)"
         note = _trust.compiler_failed(self.t.where, name, "dense", error)
         complex_out = not hessian and bool(jnp.issubdtype(p.out_dtype, jnp.complexfloating))
-        self.plans[key] = (self._dense(p, primitives(closed.jaxpr), complex_out, _trust.fallback(note)), None, extra)
+        order = plan.mode if hessian else None
+        self.plans[key] = (self._dense(p, primitives(closed.jaxpr), complex_out, _trust.fallback(note), order), None,
+                           extra)
         return True
 
     def key(self, spec, avals):
@@ -468,18 +470,21 @@ class Engine:
         if complex_out and "rev" in (self.mode, getattr(given, "mode", None)):
             raise _args.complex_rev_error(where, dtype=p.out_dtype,
                                           note=" (forward mode: one JVP per colour of the columns)")
+        coloring, order, followed = self.coloring, self._order(differentiated(closed)), False
+        if hessian:
+            coloring, order, followed = self._follow_jax(closed, given, coloring, order)
         forced = getattr(given, "mode", None) if isinstance(given, SparsePlan) else self.mode
         if (not hessian and forced in ("fwd", "rev") and forced not in _methods.directions(differentiated(closed))
                 and not _differentiable(traced_flat, avals, forced)):
             raise _args.forced_mode_error(where, forced)
-        pattern = None
+        pattern = given.pattern if followed and isinstance(given, SparsePlan) else None  # recoloured
         if not isinstance(given, str | SparsePlan):
             pattern = _coerce_pattern(given, self._given_shape(p), where)
             if hessian:
                 _check_symmetric(pattern, where)
         kind = "given" if not isinstance(given, str) else "detected"
         try:
-            if isinstance(given, SparsePlan):
+            if isinstance(given, SparsePlan) and pattern is None:
                 plan = given
             else:
                 if pattern is None:
@@ -487,13 +492,14 @@ class Engine:
                         det = detect_hessian_traced(traced_flat) if hessian else detect_traced(t, *traced_flat)
                     pattern = det.pattern
                 with _trust.stage("colouring"):
-                    plan = (_make_hessian_plan(pattern, self._order(differentiated(closed)), self.coloring,
-                                               _planner.pass_cost(closed))
+                    plan = (_make_hessian_plan(pattern, order, coloring, _planner.pass_cost(closed))
                             if hessian else make_plan(pattern, self.mode, differentiated(closed), complex_out))
+            if hessian and order != "auto":  # the mode the plan is evaluated by: the caller's, or JAX's only one
+                plan = dataclasses.replace(plan, mode=order)
             with _trust.stage("certificate"):
-                cert = certify_plan(plan, traced_flat, values, where, hessian, self._hessian_mode(plan))
+                cert = certify_plan(plan, traced_flat, values, where, hessian)
         except _trust.AnalysisError as e:
-            return self._dense(p, prims, complex_out, _trust.fallback(_trust.analysis_failed(where, e)))
+            return self._dense(p, prims, complex_out, _trust.fallback(_trust.analysis_failed(where, e)), order)
         if not cert.failed:
             return dataclasses.replace(plan, certificate=cert)
         missed = _locate(traced_flat, values, plan, hessian)
@@ -503,7 +509,7 @@ class Engine:
                              "nonzero, or use sparsity='auto'.")
         name = f"{kind} sparse {'Hessian' if hessian else 'Jacobian'} ({plan.mode}, {plan.n_colors} colours)"
         note = _trust.certificate_failed(where, name, detail, bug=kind == "detected")
-        return self._dense(p, prims, complex_out, _trust.fallback(note))
+        return self._dense(p, prims, complex_out, _trust.fallback(note), order)
 
     def _given_shape(self, p) -> tuple:
         """The tensor shape (``out.shape``, ``in.shape``) a given pattern may have; the flat one always works."""
@@ -513,28 +519,46 @@ class Engine:
         single = len(p.out_leaves) == 1 and len(p.in_leaves) == 1
         return (p.out_leaves[0].shape, p.in_leaves[0].shape) if single else ((p.m,), (n,))
 
-    def _dense(self, p, prims: set, complex_out: bool, cert) -> SparsePlan:
-        """Every entry, one JVP or VJP per column or row: right whatever the pattern (the fallback)."""
+    def _dense(self, p, prims: set, complex_out: bool, cert, order: str | None = None) -> SparsePlan:
+        """Every entry, one JVP or VJP per column or row: right whatever the pattern (the fallback).
+
+        ``order``: a Hessian's mode where the plan that failed had settled it.
+        """
         n = p.n
         m = n if self.coloring is not None else p.m  # a Hessian is (n, n)
         full = SparsityPattern((m,), (n,), np.repeat(np.arange(m), n), np.tile(np.arange(n), m))
         if self.coloring is not None:
-            return SparsePlan(full, self._order(prims), np.arange(n), n, "column", certificate=cert)
+            return SparsePlan(full, order or self._order(prims), np.arange(n), n, "column", certificate=cert)
         mode = _direction(self.mode, prims, complex_out)
         if mode == "auto":
             mode = "fwd" if n <= m else "rev"
         size = n if mode == "fwd" else m
         return SparsePlan(full, mode, np.arange(size), size, JACOBIAN_PLANS[mode], certificate=cert)
 
+    def _follow_jax(self, closed, given, coloring: str, order: str) -> tuple[str, str, bool]:
+        """The colouring and mode a Hessian plan may take to give ``jax.hessian``'s matrix, and whether they changed.
+
+        Where JAX's Hessian is not symmetric (:func:`jacobians._hessian.asymmetric_rule`) a symmetric
+        colouring reads ``H[j, i]`` for ``H[i, j]`` and a reverse outer pass gives ``H^T v``: only a
+        column colouring with a forward outer pass follows JAX. The caller's choice of either warns or,
+        strict, raises.
+        """
+        plan = given if isinstance(given, SparsePlan) else None
+        colouring = plan.coloring if plan is not None else coloring
+        mode = self.mode if self.mode != "auto" or plan is None else plan.mode
+        if colouring == "column" and mode.startswith("fwd") or (rule := _hessian.asymmetric_rule(closed)) is None:
+            return coloring, order, False
+        asked = [f"coloring={colouring!r}"] if colouring in ("star", "acyclic") else []
+        asked += [f"mode={mode!r}"] if mode.startswith("rev") else []
+        if asked:
+            why = f"the custom_jvp rule of '{rule}' is not the derivative of a function: JAX's Hessian is not symmetric"
+            _trust.method_cannot_follow(self.t.where, " and ".join(asked), "column colouring, forward outer pass",
+                                        why)
+        return "column", order if order.startswith("fwd") else "fwd_rev", True
+
     def _order(self, names: set[str]) -> str:
         """A Hessian plan's mode: the one given, else the one JAX can take through fun (or ``"auto"``)."""
         return self.mode if self.mode != "auto" else _hessian.order_for(names)
-
-    def _hessian_mode(self, plan: SparsePlan) -> str | None:
-        """The engine's Hessian mode where it names one, else the plan's (``None``: a Jacobian)."""
-        if self.coloring is None:
-            return None
-        return self.mode if self.mode != "auto" else plan.mode
 
     def _build(self, spec):
         hessian = self.coloring is not None
@@ -665,7 +689,7 @@ class Engine:
             flat(p.x)
         rows, cols = plan.pattern.rows, plan.pattern.cols
         if self.coloring is not None:
-            data, aux = _hessian_values(p, plan, t.where, self.shards, self._hessian_mode(plan), self.chunk_size,
+            data, aux = _hessian_values(p, plan, t.where, self.shards, plan.mode, self.chunk_size,
                                         fold=fold and extra.get("fold", False) and p.n * plan.n_colors <= FOLD_MAX,
                                         products=products)
             if products is True:

@@ -41,8 +41,13 @@ def _random(aval, rng):
     return np.zeros(aval.shape, dtype)  # indices, counts: the smallest valid value
 
 
-def _check(eqn, rng):
-    """``(check, operands)``: ``check(*operands) -> (d(x) t, p'(x) t)`` for one ``custom_jvp_call``, or ``None``."""
+def _check(eqn, rng, symmetric: bool):
+    """``(check, operands)`` for one ``custom_jvp_call``, or ``None``.
+
+    ``check(*operands) -> ((d(x) t, p'(x) t),)``, and with ``symmetric`` also the pair
+    ``(D[d(x) t] s, D[d(x) s] t)``: equal where the rule's tangent map is the derivative of some
+    function (its second derivative is a symmetric bilinear form).
+    """
     diff = _custom.diff_operands(eqn)
     if not diff:
         return None
@@ -55,12 +60,16 @@ def _check(eqn, rng):
         out = bind(eqn, args)
         return tuple(out) if eqn.primitive.multiple_results else (out,)
 
-    def check(d0, t):
+    def tangent(d0, t, s):  # D[d(x) t] s
+        return jax.jvp(lambda *d: jax.jvp(call, d, t)[1], d0, s)[1]
+
+    def check(d0, t, s):
         _, inner = jax.jvp(call, d0, t)  # d(x) t: the rule's tangent
         _, outer = jax.jvp(lambda *d: jax.jvp(call, d, t)[0], d0, t)  # p'(x) t: the rule's primal, differentiated
-        return inner, outer
+        return ((inner, outer), (tangent(d0, t, s), tangent(d0, s, t))) if symmetric else ((inner, outer),)
 
-    return check, (tuple(ops[i] for i in diff), tuple(_random(eqn.invars[i].aval, rng) for i in diff))
+    directions = [tuple(_random(eqn.invars[i].aval, rng) for i in diff) for _ in range(2)]
+    return check, (tuple(ops[i] for i in diff), *directions)
 
 
 def _agrees(inner, outer) -> bool:
@@ -102,8 +111,11 @@ def _eqns(jaxpr):
                 yield from _eqns(sub)
 
 
-def disagreeing_rule(jaxpr) -> str | None:
+def disagreeing_rule(jaxpr, symmetric: bool = False) -> str | None:
     """The name of a ``custom_jvp`` in ``jaxpr`` whose rule is not the derivative of its primal, or ``None``.
+
+    ``symmetric``: also a rule whose tangent map is not a derivative at all (``x -> 2 roll(x)``, say):
+    through it JAX's Hessian, the Jacobian of the gradient, is not symmetric.
 
     Deterministic (a fixed seed); a rule that cannot be evaluated on random operands counts as agreeing
     (the sweep then treats it as before).
@@ -116,7 +128,7 @@ def disagreeing_rule(jaxpr) -> str | None:
         if name in _linalg.CUSTOM or _jax_own(call) or key in seen:
             continue
         seen.add(key)
-        if (check := _check(eqn, rng)) is not None:
+        if (check := _check(eqn, rng, symmetric)) is not None:
             named.append((name, check))
     if not named:
         return None
@@ -130,6 +142,6 @@ def disagreeing_rule(jaxpr) -> str | None:
             except Exception:  # noqa: BLE001 - that rule alone is not judged
                 results.append(None)
     for (name, _), r in zip(named, results, strict=True):
-        if r is not None and not _agrees(*r):
+        if r is not None and not all(_agrees(*pair) for pair in r):
             return name or "custom_jvp"
     return None
