@@ -745,7 +745,8 @@ class DirectionError(ValueError, TypeError):
 def forced_mode_error(where: str, mode: str) -> DirectionError:
     """The caller's ``mode`` is a direction JAX cannot differentiate ``fun`` in."""
     why = ("pulls VJPs, which JAX cannot pull through fun (a while_loop with a dynamic trip count, or a "
-           "primitive it cannot transpose)" if mode == "rev" else
+           "primitive it cannot transpose; the call is compiled, so a trip count from the input is dynamic, as "
+           "in jax.jit(jax.jacrev(fun)))" if mode == "rev" else
            "pushes JVPs, which JAX cannot push through fun's custom_vjp")
     return DirectionError(f"{where}: mode={mode!r} {why}; use mode={'fwd' if mode == 'rev' else 'rev'!r} or 'auto'.")
 
@@ -756,16 +757,21 @@ def differentiable(p: "Problem", mode: str) -> bool:
     Asked only where :func:`jacobians._walker.differentiated` of the whole program bars ``mode``: a
     barring operation on values that do not depend on the input (a max-pool of the data in a
     Jacobian with respect to the weights) bars nothing. The linearized program holds exactly
-    the operations JAX differentiates (one more trace, no compilation; the traced values are dropped).
+    the operations JAX differentiates, and JAX's transpose of it refuses what it cannot pull through
+    (two more traces, no compilation; the traced values are dropped).
     """
     fun = lambda x: p.flat(x)[0]  # noqa: E731
     try:
         if mode == "fwd":  # a JVP as jacfwd pushes it: an active custom_vjp stays a custom_lin, an error once lowered
             return "custom_lin" not in differentiated(jax.make_jaxpr(lambda x: jax.jvp(fun, (x,), (x,)))(p.x))
         _, lin = jax.linearize(fun, p.x)
+        if BARS_REVERSE & differentiated(jax.make_jaxpr(lin)(p.x)):  # refused only when lowered
+            return False
+        y, pull = jax.vjp(fun, p.x)
+        jax.make_jaxpr(pull)(y)  # the transpose, where JAX refuses a while_loop that carries the input
     except (TypeError, ValueError, NotImplementedError):
         return False
-    return not (BARS_REVERSE | {"while"}) & differentiated(jax.make_jaxpr(lin)(p.x))
+    return True
 
 
 def with_fallback(run: Callable, preferred: str, no_fwd: str, no_rev: str, where: str, jaxpr=None):
