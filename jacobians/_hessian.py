@@ -429,7 +429,7 @@ def _check_tangents(tangents: tuple, p: _args.Problem, int_argnums: bool, where:
 
 
 def asymmetric_rule(jaxpr) -> str | None:
-    """A ``custom_jvp`` of ``jaxpr`` through which JAX's Hessian is not symmetric, else ``None``.
+    """Why JAX's Hessian of ``jaxpr`` is not symmetric (the ``custom_jvp`` rule that makes it so), else ``None``.
 
     JAX's Hessian is the Jacobian of the gradient; a rule whose tangent map is not the derivative of
     any function (:func:`jacobians._taylor._honest.disagreeing_rule`) makes it unsymmetric, and a
@@ -439,7 +439,10 @@ def asymmetric_rule(jaxpr) -> str | None:
         return None
     from ._taylor import _honest  # noqa: PLC0415 - the Taylor package imports the engines' modules
 
-    return _honest.disagreeing_rule(jaxpr, symmetric=True)
+    rule = _honest.disagreeing_rule(jaxpr, symmetric=True)
+    if rule is None:
+        return None
+    return f"the custom_jvp rule of '{rule}' is not the derivative of a function: JAX's Hessian is not symmetric"
 
 
 def forward_outer(where: str, mode: str, jaxpr) -> str:
@@ -448,9 +451,8 @@ def forward_outer(where: str, mode: str, jaxpr) -> str:
     The caller's reverse outer ``mode`` then warns or, strict, raises
     (:func:`jacobians._trust.method_cannot_follow`).
     """
-    if mode == "auto" or mode.startswith("fwd") or (rule := asymmetric_rule(jaxpr)) is None:
+    if mode == "auto" or mode.startswith("fwd") or (why := asymmetric_rule(jaxpr)) is None:
         return mode
-    why = f"the custom_jvp rule of '{rule}' is not the derivative of a function: JAX's Hessian is not symmetric"
     _trust.method_cannot_follow(where, f"mode={mode!r}", "forward outer pass", why)
     return "fwd_" + mode.split("_")[1]
 

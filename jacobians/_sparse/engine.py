@@ -546,12 +546,11 @@ class Engine:
         plan = given if isinstance(given, SparsePlan) else None
         colouring = plan.coloring if plan is not None else coloring
         mode = self.mode if self.mode != "auto" or plan is None else plan.mode
-        if colouring == "column" and mode.startswith("fwd") or (rule := _hessian.asymmetric_rule(closed)) is None:
+        if colouring == "column" and mode.startswith("fwd") or (why := _hessian.asymmetric_rule(closed)) is None:
             return coloring, order, False
         asked = [f"coloring={colouring!r}"] if colouring in ("star", "acyclic") else []
         asked += [f"mode={mode!r}"] if mode.startswith("rev") else []
         if asked:
-            why = f"the custom_jvp rule of '{rule}' is not the derivative of a function: JAX's Hessian is not symmetric"
             _trust.method_cannot_follow(self.t.where, " and ".join(asked), "column colouring, forward outer pass",
                                         why)
         return "column", order if order.startswith("fwd") else "fwd_rev", True
