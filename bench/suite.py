@@ -240,7 +240,7 @@ def _runner(impl, x):
         return (lambda: impl.fn(xt)), to_np
     if impl.kind == "numpy":
         xn = np.asarray(x)
-        return (lambda: impl.fn(xn)), np.asarray
+        return (lambda: impl.fn(xn)), (lambda r: jax.tree_util.tree_map(np.asarray, r))
     return (lambda: jax.block_until_ready(impl.fn(x))), (lambda r: r)
 
 
@@ -295,6 +295,8 @@ def _plan(fn, x) -> str | None:
         bits.append(f"{p.n_colors}c")
     if getattr(p, "chunk_size", None):
         bits.append(f"chunk {p.chunk_size}")
+    if getattr(p, "sweep", None):  # a log-determinant's dense Jacobian by one structured sweep
+        bits.append(f"by {p.sweep} sweep")
     return " ".join(bits) or type(p).__name__
 
 

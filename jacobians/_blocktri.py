@@ -95,6 +95,9 @@ class LogDetPlan:
       seconds: host time spent planning (the certificate included).
       certificate: the check of a structure plan against JAX's dense Jacobian
         (``jacobians.Certificate``-like: ``status`` and ``detail``); ``None`` for the dense method.
+      sweep: the dense method's Jacobian by one structured sweep (``"fwd"`` or ``"rev"``) where
+        the planner's cost model finds it cheaper than ``n`` JVPs (certified as a structure
+        plan); ``None``: by JVPs (VJPs).
     """
 
     method: str
@@ -107,6 +110,7 @@ class LogDetPlan:
     closed: object = field(default=None, repr=False, compare=False)
     batch: int | None = None  # batch_first: one value per example
     certificate: object = field(default=None, compare=False)  # the _trust.Certificate of a structure plan
+    sweep: str | None = None
 
     def __str__(self) -> str:
         lines = [f"log-determinant plan: {self.method}, {self.passes} passes (n={self.n}, {len(self.stages)} stages)"]

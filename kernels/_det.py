@@ -16,7 +16,7 @@ Here every matrix of a stack is processed at once, vectorised over the batch:
   exchange rows (or the pivots' product leaves the normal range) the result is
   flagged and the chunks holding one are redone by LAPACK's LU. Jacobians of
   flows and coordinate changes (``I`` plus something small) need no exchange.
-- ``k <= _LOOP_MAX``: on the CPU, LU with partial pivoting, its columns in
+- ``k <= _loop_max(dtype)`` (14 in float32, 9 in float64): on the CPU, LU with partial pivoting, its columns in
   ``fori_loop`` s (a bounded trace, so bounded compile time), on cache-sized
   blocks of matrices stored batch-last (the batch is the fastest axis, so each
   operation is a vector instruction over many matrices); elsewhere (GPU, TPU),
@@ -48,7 +48,12 @@ from jax import custom_batching
 
 _CLOSED_MAX = 4  # closed forms up to this size
 _UNROLL_MAX = 8  # LU without row exchanges, unrolled, up to this size
-_LOOP_MAX = 20  # LU in loops up to this size; jnp.linalg.slogdet (faster) above
+_LOOP_MAX = {4: 14, 8: 9}  # per itemsize: LU in loops up to this size, jnp.linalg.slogdet (faster) above
+
+
+def _loop_max(dtype) -> int:
+    """The largest ``k`` for the looped LU: measured crossovers with LAPACK's on a 2-core CPU (B = 1e4)."""
+    return _LOOP_MAX[8 if jnp.dtype(dtype).itemsize >= 8 else 4]  # float16/bfloat16 are computed in float32
 _GROUP = 4  # columns per fixed-size loop in the looped LU
 
 
@@ -361,7 +366,7 @@ _FIX_WHOLE = 4 << 20  # bytes of a stack redone in one piece
 def _redo_chunks(a: jax.Array, sign: jax.Array, logabs: jax.Array, fix: Callable) -> tuple[jax.Array, jax.Array]:
     """Redo the flagged (NaN or ``+inf``) results of ``a`` (``(B, k, k)``) by ``fix``, chunk by chunk.
 
-    The rare branch. Chunks of ``_FIX_CHUNK`` matrices (the last one overlaps
+    The rare branch. Chunks of up to ``_FIX_CHUNK`` matrices, ``_FIX_WHOLE`` bytes (the last one overlaps
     the one before it) in a loop, each redone only when it holds a flagged
     result: the cost follows the number of flagged chunks, and the branch's
     temporaries are a chunk's, not the batch's (XLA sizes one allocation per
@@ -375,9 +380,9 @@ def _redo_chunks(a: jax.Array, sign: jax.Array, logabs: jax.Array, fix: Callable
       fix: ``(chunk, sign, logabs) -> (sign, logabs)`` on ``C`` matrices.
     """
     B = a.shape[0]
-    if a.size * a.dtype.itemsize <= _FIX_WHOLE or B <= _FIX_CHUNK:
+    C = max(1, min(_FIX_CHUNK, _FIX_WHOLE // max(a[0].size * a.dtype.itemsize, 1)))  # large k: fewer per chunk
+    if a.size * a.dtype.itemsize <= _FIX_WHOLE or B <= C:
         return fix(a, sign, logabs)  # a small stack in one piece: no loop to compile, small temporaries anyway
-    C = _FIX_CHUNK
 
     def body(i, carry):
         start = jnp.minimum(i * C, B - C)
@@ -405,7 +410,7 @@ def _fix_lu(a: jax.Array, sign: jax.Array, logabs: jax.Array, lu: Callable) -> t
 
     The limit only when some redone result needs it (matrices merely singular or ill-conditioned, the
     common reason for a redo, pay one LU). Measured on the 3x3 closed forms' branch: this compiles in
-    0.53 s where one LU instance for both in a loop (:func:`_exact`) took 0.64 (the LU alone: 0.30), and
+    0.53 s where one LU instance for both in a loop took 0.64 (the LU alone: 0.30), and
     runs random batches (a flagged result in most chunks) 1.7x faster.
     """
     redo = ~(logabs < jnp.inf)
@@ -415,7 +420,7 @@ def _fix_lu(a: jax.Array, sign: jax.Array, logabs: jax.Array, lu: Callable) -> t
 
 
 def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sign, logabsdet)`` of ``a`` of shape ``(B, k, k)``, real floating, ``1 <= k <= _LOOP_MAX``.
+    """``(sign, logabsdet)`` of ``a`` of shape ``(B, k, k)``, real floating, ``1 <= k <= _loop_max(a.dtype)``.
 
     Up to ``_CLOSED_MAX``: the closed form in one fused pass and, only when
     some result is flagged, the elementwise LU on the chunks that hold one
@@ -456,21 +461,19 @@ def _looped(a: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _lapack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The solver's batched LU (cuSOLVER's on a GPU), its NaN and ``+inf`` results redone by the limit.
+    """The solver's batched LU (LAPACK's; cuSOLVER's on a GPU), its NaN and ``+inf`` results redone by the limit.
 
     Off the CPU each trip of :func:`_looped`'s loops is a kernel launch: measured on an H200
     (``bench/results/gpu-h200``), 12.4 ms against 0.17 ms for ``jnp.linalg.slogdet`` at k = 16, B = 1e4.
-    There, too, each ``while_loop`` trip and ``cond`` reads its predicate on the host: :func:`_exact`'s
-    loop (one LU instance, for the CPU's compile time) took 0.43 ms at k = 16 (``gpu-h200-s7``); the
-    LU and one ``cond`` for the limit instead.
+    One LU and one ``cond`` for the rare limit, chunk by chunk. A ``while_loop`` sharing one LU instance between the
+    call and the limit compiled 10% faster on the CPU (k = 256) but ran 1.3-1.5x slower there (k = 24,
+    B = 1e4: the loop carried a copy of the stack) and read its predicate on the host per trip on a GPU.
     """
-    return jax.lax.platform_dependent(a, cpu=lambda a: _exact(a, jnp.linalg.slogdet), default=_solver)
-
-
-def _solver(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """:func:`_lapack` off the CPU: ``jnp.linalg.slogdet``, its NaN and ``+inf`` results redone by the limit."""
     sign, logabs = jnp.linalg.slogdet(a)
-    return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf), _limit_where, lambda a, s, la: (s, la), a, sign, logabs)
+    # Chunk by chunk: the limit's temporaries (two stacks) sized for the whole batch made XLA's one
+    # allocation per call large enough to fault its pages in on every call (k = 16, B = 1e4: 1.8x slower).
+    return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf), lambda s, la: _redo_chunks(a, s, la, _limit_where),
+                        lambda s, la: (s, la), sign, logabs)
 
 
 def _batched_impl(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -498,7 +501,7 @@ def _batched_vmap(axis_size, in_batched, a):
 _batched_jit = jax.jit(_batched)  # called eagerly, the loops above would run op by op
 
 
-_lapack_jit = jax.jit(_lapack)  # k > _LOOP_MAX on every platform: jnp.linalg.slogdet and the limit
+_lapack_jit = jax.jit(_lapack)  # k > _loop_max on every platform: jnp.linalg.slogdet and the limit
 
 
 # ---------------------------------------------------------------- infinite entries
@@ -512,7 +515,7 @@ def _limit_parts(a: jax.Array) -> tuple[jax.Array, Callable]:
     infinite entries, here ``det(F + t S)`` with ``F`` the finite entries
     (scaled by a power of two near their largest), ``S`` the signs of the
     infinite ones and ``t -> inf``. Evaluated at two large ``t`` (this runs
-    only where an LU gave NaN or ``+inf``, :func:`_exact`): when it grows with ``t`` the
+    only where an LU gave NaN or ``+inf``): when it grows with ``t`` the
     result is ``+inf`` with the sign of the leading term; when it does not
     the infinite entries meet only zero cofactors (``inf * 0``) and the
     result is NaN. Matrices without infinite entries get the LU of the scaled
@@ -553,36 +556,6 @@ def _limit_parts(a: jax.Array) -> tuple[jax.Array, Callable]:
         return sign, logabs
 
     return point, finish
-
-
-def _exact(a: jax.Array, lu: Callable) -> tuple[jax.Array, jax.Array]:
-    """``(sign, logabsdet)`` of ``a`` (``(B, k, k)``) by the pivoting LU ``lu``, its NaN and ``+inf`` by the limit.
-
-    One instance of ``lu`` in the program (LAPACK's costs 0.1-0.2 s to compile at k = 256): a
-    ``while_loop`` factors ``a`` in its first trip and, only when some result is NaN or ``+inf``, the
-    limit's two stacks (:func:`_limit_parts`, prepared only then) in two more.
-    """
-    empty = jnp.zeros(a.shape[:1], a.dtype)
-
-    def body(state):
-        i, results = state
-        x = jax.lax.cond(i == 0, lambda: a, lambda: _limit_parts(a)[0](i))
-        s, la = lu(x)
-        return i + 1, tuple((jnp.where(i == j, s, rs), jnp.where(i == j, la, rl)) for j, (rs, rl) in
-                            enumerate(results))
-
-    def more(state):
-        i, results = state
-        return (i == 0) | ((i < 3) & ~(jnp.sum(results[0][1]) < jnp.inf))  # NaN or +inf in the first trip's
-
-    _, ((s0, l0), (s1, l1), (s2, l2)) = jax.lax.while_loop(more, body, (jnp.int32(0), ((empty, empty),) * 3))
-    flagged = ~(l0 < jnp.inf)  # NaN or +inf; -inf (singular) is exact
-
-    def limit(s0, l0):
-        ls, ll = _limit_parts(a)[1](s1, l1, s2, l2)
-        return jnp.where(flagged, ls, s0), jnp.where(flagged, ll, l0)
-
-    return jax.lax.cond(jnp.any(flagged), limit, lambda s0, l0: (s0, l0), s0, l0)
 
 
 def _finite_fix(a: jax.Array, sign: jax.Array, logabs: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -670,7 +643,7 @@ def slogdet(a: jax.Array) -> "SlogdetResult":
         return SlogdetResult(jnp.ones(batch, a.dtype), jnp.zeros(batch, a.dtype))
     if jnp.issubdtype(a.dtype, jnp.complexfloating):
         return SlogdetResult(*jnp.linalg.slogdet(a))
-    if k > _LOOP_MAX:
+    if k > _loop_max(a.dtype):
         flat = a.reshape((-1, k, k))
         sign, logabs = _lapack_jit(flat.astype(jnp.float32) if jnp.finfo(a.dtype).bits < 32 else flat)
         return SlogdetResult(sign.reshape(batch).astype(a.dtype), logabs.reshape(batch).astype(a.dtype))
@@ -686,7 +659,8 @@ def _slogdet_jvp(primals, tangents):
     sign, logabs = slogdet(a)
     a = jnp.asarray(a)
     k = a.shape[-1]
-    if jnp.issubdtype(a.dtype, jnp.complexfloating) or k > _LOOP_MAX or k == 0:
+    if jnp.issubdtype(a.dtype, jnp.complexfloating) or k == 0 or k > _loop_max(
+            a.dtype if jnp.issubdtype(a.dtype, jnp.inexact) else jnp.result_type(float)):
         # jnp's rule; the primal stays this function's own.
         _, (dsign, dlog) = jax.jvp(jnp.linalg.slogdet, (a,), (da,))
         return SlogdetResult(sign, logabs), SlogdetResult(dsign, dlog)

@@ -24,7 +24,7 @@ def test_book_example_5_61():
     np.testing.assert_allclose(jacobians.log_abs_det(f)(x), np.log(3.0), rtol=1e-14)
 
 
-# One size per regime of the kernel (1x1; closed form; unrolled LU; looped LU; jnp above 20); 2x2 goes
+# One size per regime of the kernel (1x1; closed form; unrolled LU; LAPACK above 9 in float64); 2x2 goes
 # through the pipeline in test_book_example_5_61, and every size through the kernel below.
 @pytest.mark.parametrize("n", [1, 3, 5, 16, 40])
 def test_batched_matches_numpy_loop(rng, n):
@@ -137,19 +137,20 @@ def _stack(rng, k, dtype):
 
 
 # Every regime of the kernel, at its boundaries: closed forms (1, 2, 3, 4: each its own code), the
-# unrolled LU (5, 8), the looped LU (9: two groups of _GROUP=4 columns and a last group of one, as 13,
-# 17; 16: whole groups only, as 12, 20), jnp.linalg.slogdet above 20 (25). float32 for each closed form
-# and once per LU (at its smallest size: the cheapest compile).
-# "solver": the path off the CPU for k > 8 (the solver's batched LU and one cond for the limit), which a CPU
-# run never takes by itself.
+# unrolled LU (5, 8), the looped LU on the CPU up to 9 in float64 and 14 in float32 (9: two groups of
+# _GROUP=4 columns and a last group of one; 12: whole groups only), jnp.linalg.slogdet above (16 in
+# float64, 25). float32 for each closed form and each LU (at its smallest size: the cheapest compile).
+# "lapack": the LAPACK path called directly (the solver's batched LU and one cond for the limit, chunk by
+# chunk), at a size a CPU run gives the looped LU.
 @pytest.mark.parametrize(("k", "path"), [(1, "auto"), (2, "auto"), (3, "auto"), (4, "auto"), (5, "auto"),
-                                         (8, "auto"), (9, "auto"), (16, "auto"), (25, "auto"), (9, "solver"),
-                                         (25, "solver")])
+                                         (8, "auto"), (9, "auto"), (12, "auto"), (16, "auto"), (25, "auto"),
+                                         (9, "lapack"), (25, "lapack")])
 def test_kernel_matches_references(rng, k, path):
     from jacobians.kernels import _det
 
-    run = slogdet_jit if path == "auto" else jax.jit(_det._solver)
-    for dtype in (np.float64, np.float32) if k in (1, 2, 3, 4, 5, 9) else (np.float64,):
+    run = slogdet_jit if path == "auto" else jax.jit(_det._lapack)
+    dtypes = (np.float32,) if k == 12 else (np.float64, np.float32) if k in (1, 2, 3, 4, 5, 9) else (np.float64,)
+    for dtype in dtypes:
         mats, kinds, rs, rl = _stack(rng, k, dtype)
         s, l = (np.asarray(v) for v in run(jnp.asarray(mats)))
         assert s.dtype == l.dtype == dtype

@@ -407,3 +407,37 @@ def test_a_program_xla_cannot_compile_falls_back_to_dense(rng, monkeypatch):
     failed.clear()
     with pytest.raises(jacobians.PlanError, match="XLA failed to compile"):
         jacobians.slogdet(f)(x)
+
+
+def test_a_dense_map_takes_its_jacobian_by_one_structured_sweep(rng, monkeypatch):
+    # tanh(A x) + x has no triangular structure: its Jacobian diag(1 - tanh^2) A + I by one forward sweep
+    # (the planner's cost model, as jacobians.jacobian's) instead of n JVPs; values and derivatives are JAX's.
+    n = 12
+    A = randn(rng, (n, n)) / np.sqrt(n)
+    f = lambda x: jnp.tanh(A @ x) + x  # noqa: E731
+    x, xs = randn(rng, (n,)), randn(rng, (3, n))
+    lad = jacobians.log_abs_det(f)
+    np.testing.assert_allclose(lad(x), _ref(f, x)[1], rtol=1e-12)
+    plan = lad.plan(x)
+    assert plan.method == "dense" and plan.sweep == "fwd" and plan.passes == 1 and "structured fwd" in str(plan)
+    assert plan.certificate.status == "passed"
+    sign, logabs = jacobians.slogdet(f, batched=True)(xs)
+    ref = jax.vmap(lambda x: _ref(f, x))(xs)
+    np.testing.assert_array_equal(sign, ref[0])
+    np.testing.assert_allclose(logabs, ref[1], rtol=1e-12)
+    for d in (jax.grad, jax.hessian):
+        np.testing.assert_allclose(d(lad)(x), d(lambda x: _ref(f, x)[1])(x), rtol=1e-9, atol=1e-12)
+    # One JVP is cheaper than one sweep: n = 1 keeps the JVPs.
+    assert jacobians.log_abs_det(jnp.tanh).plan(x[:1]).sweep is None
+    # A wrong sweep is caught by the certificate: strict raises, else the JVPs run instead.
+    from jacobians import _sweeps
+
+    true = _sweeps.jacobian
+    monkeypatch.setattr(_sweeps, "jacobian", lambda *a, **k: (lambda r: (r[0], 2 * r[1], r[2]))(true(*a, **k)))
+    with pytest.raises(jacobians.PlanError, match=r"log-determinant dense \(structured fwd sweep\) plan failed"):
+        jacobians.log_abs_det(f)(x)
+    with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="failed its certificate"):
+        lad = jacobians.log_abs_det(f)
+        got = lad(x)
+    np.testing.assert_allclose(got, _ref(f, x)[1], rtol=1e-12)
+    assert lad.plan(x).sweep is None
