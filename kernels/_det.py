@@ -396,11 +396,10 @@ def _redo_chunks(a: jax.Array, sign: jax.Array, logabs: jax.Array, fix: Callable
 
 
 def _limit_where(a: jax.Array, sign: jax.Array, logabs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sign, logabs)`` with the NaN and ``+inf`` results replaced by the limit (one LAPACK call, both stacks)."""
-    C = a.shape[0]
+    """``(sign, logabs)`` with the NaN and ``+inf`` results replaced by the limit (LAPACK's LU of both stacks)."""
     point, finish = _limit_parts(a)
-    s, la = jnp.linalg.slogdet(jnp.concatenate([point(1), point(2)]))
-    lim_sign, lim_log = finish(s[:C], la[:C], s[C:], la[C:])
+    # Two LUs: one on the two stacks concatenated compiled 0.13 s slower (k = 256, on the CPU).
+    lim_sign, lim_log = finish(*jnp.linalg.slogdet(point(1)), *jnp.linalg.slogdet(point(2)))
     flagged = ~(logabs < jnp.inf)  # NaN or +inf; -inf (singular) is exact
     return jnp.where(flagged, lim_sign, sign), jnp.where(flagged, lim_log, logabs)
 
