@@ -49,12 +49,12 @@ from jax import custom_batching
 _CLOSED_MAX = 4  # closed forms up to this size
 _UNROLL_MAX = 8  # LU without row exchanges, unrolled, up to this size
 _LOOP_MAX = {4: 14, 8: 9}  # per itemsize: LU in loops up to this size, jnp.linalg.slogdet (faster) above
+_GROUP = 4  # columns per fixed-size loop in the looped LU
 
 
 def _loop_max(dtype) -> int:
     """The largest ``k`` for the looped LU: measured crossovers with LAPACK's on a 2-core CPU (B = 1e4)."""
     return _LOOP_MAX[8 if jnp.dtype(dtype).itemsize >= 8 else 4]  # float16/bfloat16 are computed in float32
-_GROUP = 4  # columns per fixed-size loop in the looped LU
 
 
 # ---------------------------------------------------------------- closed forms
@@ -419,7 +419,7 @@ def _fix_lu(a: jax.Array, sign: jax.Array, logabs: jax.Array, lu: Callable) -> t
 
 
 def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sign, logabsdet)`` of ``a`` of shape ``(B, k, k)``, real floating, ``1 <= k <= _loop_max(a.dtype)``.
+    """``(sign, logabsdet)`` of ``a`` of shape ``(B, k, k)``, real floating, ``k >= 1``.
 
     Up to ``_CLOSED_MAX``: the closed form in one fused pass and, only when
     some result is flagged, the elementwise LU on the chunks that hold one
@@ -428,10 +428,13 @@ def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     NaN, which the sum carries; the flagged range keeps the sum finite): one
     reduction, where ``any(isnan(d))`` took three passes. Up to
     ``_UNROLL_MAX``: the LU without row exchanges (:func:`_lu_nopivot`), the
-    chunks it flags redone by LAPACK's. Above: the blocked, looped pivoting
-    LU on the CPU, the solver's elsewhere. Every path's NaN and ``+inf`` results are redone by the limit.
+    chunks it flags redone by LAPACK's. Up to ``_loop_max``: the blocked, looped pivoting
+    LU on the CPU, the solver's elsewhere; above, the solver's (:func:`_lapack`). Every path's NaN and
+    ``+inf`` results are redone by the limit.
     """
     k = a.shape[-1]
+    if k > _loop_max(a.dtype):
+        return _lapack(a)
     if k > _UNROLL_MAX:
         return jax.lax.platform_dependent(a, cpu=_looped, default=_lapack)
     if k > _CLOSED_MAX:
@@ -500,7 +503,6 @@ def _batched_vmap(axis_size, in_batched, a):
 _batched_jit = jax.jit(_batched)  # called eagerly, the loops above would run op by op
 
 
-_lapack_jit = jax.jit(_lapack)  # k > _loop_max on every platform: jnp.linalg.slogdet and the limit
 
 
 # ---------------------------------------------------------------- infinite entries
@@ -642,10 +644,6 @@ def slogdet(a: jax.Array) -> "SlogdetResult":
         return SlogdetResult(jnp.ones(batch, a.dtype), jnp.zeros(batch, a.dtype))
     if jnp.issubdtype(a.dtype, jnp.complexfloating):
         return SlogdetResult(*jnp.linalg.slogdet(a))
-    if k > _loop_max(a.dtype):
-        flat = a.reshape((-1, k, k))
-        sign, logabs = _lapack_jit(flat.astype(jnp.float32) if jnp.finfo(a.dtype).bits < 32 else flat)
-        return SlogdetResult(sign.reshape(batch).astype(a.dtype), logabs.reshape(batch).astype(a.dtype))
     if jnp.finfo(a.dtype).bits < 32:  # float16 and bfloat16: compute in float32
         sign, logabs = _batched_jit(a.astype(jnp.float32))
         return SlogdetResult(sign.astype(a.dtype), logabs.astype(a.dtype))

@@ -427,6 +427,17 @@ def test_a_dense_map_takes_its_jacobian_by_one_structured_sweep(rng, monkeypatch
     np.testing.assert_allclose(logabs, ref[1], rtol=1e-12)
     for d in (jax.grad, jax.hessian):
         np.testing.assert_allclose(d(lad)(x), d(lambda x: _ref(f, x)[1])(x), rtol=1e-9, atol=1e-12)
+    # Where an intermediate overflows, the sweep meets a zero tangent as inf * 0 = NaN; JAX's JVPs keep one
+    # infinite entry (+inf). Under jax.vmap one example that overflows redoes the batch's Jacobians by JVPs.
+    P = jnp.zeros((n, n)).at[0, 1].set(1.0)
+    g = lambda x, c: jnp.tanh(A @ x) + x + (P @ x) * c * c  # noqa: E731
+    cs = jnp.asarray([0.5, np.sqrt(np.finfo(np.float64).max) * 2, 2.0])
+    lad = jacobians.log_abs_det(g)
+    assert lad.plan(x, cs[0]).sweep is not None
+    got = jax.vmap(lad)(xs, cs)
+    assert got[1] == np.inf
+    for i in (0, 2):
+        np.testing.assert_allclose(got[i], _ref(lambda x: g(x, cs[i]), xs[i])[1], rtol=1e-12)
     # One JVP is cheaper than one sweep: n = 1 keeps the JVPs.
     assert jacobians.log_abs_det(jnp.tanh).plan(x[:1]).sweep is None
     # A wrong sweep is caught by the certificate: strict raises, else the JVPs run instead.
