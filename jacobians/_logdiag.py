@@ -428,8 +428,10 @@ def _log_partial(eqn, k, vals, out, logs=None):
             s = jnp.where(a == 0, jnp.zeros((), out.dtype), s)
         return zero + math.log(abs(y)) + (y - 1) * log_abs(a), one * s
     if name == "custom_jvp_call" and _function_name(eqn) == "logaddexp" and len(vals) == 2:
-        # softplus, log_sigmoid: d out / d a = exp(a - out), exact in logs where the partial underflows.
-        return jnp.broadcast_to(jnp.asarray(a, out.dtype) - out, out.shape), one
+        # softplus, log_sigmoid: d out / d a = exp(a - out) = 1 / (1 + exp(b - a)), in logs -softplus(b - a):
+        # exact where the partial underflows, and 0 (not inf - inf) at a = +inf.
+        b = jnp.asarray(vals[1 - k], out.dtype)
+        return jnp.broadcast_to(-_softplus(b - jnp.asarray(a, out.dtype)), out.shape), one
     # Any other elementwise primitive (and elementwise custom_jvp functions, by their rule): the partial itself.
     args = list(vals)
 

@@ -172,12 +172,16 @@ def test_log_space_elementwise():
         (jnp.tanh, [np.inf, 1.0, 2.0], (0.0, -np.inf)),  # a derivative exactly 0: slogdet's (0, -inf)
         (jnp.exp, [-np.inf, 1.0, 2.0], (0.0, -np.inf)),
         (jax.nn.sigmoid, [np.inf, 1.0, 2.0], (0.0, -np.inf)),
+        # softplus' derivative sigmoid(x) is 1 at +inf (logs: -softplus(-x), not x - softplus(x) = inf - inf)
+        (jax.nn.softplus, [np.inf, 0.0, 2.0], (1.0, np.log(0.5) - np.log1p(np.exp(-2.0)))),
+        (jax.nn.softplus, [-np.inf, 0.0, 2.0], (0.0, -np.inf)),
+        (jax.nn.log_sigmoid, [-np.inf, 0.0, -2.0], (1.0, np.log(0.5) - np.log1p(np.exp(-2.0)))),
     ],
 )
 def test_log_diagonal_signs_at_zeros_and_infinities(f, x, want):
     # The sign comes from the derivative, not the input: log at 0 had sign 0 and det = 0 * inf = NaN.
     x = jnp.asarray(x, jnp.float64)
-    assert [s.method for s in jacobians.slogdet(f).plan(x).stages] == ["sweep"]
+    assert {s.method for s in jacobians.slogdet(f).plan(x).stages} == {"sweep"}  # log_sigmoid: two stages
     sign, logabs = jacobians.slogdet(f)(x)
     assert (float(sign), float(logabs)) == pytest.approx(want, rel=1e-12)
     det = float(jacobians.det(f)(x))
