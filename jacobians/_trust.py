@@ -666,7 +666,8 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
 
     Args:
       evaluate: ``evaluate(p)`` -> the plan's values at the point: the entries
-        ``J[rows, cols]`` (``entries=(rows, cols)``) or the dense ``(m, n)`` matrix.
+        ``J[rows, cols]`` (``entries=(rows, cols)``) or the dense ``(m, n)`` matrix (with
+        ``entries`` too: judged on those, every nonzero required to be one of them).
       mode: ``"fwd"`` (compare ``J v`` with ``jax.jvp``) or ``"rev"`` (``u^T J`` with
         ``jax.vjp``); for Hessians ``"fwd"``/``"rev"`` is the outer direction of the
         reference Hessian-vector product (forward over reverse where JAX can).
@@ -721,9 +722,15 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
     def judge(outs, T, tol, noise=None):
         got, ref = (outs[1], outs[0]) if computed is not None else outs
         if entries is not None:
-            rows, cols = entries
+            rows, cols = (np.asarray(v) for v in entries)
             size = ref.shape[1]
-            prod, bound = _apply(np.asarray(rows), np.asarray(cols), got, T, side_out, size)
+            if got.ndim == 2 and got.shape == (meta.m, meta.n):  # the call's dense result: its entries there
+                on = got[rows, cols]
+                if np.count_nonzero(got) != np.count_nonzero(on):
+                    r, c = np.argwhere(got)[~np.isin(np.flatnonzero(got), rows * meta.n + cols)][0]
+                    return f"an entry at ({r}, {c}), {got[r, c]:.6g}, off the plan's pattern"
+                got = on
+            prod, bound = _apply(rows, cols, got, T, side_out, size)
         else:
             # In the plan's own precision (at least float32): the products' rounding, ~sqrt(n) eps, is far
             # below the tolerance (sqrt(eps)), and a large dense Jacobian is not copied to float64.

@@ -78,6 +78,25 @@ def test_wrong_pattern_fails_its_certificate(monkeypatch, rng):
         jacobians.sparse_jacobian(_sin_and_reverse)(x)
 
 
+def test_a_stray_entry_off_the_pattern_fails_the_certificate(monkeypatch, rng):
+    # The check of a compressed plan reads the call's own dense result on the pattern's entries; a nonzero
+    # anywhere else (a decompression writing off the pattern) fails it, and the dense method runs instead.
+    from jacobians import _jacobian
+
+    x = randn(rng, (30,))
+    assert jacobians.explain(_sin_and_reverse, x).method == "compressed"
+    true = _jacobian._flat_jacobian
+
+    def stray(result, p, has_aux):
+        J = np.array(true(result, p, has_aux))
+        J[0, 1] += 1.0  # row 0 reads x[0] and x[29] only
+        return J
+
+    monkeypatch.setattr(_jacobian, "_flat_jacobian", stray)
+    with pytest.raises(jacobians.PlanError, match=r"an entry at \(0, 1\), 1, off the plan's pattern"):
+        jacobians.jacobian(_sin_and_reverse)(x)
+
+
 def test_crashing_rule_names_the_primitive(monkeypatch, rng):
     x = randn(rng, (30,))
     monkeypatch.setitem(_deps.DepsLattice.rules, "sin", _crash)
