@@ -413,7 +413,7 @@ def test_a_program_xla_cannot_compile_falls_back_to_dense(rng, monkeypatch):
         jacobians.slogdet(f)(x)
 
 
-def test_a_dense_map_takes_its_jacobian_by_one_structured_sweep(rng, monkeypatch):
+def test_a_dense_map_takes_its_jacobian_by_one_structured_sweep(rng):
     # tanh(A x) + x has no triangular structure: its Jacobian diag(1 - tanh^2) A + I by one forward sweep
     # (the planner's cost model, as jacobians.jacobian's) instead of n JVPs; values and derivatives are JAX's.
     n = 8
@@ -443,9 +443,16 @@ def test_a_dense_map_takes_its_jacobian_by_one_structured_sweep(rng, monkeypatch
         np.testing.assert_allclose(got[i], _ref(lambda x: g(x, cs[i]), xs[i])[1], rtol=1e-12)
     # One JVP is cheaper than one sweep: n = 1 keeps the JVPs.
     assert jacobians.log_abs_det(jnp.tanh).plan(x[:1]).sweep is None
+
+
+def test_a_wrong_sweep_for_a_dense_map_fails_the_certificate(rng, monkeypatch):
     # A wrong sweep is caught by the certificate: strict raises, else the JVPs run instead.
     from jacobians import _sweeps
 
+    n = 8
+    A = randn(rng, (n, n)) / np.sqrt(n)
+    f = lambda x: jnp.tanh(A @ x) + x  # noqa: E731
+    x = randn(rng, (n,))
     true = _sweeps.jacobian
     monkeypatch.setattr(_sweeps, "jacobian", lambda *a, **k: (lambda r: (r[0], 2 * r[1], r[2]))(true(*a, **k)))
     with pytest.raises(jacobians.PlanError, match=r"log-determinant dense \(structured fwd sweep\) plan failed"):
