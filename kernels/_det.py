@@ -503,8 +503,6 @@ def _batched_vmap(axis_size, in_batched, a):
 _batched_jit = jax.jit(_batched)  # called eagerly, the loops above would run op by op
 
 
-
-
 # ---------------------------------------------------------------- infinite entries
 
 
@@ -656,12 +654,13 @@ def _slogdet_jvp(primals, tangents):
     sign, logabs = slogdet(a)
     a = jnp.asarray(a)
     k = a.shape[-1]
-    if jnp.issubdtype(a.dtype, jnp.complexfloating) or k == 0 or k > _loop_max(
-            a.dtype if jnp.issubdtype(a.dtype, jnp.inexact) else jnp.result_type(float)):
-        # jnp's rule; the primal stays this function's own.
-        _, (dsign, dlog) = jax.jvp(jnp.linalg.slogdet, (a,), (da,))
-        return SlogdetResult(sign, logabs), SlogdetResult(dsign, dlog)
     dtype = a.dtype if jnp.issubdtype(a.dtype, jnp.inexact) else jnp.result_type(float)
+    if jnp.issubdtype(a.dtype, jnp.complexfloating) or k == 0 or k > _loop_max(dtype):
+        # jnp's rule, in float32 for float16 and bfloat16 (LAPACK has no half-precision LU); the primal
+        # stays this function's own.
+        work = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32 else dtype
+        _, (dsign, dlog) = jax.jvp(jnp.linalg.slogdet, (a.astype(work),), (jnp.asarray(da).astype(work),))
+        return SlogdetResult(sign, logabs), SlogdetResult(dsign.astype(sign.dtype), dlog.astype(logabs.dtype))
     work = jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
     dlog = jnp.sum(_inverse_transpose(a.astype(work)) * jnp.asarray(da, work), axis=(-2, -1))
     return SlogdetResult(sign, logabs), SlogdetResult(jnp.zeros_like(sign), dlog.astype(dtype))

@@ -295,6 +295,17 @@ def test_kernel_half_precision(rng, dtype):
     np.testing.assert_allclose(np.asarray(l, np.float64), rl, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_kernel_half_precision_gradient_above_the_looped_lu(rng, dtype):
+    # k = 16 is LAPACK's LU (above _loop_max): its derivative rule runs in float32, LAPACK having no
+    # half-precision LU; d log|det A| / dA = A^{-T}.
+    A = jnp.eye(16)[None] + 0.25 * randn(rng, (2, 16, 16)) / 4
+    g = jax.grad(lambda a: jnp.sum(kernels.slogdet(a)[1].astype(jnp.float32)))(A.astype(dtype))
+    assert g.dtype == dtype
+    want = np.linalg.inv(np.asarray(A.astype(dtype), np.float64)).transpose(0, 2, 1)
+    np.testing.assert_allclose(np.asarray(g, np.float64), want, atol=0.05)
+
+
 @pytest.mark.parametrize("k", [3, 7])
 def test_kernel_under_vmap(rng, k):
     A = randn(rng, (3, 5, k, k)).at[1, 2].set(0.0)  # one singular matrix inside the vmap
