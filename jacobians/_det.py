@@ -23,10 +23,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import custom_batching
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import _args, _blocktri, _mesh, _planner, _sweeps, _trust, kernels
+from . import _args, _batchwise, _blocktri, _mesh, _planner, _sweeps, _trust, kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,22 +83,7 @@ def _dense_jacobian(p: _args.Problem, plan: _blocktri.LogDetPlan):
     # The sweep's products run in another order than JAX's JVPs: where an intermediate overflows (c * c
     # in (P x) c c) it meets a zero tangent as inf * 0 = NaN, where JAX's JVPs keep one infinite entry.
     # A Jacobian that is not finite is redone by the JVPs (a branch that runs only then).
-    return jax.lax.cond(_finite(jax.lax.stop_gradient(J)), lambda: J, lambda: _flat_jacobian(p, plan.mode))
-
-
-def _finite_impl(J) -> jax.Array:
-    return jnp.isfinite(jnp.sum(J * 0))  # 0, or NaN from an infinite or NaN entry: a sum that cannot overflow
-
-
-# Whether every entry is finite, one test over a whole vmapped batch (jax.vmap of log_abs_det): the
-# cond above stays a cond, where a per-example test would make it a select that runs the JVPs always.
-_finite = custom_batching.custom_vmap(_finite_impl)
-
-
-@_finite.def_vmap
-def _finite_vmap(axis_size, in_batched, J):
-    del axis_size, in_batched
-    return _finite_impl(J), False
+    return jax.lax.cond(_batchwise.all_finite(J), lambda: J, lambda: _flat_jacobian(p, plan.mode))
 
 
 def _evaluate(p: _args.Problem, plan: _blocktri.LogDetPlan, leaves) -> tuple:

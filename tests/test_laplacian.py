@@ -394,6 +394,24 @@ def test_an_infinite_partial_stays_in_its_entry(method, rng):
     np.testing.assert_allclose(jacobians.hessian_diagonal(h, method=method)(y), np.diag(jax.hessian(h)(y)), **F64)
 
 
+@pytest.mark.parametrize("method", ["forward", "sparse"])
+def test_a_quadratic_form_at_an_infinite_input(method, rng):
+    # x @ (W x): the Laplacian 2 tr W never meets x's values in jax.hessian; the forward sweep's product of
+    # x's zero second-order part and W x = inf was NaN. One infinite example in a vmapped batch redoes the
+    # batch's products term by term; the others keep their values.
+    n = 6
+    W = randn(rng, (n, n))
+    f = lambda x: x @ (W @ x) + jnp.sum(jnp.tanh(x[:2]))  # noqa: E731
+    x = randn(rng, (n,))
+    xs = jnp.stack([x, x.at[4].set(jnp.inf)])
+    want = jax.vmap(lambda x: jnp.diag(jax.jit(jax.hessian(f))(x)))(xs)
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(jax.vmap(jacobians.hessian_diagonal(f, method=method))(xs), want, **F64)
+    np.testing.assert_allclose(jacobians.laplacian(f, method=method)(xs[1]), want[1].sum(), **F64)
+    np.testing.assert_allclose(jax.grad(jacobians.laplacian(f, method=method))(x),
+                               jax.grad(lambda x: jnp.trace(jax.hessian(f)(x)))(x), **F64)
+
+
 @jax.custom_jvp
 def _scaled_sin(x):
     return jnp.sin(x)

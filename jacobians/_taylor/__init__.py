@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _compat, _primitives, _sweeps
+from .. import _batchwise, _compat, _primitives, _sweeps
 from .._deps import DepsLattice, _custom
 from .._deps._sets import Deps, empty
 from .._walker import RULED, Lattice, Walker, bind, has_custom_vjp
@@ -288,6 +288,32 @@ def _zero(lat, eqn, ins):
     return [(None, None)] * len(eqn.outvars)
 
 
+def _zero_times_inf(eqn, ins, k, second, pushed):
+    """``dot_general``'s second-order part ``pushed`` (``A(L_k, other)``) with ``0 * inf = 0`` term by term.
+
+    The convention of :func:`._block.times`, for a bilinear product: an operand's second-order part
+    that is exactly zero (``x`` in ``x @ (W x)``) times the other operand's infinite value is 0, as in
+    ``jax.hessian`` (whose Hessian of a quadratic form never meets ``x``'s values), not NaN. Only where
+    the other operand is not finite somewhere in the whole (vmapped) batch: a branch that runs then.
+    """
+    other = jnp.asarray(ins[1 - k].primal)
+
+    def guarded():
+        fin = jnp.isfinite(other)
+
+        def push(op, col):  # A(col, op) for every column of a second-order part
+            args = list(ins)
+            args[1 - k] = TV(op)
+            f, vary = _sweeps.as_function(eqn, args, [k], [0])
+            return jax.vmap(lambda c: jax.jvp(f, vary, [c.astype(vary[0].dtype)])[1][0])(col)
+
+        safe = push(jnp.where(fin, other, jnp.zeros((), other.dtype)), second)
+        hit = push((~fin).astype(other.dtype), (second != 0).astype(second.dtype))
+        return jnp.where(hit != 0, pushed, safe.astype(pushed.dtype))
+
+    return jax.lax.cond(_batchwise.all_finite(other), lambda: pushed, guarded)
+
+
 def _dot_both(lat, eqn, ins):
     """``dot_general`` with both operands active: ``L_y = A(L_a, b) + A(a, L_b) + 2 sum_j A(J_a,j, J_b,j)``.
 
@@ -299,6 +325,8 @@ def _dot_both(lat, eqn, ins):
     tb = bk.relayout(lat, b, np.shape(b.primal), None)
     (t1,) = _linear.apply(lat, eqn, [a, TV(b.primal)], [0], [ta])
     (t2,) = _linear.apply(lat, eqn, [TV(a.primal), b], [1], [tb])
+    t1 = (t1[0], _zero_times_inf(eqn, [a, TV(b.primal)], 0, ta[1], t1[1]))
+    t2 = (t2[0], _zero_times_inf(eqn, [TV(a.primal), b], 1, tb[1], t2[1]))
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     na, nb = len(eqn.invars[0].aval.shape), len(eqn.invars[1].aval.shape)
     out = eqn.outvars[0].aval
