@@ -86,11 +86,11 @@ def _dense_jacobian(p: _args.Problem, plan: _blocktri.LogDetPlan):
     return jax.lax.cond(_batchwise.all_finite(J), lambda: J, lambda: _flat_jacobian(p, plan.mode))
 
 
-def _evaluate(p: _args.Problem, plan: _blocktri.LogDetPlan, leaves) -> tuple:
-    """``(sign, logabsdet)`` of one point by ``plan`` (square maps)."""
+def _evaluate(p: _args.Problem, plan: _blocktri.LogDetPlan, leaves, reduce: Callable = kernels.slogdet) -> tuple:
+    """``(sign, logabsdet)`` of one point by ``plan``; a dense plan's Jacobian by ``reduce`` (a log-volume's QR)."""
     if plan.method != "dense":
         return _blocktri.evaluate(plan, leaves)
-    return tuple(kernels.slogdet(_dense_jacobian(p, plan)))
+    return tuple(reduce(_dense_jacobian(p, plan)))
 
 
 def _swept(t, spec, avals, closed, p: _args.Problem, plan: _blocktri.LogDetPlan) -> _blocktri.LogDetPlan:
@@ -373,10 +373,7 @@ def _compute(t, spec, opts, *traced):
     def one(*leaves):
         p = _args.problem(t.fun, spec, leaves, where=where, int_argnums=True)
         _check_sizes(p, where, square)
-        plan = _plan(t, spec, leaves, opts)
-        if plan.method != "dense":
-            return _blocktri.evaluate(plan, leaves)
-        return reduce(_dense_jacobian(p, plan))
+        return _evaluate(p, _plan(t, spec, leaves, opts), leaves, reduce)
 
     if not opts.batched:
         return opts.finish(*one(*traced))

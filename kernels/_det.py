@@ -441,10 +441,7 @@ def _stack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
         # Materialised first: the LU reads each entry once, but a producer's shared terms (a row's tanh)
         # would be recomputed per entry.
         a = jax.lax.optimization_barrier(a)
-        sign, logabs = _lu_nopivot(a)
-        fix = functools.partial(_fix_lu, lu=jnp.linalg.slogdet)
-        return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf), lambda s, la: _redo_chunks(a, s, la, fix),
-                            lambda s, la: (s, la), sign, logabs)
+        return _finite_fix(a, *_lu_nopivot(a))
     d = _closed(a)
     # Sign and log in the determinants' own fused pass (in a branch of the cond they were a pass of their
     # own: 5-10% of a 2x2 stack's time); the flags (NaN) carry through to the branch that redoes them.
@@ -471,11 +468,10 @@ def _lapack(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     call and the limit compiled 10% faster on the CPU (k = 256) but ran 1.3-1.5x slower there (k = 24,
     B = 1e4: the loop carried a copy of the stack) and read its predicate on the host per trip on a GPU.
     """
-    sign, logabs = jnp.linalg.slogdet(a)
     # Chunk by chunk: the limit's temporaries (two stacks) sized for the whole batch made XLA's one
     # allocation per call large enough to fault its pages in on every call (k = 16, B = 1e4: 1.8x slower).
-    return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf), lambda s, la: _redo_chunks(a, s, la, _limit_where),
-                        lambda s, la: (s, la), sign, logabs)
+    # The LU's NaN and +inf are the limit's: no second LU of the chunk first.
+    return _finite_fix(a, *jnp.linalg.slogdet(a), fix=_limit_where)
 
 
 def _batched_impl(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -557,13 +553,16 @@ def _limit_parts(a: jax.Array) -> tuple[jax.Array, Callable]:
     return point, finish
 
 
-def _finite_fix(a: jax.Array, sign: jax.Array, logabs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Redo by :func:`_limit_parts` the results of ``a`` (``(B, k, k)``) that are NaN or ``+inf``.
+def _finite_fix(a: jax.Array, sign: jax.Array, logabs: jax.Array, fix: Callable | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+    """Redo the results of ``a`` (``(B, k, k)``) that are NaN or ``+inf``, chunk by chunk (:func:`_redo_chunks`).
 
-    One test over the results (not the input) when none is: the fast paths pay a reduction over ``B`` values.
+    ``fix``: how a chunk is redone; by default LAPACK's LU, then the limit where it gives NaN or
+    ``+inf`` too (:func:`_fix_lu`). One test over the results (not the input) when none is: the fast
+    paths pay a reduction over ``B`` values.
     """
-    return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf),
-                        lambda s, la: _redo_chunks(a, s, la, functools.partial(_fix_lu, lu=jnp.linalg.slogdet)),
+    fix = fix or functools.partial(_fix_lu, lu=jnp.linalg.slogdet)
+    return jax.lax.cond(~(jnp.sum(logabs) < jnp.inf), lambda s, la: _redo_chunks(a, s, la, fix),
                         lambda s, la: (s, la), sign, logabs)
 
 
@@ -655,12 +654,11 @@ def _slogdet_jvp(primals, tangents):
     a = jnp.asarray(a)
     k = a.shape[-1]
     dtype = a.dtype if jnp.issubdtype(a.dtype, jnp.inexact) else jnp.result_type(float)
+    # float16 and bfloat16 in float32 (as the primal; LAPACK has no half-precision LU)
+    work = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32 else dtype
     if jnp.issubdtype(a.dtype, jnp.complexfloating) or k == 0 or k > _loop_max(dtype):
-        # jnp's rule, in float32 for float16 and bfloat16 (LAPACK has no half-precision LU); the primal
-        # stays this function's own.
-        work = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32 else dtype
+        # jnp's rule; the primal stays this function's own.
         _, (dsign, dlog) = jax.jvp(jnp.linalg.slogdet, (a.astype(work),), (jnp.asarray(da).astype(work),))
         return SlogdetResult(sign, logabs), SlogdetResult(dsign.astype(sign.dtype), dlog.astype(logabs.dtype))
-    work = jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
     dlog = jnp.sum(_inverse_transpose(a.astype(work)) * jnp.asarray(da, work), axis=(-2, -1))
     return SlogdetResult(sign, logabs), SlogdetResult(jnp.zeros_like(sign), dlog.astype(dtype))
