@@ -18,7 +18,6 @@ program returns the values only); ``output="csr"``/``"csc"`` builds a SciPy
 matrix of the flat result on the host.
 """
 
-import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
-from .. import _args, _compat, _hessian, _hoist, _memory, _mesh, _methods, _planner, _trust, kernels
+from .. import _args, _batchwise, _compat, _hessian, _hoist, _memory, _mesh, _methods, _planner, _trust, kernels
 from .._args import trace_flat
 from .._walker import differentiated, primitives
 from . import coloring as colorings
@@ -568,33 +567,30 @@ class Engine:
         layouts: dict = {}
         split = self.output != "dense"
 
-        def program(fold, products, *traced):
-            out = self.compute(spec, traced, split=split, products=products, fold=fold)
+        def program(products, *traced):
+            out = self.compute(spec, traced, split=split, products=products)
             if not split:
                 return out
             out, layout = out
             layouts[tuple(map(jax.typeof, traced))] = layout
             return out
 
-        # One jit per treatment of a Hessian's seeds (folded or not: see _weigh_fold), the flag bound.
-        programs = {f: jax.jit(functools.partial(program, f)) for f in ((True, False) if hessian else (True,))}
-        # Hessians of funs with transcendental functions in two programs: the products, then their
-        # decompression. In one, XLA's CPU backend lays the products out one row per colour and fuses them
-        # into the gather, recomputing each entry (a cosine, say) in the gather's scalar loop: 3-5x slower
-        # on a banded objective than the products written one column per colour, vectorised, as the first
-        # program's output. Polynomial funs are cheaper in one program (one dispatch).
-        firsts = {f: jax.jit(functools.partial(self.compute_products, spec, f)) for f in (True, False)} if hessian \
-            else None
-        chosen: list = []  # (two programs?, the program, the products' program), decided at the first call
+        jitted = jax.jit(program)
+        # Hessians of funs with transcendental functions in two programs on the CPU: the products
+        # (written one column per colour, vectorised), then their decompression. In one program the
+        # products run apart from the gather too (_batchwise.apart), but one row per colour, where
+        # XLA's CPU code for the stencil-like gradients of sines and cosines is 1.5-2x slower (banded,
+        # arrowhead: n = 1e4); polynomial funs are cheaper in one program (one dispatch).
+        first = jax.jit(functools.partial(self.compute_products, spec)) if hessian else None
+        chosen: list = []  # two programs?, decided at the first call
 
         def call(*traced):
             if not chosen:
-                choice = self._choose(spec, traced, programs, firsts) if hessian else (False, programs[True], None)
+                two = hessian and self._two(spec, traced)
                 if not hessian or not any(map(_compat.is_tracer, traced)):
-                    chosen.append(choice)
+                    chosen.append(two)
             else:
-                choice = chosen[0]
-            two, jitted, first = choice
+                two = chosen[0]
             out = jitted(first(*traced) if two else None, *traced)
             if not split:
                 return out
@@ -603,67 +599,28 @@ class Engine:
 
         return call
 
-    def _choose(self, spec, traced, programs: dict, firsts: dict) -> tuple:
-        """A Hessian's programs for this call structure: ``(two, program, products' program)``.
+    def _two(self, spec, traced) -> bool:
+        """Whether a Hessian's products run as a program of their own (``fun`` has transcendental functions).
 
-        ``two``: the products run as a program of their own (``fun`` has transcendental
-        functions). The seeds are folded where the plan allows it, unless weighing
-        (:meth:`_weigh_fold`) finds the program cheaper without. Only products fused into the
-        decompression's gather are weighed: a pair of programs already compiles twice at the
-        first call, and its products run in vectorised loops, where the folded copies' reads
-        are not paid entry by entry.
+        Only on the CPU, whose fusion the split is for: on an H200 the second dispatch cost 60 us of a
+        140 us call (arrowhead and banded, n = 1e4; bench/results/gpu-h200-s7/probe.txt).
         """
         avals = [jax.ShapeDtypeStruct(np.shape(a), jax.typeof(a).dtype) for a in traced]
-        plan, _, extra = self.plan_for(spec, avals)
-        # Two programs only on the CPU, whose fusion the split is for: on an H200 the second dispatch cost
-        # 60 us of a 140 us call (arrowhead and banded, n = 1e4; bench/results/gpu-h200-s7/probe.txt).
-        two = extra.get("two", False) and _platform(traced) == "cpu"
-        fold = True
-        size = math.prod(plan.pattern.in_shape) * plan.n_colors
-        if (not two and extra.get("fold", False) and FOLD_WEIGH <= size <= FOLD_MAX and self.chunk_size is None
-                and self.shards is None and not any(map(_compat.is_tracer, traced))):
-            fold = self._weigh_fold(programs, (None, *traced))
-        return two, programs[fold], firsts[fold] if two else None
+        _, _, extra = self.plan_for(spec, avals)
+        return extra.get("two", False) and _platform(traced) == "cpu"
 
-    @staticmethod
-    def _weigh_fold(candidates: dict, args: tuple) -> bool:
-        """Whether a sparse Hessian's program is cheaper with its seeds folded, by XLA's own count.
-
-        Folding turns what the products compute from the seeds alone into constants: a stencil's
-        constant second derivatives vanish from the program (a 2-D Laplacian energy's keeps a quarter of
-        its flops), but products whose every term also depends on ``x`` only trade reading one seed matrix
-        for reading several folded copies of it (Rosenbrock: 24% fewer flops, 43% more bytes, 10-20%
-        slower). Both programs are compiled for ``args`` (jit reuses the chosen one's executable at the
-        call) and weighed by XLA's cost analysis as ``flops * bytes accessed``: in the fused scalar loop
-        that computes each gathered entry, neither resource dominates, and no weighted sum fits both
-        objectives (on both, the product picks the faster program). Folds where the analysis fails.
-        """
-        def cost(lowered) -> float:
-            analysis = lowered.compile().cost_analysis()
-            analysis = analysis[0] if isinstance(analysis, list | tuple) else analysis
-            return max(float(analysis.get("flops", 0.0)), 1.0) * max(float(analysis.get("bytes accessed", 0.0)), 1.0)
-
-        try:
-            lowered = [candidates[fold].lower(*args) for fold in (True, False)]  # tracing holds the GIL
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:  # XLA compiles without it: both at once
-                folded, unfolded = pool.map(cost, lowered)
-            return folded <= unfolded
-        except Exception:  # noqa: BLE001 - a cost analysis is advice: without it, fold as before
-            return True
-
-    def compute_products(self, spec, fold: bool, *traced):
+    def compute_products(self, spec, *traced):
         """A Hessian's compressed products and aux at the traced leaves (the first of two programs)."""
-        return self.compute(spec, traced, products=True, fold=fold)
+        return self.compute(spec, traced, products=True)
 
-    def compute(self, spec, traced, split: bool = False, products=None, fold: bool = True):
+    def compute(self, spec, traced, split: bool = False, products=None):
         """The Jacobian (Hessian) pytree at the traced leaves; ``split``: ``(values, layout)`` instead.
 
         With ``split`` the result is the traced values (block data, or the flat
         data for SciPy outputs) and ``layout(values)``, a host function that builds
         the result from them and the plan's indices. Hessians: ``products=True``
         returns the compressed Hessian and aux only; ``products=(compressed, aux)``
-        starts from them; ``fold=False`` keeps the seeds from being folded even where
-        the plan allows it.
+        starts from them.
         """
         t = self.t
         avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
@@ -689,15 +646,17 @@ class Engine:
         rows, cols = plan.pattern.rows, plan.pattern.cols
         if self.coloring is not None:
             data, aux = _hessian_values(p, plan, t.where, self.shards, plan.mode, self.chunk_size,
-                                        fold=fold and extra.get("fold", False) and p.n * plan.n_colors <= FOLD_MAX,
+                                        fold=extra.get("fold", False) and p.n * plan.n_colors <= FOLD_MAX,
                                         products=products)
             if products is True:
                 return data, aux
             det = Detected(plan.pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, set())
         else:
             products = kernels.compressed_jvps if plan.mode == "fwd" else kernels.compressed_vjps
-            compressed, aux = products(flat, p.x, plan.colors, max(plan.n_colors, 1), self.shards, self.chunk_size,
-                                       fold=fold and jacobian_folds(extra, plan))  # (c, m) or (c, n)
+            # (c, m) or (c, n), apart from the decompression (a 2-D stencil's Jacobian: 25% faster)
+            compressed, aux = _apart(
+                lambda: products(flat, p.x, plan.colors, max(plan.n_colors, 1), self.shards, self.chunk_size,
+                                 fold=jacobian_folds(extra, plan)), p.x, plan.colors.size * plan.n_colors)
             index = _decompression(plan, "cn")[1]  # the plan's cached gather: J[rows, cols] off the products
             data = None if self.output == "dense" else kernels.take(compressed.reshape(-1), index)
             det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
@@ -1023,8 +982,6 @@ def jacobian_folds(extra: dict, plan: "SparsePlan") -> bool:
         return False
     return extra["fold"] or extra["pass"] * max(plan.n_colors, 1) <= FOLD_WORK
 FOLD_MAX = 1 << 22  # nor fold seeds past this many entries (n times colours): XLA's evaluator is slow
-FOLD_WEIGH = 1 << 14  # from this many seed entries on, XLA's cost analysis decides whether folding pays (below,
-# dispatch dominates and the second compilation would cost more than it saves)
 # Elementwise functions XLA's CPU backend computes in vectorised loops, but once per gathered entry in scalar
 # code when it fuses them into the decompression's gather: a sparse Hessian of a fun using them runs its
 # products and its decompression as two programs (see Engine._build).
@@ -1083,6 +1040,18 @@ def _scalar(p, x):
     return y[0], aux
 
 
+APART_MIN = 1 << 14  # compressed products of at least this many entries are computed apart from their gather
+
+
+def _apart(compute: Callable, x: jax.Array, size: int):
+    """``compute()``, apart from the decompression that reads it (:func:`jacobians._batchwise.apart`) when it is large.
+
+    Below ``APART_MIN`` entries the fused gather's scalar recomputation costs less than the cond
+    and its compilation (the test suite's small sparse Hessians compiled 15% slower apart).
+    """
+    return _batchwise.apart(compute, x) if size >= APART_MIN else compute()
+
+
 def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | None = None, chunk_size=None,
                     fold: bool = False, products=None):
     """The pattern's nonzeros of the Hessian: one Hessian-vector product per colour, then decompression.
@@ -1096,9 +1065,9 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
     """
     # Products returned by a program of their own (``products``) are written one column per colour:
     # XLA's CPU code for stencil-like gradients (pads, shifted slices) runs several times faster in that
-    # layout. Products fused into the decompression's gather are computed entry by entry in scalar code, where
-    # one row per colour (no transpose inside the loop) measured a few per cent faster on Rosenbrock and the
-    # 2-D Laplacian energy.
+    # layout. In the one program they are computed apart from the gather (fused into it, each nonzero's
+    # product was recomputed on its own in scalar code: the 2-D Laplacian energy 1.3-1.9x slower), one row
+    # per colour: no transpose ahead of the gather (Rosenbrock: 10-40% faster than one column per colour).
     layout = "nc" if products is not None else "cn"
 
     def run(m):
@@ -1109,7 +1078,8 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
 
     mode = mode or plan.mode
     if not isinstance(products, tuple):
-        compressed, aux = _hessian.either_second(run, where, p.jaxpr) if mode == "auto" else run(mode)
+        compute = lambda: _hessian.either_second(run, where, p.jaxpr) if mode == "auto" else run(mode)  # noqa: E731
+        compressed, aux = compute() if products is True else _apart(compute, p.x, p.n * plan.n_colors)
         if products is True:
             return compressed, aux
     else:
