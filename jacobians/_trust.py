@@ -585,6 +585,21 @@ def _second_opinion(traced_flat, values, program, judge, what, directions, compu
         return None
 
 
+def all_finite(a) -> bool:
+    """Whether every entry of the host array ``a`` is finite: its largest and smallest are.
+
+    NaN propagates through both, infinities are one or the other: two reductions, where
+    ``np.isfinite(a).all()`` writes a boolean array first (a 4096 x 4096 float32 Jacobian:
+    about 6 ms against 44 ms, on the first call of a structured or compressed plan).
+    """
+    a = np.asarray(a)
+    if a.size == 0 or not np.issubdtype(a.dtype, np.inexact):
+        return True
+    if np.iscomplexobj(a):
+        a = np.stack([a.real, a.imag])
+    return bool(np.isfinite(a.max()) and np.isfinite(a.min()))
+
+
 def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judge: Callable, what: str,
             directions: Callable | None = None, computed: Callable | None = None) -> Certificate:
     """Run a plan's check once, on the host, and judge it.
@@ -630,7 +645,7 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
                 outs.append(np.asarray(computed(point)))
         except (jax.errors.UnexpectedTracerError, *_args.TRACER_ERRORS) as e:
             return Certificate("skipped", f"fun cannot run when the plan is made ({type(e).__name__})")
-        if not all(np.all(np.isfinite(o)) for o in outs):
+        if not all(map(all_finite, outs)):
             tried.append(label)
             continue
         detail = judge(outs, T, tol)
@@ -736,8 +751,10 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
             # below the tolerance (sqrt(eps)), and a large dense Jacobian is not copied to float64.
             J = got.astype(np.result_type(got, np.float32), copy=False)
             T = T.astype(np.result_type(T.dtype, J.dtype), copy=False)
-            prod = T @ J if side_out else T @ J.T
-            bound = np.abs(T) @ np.abs(J) if side_out else np.abs(T) @ np.abs(J).T
+            # As (n, k) products transposed: NumPy's (k, n) @ (n, n) with k = 3 took 5-10x longer (47 ms
+            # against 5-10 ms at n = 2304, most of a Gram matrix's certificate).
+            A = J.T if side_out else J
+            prod, bound = (A @ T.T).T, (np.abs(A) @ np.abs(T).T).T
         return compare(prod, ref, bound, tol, "input entry" if side_out else "output entry", noise)
 
     what = ("Hessian-vector products" if hessian else "VJPs" if side_out else "JVPs")

@@ -647,7 +647,7 @@ class Engine:
         if self.coloring is not None:
             data, aux = _hessian_values(p, plan, t.where, self.shards, plan.mode, self.chunk_size,
                                         fold=extra.get("fold", False) and p.n * plan.n_colors <= FOLD_MAX,
-                                        products=products)
+                                        products=products, apart=extra.get("fold", False))
             if products is True:
                 return data, aux
             det = Detected(plan.pattern, p.in_leaves, p.in_leaves, p.in_treedef, p.in_treedef, set())
@@ -656,7 +656,8 @@ class Engine:
             # (c, m) or (c, n), apart from the decompression (a 2-D stencil's Jacobian: 25% faster)
             compressed, aux = _apart(
                 lambda: products(flat, p.x, plan.colors, max(plan.n_colors, 1), self.shards, self.chunk_size,
-                                 fold=jacobian_folds(extra, plan)), p.x, plan.colors.size * plan.n_colors)
+                                 fold=jacobian_folds(extra, plan)), p.x, plan.colors.size * plan.n_colors,
+                extra.get("fold", False))
             index = _decompression(plan, "cn")[1]  # the plan's cached gather: J[rows, cols] off the products
             data = None if self.output == "dense" else kernels.take(compressed.reshape(-1), index)
             det = Detected(plan.pattern, p.out_leaves, p.in_leaves, p.out_treedef, p.in_treedef, set())
@@ -1043,23 +1044,27 @@ def _scalar(p, x):
 APART_MIN = 1 << 14  # compressed products of at least this many entries are computed apart from their gather
 
 
-def _apart(compute: Callable, x: jax.Array, size: int):
-    """``compute()``, apart from the decompression that reads it (:func:`jacobians._batchwise.apart`) when it is large.
+def _apart(compute: Callable, x: jax.Array, size: int, elementwise: bool):
+    """``compute()``, apart from the decompression that reads it (:func:`jacobians._batchwise.apart`).
 
-    Below ``APART_MIN`` entries the fused gather's scalar recomputation costs less than the cond
-    and its compilation (the test suite's small sparse Hessians compiled 15% slower apart).
+    Only where all of the products would fuse into the gather (``elementwise``: ``fun`` has no
+    dense products; a convolution's or a matrix product's output is materialised anyway, and
+    only a cheap elementwise tail would be recomputed per entry), and from ``APART_MIN``
+    entries on: below, the fused gather's scalar recomputation costs less than the cond and
+    its compilation (the test suite's small sparse Hessians compiled 15% slower apart).
     """
-    return _batchwise.apart(compute, x) if size >= APART_MIN else compute()
+    return _batchwise.apart(compute, x) if elementwise and size >= APART_MIN else compute()
 
 
 def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | None = None, chunk_size=None,
-                    fold: bool = False, products=None):
+                    fold: bool = False, products=None, apart: bool = False):
     """The pattern's nonzeros of the Hessian: one Hessian-vector product per colour, then decompression.
 
     Args:
       mode: ``"fwd_rev"``, ``"rev_rev"``, ``"rev_fwd"``, ``"fwd_fwd"`` or ``"auto"``
         (forward over reverse, or what JAX can differentiate); ``None``: the plan's.
       fold: let XLA fold the seeds (see ``_seeds_like``).
+      apart: ``fun`` has no dense products: large products are computed apart from the gather (:func:`_apart`).
       products: ``True``: return the compressed Hessian ``H @ S`` (``(n, c)``) and aux,
         not the entries; ``(compressed, aux)``: decompress these instead of computing them.
     """
@@ -1079,7 +1084,7 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
     mode = mode or plan.mode
     if not isinstance(products, tuple):
         compute = lambda: _hessian.either_second(run, where, p.jaxpr) if mode == "auto" else run(mode)  # noqa: E731
-        compressed, aux = compute() if products is True else _apart(compute, p.x, p.n * plan.n_colors)
+        compressed, aux = compute() if products is True else _apart(compute, p.x, p.n * plan.n_colors, apart)
         if products is True:
             return compressed, aux
     else:
