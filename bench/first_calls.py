@@ -91,6 +91,15 @@ def _first(fn, x) -> float:
     return time.perf_counter() - t0
 
 
+def _planning(lib, x) -> float | None:
+    """The seconds the library's first call spent planning (its plan's ``seconds``; None if it has no plan)."""
+    try:
+        seconds = lib.plan(x).seconds  # the plan the first call made, cached: not planned again
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return None if seconds is None else float(seconds)
+
+
 def run(rounds: int, only: list[str]) -> dict:
     from .suite import _warm_up
 
@@ -100,7 +109,7 @@ def run(rounds: int, only: list[str]) -> dict:
     for name, (kind, x, make) in _workloads(rng).items():
         if only and name not in only:
             continue
-        ours, raws, ratios = [], {}, []
+        ours, raws, ratios, plans = [], {}, [], []
         for r in range(rounds):
             c = 1e-3 * (r + 1)
             lib, _ = _programs(kind, make(c))  # a fresh closure for each: nothing cached between them
@@ -109,17 +118,21 @@ def run(rounds: int, only: list[str]) -> dict:
             raw_now = {k: _first(v, x) for k, v in _programs(kind, make(c + 0.5))[1].items()}
             if not r % 2:
                 ours.append(_first(lib, x))
+            if (planned := _planning(lib, x)) is not None:
+                plans.append(planned / ours[-1])
             for k, v in raw_now.items():
                 raws.setdefault(k, []).append(v)
             ratios.append(ours[-1] / min(raw_now.values()))
         row = {"kind": kind, "rounds": rounds, "jacobians_s": float(np.median(ours)),
                "raw_s": {k: float(np.median(v)) for k, v in raws.items()},
                "ratio_median": float(np.median(ratios)), "ratio_min": float(min(ratios)),
-               "ratio_max": float(max(ratios))}
+               "ratio_max": float(max(ratios)),
+               "planning_share": float(np.median(plans)) if plans else None}
         results[name] = row
         print(f"{name:24s} jacobians {1e3 * row['jacobians_s']:7.1f} ms  "
               + "  ".join(f"{k} {1e3 * v:7.1f} ms" for k, v in row["raw_s"].items())
-              + f"  ratio {row['ratio_median']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})", flush=True)
+              + f"  ratio {row['ratio_median']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})"
+              + (f"  planning {100 * row['planning_share']:.0f}%" if plans else ""), flush=True)
     return results
 
 
@@ -146,12 +159,15 @@ def main(argv=None) -> None:
         lines = ["# First calls, paired", "", f"Command: `{meta['command']}`", "",
                  f"Machine: {meta['machine']}; Python {meta['python']}, jax {meta['jax']}, jaxlib {meta['jaxlib']}.",
                  "", "Each round: fresh closures, the library's first call and each raw program's first call; "
-                 "the ratio is the library's over the better raw program's, median (min-max) over rounds.", "",
-                 "| workload | jacobians | raw JAX | ratio |", "|---|---|---|---|"]
+                 "the ratio is the library's over the better raw program's, median (min-max) over rounds; "
+                 "planning: the share of the library's first call its plan took (the plan's `seconds`: the "
+                 "analyses, and the certificate's program lowered), median over rounds.", "",
+                 "| workload | jacobians | raw JAX | ratio | planning |", "|---|---|---|---|---|"]
         for name, row in results.items():
             raw = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in row["raw_s"].items())
+            share = "-" if row["planning_share"] is None else f"{100 * row['planning_share']:.0f}%"
             lines.append(f"| {name} | {1e3 * row['jacobians_s']:.1f} ms | {raw} | {row['ratio_median']:.2f} "
-                         f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) |")
+                         f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) | {share} |")
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print(f"saved {out}.{{json,md}}")
 
