@@ -10,7 +10,8 @@ DENSITY_BUDGET = 0.25  # stop detecting once nnz > this fraction of m * n (dense
 NNZ_CAP = 1 << 22  # and never hold more than this many entries while planning
 SAMPLE = 64  # columns seeded by the detection pre-pass that can rule colourings out
 SAMPLE_FROM = 4096  # inputs from which that pre-pass pays for itself
-OWN_PROGRAM_MAX = 1 << 24  # entries of the dense result up to which the check reads the call's own result
+OWN_PROGRAM_MAX = 1 << 22  # entries of the dense result up to which the check reads the call's own result
+# (above, rerunning it writes and copies m n entries: a 4096 x 4096 diagonal's first call 25 ms slower)
 
 
 class Compressed:
