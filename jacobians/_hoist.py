@@ -113,7 +113,10 @@ class Hoisted:
         if not self._found:
             self.call = self._plain
             return
-        self._consts = tuple(_copy(c) for c in self._found)
+        # Copied eagerly even under a caller's trace (a first call inside jax.jit): there device_put is
+        # staged, and its tracers, kept for the later direct calls, escaped (UnexpectedTracerError).
+        with jax.ensure_compile_time_eval():
+            self._consts = tuple(_copy(c) for c in self._found)
         self._traced[_avals(args)] = closed, jax.tree_util.tree_structure(traced.out_info)
         self.call = functools.partial(self._jit, self._consts)
 

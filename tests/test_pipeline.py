@@ -322,6 +322,40 @@ def test_closed_over_arrays_may_be_donated_after_the_first_call(rng):
     np.testing.assert_allclose(jf(x), want, rtol=1e-12)
 
 
+_FIRST_UNDER_JIT = ["jacobian", "sparse_jacobian", "hessian", "sparse_hessian", "hvp", "batch_jacobian", "divergence",
+                    "laplacian", "hessian_diagonal", "log_abs_det"]
+
+
+@pytest.mark.parametrize("which", _FIRST_UNDER_JIT)
+def test_first_traced_under_jit_then_called_directly(rng, which):
+    """A first call inside jax.jit copies the closed-over arrays eagerly: a later direct call found a leaked tracer.
+
+    Every transformation crashed so (UnexpectedTracerError): the copies kept for the direct calls were
+    staged ``device_put`` s of the caller's trace.
+    """
+    W = randn(rng, (128, 128)) / 11  # past HOIST_BYTES: hoisted
+    x, v, X = randn(rng, (128,)), randn(rng, (128,)), randn(rng, (3, 128))
+    vec = lambda x: jnp.tanh(W @ x) + x  # noqa: E731
+    sca = lambda x: jnp.sum(jnp.tanh(W @ x) ** 2)  # noqa: E731
+    arg = X if which == "batch_jacobian" else x
+    ours, want = {
+        "jacobian": lambda: (jacobians.jacobian(vec), jax.jacfwd(vec)(x)),
+        "sparse_jacobian": lambda: (jacobians.sparse_jacobian(vec, output="dense"), jax.jacfwd(vec)(x)),
+        "hessian": lambda: (jacobians.hessian(sca), jax.hessian(sca)(x)),
+        "sparse_hessian": lambda: (jacobians.sparse_hessian(sca, output="dense"), jax.hessian(sca)(x)),
+        "hvp": lambda: ((lambda x: jacobians.hvp(sca, (x,), (v,))), jax.jvp(jax.grad(sca), (x,), (v,))[1]),
+        "batch_jacobian": lambda: (jacobians.batch_jacobian(lambda X: jnp.tanh(X @ W.T)),
+                                   jax.vmap(jax.jacfwd(lambda x: jnp.tanh(W @ x)))(X)),
+        "divergence": lambda: (jacobians.divergence(vec), jnp.trace(jax.jacfwd(vec)(x))),
+        "laplacian": lambda: (jacobians.laplacian(sca), jnp.trace(jax.hessian(sca)(x))),
+        "hessian_diagonal": lambda: (jacobians.hessian_diagonal(sca), jnp.diag(jax.hessian(sca)(x))),
+        "log_abs_det": lambda: (jacobians.log_abs_det(vec), jnp.linalg.slogdet(jax.jacfwd(vec)(x))[1]),
+    }[which]()
+    np.testing.assert_allclose(jax.jit(ours)(arg), want, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(ours(arg), want, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(ours(arg), want, rtol=1e-9, atol=1e-11)
+
+
 def test_disable_jit_runs_the_planned_method_and_its_check(rng):
     W = randn(rng, (40, 40))
     f = lambda x: jnp.tanh(W @ x) * x[::-1]  # noqa: E731
