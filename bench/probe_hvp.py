@@ -58,7 +58,8 @@ def main() -> None:
                 for key, g in (("ours", ours), ("raw", raw)):
                     times[key].append(_per_call(g, (x, v), calls, blocked))
             o, r = (np.asarray(times[k]) for k in ("ours", "raw"))
-            print(f"{name:18s} {'blocked' if blocked else 'pipelined':9s} {1e6 * o.min():7.1f} / {1e6 * np.median(o):6.1f}"
+            how = "blocked" if blocked else "pipelined"
+            print(f"{name:18s} {how:9s} {1e6 * o.min():7.1f} / {1e6 * np.median(o):6.1f}"
                   f" {1e6 * r.min():7.1f} / {1e6 * np.median(r):6.1f} {o.min() / r.min():12.3f}", flush=True)
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import custom_batching
 
-from jacobians import _compat
+from . import _compat
 
 
 def _all_finite(x) -> jax.Array:

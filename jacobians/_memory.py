@@ -136,9 +136,10 @@ RESERVE_MAX = 256 << 20
 def reserve(budget: int) -> int:
     """The part of ``budget`` a program is not planned into: the runtime's and the compiler's host memory.
 
-    The jax#787 Hessian under 4 GB: a program of 3.95 GB by the analysis peaked at 3.77 GB in its call, and
-    the process at 4.07 GB (0.19 GB of interpreter and JAX before it, 0.11 GB kept from the planning's
-    compiles): ``bench/results/jax787-cpu-2core.md``.
+    The jax#787 Hessian under 4 GB, planned without it: a program of 3.95 GB by the analysis peaked at
+    3.77 GB in its call, and the process at 4.07 GB (0.19 GB of interpreter and JAX before it, 0.11 GB kept
+    from the planning's compiles); with it, 3.71 GB planned and 3.87 GB for the process
+    (``bench/results/jax787-cpu-2core.md``).
     """
     return min(int(budget * RESERVE), RESERVE_MAX)
 
