@@ -526,6 +526,11 @@ class Transform:
         One method, no tuple of results: a call's overhead over ``jax.jit``'s is what runs here.
         """
         fn = self._fast.get(tuple(map(type, args))) if self._fast else None
+        if fn is not None:
+            for a in args:  # a weakly typed array has the type of a strong one, but another spec
+                if a.__class__ is _ARRAY_IMPL and a.weak_type:
+                    fn = None
+                    break
         if fn is None:
             if not self._tree_fast:
                 return MISS
@@ -555,8 +560,11 @@ class Transform:
         if fn is not None and not kwargs and not spec.static and (not spec.numbers or spec in self._confirmed):
             leaves, treedef = jax.tree_util.tree_flatten(args)
             if len(traced) == len(args) and all(
-                a is b and type(a) in FAST_TYPES for a, b in zip(args, traced, strict=True)
+                a is b and type(a) in FAST_TYPES and not (type(a) is _ARRAY_IMPL and a.weak_type)
+                for a, b in zip(args, traced, strict=True)
             ):
+                # Strongly typed arrays only: the spec of a weakly typed one (jnp.asarray(0.5)) makes every
+                # later array of the same type weak (a float64 input computed in float32).
                 self._fast[tuple(map(type, args))] = fn
             elif not spec.numbers and len(traced) == len(leaves) and all(
                 a is b and type(a) is _ARRAY_IMPL and not a.weak_type

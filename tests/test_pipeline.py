@@ -356,6 +356,30 @@ def test_first_traced_under_jit_then_called_directly(rng, which):
     np.testing.assert_allclose(ours(arg), want, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("which", ["jacobian", "hessian", "divergence", "laplacian"])
+def test_a_weakly_typed_first_call_leaves_later_calls_their_types(rng, which):
+    """The split-free call is keyed by argument types: a weak array's spec served later strong arrays.
+
+    A float32 input then came back float64 (weak), a float64 one float32 where fun has a float32 constant.
+    """
+    make, reference = {
+        "jacobian": (jacobians.jacobian, jax.jacfwd),
+        "hessian": (jacobians.hessian, jax.hessian),
+        "divergence": (jacobians.divergence, lambda f: lambda x: jnp.trace(jax.jacfwd(f)(x))),
+        "laplacian": (jacobians.laplacian, lambda f: lambda x: jnp.trace(jax.hessian(f)(x))),
+    }[which]
+    vec = which in ("jacobian", "divergence")
+    f = (lambda x: jnp.sin(x) * x**2) if vec else (lambda x: jnp.sum(jnp.sin(x) * x**2))
+    ours = make(f)
+    weak = jax.lax.broadcast(jnp.asarray(0.5), (2,)).at[1].set(-0.3)  # weakly typed float64
+    strong = randn(rng, (2,)).astype(np.float32)
+    for x in (weak, strong, weak, strong):
+        got, want = ours(x), reference(f)(x)
+        assert (got.dtype, got.weak_type) == (want.dtype, want.weak_type), (x.weak_type, got.dtype, want.dtype)
+        tol = 1e-12 if want.dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
 def test_disable_jit_runs_the_planned_method_and_its_check(rng):
     W = randn(rng, (40, 40))
     f = lambda x: jnp.tanh(W @ x) * x[::-1]  # noqa: E731
