@@ -160,6 +160,33 @@ def test_budget_holds_inside_custom_rules_local_walks():
     assert out.nnz == 100_000
 
 
+def test_a_dense_rule_counts_as_dense_past_its_cap(monkeypatch, rng):
+    """A custom rule's local walk over k x k matrix entries held k^4 entries (slogdet's solve; k = 64: 2.4 GB).
+
+    Past the cap the rule counts as dense (every output reads every input): the pattern stays a superset,
+    exact here, and a large elementwise rule (relu, softplus: linear in its size) is never cut.
+    """
+    from jacobians._deps import _custom
+
+    n = 10
+    W = randn(rng, (n, n))
+    f = lambda z: z * jnp.sin(jnp.linalg.slogdet(W * z[None, :])[1])  # noqa: E731
+    x = randn(rng, (n,))
+    exact = jacobians.sparsity(f, x).to_dense() != 0
+    assert exact.all()  # z_i sin(log|det|) reads every z
+    monkeypatch.setattr(_custom, "LOCAL_MAX", 1)
+    monkeypatch.setattr(_custom, "LOCAL_PER", 1)  # the slogdet rule's walk (n^4 entries) now outgrows its cap
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dense rule is a verdict, not an untraceable one: no warning
+        capped = jacobians.sparsity(f, x).to_dense() != 0
+    np.testing.assert_array_equal(capped, exact)
+    np.testing.assert_array_equal(capped.reshape(n, n) | (jax.jacfwd(f)(x) != 0), capped.reshape(n, n))  # sound
+    # Under the tiny cap an elementwise custom rule stays diagonal: its walk is linear in its size.
+    y = randn(rng, (50,))
+    relu = jacobians.sparsity(lambda y: jax.nn.relu(y) + jax.nn.softplus(y), y)
+    assert relu.nnz == 50
+
+
 def test_derivative_programs_of_tanh_are_elementwise(rng):
     # From JAX 0.11 on, tanh's JVP is one_minus_square(tanh x): a primitive of its own, elementwise. Without
     # a rule for it every derivative program of a tanh network was read as dense (and warned).

@@ -17,9 +17,32 @@ import numpy as np
 
 from .. import _compat
 from .._walker import Walker, bind
-from ._sets import compose, concat, cross, empty, everything, from_coo, identity
+from ._sets import (
+    LIMIT_FACTOR,
+    TooDense,
+    compose,
+    concat,
+    cross,
+    current_limit,
+    empty,
+    everything,
+    from_coo,
+    identity,
+    limited,
+)
 
 _CACHE_MAX = 512
+# Entries one operation of a rule's local walk may build (times _sets.LIMIT_FACTOR): its inputs are the
+# rule's own elements, so a dense rule over a k x k matrix (slogdet's: a solve) holds k^4 (k = 64: 2.4 GB
+# and 24 s). Past LOCAL_MAX, or LOCAL_PER entries per input and output element where that is more (an
+# elementwise rule over a large array is linear in its size: never cut), the rule counts as dense: every
+# output reads every input.
+LOCAL_MAX = 1 << 20
+LOCAL_PER = 16
+
+
+class DenseRule(Exception):  # noqa: N818 - a verdict, not an error
+    """A rule's local walk outgrew its cap (``LOCAL_MAX``): its pattern counts as dense."""
 
 
 def _diff(aval) -> bool:
@@ -101,7 +124,15 @@ def _walk(lat, eqn, n_local, primals, third):
         off += math.prod(in_avals[i].shape)
     local = lat.fresh(n_local)
     local.evaluated = True  # the rule's jaxpr is evaluated, not differentiated (see custom)
-    return Walker(local).run(closed, blank + seeds + third)
+    cap = max(LOCAL_MAX, LOCAL_PER * (n_local + sum(math.prod(a.shape) for a in out_avals)))
+    outer = current_limit()
+    if outer is not None and outer <= LIMIT_FACTOR * cap:  # the analysis's own budget is the tighter: it holds
+        return Walker(local).run(closed, blank + seeds + third)
+    try:
+        with limited(cap):
+            return Walker(local).run(closed, blank + seeds + third)
+    except TooDense as e:
+        raise DenseRule(eqn.primitive.name) from e
 
 
 def _third(eqn, seeded):
@@ -196,6 +227,8 @@ def custom(lat, eqn, ins):
         return Walker(lat).run(inner, ins[len(ins) - n_in :])
     try:
         local = local_pattern(lat, eqn)
+    except DenseRule:  # every output reads every input: the pattern of a dense rule, sound for any
+        return [everything(ins, v.aval.shape) for v in eqn.outvars]
     except Exception:  # noqa: BLE001 - an untraceable rule: be conservative, and say so
         lat.untraced.add(eqn.primitive.name)
         return [everything(ins, v.aval.shape) for v in eqn.outvars]

@@ -36,6 +36,11 @@ def limited(max_nnz: int | None) -> Iterator[None]:
         _LIMIT.reset(token)
 
 
+def current_limit() -> int | None:
+    """The entries one operation may build under the innermost :func:`limited` (``None``: no limit)."""
+    return _LIMIT.get()
+
+
 def _building(total: int, what: str) -> None:
     limit = _LIMIT.get()
     if limit is not None and total > limit:
