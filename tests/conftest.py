@@ -61,6 +61,13 @@ _FIRST = (
 # --durations on a 2-core machine; integration tests whose properties smaller tests also check) run in
 # the `slow` leg of .ci/run with the multi-process ones. `pytest -m slow` runs them.
 _SLOW = frozenset({
+    "test_flows.py::test_a_dense_map_takes_its_jacobian_by_one_structured_sweep",
+    "test_second_trust.py::test_an_unsymmetric_jax_hessian_is_followed",
+    "test_laplacian.py::test_a_custom_rule_that_is_not_its_primals_derivative",
+    "test_laplacian.py::test_a_quadratic_form_at_an_infinite_input[forward]",
+    "test_solvers.py::test_untransposable_linear_solve_takes_forward_mode[fwd_fwd]",
+    "test_jacobian.py::test_untransposable_max_pool_takes_forward_mode[negative padding]",
+    "test_structured.py::test_layers_with_free_axes_gather_instead_of_multiplying[rev]",
     "test_solvers.py::test_untransposable_linear_solve_takes_forward_mode[sparse_hessian]",
     "test_sparse_hessian.py::test_modes_and_chunks_equal_jax_hessian[fwd_fwd-None]",
     "test_flows.py::test_coupling_scale_in_log_space[div]",
