@@ -49,6 +49,16 @@ def later(start: Callable[[], None]) -> bool:
     return True
 
 
+def compile_ahead(lowered) -> concurrent.futures.Future:
+    """Compile ``lowered`` on the worker thread (XLA releases the interpreter meanwhile).
+
+    The call that runs the program afterwards finds it in JAX's compilation cache.
+    """
+    if not _COMPILER:
+        _COMPILER.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jacobians-compile"))
+    return _COMPILER[0].submit(lowered.compile)
+
+
 def _avals(args) -> tuple:
     return tuple(_compat.aval_key(a) for a in args)
 
@@ -140,10 +150,7 @@ class Hoisted:
             _LATER.reset(token)
         future = None
         try:
-            lowered = self.lower(*args)
-            if not _COMPILER:
-                _COMPILER.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jacobians-compile"))
-            future = _COMPILER[0].submit(lowered.compile)  # the call below finds it in JAX's compilation cache
+            future = compile_ahead(self.lower(*args))
         except Exception:  # noqa: BLE001 - the call below lowers and compiles again, and reports
             pass
         finally:

@@ -61,6 +61,20 @@ _FIRST = (
 # --durations on a 2-core machine; integration tests whose properties smaller tests also check) run in
 # the `slow` leg of .ci/run with the multi-process ones. `pytest -m slow` runs them.
 _SLOW = frozenset({
+    "test_sparse_hessian.py::test_products_are_computed_apart_from_the_gather[grid_energy-36]",
+    "test_pipeline.py::test_a_weakly_typed_first_call_leaves_later_calls_their_types[hessian]",
+    "test_pipeline.py::test_first_traced_under_jit_then_called_directly[log_abs_det]",
+    "test_pipeline.py::test_first_traced_under_jit_then_called_directly[laplacian]",
+    "test_pipeline.py::test_first_traced_under_jit_then_called_directly[hessian_diagonal]",
+    "test_pipeline.py::test_first_traced_under_jit_then_called_directly[hessian]",
+    "test_pipeline.py::test_first_traced_under_jit_then_called_directly[sparse_jacobian]",
+    "test_laplacian.py::test_an_infinite_partial_stays_in_its_entry[forward]",
+    "test_siblings.py::test_a_map_singular_everywhere_passes_its_certificate",
+    "test_det.py::test_kernel_gradient_equals_jnp[3]",
+    "test_hessian.py::test_hvp_errors_and_fast_path",
+    "test_laplacian.py::test_families[dot_general]",
+    "test_flows.py::test_a_wrong_sweep_for_a_dense_map_fails_the_certificate",
+    "test_det.py::test_kernel_matches_references[12-auto]",
     "test_flows.py::test_a_dense_map_takes_its_jacobian_by_one_structured_sweep",
     "test_second_trust.py::test_an_unsymmetric_jax_hessian_is_followed",
     "test_laplacian.py::test_a_custom_rule_that_is_not_its_primals_derivative",

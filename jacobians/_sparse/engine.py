@@ -18,7 +18,6 @@ program returns the values only); ``output="csr"``/``"csc"`` builds a SciPy
 matrix of the flat result on the host.
 """
 
-import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -1291,9 +1290,6 @@ def sparse_hessian(
     return _memory.transform(make, chunk_size, max_memory, where)
 
 
-_SECOND: list = []  # one worker thread compiling a Hessian's second program, made on first use
-
-
 def _both_compiled(first, second, traced):
     """``second(first(*traced), *traced)``, the second program lowered and compiled while the first compiles.
 
@@ -1304,10 +1300,7 @@ def _both_compiled(first, second, traced):
     """
     future = None
     try:
-        lowered = second.lower(jax.eval_shape(first, *traced), *traced)
-        if not _SECOND:
-            _SECOND.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jacobians-second"))
-        future = _SECOND[0].submit(lowered.compile)
+        future = _hoist.compile_ahead(second.lower(jax.eval_shape(first, *traced), *traced))
     except Exception:  # noqa: BLE001 - compiled again by the call below, which reports a real error
         pass
     products = first(*traced)
