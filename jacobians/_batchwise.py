@@ -15,22 +15,20 @@ from jax import custom_batching
 from . import _compat
 
 
+def _over_batch(test):
+    """``test`` (an array -> a boolean scalar) as one test over a whole ``jax.vmap`` batch, unbatched."""
+    batched = custom_batching.custom_vmap(test)
+
+    @batched.def_vmap
+    def _rule(axis_size, in_batched, x):
+        del axis_size, in_batched
+        return test(x), False
+
+    return lambda x: batched(jax.lax.stop_gradient(x))  # a boolean has no derivative
+
+
 def _all_finite(x) -> jax.Array:
     return jnp.isfinite(jnp.sum(x * 0))  # 0, or NaN from an infinite or NaN entry: a sum that cannot overflow
-
-
-_batched = custom_batching.custom_vmap(_all_finite)
-
-
-@_batched.def_vmap
-def _batched_vmap(axis_size, in_batched, x):
-    del axis_size, in_batched
-    return _all_finite(x), False
-
-
-def all_finite(x) -> jax.Array:
-    """Whether every entry of ``x`` is finite, as one boolean scalar over a whole vmapped batch."""
-    return _batched(jax.lax.stop_gradient(x))
 
 
 def _always(x) -> jax.Array:
@@ -38,13 +36,12 @@ def _always(x) -> jax.Array:
     return jnp.all(jnp.isnan(v) | ~jnp.isnan(v))
 
 
-_always_batched = custom_batching.custom_vmap(_always)
+_finite_over_batch, _always_over_batch = _over_batch(_all_finite), _over_batch(_always)
 
 
-@_always_batched.def_vmap
-def _always_vmap(axis_size, in_batched, x):
-    del axis_size, in_batched
-    return _always(x), False
+def all_finite(x) -> jax.Array:
+    """Whether every entry of ``x`` is finite, as one boolean scalar over a whole vmapped batch."""
+    return _finite_over_batch(x)
 
 
 def apart(fn, x):
@@ -63,6 +60,6 @@ def apart(fn, x):
 
     def cpu(x):
         zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
-        return jax.lax.cond(_always_batched(jax.lax.stop_gradient(x)), run, zeros)
+        return jax.lax.cond(_always_over_batch(x), run, zeros)
 
     return jax.lax.platform_dependent(x, cpu=cpu, default=lambda x: run())
