@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import _args, _batchwise, _blocktri, _mesh, _planner, _sweeps, _trust, kernels
+from . import _args, _batchwise, _blocktri, _mesh, _methods, _planner, _sweeps, _trust, kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,16 +107,9 @@ def _swept(t, spec, avals, closed, p: _args.Problem, plan: _blocktri.LogDetPlan)
     if p.n > CERTIFY_MAX or p.n < SWEEP_MIN:
         return plan
 
-    def structured(sweep):  # the sweep's program, traced on the call's shapes for its cost
-        def g(*tr):
-            q = _args.problem(t.fun, spec, tr, where=t.where, int_argnums=True, lazy=True)
-            return _sweeps.jacobian(*q.sweep_input(), sweep)[1]
-
-        return jax.make_jaxpr(g)(*avals)
-
     try:
         with _trust.stage("planner's cost model"):
-            choice = _planner.choose(closed, p.n, p.m, None, None, structured)
+            choice = _planner.choose(closed, p.n, p.m, None, None, _methods.sweep_programs(t, spec, avals))
     except Exception as e:  # noqa: BLE001 - reported (strict: raised); the JVPs stay
         _trust.analysis_failed(t.where, e, "planner's cost model")
         return plan

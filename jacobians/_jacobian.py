@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _allow_int, _args, _deps, _leaves, _memory, _mesh, _methods, _planner, _sparse, _sweeps, _trust, layout
+from . import _allow_int, _args, _deps, _leaves, _memory, _mesh, _methods, _planner, _sparse, _trust, layout
 from ._walker import differentiated
 
 
@@ -228,14 +228,8 @@ def _make_plan(t, spec, traced, avals, opts) -> tuple[_planner.JacobianPlan, Cal
         with _trust.stage("colouring"):
             return _sparse.make_plan(det.pattern, mode, det.primitives)
 
-    def structured(sweep):  # the sweep's program (jac, aux) of the call's traced leaves: costed, then evaluated
-        def g(*tr):
-            q = _args.problem(t.fun, spec, tr, where=t.where, has_aux=opts.has_aux,
-                              int_argnums=t.int_argnums, lazy=True)
-            return _sweeps.jacobian(*q.sweep_input(), sweep)[1:]
-
-        return _methods.Traced(*jax.make_jaxpr(g, return_shape=True)(*avals))
-
+    # The sweep's program (jac, aux) of the call's traced leaves: costed, then evaluated.
+    structured = _methods.sweep_programs(t, spec, avals, has_aux=opts.has_aux, int_argnums=t.int_argnums)
     only = opts.method == "structured"
     use = only or opts.shards is None  # on a mesh, the basis vectors are what is split
     try:

@@ -21,7 +21,7 @@ from ._base import (
 )
 from .compressed import COMPRESSED
 from .dense import DENSE
-from .structured import STRUCTURED
+from .structured import STRUCTURED, sweep_programs
 
 # In planning order: dense first (it bounds what the others may spend), then the analyses.
 METHODS: tuple[Method, ...] = (DENSE, COMPRESSED, STRUCTURED)
@@ -34,4 +34,4 @@ def by_name(name: str) -> Method:
 
 __all__ = ["COMPRESSED", "DENSE", "METHODS", "NAMES", "NO_FWD", "NO_REV", "STRUCTURED", "Blocks", "Call",
            "Candidate", "Context", "Method", "MethodName", "Mode", "Traced", "by_name", "directions", "pass_cost",
-           "single"]
+           "single", "sweep_programs"]

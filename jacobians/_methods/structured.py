@@ -1,6 +1,10 @@
 """Structured sweeps: one sweep carrying identity, diagonal, selection and dense Jacobians (:mod:`._sweeps`)."""
 
-from .. import _sweeps, _trust
+from collections.abc import Callable
+
+import jax
+
+from .. import _args, _sweeps, _trust
 from ._base import Call, Candidate, Context, Traced, pass_cost
 
 MARGIN = 0.8  # a sweep's selections and scatters cost more than their element counts say: a near tie is not worth them
@@ -64,3 +68,19 @@ class Structured:
 
 
 STRUCTURED = Structured()
+
+
+def sweep_programs(t, spec, avals, *, has_aux: bool = False, int_argnums: bool = True) -> Callable[[str], Traced]:
+    """``sweep -> Traced``: a structured sweep's program ``(jac, aux)`` of a call's traced leaves.
+
+    Traced on their shapes (``avals``), for the planner to cost and (:meth:`Structured.evaluate`)
+    to evaluate without sweeping again; ``t`` is the call's ``_args.Transform``.
+    """
+    def trace(sweep: str) -> Traced:
+        def g(*tr):
+            q = _args.problem(t.fun, spec, tr, where=t.where, has_aux=has_aux, int_argnums=int_argnums, lazy=True)
+            return _sweeps.jacobian(*q.sweep_input(), sweep)[1:]
+
+        return Traced(*jax.make_jaxpr(g, return_shape=True)(*avals))
+
+    return trace
