@@ -268,13 +268,37 @@ def test_host_and_compiled_greedy_passes_agree(monkeypatch):
     check_bipartite(rows, cols, compiled)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_host_and_compiled_dsatur_agree(monkeypatch, seed):
+    # Small patterns run DSATUR on the host, large ones in the compiled loop: the same choices, the same colours.
+    from jacobians._sparse.coloring import _conflict_degree, dsatur
+    from jacobians._sparse.coloring.graph import structure
+
+    rng = np.random.default_rng(seed)
+    patterns = [stencil_2d(9 + seed), random_pattern(rng, 60, 45, 0.06)]
+    for rows, cols in patterns:
+        n = int(np.max(cols)) + 1
+        s = structure(rows, cols, int(np.max(rows)) + 1, n)
+        degree = _conflict_degree(s)
+        on_host = dsatur.dsatur_columns(s, degree, 64)
+        tight = int(on_host.max())  # a limit it cannot meet: both give up
+        assert dsatur.dsatur_columns(s, degree, tight) is None
+        monkeypatch.setattr(dsatur, "HOST_MAX", 0)
+        compiled = dsatur.dsatur_columns(s, degree, 64)
+        assert dsatur.dsatur_columns(s, degree, tight) is None
+        monkeypatch.undo()
+        np.testing.assert_array_equal(on_host, compiled)
+        check_bipartite(rows, cols, on_host)
+
+
 @pytest.mark.parametrize("host_max", [0, None])
 def test_colouring_inside_a_jit_trace(monkeypatch, host_max):
     # sparse_jacobian plans while the user's function is traced: the loops must still run eagerly.
-    from jacobians._sparse.coloring import greedy
+    from jacobians._sparse.coloring import dsatur, greedy
 
     if host_max is not None:
         monkeypatch.setattr(greedy, "HOST_MAX", host_max)
+        monkeypatch.setattr(dsatur, "HOST_MAX", host_max)
     rows, cols = stencil_2d(6)
 
     @jax.jit

@@ -16,12 +16,19 @@ colour masks, as in the greedy pass). Within a block the loop keeps
 * each column's conflict list inside the block (columns sharing a row),
   built on the host from the compressed row/column views, deduplicated.
 
+Patterns of modest size (one block, a few hundred thousand conflicts) are
+coloured on the host instead, in Python with a heap of ``(saturation,
+priority)`` keys: the same choices, so the same colours, without the
+compilation of the loop (0.5-1 s the first time a process meets its sizes,
+where the host takes 1.5-40 ms).
+
 All of a step's state lives in one int32 vector that the body reads first and
 then writes with a single scatter: XLA updates it in place, and since a block's
 vector stays small the CPU backend runs each step as a handful of small
 kernels (a big operand would make it split every gather into thread-pool tasks).
 """
 
+import heapq
 from functools import partial
 
 import jax
@@ -36,6 +43,7 @@ SHIFT = 14
 BLOCK = 1 << SHIFT  # priorities within a block stay below 1 << SHIFT
 GROUP = 128
 MAX_WIDTH = 256  # longest padded conflict walk (column length x row length) worth compiling
+HOST_MAX = 1 << 19  # host work (3 x columns + conflicts, about 0.4 us each) up to which the host colours
 
 
 @partial(jax.jit, static_argnames="n_words")
@@ -114,6 +122,47 @@ def _block_conflicts(col_tab: np.ndarray, row_tab: np.ndarray, b0: int, b1: int,
     return out
 
 
+def _ranks(degree: np.ndarray) -> np.ndarray:
+    """Each column's priority among ``degree``'s (larger first, then lower index): ``n - 1`` for the first."""
+    n = degree.shape[0]
+    rank = np.empty(n, np.int64)
+    rank[np.lexsort((np.arange(n), -degree))] = np.arange(n - 1, -1, -1)
+    return rank
+
+
+def host_dsatur(conflicts: list, rank: list, limit: int) -> list | None:
+    """DSATUR on the host over one block: the loop's choices (max ``(saturation, rank)``), the loop's colours.
+
+    Args:
+      conflicts: per column, its distinct conflicting columns.
+      rank: per column, its distinct priority (:func:`_ranks`).
+      limit: give up (``None``) as soon as a column would need colour ``limit`` or more.
+
+    A heap of ``(-saturation, -rank, column)`` with stale entries skipped on the way out; each
+    column's seen colours are one Python integer (bit ``c``: colour ``c``).
+    """
+    n = len(rank)
+    sat, seen, colors = [0] * n, [0] * n, [-1] * n
+    heap = [(0, -r, v) for v, r in enumerate(rank)]
+    heapq.heapify(heap)
+    for _ in range(n):
+        while True:
+            key, _, v = heapq.heappop(heap)
+            if colors[v] < 0 and -key == sat[v]:
+                break
+        low = ~seen[v] & (seen[v] + 1)  # the lowest colour v has not seen
+        c = low.bit_length() - 1
+        if c >= limit:
+            return None
+        colors[v] = c
+        for u in conflicts[v]:
+            if colors[u] < 0 and not seen[u] & low:
+                seen[u] |= low
+                sat[u] += 1
+                heapq.heappush(heap, (-sat[u], -rank[u], u))
+    return colors
+
+
 def dsatur_columns(s: Structure, degree: np.ndarray, limit: int) -> np.ndarray | None:
     """DSATUR colouring of the columns of ``s`` with fewer than ``limit`` colours, if it finds one.
 
@@ -133,6 +182,12 @@ def dsatur_columns(s: Structure, degree: np.ndarray, limit: int) -> np.ndarray |
     row_tab = padded(s.row_ptr, s.cols, np.ones(m, bool), row_w, m + 1, n)
     row_masks = np.zeros((m + 1, n_words), np.uint32)
     colors = np.zeros(n, np.int64)
+    if n <= BLOCK:
+        table = _block_conflicts(col_tab, row_tab, 0, n, n)
+        if 3 * n + int((table < n).sum()) <= HOST_MAX:
+            found = host_dsatur([[u for u in row if u != n] for row in table.tolist()], _ranks(degree).tolist(),
+                                limit)
+            return None if found is None else np.asarray(found, np.int64)
     b = min(BLOCK, bucket(n, lo=1024))
     n_groups = b // GROUP
     starts = list(range(0, n, b))
@@ -143,10 +198,8 @@ def dsatur_columns(s: Structure, degree: np.ndarray, limit: int) -> np.ndarray |
         rows_b = col_tab[b0:b1]  # (nb, col_w)
         seen = np.bitwise_or.reduce(row_masks[rows_b], axis=1)  # colours of earlier blocks, (nb, n_words)
         sat = np.bitwise_count(seen).sum(axis=1, dtype=np.int64)
-        rank = np.empty(nb, np.int64)
-        rank[np.lexsort((np.arange(nb), -degree[b0:b1]))] = np.arange(nb - 1, -1, -1)
         keys = np.full(b, -1, np.int64)
-        keys[:nb] = (sat << SHIFT) | rank
+        keys[:nb] = (sat << SHIFT) | _ranks(degree[b0:b1])
         seen_pad = np.zeros((b, n_words), np.uint32)
         seen_pad[:nb] = seen
         group_max = keys.reshape(n_groups, GROUP).max(axis=1)

@@ -7,14 +7,18 @@ greedy pass is ``O(nnz)`` however full the rows. Colouring ``j`` with ``c``
 sets bit ``c`` in its rows' masks (bit ``c`` is clear there by construction,
 so a scatter-add sets it).
 
-The loop runs on the CPU as one counted ``lax.fori_loop`` over columns, about
-0.2 us a column. Its body is branch-free and reads the masks before writing
-them once (XLA then updates them in place). Long columns would force a wide
-padded table on every step; the few longer than the table width are coloured
-first on the host.
+Patterns of modest size are coloured on the host with Python integers as the
+masks (unbounded: no mask width to guess and retry), about 0.3 us a column
+plus 0.1 us an entry. Larger ones run on the CPU as one counted
+``lax.fori_loop`` over columns, about 0.2 us a column, whose compilation
+(0.15-0.6 s the first time a process meets its sizes) only pays off there.
+Its body is branch-free and reads the masks before writing them once (XLA
+then updates them in place). Long columns would force a wide padded table on
+every step; the few longer than the table width are coloured first on the host.
 """
 
-from functools import partial
+import operator
+from functools import partial, reduce
 
 import jax
 import jax.numpy as jnp
@@ -89,9 +93,33 @@ def _greedy_loop(order: jax.Array, col_rows: jax.Array, masks: jax.Array, count:
     return (lax.fori_loop(0, count, body, (masks, jnp.zeros(n, jnp.int32)))[1],)
 
 
-# Up to this many columns the greedy pass runs on the host, column by column (about 8 us each): compiling
-# the loop costs 0.15-0.4 s the first time a process meets its sizes, a plan's whole budget on small maps.
-HOST_MAX = 8192
+# Up to this much work (columns + entries / 4) the greedy pass runs on the host in Python integers (about
+# 0.3 us a column, 0.1 us an entry: under 0.2 s): compiling the loop costs 0.15-0.6 s the first time a process
+# meets its sizes, a plan's whole budget (a 10^4-column banded pattern: 4 ms on the host, 0.36-0.58 s compiled).
+HOST_MAX = 1 << 19
+
+
+def host_greedy(s: Structure, seq: np.ndarray) -> np.ndarray:
+    """Colour the columns ``seq`` of ``s`` greedily in that order, on the host; the others get 0.
+
+    Each row's mask is a Python integer (bit ``c``: colour ``c`` is taken there), so no
+    colour count overflows it: the first free colour of a column is the lowest clear bit
+    of its rows' OR, ``~used & (used + 1)``.
+    """
+    masks = [0] * s.n_rows
+    get = masks.__getitem__
+    ptr, col_rows = s.col_ptr.tolist(), s.col_rows.tolist()
+    colors = [0] * s.n_cols
+    for j in seq.tolist():
+        rows = col_rows[ptr[j] : ptr[j + 1]]
+        if not rows:
+            continue
+        used = reduce(operator.or_, map(get, rows))
+        low = ~used & (used + 1)
+        for r in rows:
+            masks[r] |= low
+        colors[j] = low.bit_length() - 1
+    return np.asarray(colors, np.int64)
 
 
 def _host_column(masks: np.ndarray, rows: np.ndarray) -> int | None:
@@ -117,7 +145,8 @@ def greedy_columns(s: Structure, order: np.ndarray, n_words: int) -> np.ndarray 
 
     Returns:
       Colours, int64 ``(n_cols,)`` (empty columns get 0), or None when some column
-      found all ``32 * n_words`` colours taken (retry with more words).
+      found all ``32 * n_words`` colours taken (retry with more words; only the compiled
+      loop's masks have a width, :func:`host_greedy`'s never fill).
     """
     n, m = s.n_cols, s.n_rows
     lens = s.col_len
@@ -125,20 +154,21 @@ def greedy_columns(s: Structure, order: np.ndarray, n_words: int) -> np.ndarray 
     mean = s.rows.size / max(int(nonempty.sum()), 1)
     width = min(bucket(lens.max(initial=1)), bucket(2 * mean, lo=4))
     long = lens > width
-    m_pad = bucket(m, lo=1024)
-    masks = np.zeros((m_pad, n_words), np.uint32)
-    colors = np.zeros(n, np.int64)
     order = np.asarray(order, np.int64)
     # Long columns first (a greedy order that puts them early anyway, largest first, loses nothing), on the
     # host; the others too when they are few.
     light = order[nonempty[order] & ~long[order]]
-    few = light.size <= HOST_MAX
-    for j in np.concatenate([order[long[order]], light]) if few else order[long[order]]:
+    if light.size + s.rows.size // 4 <= HOST_MAX:
+        return host_greedy(s, np.concatenate([order[long[order]], light]))
+    m_pad = bucket(m, lo=1024)
+    masks = np.zeros((m_pad, n_words), np.uint32)
+    colors = np.zeros(n, np.int64)
+    for j in order[long[order]]:
         c = _host_column(masks, s.col_rows[s.col_ptr[j] : s.col_ptr[j + 1]])
         if c is None:
             return None
         colors[j] = c
-    if not few:
+    if light.size:
         n_pad = bucket(n, lo=1024)
         table = padded(s.col_ptr, s.col_rows, nonempty & ~long, width, n_pad, m_pad)
         seq = np.zeros(bucket(light.size, lo=1024), np.int32)
