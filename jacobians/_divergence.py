@@ -258,6 +258,8 @@ def _estimate(t, spec, opts, key, *traced):
     _square(p, where)
     n, k = p.n, opts.num_probes
     dtype = _args.promote(p.out_dtype, p.x.dtype)
+    if n == 0:  # the empty trace is 0, exactly, whatever the estimator
+        return jnp.zeros((), dtype), jnp.zeros((), jnp.finfo(dtype).dtype)
     f = lambda x: p.flat(x)[0].astype(dtype)  # noqa: E731
     # tr(J) = tr(J^T): estimate with J (JVPs) or, where a custom_vjp forbids forward mode, J^T (VJPs).
     if has_custom_vjp(jax.make_jaxpr(f)(p.x)):
@@ -315,16 +317,49 @@ def _xtrace(apply, key, n: int, m: int, kind: str, dtype):
     Z = apply(Q.T).T  # (n, m): J Q
     H = Q.conj().T @ Z  # Q^H J Q
     W = Om @ Q.conj()  # (m, m): row i is Q^H w_i
+    M = jax.lax.cond(_full_rank(R), _downdated, _projected, R)  # (m, m, m): P_i in Q's coordinates
+
+    def one(M, w, om, y):
+        u = M @ w  # the coordinates of P_i w_i
+        v = om - Q @ u  # (I - P_i) w_i
+        return jnp.trace(M @ H) + jnp.vdot(v, y - Z @ u)  # tr(P_i J) + v^H J v
+
+    samples = jax.vmap(one)(M, W, Om, Y)
+    # Two probes equal up to sign (Rademacher, small n) give equal estimates: their spread says nothing.
+    G = jnp.abs(Om @ Om.conj().T) ** 2  # Cauchy-Schwarz with equality (exact in Rademacher's integers)
+    d = jnp.diagonal(G) ** 0.5
+    twins = jnp.any((G >= d[:, None] * d[None, :]) & ~jnp.eye(m, dtype=bool))
+    return jnp.mean(samples), jnp.where(twins, jnp.inf, _stderr(samples))
+
+
+def _full_rank(R) -> jax.Array:
+    """Whether the triangular ``R`` of the sketch is numerically of full rank (its diagonal against its scale)."""
+    d = jnp.abs(jnp.diagonal(R))
+    return jnp.min(d) > R.shape[0] * jnp.finfo(R.dtype).eps * jnp.max(d)
+
+
+def _downdated(R):
+    """``I - s_i s_i^H`` per ``i``, ``s_i`` the unit row ``i`` of ``R^{-1}`` (conjugated): ``R`` invertible."""
+    m = R.shape[0]
     S = jax.scipy.linalg.solve_triangular(R, jnp.eye(m, dtype=R.dtype), lower=False).conj()  # row i: s_i
     S = S / jnp.linalg.norm(S, axis=1, keepdims=True).astype(S.dtype)
+    return jnp.eye(m, dtype=R.dtype)[None] - S[:, :, None] * S.conj()[:, None, :]
 
-    def one(s, w, om, y):
-        u = w - s * jnp.vdot(s, w)  # (I - s s^H) Q^H w_i: the coordinates of P_i w_i
-        v = om - Q @ u  # (I - P_i) w_i
-        return jnp.trace(H) - jnp.vdot(s, H @ s) + jnp.vdot(v, y - Z @ u)  # tr(P_i J) + v^H J v
 
-    samples = jax.vmap(one)(S, W, Om, Y)
-    return jnp.mean(samples), _stderr(samples)
+def _projected(R):
+    """The projector onto the span of ``R``'s columns but the ``i``-th, per ``i``, by SVDs: any rank.
+
+    Where a probe's sketch column lies in the span of the others (Rademacher probes equal up to sign at
+    small ``n``, or ``rank(J)`` below the probes), removing it removes nothing: ``P_i`` is the whole range.
+    """
+    m = R.shape[0]
+
+    def one(i):
+        U, sv, _ = jnp.linalg.svd(jnp.where((jnp.arange(m) == i)[None, :], jnp.zeros((), R.dtype), R))
+        keep = (sv > m * jnp.finfo(R.dtype).eps * jnp.max(jnp.abs(R))).astype(U.dtype)
+        return (U * keep[None, :]) @ U.conj().T
+
+    return jax.vmap(one)(jnp.arange(m))
 
 
 def _stderr(samples):
@@ -355,8 +390,12 @@ def trace_estimate(
     sketch and to estimate: ``num_probes // 2`` probes sketch ``Y = J W``, as many
     JVPs give ``J Q`` for ``Y = Q R``, and each probe's estimate takes the trace on
     the other probes' sketch exactly and Hutchinson on the rest; the standard
-    error is that of the ``num_probes // 2`` estimates. Exact (up to rounding) when
-    ``rank(J) < num_probes // 2``; lower variance than Hutch++ for the same JVPs.
+    error is that of the ``num_probes // 2`` estimates (``inf`` where two probes are
+    equal up to sign, which Rademacher probes are with probability ``2^(1 - n)`` a pair:
+    their estimates are then equal and say nothing of the spread). Exact (up to
+    rounding) when ``rank(J) < num_probes // 2``, a sketch of any rank handled (its
+    leave-one-out projectors by SVDs where ``R`` is singular); lower variance than
+    Hutch++ for the same JVPs.
     The probes' JVPs are batched in one call (two for Hutch++ and XTrace); the
     result is deterministic for a key.
 

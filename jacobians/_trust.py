@@ -489,6 +489,25 @@ def points(closed, offsets: Sequence, values: Sequence | None) -> Iterator[tuple
     yield "a random point", [_random(a, rng) for a in avals]
 
 
+def shrunk(closed, offsets: Sequence, values: Sequence | None, factor: float) -> list | None:
+    """A point ``factor`` times nearer the origin in the differentiated inputs.
+
+    The call's inputs so scaled, else a standard normal point (``None`` where neither exists: a PRNG
+    key argument and no call's inputs).
+    """
+    avals = [v.aval for v in closed.jaxpr.invars]
+    if values is None:
+        if any(is_opaque(a) for a in avals):
+            return None
+        values = [_random(a, np.random.default_rng(SEED + 2)) for a in avals]
+    out = []
+    for v, off in zip(values, offsets, strict=True):
+        a = np.asarray(v)
+        inexact = np.issubdtype(a.dtype, np.inexact) or a.dtype.name == "bfloat16"
+        out.append((a / np.asarray(factor, a.dtype)).astype(a.dtype) if off is not None and inexact else v)
+    return out
+
+
 _PAIR_REDUCED = frozenset({"reduce_window_max", "reduce_window_min", "select_and_gather_add"})
 
 

@@ -132,6 +132,24 @@ def test_second_derivatives_every_path(rng):
     assert [s.method for s in jacobians.log_abs_det(pairs).plan(jnp.ones(4)).stages] == ["blocks"]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_steep_layers_keep_their_log_space_plan(dtype):
+    # JAX's own Jacobian of tanh(20 x) rounds at a standard normal point (1 - tanh^2 cancels to a few ulps) where
+    # the log-space plan is exact: the certificate must not reject the right plan (strict: it raised), and the
+    # answer stays finite where the determinant underflows (the dense fallback gave -inf in float32).
+    for f, k in ((lambda x: jnp.tanh(20 * x), 20.0), (lambda x: jax.nn.sigmoid(30 * x), 30.0)):
+        x = jnp.asarray([1.0, 0.5, -0.7], dtype)
+        got = jacobians.log_abs_det(f)(x)
+        a = k * np.float64(x)
+        if k == 20.0:  # log(20 tanh'(a)) = log 20 + 2 (log 2 - |a| - log1p(exp(-2 |a|)))
+            want = np.log(k) + 2 * (np.log(2) - np.abs(a) - np.log1p(np.exp(-2 * np.abs(a))))
+        else:  # log(30 sigmoid'(a)) = log 30 - softplus(a) - softplus(-a)
+            want = np.log(k) - np.logaddexp(0, a) - np.logaddexp(0, -a)
+        assert np.isfinite(got)
+        np.testing.assert_allclose(got, np.sum(want), rtol=1e-5 if dtype == jnp.float32 else 1e-12)
+        assert jacobians.log_abs_det(f).plan(x).certificate.status == "passed"
+
+
 def test_log_space_elementwise():
     # The determinant underflows in float32, its logarithm does not (distrax / TFP's values).
     x = jnp.asarray([10.0, -12.0, 3.0], jnp.float32)
