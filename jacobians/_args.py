@@ -609,6 +609,11 @@ class Transform:
             expect = jax.tree_util.tree_map(lambda a: f"{a.dtype}{list(a.shape)}", want)
             raise ValueError(f"{self.where}: out must be a result of this call (arrays of the same structure, "
                              f"shapes and dtypes), expected {expect}, got {shown}.")
+        shared = _shared_buffer(got_leaves, traced)
+        if shared is not None:
+            raise ValueError(f"{self.where}: .into(out, ...) writes into out's buffers, but out's leaf {shared} is "
+                             "also an argument of the call: XLA cannot read an array it overwrites. Pass a previous "
+                             "result as out, or call f(*args) for a fresh result.")
         try:
             return donating(out, *traced)
         except Exception as e:
@@ -1173,6 +1178,33 @@ def traced_output(call: Callable, diff: tuple, where: str, has_aux: bool) -> tup
                 if has_aux else "fun must return arrays (a pytree of arrays)")
         raise TypeError(f"{where}: {what}{got}.") from e
     return closed, (_split_aux(shapes, where)[0] if has_aux else shapes)
+
+
+def _shared_buffer(outs: list, traced) -> int | None:
+    """The index of the first leaf of ``outs`` that is also one of ``traced`` (the same buffer), else ``None``."""
+
+    def pointer(a):
+        try:
+            return a.unsafe_buffer_pointer()
+        except Exception:  # noqa: BLE001 - sharded, deleted or not on a device: compared by identity only
+            return None
+
+    ids = {id(a) for a in traced}
+    ptrs = {pointer(a) for a in traced if isinstance(a, jax.Array)} - {None}
+    for k, g in enumerate(outs):
+        if id(g) in ids or (isinstance(g, jax.Array) and pointer(g) in ptrs):
+            return k
+    return None
+
+
+def as_array(value, name: str, where: str) -> jax.Array:
+    """``jnp.asarray(value)``; an object that is no array (``None``, a dict, a string) named in a ``TypeError``."""
+    if isinstance(value, (*ARRAY_TYPES, np.generic, int, float, complex)) or _compat.is_tracer(value):
+        return jnp.asarray(value)
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{where}: {name} must be an array, got {type(value).__name__}.") from e
 
 
 def check_float_outputs(shapes: Any, where: str, holomorphic: bool = False) -> None:

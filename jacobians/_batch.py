@@ -297,13 +297,19 @@ def _prove(traced_flat, where: str, in_axes, out_axes, batch: int):
                 how = "a data movement along the batch axis (a roll, reverse or gather across examples) reorders them"
             raise CoupledBatchError(
                 f"{where}: the examples are not independent: output example {b_out} depends on input example "
-                f"{b_in}; {how}. {_ADVICE}"
+                f"{b_in}; {how}. {_advice(where)}"
             )
         off += size
 
 
-_ADVICE = ("batch_jacobian would silently drop those derivatives. Write the per-example function and use "
-           "jax.vmap(jacobians.jacobian(f_single)), or jacobians.jacobian(f) for the full (B, ..., B, ...) tensor.")
+def _advice(where: str) -> str:
+    """What to do instead of a per-example Jacobian (or log-determinant) of coupled examples."""
+    if where == "jacobians.batch_jacobian":
+        return ("Per-example Jacobians would silently drop those derivatives. Write the per-example function "
+                "and use jax.vmap(jacobians.jacobian(f_single)), or jacobians.jacobian(f) for the full "
+                "(B, ..., B, ...) tensor.")
+    return (f"Per-example results would silently drop those derivatives. Write the per-example function and "
+            f"call {where}(f_single, batched=True), or {where}(f) without batch_first for the whole map's.")
 
 
 def _certify_independence(traced_flat, values, in_axes: int, out_axes: int, batch: int) -> "_trust.Certificate":
@@ -408,7 +414,7 @@ def _independence(t, spec, opts: "_Options", traced, avals, in_ax: int, batch: i
             _trust.certificate_failed(where, "batch independence proof's", cert.detail)
         raise CoupledBatchError(
             f"{where}: the examples are not independent: {cert.detail}. (The jaxpr analysis had proved them "
-            f"independent, a defect of jacobians: please report it.) {_ADVICE}"
+            f"independent, a defect of jacobians: please report it.) {_advice(where)}"
         )
     return {"traced_flat": traced_flat, "values": values, "certificate": cert}
 
@@ -572,7 +578,7 @@ def _compute(t, spec, opts: _Options, *traced):
         res = t.fun(*a, **kwargs)
         return _args._split_aux(res, where) if opts.has_aux else (res, None)
 
-    out, _ = jax.eval_shape(call, [x[:real_batch] for x in fronts])
+    out, _ = _args.traced_output(call, [x[:real_batch] for x in fronts], where, False)[1]  # non-arrays named
     _args.check_float_outputs(out, where)
     out_leaves, out_treedef = jax.tree_util.tree_flatten(out)
     for o in out_leaves:

@@ -486,7 +486,8 @@ def evaluate(p: LogDetPlan, leaves) -> tuple[jax.Array, jax.Array]:
         else:
             s, la = _stage_det(st, eqns, env, p.batch)
         sign, logabs = sign * s.astype(dtype), logabs + la.astype(dtype)
-    return sign, logabs
+    zero = jnp.zeros((), dtype)
+    return jnp.where(sign == 0, zero, sign), logabs  # a singular map's sign +0, not the -0 of a product with -1
 
 
 def _combine(signs, logs, seg, batch) -> tuple[jax.Array, jax.Array]:

@@ -388,6 +388,10 @@ def _compute(t, spec, opts, *traced):
     for x, d in zip(traced, diff_mask, strict=True):
         if d and np.ndim(x) == 0:
             raise ValueError(f"{where}: batched=True needs x with a leading batch axis, got a scalar.")
+    sizes = sorted({np.shape(x)[0] for x, d in zip(traced, diff_mask, strict=True) if d})
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: batched=True needs one batch size, the leading axis of every differentiated "
+                         f"leaf; got sizes {sizes}.")
     in_axes = tuple(0 if d else None for d in diff_mask)
     dense = []
 

@@ -218,6 +218,16 @@ def _as_array(x, where: str) -> jax.Array:
         raise TypeError(f"{where}: x must be a floating-point array, got {_kind(x)}.{hint}") from e
 
 
+def _output(fun: Callable, x, where: str):
+    """``jax.eval_shape(fun, x)``, a result that is not an array named as such."""
+    try:
+        return jax.eval_shape(fun, x)
+    except TypeError as e:
+        if "is not a valid JAX type" not in str(e):
+            raise  # (a traced value in Python control flow is reported below)
+        raise TypeError(f"{where}: fun must return a single floating-point array; {str(e).splitlines()[0]}") from e
+
+
 def gradcheck(
     fun: Callable,
     x: jax.Array,
@@ -322,9 +332,12 @@ def gradcheck(
     if not bool(jnp.all(jnp.isfinite(x))):
         return result("inconclusive", "x has non-finite entries")
     try:
-        out = jax.eval_shape(fun, x) if jit else fun(x)
+        out = _output(fun, x, where) if jit else fun(x)
         if not hasattr(out, "shape"):
             return result("failed", f"fun must return a single array, got {jax.tree_util.tree_structure(out)}")
+        if not jnp.issubdtype(out.dtype, jnp.inexact):  # not differentiable: finite differences would say NaN
+            raise TypeError(f"{where}: fun must return a floating-point array, got dtype {out.dtype}; integer and "
+                            "boolean outputs have no derivative to check.")
         expected = tuple(out.shape) + tuple(x.shape)
         if jac_fun is not None:
             analytic = jac_fun(x)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _args
+
 __all__ = ["chain", "matvec", "trace", "vecmat"]
 
 
@@ -48,7 +50,7 @@ def chain(outer: jax.Array, inner: jax.Array, mid_ndim: int) -> jax.Array:
       (2, 5)
     """
     where = "jacobians.contract.chain"
-    outer, inner = jnp.asarray(outer), jnp.asarray(inner)
+    outer, inner = _args.as_array(outer, "outer", where), _args.as_array(inner, "inner", where)
     k = _int(mid_ndim, "mid_ndim", where)
     if not 0 <= k <= min(outer.ndim, inner.ndim):
         raise ValueError(
@@ -77,7 +79,8 @@ def matvec(J: jax.Array, v: jax.Array) -> jax.Array:
     Raises:
       ValueError: ``J``'s trailing axes do not match ``v.shape``.
     """
-    J, v = jnp.asarray(J), jnp.asarray(v)
+    where = "jacobians.contract.matvec"
+    J, v = _args.as_array(J, "J", where), _args.as_array(v, "v", where)
     if v.ndim > J.ndim or J.shape[J.ndim - v.ndim :] != v.shape:
         raise ValueError(
             f"jacobians.contract.matvec: J of shape {tuple(J.shape)} must end in v's shape {tuple(v.shape)}."
@@ -98,7 +101,8 @@ def vecmat(u: jax.Array, J: jax.Array) -> jax.Array:
     Raises:
       ValueError: ``J``'s leading axes do not match ``u.shape``.
     """
-    u, J = jnp.asarray(u), jnp.asarray(J)
+    where = "jacobians.contract.vecmat"
+    u, J = _args.as_array(u, "u", where), _args.as_array(J, "J", where)
     if u.ndim > J.ndim or J.shape[: u.ndim] != u.shape:
         raise ValueError(
             f"jacobians.contract.vecmat: J of shape {tuple(J.shape)} must start with u's shape {tuple(u.shape)}."
@@ -147,7 +151,7 @@ def trace(T: jax.Array, axes1: int | Sequence[int], axes2: int | Sequence[int]) 
         overlapping axes, or paired axes of different sizes.
     """
     where = "jacobians.contract.trace"
-    T = jnp.asarray(T)
+    T = _args.as_array(T, "T", where)
     a1, a2 = _axes(axes1, T.ndim, "axes1", where), _axes(axes2, T.ndim, "axes2", where)
     if len(a1) != len(a2):
         raise ValueError(f"{where}: axes1 {a1} and axes2 {a2} must have the same length.")

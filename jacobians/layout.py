@@ -93,7 +93,7 @@ def to_matrix(J: jax.Array, out_ndim: int, order: str = "C") -> jax.Array:
       (8, 3)
     """
     where = "jacobians.layout.to_matrix"
-    J = jnp.asarray(J)
+    J = _args.as_array(J, "J", where)
     k = _check_ndim("out_ndim", out_ndim, J, "J", where)
     order = _args.check_order(order, where)
     rows, cols = math.prod(J.shape[:k]), math.prod(J.shape[k:])
@@ -119,7 +119,7 @@ def to_tensor(M: jax.Array, out_shape: Sequence[int], in_shape: Sequence[int], o
         shape does not match the shapes given.
     """
     where = "jacobians.layout.to_tensor"
-    M = jnp.asarray(M)
+    M = _args.as_array(M, "M", where)
     order = _args.check_order(order, where)
     out_shape, in_shape = _check_shape(out_shape, "out_shape", where), _check_shape(in_shape, "in_shape", where)
     expected = (math.prod(out_shape), math.prod(in_shape))
@@ -152,7 +152,7 @@ def to_denominator(J: jax.Array, out_ndim: int) -> jax.Array:
       TypeError: ``out_ndim`` is not an int.
       ValueError: ``out_ndim`` outside ``[0, J.ndim]``.
     """
-    J = jnp.asarray(J)
+    J = _args.as_array(J, "J", "jacobians.layout.to_denominator")
     k = _check_ndim("out_ndim", out_ndim, J, "J", "jacobians.layout.to_denominator")
     return jnp.transpose(J, tuple(range(k, J.ndim)) + tuple(range(k)))
 
@@ -171,7 +171,7 @@ def to_numerator(D: jax.Array, in_ndim: int) -> jax.Array:
       TypeError: ``in_ndim`` is not an int.
       ValueError: ``in_ndim`` outside ``[0, D.ndim]``.
     """
-    D = jnp.asarray(D)
+    D = _args.as_array(D, "D", "jacobians.layout.to_numerator")
     k = _check_ndim("in_ndim", in_ndim, D, "D", "jacobians.layout.to_numerator")
     return jnp.transpose(D, tuple(range(k, D.ndim)) + tuple(range(k)))
 
@@ -185,7 +185,7 @@ def vec(A: jax.Array) -> jax.Array:
     Returns:
       Shape ``(A.size,)``.
     """
-    A = jnp.asarray(A)
+    A = _args.as_array(A, "A", "jacobians.layout.vec")
     return jnp.transpose(A).reshape(-1)
 
 
@@ -204,7 +204,7 @@ def unvec(v: jax.Array, shape: Sequence[int]) -> jax.Array:
       ValueError: ``shape`` has a negative entry, or ``v`` is not 1-D or its
         size does not match ``shape``.
     """
-    v = jnp.asarray(v)
+    v = _args.as_array(v, "v", "jacobians.layout.unvec")
     shape = _check_shape(shape, "shape", "jacobians.layout.unvec")
     if v.ndim != 1 or v.shape[0] != math.prod(shape):
         raise ValueError(

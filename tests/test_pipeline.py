@@ -287,6 +287,42 @@ def test_into_a_deleted_out_says_so(rng):
             jf.into(fresh, p)
 
 
+def test_into_an_out_that_is_also_an_argument_says_so(rng):
+    # The donated buffer would be read as the input while it is overwritten: XLA refused with its own
+    # INVALID_ARGUMENT ("previously donated") and an error log line.
+    hd = jacobians.hessian_diagonal(lambda x: jnp.sum(jnp.sin(x) ** 2))
+    x = randn(rng, (3,))
+    out = hd(x)
+    with pytest.raises(ValueError, match=r"jacobians.hessian_diagonal: \.into\(out, \.\.\.\) writes into out's "
+                                         r"buffers, but out's leaf 0 is also an argument of the call"):
+        hd.into(out, out)
+    assert not out.is_deleted()
+    np.testing.assert_allclose(hd.into(out, x), jnp.diag(jax.hessian(lambda x: jnp.sum(jnp.sin(x) ** 2))(x)))
+
+
+def test_non_arrays_and_integers_are_named_by_the_call(rng):
+    x = randn(rng, (3,))
+    for jit in (True, False):
+        with pytest.raises(TypeError, match=r"jacobians.gradcheck: fun must return a floating-point array, got "
+                                            r"dtype int"):
+            jacobians.gradcheck(lambda x: jnp.round(x).astype(int), x, jit=jit)
+    with pytest.raises(TypeError, match=r"jacobians.gradcheck: fun must return a single floating-point array"):
+        jacobians.gradcheck(lambda x: "a", x)
+    with pytest.raises(TypeError, match=r"jacobians.batch_jacobian: fun must return arrays"):
+        jacobians.batch_jacobian(lambda X: "s")(randn(rng, (2, 3)))
+    for call in (lambda: jacobians.layout.to_matrix(None, 1), lambda: jacobians.layout.vec({"a": 1}),
+                 lambda: jacobians.contract.matvec(None, x)):
+        with pytest.raises(TypeError, match=r"jacobians\.(layout|contract)\.\w+: \w+ must be an array, got "):
+            call()
+    with pytest.raises(ValueError, match=r"jacobians.log_abs_det: batched=True needs one batch size.*\[3, 4\]"):
+        jacobians.log_abs_det(lambda a, b: a * b, argnums=(0, 1), batched=True)(randn(rng, (3, 2)),
+                                                                               randn(rng, (4, 2)))
+    with pytest.raises(jacobians.CoupledBatchError, match=r"log_abs_det\(f_single, batched=True\)"):
+        jacobians.log_abs_det(lambda X: jnp.tanh(X - X.mean(0, keepdims=True)), batch_first=True)(randn(rng, (3, 2)))
+    sign, _ = jacobians.slogdet(lambda x: x * x)(jnp.asarray([0.0, 1.0, -2.0, 0.5]))
+    assert sign == 0 and not np.signbit(sign)  # +0, not the -0 of a product with -1
+
+
 def test_new_shapes_of_a_compiled_structure_plan_and_check_again(rng):
     """The dispatch fast path keys on argument types: a new shape retraces, plans and certifies its own plan."""
     f = lambda x: jnp.sin(x) * x + x[::-1] ** 2  # noqa: E731
