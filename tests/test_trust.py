@@ -390,3 +390,16 @@ def test_a_planned_program_xla_cannot_compile_gives_the_dense_one(monkeypatch):
     failed.clear()
     with pytest.raises(jacobians.PlanError, match="XLA failed to compile"):
         jacobians.jacobian(f)(x)
+
+
+def test_a_compiler_option_this_xla_lacks_is_dropped(monkeypatch, rng):
+    # The checks' compiler options include ones older XLAs have (the CPU's classic fusion emitters) and newer
+    # ones lack ("No such compile option"): the check compiles without them instead of failing the plan.
+    options = dict(_trust.COMPILER_OPTIONS, xla_no_such_option_for_jacobians_tests=True)
+    monkeypatch.setattr(_trust, "COMPILER_OPTIONS", options)
+    f = lambda x: jnp.sin(x) * x  # noqa: E731
+    x = randn(rng, (40,))
+    plan = jacobians.explain(f, x)
+    assert plan.method == "compressed" and plan.certificate.status == "passed"
+    assert "xla_no_such_option_for_jacobians_tests" not in _trust.COMPILER_OPTIONS
+    np.testing.assert_allclose(jacobians.jacobian(f)(x), jax.jacfwd(f)(x))
