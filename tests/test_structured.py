@@ -388,3 +388,16 @@ def test_generic_rules_charge_their_passes_before_tracing(rng):
     assert plan.method == "compressed"
     assert "structured rev stopped" in plan.reason and "structured rev" not in plan.costs
     np.testing.assert_allclose(jacobians.jacobian(f)(x), jax.jacfwd(f)(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_unused_outputs_get_no_cotangent(mode):
+    # eigh's and svd's rules divide by l_i - l_j: repeated eigenvalues (singular values) make the eigenvector
+    # part infinite, which JAX's own VJP never meets when only the eigenvalues are used. The reverse sweep's
+    # generic rule gave every output a zero cotangent (0 * inf: all NaN).
+    x = jnp.asarray([0.5, 2.0])
+    scale = jnp.asarray([1.0, 1.0, 2.0])
+    for f in (lambda x: jnp.linalg.eigvalsh(jnp.diag(scale * x[0] + x[1])),
+              lambda x: jnp.linalg.svd(jnp.diag(scale * x[0] + x[1]), full_matrices=False)[1]):
+        got = jacobians.jacobian(f, method="structured", mode=mode)(x)
+        np.testing.assert_allclose(got, jax.jacrev(f)(x), rtol=1e-12, atol=1e-12)

@@ -682,7 +682,12 @@ def _rv_dot(lat, eqn, ins, gs):
 def _rv_generic(lat, eqn, ins, gs):
     """The primitive's own VJP over the densified adjoint's rows (``jax.jacrev`` for this equation)."""
     active = [i for i, v in enumerate(ins) if v.jac is not None]
-    diff_out = [k for k, v in enumerate(eqn.outvars) if _inexact(v.aval)]
+    # Only the outputs with an adjoint: a zero cotangent for the others (eigh's eigenvectors beside its
+    # eigenvalues) meets their rule's 1 / (l_i - l_j) at repeated eigenvalues as 0 * inf = NaN, where
+    # JAX's own VJP leaves them out.
+    diff_out = [k for k, v in enumerate(eqn.outvars) if _inexact(v.aval) and gs[k] is not None]
+    if not active or not diff_out:
+        return [None] * len(ins)
     _charge(lat.n * eqn_cost(eqn), spend=False)  # one VJP of the equation per row: stop before tracing them
     f, vary = as_function(eqn, ins, active, diff_out)
     _, pull = jax.vjp(f, *vary)
