@@ -74,6 +74,43 @@ def test_a_wrong_method_never_reaches_the_user(monkeypatch, rng):
         jacobians.jacobian(f)(x)
 
 
+class Rounded(Diagonal):
+    """The right diagonal, computed as a program that rounds one step differently would (a few ulps off)."""
+
+    name = "rounded"
+
+    def candidates(self, ctx):
+        return [Candidate(self, "fwd", 1, 1.0)] if ctx.n == ctx.m else []
+
+    def evaluate(self, cand, call):
+        p = call.problem
+        x = p.x * (1 + 2 * jnp.finfo(p.x.dtype).eps)
+        _, d = jax.jvp(lambda x: p.flat(x)[0], (x,), (jnp.ones_like(x),))
+        return jnp.diag(d), None
+
+
+def _chaotic(x):
+    """45 steps of the logistic map at r = 3.9 (Lyapunov exponent ~0.5): rounding grows about 1e9-fold."""
+    c = jax.nn.sigmoid(x)
+    for _ in range(45):
+        c = 3.9 * c * (1 - c)
+    return c
+
+
+@pytest.mark.parametrize("method", [Rounded, Wrong])
+def test_a_chaotic_map_is_judged_within_its_conditioning(monkeypatch, rng, method):
+    # A plan that rounds differently from JAX parts from it as far as JAX parts from itself a few ulps away
+    # (a scan recurrence near 1e10 parted by 2.6e-7, and strict mode raised): it stands. A wrong plan does not.
+    monkeypatch.setattr(_methods, "METHODS", (*_methods.METHODS, method()))
+    x = randn(rng, (12,))
+    if method is Wrong:
+        with pytest.raises(jacobians.PlanError, match="wrong fwd plan failed its certificate"):
+            jacobians.jacobian(_chaotic)(x)
+        return
+    plan = jacobians.explain(_chaotic, x)
+    assert plan.method == "rounded" and plan.certificate.status == "passed", str(plan)
+
+
 def test_directions_and_ranking():
     assert _methods.directions({"sin"}) == {"fwd", "rev"}
     assert _methods.directions({"custom_vjp_call"}) == {"rev"}
