@@ -27,6 +27,7 @@ from ._args import trace_flat
 from ._walker import has_custom_vjp
 
 ESTIMATORS = ("hutchinson", "hutch++", "xtrace")
+SVD_MAX = 64  # XTrace sketches up to this many probes handle any rank by SVDs (beyond: R must be invertible)
 PROBES = ("rademacher", "gaussian")
 CHUNK_ENTRIES = 1 << 22  # default chunk: at most this many Jacobian entries held at once
 
@@ -317,14 +318,27 @@ def _xtrace(apply, key, n: int, m: int, kind: str, dtype):
     Z = apply(Q.T).T  # (n, m): J Q
     H = Q.conj().T @ Z  # Q^H J Q
     W = Om @ Q.conj()  # (m, m): row i is Q^H w_i
-    M = jax.lax.cond(_full_rank(R), _downdated, _projected, R)  # (m, m, m): P_i in Q's coordinates
 
-    def one(M, w, om, y):
-        u = M @ w  # the coordinates of P_i w_i
-        v = om - Q @ u  # (I - P_i) w_i
-        return jnp.trace(M @ H) + jnp.vdot(v, y - Z @ u)  # tr(P_i J) + v^H J v
+    def estimates(P, trace_PJ):  # P: (m, m, m) projectors P_i (Q's coordinates) as u = P_i w; their tr(P_i J)
+        def one(u, om, y, t):
+            v = om - Q @ u  # (I - P_i) w_i
+            return t + jnp.vdot(v, y - Z @ u)  # tr(P_i J) + v^H J v
+        return jax.vmap(one)(P, Om, Y, trace_PJ)
 
-    samples = jax.vmap(one)(M, W, Om, Y)
+    def downdated(R):  # R invertible: P_i = I - s_i s_i^H, s_i the unit row i of R^{-1} (conjugated); O(m^2) each
+        S = jax.scipy.linalg.solve_triangular(R, jnp.eye(m, dtype=R.dtype), lower=False).conj()
+        S = S / jnp.linalg.norm(S, axis=1, keepdims=True).astype(S.dtype)
+        u = W - S * jnp.sum(S.conj() * W, axis=1, keepdims=True)  # rows (I - s s^H) Q^H w_i
+        return estimates(u, jnp.trace(H) - jnp.einsum("ij,jk,ik->i", S.conj(), H, S))
+
+    def projected(R):  # any rank: P_i by an SVD of R without its i-th column; O(m^3) each
+        M = _projected(R)
+        return estimates(jnp.einsum("ijk,ik->ij", M, W), jnp.einsum("ijk,kj->i", M, H))
+
+    if m <= SVD_MAX:
+        samples = jax.lax.cond(_full_rank(R), downdated, projected, R)
+    else:  # (m SVDs of m x m cost more than the products: exactly equal probes at this many are vanishingly rare)
+        samples = downdated(R)
     # Two probes equal up to sign (Rademacher, small n) give equal estimates: their spread says nothing.
     G = jnp.abs(Om @ Om.conj().T) ** 2  # Cauchy-Schwarz with equality (exact in Rademacher's integers)
     d = jnp.diagonal(G) ** 0.5
@@ -336,14 +350,6 @@ def _full_rank(R) -> jax.Array:
     """Whether the triangular ``R`` of the sketch is numerically of full rank (its diagonal against its scale)."""
     d = jnp.abs(jnp.diagonal(R))
     return jnp.min(d) > R.shape[0] * jnp.finfo(R.dtype).eps * jnp.max(d)
-
-
-def _downdated(R):
-    """``I - s_i s_i^H`` per ``i``, ``s_i`` the unit row ``i`` of ``R^{-1}`` (conjugated): ``R`` invertible."""
-    m = R.shape[0]
-    S = jax.scipy.linalg.solve_triangular(R, jnp.eye(m, dtype=R.dtype), lower=False).conj()  # row i: s_i
-    S = S / jnp.linalg.norm(S, axis=1, keepdims=True).astype(S.dtype)
-    return jnp.eye(m, dtype=R.dtype)[None] - S[:, :, None] * S.conj()[:, None, :]
 
 
 def _projected(R):

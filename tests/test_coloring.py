@@ -281,12 +281,17 @@ def test_host_and_compiled_dsatur_agree(monkeypatch, seed):
         s = structure(rows, cols, int(np.max(rows)) + 1, n)
         degree = _conflict_degree(s)
         on_host = dsatur.dsatur_columns(s, degree, 64)
-        tight = int(on_host.max())  # a limit it cannot meet: both give up
-        assert dsatur.dsatur_columns(s, degree, tight) is None
+        used = int(on_host.max()) + 1
+        # Fewer than limit colours: at limit = the colours it uses, and below, both give up.
+        for tight in (used, used - 1):
+            assert dsatur.dsatur_columns(s, degree, tight) is None
         monkeypatch.setattr(dsatur, "HOST_MAX", 0)
         compiled = dsatur.dsatur_columns(s, degree, 64)
-        assert dsatur.dsatur_columns(s, degree, tight) is None
+        for tight in (used, used - 1):
+            assert dsatur.dsatur_columns(s, degree, tight) is None
+        np.testing.assert_array_equal(dsatur.dsatur_columns(s, degree, used + 1), compiled)
         monkeypatch.undo()
+        np.testing.assert_array_equal(dsatur.dsatur_columns(s, degree, used + 1), on_host)
         np.testing.assert_array_equal(on_host, compiled)
         check_bipartite(rows, cols, on_host)
 

@@ -89,6 +89,20 @@ class Rounded(Diagonal):
         return jnp.diag(d), None
 
 
+class HalfWrong(Rounded):
+    """Right (to rounding) on the chaotic half of :func:`_half_chaotic`, twice too large on its linear half."""
+
+    name = "halfwrong"
+
+    def evaluate(self, cand, call):
+        jac, aux = super().evaluate(cand, call)
+        return jac * jnp.where(jnp.arange(jac.shape[0]) >= 6, 2.0, 1.0)[:, None], aux
+
+
+def _half_chaotic(x):
+    return jnp.concatenate([_chaotic(x[:6]), 3.0 * x[6:]])
+
+
 def _chaotic(x):
     """45 steps of the logistic map at r = 3.9 (Lyapunov exponent ~0.5): rounding grows about 1e9-fold."""
     c = jax.nn.sigmoid(x)
@@ -97,7 +111,7 @@ def _chaotic(x):
     return c
 
 
-@pytest.mark.parametrize("method", [Rounded, Wrong])
+@pytest.mark.parametrize("method", [Rounded, Wrong, HalfWrong])
 def test_a_chaotic_map_is_judged_within_its_conditioning(monkeypatch, rng, method):
     # A plan that rounds differently from JAX parts from it as far as JAX parts from itself a few ulps away
     # (a scan recurrence near 1e10 parted by 2.6e-7, and strict mode raised): it stands. A wrong plan does not.
@@ -106,6 +120,10 @@ def test_a_chaotic_map_is_judged_within_its_conditioning(monkeypatch, rng, metho
     if method is Wrong:
         with pytest.raises(jacobians.PlanError, match="wrong fwd plan failed its certificate"):
             jacobians.jacobian(_chaotic)(x)
+        return
+    if method is HalfWrong:  # the chaotic half's allowance must not excuse the linear half's error
+        with pytest.raises(jacobians.PlanError, match="halfwrong fwd plan failed its certificate"):
+            jacobians.jacobian(_half_chaotic)(x)
         return
     plan = jacobians.explain(_chaotic, x)
     assert plan.method == "rounded" and plan.certificate.status == "passed", str(plan)

@@ -1,4 +1,4 @@
-"""DSATUR partial distance-2 colouring of columns, block by block, as a compiled loop.
+"""DSATUR partial distance-2 colouring of columns: on the host, or block by block as a compiled loop.
 
 DSATUR colours next the column that sees the most distinct colours among the
 columns sharing a row with it (ties: larger conflict degree, then lower index).
@@ -136,7 +136,8 @@ def host_dsatur(conflicts: list, rank: list, limit: int) -> list | None:
     Args:
       conflicts: per column, its distinct conflicting columns.
       rank: per column, its distinct priority (:func:`_ranks`).
-      limit: give up (``None``) as soon as a column would need colour ``limit`` or more.
+      limit: give up (``None``) as soon as a column would need colour ``limit - 1`` or more: the colouring
+        must use fewer than ``limit`` colours (as the compiled loop's).
 
     A heap of ``(-saturation, -rank, column)`` with stale entries skipped on the way out; each
     column's seen colours are one Python integer (bit ``c``: colour ``c``).
@@ -152,7 +153,7 @@ def host_dsatur(conflicts: list, rank: list, limit: int) -> list | None:
                 break
         low = ~seen[v] & (seen[v] + 1)  # the lowest colour v has not seen
         c = low.bit_length() - 1
-        if c >= limit:
+        if c + 1 >= limit:
             return None
         colors[v] = c
         for u in conflicts[v]:
@@ -185,8 +186,11 @@ def dsatur_columns(s: Structure, degree: np.ndarray, limit: int) -> np.ndarray |
     if n <= BLOCK:
         table = _block_conflicts(col_tab, row_tab, 0, n, n)
         if 3 * n + int((table < n).sum()) <= HOST_MAX:
-            found = host_dsatur([[u for u in row if u != n] for row in table.tolist()], _ranks(degree).tolist(),
-                                limit)
+            # Each row's conflicts come first, the padding (n) after: cut the flat list at the row counts.
+            flat = table[table < n].tolist()
+            ends = np.cumsum((table < n).sum(axis=1)).tolist()
+            found = host_dsatur([flat[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)],
+                                _ranks(degree).tolist(), limit)
             return None if found is None else np.asarray(found, np.int64)
     b = min(BLOCK, bucket(n, lo=1024))
     n_groups = b // GROUP

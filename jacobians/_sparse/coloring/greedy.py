@@ -1,4 +1,4 @@
-"""Greedy partial distance-2 colouring of columns in a given order, as a compiled loop.
+"""Greedy partial distance-2 colouring of columns in a given order: on the host, or as a compiled loop.
 
 Each row keeps a bitmask of the colours already used by its columns. The
 colours forbidden for column ``j`` are then the OR of its rows' masks, so a
@@ -156,7 +156,7 @@ def greedy_columns(s: Structure, order: np.ndarray, n_words: int) -> np.ndarray 
     long = lens > width
     order = np.asarray(order, np.int64)
     # Long columns first (a greedy order that puts them early anyway, largest first, loses nothing), on the
-    # host; the others too when they are few.
+    # host; all of them there (in Python integers) unless the pattern is large.
     light = order[nonempty[order] & ~long[order]]
     if light.size + s.rows.size // 4 <= HOST_MAX:
         return host_greedy(s, np.concatenate([order[long[order]], light]))
