@@ -731,6 +731,16 @@ _JAX_REFUSALS = ("can't apply forward-mode autodiff", _NO_REV, _NO_LINEARIZE, _N
                  *_NO_TRANSPOSE, "callbacks do not support JVP", "Differentiation rule for")
 
 
+def jvp_said(where: str, run: Callable, *args):
+    """``run(*args)``; JAX's "custom_lin" (a JVP of a JVP meeting a ``custom_vjp``) said as ``jax.jvp`` says it."""
+    try:
+        return run(*args)
+    except NotImplementedError as e:
+        if "custom_lin" not in str(e):
+            raise
+        raise TypeError(f"{where}: can't apply forward-mode autodiff (jvp) to a custom_vjp function.") from e
+
+
 def jax_refused(exc: BaseException) -> bool:
     """True when ``exc`` (or what caused it) is JAX refusing to differentiate a primitive of fun."""
     seen = set()

@@ -194,12 +194,7 @@ def _hvp(p, kind: str, colors: np.ndarray, chunk, where: str, shards=None):
         return prods[jnp.asarray(colors), jnp.arange(p.n)][:, None]
 
     def checked(mode):  # JAX says "custom_lin" when a JVP of a JVP meets a custom_vjp: say it as jvp does
-        try:
-            return run(mode)
-        except NotImplementedError as e:
-            if "custom_lin" not in str(e):
-                raise
-            raise TypeError(f"{where}: can't apply forward-mode autodiff (jvp) to a custom_vjp function.") from e
+        return _args.jvp_said(where, run, mode)
 
     # Reverse over reverse where a custom_vjp forbids JVPs; forward over forward where a while_loop forbids VJPs.
     if scalar:

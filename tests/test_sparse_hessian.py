@@ -299,3 +299,19 @@ def test_python_float_argument_weakly_typed_and_complex_output_a_type_error(rng)
     with pytest.raises(TypeError, match=r"jacobians.sparse_hessian: fun must return a real scalar \(a real "
                                         r"floating-point dtype\), but its output has dtype complex128"):
         jacobians.sparse_hessian(lambda x: jnp.sum(jax.lax.complex(x, x**2)))(x)
+
+
+def test_a_forced_forward_outer_mode_over_a_custom_vjp_says_so():
+    # JAX's JVP of the custom_vjp's linearization raised "Differentiation rule for 'custom_lin' not implemented".
+    @jax.custom_vjp
+    def g(y):
+        return jnp.sin(y) * y
+
+    g.defvjp(lambda y: (g(y), y), lambda y, ct: (ct * (jnp.cos(y) * y + jnp.sin(y)),))
+    f = lambda x: jnp.sum(g(x) * x[::-1])  # noqa: E731
+    x = jnp.arange(1.0, 7.0)
+    with pytest.raises(TypeError, match=r"jacobians.sparse_hessian: can't apply forward-mode autodiff \(jvp\) to a "
+                                        r"custom_vjp function"):
+        jacobians.sparse_hessian(f, mode="rev_fwd", output="dense")(x)
+    H = jacobians.sparse_hessian(f, output="dense")(x)  # the default mode: reverse over reverse there
+    np.testing.assert_allclose(H, jax.jacrev(jax.grad(f))(x), rtol=1e-12, atol=1e-12)

@@ -1087,7 +1087,8 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
 
     mode = mode or plan.mode
     if not isinstance(products, tuple):
-        compute = lambda: _hessian.either_second(run, where, p.jaxpr) if mode == "auto" else run(mode)  # noqa: E731
+        compute = lambda: (_hessian.either_second(run, where, p.jaxpr) if mode == "auto"  # noqa: E731
+                           else _args.jvp_said(where, run, mode))
         compressed, aux = compute() if products is True else _apart(compute, p.x, p.n * plan.n_colors, apart)
         if products is True:
             return compressed, aux
