@@ -1209,8 +1209,6 @@ def _shared_buffer(outs: list, traced) -> int | None:
 
 def as_array(value, name: str, where: str) -> jax.Array:
     """``jnp.asarray(value)``; an object that is no array (``None``, a dict, a string) named in a ``TypeError``."""
-    if isinstance(value, (*ARRAY_TYPES, np.generic, int, float, complex)) or _compat.is_tracer(value):
-        return jnp.asarray(value)
     try:
         return jnp.asarray(value)
     except (TypeError, ValueError) as e:

@@ -299,7 +299,7 @@ def _certificate(t, spec, opts, plan, traced_flat, values, after: bool) -> _trus
             if sing[e] or ref_sing:
                 return f"log|det| {'-inf' if sing[e] else f'{logabs[e]:.6g}'}, JAX's {ref_logabs[e]:.6g}{at}"
             if known[e] and sign[e] != ref_sign[e]:
-                return (f"{_SIGN}{sign[e]:g} and log|det| {logabs[e]:.6g}, JAX's {ref_sign[e]:g} and "
+                return (f"sign {sign[e]:g} and log|det| {logabs[e]:.6g}, JAX's {ref_sign[e]:g} and "
                         f"{ref_logabs[e]:.6g}{at}")
             if abs(logabs[e] - ref_logabs[e]) > tol * (abs(ref_logabs[e]) + np.sqrt(d)):
                 return f"log|det| {logabs[e]:.6g}, JAX's {ref_logabs[e]:.6g}{at}"
@@ -339,7 +339,6 @@ SHRINK = (8.0, 64.0)  # a failed log-determinant check again at points this much
 
 
 _INCONCLUSIVE = "inconclusive: "
-_SIGN = "sign "
 
 
 def _log_volume(J):

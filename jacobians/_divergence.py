@@ -319,11 +319,11 @@ def _xtrace(apply, key, n: int, m: int, kind: str, dtype):
     H = Q.conj().T @ Z  # Q^H J Q
     W = Om @ Q.conj()  # (m, m): row i is Q^H w_i
 
-    def estimates(P, trace_PJ):  # P: (m, m, m) projectors P_i (Q's coordinates) as u = P_i w; their tr(P_i J)
+    def estimates(U, trace_PJ):  # rows u_i = Q^H P_i w_i (P_i w_i in Q's coordinates), and tr(P_i J)
         def one(u, om, y, t):
             v = om - Q @ u  # (I - P_i) w_i
             return t + jnp.vdot(v, y - Z @ u)  # tr(P_i J) + v^H J v
-        return jax.vmap(one)(P, Om, Y, trace_PJ)
+        return jax.vmap(one)(U, Om, Y, trace_PJ)
 
     def downdated(R):  # R invertible: P_i = I - s_i s_i^H, s_i the unit row i of R^{-1} (conjugated); O(m^2) each
         S = jax.scipy.linalg.solve_triangular(R, jnp.eye(m, dtype=R.dtype), lower=False).conj()

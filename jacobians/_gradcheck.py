@@ -218,26 +218,6 @@ def _as_array(x, where: str) -> jax.Array:
         raise TypeError(f"{where}: x must be a floating-point array, got {_kind(x)}.{hint}") from e
 
 
-def _output(fun: Callable, x):
-    """``jax.eval_shape(fun, x)``; a result that is not made of arrays comes back as it is (reported by the caller)."""
-    try:
-        return jax.eval_shape(fun, x)
-    except TypeError as e:
-        if "is not a valid JAX type" not in str(e):
-            raise  # (a traced value in Python control flow is reported below)
-        return _NotArrays(str(e).splitlines()[0])
-
-
-class _NotArrays:
-    """What ``fun`` returned where it is not arrays (for the report)."""
-
-    def __init__(self, detail: str):
-        self.detail = detail
-
-    def __repr__(self) -> str:
-        return self.detail
-
-
 def gradcheck(
     fun: Callable,
     x: jax.Array,
@@ -342,9 +322,12 @@ def gradcheck(
     if not bool(jnp.all(jnp.isfinite(x))):
         return result("inconclusive", "x has non-finite entries")
     try:
-        out = _output(fun, x) if jit else fun(x)
-        if isinstance(out, _NotArrays):
-            return result("failed", f"fun must return a single array ({out!r})")
+        try:
+            out = jax.eval_shape(fun, x) if jit else fun(x)
+        except TypeError as e:  # (a traced value in Python control flow, a TypeError too, is reported below)
+            if "is not a valid JAX type" not in str(e):
+                raise
+            return result("failed", f"fun must return a single array ({str(e).splitlines()[0]})")
         if not hasattr(out, "shape"):
             return result("failed", f"fun must return a single array, got {_kind(out)}")
         if not jnp.issubdtype(out.dtype, jnp.inexact):  # not differentiable: finite differences would say NaN

@@ -508,8 +508,8 @@ def shrunk(closed, offsets: Sequence, values: Sequence | None, factor: float) ->
     out = []
     for v, off in zip(values, offsets, strict=True):
         a = np.asarray(v)
-        inexact = np.issubdtype(a.dtype, np.inexact) or a.dtype.name == "bfloat16"
-        out.append((a / np.asarray(factor, a.dtype)).astype(a.dtype) if off is not None and inexact else v)
+        scaled = off is not None and jnp.issubdtype(a.dtype, jnp.inexact)  # (bfloat16 too)
+        out.append((a / np.asarray(factor, a.dtype)).astype(a.dtype) if scaled else v)
     return out
 
 

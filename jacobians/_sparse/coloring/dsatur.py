@@ -181,17 +181,18 @@ def dsatur_columns(s: Structure, degree: np.ndarray, limit: int) -> np.ndarray |
     # Padded views; row m and column n are the "nothing here" sentinels.
     col_tab = padded(s.col_ptr, s.col_rows, np.ones(n, bool), col_w, n, m)
     row_tab = padded(s.row_ptr, s.cols, np.ones(m, bool), row_w, m + 1, n)
-    row_masks = np.zeros((m + 1, n_words), np.uint32)
-    colors = np.zeros(n, np.int64)
     if n <= BLOCK:
         table = _block_conflicts(col_tab, row_tab, 0, n, n)
-        if 3 * n + int((table < n).sum()) <= HOST_MAX:
+        real = table < n
+        if 3 * n + int(real.sum()) <= HOST_MAX:
             # Each row's conflicts come first, the padding (n) after: cut the flat list at the row counts.
-            flat = table[table < n].tolist()
-            ends = np.cumsum((table < n).sum(axis=1)).tolist()
+            flat = table[real].tolist()
+            ends = np.cumsum(real.sum(axis=1)).tolist()
             found = host_dsatur([flat[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)],
                                 _ranks(degree).tolist(), limit)
             return None if found is None else np.asarray(found, np.int64)
+    row_masks = np.zeros((m + 1, n_words), np.uint32)
+    colors = np.zeros(n, np.int64)
     b = min(BLOCK, bucket(n, lo=1024))
     n_groups = b // GROUP
     starts = list(range(0, n, b))
