@@ -93,3 +93,19 @@ PIECEWISE_LINEAR = frozenset({
 ALL = frozenset(ELEMENTWISE) | frozenset(ZERO) | frozenset(PRODUCTS) | frozenset(SIGNS) | frozenset(IDENTITIES) | (
     frozenset(MOVES) | frozenset(SCATTERS) | frozenset(REDUCTIONS) | frozenset(CUMULATIVE) | LINEAR | PIECEWISE_LINEAR
     | HOLOMORPHIC | frozenset(HOST_CALLS))
+
+
+def applies_function(eqn) -> bool:
+    """A ``scatter`` whose written elements are a function of the operand's (``x.at[i].apply(f)``), not the updates.
+
+    JAX stages ``.apply`` as the ``scatter`` of ``.set`` with an ``update_jaxpr`` of its own: it is neither a
+    selection nor linear, whatever its name says.
+    """
+    if eqn.primitive.name != "scatter":
+        return False
+    update = eqn.params.get("update_jaxpr")
+    if update is None:
+        return False
+    update = getattr(update, "jaxpr", update)
+    # ``.set``'s own update function, where a JAX states one: ``lambda x, y: y``.
+    return not (not update.eqns and len(update.invars) == 2 and list(update.outvars) == [update.invars[1]])

@@ -290,6 +290,8 @@ class Walker:
         x_avals = [v.aval for v in body_jaxpr.invars[nc + nk :]]
         y_avals = [v.aval for v in body_jaxpr.outvars[nk:]]
         out_avals = [v.aval for v in eqn.outvars]
+        if length == 0:  # no step runs: the carry comes out as it went in, and the ys are empty
+            return carry + [lat.constant(None, a) for a in out_avals[nk:]]
         if length <= UNROLL_MAX:
             # Exact: step i sees slice i of xs, and ys stack the steps' outputs.
             order = range(length - 1, -1, -1) if p["reverse"] else range(length)

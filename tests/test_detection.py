@@ -233,3 +233,31 @@ def test_random_gamma_is_elementwise_in_its_shape(rng):
             pattern = jacobians.sparsity(f, a)
             np.testing.assert_array_equal(pattern.to_dense().reshape(6, 6), np.eye(6, dtype=bool))
         np.testing.assert_allclose(jacobians.jacobian(per_row)(a), jax.jacfwd(per_row)(a), rtol=1e-10, atol=1e-12)
+
+
+def test_scatter_apply_is_a_function_of_the_operand(rng):
+    """``x.at[i].apply(f)`` (a ``scatter`` with an update function) keeps the applied entries' dependence.
+
+    JAX cannot differentiate it, so the closed form is the reference: ``diag(cos x_i at i, 1 elsewhere)``;
+    its Hessian (of a sum of squares) is diagonal, the applied entries' included.
+    """
+    idx = jnp.array([0, 2])
+    f = lambda x: x.at[idx].apply(jnp.sin)  # noqa: E731
+    x = randn(rng, (4,))
+    np.testing.assert_array_equal(jacobians.sparsity(f, x).to_dense(), np.eye(4, dtype=bool))
+    h = jacobians.hessian_sparsity(lambda x: jnp.sum(f(x) ** 2), x).to_dense()
+    np.testing.assert_array_equal(h, np.eye(4, dtype=bool))
+    # ``.set`` still forgets what it overwrites
+    g = lambda x: x.at[idx].set(2 * x[1:3])  # noqa: E731
+    np.testing.assert_array_equal(jacobians.sparsity(g, x).to_dense(), np.asarray(jax.jacfwd(g)(x)) != 0)
+
+
+def test_scan_of_zero_length(rng):
+    """A scan over no steps: the carry passes through, the stacked outputs are empty."""
+    f = lambda x: jnp.concatenate([  # noqa: E731
+        jax.lax.scan(lambda c, t: (c * t, c * t), x[0], x[:0])[1], x[1:] * jax.lax.scan(
+            lambda c, t: (c * t, c), x[0], x[:0])[0]])
+    x = randn(rng, (4,))
+    ref = np.asarray(jax.jacfwd(f)(x))
+    np.testing.assert_array_equal(jacobians.sparsity(f, x).to_dense(), ref != 0)
+    np.testing.assert_allclose(jacobians.jacobian(f)(x), ref, rtol=1e-12)

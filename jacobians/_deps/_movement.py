@@ -18,6 +18,7 @@ from jax.lax import GatherScatterMode
 from .. import _host_eval
 from .._primitives import MOVES as MOVES
 from .._primitives import SCATTERS as SCATTERS
+from .._primitives import applies_function
 from ._sets import broadcast_to, concat, everything, gather, mask, reduce_to, union
 
 
@@ -73,7 +74,7 @@ def scatter(lat, eqn, ins):
 
     Each update element is unioned into the output element it lands on; a
     plain ``scatter`` (``x.at[i].set(v)``) also forgets the overwritten
-    operand entries. Example: ``[{0}, {1}, {2}].at[1].set({5})`` ->
+    operand entries (not ``x.at[i].apply(f)``'s, a function of them). Example: ``[{0}, {1}, {2}].at[1].set({5})`` ->
     [{0}, {5}, {2}]; with ``.add`` -> [{0}, {1, 5}, {2}]. Reads
     ``dimension_numbers``, ``mode`` and the other scatter parameters through
     the transposed scatter-add; out-of-bounds updates of a ``promise_in_bounds``
@@ -109,7 +110,7 @@ def scatter(lat, eqn, ins):
     else:
         target = targets(eqn.params)
         moved = reduce_to(moving, target, shape, lat.n)
-    if eqn.primitive.name == "scatter" and operand.nnz:
+    if eqn.primitive.name == "scatter" and operand.nnz and not applies_function(eqn):
         written = np.zeros(size, bool)
         written[target[target >= 0]] = True
         operand = mask(operand, ~written)

@@ -276,7 +276,7 @@ class HessianLattice(DepsLattice):
         shape = eqn.outvars[0].aval.shape
         if name == "abs":  # |x| is piecewise linear on reals; |a + ib| = sqrt(a^2 + b^2) is not
             return self._within(ins[0]) if _is_complex(eqn.invars[0].aval) else None
-        if name in LINEAR or name in PIECEWISE_LINEAR:
+        if (name in LINEAR or name in PIECEWISE_LINEAR) and not _primitives.applies_function(eqn):
             return None
         if name == "integer_pow":
             return None if eqn.params["y"] in (0, 1) else self._within(ins[0])
