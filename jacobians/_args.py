@@ -741,11 +741,34 @@ def jvp_said(where: str, run: Callable, *args):
         raise TypeError(f"{where}: can't apply forward-mode autodiff (jvp) to a custom_vjp function.") from e
 
 
+class JaxFailed(RuntimeError):
+    """JAX's own derivative of ``fun`` (a check's reference products) raised: JAX's defect or refusal, not ours."""
+
+
+def jax_itself(run: Callable, *args):
+    """``run(*args)``, JAX's own derivative of ``fun``: what it raises is JAX's (a :class:`JaxFailed`).
+
+    Errors of tracers (fun run where it cannot be) pass through as they are.
+    """
+    try:
+        return run(*args)
+    except (jax.errors.UnexpectedTracerError, *TRACER_ERRORS):
+        raise
+    except Exception as e:
+        if jax_refused(e):
+            raise
+        text = str(e).strip()
+        raise JaxFailed(f"JAX's own derivative of fun raised {type(e).__name__}: "
+                        f"{text.splitlines()[0] if text else '(no message)'}") from e
+
+
 def jax_refused(exc: BaseException) -> bool:
-    """True when ``exc`` (or what caused it) is JAX refusing to differentiate a primitive of fun."""
+    """True when ``exc`` (or what caused it) is JAX refusing (or failing) to differentiate a primitive of fun."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if isinstance(exc, JaxFailed):
+            return True
         msg = str(exc)
         if any(k in msg for k in _JAX_REFUSALS):
             return True

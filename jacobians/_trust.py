@@ -790,16 +790,19 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
             return evaluate(p, T)
         got = None if computed is not None else evaluate(p)
         f = lambda x: p.flat(x)[0]  # noqa: E731
-        if reference is not None:
-            ref = reference(p, T)
-        elif hessian:
-            ref = _args.with_fallback(lambda order: hvp(p, T, order), first_order, "rev_rev", "fwd_fwd", where,
-                                      closed)
-        elif mode == "fwd":
-            ref = jax.vmap(lambda t: jax.jvp(f, (p.x,), (t,))[1])(T)
-        else:
+
+        def products():  # JAX's own: where they raise, it is JAX that cannot differentiate fun here
+            if reference is not None:
+                return reference(p, T)
+            if hessian:
+                return _args.with_fallback(lambda order: hvp(p, T, order), first_order, "rev_rev", "fwd_fwd", where,
+                                           closed)
+            if mode == "fwd":
+                return jax.vmap(lambda t: jax.jvp(f, (p.x,), (t,))[1])(T)
             _, pull = jax.vjp(f, p.x)
-            ref = jax.vmap(lambda u: pull(u)[0])(T)
+            return jax.vmap(lambda u: pull(u)[0])(T)
+
+        ref = _args.jax_itself(products)
         return (ref,) if got is None else (got, ref)
 
     def judge(outs, T, tol, noise=None, each=False):

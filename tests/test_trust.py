@@ -418,3 +418,27 @@ def test_a_jacobian_zero_but_for_rounding_passes_its_certificate(f, mode):
     ref = np.asarray(jax.jacfwd(f)(x))
     for got in (jacobians.sparse_jacobian(f, mode=mode, output="dense")(x), jacobians.jacobian(f, mode=mode)(x)):
         np.testing.assert_allclose(got, ref, atol=1e-13)
+
+
+def test_jax_failing_to_differentiate_is_jax_error_not_a_plan_error():
+    """Where JAX's own derivative raises (a broken rule; ``lax.clamp`` with scalar traced bounds on JAX 0.10),
+    the call raises what ``jax.jacfwd`` raises, strict or not: no PlanError blaming the analysis."""
+
+    @jax.custom_jvp
+    def g(x):
+        return jnp.sin(x)
+
+    @g.defjvp
+    def g_jvp(primals, tangents):
+        (x,), (dx,) = primals, tangents
+        assert x.ndim == 0, "broken rule"
+        return g(x), jnp.cos(x) * dx
+
+    x = jnp.array([0.1, 0.5, -0.3])
+    with pytest.raises(AssertionError, match="broken rule"):
+        jax.jacfwd(g)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (the detection's: no rule inside the rule it cannot trace)
+        for transform in (jacobians.jacobian, jacobians.sparse_jacobian):
+            with pytest.raises(AssertionError, match="broken rule"):
+                transform(g)(x)

@@ -809,15 +809,17 @@ def certify_plan(plan: SparsePlan, traced_flat: tuple, values, where: str, hessi
     c = max(plan.n_colors, 1)
     seeds = plan.colors[None, :] == np.arange(c)[:, None]
 
-    def evaluate(p, T):  # the plan's seeds and the check's directions in one batch: (J S, J T) or (S^T J, T^T J)
+    def products(p, T):  # the plan's seeds and the check's directions in one batch: (J S, J T) or (S^T J, T^T J)
         f = lambda x: p.flat(x)[0]  # noqa: E731
         if plan.mode == "fwd":
             both = jnp.concatenate([jnp.asarray(seeds, p.x.dtype), T])
-            out = jax.vmap(lambda t: jax.jvp(f, (p.x,), (t,))[1])(both)  # (c + k, m)
-        else:
-            y, pull = jax.vjp(f, p.x)
-            both = jnp.concatenate([jnp.asarray(seeds, y.dtype), T])
-            out = jax.vmap(lambda u: pull(u)[0])(both)  # (c + k, n)
+            return jax.vmap(lambda t: jax.jvp(f, (p.x,), (t,))[1])(both)  # (c + k, m)
+        y, pull = jax.vjp(f, p.x)
+        both = jnp.concatenate([jnp.asarray(seeds, y.dtype), T])
+        return jax.vmap(lambda u: pull(u)[0])(both)  # (c + k, n)
+
+    def evaluate(p, T):
+        out = _args.jax_itself(products, p, T)  # JAX's own JVPs (VJPs): where they raise, JAX cannot differentiate
         return kernels.take(out[:c].reshape(-1), _decompression(plan, "cn")[1]), out[c:]
 
     return _trust.linear(traced_flat, values, evaluate, mode=plan.mode, entries=(rows, cols), where=where,
