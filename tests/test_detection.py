@@ -261,3 +261,31 @@ def test_scan_of_zero_length(rng):
     ref = np.asarray(jax.jacfwd(f)(x))
     np.testing.assert_array_equal(jacobians.sparsity(f, x).to_dense(), ref != 0)
     np.testing.assert_allclose(jacobians.jacobian(f)(x), ref, rtol=1e-12)
+
+
+_TRACED_INDEX = {  # fun, n, the pattern's nnz (the union over every value the traced index can take)
+    "dynamic_slice": (lambda x: jax.lax.dynamic_slice(x, (jnp.argmax(x[:2]),), (3,)), 5, 9),
+    "dynamic_update_slice": (lambda x: jax.lax.dynamic_update_slice(x[:5], jnp.sin(x[5:7]),
+                                                                    (jnp.argmax(x[:2]),)), 8, 13),
+    "gather_2d": (lambda x: x.reshape(4, 3)[jnp.argmax(x[:3]), jnp.argmax(x[3:6])], 12, 12),
+    "scatter_add": (lambda x: x[:4].at[jnp.stack([jnp.argmax(x[4:6]), jnp.argmax(x[6:8])])].add(x[6:8] ** 2),
+                    8, 12),
+    # the pivots of batched LU solves: each system's solution depends on its own matrix and right side only
+    "batched_solve": (lambda x: jnp.linalg.solve(x[:48].reshape(3, 4, 4) + 3 * jnp.eye(4)[None],
+                                                 x[48:60].reshape(3, 4, 1)).reshape(-1), 60, 240),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TRACED_INDEX))
+def test_traced_indices_take_the_union_over_their_values(name, rng):
+    """Indices computed from the input (argmax, pivots): sound, and no denser than the values they can take."""
+    f, n, nnz = _TRACED_INDEX[name]
+    pattern = jacobians.sparsity(f, randn(rng, (n,)))
+    mask = pattern.to_dense()
+    nz = np.zeros_like(mask)
+    for _ in range(12):
+        nz |= np.asarray(jax.jacfwd(f)(randn(rng, (n,)))) != 0
+    assert not (nz & ~mask).any(), "the pattern misses nonzeros"
+    assert pattern.nnz == nnz
+    x = randn(rng, (n,))
+    np.testing.assert_allclose(jacobians.sparse_jacobian(f, output="dense")(x), jax.jacfwd(f)(x), atol=1e-12)

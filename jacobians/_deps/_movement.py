@@ -8,6 +8,7 @@ Scatters also merge: each update element lands on the output element the
 transposed scatter (a gather) says, and is unioned there.
 """
 
+import itertools
 import math
 
 import jax
@@ -21,6 +22,11 @@ from .._primitives import SCATTERS as SCATTERS
 from .._primitives import applies_function
 from ._sets import broadcast_to, concat, everything, gather, mask, reduce_to, union
 
+# Traced indices: the union over every value they can take (clamped to the operand), up to this many
+# combinations (and this many output elements over all of them); past it, anything may land anywhere.
+CHOICES_MAX = 256
+CHOICES_WORK_MAX = 1 << 20
+
 
 def move(lat, eqn, ins):
     """Outputs take the sets of the input elements they copy.
@@ -29,11 +35,73 @@ def move(lat, eqn, ins):
     [{0}, {1}] with one low zero -> [{}, {0}, {1}]; a ``pad`` value with
     dependencies reaches exactly the padded positions. Reads each primitive's
     own parameters by binding it (``fill_value`` of ``gather`` set to 0; a
-    ``promise_in_bounds`` gather read as clamping).
+    ``promise_in_bounds`` gather read as clamping). Traced start indices (a
+    ``dynamic_slice`` at ``argmax(x)``, the pivots of a batched LU) take the
+    union over the values they can take: ``x[s : s + 2]`` of [{0}, {1}, {2}]
+    with ``s`` traced -> [{0, 1}, {1, 2}].
     """
-    name = eqn.primitive.name
-    data = MOVES[name]
+    data = MOVES[eqn.primitive.name]
     data = range(len(ins)) if data is None else data
+    traced = [k for k, d in enumerate(ins) if k not in data and d.const is None
+              and not (eqn.primitive.name == "pad" and k == 1)]
+    if not traced:
+        return _move(lat, eqn, ins, data, {})
+    choices = index_choices(eqn, ins, traced)
+    if choices is None:  # anything may land anywhere
+        return [everything(ins, v.aval.shape) for v in eqn.outvars]
+    each = [_move(lat, eqn, ins, data, known) for known in choices]
+    return [union(list(outs), v.aval.shape, lat.n) for outs, v in zip(zip(*each, strict=True), eqn.outvars)]
+
+
+def index_choices(eqn, ins, traced: list) -> list[dict] | None:
+    """Every value the traced index operands (positions ``traced``) can take, as ``{position: array}`` each.
+
+    Start indices are clamped so that the window fits the operand (``dynamic_slice``,
+    ``dynamic_update_slice``; a gather or scatter out of bounds clamps or fills): the
+    values are ``0 .. operand - window`` per indexed dimension, and a gather's or
+    scatter's index array takes each combination everywhere (each element's own
+    index is one of them). ``None``: too many combinations, or an unknown primitive.
+    """
+    name, p = eqn.primitive.name, eqn.params
+    shape = eqn.invars[0].aval.shape
+    if name in ("dynamic_slice", "dynamic_update_slice"):
+        first = 1 if name == "dynamic_slice" else 2
+        window = p["slice_sizes"] if name == "dynamic_slice" else eqn.invars[1].aval.shape
+        dims = {k: k - first for k in traced}
+        if any(d < 0 for d in dims.values()):
+            return None
+        ranges = [range(shape[d] - window[d] + 1) for d in dims.values()]
+
+        def build(values):
+            return {k: np.asarray(v, eqn.invars[k].aval.dtype) for k, v in zip(dims, values, strict=True)}
+    elif name in ("gather", *SCATTERS) and traced == [1]:
+        dn = p["dimension_numbers"]
+        if name == "gather":
+            indexed, window = dn.start_index_map, p["slice_sizes"]
+        else:  # the window an update writes: 1 on inserted (and batching) dimensions, else the update's
+            indexed = dn.scatter_dims_to_operand_dims
+            sizes = iter(eqn.invars[2].aval.shape[d] for d in dn.update_window_dims)
+            skip = set(dn.inserted_window_dims) | set(getattr(dn, "operand_batching_dims", ()))
+            window = [1 if d in skip else next(sizes) for d in range(len(shape))]
+        ranges = [range(shape[d] - window[d] + 1) for d in indexed]
+        index = eqn.invars[1].aval
+        if not index.shape or index.shape[-1] != len(indexed):
+            return None
+
+        def build(values):
+            return {1: np.broadcast_to(np.asarray(values, index.dtype), index.shape)}
+    else:
+        return None
+    count = math.prod(len(r) for r in ranges)
+    out = sum(math.prod(v.aval.shape) for v in eqn.outvars)
+    if count > CHOICES_MAX or count * out > CHOICES_WORK_MAX:
+        return None
+    return [build(values) for values in itertools.product(*ranges)]
+
+
+def _move(lat, eqn, ins, data, known: dict):
+    """:func:`move` with the index operands at their known values (``known`` overrides traced ones)."""
+    name = eqn.primitive.name
     args, parts, offset = [], [], 0
     for k, d in enumerate(ins):
         if name == "pad" and k == 1:
@@ -43,10 +111,8 @@ def move(lat, eqn, ins):
             args.append(offset + 1 + np.arange(d.size, dtype=np.int32).reshape(d.shape))
             offset += d.size
             parts.append(d)
-        elif d.const is not None:
-            args.append(d.const)
-        else:  # a traced index: anything may land anywhere
-            return [everything(ins, v.aval.shape) for v in eqn.outvars]
+        else:
+            args.append(known[k] if k in known else d.const)
     params = dict(eqn.params)
     if "fill_value" in params:
         params["fill_value"] = 0
@@ -70,28 +136,42 @@ def move(lat, eqn, ins):
 
 
 def scatter(lat, eqn, ins):
-    """``scatter*(operand, indices, updates)`` with known indices.
+    """``scatter*(operand, indices, updates)``.
 
     Each update element is unioned into the output element it lands on; a
     plain ``scatter`` (``x.at[i].set(v)``) also forgets the overwritten
-    operand entries (not ``x.at[i].apply(f)``'s, a function of them). Example: ``[{0}, {1}, {2}].at[1].set({5})`` ->
-    [{0}, {5}, {2}]; with ``.add`` -> [{0}, {1, 5}, {2}]. Reads
-    ``dimension_numbers``, ``mode`` and the other scatter parameters through
-    the transposed scatter-add; out-of-bounds updates of a ``promise_in_bounds``
-    scatter are read both as dropped and as clamped.
+    operand entries (not ``x.at[i].apply(f)``'s, a function of them). Example:
+    ``[{0}, {1}, {2}].at[1].set({5})`` -> [{0}, {5}, {2}]; with ``.add`` ->
+    [{0}, {1, 5}, {2}]. Reads ``dimension_numbers``, ``mode`` and the other
+    scatter parameters through the transposed scatter-add; out-of-bounds
+    updates of a ``promise_in_bounds`` scatter are read both as dropped and
+    as clamped. Traced indices: the union over the values they can take
+    (:func:`index_choices`), an overwritten operand entry kept where some value
+    misses it.
     """
-    operand, indices, updates = ins[0], ins[1], ins[2]
+    shape = eqn.outvars[0].aval.shape
+    if ins[1].const is not None:
+        return [_scatter(lat, eqn, ins, ins[1].const)]
+    choices = index_choices(eqn, ins, [1])
+    if choices is None:
+        return [everything(ins, shape)]
+    return [union([_scatter(lat, eqn, ins, known[1]) for known in choices], shape, lat.n)]
+
+
+def _scatter(lat, eqn, ins, index):
+    """:func:`scatter` with the indices ``index`` (a host array)."""
+    operand, updates = ins[0], ins[2]
     shape = eqn.outvars[0].aval.shape
     size = math.prod(shape)
     dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    if indices.const is None or (dtype == jnp.float32 and size >= (1 << 24)):
-        return [everything(ins, shape)]
+    if dtype == jnp.float32 and size >= (1 << 24):
+        return everything(ins, shape)
     zeros = jnp.zeros(shape, dtype)
     ids = jnp.asarray(1 + np.arange(size).reshape(shape), dtype)
 
     def targets(params):
         def scatter_add(u):
-            return jax.lax.scatter_add_p.bind(zeros, indices.const, u, **params)
+            return jax.lax.scatter_add_p.bind(zeros, index, u, **params)
 
         # The transpose of a scatter-add is the gather with the same indices: it
         # tells each update element which output element (1-based, 0: dropped) it lands on.
@@ -114,7 +194,7 @@ def scatter(lat, eqn, ins):
         written = np.zeros(size, bool)
         written[target[target >= 0]] = True
         operand = mask(operand, ~written)
-    return [union([operand, moved], shape, lat.n)]
+    return union([operand, moved], shape, lat.n)
 
 
 RULES = {name: move for name in MOVES}
