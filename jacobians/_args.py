@@ -695,8 +695,9 @@ class TracedControlFlowError(TypeError):
     def __init__(self, where: str, cause: Exception):
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         super().__init__(
-            f"{where}: fun was compiled with jax.jit and used the value of a traced array in Python control "
-            "flow or a NumPy call (`if x > 0`, `int(x)`, `np.asarray(x)`), which cannot be compiled. Write the "
+            f"{where}: compiles fun (as jax.jit does) and fun used the value of a traced array in Python control "
+            "flow or a NumPy call (`if x > 0`, `int(x)`, `np.asarray(x)`, a BCOO.fromdense without nse), which "
+            "cannot be compiled. Write the "
             "branch with jnp.where or jax.lax.cond (loops: jax.lax.fori_loop / while_loop), or pass the value "
             "as a Python number or other non-array argument, or bind it with functools.partial (fun may branch "
             f"on those: they are compiled in). JAX said: {first}"
