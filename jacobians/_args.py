@@ -973,7 +973,7 @@ class Problem:
 
         def fn(d):
             res = self.call(d)
-            return _split_aux(res, self.where) if self.has_aux else (res, None)
+            return split_aux(res, self.where) if self.has_aux else (res, None)
 
         in_flat = jax.tree_util.tree_leaves(self.diff)
         out_def, out_lay, in_lay = self.out_treedef, _leaves.Leaves.of(outs), _leaves.Leaves.of(in_flat)
@@ -1005,6 +1005,12 @@ class Problem:
             return self.flat, self.x
         treedef = jax.tree_util.tree_structure(self.diff)
         return (lambda *ls: self.flat_out(treedef.unflatten(ls))), leaves
+
+    def detached(self) -> "Problem":
+        """The shapes, dtypes and trees only: no function of the trace it was built in, no tracer of it."""
+        return Problem(None, _abstract(self.x), self.out_leaves, self.out_treedef,
+                       [_abstract(v) for v in self.in_leaves], self.in_treedef, self.out_dtype,
+                       has_aux=self.has_aux, where=self.where)
 
     def in_tree(self, flat: jax.Array) -> Any:
         """A flat ``(n,)`` vector (a gradient, a Hessian diagonal) as the differentiated arguments' pytree.
@@ -1091,13 +1097,13 @@ def problem(
 
     def record(shapes):
         shapes = jax.tree_util.tree_map(_output_struct if lazy else lambda s: s, shapes)
-        check_float_outputs(shapes, where, holomorphic)
+        check_float_outputs(shapes, where, holomorphic, empty=True)
         leaves, prob.out_treedef = jax.tree_util.tree_flatten(shapes)
         prob.out_leaves = [_output_struct(s) for s in leaves]
         # With no weakly typed input, a weakly typed output is a constant (a Python number): it takes the
         # dtype of the others (or of x). Otherwise its dtype counts: its derivative may be nonzero.
         constant = not any(is_weak(leaf) for leaf in in_leaves)
-        extra = [x.dtype] if constant and all(is_weak(s) for s in leaves) else []
+        extra = [x.dtype] if (constant and all(is_weak(s) for s in leaves)) or not leaves else []
         prob.out_dtype = promote(*(_promotable(s, constant) for s in leaves), *extra)
 
     if not lazy:
@@ -1106,12 +1112,14 @@ def problem(
 
     def flat_out(diff_args):
         res = call(diff_args)
-        out, aux = _split_aux(res, where) if has_aux else (res, None)
+        out, aux = split_aux(res, where) if has_aux else (res, None)
         if has_aux:
             _check_aux(aux, where)
         if prob.out_treedef is None:
             record(out)
         ys = [jnp.ravel(y).astype(prob.out_dtype) for y in jax.tree_util.tree_leaves(out)]
+        if not ys:  # an empty pytree: m = 0
+            return jnp.zeros((0,), prob.out_dtype), aux
         return (ys[0] if len(ys) == 1 else jnp.concatenate(ys)), aux
 
     prob.flat = lambda x_flat: flat_out(unravel(x_flat))
@@ -1131,10 +1139,11 @@ def trace_flat(t: "Transform", spec: CallSpec, avals: list, *, has_aux=False, ho
     def g(*traced):
         p = problem(t.fun, spec, traced, where=t.where, has_aux=has_aux, holomorphic=holomorphic,
                     int_argnums=t.int_argnums, lazy=True)
-        meta["problem"] = p
         # The leaves are the jaxpr's inputs (each seeded at its offset): no ravel of x and split back,
         # which costs the analyses two movements of all n entries.
-        return p.flat_out(p.diff)[0]
+        y = p.flat_out(p.diff)[0]
+        meta["problem"] = p.detached()  # no tracer of this trace may outlive it (jax.checking_leaks)
+        return y
 
     try:
         closed = jax.make_jaxpr(g)(*avals)
@@ -1154,6 +1163,10 @@ def trace_flat(t: "Transform", spec: CallSpec, avals: list, *, has_aux=False, ho
     return closed, offsets, meta["problem"]
 
 
+def _abstract(v) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(np.shape(v), v.dtype, weak_type=is_weak(v))
+
+
 def _weak_unravel(unravel: Callable, weak: list[bool]) -> Callable:
     """``unravel`` that gives weakly typed leaves back weakly typed (a differentiated Python float stays weak)."""
 
@@ -1164,7 +1177,7 @@ def _weak_unravel(unravel: Callable, weak: list[bool]) -> Callable:
     return unravel_weak
 
 
-def _split_aux(res: Any, where: str) -> tuple:
+def split_aux(res: Any, where: str) -> tuple:
     if not (isinstance(res, tuple | list) and len(res) == 2):
         raise TypeError(
             f"{where}: has_aux=True requires fun to return a pair (output, aux), got {_describe_result(res)}."
@@ -1211,7 +1224,7 @@ def traced_output(call: Callable, diff: tuple, where: str, has_aux: bool) -> tup
         what = ("fun must return arrays (a pytree of arrays), its aux too (has_aux=True: the result is compiled)"
                 if has_aux else "fun must return arrays (a pytree of arrays)")
         raise TypeError(f"{where}: {what}{got}.") from e
-    return closed, (_split_aux(shapes, where)[0] if has_aux else shapes)
+    return closed, (split_aux(shapes, where)[0] if has_aux else shapes)
 
 
 def _shared_buffer(outs: list, traced) -> int | None:
@@ -1239,14 +1252,15 @@ def as_array(value, name: str, where: str) -> jax.Array:
         raise TypeError(f"{where}: {name} must be an array, got {type(value).__name__}.") from e
 
 
-def check_float_outputs(shapes: Any, where: str, holomorphic: bool = False) -> None:
+def check_float_outputs(shapes: Any, where: str, holomorphic: bool = False, empty: bool = False) -> None:
     """Every output leaf must be a floating-point (or, holomorphic, complex) array.
 
     A Python number among the outputs (a weakly typed leaf) is a constant with a
-    zero Jacobian, as in ``jax.jacfwd``; a Python ``int`` too.
+    zero Jacobian, as in ``jax.jacfwd``; a Python ``int`` too. ``empty``: a pytree
+    without leaves (``()``) is allowed (its Jacobian is that empty pytree, as ``jax.jacfwd``'s).
     """
     leaves_with_path = jax.tree_util.tree_flatten_with_path(shapes)[0]
-    if not leaves_with_path:
+    if not leaves_with_path and not empty:
         raise ValueError(f"{where}: fun returned no arrays to differentiate.")
     for path, leaf in leaves_with_path:
         label = f"output{jax.tree_util.keystr(path)}"

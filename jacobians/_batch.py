@@ -576,7 +576,7 @@ def _compute(t, spec, opts: _Options, *traced):
         for pos, d in zip(spec.positions, (tree,) if t.int_argnums else tree, strict=True):
             a[pos] = d
         res = t.fun(*a, **kwargs)
-        return _args._split_aux(res, where) if opts.has_aux else (res, None)
+        return _args.split_aux(res, where) if opts.has_aux else (res, None)
 
     out, _ = _args.traced_output(call, [x[:real_batch] for x in fronts], where, False)[1]  # non-arrays named
     _args.check_float_outputs(out, where)

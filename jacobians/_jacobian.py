@@ -56,6 +56,9 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
         t.fun, spec, traced, where=where, has_aux=opts.has_aux, holomorphic=opts.holomorphic,
         int_argnums=t.int_argnums, allow_complex=complex_ok,
     )
+    if not p.out_leaves:  # fun returned an empty pytree (``()``): its Jacobian is that pytree, as jax.jacfwd's
+        empty = p.out_treedef.unflatten([])
+        return (empty, _args.split_aux(p.call(p.diff), where)[1]) if opts.has_aux else empty
     complex_in = jnp.issubdtype(p.x.dtype, jnp.complexfloating) and not opts.holomorphic
     order = opts.order
     if order is not None and (len(p.out_leaves) != 1 or len(p.in_leaves) != 1):

@@ -668,6 +668,16 @@ class _CheckProgram:
             return self(*args)
 
 
+@contextlib.contextmanager
+def own_evaluation() -> Iterator[None]:
+    """A check's own evaluation, on points of its choosing, outside the user's debug modes.
+
+    ``jax.debug_nans``, ``jax.debug_infs`` and ``jax.transfer_guard`` watch the user's computations, not these.
+    """
+    with jax.debug_nans(False), jax.debug_infs(False), jax.transfer_guard("allow"):
+        yield
+
+
 def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judge: Callable, what: str,
             directions: Callable | None = None, computed: Callable | None = None) -> Certificate:
     """Run a plan's check once, on the host, and judge it.
@@ -707,10 +717,11 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
     for label, point in points(closed, offsets, values):
         T = directions(np.random.default_rng(SEED + 1), meta)
         try:
-            with jax.ensure_compile_time_eval():
+            with jax.ensure_compile_time_eval(), own_evaluation():
                 outs = [np.asarray(o) for o in _run(run, what, consts, T, point)]
             if computed is not None:  # the call's own program, as it was compiled (not under the eval context)
-                outs.append(np.asarray(computed(point)))
+                with own_evaluation():
+                    outs.append(np.asarray(computed(point)))
         except (jax.errors.UnexpectedTracerError, *_args.TRACER_ERRORS) as e:
             return Certificate("skipped", f"fun cannot run when the plan is made ({type(e).__name__})")
         if not all(map(all_finite, outs)):

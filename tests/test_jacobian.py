@@ -545,3 +545,15 @@ def test_allow_int_holds_integer_leaves_fixed(rng, mode):
     assert jax.vmap(fn, (0, None))(batch, 2.0)["y"]["n"].shape == (2, 3, 3)
     with pytest.raises(TypeError, match=r"jacobians.jacobian: .*argument 0\['n'\] has dtype int.*allow_int=True"):
         jacobians.jacobian(f, mode=mode)(p, 2.0)
+
+
+@pytest.mark.parametrize("empty", [(), {}, [], {"a": ()}], ids=["tuple", "dict", "list", "nested"])
+@pytest.mark.parametrize("kw", [{}, {"mode": "fwd"}, {"mode": "rev"}, {"method": "structured"}, {"chunk_size": 2}],
+                         ids=["auto", "fwd", "rev", "structured", "chunk2"])
+def test_an_empty_output_pytree_has_the_empty_jacobian(empty, kw, rng):
+    """``fun`` returning ``()`` (no leaves): the Jacobian is that pytree, as ``jax.jacfwd``'s; aux still comes."""
+    x = randn(rng, (3,))
+    assert jacobians.jacobian(lambda x: empty, **kw)(x) == jax.jacfwd(lambda x: empty)(x) == empty
+    jac, aux = jacobians.jacobian(lambda x: (empty, jnp.sum(x)), has_aux=True, **kw)(x)
+    assert jac == empty and float(aux) == pytest.approx(float(jnp.sum(x)))
+    assert jacobians.value_and_jacobian(lambda x: empty)(x) == (empty, empty)

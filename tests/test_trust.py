@@ -442,3 +442,22 @@ def test_jax_failing_to_differentiate_is_jax_error_not_a_plan_error():
         for transform in (jacobians.jacobian, jacobians.sparse_jacobian):
             with pytest.raises(AssertionError, match="broken rule"):
                 transform(g)(x)
+
+
+def test_jax_debug_modes_see_the_users_computations_not_the_checks(rng):
+    """Under ``jax.checking_leaks`` no tracer of a plan's trace survives it; under ``jax.debug_nans`` and
+    ``jax.transfer_guard`` a check's own points (where ``log`` may be NaN) and transfers raise nothing."""
+    x = jnp.linspace(0.5, 3.0, 40)
+    f = lambda v: jnp.log(v) * v[::-1]  # noqa: E731 - a random point near x has negative entries
+    ref = jax.jacfwd(f)(x)
+    with jax.checking_leaks():
+        np.testing.assert_allclose(jacobians.jacobian(f)(x), ref, rtol=1e-12)
+        np.testing.assert_allclose(jacobians.sparse_jacobian(f, output="dense")(x), ref, rtol=1e-12)
+    with jax.debug_nans(True):
+        np.testing.assert_allclose(jacobians.jacobian(f)(x), ref, rtol=1e-12)
+        h = jacobians.hessian(lambda v: jnp.sum(f(v)))(x)
+        np.testing.assert_allclose(h, jax.hessian(lambda v: jnp.sum(f(v)))(x), rtol=1e-12)
+    xd = jax.device_put(randn(rng, (40,)))
+    with jax.transfer_guard("disallow"):
+        J = jacobians.jacobian(lambda v: jnp.sin(v) * v[::-1])(xd)
+    np.testing.assert_allclose(J, jax.jacfwd(lambda v: jnp.sin(v) * v[::-1])(xd), rtol=1e-12)
