@@ -343,7 +343,13 @@ def _xtrace(apply, key, n: int, m: int, kind: str, dtype):
     G = jnp.abs(Om @ Om.conj().T) ** 2  # Cauchy-Schwarz with equality (exact in Rademacher's integers)
     d = jnp.diagonal(G) ** 0.5
     twins = jnp.any((G >= d[:, None] * d[None, :]) & ~jnp.eye(m, dtype=bool))
-    return jnp.mean(samples), jnp.where(twins, jnp.inf, _stderr(samples))
+    estimate, stderr = jnp.mean(samples), _stderr(samples)
+    # The leave-one-out spread can miss the error altogether (Rademacher probes of a diagonal J: equal
+    # estimates, all off by a lot). Hutchinson's estimate from the same probes (w_i^H J w_i, no product
+    # more) is unbiased too: a gap between the two beyond its own standard errors is error XTrace did not see.
+    hutch = jnp.sum(Om.conj() * Y, axis=1)
+    stderr = jnp.maximum(stderr, jnp.abs(estimate - jnp.mean(hutch)) - 2 * _stderr(hutch))
+    return estimate, jnp.where(twins, jnp.inf, stderr)
 
 
 def _full_rank(R) -> jax.Array:
@@ -398,7 +404,9 @@ def trace_estimate(
     the other probes' sketch exactly and Hutchinson on the rest; the standard
     error is that of the ``num_probes // 2`` estimates (``inf`` where two probes are
     equal up to sign, which Rademacher probes are with probability ``2^(1 - n)`` a pair:
-    their estimates are then equal and say nothing of the spread). Exact (up to
+    their estimates are then equal and say nothing of the spread), and at least the gap
+    to the same probes' Hutchinson estimate beyond twice its own standard error (Rademacher
+    probes of a diagonal ``J`` give equal estimates, all off by O(1)). Exact (up to
     rounding) when ``rank(J) < num_probes // 2``, a sketch of any rank handled (its
     leave-one-out projectors by SVDs where ``R`` is singular); lower variance than
     Hutch++ for the same JVPs.
