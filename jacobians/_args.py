@@ -789,13 +789,28 @@ class DirectionError(ValueError, TypeError):
     """
 
 
-def forced_mode_error(where: str, mode: str) -> DirectionError:
-    """The caller's ``mode`` is a direction JAX cannot differentiate ``fun`` in."""
+def forced_mode_error(where: str, mode: str, direction: str | None = None) -> DirectionError:
+    """The caller's ``mode`` takes a direction (``"fwd"``/``"rev"``; default: ``mode``) JAX cannot differentiate in."""
+    direction = direction or mode
     why = ("pulls VJPs, which JAX cannot pull through fun (a while_loop with a dynamic trip count, or a "
            "primitive it cannot transpose; the call is compiled, so a trip count from the input is dynamic, as "
-           "in jax.jit(jax.jacrev(fun)))" if mode == "rev" else
+           "in jax.jit(jax.jacrev(fun)))" if direction == "rev" else
            "pushes JVPs, which JAX cannot push through fun's custom_vjp")
-    return DirectionError(f"{where}: mode={mode!r} {why}; use mode={'fwd' if mode == 'rev' else 'rev'!r} or 'auto'.")
+    use = f"mode={'fwd' if mode == 'rev' else 'rev'!r} or 'auto'" if mode in ("fwd", "rev") else "mode='auto'"
+    return DirectionError(f"{where}: mode={mode!r} {why}; use {use}.")
+
+
+def in_mode(where: str, mode: str, run: Callable, *args):
+    """``run(*args)`` in the caller's forced ``mode``: JAX refusing its direction said by :func:`forced_mode_error`."""
+    try:
+        return run(*args)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        msg = str(e)
+        if any(k in msg for k in (_NO_REV, _NO_LINEARIZE, _NO_TRANSPOSE_SOLVE, *_NO_TRANSPOSE)):
+            raise forced_mode_error(where, mode, "rev") from e
+        if (_NO_FWD in msg and "forward-mode" in msg) or "custom_lin" in msg:
+            raise forced_mode_error(where, mode, "fwd") from e
+        raise
 
 
 def differentiable(p: "Problem", mode: str) -> bool:

@@ -623,8 +623,10 @@ def _compute(t, spec, opts: _Options, *traced):
         jac, aux = _args.with_fallback(run, preferred, "full rev", "full fwd", where)
     elif opts.mode == "auto" and not preferred.startswith("structured"):
         jac, aux = _args.with_fallback(run, preferred, "rev", "fwd", where)
-    else:
+    elif opts.mode == "auto":
         jac, aux = run(preferred)
+    else:
+        jac, aux = _args.in_mode(where, opts.mode, run, preferred)
 
     # (B, m, n) -> per (output leaf, input leaf) blocks (B,) + out + in (5.58, per example).
     cut = blocks(jac, outs, view.per)

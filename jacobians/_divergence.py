@@ -92,7 +92,8 @@ def _products(p: _args.Problem, seeds, mode: str, where: str):
 
     if _complex_of_real(p):  # reverse mode pulls the real part only (a forced mode="rev" raised in _compute)
         return run("fwd")
-    return _args.with_fallback(run, "fwd", "rev", "fwd", where, p.jaxpr) if mode == "auto" else run(mode)
+    return (_args.with_fallback(run, "fwd", "rev", "fwd", where, p.jaxpr) if mode == "auto"
+            else _args.in_mode(where, mode, run, mode))
 
 
 def _plan(t, spec, traced, n: int, mode: str) -> np.ndarray:

@@ -182,7 +182,7 @@ def _second(p: _args.Problem, mode: str, chunk_size, where: str, shards=None, ch
             else:
                 g, H, (value, aux) = _sweeps.jacobian(grad, p.x, sweep)
             return H, g, value, aux
-    return either_second(run, where, p.jaxpr) if mode == "auto" else run(mode)
+    return either_second(run, where, p.jaxpr) if mode == "auto" else _args.in_mode(where, mode, run, mode)
 
 
 def _problem(t, spec, traced, has_aux, holomorphic=False):

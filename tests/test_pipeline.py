@@ -474,3 +474,28 @@ def test_complex_input_errors_offer_only_the_call_s_own_options():
         with pytest.raises(TypeError, match=r"jacobians.jacobian: method='compressed' takes real inputs.*complex128"
                                             r".*use method='dense' or 'auto'"):
             jacobians.jacobian(lambda z: jnp.abs(z) ** 2, method="compressed", mode=mode)(z + 1j)
+
+
+def test_a_forced_mode_jax_cannot_take_is_named_by_every_engine(rng):
+    """divergence, batch_jacobian and hessian in a mode JAX cannot differentiate fun in: a DirectionError that
+    names the call and the mode (as jacobian's), not JAX's bare error; ``"auto"`` takes the other way."""
+
+    @jax.custom_vjp
+    def cube(x):
+        return x ** 3
+
+    cube.defvjp(lambda x: (x ** 3, x), lambda x, g: (3 * x ** 2 * g,))
+
+    def loop(x):
+        return jax.lax.while_loop(lambda c: c[1] < 2, lambda c: (jnp.sin(c[0]) * x, c[1] + 1), (x, 0))[0]
+
+    x = randn(rng, (3,))
+    cases = [(lambda: jacobians.divergence(cube, mode="fwd")(x), "divergence: mode='fwd'"),
+             (lambda: jacobians.divergence(loop, mode="rev")(x), "divergence: mode='rev'"),
+             (lambda: jacobians.batch_jacobian(cube, mode="fwd")(x[:, None]), "batch_jacobian: mode='fwd'"),
+             (lambda: jacobians.batch_jacobian(loop, mode="rev")(x[:, None]), "batch_jacobian: mode='rev'"),
+             (lambda: jacobians.hessian(lambda z: jnp.sum(loop(z)), mode="rev_rev")(x), "hessian: mode='rev_rev'")]
+    for run, said in cases:
+        with pytest.raises(jacobians._args.DirectionError, match=f"jacobians.{said}"):
+            run()
+    np.testing.assert_allclose(jacobians.divergence(loop)(x), jnp.trace(jax.jacfwd(loop)(x)), rtol=1e-12)
