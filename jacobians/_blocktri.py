@@ -48,6 +48,10 @@ from ._walker import is_opaque, live_equations
 
 ELEMENTWISE = _logdiag.ELEMENTWISE
 NO_CUT = ELEMENTWISE | {"reshape", "squeeze", "copy", "copy_p", "convert_element_type", "reduce_precision"}
+# ... except where an element-wise chain ends in a mixing product: cut there, so that the chain's log-diagonal
+# sweep takes its determinant in log space (``M @ tanh(z)`` at saturation: finite in float32, where the
+# product's JVPs see the tanh's underflowed derivative and give -inf).
+MIXING = {"dot_general", "conv_general_dilated"}
 DENSITY = 0.6  # a stage whose pattern holds more than this fraction of n * n entries is dense
 SETS = 4  # detection stops once one array's dependency sets hold more than SETS * n * n entries
 NNZ_CAP = 1 << 23  # and never past this many entries
@@ -236,11 +240,14 @@ def _stages(closed, offsets, n, walker, forced, batch=None) -> list[Stage]:
     live = live_equations(jaxpr)
     eqns = jaxpr.eqns
     last_use: dict = {}
+    mixed = set()  # the variables a mixing product reads
     for k, eqn in enumerate(eqns):
         if live[k]:
             for v in eqn.invars:
                 if not isinstance(v, _compat.Literal):
                     last_use[v] = k
+                    if eqn.primitive.name in MIXING:
+                        mixed.add(v)
     outvar = jaxpr.outvars[0]
     xdep = {v for v, _ in inputs}
 
@@ -266,7 +273,9 @@ def _stages(closed, offsets, n, walker, forced, batch=None) -> list[Stage]:
             xdep.update(v for v in eqn.outvars if not isinstance(v, _compat.DropVar))
         # A cut: one array of size n carries everything later equations read from x.
         (out, *rest) = eqn.outvars
-        if rest or eqn.primitive.name in NO_CUT or out is outvar or math.prod(out.aval.shape) != n:
+        if rest or out is outvar or math.prod(out.aval.shape) != n:
+            continue
+        if eqn.primitive.name in NO_CUT and not (eqn.primitive.name in ELEMENTWISE and out in mixed):
             continue
         if not jnp.issubdtype(out.aval.dtype, jnp.floating):
             continue

@@ -489,3 +489,18 @@ def test_a_wrong_sweep_for_a_dense_map_fails_the_certificate(rng, monkeypatch):
         got = lad(x)
     np.testing.assert_allclose(got, _ref(f, x)[1], rtol=1e-12)
     assert lad.plan(x).sweep is None
+
+
+def test_an_elementwise_chain_before_a_mixing_product_stays_in_log_space():
+    """``M @ tanh(z)`` at saturation in float32: the tanh chain is its own (log-diagonal) stage before the
+    product, so log|det J| = log|det M| + sum log(1 - tanh^2 z) stays finite, its gradient too (one dense
+    block of JVPs saw the underflowed derivative: -inf, and NaN gradients)."""
+    M = np.array([[2.0, 1, 0], [0.5, 3, 0], [0, 1, 1]])
+    x = np.array([10.0, -10.0, 3.0])
+    exact = np.linalg.slogdet(M)[1] + np.sum(np.log1p(-np.tanh(x) ** 2))  # float64, closed form
+    f = lambda z: jnp.asarray(M, jnp.float32) @ jnp.tanh(z)  # noqa: E731
+    x32 = jnp.asarray(x, jnp.float32)
+    got = jacobians.log_abs_det(f)(x32)
+    assert got.dtype == jnp.float32 and abs(float(got) - exact) < 1e-4 * abs(exact)
+    g = jax.grad(jacobians.log_abs_det(f))(x32)
+    np.testing.assert_allclose(g, -2 * np.tanh(x), rtol=1e-5)  # d/dz log(1 - tanh^2 z) = -2 tanh z
