@@ -263,13 +263,16 @@ def test_scan_of_zero_length(rng):
     np.testing.assert_allclose(jacobians.jacobian(f)(x), ref, rtol=1e-12)
 
 
-_TRACED_INDEX = {  # fun, n, the pattern's nnz (the union over every value the traced index can take)
-    "dynamic_slice": (lambda x: jax.lax.dynamic_slice(x, (jnp.argmax(x[:2]),), (3,)), 5, 9),
+_TRACED_INDEX = {  # fun, n, the pattern's nnz: the union over every value the traced index can take
+    "dynamic_slice": (lambda x: jax.lax.dynamic_slice(x, (jnp.argmax(x[:2]),), (3,)), 5, 6),
     "dynamic_update_slice": (lambda x: jax.lax.dynamic_update_slice(x[:5], jnp.sin(x[5:7]),
-                                                                    (jnp.argmax(x[:2]),)), 8, 13),
-    "gather_2d": (lambda x: x.reshape(4, 3)[jnp.argmax(x[:3]), jnp.argmax(x[3:6])], 12, 12),
+                                                                    (jnp.argmax(x[:2]),)), 8, 8),
+    "gather_2d": (lambda x: x.reshape(4, 3)[jnp.argmax(x[:3]), jnp.argmax(x[3:6])], 12, 9),
+    "take_offsets": (lambda x: jnp.take(x, jnp.array([0, 1]) + jnp.argmax(x[:2])), 4, 4),
+    "set": (lambda x: x[:3].at[jnp.argmax(x[3:])].set(x[3]), 5, 5),
     "scatter_add": (lambda x: x[:4].at[jnp.stack([jnp.argmax(x[4:6]), jnp.argmax(x[6:8])])].add(x[6:8] ** 2),
-                    8, 12),
+                    8, 8),
+    "clipped": (lambda x: x[jnp.clip(jnp.floor(x[0] * 3).astype(jnp.int32), 1, 2)] * x[:3], 6, 7),
     # the pivots of batched LU solves: each system's solution depends on its own matrix and right side only
     "batched_solve": (lambda x: jnp.linalg.solve(x[:48].reshape(3, 4, 4) + 3 * jnp.eye(4)[None],
                                                  x[48:60].reshape(3, 4, 1)).reshape(-1), 60, 240),
@@ -278,7 +281,11 @@ _TRACED_INDEX = {  # fun, n, the pattern's nnz (the union over every value the t
 
 @pytest.mark.parametrize("name", sorted(_TRACED_INDEX))
 def test_traced_indices_take_the_union_over_their_values(name, rng):
-    """Indices computed from the input (argmax, pivots): sound, and no denser than the values they can take."""
+    """Indices computed from the input (argmax, a clip, pivots): sound, and exactly the values they can take.
+
+    An index's bounds come from what computes it (``argmax`` over 2: 0 or 1; ``+ [0, 1]``; ``clip``; JAX's wrap
+    of negative indices is decided false on them): the pattern equals the union of nonzeros over random points.
+    """
     f, n, nnz = _TRACED_INDEX[name]
     pattern = jacobians.sparsity(f, randn(rng, (n,)))
     mask = pattern.to_dense()

@@ -15,6 +15,7 @@ Control flow and nested jaxprs are the walker's.
 """
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._walker import Lattice, Walker
-from . import _conv, _custom, _elementwise, _linalg, _movement, _reductions
+from . import _bounds, _conv, _custom, _elementwise, _linalg, _movement, _reductions
 from ._sets import (
     Deps,
     TooDense,
@@ -42,6 +43,25 @@ from ._sets import (
 RULES = {}
 for _family in (_elementwise, _movement, _reductions, _linalg, _conv, _custom):
     RULES.update(_family.RULES)
+
+
+def _with_bounds(rule):
+    """``rule``, its integer results given the bounds of their values (:mod:`._bounds`)."""
+
+    def bounded(lat, eqn, ins):
+        return lat.with_bounds(eqn, ins, rule(lat, eqn, ins))
+
+    bounded.__doc__ = rule.__doc__
+    return bounded
+
+
+RULES = {name: _with_bounds(rule) if name in _bounds.RULES else rule for name, rule in RULES.items()}
+
+
+def _same_bounds(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 def _equal(a, b) -> bool:
@@ -75,16 +95,20 @@ class DepsLattice(Lattice):
         return v.const
 
     def is_inert(self, v: Deps) -> bool:
-        return not v.nnz
+        return not v.nnz and v.bounds is None  # (bounds reach the index operands they narrow, through calls)
 
     def forget(self, v: Deps) -> Deps:
-        return Deps(v.shape, v.indptr, v.indices)
+        return Deps(v.shape, v.indptr, v.indices)  # (a loop carry's value and bounds: the loop's, unknown)
 
     def join(self, vals: Sequence[Deps], aval) -> Deps:
         out = union(list(vals), aval.shape, self.n)
         first = vals[0].const
         if all(_equal(first, v.const) for v in vals[1:]):
             out.const = first
+        else:
+            ivs = [_bounds.interval(v) for v in vals]
+            if all(b is not None for b in ivs) and aval.shape == tuple(np.shape(ivs[0][0])):
+                out.bounds = (np.min([b[0] for b in ivs], axis=0), np.max([b[1] for b in ivs], axis=0))
         return out
 
     def same(self, a: Deps, b: Deps) -> bool:
@@ -93,6 +117,7 @@ class DepsLattice(Lattice):
             and np.array_equal(a.indptr, b.indptr)
             and np.array_equal(a.indices, b.indices)
             and _equal(a.const, b.const)
+            and _same_bounds(a.bounds, b.bounds)
         )
 
     def index(self, v: Deps, i: int, aval) -> Deps:
@@ -117,16 +142,27 @@ class DepsLattice(Lattice):
     def default(self, eqn, ins) -> list[Deps]:
         return [everything(ins, v.aval.shape) for v in eqn.outvars]
 
+    def skip(self, eqn, ins: list) -> list[Deps]:
+        return self.with_bounds(eqn, ins, super().skip(eqn, ins))  # index arithmetic: its values' bounds
+
     def post(self, eqn, outs: list[Deps]) -> list[Deps]:
-        # Integer, boolean and key results have no derivative (folded values are kept).
+        # Integer, boolean and key results have no derivative (folded values are kept), only bounds.
         res = []
         for o, v in zip(outs, eqn.outvars, strict=True):
             if o.nnz and not jnp.issubdtype(v.aval.dtype, jnp.inexact):
-                o = empty(v.aval.shape, o.const)
+                o, had = empty(v.aval.shape, o.const), o
+                o.bounds = had.bounds
             if self.max_nnz is not None and o.nnz > self.max_nnz:
                 raise TooDense(eqn.primitive.name)
             res.append(o)
         return res
+
+    def with_bounds(self, eqn, ins: list, outs: list[Deps]) -> list[Deps]:
+        """``outs`` with the bounds of their integer values (copies: a rule may return an operand itself)."""
+        if not any(o.const is None for o in outs):
+            return outs
+        return [dataclasses.replace(o, bounds=b) if b is not None and o.const is None else o
+                for o, b in zip(outs, _bounds.bounds(eqn, ins), strict=True)]
 
     def scope(self):
         # An operation's intermediate stops before it is built, not after. A lattice without a budget of

@@ -70,7 +70,12 @@ def index_choices(eqn, ins, traced: list) -> list[dict] | None:
         dims = {k: k - first for k in traced}
         if any(d < 0 for d in dims.values()):
             return None
-        ranges = [range(shape[d] - window[d] + 1) for d in dims.values()]
+        ranges = []
+        for k, d in dims.items():  # clamped starts: within the bounds of the start's value where it has them
+            top = shape[d] - window[d]
+            b = ins[k].bounds
+            lo, hi = (0, top) if b is None else (int(np.clip(b[0], 0, top)), int(np.clip(b[1], 0, top)))
+            ranges.append(range(lo, hi + 1))
 
         def build(values):
             return {k: np.asarray(v, eqn.invars[k].aval.dtype) for k, v in zip(dims, values, strict=True)}
@@ -83,13 +88,21 @@ def index_choices(eqn, ins, traced: list) -> list[dict] | None:
             sizes = iter(eqn.invars[2].aval.shape[d] for d in dn.update_window_dims)
             skip = set(dn.inserted_window_dims) | set(getattr(dn, "operand_batching_dims", ()))
             window = [1 if d in skip else next(sizes) for d in range(len(shape))]
-        ranges = [range(shape[d] - window[d] + 1) for d in indexed]
         index = eqn.invars[1].aval
         if not index.shape or index.shape[-1] != len(indexed):
             return None
+        # Each index element's values: its bounds where it has them (clamped to the window's starts: the
+        # gather clamps or fills past them), else every start. Offsets from each element's lowest value,
+        # the same for all elements of a component: each element runs through its own values.
+        top = np.asarray([shape[d] - window[d] for d in indexed], np.float64)
+        b = ins[1].bounds
+        lo, hi = (np.zeros(index.shape), np.broadcast_to(top, index.shape)) if b is None else b
+        lo, hi = np.clip(lo, -1, top), np.clip(hi, -1, top)  # (-1: out of bounds, below: a fill)
+        widths = (hi - lo).reshape(-1, len(indexed)).max(axis=0, initial=0).astype(np.int64) + 1
+        ranges = [range(int(w)) for w in widths]
 
-        def build(values):
-            return {1: np.broadcast_to(np.asarray(values, index.dtype), index.shape)}
+        def build(offsets):
+            return {1: np.minimum(lo + np.asarray(offsets, np.float64), hi).astype(index.dtype)}
     else:
         return None
     count = math.prod(len(r) for r in ranges)

@@ -55,6 +55,7 @@ class Deps:
     indptr: np.ndarray
     indices: np.ndarray
     const: np.ndarray | None = None  # the value, when known at trace time
+    bounds: tuple | None = None  # an unknown integer value's elementwise (lo, hi) (see ._bounds)
 
     @property
     def size(self) -> int:
