@@ -20,7 +20,7 @@ from .. import _host_eval
 from .._primitives import MOVES as MOVES
 from .._primitives import SCATTERS as SCATTERS
 from .._primitives import applies_function
-from ._sets import broadcast_to, concat, everything, gather, mask, reduce_to, union
+from ._sets import broadcast_to, concat, empty, everything, gather, mask, reduce_to, union
 
 # Traced indices: the union over every value they can take (clamped to the operand), up to this many
 # combinations (and this many output elements over all of them); past it, anything may land anywhere.
@@ -42,6 +42,8 @@ def move(lat, eqn, ins):
     """
     data = MOVES[eqn.primitive.name]
     data = range(len(ins)) if data is None else data
+    if not any(d.nnz for d in ins):  # (reached for an index's bounds only: nothing moves)
+        return [empty(v.aval.shape) for v in eqn.outvars]
     traced = [k for k, d in enumerate(ins) if k not in data and d.const is None
               and not (eqn.primitive.name == "pad" and k == 1)]
     if not traced:
@@ -163,6 +165,8 @@ def scatter(lat, eqn, ins):
     misses it.
     """
     shape = eqn.outvars[0].aval.shape
+    if not (ins[0].nnz or ins[2].nnz):  # (reached for an index's bounds only: nothing moves)
+        return [empty(shape)]
     if ins[1].const is not None:
         return [_scatter(lat, eqn, ins, ins[1].const)]
     choices = index_choices(eqn, ins, [1])
