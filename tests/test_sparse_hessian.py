@@ -315,3 +315,25 @@ def test_a_forced_forward_outer_mode_over_a_custom_vjp_says_so():
         jacobians.sparse_hessian(f, mode="rev_fwd", output="dense")(x)
     H = jacobians.sparse_hessian(f, output="dense")(x)  # the default mode: reverse over reverse there
     np.testing.assert_allclose(H, jax.jacrev(jax.grad(f))(x), rtol=1e-12, atol=1e-12)
+
+
+_PRODUCTS = {  # a product is linear in each factor: no square unless one input reaches two factors
+    "cumprod": (lambda x: jnp.sum(jnp.cumprod(x)), 4, 12),
+    "prod": (lambda x: jnp.prod(x), 4, 12),
+    "prod_repeated": (lambda x: jnp.prod(jnp.concatenate([x, x[:2]])), 4, 14),
+    "cumprod_reverse_rows": (lambda x: jnp.sum(jax.lax.cumprod(x.reshape(2, 3), axis=1, reverse=True)), 6, 12),
+    "prod_axis": (lambda x: jnp.sum(jnp.prod(x.reshape(2, 3), axis=0)), 6, 6),
+    "prod_of_sines": (lambda x: jnp.prod(jnp.sin(x)), 3, 9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PRODUCTS))
+def test_products_add_no_squares_they_cannot_make(name, rng):
+    """The Hessian pattern of products is sound and exact: the union of nonzeros over random points."""
+    f, n, nnz = _PRODUCTS[name]
+    pattern = jacobians.hessian_sparsity(f, randn(rng, (n,))).to_dense()
+    nz = np.zeros_like(pattern)
+    for _ in range(6):
+        nz |= np.asarray(jax.hessian(f)(randn(rng, (n,)))) != 0
+    assert not (nz & ~pattern).any(), "the pattern misses nonzeros"
+    assert pattern.sum() == nnz == nz.sum()

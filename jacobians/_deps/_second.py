@@ -312,9 +312,29 @@ class HessianLattice(DepsLattice):
             return self._across(gather(source, li), gather(source, lj))
         if name in _elementwise.NAMES or name in ("integer_pow", "pow"):
             return self._within(union([broadcast_to(d, shape) for d in ins if d.nnz], shape, self.n))
+        if name in ("reduce_prod", "cumprod"):
+            return self._product(eqn, ins[0], self._within_all(outs))
         # reduce_prod, cumprod, cumlogsumexp, factorisations, primitives without a rule: a result element
         # is a nonlinear function of the inputs in its set.
         return self._within_all(outs)
+
+    def _product(self, eqn, operand: Deps, keys: np.ndarray) -> np.ndarray:
+        """``keys`` of a product (``reduce_prod``, ``cumprod``) without the squares it cannot make.
+
+        A product is linear in each factor: ``d^2 / dx_i^2`` of it is nonzero only where ``x_i``
+        reaches two factors of one product (a factor's own curvature is its own equation's).
+        Example: ``prod([{0}, {1}])`` -> (0, 1), (1, 0); ``prod([{0}, {0, 1}])`` keeps (0, 0).
+        """
+        shape, n = operand.shape, max(self.n, 1)
+        axes = eqn.params["axes"] if eqn.primitive.name == "reduce_prod" else (eqn.params["axis"],)
+        keep = [d for d in range(len(shape)) if d not in axes]
+        grid = np.indices(shape).reshape(len(shape), -1)
+        group = (np.ravel_multi_index(tuple(grid[d] for d in keep), [shape[d] for d in keep]) if keep
+                 else np.zeros(grid.shape[1], np.int64))  # the product (a cumprod's whole line) each factor is in
+        pairs, counts = np.unique(group[operand.rows()] * n + operand.indices, return_counts=True)
+        squared = np.unique(pairs[counts > 1] % n)
+        i, j = keys // n, keys % n
+        return keys[(i != j) | np.isin(i, squared)]
 
     def _within_all(self, outs: list) -> np.ndarray:
         return unique(np.concatenate([self._within(o) for o in outs] + [np.zeros(0, np.int64)]))
