@@ -296,3 +296,33 @@ def test_traced_indices_take_the_union_over_their_values(name, rng):
     assert pattern.nnz == nnz
     x = randn(rng, (n,))
     np.testing.assert_allclose(jacobians.sparse_jacobian(f, output="dense")(x), jax.jacfwd(f)(x), atol=1e-12)
+
+
+def _argmax4(x, dtype=jnp.int32):
+    return jnp.argmax(x[:4]).astype(dtype)  # 0 .. 3
+
+
+_BOUNDS_EDGES = {  # fun, n: index arithmetic whose bounds must not be too narrow (a review's counterexamples)
+    "clamp_traced": (lambda x: jax.lax.dynamic_slice(x, (jax.lax.clamp(jnp.int32(0), jnp.int32(3), _argmax4(x)),),
+                                                     (1,)), 8),
+    "unsigned_wrap": (lambda x: jax.lax.dynamic_slice(x, (_argmax4(x, jnp.uint32) - jnp.uint32(1),), (1,)), 8),
+    "narrowing_wrap": (lambda x: jax.lax.dynamic_slice(
+        x, ((jnp.argmax(x[:300]).astype(jnp.int32) + 100).astype(jnp.int8),), (1,)), 400),
+    "rem_by_zero": (lambda x: jax.lax.dynamic_slice(x, (jax.lax.rem(jnp.int32(7), _argmax4(x)),), (1,)), 10),
+    "overflow": (lambda x: jax.lax.dynamic_slice(x, (_argmax4(x) + jnp.int32(2 ** 31 - 1),), (1,)), 8),
+    "scatter_set_two_traced": (lambda x: x[4:10].at[jnp.stack([jnp.argmax(x[:2]), jnp.argmax(x[2:4]) + 1])].set(
+        x[10:12]), 12),
+    "nan_start": (lambda x: jax.lax.dynamic_slice(
+        x, (jax.lax.cond(x[0] > 0, lambda: jnp.float64(jnp.nan), lambda: jnp.float64(5.0)).astype(jnp.int32),),
+        (2,)), 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BOUNDS_EDGES))
+def test_index_bounds_never_too_narrow(name, rng):
+    """Wrap-around, a clamp's traced bound, remainders by zero, NaN made an index, two traced scatter indices."""
+    f, n = _BOUNDS_EDGES[name]
+    mask = jacobians.sparsity(f, randn(rng, (n,))).to_dense()
+    for _ in range(12):
+        nz = np.asarray(jax.jacfwd(f)(randn(rng, (n,)))) != 0
+        assert not (nz & ~mask).any(), f"the pattern misses nonzeros at {np.argwhere(nz & ~mask)[:3].tolist()}"

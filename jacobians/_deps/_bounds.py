@@ -15,8 +15,6 @@ Loop carries forget their bounds (:meth:`DepsLattice.forget`): a counter's
 range is its whole loop's, not its first steps'.
 """
 
-import math
-
 import jax
 import numpy as np
 
@@ -24,10 +22,10 @@ Interval = tuple[np.ndarray, np.ndarray]
 
 
 def interval(d) -> Interval | None:
-    """The bounds of a :class:`._sets.Deps` (its value, if known), or ``None`` (any value)."""
+    """The bounds of an integer :class:`._sets.Deps` (its value, if known), or ``None`` (any value)."""
     if d.const is not None:
         c = np.asarray(d.const)
-        if c.dtype.kind in "biuf":
+        if c.dtype.kind in "biu":  # (floats: none, NaN has no place in an interval of integers)
             c = c.astype(np.float64)
             return c, c
         return None
@@ -71,8 +69,8 @@ def _arith(eqn, ins, shape):
 
 
 def _clamp(eqn, ins, shape):
-    (llo, lhi), (xlo, xhi), (hlo, hhi) = ins
-    return np.minimum(np.maximum(xlo, llo), hhi), np.minimum(np.maximum(xhi, lhi), hhi)
+    (llo, lhi), (xlo, xhi), (hlo, hhi) = ins  # min(max(x, l), h): increasing in each
+    return np.minimum(np.maximum(xlo, llo), hlo), np.minimum(np.maximum(xhi, lhi), hhi)
 
 
 def _compare(eqn, ins, shape):
@@ -119,7 +117,9 @@ def _convert(eqn, ins, shape):
 def _rem(eqn, ins, shape):
     (alo, ahi), (blo, bhi) = ins
     m = np.maximum(np.abs(blo), np.abs(bhi)) - 1  # |a rem b| < |b|, with a's sign
-    return np.where(alo >= 0, 0.0, np.maximum(alo, -m)), np.where(ahi <= 0, 0.0, np.minimum(ahi, m))
+    lo, hi = np.where(alo >= 0, 0.0, np.maximum(alo, -m)), np.where(ahi <= 0, 0.0, np.minimum(ahi, m))
+    zero = (blo <= 0) & (bhi >= 0)  # XLA's a rem 0 is a
+    return np.where(zero, np.minimum(lo, alo), lo), np.where(zero, np.maximum(hi, ahi), hi)
 
 
 def _moved(eqn, ins, shape):
@@ -187,28 +187,24 @@ def bounds(eqn, ins: list) -> list[Interval | None]:
     if rule is None or len(outs) != 1:
         return [None] * len(outs)
     shape = tuple(outs[0].aval.shape)
-    ivs = []
-    for d, v in zip(ins, eqn.invars, strict=True):
-        b = interval(d)
-        if b is None:
-            if not _integral(v.aval):
-                if name in ("argmax", "argmin"):
-                    ivs.append(None)  # (the operand's values do not matter)
-                    continue
-                if name == "convert_element_type":  # a float made an index: its type's range, then clipped
-                    ivs.append((np.asarray(-np.inf), np.asarray(np.inf)))
-                    continue
-                return [None]
-            b = _int_limits(v.aval.dtype)
-        ivs.append(b)
+    limits = _int_limits(outs[0].aval.dtype)
+    if name in ("argmax", "argmin"):
+        ivs = [None] * len(ins)  # (the operand's values do not matter)
+    elif name == "convert_element_type" and not _integral(eqn.invars[0].aval):
+        # A float made an integer: any value of its type (out of range, what XLA's conversion gives: in it).
+        # Bounded nonetheless, so that a clip of it (``jnp.clip`` is a call) is walked and narrows it.
+        return [_shaped(limits, shape)]
+    else:
+        ivs = [interval(d) for d in ins]
+        if all(b is None for b in ivs) or not all(_integral(v.aval) for v in eqn.invars):
+            return [None]  # nothing known, or a float operand: any value
+        ivs = [_int_limits(v.aval.dtype) if b is None else b for b, v in zip(ivs, eqn.invars, strict=True)]
     if name in MOVED:
         ivs = [_shaped(b, v.aval.shape) for b, v in zip(ivs, eqn.invars, strict=True)]
     out = rule(eqn, ivs, shape)
     if out is None:
         return [None]
     lo, hi = _shaped(out, shape)
-    limits = _int_limits(outs[0].aval.dtype)
-    lo, hi = np.clip(lo, *limits), np.clip(hi, *limits)
-    if math.prod(shape) and np.all(np.isinf(lo)) and np.all(np.isinf(hi)):
-        return [None]
+    if np.any(lo < limits[0]) or np.any(hi > limits[1]):
+        return [_shaped(limits, shape)]  # it may wrap around (an overflow, a narrower or unsigned type): any value
     return [(lo, hi)]

@@ -60,9 +60,11 @@ def index_choices(eqn, ins, traced: list) -> list[dict] | None:
 
     Start indices are clamped so that the window fits the operand (``dynamic_slice``,
     ``dynamic_update_slice``; a gather or scatter out of bounds clamps or fills): the
-    values are ``0 .. operand - window`` per indexed dimension, and a gather's or
-    scatter's index array takes each combination everywhere (each element's own
-    index is one of them). ``None``: too many combinations, or an unknown primitive.
+    values are ``0 .. operand - window`` per indexed dimension (within the index's
+    bounds, :mod:`._bounds`), and a gather's or scatter's index array runs each
+    element through its own values together (not every combination of two
+    elements' values: enough for where each reads or lands, not for what no
+    element overwrites). ``None``: too many combinations, or an unknown primitive.
     """
     name, p = eqn.primitive.name, eqn.params
     shape = eqn.invars[0].aval.shape
@@ -161,8 +163,7 @@ def scatter(lat, eqn, ins):
     scatter parameters through the transposed scatter-add; out-of-bounds
     updates of a ``promise_in_bounds`` scatter are read both as dropped and
     as clamped. Traced indices: the union over the values they can take
-    (:func:`index_choices`), an overwritten operand entry kept where some value
-    misses it.
+    (:func:`index_choices`), every operand entry kept unless one index does the writing.
     """
     shape = eqn.outvars[0].aval.shape
     if not (ins[0].nnz or ins[2].nnz):  # (reached for an index's bounds only: nothing moves)
@@ -172,11 +173,14 @@ def scatter(lat, eqn, ins):
     choices = index_choices(eqn, ins, [1])
     if choices is None:
         return [everything(ins, shape)]
-    return [union([_scatter(lat, eqn, ins, known[1]) for known in choices], shape, lat.n)]
+    # With several index elements no entry is known to be overwritten: the choices run each element through
+    # its values, not every combination of them, and one never tried may miss an entry every tried one writes.
+    one = math.prod(eqn.invars[1].aval.shape[:-1]) == 1
+    return [union([_scatter(lat, eqn, ins, known[1], clear=one) for known in choices], shape, lat.n)]
 
 
-def _scatter(lat, eqn, ins, index):
-    """:func:`scatter` with the indices ``index`` (a host array)."""
+def _scatter(lat, eqn, ins, index, clear: bool = True):
+    """:func:`scatter` with the indices ``index`` (a host array); ``clear``: a ``.set`` forgets what it overwrites."""
     operand, updates = ins[0], ins[2]
     shape = eqn.outvars[0].aval.shape
     size = math.prod(shape)
@@ -207,7 +211,7 @@ def _scatter(lat, eqn, ins, index):
     else:
         target = targets(eqn.params)
         moved = reduce_to(moving, target, shape, lat.n)
-    if eqn.primitive.name == "scatter" and operand.nnz and not applies_function(eqn):
+    if clear and eqn.primitive.name == "scatter" and operand.nnz and not applies_function(eqn):
         written = np.zeros(size, bool)
         written[target[target >= 0]] = True
         operand = mask(operand, ~written)
