@@ -40,6 +40,8 @@ def take(flat, index):
       Shape ``(k,)``.
     """
     index, ordered, unique = _facts(index)
+    if not index.shape[0] or not flat.shape[0]:  # nothing to take (JAX < 0.10 refuses a gather from an empty array)
+        return lax.full(index.shape, 0, flat.dtype)
     if unique and index.size and int(index[-1]) - int(index[0]) == index.size - 1:
         return lax.slice_in_dim(flat, int(index[0]), int(index[0]) + index.size)  # a run: no gather at all
     return lax.gather(flat, index[:, None], _GATHER, (1,), indices_are_sorted=ordered, unique_indices=unique,

@@ -36,7 +36,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 import jacobians
-from jacobians import _host_eval
+from jacobians import _compat, _host_eval
 
 # --- the catalogue --------------------------------------------------------------------------
 
@@ -1221,7 +1221,7 @@ def _host_eval_case(case, ctx):
 def _interpret(closed, args):
     """Every equation's inputs and outputs at ``args`` (one compiled program): ``[(eqn, ins, outs)]``."""
     jaxpr = closed.jaxpr
-    inner = [v for e in jaxpr.eqns for v in e.outvars if not isinstance(v, jcore.DropVar)]
+    inner = [v for e in jaxpr.eqns for v in e.outvars if not isinstance(v, _compat.DropVar)]
     allout = jcore.ClosedJaxpr(jaxpr.replace(outvars=list(jaxpr.invars) + inner), closed.consts)
     vals = jax.jit(jcore.jaxpr_as_fun(allout))(*args)
     env = dict(zip(list(jaxpr.invars) + inner, vals, strict=True))
@@ -1235,7 +1235,7 @@ def _interpret(closed, args):
         if any(jax.dtypes.issubdtype(getattr(v.aval, "dtype", None), jax.dtypes.extended) for v in e.invars + e.outvars):
             continue  # PRNG keys
         ins = [read(v) for v in e.invars]
-        outs = [None if isinstance(v, jcore.DropVar) else np.asarray(env[v]) for v in e.outvars]
+        outs = [None if isinstance(v, _compat.DropVar) else np.asarray(env[v]) for v in e.outvars]
         out.append((e, ins, outs))
         sub = e.params.get("jaxpr")
         if e.primitive.name in ("jit", "pjit", "closed_call") and isinstance(sub, jcore.ClosedJaxpr):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.extend import core as jcore
 
+from jacobians import _compat
 from jacobians._sparse import coloring as _coloring
 
 color_columns, color_rows, color_symmetric = _coloring.color_columns, _coloring.color_rows, _coloring.color_symmetric
@@ -468,7 +468,7 @@ def primitives(jaxpr):
     names = []
     for eqn in jaxpr.eqns:
         names.append(eqn.primitive.name)
-        for sub in jcore.jaxprs_in_params(eqn.params):
+        for sub in _compat.jaxprs_in_params(eqn.params):
             names += primitives(sub)
     return names
 
