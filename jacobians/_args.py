@@ -1239,6 +1239,12 @@ def traced_output(call: Callable, diff: tuple, where: str, has_aux: bool) -> tup
         what = ("fun must return arrays (a pytree of arrays), its aux too (has_aux=True: the result is compiled)"
                 if has_aux else "fun must return arrays (a pytree of arrays)")
         raise TypeError(f"{where}: {what}{got}.") from e
+    # The shapes as the jaxpr has them: weak types included (JAX < 0.10 dropped them from return_shape).
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    avals = [v.aval for v in _compat.unclose(closed)[0].outvars]
+    if len(avals) == len(leaves):
+        shapes = treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
+                                    for a in avals])
     return closed, (split_aux(shapes, where)[0] if has_aux else shapes)
 
 

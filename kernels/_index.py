@@ -79,6 +79,8 @@ def place(size: int, index, values, dtype=None):
     if unique and index.size == size and (size == 0 or int(index[0]) == 0):
         return values  # every entry written, in order
     zeros = lax.full((size,), 0, dtype)
+    if not index.shape[0]:  # nothing written (XLA's CPU backend of JAX 0.8 crashed compiling an empty scatter)
+        return zeros
     return lax.scatter(zeros, index[:, None], values, _SCATTER, indices_are_sorted=ordered, unique_indices=True,
                        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 

@@ -67,7 +67,14 @@ def test_registry_scalar(name, rng):
 ARRAY_CASES = ["planar_flow", "gather_scatter", "pad_traced_value"]
 
 
-@pytest.mark.parametrize("name", ARRAY_CASES)
+# jaxlib 0.8's CPU compiler miscompiles the dense forward sweep of a square of a concatenation holding a
+# gather (its algebraic simplifier: XLA_FLAGS=--xla_disable_hlo_passes=algsimp, or the same jaxpr evaluated op by
+# op, gives JAX's value); jaxlib 0.10 and 0.12 compile it right. README, "Supported versions".
+_OLD_XLA = tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 10)
+_MISCOMPILED = pytest.mark.xfail(_OLD_XLA, reason="jaxlib < 0.10 miscompiles it (algsimp)", strict=False)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_MISCOMPILED) if n == "gather_scatter" else n for n in ARRAY_CASES])
 def test_registry_array_valued(name, rng):
     """One Laplacian and one Hessian diagonal per output entry."""
     case = registry.CASES[name]
@@ -125,7 +132,7 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_MISCOMPILED) if n == "movement" else n for n in sorted(FAMILIES)])
 def test_families(name, rng):
     """Every method's Laplacian; the Hessian diagonal by the forward sweeps (their rules differ per kind)."""
     if name == "linalg":  # the rules under test are the sweeps' own (HVPs are JAX's): a cheaper compilation
