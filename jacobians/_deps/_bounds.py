@@ -11,8 +11,11 @@ reads ``x[0..3]`` only. Example: ``argmax`` over 4 elements -> [0, 3];
 ``+ 1`` -> [1, 4]; ``< 0`` -> known false, so JAX's wrap of negative indices
 (``select_n(i < 0, i, i + n)``) keeps [1, 4].
 
-Loop carries forget their bounds (:meth:`DepsLattice.forget`): a counter's
-range is its whole loop's, not its first steps'.
+A result that may leave its type's range (an overflow, a conversion to a
+narrower or unsigned type) may wrap around: it takes the whole type. A float
+made an integer takes the whole type too (then a ``clip`` narrows it). Loop
+carries forget their bounds (:meth:`DepsLattice.forget`): a counter's range
+is its whole loop's, not its first steps'.
 """
 
 import jax
