@@ -103,7 +103,7 @@ class DepsLattice(Lattice):
     def join(self, vals: Sequence[Deps], aval) -> Deps:
         out = union(list(vals), aval.shape, self.n)
         first = vals[0].const
-        if all(_equal(first, v.const) for v in vals[1:]):
+        if first is not None and all(_equal(first, v.const) for v in vals[1:]):
             out.const = first
         else:
             ivs = [_bounds.interval(v) for v in vals]
