@@ -273,6 +273,8 @@ _TRACED_INDEX = {  # fun, n, the pattern's nnz: the union over every value the t
     "scatter_add": (lambda x: x[:4].at[jnp.stack([jnp.argmax(x[4:6]), jnp.argmax(x[6:8])])].add(x[6:8] ** 2),
                     8, 8),
     "clipped": (lambda x: x[jnp.clip(jnp.floor(x[0] * 3).astype(jnp.int32), 1, 2)] * x[:3], 6, 7),
+    "cond_joined": (lambda x: jax.lax.dynamic_slice(x, (jax.lax.cond(x[0] > 0, lambda: jnp.argmax(x[1:3]),
+                                                                     lambda: jnp.argmax(x[3:5]) + 1),), (2,)), 8, 6),
     # the pivots of batched LU solves: each system's solution depends on its own matrix and right side only
     "batched_solve": (lambda x: jnp.linalg.solve(x[:48].reshape(3, 4, 4) + 3 * jnp.eye(4)[None],
                                                  x[48:60].reshape(3, 4, 1)).reshape(-1), 60, 240),
