@@ -1023,9 +1023,14 @@ class Problem:
 
     def detached(self) -> "Problem":
         """The shapes, dtypes and trees only: no function of the trace it was built in, no tracer of it."""
-        return Problem(None, _abstract(self.x), self.out_leaves, self.out_treedef,
-                       [_abstract(v) for v in self.in_leaves], self.in_treedef, self.out_dtype,
+        return Problem(None, _output_struct(self.x), self.out_leaves, self.out_treedef,
+                       [_output_struct(v) for v in self.in_leaves], self.in_treedef, self.out_dtype,
                        has_aux=self.has_aux, where=self.where)
+
+    def empty_result(self) -> tuple[Any, Any]:
+        """For an output pytree without leaves (``()``): that pytree, and the call's aux (``None`` without)."""
+        aux = split_aux(self.call(self.diff), self.where)[1] if self.has_aux else None
+        return self.out_treedef.unflatten([]), aux
 
     def in_tree(self, flat: jax.Array) -> Any:
         """A flat ``(n,)`` vector (a gradient, a Hessian diagonal) as the differentiated arguments' pytree.
@@ -1178,10 +1183,6 @@ def trace_flat(t: "Transform", spec: CallSpec, avals: list, *, has_aux=False, ho
     return closed, offsets, meta["problem"]
 
 
-def _abstract(v) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(np.shape(v), v.dtype, weak_type=is_weak(v))
-
-
 def _weak_unravel(unravel: Callable, weak: list[bool]) -> Callable:
     """``unravel`` that gives weakly typed leaves back weakly typed (a differentiated Python float stays weak)."""
 
@@ -1243,8 +1244,7 @@ def traced_output(call: Callable, diff: tuple, where: str, has_aux: bool) -> tup
     leaves, treedef = jax.tree_util.tree_flatten(shapes)
     avals = [v.aval for v in _compat.unclose(closed)[0].outvars]
     if len(avals) == len(leaves):
-        shapes = treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
-                                    for a in avals])
+        shapes = treedef.unflatten([_output_struct(a) for a in avals])
     return closed, (split_aux(shapes, where)[0] if has_aux else shapes)
 
 

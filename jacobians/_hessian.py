@@ -572,8 +572,8 @@ def _compute_value_and_jacobian(t, spec, opts, *traced):
     p = _args.problem(t.fun, spec, traced, where=t.where, has_aux=opts.has_aux, int_argnums=t.int_argnums,
                       holomorphic=opts.holomorphic, allow_complex=not opts.holomorphic and opts.mode != "fwd")
     if not p.out_leaves:  # an empty pytree (``()``): so are its value and its Jacobian
-        empty = p.out_treedef.unflatten([])
-        return ((empty, _args.split_aux(p.call(p.diff), t.where)[1]) if opts.has_aux else empty), empty
+        empty, aux = p.empty_result()
+        return ((empty, aux) if opts.has_aux else empty), empty
     complex_in = jnp.issubdtype(p.x.dtype, jnp.complexfloating) and not opts.holomorphic
     complex_out = jnp.issubdtype(p.out_dtype, jnp.complexfloating)
     mode = opts.mode

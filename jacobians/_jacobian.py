@@ -57,8 +57,8 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
         int_argnums=t.int_argnums, allow_complex=complex_ok,
     )
     if not p.out_leaves:  # fun returned an empty pytree (``()``): its Jacobian is that pytree, as jax.jacfwd's
-        empty = p.out_treedef.unflatten([])
-        return (empty, _args.split_aux(p.call(p.diff), where)[1]) if opts.has_aux else empty
+        empty, aux = p.empty_result()
+        return (empty, aux) if opts.has_aux else empty
     complex_in = jnp.issubdtype(p.x.dtype, jnp.complexfloating) and not opts.holomorphic
     order = opts.order
     if order is not None and (len(p.out_leaves) != 1 or len(p.in_leaves) != 1):

@@ -796,25 +796,26 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
 
     first_order = "rev_rev" if mode == "rev" else "fwd_rev"
 
+    def products(p, x, T, c=1):  # JAX's own J (c t) / c (JVPs), or (c u)^T J / c (VJPs), at x for each row of T
+        f = lambda z: p.flat(z)[0]  # noqa: E731
+        if side_out:
+            _, pull = jax.vjp(f, x)
+            one = lambda u: pull(u)[0]  # noqa: E731
+        else:
+            one = lambda t: jax.jvp(f, (x,), (t,))[1]  # noqa: E731
+        return jax.vmap(one if c == 1 else lambda v: one(c * v) / c)(T)
+
     def program(p, T, leaves):
         if reference == "with" and computed is None:
             return evaluate(p, T)
         got = None if computed is not None else evaluate(p)
-        f = lambda x: p.flat(x)[0]  # noqa: E731
-
         if reference is not None:
             ref = reference(p, T)
         elif hessian:
             ref = _args.with_fallback(lambda order: hvp(p, T, order), first_order, "rev_rev", "fwd_fwd", where,
                                       closed)
-        else:  # JAX's own JVPs (VJPs) of fun: where they raise, it is JAX that cannot differentiate fun here
-            def products():
-                if mode == "fwd":
-                    return jax.vmap(lambda t: jax.jvp(f, (p.x,), (t,))[1])(T)
-                _, pull = jax.vjp(f, p.x)
-                return jax.vmap(lambda u: pull(u)[0])(T)
-
-            ref = _args.jax_itself(products)
+        else:  # where JAX's own products raise, it is JAX that cannot differentiate fun here
+            ref = _args.jax_itself(products, p, p.x, T)
         return (ref,) if got is None else (got, ref)
 
     def judge(outs, T, tol, noise=None, each=False):
@@ -864,14 +865,8 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
         linear = not CUSTOM & primitives(closed)
 
         def nudged(p, T):
-            f = lambda x: p.flat(x)[0]  # noqa: E731
             x = p.x * (1 + 4 * jnp.finfo(p.x.dtype).eps) if jnp.issubdtype(p.x.dtype, jnp.inexact) else p.x
-            points = ((x, 1), (p.x, 3)) if linear else ((x, 1),)
-            if side_out:
-                out = tuple(jax.vmap(lambda u, pull=jax.vjp(f, z)[1], c=c: pull(c * u)[0] / c)(T) for z, c in points)
-            else:
-                out = tuple(jax.vmap(lambda t, z=z, c=c: jax.jvp(f, (z,), (c * t,))[1] / c)(T) for z, c in points)
-            return out if linear else out[0]
+            return (products(p, x, T), products(p, p.x, T, 3)) if linear else products(p, x, T)
 
         noisy = _second_opinion(traced_flat, values, program, judge, what, directions, computed, nudged, each=True)
         if noisy is not None and not noisy.failed:

@@ -314,8 +314,8 @@ class HessianLattice(DepsLattice):
             return self._within(union([broadcast_to(d, shape) for d in ins if d.nnz], shape, self.n))
         if name in ("reduce_prod", "cumprod"):
             return self._product(eqn, ins[0], self._within_all(outs))
-        # reduce_prod, cumprod, cumlogsumexp, factorisations, primitives without a rule: a result element
-        # is a nonlinear function of the inputs in its set.
+        # cumlogsumexp, factorisations, primitives without a rule: a result element is a nonlinear function
+        # of the inputs in its set.
         return self._within_all(outs)
 
     def _product(self, eqn, operand: Deps, keys: np.ndarray) -> np.ndarray:
