@@ -144,41 +144,14 @@ def _batched_scatter(lat, eqn, ins):
     return [_deps.union([operand, moved], shape, lat.n)]
 
 
-def _triangular_solve(lat, eqn, ins):
-    """``triangular_solve(a, b)``: each column of ``x`` (left side; each row, right side) reads its own column of ``b``.
-
-    ``a x = b`` solves every right-hand side column on its own, ``x a = b``
-    every row: so a solve with one matrix and the examples as columns stays
-    per-example. Every entry still reads the whole matrix ``a`` of its batch.
-    Example: ``a`` constant, ``b`` columns [{0}, {1}] -> ``x`` columns [{0}, {1}].
-    """
-    a, b = ins
-    shape = eqn.outvars[0].aval.shape
-    r, c = shape[-2:]
-    size = math.prod(shape)
-    flat = np.arange(size)
-    batch, i, k = flat // (r * c), (flat // c) % r, flat % c
-    line = batch * c + k if eqn.params["left_side"] else batch * r + i  # the right-hand side x's entry solves
-    nbatch = size // max(r * c, 1)
-    parts = []
-    if b.nnz:
-        groups = _deps.reduce_to(b, line, (nbatch * (c if eqn.params["left_side"] else r),), lat.n)
-        parts.append(_deps.gather(groups, line.reshape(shape)))
-    if a.nnz:
-        m = a.shape[-1]
-        groups = _deps.reduce_to(a, np.arange(a.size) // max(m * m, 1), (nbatch,), lat.n)
-        parts.append(_deps.gather(groups, batch.reshape(shape)))
-    return [_deps.union(parts, shape, lat.n)]
-
-
 class _PreciseLattice(_deps.DepsLattice):
-    """The dependency lattice with the finer rules above (batched gathers and scatters, solves).
+    """The dependency lattice with the finer rules above (batched gathers and scatters).
 
     Sound for any inputs; custom rules' local patterns (``fresh``) use them too,
     so a ``custom_jvp`` around a batched solve (``slogdet``) stays per-example.
     """
 
-    rules = {**_deps.DepsLattice.rules, "gather": _batched_gather, "triangular_solve": _triangular_solve,
+    rules = {**_deps.DepsLattice.rules, "gather": _batched_gather,
              **{name: _batched_scatter for name in ("scatter", "scatter-add", "scatter_add", "scatter-sub",
                                                     "scatter_sub", "scatter-mul", "scatter_mul", "scatter-min",
                                                     "scatter_min", "scatter-max", "scatter_max")

@@ -328,3 +328,55 @@ def test_index_bounds_never_too_narrow(name, rng):
     for _ in range(12):
         nz = np.asarray(jax.jacfwd(f)(randn(rng, (n,)))) != 0
         assert not (nz & ~mask).any(), f"the pattern misses nonzeros at {np.argwhere(nz & ~mask)[:3].tolist()}"
+
+
+def _nonzeros(f, x, rng, points=2) -> np.ndarray:
+    """The union of ``jax.jacfwd(f)``'s nonzeros over random points near ``x``, as an (m, n) mask."""
+    out = None
+    for _ in range(points):
+        J = np.asarray(jax.jacfwd(f)(x + 0.05 * rng.standard_normal(x.shape)))
+        J = J.reshape(-1, x.size) != 0
+        out = J if out is None else out | J
+    return out
+
+
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize("transpose_a", [True, False])
+@pytest.mark.parametrize("unit_diagonal", [True, False])
+def test_triangular_solve_pattern_is_the_substitution(left, lower, transpose_a, unit_diagonal, rng):
+    """Each solution entry reads its own right-hand side up to it and the triangle's rows up to it: exact."""
+    m, k = 4, 3
+    a = rng.standard_normal((2, m, m)) + 3 * np.eye(m)
+    b = rng.standard_normal((2, m, k) if left else (2, k, m))
+
+    def f(v):  # a and b both differentiated, batched
+        A, B = v[: a.size].reshape(a.shape), v[a.size :].reshape(b.shape)
+        return jax.lax.linalg.triangular_solve(A, B, left_side=left, lower=lower, transpose_a=transpose_a,
+                                               unit_diagonal=unit_diagonal)
+
+    x = np.concatenate([a.ravel(), b.ravel()])
+    mask = jacobians.sparsity(f, x).to_dense().reshape(-1, x.size)
+    np.testing.assert_array_equal(mask, _nonzeros(f, x, rng))
+    assert mask.sum() < mask.size / 4  # far from the batched dense rule (each entry: its whole matrix and column)
+
+
+@pytest.mark.parametrize("symmetrize", [True, False])
+def test_cholesky_pattern_is_sound_and_triangular(symmetrize, rng):
+    """``L[i, j]`` reads the leading rectangles only; the masked upper triangle reads nothing."""
+    m = 5
+    A = rng.standard_normal((2, m, m))
+    A = A @ np.swapaxes(A, -1, -2) + m * np.eye(m)
+
+    def f(a):
+        return jnp.sin(jax.lax.linalg.cholesky(a, symmetrize_input=symmetrize))
+
+    mask = jacobians.sparsity(f, A).to_dense().reshape(-1, A.size)
+    nz = _nonzeros(f, A, rng)
+    assert not (nz & ~mask).any(), "the pattern misses nonzeros"
+    rows = mask.reshape(2, m, m, -1)
+    assert not rows[:, np.triu_indices(m, 1)[0], np.triu_indices(m, 1)[1]].any()  # tril's zeros
+    assert not rows[0, :, :, A[0].size :].any()  # the batch stays apart
+    if symmetrize and jax.__version_info__ >= (0, 10):  # older JVP rules read less than the rectangles
+        np.testing.assert_array_equal(mask, nz)  # L[i, j] reads exactly rows <= i, columns <= j and the transposes
+    assert mask.sum() < 0.5 * 2 * (m * (m + 1) // 2) * m * m  # the old rule: every entry its whole matrix

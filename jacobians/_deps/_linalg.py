@@ -5,13 +5,13 @@ import math
 import numpy as np
 
 from .._walker import Walker
-from ._sets import compose, everything, from_coo, gather, union
+from ._sets import building, compose, everything, from_coo, gather, reduce_to, union
 
 JOIN_MAX = 1 << 25  # largest join through a constant operand before a product counts as dense
 SPARSE_JOIN = 1 << 20  # joins larger than this go through one sparse matrix product (when it has fewer links)
 
 # Matrix factorisations and solves: dense within one matrix, independent across batch dimensions.
-BATCHED_DENSE = ("cholesky", "triangular_solve", "lu", "qr", "householder_product", "geqrf", "geqp3",
+BATCHED_DENSE = ("lu", "qr", "householder_product", "geqrf", "geqp3",
                  "eigh", "eig", "svd", "schur", "hessenberg", "tridiagonal", "tridiagonal_solve")
 
 
@@ -177,6 +177,120 @@ def batched_dense(lat, eqn, ins):
     return outs
 
 
+TRIANGLE_LINKS_MAX = 1 << 24  # (row, matrix entry) links a triangular solve may list; past: each row reads a's batch
+
+
+def triangular_solve(lat, eqn, ins):
+    """``triangular_solve(a, b)``: ``x`` with ``op(a) x = b`` (``left_side``) or ``x op(a) = b``, by substitution.
+
+    With ``E`` the triangular matrix the substitution runs on (``op(a)``, or its transpose
+    for a right-side solve) and ``reach(i)`` the indices ``j <= i`` (``E`` lower) or
+    ``j >= i`` (upper): entry ``i`` of a solution (a column of ``x``, left side; a row,
+    right side) reads the entries ``reach(i)`` of its own right-hand side, and the rows
+    ``p`` in ``reach(i)`` of ``E``'s triangle (``q`` in ``reach(p)``, the diagonal
+    unless ``unit_diagonal``), as JAX differentiates it: its JVP masks ``a``'s tangent
+    to the triangle the primitive reads. Batch dimensions stay apart. Example: lower,
+    left, ``b`` (3, 1): ``x[1]`` reads ``b[0], b[1]`` and ``a[0, 0], a[1, 0], a[1, 1]``.
+    Reads ``left_side``, ``lower``, ``transpose_a`` and ``unit_diagonal``.
+    """
+    a, b = ins
+    p = eqn.params
+    shape = eqn.outvars[0].aval.shape
+    m = eqn.invars[0].aval.shape[-1]
+    r, c = shape[-2:]
+    size = math.prod(shape)
+    if size == 0 or m == 0:
+        return [union([], shape, lat.n)]
+    nbatch = size // (r * c)
+    left = bool(p["left_side"])
+    lower = bool(p["lower"]) != bool(p["transpose_a"]) if left else bool(p["lower"]) == bool(p["transpose_a"])
+    # (i, j) with j in reach(i), and the flat index in x (and b) of solve entry i on line l of batch t.
+    i_of, j_of = np.tril_indices(m) if lower else np.triu_indices(m)
+    lines = c if left else r
+
+    def flat(t, i, line):
+        return (t * r + i) * c + line if left else (t * r + line) * c + i
+
+    parts = []
+    if b.nnz:
+        t, line = np.divmod(np.arange(nbatch * lines), lines)
+        dst = flat(t[:, None], i_of[None, :], line[:, None]).ravel()
+        src = flat(t[:, None], j_of[None, :], line[:, None]).ravel()
+        building(dst.size, "triangular_solve")
+        parts.append(compose(shape, dst, src, b, lat.n))
+    if a.nnz:
+        # E's triangle as a's flat entries, by row p (q in reach(p)); solve entry i reads rows reach(i).
+        keep = i_of != j_of if p["unit_diagonal"] else np.ones(i_of.size, bool)
+        ep, eq = i_of[keep], j_of[keep]
+        entry = ep * m + eq if left != bool(p["transpose_a"]) else eq * m + ep
+        per_row = np.bincount(ep, minlength=m)
+        # Rows reach(i) are a prefix (lower: rows 0..i) or a suffix (upper: rows i..m-1) of the triangle's rows.
+        ends = np.cumsum(per_row)
+        starts = np.zeros(m, np.int64) if lower else ends - per_row
+        stops = ends if lower else np.full(m, ends[-1] if m else 0)
+        counts = stops - starts
+        links = nbatch * int(counts.sum())
+        if links > TRIANGLE_LINKS_MAX:  # each row reads its batch's whole matrix (sound; the rows still apart)
+            rows = reduce_to(a, np.arange(a.size) // (m * m), (nbatch,), lat.n)
+            key = np.repeat(np.arange(nbatch), m)
+        else:
+            building(links, "triangular_solve")
+            order = np.argsort(ep, kind="stable")  # the triangle's entries grouped by row p, ascending
+            entry = entry[order]
+            own = np.repeat(np.arange(m), counts)
+            pos = np.repeat(starts, counts) + (np.arange(own.size) - np.repeat(np.cumsum(counts) - counts, counts))
+            t = np.repeat(np.arange(nbatch), own.size)
+            dst = t * m + np.tile(own, nbatch)
+            src = t * (m * m) + np.tile(entry[pos], nbatch)
+            rows = compose((nbatch * m,), dst, src, a, lat.n)
+            key = np.arange(nbatch * m)
+        flat_i = np.arange(size)
+        t, rest = np.divmod(flat_i, r * c)
+        i = rest // c if left else rest % c
+        parts.append(gather(rows, key[t * m + i].reshape(shape)))
+    return [union(parts, shape, lat.n)]
+
+
+def cholesky(lat, eqn, ins):
+    """``cholesky``: ``L[i, j]`` (``j <= i``) reads ``a[p, q]`` for ``p <= i, q <= j`` and its transpose.
+
+    JAX's JVP is ``L phi(L^-1 da L^-T)`` (``phi``: the lower triangle, half its diagonal):
+    entry ``(i, j)`` reads the tangent's rectangle ``p <= i, q <= j``. Some JAX versions
+    symmetrise the tangent first, so the transposed rectangle counts too (``jnp.linalg.cholesky``
+    symmetrises its input anyway). The strict upper triangle of the primitive's result is
+    not part of ``L`` (LAPACK leaves the input there; JAX's JVP gives zero): each such entry
+    reads its own input entry, sound for both. Batch dimensions stay apart. Example: ``L[1, 0]``
+    of a 3x3 ``a`` reads ``a[0, 0]``, ``a[1, 0]`` and ``a[0, 1]``. Reads no parameters.
+    """
+    (a,) = ins
+    shape = eqn.outvars[0].aval.shape
+    size = math.prod(shape)
+    if not a.nnz or size == 0:
+        return [union([], shape, lat.n)]
+    m = shape[-1]
+    nbatch = size // (m * m)
+    i_of, j_of = np.tril_indices(m)
+    # The union of the two rectangles: rows 0..j by columns 0..i, then rows j+1..i by columns 0..j.
+    wide, tall = (j_of + 1) * (i_of + 1), (i_of - j_of) * (j_of + 1)
+    links = nbatch * int(wide.sum() + tall.sum())
+    building(links, "cholesky")
+
+    def spread(counts):  # (pair, k) for k in range(counts[pair]), every pair
+        pair = np.repeat(np.arange(counts.size), counts)
+        return pair, np.arange(pair.size) - np.repeat(np.cumsum(counts) - counts, counts)
+
+    pw, kw = spread(wide)
+    pt, kt = spread(tall)
+    src = np.concatenate([(kw // (i_of[pw] + 1)) * m + kw % (i_of[pw] + 1),
+                          (j_of[pt] + 1 + kt // (j_of[pt] + 1)) * m + kt % (j_of[pt] + 1)])
+    own = np.concatenate([pw, pt])
+    up_i, up_j = np.triu_indices(m, 1)
+    dst = np.concatenate([i_of[own] * m + j_of[own], up_i * m + up_j])
+    src = np.concatenate([src, up_i * m + up_j])
+    t = np.repeat(np.arange(nbatch) * (m * m), dst.size)
+    return [compose(shape, t + np.tile(dst, nbatch), t + np.tile(src, nbatch), a, lat.n)]
+
+
 def linear_solve(lat, eqn, ins):
     """``custom_linear_solve`` (``jnp.linalg.solve``, ``jax.scipy.linalg.solve``): as JAX differentiates it.
 
@@ -201,5 +315,6 @@ def linear_solve(lat, eqn, ins):
     return [lat.join([a, c], v.aval) for a, c, v in zip(x, dx, eqn.outvars, strict=True)]
 
 
-RULES = {"dot_general": dot_general, "custom_linear_solve": linear_solve}
+RULES = {"dot_general": dot_general, "custom_linear_solve": linear_solve, "triangular_solve": triangular_solve,
+         "cholesky": cholesky}
 RULES.update({name: batched_dense for name in BATCHED_DENSE})

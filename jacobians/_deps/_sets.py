@@ -41,7 +41,7 @@ def current_limit() -> int | None:
     return _LIMIT.get()
 
 
-def _building(total: int, what: str) -> None:
+def building(total: int, what: str) -> None:
     limit = _LIMIT.get()
     if limit is not None and total > limit:
         raise TooDense(what)
@@ -123,7 +123,7 @@ def gather(d: Deps, idx: np.ndarray) -> Deps:
     indptr = np.zeros(flat.size + 1, np.int64)
     np.cumsum(lens, out=indptr[1:])
     total = int(indptr[-1])
-    _building(total, "gather")
+    building(total, "gather")
     offs = np.arange(total) - np.repeat(indptr[:-1], lens)
     return Deps(tuple(idx.shape), indptr, d.indices[np.repeat(starts, lens) + offs])
 
@@ -164,7 +164,7 @@ def everything(ds: Sequence[Deps], shape) -> Deps:
     """The conservative answer: every element depends on every dependency of every input."""
     cols = unique(np.concatenate([d.indices for d in ds] + [np.zeros(0, np.int64)]))
     size = math.prod(shape)
-    _building(size * cols.size, "everything")
+    building(size * cols.size, "everything")
     indptr = np.arange(size + 1, dtype=np.int64) * cols.size
     return Deps(tuple(int(s) for s in shape), indptr, np.tile(cols, size))
 
