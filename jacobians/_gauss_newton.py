@@ -54,15 +54,34 @@ def _either(p: _args.Problem, run):
 
 def _mv(t, spec, v, *traced):
     p = _args.problem(t.fun, spec, traced, where=t.where, int_argnums=t.int_argnums)
+    _check_vector(p, v, f"{t.where}(...).mv")
     vf = ravel_pytree(v)[0].astype(p.x.dtype)
-    if vf.shape != p.x.shape:
-        raise ValueError(f"{t.where}: mv needs a vector with {p.n} entries (the inputs' structure), got {vf.size}.")
 
     def run(mode):
         jv, jtu = _linear_maps(p, mode)
         return jtu(jv(vf))
 
     return _unflat(p, _either(p, run))
+
+
+def _check_vector(p: _args.Problem, v, where: str) -> None:
+    """``v`` must have the differentiated inputs' structure and shapes, in a floating dtype (as ``jax.jvp``'s tangents).
+
+    A float of another precision is cast to the inputs' dtype; a complex ``v`` for real
+    inputs, an integer or a boolean one is refused (casting would drop its imaginary part).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(v)
+    if treedef != p.in_treedef:
+        raise ValueError(f"{where}: v must have the structure of the differentiated inputs, {p.in_treedef}; "
+                         f"got {treedef}.")
+    for i, (leaf, x) in enumerate(zip(leaves, p.in_leaves, strict=True)):
+        shape, dtype = np.shape(leaf), jnp.result_type(leaf)
+        if shape != tuple(x.shape):
+            raise ValueError(f"{where}: v's leaf {i} must have shape {tuple(x.shape)} (its input's), got {shape}.")
+        complex_ok = jnp.issubdtype(x.dtype, jnp.complexfloating)
+        if not jnp.issubdtype(dtype, jnp.inexact) or (jnp.issubdtype(dtype, jnp.complexfloating) and not complex_ok):
+            raise TypeError(f"{where}: v's leaf {i} must be a {'complex' if complex_ok else 'real'} floating array "
+                            f"(its input's dtype is {x.dtype}), got {dtype}.")
 
 
 def _unflat(p: _args.Problem, flat):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _compat
 from ._jacobian import jacobian
 
 METHODS = ("central", "forward", "complex")
@@ -243,7 +244,9 @@ def gradcheck(
       fun: maps an array ``x`` to an array.
       x: floating-point array of any shape (a scalar too): float16, bfloat16,
         float32, float64, or complex (then ``fun`` must be holomorphic: the
-        check compares ``d fun / dz``, perturbing along the real axis).
+        check compares ``d fun / dz`` with the quotients along the real axis and,
+        divided by ``i``, along the imaginary axis, so a non-holomorphic ``fun``
+        such as ``conj(z) z`` fails).
       jac_fun: the analytic Jacobian to check, or None.
       h: the step, taken as given (absolute: ``x_j +- h``). ``None``: a
         relative step ``h0 * max(1, |x_j|)`` with ``h0`` per dtype and method,
@@ -281,6 +284,9 @@ def gradcheck(
         flow on traced values cannot be compiled.
     """
     where = "jacobians.gradcheck"
+    if _compat.is_tracer(x):
+        raise TypeError(f"{where}: x is a traced value (gradcheck called inside jax.jit, vmap or grad); it compares "
+                        "numbers on the host, so call it outside any transformation.")
     if not callable(fun):
         raise TypeError(f"{where}: fun must be callable, got {_kind(fun)}.")
     if jac_fun is not None and not callable(jac_fun):
@@ -359,6 +365,9 @@ def gradcheck(
                 "pass a larger h",
             )
         numeric = np.asarray(_finite_differences(fun, x, dx, step, method, jit))
+        if is_complex:  # along the imaginary axis too: a holomorphic fun's quotient there is i J
+            numeric = np.stack([numeric, np.asarray(_finite_differences(fun, x, 1j * dx, step, method, jit)) / 1j])
+            analytic = np.stack([analytic, analytic])
     except TRACER_ERRORS as e:
         if not jit:
             raise
@@ -391,7 +400,7 @@ def gradcheck(
         k = np.unravel_index(int(np.argmax(np.abs(diff))), diff.shape)
         scalar = complex if np.iscomplexobj(diff) else float
         worst = dict(
-            worst_index=tuple(int(i) for i in k),
+            worst_index=tuple(int(i) for i in (k[1:] if is_complex else k)),  # (the two directions: axis 0)
             worst_analytic=scalar(analytic64[k]),
             worst_numeric=scalar(numeric64[k]),
         )

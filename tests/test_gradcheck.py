@@ -156,6 +156,14 @@ def test_complex_x_holomorphic(rng):
     res = jacobians.gradcheck(f, z)
     assert res.passed and res.error < 1e-8, repr(res)
     assert not jacobians.gradcheck(f, z, lambda z: jnp.conj(jax.jacfwd(f, holomorphic=True)(z)))
+    # Not holomorphic (|z|^2 as a complex array): the quotients along the imaginary axis give it away.
+    res = jacobians.gradcheck(lambda z: jnp.conj(z) * z, z)
+    assert not res.passed and res.status == "failed" and len(res.worst_index) == 2, repr(res)
+
+
+def test_inside_a_transformation_is_refused():
+    with pytest.raises(TypeError, match=r"jacobians.gradcheck: x is a traced value .* outside any transformation"):
+        jax.jit(lambda a: jacobians.gradcheck(jnp.sin, a))(jnp.ones(3))
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,24 @@ def test_gauss_newton(name, rng):
         np.testing.assert_allclose(gn.materialise(), J.T @ J, rtol=1e-10, atol=1e-12)
 
 
+def test_gauss_newton_mv_checks_its_vector(rng):
+    """``mv(v)`` takes what ``jax.jvp`` takes as a tangent: the inputs' structure and shapes, a real float."""
+    p = {"a": randn(rng, (3,)), "b": randn(rng, (1,))}
+    gn = jacobians.gauss_newton(lambda p: jnp.concatenate([p["a"] ** 2, 3 * p["b"]]))(p)
+    v = {"a": randn(rng, (3,)), "b": randn(rng, (1,))}
+    np.testing.assert_allclose(gn.mv(v)["a"], 4 * p["a"] ** 2 * v["a"], rtol=1e-12)
+    np.testing.assert_allclose(gn.mv(v)["b"], 9 * v["b"], rtol=1e-12)
+    where = r"jacobians.gauss_newton\(...\).mv: "
+    with pytest.raises(ValueError, match=where + r"v's leaf 0 must have shape \(3,\)"):
+        gn.mv({"a": v["b"], "b": v["a"]})  # the same number of entries, the wrong leaves
+    with pytest.raises(ValueError, match=where + "v must have the structure"):
+        gn.mv([v["a"], v["b"]])
+    with pytest.raises(TypeError, match=where + "v's leaf 0 must be a real floating array"):
+        gn.mv({"a": v["a"].astype(jnp.complex128), "b": v["b"]})  # casting would drop any imaginary part
+    with pytest.raises(TypeError, match=where + "v's leaf 1 must be a real floating array"):
+        gn.mv({"a": v["a"], "b": jnp.ones(1, jnp.int32)})
+
+
 def test_determinants_take_the_pipeline(rng):
     A = randn(rng, (4, 4))
     x = randn(rng, (4,))

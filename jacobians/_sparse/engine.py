@@ -273,6 +273,7 @@ def _coerce_pattern(given, det_shape: tuple, where: str) -> SparsityPattern:
     """A user's pattern as a flat ``(m, n)`` SparsityPattern; ``det_shape`` is ``out.shape + in.shape``."""
     out_shape, in_shape = det_shape
     expected = tuple(out_shape) + tuple(in_shape)
+    whose = "the Hessian" if "hessian" in where else "the Jacobian"  # a sparse Hessian's pattern is its gradient's
     m, n = math.prod(out_shape), math.prod(in_shape)
     if isinstance(given, SparsityPattern):
         pattern = given
@@ -281,7 +282,7 @@ def _coerce_pattern(given, det_shape: tuple, where: str) -> SparsityPattern:
             raise ValueError(f"{where}: a BCOO sparsity pattern must have no batch or dense dimensions.")
         if tuple(given.shape) != expected:
             raise ValueError(
-                f"{where}: the sparsity pattern has shape {tuple(given.shape)} but the Jacobian has "
+                f"{where}: the sparsity pattern has shape {tuple(given.shape)} but {whose} has "
                 f"shape out.shape + in.shape = {expected}."
             )
         idx = np.asarray(given.indices)
@@ -295,13 +296,13 @@ def _coerce_pattern(given, det_shape: tuple, where: str) -> SparsityPattern:
             raise TypeError(f"{where}: a dense sparsity pattern must be a boolean array, got {mask.dtype}.")
         if mask.shape != expected and mask.shape != (m, n):
             raise ValueError(
-                f"{where}: the sparsity pattern has shape {mask.shape} but the Jacobian has "
+                f"{where}: the sparsity pattern has shape {mask.shape} but {whose} has "
                 f"shape out.shape + in.shape = {expected}."
             )
         pattern = SparsityPattern.from_dense(mask.reshape(m, n), 1)
     if pattern.shape != expected and pattern.shape != (m, n):
         raise ValueError(
-            f"{where}: the sparsity pattern has shape {pattern.shape} but the Jacobian has "
+            f"{where}: the sparsity pattern has shape {pattern.shape} but {whose} has "
             f"shape out.shape + in.shape = {expected} (or the flat (m, n) = {(m, n)})."
         )
     return SparsityPattern((m,), (n,), pattern.rows, pattern.cols)
