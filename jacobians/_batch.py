@@ -609,6 +609,8 @@ def _compute(t, spec, opts: _Options, *traced):
     result = out_treedef.unflatten(rows)
     if view.batch != real_batch:
         result = jax.tree_util.tree_map(lambda a: a[:real_batch], result)
+        if opts.has_aux:  # the passes' aux saw the padding (copies of the last example): the real batch's own
+            aux = call([x[:real_batch] for x in fronts])[1]
     result = _mesh.shard_result(result, shards, lambda leaf: 0)
     return (result, aux) if opts.has_aux else result
 

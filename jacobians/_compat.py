@@ -53,6 +53,19 @@ except ImportError:  # pragma: no cover
     _convert_element_type = None
 
 
+def auto_axes(mesh):
+    """``mesh`` with every axis of type ``Auto`` (the same devices and names).
+
+    ``jax.lax.with_sharding_constraint`` accepts only ``Auto`` axes, and ``jax.make_mesh``
+    gives ``Explicit`` ones on newer JAX; a JAX without axis types has only the one kind.
+    """
+    kinds = getattr(jax.sharding, "AxisType", None)
+    types = getattr(mesh, "axis_types", None)
+    if kinds is None or types is None or all(t == kinds.Auto for t in types):
+        return mesh
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(kinds.Auto,) * len(mesh.axis_names))
+
+
 def staged():
     """A context that stages constant expressions into the program being traced.
 

@@ -88,8 +88,6 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
     elif method == "structured":
         if complex_in or (complex_out and not opts.holomorphic):
             raise TypeError(f"{where}: method='structured' needs real (or holomorphic) functions; use method='dense'.")
-        if opts.shards is not None:
-            raise ValueError(f"{where}: method='structured' takes no mesh (it pushes no basis vectors to split).")
         mode = _choose_mode(opts.mode, p.n, p.m, complex_out, opts.holomorphic, where)
         jac, aux = _methods.STRUCTURED.evaluate(_methods.Candidate(_methods.STRUCTURED, mode, 1, 0.0), call)
     else:
@@ -274,6 +272,8 @@ def _build(fun, argnums, mode, has_aux, holomorphic, chunk_size, order, where, m
         raise ValueError(f"{where}: method='compressed' takes real inputs; for holomorphic=True use method='auto', "
                          "'dense' or 'structured'.")
     shards = _mesh.resolve(mesh, where, mesh_axis)
+    if method == "structured" and shards is not None:
+        raise ValueError(f"{where}: method='structured' takes no mesh (it pushes no basis vectors to split).")
     # The compressed method runs through the sparse engine (dense output, same blocks).
     engine = _sparse.Engine(fun, argnums, mode if method == "compressed" else "auto", "auto", "dense", has_aux, where,
                              shards=shards)

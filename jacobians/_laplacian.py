@@ -126,12 +126,17 @@ def _sweep_stats(sw: "_taylor.Sweep") -> tuple[float, int]:
 
 def _forward(p, kind: str, sparse: bool, chunk, stats: dict | None = None, shards=None):
     n = p.n
+    per = shards.count if shards is not None and not sparse else 1
+    if chunk is not None:
+        chunk *= per  # chunk_size counts columns per device, as in the other engines
     if chunk is None or chunk >= n or sparse:
-        sw = _taylor.sweep(p.flat, p.x, kind, sparse, shards=shards)
+        # On a mesh, zero columns fill the seed to a multiple of the devices (an uneven axis is not split).
+        cols = None if n % per == 0 else -(-n // per) * per
+        sw = _taylor.sweep(p.flat, p.x, kind, sparse, cols=cols, start=None, shards=shards)
         if stats is not None:
             stats["columns"], stats["max_columns"] = _sweep_stats(sw)
         J, S = sw.dense()
-        return sw.y, J, (S[0] if kind == "trace" else S), sw.aux
+        return sw.y, J[:n], (S[0] if kind == "trace" else S[:n]), sw.aux
     chunks = -(-n // chunk)
 
     def one(c):

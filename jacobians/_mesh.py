@@ -15,12 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from . import _compat
 from .kernels import Shards
 
 
 def resolve(mesh, where: str, axis=None) -> Shards | None:
     """``None``, ``"auto"`` or a ``Mesh`` (optionally the axis names to split over) -> :class:`Shards`."""
     if mesh is None:
+        if axis is not None:
+            raise ValueError(f"{where}: mesh_axis={axis!r} names an axis of a mesh, but no mesh was given.")
         return None
     if isinstance(mesh, str):
         if mesh != "auto":
@@ -28,7 +31,13 @@ def resolve(mesh, where: str, axis=None) -> Shards | None:
         mesh = Mesh(np.asarray(jax.devices()), ("devices",))
     if not isinstance(mesh, Mesh):
         raise TypeError(f"{where}: mesh must be None, 'auto' or a jax.sharding.Mesh, got {type(mesh).__name__}.")
-    names = tuple(mesh.axis_names) if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+    mesh = _compat.auto_axes(mesh)  # jax.make_mesh's Explicit axes: sharding constraints need Auto ones
+    names = tuple(mesh.axis_names) if axis is None else ((axis,) if isinstance(axis, str) else axis)
+    if (not isinstance(names, tuple | list) or not names or not all(isinstance(a, str) for a in names)
+            or len(set(names)) != len(names)):
+        raise TypeError(f"{where}: mesh_axis must be an axis name or a non-empty tuple of distinct axis names, got "
+                        f"{axis!r}.")
+    names = tuple(names)
     missing = [a for a in names if a not in mesh.axis_names]
     if missing:
         raise ValueError(

@@ -320,3 +320,17 @@ def test_scan_is_read_exactly():
 
     pattern = jacobians.sparsity(shift, jnp.ones(5))
     np.testing.assert_array_equal(pattern.to_dense(), np.roll(np.eye(5, dtype=bool), 2, axis=0))
+
+
+def test_auto_axes():
+    """A mesh's axes as Auto (sharding constraints need them), its devices and names kept; an Auto mesh as is."""
+    from jax.sharding import Mesh
+
+    mesh = jax.make_mesh((1,), ("d",))
+    auto = _compat.auto_axes(mesh)
+    assert auto.axis_names == ("d",) and list(auto.devices.flat) == list(mesh.devices.flat)
+    kinds = getattr(jax.sharding, "AxisType", None)
+    if kinds is not None:
+        assert all(t == kinds.Auto for t in auto.axis_types)
+    plain = Mesh(np.asarray(jax.devices()[:1]), ("d",))
+    assert _compat.auto_axes(_compat.auto_axes(plain)) is _compat.auto_axes(plain)

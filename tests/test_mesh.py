@@ -39,6 +39,10 @@ ENGINES = {
     "logdet_batch_first": lambda mesh: jacobians.log_abs_det(flow_b, batch_first=True, mesh=mesh)(X),
     "laplacian_forward": lambda mesh: jacobians.laplacian(rosen, method="forward", mesh=mesh)(x),
     "hessian_diagonal_hvp": lambda mesh: jacobians.hessian_diagonal(rosen, method="hvp", chunk_size=1, mesh=mesh)(x),
+    # Uneven splits: 7 examples on 4 devices (padded) with an aux that reads the whole batch; 5 Laplacian columns.
+    "batch_aux": lambda mesh: jacobians.batch_jacobian(lambda X: (flow_b(X), (X.sum(), 2 * X)), has_aux=True,
+                                                       mesh=mesh)(X[:5]),
+    "hessian_diagonal_forward_5": lambda mesh: jacobians.hessian_diagonal(rosen, method="forward", mesh=mesh)(x[:5]),
 }
 def results(mesh, names=tuple(ENGINES)):
     return {k: ENGINES[k](mesh) for k in names}
@@ -51,7 +55,15 @@ mesh = Mesh(np.asarray(jax.devices()), ("d",))
 one = results(None)
 four = results(mesh)
 for k in one:
-    np.testing.assert_allclose(np.asarray(four[k]), np.asarray(one[k]), rtol=1e-12, atol=1e-12, err_msg=k)
+    for a, b in zip(jax.tree_util.tree_leaves(four[k]), jax.tree_util.tree_leaves(one[k]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12, err_msg=k)
+# A forward-Laplacian sweep whose columns do not divide the devices is split all the same (zero columns).
+lowered = jax.jit(jacobians.laplacian(rosen, method="forward", mesh=mesh)).lower(x[:5]).compile().as_text()
+assert "num_partitions=4" in lowered
+# jax.make_mesh's mesh (Explicit axes on newer JAX) serves as a Mesh does.
+made = jax.make_mesh((4,), ("d",))
+np.testing.assert_allclose(np.asarray(jacobians.jacobian(f, mode="fwd", mesh=made)(x)), np.asarray(one["jac_fwd"]),
+                           rtol=1e-12, atol=1e-12)
 # Sharded along the basis axis (columns for forward, rows for reverse, the batch for batches).
 assert four["jac_fwd"].sharding.spec == P(None, "d"), four["jac_fwd"].sharding
 assert four["jac_rev_chunk"].sharding.spec == P("d"), four["jac_rev_chunk"].sharding
