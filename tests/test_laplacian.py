@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import pytest
 import registry
@@ -67,11 +68,11 @@ def test_registry_scalar(name, rng):
 ARRAY_CASES = ["planar_flow", "gather_scatter", "pad_traced_value"]
 
 
-# jaxlib 0.8's CPU compiler miscompiles the dense forward sweep of a square of a concatenation holding a
-# gather (its algebraic simplifier: XLA_FLAGS=--xla_disable_hlo_passes=algsimp, or the same jaxpr evaluated op by
-# op, gives JAX's value); jaxlib 0.10 and 0.12 compile it right. README, "Supported versions".
-_OLD_XLA = tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 10)
-_MISCOMPILED = pytest.mark.xfail(_OLD_XLA, reason="jaxlib < 0.10 miscompiles it (algsimp)", strict=False)
+# jaxlib 0.8.0 and 0.8.1's CPU compiler miscompiles the dense forward sweep of a square of a concatenation holding
+# a gather (the same jaxpr evaluated op by op gives JAX's value); 0.8.2 and later compile it right. Strict: a pass
+# on those two is news. README, "Supported versions".
+_OLD_XLA = tuple(int(v) for v in jaxlib.__version__.split(".")[:3]) < (0, 8, 2)
+_MISCOMPILED = pytest.mark.xfail(_OLD_XLA, reason="jaxlib 0.8.0 and 0.8.1 miscompile it", strict=True)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_MISCOMPILED) if n == "gather_scatter" else n for n in ARRAY_CASES])

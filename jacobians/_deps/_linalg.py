@@ -227,8 +227,7 @@ def triangular_solve(lat, eqn, ins):
         # Rows reach(i) are a prefix (lower: rows 0..i) or a suffix (upper: rows i..m-1) of the triangle's rows.
         ends = np.cumsum(per_row)
         starts = np.zeros(m, np.int64) if lower else ends - per_row
-        stops = ends if lower else np.full(m, ends[-1] if m else 0)
-        counts = stops - starts
+        counts = (ends if lower else np.full(m, ends[-1])) - starts
         links = nbatch * int(counts.sum())
         if links > TRIANGLE_LINKS_MAX:  # each row reads its batch's whole matrix (sound; the rows still apart)
             rows = reduce_to(a, np.arange(a.size) // (m * m), (nbatch,), lat.n)
@@ -237,8 +236,8 @@ def triangular_solve(lat, eqn, ins):
             building(links, "triangular_solve")
             order = np.argsort(ep, kind="stable")  # the triangle's entries grouped by row p, ascending
             entry = entry[order]
-            own = np.repeat(np.arange(m), counts)
-            pos = np.repeat(starts, counts) + (np.arange(own.size) - np.repeat(np.cumsum(counts) - counts, counts))
+            own, k = _runs(counts)
+            pos = starts[own] + k
             t = np.repeat(np.arange(nbatch), own.size)
             dst = t * m + np.tile(own, nbatch)
             src = t * (m * m) + np.tile(entry[pos], nbatch)
@@ -252,15 +251,16 @@ def triangular_solve(lat, eqn, ins):
 
 
 def cholesky(lat, eqn, ins):
-    """``cholesky``: ``L[i, j]`` (``j <= i``) reads ``a[p, q]`` for ``p <= i, q <= j`` and its transpose.
+    """``cholesky``: ``L[i, j]`` (``j <= i``) reads the rectangle ``a[p, q]``, ``p <= i``, ``q <= j``.
 
     JAX's JVP is ``L phi(L^-1 da L^-T)`` (``phi``: the lower triangle, half its diagonal):
-    entry ``(i, j)`` reads the tangent's rectangle ``p <= i, q <= j``. Some JAX versions
-    symmetrise the tangent first, so the transposed rectangle counts too (``jnp.linalg.cholesky``
-    symmetrises its input anyway). The strict upper triangle of the primitive's result is
-    not part of ``L`` (LAPACK leaves the input there; JAX's JVP gives zero): each such entry
-    reads its own input entry, sound for both. Batch dimensions stay apart. Example: ``L[1, 0]``
-    of a 3x3 ``a`` reads ``a[0, 0]``, ``a[1, 0]`` and ``a[0, 1]``. Reads no parameters.
+    entry ``(i, j)`` reads no tangent entry outside that rectangle (checked on JAX 0.8,
+    0.10 and 0.12; some versions read fewer). ``jnp.linalg.cholesky`` symmetrises its
+    input first, so there each entry reads the transposed rectangle too. The strict upper
+    triangle of the primitive's result is not part of ``L`` (LAPACK leaves the input there;
+    JAX's JVP gives zero): each such entry reads its own input entry, sound for both. Batch
+    dimensions stay apart. Example: ``L[2, 1]`` of a 3x3 ``a`` reads ``a[:3, :2]``. Reads
+    no parameters.
     """
     (a,) = ins
     shape = eqn.outvars[0].aval.shape
@@ -270,25 +270,22 @@ def cholesky(lat, eqn, ins):
     m = shape[-1]
     nbatch = size // (m * m)
     i_of, j_of = np.tril_indices(m)
-    # The union of the two rectangles: rows 0..j by columns 0..i, then rows j+1..i by columns 0..j.
-    wide, tall = (j_of + 1) * (i_of + 1), (i_of - j_of) * (j_of + 1)
-    links = nbatch * int(wide.sum() + tall.sum())
-    building(links, "cholesky")
-
-    def spread(counts):  # (pair, k) for k in range(counts[pair]), every pair
-        pair = np.repeat(np.arange(counts.size), counts)
-        return pair, np.arange(pair.size) - np.repeat(np.cumsum(counts) - counts, counts)
-
-    pw, kw = spread(wide)
-    pt, kt = spread(tall)
-    src = np.concatenate([(kw // (i_of[pw] + 1)) * m + kw % (i_of[pw] + 1),
-                          (j_of[pt] + 1 + kt // (j_of[pt] + 1)) * m + kt % (j_of[pt] + 1)])
-    own = np.concatenate([pw, pt])
+    pair, k = _runs((i_of + 1) * (j_of + 1))  # row p = k // (j + 1), column q = k % (j + 1)
+    building(nbatch * pair.size, "cholesky")
     up_i, up_j = np.triu_indices(m, 1)
-    dst = np.concatenate([i_of[own] * m + j_of[own], up_i * m + up_j])
-    src = np.concatenate([src, up_i * m + up_j])
+    dst = np.concatenate([i_of[pair] * m + j_of[pair], up_i * m + up_j])
+    src = np.concatenate([(k // (j_of[pair] + 1)) * m + k % (j_of[pair] + 1), up_i * m + up_j])
     t = np.repeat(np.arange(nbatch) * (m * m), dst.size)
     return [compose(shape, t + np.tile(dst, nbatch), t + np.tile(src, nbatch), a, lat.n)]
+
+
+def _runs(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(owner, k)`` for ``k`` in ``range(counts[owner])``, owner by owner.
+
+    Example: counts [2, 1] -> owners [0, 0, 1], k [0, 1, 0].
+    """
+    owner = np.repeat(np.arange(counts.size), counts)
+    return owner, np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def linear_solve(lat, eqn, ins):
