@@ -5,6 +5,7 @@ random points: the detected pattern must contain every nonzero, and on the
 cases marked exact it must equal the union of nonzeros over the points.
 """
 
+import math
 import warnings
 
 import jax
@@ -380,3 +381,22 @@ def test_cholesky_pattern_is_sound_and_triangular(symmetrize, rng):
     if symmetrize and jax.__version_info__ >= (0, 10):  # older JVP rules read less than the rectangles
         np.testing.assert_array_equal(mask, nz)  # L[i, j] reads exactly rows <= i, columns <= j and the transposes
     assert mask.sum() < 0.5 * 2 * (m * (m + 1) // 2) * m * m  # the old rule: every entry its whole matrix
+
+
+def test_tridiagonal_solve_keeps_columns_apart(rng):
+    """Column ``c`` of the solution reads column ``c`` of ``b`` and the diagonals: a vmap over shared diagonals
+    stays per-example (``batch_jacobian``), and the pattern over every operand is exact."""
+    m, c = 4, 3
+    shapes = [(2, m)] * 3 + [(2, m, c)]
+    sizes = [math.prod(s) for s in shapes]
+
+    def f(v):
+        dl, d, du, b = (p.reshape(s) for p, s in zip(jnp.split(v, np.cumsum(sizes)[:-1]), shapes, strict=True))
+        return jax.lax.linalg.tridiagonal_solve(dl.at[..., 0].set(0.0), d + 4.0, du.at[..., -1].set(0.0), b)
+
+    x = rng.standard_normal(sum(sizes))
+    np.testing.assert_array_equal(jacobians.sparsity(f, x).to_dense().reshape(-1, x.size), _nonzeros(f, x, rng))
+    dl, d, du = jnp.array([0.0, 1, 1, 1]), jnp.full(m, 4.0), jnp.array([1.0, 1, 1, 0])
+    g = lambda b: jax.lax.linalg.tridiagonal_solve(dl, d, du, jnp.sin(b)[:, None])[:, 0]  # noqa: E731
+    X = rng.standard_normal((3, m))
+    np.testing.assert_allclose(jacobians.batch_jacobian(jax.vmap(g))(X), jax.vmap(jax.jacfwd(g))(X), rtol=1e-12)

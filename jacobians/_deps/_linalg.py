@@ -12,7 +12,7 @@ SPARSE_JOIN = 1 << 20  # joins larger than this go through one sparse matrix pro
 
 # Matrix factorisations and solves: dense within one matrix, independent across batch dimensions.
 BATCHED_DENSE = ("lu", "qr", "householder_product", "geqrf", "geqp3",
-                 "eigh", "eig", "svd", "schur", "hessenberg", "tridiagonal", "tridiagonal_solve")
+                 "eigh", "eig", "svd", "schur", "hessenberg", "tridiagonal")
 
 
 def dot_general(lat, eqn, ins):
@@ -288,6 +288,33 @@ def _runs(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return owner, np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
+def tridiagonal_solve(lat, eqn, ins):
+    """``tridiagonal_solve(dl, d, du, b)``: column ``c`` of ``x`` reads all of column ``c`` of ``b`` and the diagonals.
+
+    Each right-hand side column is solved on its own (a ``vmap`` over examples that
+    share the matrix makes them columns); within a column the inverse of a tridiagonal
+    matrix is dense. Batch dimensions stay apart. Example: ``b`` (3, 2) with constant
+    diagonals: ``x[:, 0]`` reads ``b[:, 0]`` only. Reads no parameters.
+    """
+    *diagonals, b = ins
+    shape = eqn.outvars[0].aval.shape
+    size = math.prod(shape)
+    if size == 0:
+        return [union([], shape, lat.n)]
+    m, c = shape[-2:]
+    nbatch = size // (m * c)
+    t, rest = np.divmod(np.arange(size), m * c)
+    parts = []
+    if b.nnz:  # one set per (batch, column), gathered back along the column
+        line = t * c + rest % c
+        parts.append(gather(reduce_to(b, line, (nbatch * c,), lat.n), line.reshape(shape)))
+    for v in diagonals:
+        if v.nnz:
+            per = reduce_to(v, np.arange(v.size) // max(v.size // nbatch, 1), (nbatch,), lat.n)
+            parts.append(gather(per, t.reshape(shape)))
+    return [union(parts, shape, lat.n)]
+
+
 def linear_solve(lat, eqn, ins):
     """``custom_linear_solve`` (``jnp.linalg.solve``, ``jax.scipy.linalg.solve``): as JAX differentiates it.
 
@@ -313,5 +340,5 @@ def linear_solve(lat, eqn, ins):
 
 
 RULES = {"dot_general": dot_general, "custom_linear_solve": linear_solve, "triangular_solve": triangular_solve,
-         "cholesky": cholesky}
+         "cholesky": cholesky, "tridiagonal_solve": tridiagonal_solve}
 RULES.update({name: batched_dense for name in BATCHED_DENSE})
