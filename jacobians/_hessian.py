@@ -473,7 +473,7 @@ def _compute_hvp(t, spec, mode, tangents, *traced):
         # H is symmetric: H v is the VJP of the gradient with v.
         return jax.vjp(lambda x: grad(x)[0], p.x)[1](v)[0]
 
-    hv = either_second(run, t.where, p.jaxpr) if mode == "auto" else run(mode)
+    hv = either_second(run, t.where, p.jaxpr) if mode == "auto" else _args.in_mode(t.where, mode, run, mode)
     return _weak_as_inputs(p, p.in_tree(hv))  # as jax.jvp(jax.grad(fun)): weak for a Python float argument
 
 
