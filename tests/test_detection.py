@@ -400,3 +400,15 @@ def test_tridiagonal_solve_keeps_columns_apart(rng):
     g = lambda b: jax.lax.linalg.tridiagonal_solve(dl, d, du, jnp.sin(b)[:, None])[:, 0]  # noqa: E731
     X = rng.standard_normal((3, m))
     np.testing.assert_allclose(jacobians.batch_jacobian(jax.vmap(g))(X), jax.vmap(jax.jacfwd(g))(X), rtol=1e-12)
+
+
+def test_products_over_no_axes_and_of_empty_arrays(rng):
+    """``reduce_prod`` over no axes of a scalar and products along an empty axis: the second-order analyses run."""
+    x = jnp.asarray(rng.standard_normal())
+    g = lambda x: jnp.tanh(0.7 * jax.lax.reduce(jnp.sin(x), 1.0, jax.lax.mul, ())) ** 2  # noqa: E731
+    assert bool(jacobians.hessian_sparsity(g, x).to_dense())
+    np.testing.assert_allclose(jacobians.laplacian(g)(x), jax.hessian(g)(x), rtol=1e-12)
+    y = jnp.ones((3, 0, 2))
+    for fn in (lambda y: jnp.prod(jnp.sin(y), axis=1), lambda y: jnp.cumprod(jnp.sin(y), axis=1)):
+        assert jacobians.hessian_sparsity(lambda y, fn=fn: jnp.sum(fn(y)), y).nnz == 0
+        assert jacobians.sparsity(fn, y).nnz == 0

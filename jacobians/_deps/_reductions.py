@@ -13,7 +13,7 @@ def _collapse(d, axes, n_inputs):
         return d
     keep = [i for i in range(len(d.shape)) if i not in axes]
     shape = tuple(d.shape[i] for i in keep)
-    coords = np.indices(d.shape).reshape(len(d.shape), -1)
+    coords = np.indices(d.shape).reshape(len(d.shape), d.size)
     target = np.ravel_multi_index(coords[keep], shape) if keep else np.zeros(d.size, np.int64)
     return reduce_to(d, target, shape, n_inputs)
 
@@ -36,7 +36,7 @@ def cumulative(lat, eqn, ins):
     d = ins[0]
     axis, reverse = eqn.params["axis"], eqn.params["reverse"]
     length = d.shape[axis]
-    coords = np.indices(d.shape).reshape(len(d.shape), -1)
+    coords = np.indices(d.shape).reshape(len(d.shape), d.size)
     rows, cols = d.rows(), d.indices
     pos = coords[axis][rows]
     count = (pos + 1) if reverse else (length - pos)

@@ -328,7 +328,7 @@ class HessianLattice(DepsLattice):
         shape, n = operand.shape, max(self.n, 1)
         axes = eqn.params["axes"] if eqn.primitive.name == "reduce_prod" else (eqn.params["axis"],)
         keep = [d for d in range(len(shape)) if d not in axes]
-        grid = np.indices(shape).reshape(len(shape), -1)
+        grid = np.indices(shape).reshape(len(shape), operand.size)  # (a 0-d or empty operand too)
         group = (np.ravel_multi_index(tuple(grid[d] for d in keep), [shape[d] for d in keep]) if keep
                  else np.zeros(grid.shape[1], np.int64))  # the product (a cumprod's whole line) each factor is in
         pairs, counts = np.unique(group[operand.rows()] * n + operand.indices, return_counts=True)
