@@ -89,7 +89,8 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
         if complex_in or (complex_out and not opts.holomorphic):
             raise TypeError(f"{where}: method='structured' needs real (or holomorphic) functions; use method='dense'.")
         mode = _choose_mode(opts.mode, p.n, p.m, complex_out, opts.holomorphic, where)
-        jac, aux = _methods.STRUCTURED.evaluate(_methods.Candidate(_methods.STRUCTURED, mode, 1, 0.0), call)
+        cand = _methods.Candidate(_methods.STRUCTURED, mode, 1, 0.0)
+        jac, aux = _args.in_mode(where, mode, _methods.STRUCTURED.evaluate, cand, call)
     else:
         if complex_in:
             if complex_out:

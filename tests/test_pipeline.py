@@ -478,7 +478,7 @@ def test_complex_input_errors_offer_only_the_call_s_own_options():
 
 
 def test_a_forced_mode_jax_cannot_take_is_named_by_every_engine(rng):
-    """divergence, batch_jacobian, hessian and hvp in a mode JAX cannot differentiate fun in: a DirectionError that
+    """divergence, batch_jacobian, hessian, hvp and a structured jacobian in a mode JAX cannot differentiate fun in: a DirectionError that
     names the call and the mode (as jacobian's), not JAX's bare error; ``"auto"`` takes the other way."""
 
     @jax.custom_vjp
@@ -496,7 +496,8 @@ def test_a_forced_mode_jax_cannot_take_is_named_by_every_engine(rng):
              (lambda: jacobians.batch_jacobian(cube, mode="fwd")(x[:, None]), "batch_jacobian: mode='fwd'"),
              (lambda: jacobians.batch_jacobian(loop, mode="rev")(x[:, None]), "batch_jacobian: mode='rev'"),
              (lambda: jacobians.hessian(lambda z: jnp.sum(loop(z)), mode="rev_rev")(x), "hessian: mode='rev_rev'"),
-             (lambda: jacobians.hvp(lambda z: jnp.sum(loop(z)), (x,), (x,), mode="fwd_rev"), "hvp: mode='fwd_rev'")]
+             (lambda: jacobians.hvp(lambda z: jnp.sum(loop(z)), (x,), (x,), mode="fwd_rev"), "hvp: mode='fwd_rev'"),
+             (lambda: jacobians.jacobian(loop, method="structured", mode="rev")(x), "jacobian: mode='rev'")]
     try:
         jax.jacrev(jax.grad(lambda z: jnp.sum(loop(z))))(x)
     except Exception as e:  # noqa: BLE001 - JAX < 0.10 fails inside its transpose, without naming the while_loop
