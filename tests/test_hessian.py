@@ -84,7 +84,7 @@ def test_hessian_errors(rng):
         jacobians.sparse_hessian(jnp.sum, coloring="greedy")
     with pytest.raises(ValueError, match=r"jacobians.sparse_hessian: a Hessian pattern must be symmetric"):
         jacobians.sparse_hessian(jnp.sum, sparsity=np.triu(np.ones((3, 3), bool)))(x)
-    with pytest.raises(ValueError, match=r"jacobians.sparse_hessian: the sparsity pattern has shape \(3, 4\) but the Jacobian has shape out.shape \+ in.shape = \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"jacobians.sparse_hessian: the sparsity pattern has shape \(3, 4\) but the Hessian has shape out.shape \+ in.shape = \(3, 3\)"):
         jacobians.sparse_hessian(jnp.sum, sparsity=np.ones((3, 4), bool))(x)
 
 
