@@ -90,7 +90,8 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
             raise TypeError(f"{where}: method='structured' needs real (or holomorphic) functions; use method='dense'.")
         mode = _choose_mode(opts.mode, p.n, p.m, complex_out, opts.holomorphic, where)
         cand = _methods.Candidate(_methods.STRUCTURED, mode, 1, 0.0)
-        jac, aux = _args.in_mode(where, mode, _methods.STRUCTURED.evaluate, cand, call)
+        evaluate = _methods.STRUCTURED.evaluate
+        jac, aux = evaluate(cand, call) if opts.mode == "auto" else _args.in_mode(where, mode, evaluate, cand, call)
     else:
         if complex_in:
             if complex_out:
