@@ -332,5 +332,6 @@ def test_auto_axes():
     kinds = getattr(jax.sharding, "AxisType", None)
     if kinds is not None:
         assert all(t == kinds.Auto for t in auto.axis_types)
+    assert _compat.auto_axes(auto) is auto  # nothing to change: the mesh itself
     plain = Mesh(np.asarray(jax.devices()[:1]), ("d",))
-    assert _compat.auto_axes(_compat.auto_axes(plain)) is _compat.auto_axes(plain)
+    assert _compat.auto_axes(plain).axis_names == ("d",)

@@ -39,7 +39,7 @@ ENGINES = {
     "logdet_batch_first": lambda mesh: jacobians.log_abs_det(flow_b, batch_first=True, mesh=mesh)(X),
     "laplacian_forward": lambda mesh: jacobians.laplacian(rosen, method="forward", mesh=mesh)(x),
     "hessian_diagonal_hvp": lambda mesh: jacobians.hessian_diagonal(rosen, method="hvp", chunk_size=1, mesh=mesh)(x),
-    # Uneven splits: 7 examples on 4 devices (padded) with an aux that reads the whole batch; 5 Laplacian columns.
+    # Uneven splits: 5 examples on 4 devices (padded to 8) with an aux that reads the whole batch; 5 columns.
     "batch_aux": lambda mesh: jacobians.batch_jacobian(lambda X: (flow_b(X), (X.sum(), 2 * X)), has_aux=True,
                                                        mesh=mesh)(X[:5]),
     "hessian_diagonal_forward_5": lambda mesh: jacobians.hessian_diagonal(rosen, method="forward", mesh=mesh)(x[:5]),
