@@ -5,7 +5,7 @@ import math
 import numpy as np
 
 from .._walker import Walker
-from ._sets import building, compose, everything, from_coo, gather, reduce_to, union
+from ._sets import building, compose, everything, from_coo, gather, reduce_to, runs, union
 
 JOIN_MAX = 1 << 25  # largest join through a constant operand before a product counts as dense
 SPARSE_JOIN = 1 << 20  # joins larger than this go through one sparse matrix product (when it has fewer links)
@@ -117,8 +117,8 @@ def _dot_part(lat, dep, other, groups, other_groups, is_lhs, bmkn, shape):
         return everything([dep], shape)
     if join > SPARSE_JOIN and (m_ if is_lhs else n_) * key.size < join:
         return _dot_sparse(lat, dep, groups, *np.divmod(key, k_), on, is_lhs, bmkn, shape)  # (sorted by key)
-    rep = np.repeat(np.arange(rows.size), cnt)
-    start = np.repeat(ptr[q], cnt) + (np.arange(rep.size) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+    rep, k = runs(cnt)
+    start = ptr[q][rep] + k
     partner = on[start]
     out = (rb[rep] * m_ + rf[rep]) * n_ + partner if is_lhs else (rb[rep] * m_ + partner) * n_ + rf[rep]
     return from_coo(shape, out, dep.indices[rep], lat.n)
@@ -236,7 +236,7 @@ def triangular_solve(lat, eqn, ins):
             building(links, "triangular_solve")
             order = np.argsort(ep, kind="stable")  # the triangle's entries grouped by row p, ascending
             entry = entry[order]
-            own, k = _runs(counts)
+            own, k = runs(counts)
             pos = starts[own] + k
             t = np.repeat(np.arange(nbatch), own.size)
             dst = t * m + np.tile(own, nbatch)
@@ -270,22 +270,13 @@ def cholesky(lat, eqn, ins):
     m = shape[-1]
     nbatch = size // (m * m)
     i_of, j_of = np.tril_indices(m)
-    pair, k = _runs((i_of + 1) * (j_of + 1))  # row p = k // (j + 1), column q = k % (j + 1)
+    pair, k = runs((i_of + 1) * (j_of + 1))  # row p = k // (j + 1), column q = k % (j + 1)
     building(nbatch * pair.size, "cholesky")
     up_i, up_j = np.triu_indices(m, 1)
     dst = np.concatenate([i_of[pair] * m + j_of[pair], up_i * m + up_j])
     src = np.concatenate([(k // (j_of[pair] + 1)) * m + k % (j_of[pair] + 1), up_i * m + up_j])
     t = np.repeat(np.arange(nbatch) * (m * m), dst.size)
     return [compose(shape, t + np.tile(dst, nbatch), t + np.tile(src, nbatch), a, lat.n)]
-
-
-def _runs(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(owner, k)`` for ``k`` in ``range(counts[owner])``, owner by owner.
-
-    Example: counts [2, 1] -> owners [0, 0, 1], k [0, 1, 0].
-    """
-    owner = np.repeat(np.arange(counts.size), counts)
-    return owner, np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def tridiagonal_solve(lat, eqn, ins):

@@ -4,7 +4,7 @@ import numpy as np
 
 from .._primitives import CUMULATIVE as CUMULATIVE
 from .._primitives import REDUCTIONS as REDUCTIONS
-from ._sets import broadcast_to, from_coo, reduce_to, union
+from ._sets import broadcast_to, from_coo, reduce_to, runs, union
 
 
 def _collapse(d, axes, n_inputs):
@@ -40,8 +40,7 @@ def cumulative(lat, eqn, ins):
     rows, cols = d.rows(), d.indices
     pos = coords[axis][rows]
     count = (pos + 1) if reverse else (length - pos)
-    rep = np.repeat(np.arange(rows.size), count)
-    step = np.arange(rep.size) - np.repeat(np.cumsum(count) - count, count)
+    rep, step = runs(count)
     c = coords[:, rows[rep]]
     c[axis] = pos[rep] + (-step if reverse else step)
     return [from_coo(d.shape, np.ravel_multi_index(c, d.shape), cols[rep], lat.n)]

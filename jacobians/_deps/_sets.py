@@ -97,6 +97,15 @@ def unique(keys: np.ndarray) -> np.ndarray:
     return keys[keep]
 
 
+def runs(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(owner, k)`` for ``k`` in ``range(counts[owner])``, owner by owner.
+
+    Example: counts [2, 1] -> owners [0, 0, 1], k [0, 1, 0].
+    """
+    owner = np.repeat(np.arange(counts.size), counts)
+    return owner, np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 def from_coo(shape, rows: np.ndarray, cols: np.ndarray, n_inputs: int) -> Deps:
     """Deps from (element, input) pairs, removing duplicates."""
     shape = tuple(int(s) for s in shape)

@@ -269,11 +269,11 @@ def _coloring_problem(pattern: SparsityPattern, colors: np.ndarray, coloring: st
     return None
 
 
-def _coerce_pattern(given, det_shape: tuple, where: str) -> SparsityPattern:
+def _coerce_pattern(given, det_shape: tuple, where: str, hessian: bool = False) -> SparsityPattern:
     """A user's pattern as a flat ``(m, n)`` SparsityPattern; ``det_shape`` is ``out.shape + in.shape``."""
     out_shape, in_shape = det_shape
     expected = tuple(out_shape) + tuple(in_shape)
-    whose = "the Hessian" if "hessian" in where else "the Jacobian"  # a sparse Hessian's pattern is its gradient's
+    whose = "the Hessian" if hessian else "the Jacobian"
     m, n = math.prod(out_shape), math.prod(in_shape)
     if isinstance(given, SparsityPattern):
         pattern = given
@@ -479,7 +479,7 @@ class Engine:
             raise _args.forced_mode_error(where, forced)
         pattern = given.pattern if followed and isinstance(given, SparsePlan) else None  # recoloured
         if not isinstance(given, str | SparsePlan):
-            pattern = _coerce_pattern(given, self._given_shape(p), where)
+            pattern = _coerce_pattern(given, self._given_shape(p), where, hessian)
             if hessian:
                 _check_symmetric(pattern, where)
         kind = "given" if not isinstance(given, str) else "detected"
