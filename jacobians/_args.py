@@ -300,8 +300,6 @@ class _Splitter:
         diff_idx = {}
         for p in positions:
             lo, hi = slices[p]
-            if lo == hi:
-                raise ValueError(f"{self.where}: argument {p} has no array leaves to differentiate.")
             diff_idx.update({i: p for i in range(lo, hi)})
         layout = (tuple(positions), tuple(slices), diff_idx)
         self._layouts[treedef] = layout

@@ -507,3 +507,18 @@ def test_a_forced_mode_jax_cannot_take_is_named_by_every_engine(rng):
         with pytest.raises(jacobians._args.DirectionError, match=f"jacobians.{said}"):
             run()
     np.testing.assert_allclose(jacobians.divergence(loop)(x), jnp.trace(jax.jacfwd(loop)(x)), rtol=1e-12)
+
+
+def test_an_empty_differentiated_argument_has_empty_blocks(rng):
+    # As jax.jacfwd and jax.hessian: an argument with no leaves ({}, [], None) gets its own empty structure.
+    x = randn(rng, (3,))
+    f = lambda d, y: jnp.sin(y) * 2  # noqa: E731
+    g = lambda d, y: jnp.sum(jnp.sin(y) ** 2)  # noqa: E731
+    for empty in ({}, [], None):
+        got = jacobians.jacobian(f, argnums=(0, 1))(empty, x)
+        want = jax.jacfwd(f, argnums=(0, 1))(empty, x)
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+        assert_tree_allclose(got, want)
+    assert_tree_allclose(jacobians.hessian(g, argnums=(0, 1))({}, x), jax.hessian(g, argnums=(0, 1))({}, x))
+    _, (_, want) = jax.hessian(g, argnums=(0, 1))({}, x)
+    np.testing.assert_allclose(jacobians.laplacian(g, argnums=(0, 1))({}, x), np.trace(want), rtol=1e-12)
