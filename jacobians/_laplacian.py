@@ -50,6 +50,7 @@ PAIR_BUDGET = 1 << 15  # Hessian-pattern entries held while colouring for the HV
 HVP_PASSES = 3  # a second directional derivative costs about three evaluations (value, first and second order)
 SPARSE_CLEAR = 0.3  # the sparse sweep's mean columns below this fraction of n: no need to trace the dense one
 SPARSE_MARGIN = 0.8  # the sparse sweep's gathers cost more than their element counts: it must win by this much
+EXACT_MAX = 1024  # inputs up to which a forward plan's check compares every derivative with JAX's (one pass each)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class LaplacianPlan:
         bound, the largest degree plus one).
       costs: candidates and their estimated costs (arbitrary units: FLOPs of the traced programs).
       reason: one line on the choice.
+      certificate: the plan's check against JAX's own second derivatives (:func:`_certify`).
     """
 
     method: str
@@ -95,6 +97,7 @@ class LaplacianPlan:
     reason: str = ""
     colors: np.ndarray | None = field(default=None, repr=False, compare=False)
     memory: object = field(default=None, compare=False)  # a jacobians._memory.Fit under max_memory=
+    certificate: object = field(default=None, compare=False)  # a jacobians._trust.Certificate
 
     def __str__(self) -> str:
         head = f"laplacian plan: {self.method}, {self.passes} pass(es) (n={self.n}, m={self.m}"
@@ -107,6 +110,8 @@ class LaplacianPlan:
             lines.append(f"  {name:<10} {cost:12.4g}{'  <- chosen' if name == self.method else ''}")
         if self.reason:
             lines.append(f"  {self.reason}")
+        if self.certificate is not None:
+            lines.append(f"  certificate: {self.certificate}")
         if self.memory is not None:
             lines.append(f"  {self.memory}")
         return "\n".join(lines)
@@ -366,6 +371,163 @@ def _choose(p, opts: "_Options") -> tuple[LaplacianPlan, dict]:
     return plan, {k: v for k, v in programs.items() if k == best}
 
 
+# --- the certificate ---------------------------------------------------------------------------------
+
+
+def _certified(t, spec, traced, opts: "_Options", plan: LaplacianPlan) -> LaplacianPlan:
+    """The plan with its certificate, or one HVP per input (JAX's own, exact) where the check disagrees.
+
+    A PlanWarning then (strict: a PlanError), as every engine whose analysis chose the method.
+    """
+    n = plan.n
+    if plan.method == "hvp" and (plan.colors is None or len(np.unique(plan.colors)) == n):
+        return dataclasses.replace(plan, certificate=_trust.Certificate(
+            "not needed", "JAX's own second derivatives, one input per pass"))
+    avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in traced]
+    try:
+        with _trust.stage("certificate"):
+            traced_flat = _args.trace_flat(t, spec, avals, has_aux=opts.has_aux)
+            values = _trust.concrete(traced) or _trust.call_values(spec, t)
+            cert = _certify(traced_flat, values, plan, opts.kind, opts.where)
+    except _trust.AnalysisError as e:
+        if not _args.jax_refused(e.cause):
+            note = _trust.analysis_failed(opts.where, e)
+            return _one_per_input(plan, note, _trust.fallback(note))
+        cert = _trust.Certificate("skipped", "JAX cannot take the check's second derivatives of fun here")
+    if not cert.failed:
+        return dataclasses.replace(plan, certificate=cert)
+    what = plan.method
+    if plan.method == "hvp":
+        what += f" ({plan.n_colors} colour{'s' * (plan.n_colors != 1)})"
+    note = _trust.certificate_failed(opts.where, what, cert.detail)
+    return _one_per_input(plan, note, cert)
+
+
+def _one_per_input(plan: LaplacianPlan, note: str, cert) -> LaplacianPlan:
+    """The HVP method with every input its own pass: JAX's second derivatives, no analysis."""
+    return dataclasses.replace(plan, method="hvp", colors=np.arange(plan.n), n_colors=plan.n, passes=plan.n,
+                               columns=None, max_columns=None, reason=note, certificate=cert)
+
+
+def _certify(traced_flat, values, plan: LaplacianPlan, kind: str, where: str) -> "_trust.Certificate":
+    """Check what the plan's analysis decided against JAX at a point near the call's inputs.
+
+    - ``"forward"``, ``"sparse"``: the plan's sweep at the point (its Taylor rules, and the sparse sweep's
+      layouts: each intermediate's first derivatives over the inputs it depends on only), its first
+      derivatives and its Laplacian (Hessian diagonal) against JAX's JVPs of JVPs along each input
+      (``n <= EXACT_MAX``); for more inputs its first derivatives along random directions ``t_k`` against
+      JAX's JVPs, and its rules by a dense sweep of ``z -> fun(x + T^T z)`` (second-order part
+      ``t_k^T H t_k``) against JAX's JVPs of JVPs along ``t_k``.
+    - ``"hvp"``'s colouring: :func:`_certify_colors`.
+
+    Where the check fails, once more allowing JAX's own rounding (its products at a point a few ulps
+    away, along ``3 t``): a function that amplifies rounding moves JAX's result by as much.
+    """
+    closed = traced_flat[0]
+    if plan.method == "hvp":
+        return _certify_colors(traced_flat, values, plan.colors, where, closed)
+    sparse = plan.method == "sparse"
+    exact = traced_flat[2].n <= EXACT_MAX
+
+    def reference(p, x, T):  # JAX's (J t_k, t_k^T H t_k) for each row t_k of T and each output
+        f = lambda z: p.flat(z)[0]  # noqa: E731
+
+        def run(mode):
+            if mode == "fwd":
+                inner = lambda t: lambda z: jax.jvp(f, (z,), (t,))[1]  # noqa: E731
+                return jax.vmap(lambda t: jax.jvp(inner(t), (x,), (t,)))(T)
+            # A custom_vjp bars JVPs: J by VJPs, t^T H_i t by reverse over reverse, per output entry i.
+            y, pull = jax.vjp(f, x)
+            E = jnp.eye(y.shape[0], dtype=y.dtype)
+            J = jax.vmap(lambda e: pull(e)[0])(E)  # (m, n)
+
+            def quad(t, e):
+                g = lambda z: jax.vjp(f, z)[1](e)[0]  # noqa: E731
+                return jnp.vdot(t, jax.vjp(g, x)[1](t)[0])
+
+            return T @ J.T, jax.vmap(lambda t: jax.vmap(lambda e: quad(t, e))(E))(T)
+
+        first, second = _args.jax_itself(_args.with_fallback, run, "fwd", "rev", "fwd", where, closed)
+        return first, (jnp.sum(second, axis=0) if kind == "trace" else second)
+
+    def program(p, T, leaves, nudged=False):
+        x = p.x
+        T = jnp.asarray(T, x.dtype)  # exact: the identity
+        _, J, S, _ = _forward(p, kind, sparse, None)  # the plan's sweep: J (n, m), S (m,) or (n, m)
+        if exact:
+            got = (J, S)
+        else:
+            # The rules, by a dense sweep in the directions' coordinates (k columns), as the plan's applies them.
+            sw = _taylor.sweep(lambda z: p.flat(x + z @ T), jnp.zeros(T.shape[0], x.dtype), kind)
+            Jk, Sk = sw.dense()
+            got = (T @ J, Jk, Sk[0] if kind == "trace" else Sk)
+        first, second = reference(p, x, T)
+        ref = (first, second) if exact else (first, first, second)
+        if not nudged:
+            return got + ref
+        first, second = reference(p, x * (1 + 4 * jnp.finfo(x.dtype).eps), 3 * T)  # JAX's own rounding
+        other = (first / 3, second / 9)
+        return got + ref + (other if exact else (other[0], other[0], other[1]))
+
+    names = (("first derivatives", "second derivatives") if exact else
+             ("first derivatives along random directions", "first derivatives of the rules along random directions",
+              "second derivatives along random directions"))
+
+    def judge(outs, T, tol):
+        k = len(names)
+        got, ref, other = outs[:k], outs[k: 2 * k], outs[2 * k:] or [None] * k
+        for name, g, r, o in zip(names, got, ref, other, strict=True):
+            detail = _trust.compare(g, r, np.abs(g), tol, "output entry", noise=None if o is None else o - r)
+            if detail is not None:
+                return f"{name}: {detail}"
+        return None
+
+    what = "JVPs of JVPs along each of the {k} inputs" if exact else "directions (JVPs of JVPs)"
+    directions = (lambda rng, p: np.eye(p.n, dtype=p.x.dtype)) if exact else None
+    cert = _trust.certify(traced_flat, values, program, judge, what, directions)
+    if cert.failed:
+        again = _trust.certify(traced_flat, values, lambda p, T, leaves: program(p, T, leaves, nudged=True), judge,
+                               what + ", within JAX's own rounding", directions)
+        if not again.failed:
+            return again
+    return cert
+
+
+def _certify_colors(traced_flat, values, colors: np.ndarray, where: str, closed) -> "_trust.Certificate":
+    """The HVP method's colouring: ``H (w * s_c)`` read at colour ``c``'s inputs must be ``w`` times ``H s_c`` there."""
+    c = int(colors.max()) + 1
+    seeds = colors[None, :] == np.arange(c)[:, None]
+    j = np.arange(colors.size)
+
+    def program(p, T, leaves):
+        x = p.x
+        rho = np.random.default_rng(_trust.SEED + 3).standard_normal((2, p.m))
+
+        def phi(z):  # a random combination of the outputs: its Hessian holds every output's entries
+            y = p.flat(z)[0]
+            return jnp.sum(rho[0] * jnp.real(y)) + (jnp.sum(rho[1] * jnp.imag(y)) if jnp.iscomplexobj(y) else 0.0)
+
+        s = kernels.opaque(jnp.asarray(seeds, x.dtype))
+        S = jnp.concatenate([s, s * jnp.asarray(T[:1], x.dtype)])
+
+        def run(mode):
+            g = jax.grad(phi)
+            if mode == "fwd":  # forward over reverse
+                return jax.vmap(lambda v: jax.jvp(g, (x,), (v,))[1])(S)
+            _, pull = jax.vjp(g, x)  # reverse over reverse (a custom_vjp bars JVPs)
+            return jax.vmap(lambda v: pull(v)[0])(S)
+
+        return (_args.jax_itself(_args.with_fallback, run, "fwd", "rev", "fwd", where, closed),)
+
+    def judge(outs, T, tol):
+        (prod,) = outs
+        plain, weighted = prod[:c][colors, j], prod[c:][colors, j]
+        return _trust.compare(weighted, T[0] * plain, np.abs(weighted), tol, "diagonal entry")
+
+    return _trust.certify(traced_flat, values, program, judge, "HVPs with weighted colour seeds",
+                          lambda rng, p: rng.standard_normal((1, p.n)).astype(p.x.dtype))
+
+
 # --- the transformation ------------------------------------------------------------------------------
 
 
@@ -388,7 +550,10 @@ def _plan_in_trace(t, spec, traced, opts, p):
     programs = {}
     if plan is None:
         plan, programs = _choose(p, opts)
-        opts.plans[key] = plan
+        checked = _certified(t, spec, traced, opts, plan)
+        if checked.method != plan.method:
+            programs = {}
+        plan = opts.plans[key] = checked
     return plan, programs
 
 
@@ -460,7 +625,7 @@ def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where, me
         return True
 
     t.recover = recover
-    wrapped = _args.wrap(t)
+    wrapped = _trust.wrap(t)  # a plan made by a call is checked near that call's inputs
 
     def plan(*args, **kwargs) -> LaplacianPlan:
         """The plan for these arguments (shapes suffice: ``jax.ShapeDtypeStruct``s work): candidates, costs, choice."""
@@ -473,7 +638,7 @@ def _build(fun, argnums, method, has_aux, chunk_size, kind, with_grad, where, me
                 p = _args.problem(t.fun, spec, tr, where=where, has_aux=opts.has_aux, int_argnums=t.int_argnums)
                 if opts.scalar:
                     _check_scalar(p, where)
-                opts.plans[key] = _choose(p, opts)[0]
+                _plan_in_trace(t, spec, tr, opts, p)
                 return 0
 
             jax.make_jaxpr(g)(*avals)

@@ -3,7 +3,7 @@
 Every engine that lets an analysis of the jaxpr choose how to differentiate
 (``jacobian``'s planner, the sparse engines, ``batch_jacobian``'s independence
 proof, ``divergence``, ``gauss_newton(...).diagonal()``, ``hessian``'s
-structured sweep) keeps two promises:
+structured sweep, the Laplacians' sweeps and colourings) keeps two promises:
 
 - an exception inside an analysis (detection, colouring, the cost model,
   tracing a structured sweep, the certificate) falls back to the dense method
@@ -690,7 +690,8 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
         directions, ``leaves`` the point (the call's traced leaves).
       judge: ``judge(outputs, T, tol) -> None`` (agrees within the relative tolerance
         ``tol``) or what disagrees (host NumPy).
-      what: the directions, for the report (e.g. ``"JVPs"``).
+      what: the directions, for the report (e.g. ``"JVPs"``, said ``"3 random JVPs"``); where it holds
+        ``"{k}"``, said as it is with the number of directions there.
       directions: ``directions(rng, p) -> T`` (default: ``CHECKS`` standard normal
         tangents of ``p.x``'s shape and dtype).
       computed: ``computed(point) -> array``, appended to the program's outputs (values the
@@ -728,9 +729,11 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
             tried.append(label)
             continue
         detail = judge(outs, T, tol)
+        # what: the directions, counted ("3 random JVPs"), or a description with its own count ("{k}").
+        checked = what.format(k=T.shape[0]) if "{k}" in what else f"{T.shape[0]} random {what}"
         if detail is None:
-            return Certificate("passed", f"{T.shape[0]} random {what} at {label}")
-        return Certificate("failed", f"{detail}, with random {what} at {label}")
+            return Certificate("passed", f"{checked} at {label}")
+        return Certificate("failed", f"{detail}, with {checked} at {label}")
     if not tried:
         return Certificate("skipped", "a PRNG key argument has no random value and the call's inputs are unknown")
     return Certificate("skipped", f"fun or its derivative is not finite at {' or at '.join(tried)}")

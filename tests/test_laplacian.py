@@ -7,6 +7,7 @@ one ``jax.jit`` (one XLA compilation for all of them and the reference).
 """
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -456,3 +457,59 @@ def test_a_custom_rule_that_is_not_its_primals_derivative(rng):
     assert jacobians.laplacian(g, method="forward").plan(x).method == "forward"
     assert "not the derivative of its primal" not in str(jacobians.laplacian(g).plan(x))
     _check(g, x)
+
+
+def _lenient(call):
+    """``call()`` outside strict mode: its result and the PlanWarnings it gave."""
+    with jacobians.strict(False), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call()
+    return out, [str(w.message) for w in caught if issubclass(w.category, jacobians.PlanWarning)]
+
+
+_W42 = np.random.default_rng(11).standard_normal((2, 3))
+
+
+def _four_nodes(x):  # 4 nodes of 2 coordinates: a block-diagonal Hessian (sparse layouts, 2 colours)
+    return jnp.sum(jnp.sin(x.reshape(4, 2) @ jnp.asarray(_W42, x.dtype)) ** 2)
+
+
+def test_a_plan_checks_its_analysis_against_jax(rng):
+    x = randn(rng, (8,))
+    for method in ("forward", "sparse"):
+        plan = jacobians.laplacian(_four_nodes, method=method).plan(x)
+        assert "certificate: passed (JVPs of JVPs along each of the 8 inputs at a random point" in str(plan), plan
+    plan = jacobians.hessian_diagonal(_four_nodes, method="hvp").plan(x)
+    assert plan.n_colors == 2 and "certificate: passed (1 random HVPs with weighted colour seeds" in str(plan), plan
+    # One HVP per input is JAX's own: nothing to check.
+    plan = jacobians.laplacian(lambda x: jnp.sum(jnp.outer(x, x) ** 2), method="hvp").plan(x)
+    assert plan.n_colors == 8 and "certificate: not needed" in str(plan), plan
+
+
+def test_a_wrong_analysis_fails_its_certificate(monkeypatch, rng):
+    """A wrong Taylor rule or layout, or a wrong colouring: caught when the plan is made; JAX's HVPs run instead."""
+    from jacobians import _laplacian
+
+    x = randn(rng, (8,))
+    H = np.asarray(jax.hessian(_four_nodes)(x))
+    forward = _laplacian._forward
+
+    def off(p, kind, sparse, *args, **kwargs):  # a sweep whose second-order part is 0.1% off
+        y, J, S, aux = forward(p, kind, sparse, *args, **kwargs)
+        return y, J, 1.001 * S, aux
+
+    monkeypatch.setattr(_laplacian, "_forward", off)
+    for method in ("forward", "sparse"):
+        lap = jacobians.laplacian(_four_nodes, method=method)
+        got, caught = _lenient(lambda lap=lap: lap(x))
+        np.testing.assert_allclose(got, np.trace(H), **F64)
+        assert len(caught) == 1 and f"the {method} plan failed its certificate (second derivatives" in caught[0]
+        assert lap.plan(x).method == "hvp" and lap.plan(x).passes == 8
+        with pytest.raises(jacobians.PlanError, match=f"the {method} plan failed its certificate"):
+            jacobians.hessian_diagonal(_four_nodes, method=method)(x)
+    monkeypatch.setattr(_laplacian, "_forward", forward)
+    monkeypatch.setattr(_laplacian, "_hessian_colors", lambda pattern, n: np.zeros(n, np.int64))  # one colour
+    for transform, want in ((jacobians.laplacian, np.trace(H)), (jacobians.hessian_diagonal, np.diag(H))):
+        got, caught = _lenient(lambda t=transform: jax.jit(t(_four_nodes, method="hvp"))(x))
+        np.testing.assert_allclose(got, want, **F64)
+        assert len(caught) == 1 and "the hvp (1 colour) plan failed its certificate (diagonal entry" in caught[0]
