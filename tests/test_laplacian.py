@@ -513,3 +513,20 @@ def test_a_wrong_analysis_fails_its_certificate(monkeypatch, rng):
         got, caught = _lenient(lambda t=transform: jax.jit(t(_four_nodes, method="hvp"))(x))
         np.testing.assert_allclose(got, want, **F64)
         assert len(caught) == 1 and "the hvp (1 colour) plan failed its certificate (diagonal entry" in caught[0]
+
+
+def test_many_inputs_check_the_rules_along_random_directions(monkeypatch, rng):
+    # Above EXACT_MAX inputs the check reads the rules along three random directions (a dense sweep in their
+    # coordinates) and the sweep's first derivatives along them: a second-order rule 0.1% off is caught there.
+    from jacobians import _laplacian
+    from jacobians._taylor import _block
+
+    monkeypatch.setattr(_laplacian, "EXACT_MAX", 4)
+    x = randn(rng, (8,))
+    plan = jacobians.laplacian(_four_nodes, method="sparse").plan(x)
+    assert "certificate: passed (3 random directions (JVPs of JVPs)" in str(plan), plan
+    products = _block.products  # sum_j J_j K_j: the chain rule's second-order term
+    monkeypatch.setattr(_block, "products", lambda *args: 1.001 * products(*args))
+    got, caught = _lenient(lambda: jacobians.laplacian(_four_nodes, method="sparse")(x))
+    np.testing.assert_allclose(got, np.trace(np.asarray(jax.hessian(_four_nodes)(x))), **F64)
+    assert len(caught) == 1 and "failed its certificate (second derivatives along random directions" in caught[0]
