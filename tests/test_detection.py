@@ -276,6 +276,10 @@ _TRACED_INDEX = {  # fun, n, the pattern's nnz: the union over every value the t
     "clipped": (lambda x: x[jnp.clip(jnp.floor(x[0] * 3).astype(jnp.int32), 1, 2)] * x[:3], 6, 7),
     "cond_joined": (lambda x: jax.lax.dynamic_slice(x, (jax.lax.cond(x[0] > 0, lambda: jnp.argmax(x[1:3]),
                                                                      lambda: jnp.argmax(x[3:5]) + 1),), (2,)), 8, 6),
+    # integer division of an index (jnp's floor division: lax.div, then a correction by the remainder's sign)
+    "floor_div": (lambda x: jnp.take(x[4:], jnp.argmax(x[:4]) // 2, mode="clip") * x[4:], 8, 10),
+    "div_toward_zero": (lambda x: jnp.take(x[4:], jax.lax.div(jnp.argmax(x[:4]) - 3, 2), mode="clip") * x[4:],
+                        8, 7),
     # the pivots of batched LU solves: each system's solution depends on its own matrix and right side only
     "batched_solve": (lambda x: jnp.linalg.solve(x[:48].reshape(3, 4, 4) + 3 * jnp.eye(4)[None],
                                                  x[48:60].reshape(3, 4, 1)).reshape(-1), 60, 240),
@@ -312,6 +316,9 @@ _BOUNDS_EDGES = {  # fun, n: index arithmetic whose bounds must not be too narro
     "narrowing_wrap": (lambda x: jax.lax.dynamic_slice(
         x, ((jnp.argmax(x[:300]).astype(jnp.int32) + 100).astype(jnp.int8),), (1,)), 400),
     "rem_by_zero": (lambda x: jax.lax.dynamic_slice(x, (jax.lax.rem(jnp.int32(7), _argmax4(x)),), (1,)), 10),
+    "div_by_zero": (lambda x: jax.lax.dynamic_slice(x, (jax.lax.div(jnp.int32(7), _argmax4(x)) + 2,), (1,)), 10),
+    "bitcast_wrap": (lambda x: jax.lax.dynamic_slice(
+        x, (jax.lax.bitcast_convert_type(_argmax4(x) - 1, jnp.uint32) // jnp.uint32(2 ** 28),), (1,)), 20),
     "overflow": (lambda x: jax.lax.dynamic_slice(x, (_argmax4(x) + jnp.int32(2 ** 31 - 1),), (1,)), 8),
     "scatter_set_two_traced": (lambda x: x[4:10].at[jnp.stack([jnp.argmax(x[:2]), jnp.argmax(x[2:4]) + 1])].set(
         x[10:12]), 12),

@@ -125,6 +125,28 @@ def _rem(eqn, ins, shape):
     return np.where(zero, np.minimum(lo, alo), lo), np.where(zero, np.maximum(hi, ahi), hi)
 
 
+def _div(eqn, ins, shape):
+    """Integer division, rounding toward zero; a divisor that may be 0 gives any value (XLA's ``a / 0`` is -1)."""
+    (alo, ahi), (blo, bhi) = (np.broadcast_arrays(*b) for b in ins)
+    alo, ahi, blo, bhi = np.broadcast_arrays(alo, ahi, blo, bhi)
+    zero = (blo <= 0) & (bhi >= 0)
+    b0, b1 = np.where(zero, 1.0, blo), np.where(zero, 1.0, bhi)
+    # For a divisor of one sign, a / b is monotone in each operand: its extremes are at the corners.
+    corners = np.trunc(np.stack([alo / b0, alo / b1, ahi / b0, ahi / b1]))
+    return np.where(zero, -np.inf, corners.min(0)), np.where(zero, np.inf, corners.max(0))
+
+
+def _bitcast(eqn, ins, shape):
+    """The same bits read as another integer type of the same width: values both types hold are kept."""
+    src, dst = (np.dtype(v.aval.dtype) for v in (eqn.invars[0], eqn.outvars[0]))
+    if src.kind not in "iu" or dst.kind not in "iu" or src.itemsize != dst.itemsize:
+        return None
+    lo, hi = ins[0]
+    both = (lo >= max(float(np.iinfo(src).min), float(np.iinfo(dst).min))) & (
+        hi <= min(float(np.iinfo(src).max), float(np.iinfo(dst).max)))
+    return np.where(both, lo, -np.inf), np.where(both, hi, np.inf)
+
+
 def _moved(eqn, ins, shape):
     """Data movement: the bounds move as the data does."""
     p, name = eqn.params, eqn.primitive.name
@@ -159,7 +181,7 @@ def _moved(eqn, ins, shape):
 MOVED = ("reshape", "broadcast_in_dim", "squeeze", "transpose", "rev", "concatenate", "stack", "copy", "copy_p",
          "slice")
 RULES = {"argmax": _argmax, "argmin": _argmax, "clamp": _clamp, "select_n": _select,
-         "convert_element_type": _convert, "rem": _rem}
+         "convert_element_type": _convert, "rem": _rem, "div": _div, "bitcast_convert_type": _bitcast}
 RULES.update({name: _arith for name in ("add", "sub", "mul", "neg", "max", "min")})
 RULES.update({name: _compare for name in ("lt", "le", "gt", "ge", "eq", "ne", "lt_to", "le_to", "eq_to")})
 RULES.update({name: _logic for name in ("and", "or", "not")})
