@@ -236,6 +236,35 @@ def test_an_unsymmetric_jax_hessian_is_followed(rng):
     close(jacobians.sparse_hessian(g, output="dense", coloring="star", mode="rev_rev")(x), jax.hessian(g)(x))
 
 
+
+@jax.custom_vjp
+def _reversed_pull(v):
+    return v * 1.0
+
+
+# The backward rule is no transpose of the primal's derivative: jax.jacrev(jax.grad(.)) is not symmetric.
+_reversed_pull.defvjp(lambda v: (v * 1.0, v), lambda r, g: (g * r[::-1],))
+
+
+def test_an_unsymmetric_hessian_through_a_custom_vjp_is_jacrev_of_grad(rng):
+    # Only reverse over reverse differentiates a custom_vjp; its products are the Hessian's rows (s^T H). The
+    # sparse Hessian reads each entry off its row, the checks compare rows with rows: JAX's jacrev(grad) comes
+    # out, not its transpose (which passed the check before), and a symmetric colouring fails its check.
+    g = lambda v: jnp.sum(_reversed_pull(v) * jnp.arange(1.0, 6.0)) + jnp.sum(jnp.sin(v) ** 2)  # noqa: E731
+    x = randn(rng, (5,))
+    H = np.asarray(jax.jacrev(jax.grad(g))(x))
+    assert not np.allclose(H, H.T)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-10, atol=1e-12)
+    close(jacobians.hessian(g)(x), H)  # a structured reverse sweep, whose check failed before
+    close(jacobians.sparse_hessian(g, output="dense", coloring="column")(x), H)
+    close(jax.jit(jacobians.sparse_hessian(g, output="dense", coloring="column"))(x), H)
+    for coloring in ("auto", "star", "acyclic"):  # (auto: star, whose symmetric reading the check refutes)
+        with pytest.raises(jacobians.PlanError, match="failed its certificate"):
+            jacobians.sparse_hessian(g, output="dense", coloring=coloring)(x)
+        with jacobians.strict(False), pytest.warns(jacobians.PlanWarning, match="failed its certificate"):
+            close(jacobians.sparse_hessian(g, output="dense", coloring=coloring)(x), H)  # every entry instead
+
+
 # ------------------------------------------------------------------------------------------ first order
 
 

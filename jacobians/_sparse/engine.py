@@ -1081,8 +1081,10 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
     # product was recomputed on its own in scalar code: the 2-D Laplacian energy 1.3-1.9x slower), one row
     # per colour: no transpose ahead of the gather (Rosenbrock: 10-40% faster than one column per colour).
     layout = "nc" if products is not None else "cn"
+    used = []  # the order that ran (auto: JAX's choice)
 
     def run(m):
+        used.append(m)
         compressed, aux = _compressed_hessian(p, plan, m, chunk_size, shards, fold, layout)
         if p.m != 1 or any(s.shape != () for s in p.out_leaves):
             raise ValueError(f"{where}: fun must return a scalar (shape ()), got output {p.out_leaves[0].shape}.")
@@ -1093,6 +1095,8 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
         compute = lambda: (_hessian.either_second(run, where, p.jaxpr) if mode == "auto"  # noqa: E731
                            else _args.jvp_said(where, run, mode))
         compressed, aux = compute() if products is True else _apart(compute, p.x, p.n * plan.n_colors, apart)
+        # The order that ran, for a decompression in a program of its own (traced after this one).
+        plan.__dict__.setdefault("_decompressions", {})[("order", mode)] = used[-1]
         if products is True:
             return compressed, aux
     else:
@@ -1100,7 +1104,26 @@ def _hessian_values(p, plan: SparsePlan, where: str, shards=None, mode: str | No
     kind, how = _decompression(plan, layout)
     if kind == "substitute":
         return how(compressed), aux
-    return kernels.take(compressed.reshape(-1), how), aux
+    values = kernels.take(compressed.reshape(-1), how)
+    order = plan.__dict__["_decompressions"].get(("order", mode), "")
+    if order.startswith("rev_") and plan.coloring == "column":
+        # Reverse outer products are rows, s^T H = (H^T s)^T: entry (i, j) was read as H[j, i]. Equal for a
+        # Hessian; JAX's jacrev(grad) of a custom_vjp whose rule is not its function's derivative is not
+        # symmetric, and its entry (i, j) is read at (j, i) (the pattern is symmetric).
+        values = kernels.take(values, _transposed(plan))
+    return values, aux
+
+
+def _transposed(plan: SparsePlan) -> np.ndarray:
+    """For each entry ``(i, j)`` of a symmetric pattern, the position of ``(j, i)``."""
+    cache = plan.__dict__.setdefault("_decompressions", {})
+    if "transposed" not in cache:
+        rows, cols = plan.pattern.rows, plan.pattern.cols
+        n = max(int(rows.max(initial=0)), int(cols.max(initial=0))) + 1
+        key = rows.astype(np.int64) * n + cols
+        order = np.argsort(key)
+        cache["transposed"] = _compact(order[np.searchsorted(key[order], cols.astype(np.int64) * n + rows)])
+    return cache["transposed"]
 
 
 def sparse_jacobian(
