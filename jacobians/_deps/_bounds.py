@@ -127,7 +127,7 @@ def _rem(eqn, ins, shape):
 
 def _div(eqn, ins, shape):
     """Integer division, rounding toward zero; a divisor that may be 0 gives any value (XLA's ``a / 0`` is -1)."""
-    (alo, ahi), (blo, bhi) = (np.broadcast_arrays(*b) for b in ins)
+    (alo, ahi), (blo, bhi) = ins
     alo, ahi, blo, bhi = np.broadcast_arrays(alo, ahi, blo, bhi)
     zero = (blo <= 0) & (bhi >= 0)
     b0, b1 = np.where(zero, 1.0, blo), np.where(zero, 1.0, bhi)
