@@ -1291,6 +1291,7 @@ def check_float_outputs(shapes: Any, where: str, holomorphic: bool = False, empt
         if not jnp.issubdtype(dtype, jnp.inexact) and not (is_weak(leaf) and jnp.issubdtype(dtype, jnp.integer)):
             raise TypeError(
                 f"{where}: fun must return floating-point arrays, but {label} has dtype "
-                f"{dtype}; integer outputs have no derivative. Leave it out of the output (or, where the call "
-                "takes has_aux=True, return it as aux) if it is not to be differentiated."
+                f"{dtype}; {'boolean' if dtype == np.bool_ else 'integer'} outputs have no derivative. Leave it out "
+                "of the output (or, where the call takes has_aux=True, return it as aux) if it is not to be "
+                "differentiated."
             )

@@ -429,6 +429,8 @@ def test_non_numeric_outputs_still_rejected():
         jacobians.jacobian(lambda x: (x, True))(x)
     with pytest.raises(TypeError, match=r"output\['n'\] has dtype int64; integer outputs have no derivative"):
         jacobians.jacobian(lambda x: {"n": jnp.argmax(x), "y": x})(x)
+    with pytest.raises(TypeError, match="output has dtype bool; boolean outputs have no derivative"):
+        jacobians.jacobian(lambda x: True)(x)  # (jax.jacfwd and jax.jacrev raise too)
 
 
 def test_array_control_flow_error_says_what_to_do():
