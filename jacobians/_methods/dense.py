@@ -1,7 +1,24 @@
 """Dense forward and reverse: one JVP per input entry, or one VJP per output entry (``jax.jacfwd``/``jacrev``)."""
 
 from .. import _args, kernels
+from .._walker import primitives
 from ._base import Blocks, Call, Candidate, Context
+
+# Matrix decompositions and solves whose JVP rules solve once per tangent: batched, those solves run far slower
+# than the one reverse pass's (a 10x10 Cholesky's square Jacobian: forward 17 ms, reverse 71 us, 2-core CPU).
+SOLVES_PER_TANGENT = frozenset({"cholesky", "lu", "triangular_solve", "eigh", "eig", "qr", "svd", "schur",
+                                "tridiagonal_solve", "householder_product"})
+
+
+def square_mode(closed) -> str:
+    """The dense direction of a square map where JAX can take both: forward, unless a decomposition solves per tangent.
+
+    Forward's batched JVPs carry no residuals and transpose no gathers into scatters: on the 2-core CPU
+    ``jax.jacfwd`` beat ``jax.jacrev`` by 1.3-2.6x on softmax, sort, a permutation gather, cumsum, attention
+    with layer norm, a Lorenz-96 RK4 loop and ``sin(A x) x`` (n = 40-1000), and lost 1.18x on a 256-wide MLP
+    (where a structured sweep wins anyway).
+    """
+    return "rev" if closed is not None and SOLVES_PER_TANGENT & primitives(closed) else "fwd"
 
 
 class Dense:
@@ -12,11 +29,11 @@ class Dense:
 
     def candidates(self, ctx: Context) -> list[Candidate]:
         out = []
+        tie = square_mode(ctx.closed) if ctx.n == ctx.m else None  # the square map's tie goes to this direction
         if "fwd" in ctx.allowed:
-            out.append(Candidate(self, "fwd", ctx.n, ctx.n * ctx.f))
+            out.append(Candidate(self, "fwd", ctx.n, ctx.n * ctx.f * (0.999 if tie == "fwd" else 1.0)))
         if "rev" in ctx.allowed:
-            # Ties go to reverse: on square maps its batched products run faster on CPU.
-            out.append(Candidate(self, "rev", ctx.m, ctx.m * ctx.f * (0.999 if ctx.n == ctx.m else 1.0)))
+            out.append(Candidate(self, "rev", ctx.m, ctx.m * ctx.f * (0.999 if tie == "rev" else 1.0)))
         return out
 
     def evaluate(self, cand: Candidate, call: Call):
