@@ -155,7 +155,7 @@ def dense(closed, n: int, m: int, reason: str, certificate=None, mode: str | Non
 def dense_mode(closed, n: int, m: int) -> str:
     """The dense method's direction: the one JAX can take, else the fewer passes (square: the dense method's tie)."""
     try:
-        one = forced(closed) or (_methods.dense.square_mode(closed) if n == m else None)
+        one = forced(closed) or (_methods.dense.SQUARE_MODE if n == m else None)
     except Exception:  # noqa: BLE001 - the fallback must not fail: the run falls back between directions too
         one = None
     return one or ("fwd" if n < m else "rev")

@@ -1,24 +1,13 @@
 """Dense forward and reverse: one JVP per input entry, or one VJP per output entry (``jax.jacfwd``/``jacrev``)."""
 
 from .. import _args, kernels
-from .._walker import primitives
 from ._base import Blocks, Call, Candidate, Context
 
-# Matrix decompositions and solves whose JVP rules solve once per tangent: batched, those solves run far slower
-# than the one reverse pass's (a 10x10 Cholesky's square Jacobian: forward 17 ms, reverse 71 us, 2-core CPU).
-SOLVES_PER_TANGENT = frozenset({"cholesky", "lu", "triangular_solve", "eigh", "eig", "qr", "svd", "schur",
-                                "tridiagonal_solve", "householder_product"})
-
-
-def square_mode(closed) -> str:
-    """The dense direction of a square map where JAX can take both: forward, unless a decomposition solves per tangent.
-
-    Forward's batched JVPs carry no residuals and transpose no gathers into scatters: on the 2-core CPU
-    ``jax.jacfwd`` beat ``jax.jacrev`` by 1.3-2.6x on softmax, sort, a permutation gather, cumsum, attention
-    with layer norm, a Lorenz-96 RK4 loop and ``sin(A x) x`` (n = 40-1000), and lost 1.18x on a 256-wide MLP
-    (where a structured sweep wins anyway).
-    """
-    return "rev" if closed is not None and SOLVES_PER_TANGENT & primitives(closed) else "fwd"
+# A square map's tie goes forward: batched JVPs carry no residuals and transpose no gathers into scatters. On the
+# 2-core CPU jax.jacfwd beat jax.jacrev by 1.3-2.6x on softmax, sort, a permutation gather, cumsum, attention with
+# layer norm, a Lorenz-96 RK4 loop and sin(A x) x (n = 40-1000), and by 1.2-1.8x on Cholesky, eigh, QR, SVD and
+# triangular solves; it lost on an inverse (1.24x) and on a 256-wide MLP (1.18x, where a structured sweep wins).
+SQUARE_MODE = "fwd"
 
 
 class Dense:
@@ -29,7 +18,7 @@ class Dense:
 
     def candidates(self, ctx: Context) -> list[Candidate]:
         out = []
-        tie = square_mode(ctx.closed) if ctx.n == ctx.m else None  # the square map's tie goes to this direction
+        tie = SQUARE_MODE if ctx.n == ctx.m else None
         if "fwd" in ctx.allowed:
             out.append(Candidate(self, "fwd", ctx.n, ctx.n * ctx.f * (0.999 if tie == "fwd" else 1.0)))
         if "rev" in ctx.allowed:
