@@ -7,14 +7,14 @@ compressed forward plan) against ``jax.jit(jax.jacfwd)``, both ways of writing t
 minimum over 5 interleaved rounds.
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jacobians
 from jacobians._sparse import engine
+
+from .probe_square import _per_call
 
 
 def _maps(rng):
@@ -39,15 +39,6 @@ def _maps(rng):
     }
 
 
-def _per_call(fn, x, calls: int = 50) -> float:
-    jax.block_until_ready(fn(x))
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        out = fn(x)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / calls
-
-
 def main() -> None:
     rng = np.random.default_rng(0)
     decide = engine._dense_block
@@ -69,7 +60,7 @@ def main() -> None:
         times = {k: [] for k in progs}
         for _ in range(5):
             for k, g in progs.items():
-                times[k].append(_per_call(g, x))
+                times[k].append(_per_call(g, x, 50))
         t = {k: min(v) * 1e6 for k, v in times.items()}
         default = "scatter" if plan.nnz * engine.SCATTER_DENSITY <= plan.n * plan.m else "read off"
         print(f"{name:30s} {plan.nnz / (plan.n * plan.m):8.3f} {t['fwd']:9.1f} {t['read off']:9.1f}"

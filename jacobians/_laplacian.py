@@ -465,7 +465,7 @@ def _certify(traced_flat, values, plan: LaplacianPlan, kind: str, where: str) ->
         ref = (first, second) if exact else (first, first, second)
         if not nudged:
             return got + ref
-        first, second = reference(p, x * (1 + 4 * jnp.finfo(x.dtype).eps), 3 * T)  # JAX's own rounding
+        first, second = reference(p, _trust.nudged_point(x), 3 * T)  # JAX's own rounding
         other = (first / 3, second / 9)
         return got + ref + (other if exact else (other[0], other[0], other[1]))
 
@@ -484,13 +484,7 @@ def _certify(traced_flat, values, plan: LaplacianPlan, kind: str, where: str) ->
 
     what = "JVPs of JVPs along each of the {k} inputs" if exact else "directions (JVPs of JVPs)"
     directions = (lambda rng, p: np.eye(p.n, dtype=p.x.dtype)) if exact else None
-    cert = _trust.certify(traced_flat, values, program, judge, what, directions)
-    if cert.failed:
-        again = _trust.certify(traced_flat, values, lambda p, T, leaves: program(p, T, leaves, nudged=True), judge,
-                               what + ", within JAX's own rounding", directions)
-        if not again.failed:
-            return again
-    return cert
+    return _certify_within_rounding(traced_flat, values, program, judge, what, directions)
 
 
 def _certify_colors(traced_flat, values, colors: np.ndarray, where: str, closed) -> "_trust.Certificate":
@@ -539,7 +533,7 @@ def _certify_colors(traced_flat, values, colors: np.ndarray, where: str, closed)
         if not nudged:
             return either()
         # JAX's own rounding: the same products at a point a few ulps away, along 3 s.
-        return either() + either(x * (1 + 4 * jnp.finfo(x.dtype).eps), 3)
+        return either() + either(_trust.nudged_point(x), 3)
 
     def judge(outs, T, tol):
         weighted, expected = outs[:2]
@@ -548,7 +542,16 @@ def _certify_colors(traced_flat, values, colors: np.ndarray, where: str, closed)
             noise = np.abs(outs[2] - weighted) + np.abs(outs[3] - expected)
         return _trust.compare(weighted, expected, np.abs(weighted), tol, "diagonal entry", noise=noise)
 
-    what, directions = "HVPs with weighted colour seeds", lambda rng, p: rng.standard_normal((1, p.n)).astype(p.x.dtype)
+    return _certify_within_rounding(traced_flat, values, program, judge, "HVPs with weighted colour seeds",
+                                    lambda rng, p: rng.standard_normal((1, p.n)).astype(p.x.dtype))
+
+
+def _certify_within_rounding(traced_flat, values, program, judge, what: str, directions) -> "_trust.Certificate":
+    """:func:`_trust.certify`, and where it fails once more allowing JAX's own rounding.
+
+    ``program(..., nudged=True)`` adds JAX's products at a point a few ulps away, whose difference from those
+    at the point ``judge`` allows (a computation's rounding).
+    """
     cert = _trust.certify(traced_flat, values, program, judge, what, directions)
     if cert.failed:
         again = _trust.certify(traced_flat, values, lambda p, T, leaves: program(p, T, leaves, nudged=True), judge,

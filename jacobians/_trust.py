@@ -620,6 +620,11 @@ def _second_opinion(traced_flat, values, program, judge, what, directions, compu
         return None
 
 
+def nudged_point(x: jax.Array) -> jax.Array:
+    """``x (1 + 4 eps)``: a point a few ulps away, where JAX's own products show the rounding of a computation."""
+    return x * (1 + 4 * jnp.finfo(x.dtype).eps) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+
+
 def all_finite(a) -> bool:
     """Whether every entry of the host array ``a`` is finite: its largest and smallest are.
 
@@ -863,7 +868,7 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
         def other(p, T):
             second = _args.with_fallback(lambda order: hvp(p, T, order), "rev_rev" if first_order == "fwd_rev"
                                          else "fwd_rev", "rev_rev", "fwd_fwd", where, closed)
-            x = p.x * (1 + 4 * jnp.finfo(p.x.dtype).eps) if jnp.issubdtype(p.x.dtype, jnp.inexact) else p.x
+            x = nudged_point(p.x)
             nudged = _args.with_fallback(lambda order: hvp(p, 3 * T, order, x) / 3, first_order, "rev_rev",
                                          "fwd_fwd", where, closed)
             return second, nudged
@@ -884,7 +889,7 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
         linear = not CUSTOM & primitives(closed)
 
         def nudged(p, T):
-            x = p.x * (1 + 4 * jnp.finfo(p.x.dtype).eps) if jnp.issubdtype(p.x.dtype, jnp.inexact) else p.x
+            x = nudged_point(p.x)
             return (products(p, x, T), products(p, p.x, T, 3)) if linear else products(p, x, T)
 
         noisy = _second_opinion(traced_flat, values, program, judge, what, directions, computed, nudged, each=True)

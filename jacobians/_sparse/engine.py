@@ -865,8 +865,6 @@ def _locate(traced_flat: tuple, values, plan: SparsePlan, hessian: bool) -> str 
 
 
 MASK_MAX = 1 << 28  # a dense block's pattern mask (bytes) past which its entries are scattered instead
-
-
 SCATTER_DENSITY = 16  # a dense result's block with at most 1 / this of its entries in the pattern is scattered
 
 
