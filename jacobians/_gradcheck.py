@@ -79,7 +79,7 @@ class GradcheckResult:
 
     Attributes:
       error: the book's relative error (``inf`` when no comparison was made).
-      passed: ``status == "passed"``: ``error < tol``, both Jacobians finite
+      passed: ``status == "passed"``: ``error < tol`` (or ``within_rounding``), both Jacobians finite
         and of the same shape.
       tol: the tolerance used.
       h: the step: entry ``j`` of ``x`` moves by ``h`` where the caller
@@ -95,6 +95,9 @@ class GradcheckResult:
         ``"inconclusive"`` (the finite differences themselves are not finite or
         the step vanished, so nothing can be said at this ``x``).
       scaled: the step was relative, ``h * max(1, |x_j|)`` (the default step).
+      within_rounding: passed with ``error >= tol``: every entry's difference lies within the
+        finite differences' own rounding (``8 eps |f(x)| / step``), where the relative metric says
+        nothing (both Jacobians zero but for rounding: ``sin(x)**2 + cos(x)**2``).
     """
 
     error: float
@@ -108,6 +111,7 @@ class GradcheckResult:
     problem: str = field(default="")
     status: str = field(default="")
     scaled: bool = False
+    within_rounding: bool = False
 
     def __post_init__(self):
         if not self.status:
@@ -126,6 +130,9 @@ class GradcheckResult:
             lines = [f"gradcheck INCONCLUSIVE: {self.problem} ({how})"]
         elif self.problem:
             lines = [f"gradcheck FAILED: {self.problem} ({how})"]
+        elif self.within_rounding:
+            lines = [f"gradcheck PASSED: every difference lies within the finite differences' rounding (relative "
+                     f"error {_number(self.error)} of Jacobians at rounding level, tol {_number(self.tol)}) ({how})"]
         else:
             verdict, cmp = ("PASSED", "<") if self.passed else ("FAILED", ">=")
             lines = [f"gradcheck {verdict}: relative error {_number(self.error)} {cmp} tol {_number(self.tol)} ({how})"]
@@ -185,6 +192,24 @@ def _finite_differences(fun, x, dx, step, method, jit):
         d = (vals[:n] - lower) / step.astype(vals.dtype).reshape((n,) + (1,) * (vals.ndim - 1))
     # (n,) + out.shape -> out.shape + x.shape
     return jnp.moveaxis(d, 0, -1).reshape(d.shape[1:] + x.shape)
+
+
+ROUNDING_ULPS = 4  # the rounding fun's value may carry at each point, in units of its dtype's epsilon
+
+
+def _rounding(fun, x, out_dtype, step, method: str, jit: bool) -> np.ndarray:
+    """The finite differences' own rounding, ``out.shape + x.shape``: ``2 ulps(f(x)) / step_j``.
+
+    Each of the quotient's two values of ``fun`` is rounded (to ``ROUNDING_ULPS`` epsilons of its size,
+    the size taken at ``x``); the complex step has no difference to round (0).
+    """
+    if method == "complex":
+        return np.zeros(())
+    fx = np.abs(np.asarray((jax.jit(fun) if jit else fun)(x))).astype(np.float64)
+    eps = float(jnp.finfo(out_dtype).eps)
+    per_step = 1.0 / np.abs(np.asarray(step)).astype(np.float64).reshape(x.shape)
+    with np.errstate(invalid="ignore", over="ignore"):  # fun not finite at x: no floor (NaN compares false)
+        return 2 * ROUNDING_ULPS * eps * np.multiply.outer(fx, per_step)
 
 
 def _nonfinite(a: np.ndarray, name: str) -> str:
@@ -308,18 +333,19 @@ def gradcheck(
             f"{where}: method='complex' (the complex step) needs real float32 or float64 x, got dtype {x.dtype}; "
             "use method='central'."
         )
-    default_h, default_tol = _DEFAULTS[real][method]
-    scaled = h is None and method != "complex"  # the default step is relative; a given h is taken as given
-    h = default_h if h is None else h
-    tol = default_tol if tol is None else tol
+    given_h, given_tol = h, tol
     for name, v in (("h", h), ("tol", tol)):
+        if v is None:
+            continue
         # Python, NumPy and 0-d JAX real numbers (np.float32(1e-4), jnp.asarray(1e-4)), not bools or arrays.
         real_scalar = (not isinstance(v, bool | np.bool_) and np.ndim(v) == 0
                        and np.issubdtype(np.asarray(v).dtype, np.number)
                        and not np.issubdtype(np.asarray(v).dtype, np.complexfloating))
         if not real_scalar or not float(v) > 0 or not np.isfinite(float(v)):
             raise ValueError(f"{where}: {name} must be a positive finite real number (a scalar), got {v!r}.")
-    h, tol = float(h), float(tol)
+    scaled = h is None and method != "complex"  # the default step is relative; a given h is taken as given
+    default_h, default_tol = _DEFAULTS[real][method]  # x's: refined below once fun's output dtype is known
+    h, tol = float(default_h if h is None else h), float(default_tol if tol is None else tol)
 
     def result(status, problem, error=float("inf"), **worst):
         return GradcheckResult(error, status == "passed", tol, h, method, problem=problem, status=status,
@@ -339,9 +365,18 @@ def gradcheck(
         if not jnp.issubdtype(out.dtype, jnp.inexact):  # not differentiable: finite differences would say NaN
             return result("failed", f"fun must return a floating-point array, got dtype {out.dtype}: integer and "
                                     "boolean outputs have no derivative to check")
+        # A fun that computes in a lower precision than x's (float32 values of a float64 x) is checked with
+        # that precision's step and tolerance: its rounding, not x's, sets what the differences can resolve.
+        out_real = _real_dtype(out.dtype)
+        coarse = out_real if out_real in _DEFAULTS and jnp.finfo(out_real).eps > jnp.finfo(real).eps else real
+        default_h, default_tol = _DEFAULTS[coarse].get(method, _DEFAULTS[real][method])
+        h = default_h if given_h is None else h
+        tol = default_tol if given_tol is None else tol
         expected = tuple(out.shape) + tuple(x.shape)
         if jac_fun is not None:
             analytic = jac_fun(x)
+            if not hasattr(analytic, "shape") or not np.issubdtype(np.asarray(analytic).dtype, np.number):
+                return result("failed", f"jac_fun must return an array of numbers, got {_kind(analytic)}")
         elif jit:
             analytic = jacobian(fun, holomorphic=is_complex)(x)
         else:
@@ -365,9 +400,11 @@ def gradcheck(
                 "pass a larger h",
             )
         numeric = np.asarray(_finite_differences(fun, x, dx, step, method, jit))
+        floor = _rounding(fun, x, out.dtype, step, method, jit)
         if is_complex:  # along the imaginary axis too: a holomorphic fun's quotient there is i J
             numeric = np.stack([numeric, np.asarray(_finite_differences(fun, x, 1j * dx, step, method, jit)) / 1j])
             analytic = np.stack([analytic, analytic])
+            floor = np.stack([floor, floor])
     except TRACER_ERRORS as e:
         if not jit:
             raise
@@ -404,7 +441,11 @@ def gradcheck(
             worst_analytic=scalar(analytic64[k]),
             worst_numeric=scalar(numeric64[k]),
         )
-    return result("passed" if error < tol else "failed", "", error, **worst)
+    # Differences within the quotients' own rounding (a Jacobian that is zero but for rounding, where the
+    # relative metric is 0/0): the finite differences cannot tell the two Jacobians apart.
+    within = error >= tol and bool(np.all(np.abs(diff) <= floor))
+    return dataclasses.replace(result("passed" if error < tol or within else "failed", "", error, **worst),
+                               within_rounding=within)
 
 
 def assert_gradcheck(fun: Callable, x: jax.Array, jac_fun: Callable | None = None, **kwargs) -> GradcheckResult:

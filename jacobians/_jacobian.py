@@ -99,7 +99,8 @@ def _compute(t: _args.Transform, spec: _args.CallSpec, opts: _Options, *traced):
             mode = "rev"
         else:
             mode = _choose_mode(opts.mode, p.n, p.m, complex_out, opts.holomorphic, where)
-        if opts.mode == "auto" and not complex_out and not complex_in:
+        if opts.mode == "auto" and not complex_in and (opts.holomorphic or not complex_out):
+            # (Holomorphic too: JAX takes either direction there, and a custom_vjp bars forward mode.)
             jac, aux = _methods.DENSE.evaluate_either(mode, call, where)
         else:
             # The caller's direction, where JAX cannot differentiate fun in it: say so before JAX's inner error

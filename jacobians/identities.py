@@ -28,7 +28,13 @@ __all__ = [
 
 
 def _arr(x, name: str, ndim: int, where: str) -> jax.Array:
-    x = jnp.asarray(x)
+    try:
+        x = jnp.asarray(x)
+    except (TypeError, ValueError) as e:  # a string, a dict, None: say so, not JAX's conversion error
+        raise TypeError(f"jacobians.identities.{where}: {name} must be a {ndim}-D array, got "
+                        f"{type(x).__name__}.") from e
+    if not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_):
+        raise TypeError(f"jacobians.identities.{where}: {name} must be a numeric array, got dtype {x.dtype}.")
     if x.ndim != ndim:
         raise ValueError(f"jacobians.identities.{where}: {name} must be {ndim}-D, got shape {tuple(x.shape)}.")
     return x
@@ -53,14 +59,20 @@ def _linalg_dtype(dtype, x64: bool) -> jnp.dtype:
     return jnp.dtype(jax.eval_shape(jnp.linalg.det, jax.ShapeDtypeStruct((1, 1), dtype)).dtype)
 
 
+def _promoted(*operands) -> jnp.dtype:
+    """The dtype ``jacobians.jacobian`` of the map gives: the operands' promoted dtype, integers made inexact."""
+    return _inexact_dtype(jnp.result_type(*(v.dtype for v in operands)))
+
+
 def _match(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"jacobians.identities.{where}: {msg}")
 
 
 def linear(A: jax.Array) -> jax.Array:
-    """``d(Ax)/dx = A`` (5.68). Shape ``(M, N)`` for ``A`` of shape ``(M, N)``."""
-    return _arr(A, "A", 2, "linear")
+    """``d(Ax)/dx = A`` (5.68). Shape ``(M, N)`` for ``A`` of shape ``(M, N)`` (integer ``A`` promoted as JAX does)."""
+    A = _arr(A, "A", 2, "linear")
+    return A.astype(_promoted(A))
 
 
 def linear_wrt_matrix(A: jax.Array, x: jax.Array) -> jax.Array:
@@ -75,8 +87,9 @@ def linear_wrt_matrix(A: jax.Array, x: jax.Array) -> jax.Array:
     """
     A, x = _arr(A, "A", 2, "linear_wrt_matrix"), _arr(x, "x", 1, "linear_wrt_matrix")
     _match(A.shape[1] == x.shape[0], "linear_wrt_matrix", f"A {tuple(A.shape)} and x {tuple(x.shape)} do not chain.")
-    eye = jnp.eye(A.shape[0], dtype=x.dtype)
-    return jnp.einsum("ik,l->ikl", eye, x)
+    dtype = _promoted(A, x)  # the dtype of A @ x (the map's output), as jacobians.jacobian gives it
+    eye = jnp.eye(A.shape[0], dtype=dtype)
+    return jnp.einsum("ik,l->ikl", eye, x.astype(dtype))
 
 
 def gram(R: jax.Array) -> jax.Array:
@@ -92,6 +105,7 @@ def gram(R: jax.Array) -> jax.Array:
       Shape ``(N, N, M, N)``.
     """
     R = _arr(R, "R", 2, "gram")
+    R = R.astype(_promoted(R))
     eye = jnp.eye(R.shape[1], dtype=R.dtype)
     return jnp.einsum("jp,iq->pqij", eye, R) + jnp.einsum("jq,ip->pqij", eye, R)
 
@@ -112,6 +126,8 @@ def least_squares(Phi: jax.Array, y: jax.Array, theta: jax.Array) -> jax.Array:
         where,
         f"Phi {tuple(Phi.shape)} must be (len(y), len(theta)) = ({y.shape[0]}, {theta.shape[0]}).",
     )
+    dtype = _promoted(Phi, y, theta)
+    Phi, y, theta = Phi.astype(dtype), y.astype(dtype), theta.astype(dtype)
     return -2 * (y - Phi @ theta) @ Phi
 
 
@@ -206,12 +222,15 @@ def inner(a: jax.Array) -> jax.Array:
     Returns:
       Shape ``(N,)``.
     """
-    return _arr(a, "a", 1, "inner")
+    a = _arr(a, "a", 1, "inner")
+    return a.astype(_promoted(a))
 
 
 def bilinear(a: jax.Array, b: jax.Array) -> jax.Array:
     """``d a^T X b/dX = a b^T`` (5.106). Shape ``(M, N)`` for a ``(M,)``, b ``(N,)``."""
-    return jnp.outer(_arr(a, "a", 1, "bilinear"), _arr(b, "b", 1, "bilinear"))
+    a, b = _arr(a, "a", 1, "bilinear"), _arr(b, "b", 1, "bilinear")
+    dtype = _promoted(a, b)
+    return jnp.outer(a.astype(dtype), b.astype(dtype))
 
 
 def quadratic(B: jax.Array, x: jax.Array) -> jax.Array:
@@ -225,6 +244,8 @@ def quadratic(B: jax.Array, x: jax.Array) -> jax.Array:
     """
     B, x = _square(B, "quadratic"), _arr(x, "x", 1, "quadratic")
     _match(B.shape[0] == x.shape[0], "quadratic", f"B {tuple(B.shape)} and x {tuple(x.shape)} do not chain.")
+    dtype = _promoted(B, x)
+    B, x = B.astype(dtype), x.astype(dtype)
     return x @ B + B @ x
 
 
@@ -248,5 +269,7 @@ def weighted_least_squares(x: jax.Array, A: jax.Array, s: jax.Array, W: jax.Arra
         where,
         f"x {tuple(x.shape)}, A {tuple(A.shape)}, s {tuple(s.shape)}, W {tuple(W.shape)} do not chain.",
     )
+    dtype = _promoted(x, A, s, W)
+    x, A, s, W = (v.astype(dtype) for v in (x, A, s, W))
     r = x - A @ s
     return -(r @ W + W @ r) @ A

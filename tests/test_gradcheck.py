@@ -265,6 +265,33 @@ def test_bad_jacobians_fail_clearly(rng):
     assert res.status == "failed" and "fun must return a single array" in res.problem
 
 
+def test_jac_fun_returning_no_array_is_named(rng):
+    res = jacobians.gradcheck(lambda x: x**2, randn(rng, (3,)), lambda x: "abc")
+    assert res.status == "failed" and "jac_fun must return an array of numbers, got str ('abc')" in res.problem
+
+
+def test_rounding_level_jacobians_pass_and_small_errors_still_fail(rng):
+    """A Jacobian zero but for rounding (0/0 in the relative metric) passes within the quotients' rounding."""
+    x = randn(rng, (3,))
+    res = jacobians.gradcheck(lambda x: jnp.sin(x) ** 2 + jnp.cos(x) ** 2, x)
+    assert res and res.within_rounding and "within the finite differences' rounding" in repr(res)
+    assert res.error > res.tol  # the book's metric itself is reported as it is
+    # An entry wrong by 1e-3 relative, or a Jacobian entry set near zero, is far outside rounding.
+    wrong = jacobians.gradcheck(jnp.sin, x, lambda x: jnp.diag(jnp.cos(x) * 1.001))
+    assert not wrong and not wrong.within_rounding
+    wrong = jacobians.gradcheck(jnp.sin, x, lambda x: jnp.diag(jnp.cos(x)).at[0, 0].set(1e-9))
+    assert not wrong and not wrong.within_rounding
+
+
+def test_fun_computing_in_float32_gets_float32_defaults(rng):
+    """A float32 fun of a float64 x: the step and tolerance of float32, whose rounding sets what differences see."""
+    x = randn(rng, (3,))
+    res = jacobians.gradcheck(lambda x: jnp.sin(x.astype(jnp.float32)), x)
+    assert res and res.tol == 1e-3 and res.h == pytest.approx(np.finfo(np.float32).eps ** (1 / 3))
+    assert not jacobians.gradcheck(lambda x: jnp.sin(x.astype(jnp.float32)), x,
+                                   lambda x: jnp.diag(jnp.cos(x) * 1.1).astype(jnp.float32))
+
+
 def test_result_state_is_consistent():
     with pytest.raises(
         ValueError, match=r"GradcheckResult: status must be one of \('passed', 'failed', 'inconclusive'\), got 'ok'"

@@ -237,3 +237,26 @@ def test_bilinear_inverse_of_integer_operands():
     np.testing.assert_allclose(
         got, I.bilinear_inverse(np.asarray(a, np.float64), Xf, np.asarray(b, np.float64)), rtol=1e-6
     )
+
+
+def test_dtypes_follow_the_maps_jacobian():
+    """Each identity has the dtype jacobians.jacobian of its map has: the operands' promotion, integers inexact."""
+    A = jnp.ones((2, 3))
+    x_int = jnp.arange(3)
+    with jax.numpy_dtype_promotion("standard"):  # (the suite promotes strictly: no int-float path there)
+        assert I.linear_wrt_matrix(A, x_int).dtype == jacobians.jacobian(lambda A: A @ x_int)(A).dtype == A.dtype
+    x32 = jnp.arange(3, dtype=jnp.float32)
+    A32 = A.astype(jnp.float32)
+    assert I.linear_wrt_matrix(A32, x32).dtype == jacobians.jacobian(lambda A: A @ x32)(A32).dtype == jnp.float32
+    a, b, B = jnp.arange(2), jnp.arange(3), jnp.array([[1, 2], [3, 4]])
+    for got in (I.bilinear(a, b), I.quadratic(B, a), I.linear(B), I.inner(a)):
+        assert jnp.issubdtype(got.dtype, jnp.inexact), got.dtype
+    np.testing.assert_array_equal(I.bilinear(a, b), np.outer([0, 1], [0, 1, 2]))
+    np.testing.assert_array_equal(I.quadratic(B, a), np.array([0, 1]) @ np.array([[2, 5], [5, 8]]))  # x^T (B + B^T)
+
+
+@pytest.mark.parametrize("bad", ["abc", {"a": 1}, None])
+def test_non_arrays_are_named(bad):
+    for fn, name in ((I.det, "det: X"), (I.gram, "gram: R"), (I.inverse, "inverse: X")):
+        with pytest.raises(TypeError, match=rf"identities\.{name} must be a 2-D array, got {type(bad).__name__}"):
+            fn(bad)

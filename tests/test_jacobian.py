@@ -211,6 +211,20 @@ def test_holomorphic(rng):
         assert_tree_allclose(got, jax.jacfwd(f, holomorphic=True)(z))
 
 
+def test_holomorphic_auto_takes_reverse_through_a_custom_vjp(rng):
+    """A custom_vjp bars forward mode: holomorphic "auto" (chunked too) and gradcheck go reverse, as for real inputs."""
+    @jax.custom_vjp
+    def g(z):
+        return jnp.exp(z)
+
+    g.defvjp(lambda z: (jnp.exp(z), z), lambda z, ct: (ct * jnp.exp(z),))
+    z = jax.lax.complex(randn(rng, (3,)), randn(rng, (3,)))
+    want = jax.jacrev(g, holomorphic=True)(z)
+    for kw in ({}, {"chunk_size": 1}):
+        assert_tree_allclose(jacobians.jacobian(g, holomorphic=True, **kw)(z), want)
+    assert jacobians.gradcheck(g, z)
+
+
 def test_complex_output_real_input_uses_forward(rng):
     f = lambda x: jnp.exp(jax.lax.complex(jnp.zeros_like(x), x))  # noqa: E731
     x = randn(rng, (3,))

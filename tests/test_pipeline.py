@@ -224,6 +224,14 @@ def test_weak_types_follow_jax():
         j = make(lambda x: x * 2.0)(1.0)
         assert j.weak_type and (j * jnp.float32(1)).dtype == jnp.float32
     assert not jacobians.jacobian(lambda x: x * 2.0)(jnp.ones(2)).weak_type
+    # The sparse engine's dense result too: weakly typed where jax.jacfwd's is (a Python float in and out).
+    f = lambda x: jnp.stack([x, x**2])  # noqa: E731
+    got, want = jacobians.sparse_jacobian(f, output="dense")(2.0), jax.jacfwd(f)(2.0)
+    assert (got.dtype, got.weak_type) == (want.dtype, want.weak_type) and want.weak_type
+    g = lambda x, y: jnp.stack([x * y, x**2])  # noqa: E731
+    args = (2.0, jnp.float64(3.0))
+    got, want = jacobians.sparse_jacobian(g, (0, 1), output="dense")(*args), jax.jacfwd(g, (0, 1))(*args)
+    assert [a.weak_type for a in got] == [a.weak_type for a in want]
 
 
 def test_real_function_of_complex_inputs_matches_jacrev(rng):

@@ -683,11 +683,16 @@ class Engine:
             dtype = (_args.promote(p.out_dtype, in_at[c0].dtype) if self.coloring is not None
                      else _args.block_dtype(out_at[r0], in_at[c0]))  # weak types by kind, as Problem.blocks
             sub = SparsityPattern(out_shape, in_shape, rows[keep] - r0, cols[keep] - c0)
+            # A dense block weakly typed as jax.jacfwd's (output and input weak: Python floats) and jax.hessian's
+            # (H[i][j] where x_i is).
+            weak = self.output == "dense" and _args.is_weak(out_at[r0]) and (
+                self.coloring is not None or _args.is_weak(in_at[c0]))
             if self.output == "dense" and self.coloring is None:
                 how, mask = _dense_block(plan, (r0, r1), (c0, c1), sub)
                 if how != "entries":
-                    return kernels.compressed_dense(compressed, plan.colors, plan.mode, (r0, r1), (c0, c1), mask,
-                                                    dtype).reshape(sub.shape)
+                    dense = kernels.compressed_dense(compressed, plan.colors, plan.mode, (r0, r1), (c0, c1), mask,
+                                                     dtype).reshape(sub.shape)
+                    return _args.cast(dense, dtype, weak=True) if weak else dense
                 vals = kernels.take(compressed.reshape(-1), index[keep])
             else:
                 vals = data[keep] if keep.size < data.size else data
@@ -697,8 +702,6 @@ class Engine:
             if self.output == "dense":
                 size = (math.prod(out_shape), math.prod(in_shape))
                 dense = kernels.from_entries(size, sub.rows, sub.cols, vals, dtype).reshape(sub.shape)
-                # A Hessian's block H[i][j] weakly typed where x_i is (a Python float), as jax.hessian's.
-                weak = self.coloring is not None and _args.is_weak(out_at[r0])
                 return _args.cast(dense, dtype, weak=True) if weak else dense
             if split:  # a BCOO holding the host indices: separated from the traced values below
                 idx = sub.indices()
