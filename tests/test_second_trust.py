@@ -273,7 +273,9 @@ def _conv(lhs, rhs, **kw):
     return lax.conv_general_dilated(lhs, rhs, **kw)
 
 
-_ONE_DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+# (make_single_device_sharding from JAX 0.12, where SingleDeviceSharding is deprecated)
+_ONE_DEVICE = getattr(jax.sharding, "make_single_device_sharding", None) or jax.sharding.SingleDeviceSharding
+_ONE_DEVICE = _ONE_DEVICE(jax.devices()[0])
 _KERNEL = np.array([1.0, 0.0, -2.0, 0.5, 0.0, 3.0]).reshape(2, 1, 3)  # O=2, I=1, K=3, with zeros
 
 # name -> (function, input shape). Rules whose result depends on parameters or dtypes.
