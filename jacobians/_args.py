@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import _compat, _hoist, _leaves, kernels
+from . import _compat, _hoist, _leaves, _mesh, kernels
 from ._walker import BARS_REVERSE, differentiated
 
 # The options every transformation shares, written once (typing.Literal for readers and checkers).
@@ -457,6 +457,7 @@ class Transform:
         # failed to compile (its own crash, e.g. a RET_CHECK): the call then runs once more, with that plan.
         self.recover: Callable | None = None
         self._donating: dict = {}  # spec -> (the built function taking a donated result first, its result's avals)
+        self.shards = None  # a kernels.Shards under mesh=: inputs committed elsewhere are placed on its mesh
 
     @classmethod
     def jitted(cls, fun: Callable, argnums: Any, where: str, compute: Callable, opts: Any, **kwargs) -> "Transform":
@@ -466,6 +467,7 @@ class Transform:
         """
         t = cls(fun, argnums, where, lambda spec: _hoist.Hoisted(functools.partial(compute, t, spec, opts)),
                 **kwargs)
+        t.shards = getattr(opts, "shards", None)
         return t
 
     def compiled(self, args: tuple, kwargs: dict) -> tuple[Callable, list, CallSpec]:
@@ -540,13 +542,29 @@ class Transform:
             return fn(*args)
         except TRACER_ERRORS as e:
             raise TracedControlFlowError(self.where, e) from e
+        except ValueError as e:
+            if self._elsewhere(e):
+                return MISS  # the call below places the inputs on the mesh
+            raise
+
+    def _elsewhere(self, error: ValueError) -> bool:
+        """JAX refused inputs committed to devices other than the mesh's (under ``mesh=``)."""
+        return getattr(self.shards, "mesh", None) is not None and _INCOMPATIBLE_DEVICES in str(error)
 
     def __call__(self, *args, **kwargs):
         if not kwargs and (out := self.fast(args)) is not MISS:
             return out
         fn, traced, spec = self.compiled(args, kwargs)
         try:
-            out = self.run(fn, traced)
+            try:
+                out = self.run(fn, traced)
+            except ValueError as e:
+                if not self._elsewhere(e):
+                    raise
+                # An input pinned to one device (or sharded over other devices) under mesh=: placed on the
+                # mesh, replicated, as the call's own program then splits it; jax.jit alone refuses it.
+                traced = _mesh.onto(traced, self.shards.mesh)
+                out = self.run(fn, traced)
         except jax.errors.JaxRuntimeError as e:
             if self.recover is None or not _compiler_failure(e) or not self.recover(spec, traced, e):
                 raise
@@ -935,6 +953,9 @@ def _output_struct(s) -> jax.ShapeDtypeStruct:
     if getattr(s, "dtype", None) is None:
         return s  # not an array: check_float_outputs says so
     return jax.ShapeDtypeStruct(np.shape(s), s.dtype, weak_type=is_weak(s))
+
+
+_INCOMPATIBLE_DEVICES = "Received incompatible devices for jitted computation"
 
 
 def cast(x: jax.Array, dtype, weak: bool = False) -> jax.Array:

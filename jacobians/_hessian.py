@@ -612,6 +612,7 @@ def value_and_jacobian(
     holomorphic: bool = False,
     chunk_size: int | None = None,
     allow_int: bool = False,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """``(fun(x), J(x))`` from one pass: the value is the primal of the JVPs/VJPs.
 
@@ -622,18 +623,22 @@ def value_and_jacobian(
     ``has_aux``, ``((value, aux), jacobian)``.
     """
     where = "jacobians.value_and_jacobian"
-    opts = _JacobianOptions(
-        mode=_args.check_mode(mode, where),
-        has_aux=_args.check_bool(has_aux, "has_aux", where),
-        chunk_size=_args.check_chunk_size(chunk_size, where),
-        holomorphic=_args.check_bool(holomorphic, "holomorphic", where),
-    )
-    result = _args.wrap(_args.Transform.jitted(fun, argnums, where, _compute_value_and_jacobian, opts))
+
+    def make(c):
+        opts = _JacobianOptions(
+            mode=_args.check_mode(mode, where),
+            has_aux=_args.check_bool(has_aux, "has_aux", where),
+            chunk_size=_args.check_chunk_size(c, where),
+            holomorphic=_args.check_bool(holomorphic, "holomorphic", where),
+        )
+        return _args.wrap(_args.Transform.jitted(fun, argnums, where, _compute_value_and_jacobian, opts))
+
+    result = _memory.transform(make, chunk_size, max_memory, where)
     if not _args.check_bool(allow_int, "allow_int", where):
         return result
 
     def build(g, positions):
         return value_and_jacobian(g, positions, mode=mode, has_aux=has_aux, holomorphic=holomorphic,
-                                  chunk_size=chunk_size)
+                                  chunk_size=chunk_size, max_memory=max_memory)
 
     return _allow_int.with_int_leaves(fun, result, build, argnums, has_aux, lambda r: r[1], lambda r, j: (r[0], j))

@@ -450,6 +450,7 @@ def jacobian_matrix(
     order: str = "C",
     has_aux: bool = False,
     chunk_size: int | None = None,
+    max_memory: int | str | None = None,
 ) -> Callable:
     """The Jacobian of an array-to-array ``fun`` as a 2-D ``(out.size, in.size)`` matrix.
 
@@ -462,7 +463,7 @@ def jacobian_matrix(
     Args:
       fun: maps a single array (argument ``argnums``) to a single array.
       argnums: an int: which positional argument to differentiate.
-      mode, has_aux, chunk_size: as for :func:`jacobian`.
+      mode, has_aux, chunk_size, max_memory: as for :func:`jacobian`.
       order: ``"C"`` (row-major) or ``"F"`` (column stacking, vec).
 
     Returns:
@@ -477,4 +478,8 @@ def jacobian_matrix(
     order = _args.check_order(order, where)
     if isinstance(argnums, tuple | list):
         raise ValueError(f"{where}: argnums must be a single int, got {argnums!r}.")
-    return _build(fun, argnums, mode, has_aux, False, chunk_size, order, where)
+
+    def make(c):
+        return _build(fun, argnums, mode, has_aux, False, c, order, where)
+
+    return _memory.transform(make, chunk_size, max_memory, where, lambda *a, **k: make(1).plan(*a, **k).passes)

@@ -170,11 +170,7 @@ def _map(fn, seeds, chunk, shards=None):
         return kernels.sharded_vmap(fn, seeds, shards)
     if shards is None:
         return jax.lax.map(fn, seeds, batch_size=chunk)
-    b = chunk * per  # one step: chunk seeds per device
-    steps = -(-k // b)
-    padded = jnp.concatenate([seeds, jnp.zeros((steps * b - k,) + seeds.shape[1:], seeds.dtype)])
-    out = jax.lax.map(lambda s: kernels.sharded_vmap(fn, s, shards), padded.reshape((steps, b) + seeds.shape[1:]))
-    return out.reshape((steps * b,) + out.shape[2:])[:k]
+    return kernels.sharded_chunks(fn, k, seeds, chunk, shards)
 
 
 def _hvp(p, kind: str, colors: np.ndarray, chunk, where: str, shards=None):

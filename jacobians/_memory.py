@@ -42,14 +42,18 @@ def parse(max_memory, where: str) -> int | None:
         return None
     if isinstance(max_memory, bool):
         raise TypeError(f"{where}: max_memory must be a number of bytes or a string such as '2GB', got a bool.")
-    if isinstance(max_memory, int | float) and max_memory > 0:
-        return int(max_memory)
-    if isinstance(max_memory, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", max_memory)
-        if m and m.group(2).upper() in _UNITS and float(m.group(1)) > 0:
-            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    raise ValueError(f"{where}: max_memory must be a positive number of bytes or a string such as '2GB', "
-                     f"'512MiB', got {max_memory!r}.")
+    size = None
+    if isinstance(max_memory, int | float | np.integer | np.floating) and np.ndim(max_memory) == 0:
+        size = float(max_memory)
+    elif isinstance(max_memory, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", max_memory)
+        if m and m.group(2).upper() in _UNITS:
+            size = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    # At least one whole byte, and finite (a budget of inf is no budget: pass None).
+    if size is None or not np.isfinite(size) or size < 1:
+        raise ValueError(f"{where}: max_memory must be a finite number of bytes (at least 1) or a string such as "
+                         f"'2GB', '512MiB', '1e9', got {max_memory!r}; None for no budget.")
+    return int(size)
 
 
 def _human(b: float) -> str:
@@ -179,8 +183,7 @@ def fit(make: Callable[[int | None], Callable], total: int, budget: int, args: t
         raise ValueError(f"{where}: the result alone takes {_human(out)}, over max_memory={_human(budget)}; "
                          "raise max_memory, or ask for less (a sparse result, J v products, a diagonal).")
     if total == 1:
-        raise ValueError(f"{where}: no chunk size fits in max_memory={_human(budget)}: one pass at a time needs "
-                         f"{_human(full)} (the result {_human(out)}); raise max_memory.")
+        raise ValueError(_no_fit(where, budget, room, full, out))
     # bytes(c) = base + per c through two chunked programs, then the largest c within the budget.
     c1 = max(1, total // 16)
     c2 = max(c1 + 1, total // 4)
@@ -195,8 +198,13 @@ def fit(make: Callable[[int | None], Callable], total: int, budget: int, args: t
         if c == 1:
             break
         c = max(1, min(c - 1, int(c * room / size(c))))  # bytes roughly proportional to c: shrink by the excess
-    raise ValueError(f"{where}: no chunk size fits in max_memory={_human(budget)}: one pass at a time needs "
-                     f"{_human(min(v[0] for v in tried.values()))} (the result {_human(out)}); raise max_memory.")
+    raise ValueError(_no_fit(where, budget, room, min(v[0] for v in tried.values()), out))
+
+
+def _no_fit(where: str, budget: int, room: int, least: int, out: int) -> str:
+    return (f"{where}: no chunk size fits in max_memory={_human(budget)}: one pass at a time needs {_human(least)} "
+            f"(the result {_human(out)}), over the {_human(room)} a program may take ({_human(budget - room)} of the "
+            "budget is kept for what XLA's analysis does not count); raise max_memory.")
 
 
 def bounded(make: Callable[[int | None], Callable], passes: Callable, max_memory, where: str) -> Callable | None:

@@ -58,7 +58,19 @@ def resolve(mesh, where: str, axis=None) -> Shards | None:
         spec[axis] = names if len(names) > 1 else names[0]
         return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec(*spec)))
 
-    return Shards(count, constrain)
+    return Shards(count, constrain, mesh)
+
+
+def onto(leaves: list, mesh: Mesh) -> list:
+    """Concrete arrays committed to devices other than ``mesh``'s, replicated onto it (the others as they are)."""
+    devices = set(mesh.devices.flat)
+
+    def place(a):
+        if isinstance(a, jax.Array) and not _compat.is_tracer(a) and set(a.sharding.device_set) != devices:
+            return jax.device_put(a, NamedSharding(mesh, PartitionSpec()))
+        return a
+
+    return [place(a) for a in leaves]
 
 
 def shard_result(tree, shards: Shards | None, axis_of):

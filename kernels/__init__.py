@@ -9,6 +9,7 @@ business of :mod:`jacobians`; this package never imports it.
 from ._basis import Shards as Shards
 from ._basis import basis_map as basis_map
 from ._basis import opaque as opaque
+from ._basis import sharded_chunks as sharded_chunks
 from ._basis import sharded_vmap as sharded_vmap
 from ._compressed import compressed_dense as compressed_dense
 from ._compressed import compressed_forward as compressed_forward
@@ -41,6 +42,7 @@ __all__ = [
     "primal_once",
     "reverse",
     "seed_map",
+    "sharded_chunks",
     "sharded_vmap",
     "SlogdetResult",
     "slogdet",

@@ -31,11 +31,12 @@ class Shards(NamedTuple):
 
     ``count`` devices share the stack's leading axis; ``constrain(a, axis=0)``
     pins an array's ``axis`` to them (``jax.lax.with_sharding_constraint``) when
-    it divides evenly.
+    it divides evenly. ``mesh``: the ``jax.sharding.Mesh`` they belong to, if any.
     """
 
     count: int
     constrain: Callable[[jax.Array], jax.Array]
+    mesh: object = None
 
 
 def sharded_vmap(apply: Callable, seeds: jax.Array, shards: "Shards | None", out_axes=0):
@@ -60,6 +61,67 @@ def sharded_vmap(apply: Callable, seeds: jax.Array, shards: "Shards | None", out
     if isinstance(out_axes, tuple):
         return tuple(jax.tree_util.tree_map(lambda a, ax=ax: trim(a, ax), o) for o, ax in zip(out, out_axes))
     return jax.tree_util.tree_map(lambda a: trim(a, out_axes), out)
+
+
+def sharded_chunks(apply: Callable, count: int, rows, chunk_size: int, shards: Shards, aux: bool = False):
+    """``vmap(apply)`` over ``count`` seed rows, ``chunk_size`` per device at a time, each device on its own rows.
+
+    Device ``d`` pushes rows ``d * S .. d * S + S - 1`` (``S`` = ``count / D`` rounded up to whole chunks;
+    rows past ``count`` are zero seeds, their results dropped) and writes them into its own block of a
+    result sharded along its leading axis: a device holds ``1/D`` of the stacked results, not all of them
+    (a loop writing chunks of every device into one buffer replicated it on each: more memory than no chunks).
+
+    Args:
+      apply: ``(n,) -> (r...)``, or with ``aux`` ``(n,) -> ((r...), aux)`` (``aux`` independent of the seed).
+      count: the number of seed rows.
+      rows: the seeds, ``(count, n)`` (split across the devices as their rows are), or
+        ``rows(g) -> (len(g), n)``: the seed rows at global indices ``g`` (int32, some ``>= count``:
+        zero rows there), made where they are pushed (basis vectors: no identity held anywhere).
+      chunk_size: seed rows per device per step.
+      shards: the devices (``count > 1``).
+
+    Returns:
+      The results stacked along axis 0, ``(count, r...)`` (and ``aux``).
+    """
+    d = shards.count
+    chunk = max(1, min(chunk_size, -(-count // d)))
+    steps = -(-count // (d * chunk))
+    per = steps * chunk  # rows per device
+    fn = apply if aux else (lambda s: (apply(s), None))
+    offsets = (jnp.arange(d, dtype=jnp.int32) * per)[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    if not callable(rows):
+        held = jnp.concatenate([rows, jnp.zeros((d * per - count,) + rows.shape[1:], rows.dtype)])
+        held = shards.constrain(held.reshape((d, per) + rows.shape[1:]))  # device d holds its own rows
+
+        def rows(g, t):
+            del g
+            return jax.lax.dynamic_slice_in_dim(held, t * chunk, chunk, axis=1).reshape((d * chunk,) + held.shape[2:])
+    else:
+        made = rows
+        rows = lambda g, t: made(g)  # noqa: E731
+
+    def step(t):
+        seeds = shards.constrain(rows((offsets + t * chunk).reshape(-1), t))  # (d * chunk, n): device-major
+        out, a = jax.vmap(fn, out_axes=(0, None))(seeds)
+        return shards.constrain(out.reshape((d, chunk) + out.shape[1:])), a
+
+    shape, aux_shape = jax.eval_shape(lambda: step(jnp.int32(0)))
+
+    def body(t, carry):
+        out, _ = carry
+        block, a = step(t)
+        return shards.constrain(jax.lax.dynamic_update_slice_in_dim(out, block, t * chunk, axis=1)), a
+
+    out0 = shards.constrain(jnp.zeros((d, per) + shape.shape[2:], shape.dtype))
+    aux0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+    out, a = jax.lax.fori_loop(0, steps, body, (out0, aux0))
+    out = out.reshape((d * per,) + out.shape[2:])[:count]
+    return (out, a) if aux else out
+
+
+def _one_hot(g: jax.Array, size: int, dtype) -> jax.Array:
+    """Rows ``g`` of the ``size x size`` identity (zero rows where ``g >= size``)."""
+    return (g[:, None] == jnp.arange(size, dtype=g.dtype)[None, :]).astype(dtype)
 
 
 def _stack(apply: Callable, rows: jax.Array, shards: "Shards | None", axis: int) -> jax.Array:
@@ -103,6 +165,9 @@ def basis_map(
     per = shards.count if shards is not None else 1
     if chunk_size is None or chunk_size * per >= size:
         return _stack(apply, jnp.eye(size, dtype=dtype), shards, axis)
+    if per > 1:  # each device its own rows of the result (sharded_chunks)
+        out = sharded_chunks(apply, size, lambda g: _one_hot(g, size, dtype), chunk_size, shards)
+        return jnp.moveaxis(out, 0, axis)
 
     k = chunk_size * per
     probe = jax.eval_shape(apply, jax.ShapeDtypeStruct((size,), dtype))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._basis import Shards, opaque, sharded_vmap
+from ._basis import Shards, opaque, sharded_chunks, sharded_vmap
 from ._index import take, take_rows
 
 
@@ -45,11 +45,14 @@ def seed_map(apply: Callable, seeds: jax.Array, chunk_size: int | None = None, s
     per = shards.count if shards is not None else 1
     if chunk_size is None or chunk_size * per >= c:
         return sharded_vmap(apply, seeds, shards, out_axes=(axis, None))
-    k = chunk_size * per
+    if per > 1:  # each device its own rows of the products (sharded_chunks)
+        out, aux = sharded_chunks(apply, c, seeds, chunk_size, shards, aux=True)
+        return (out if axis == 0 else out.T), aux
+    k = chunk_size
     steps = -(-c // k)
     if steps * k > c:  # zero seeds give zero products, dropped below
         seeds = jnp.concatenate([seeds, jnp.zeros((steps * k - c, seeds.shape[1]), seeds.dtype)])
-    out, aux = jax.lax.map(lambda s: sharded_vmap(apply, s, shards, out_axes=(axis, None)),
+    out, aux = jax.lax.map(lambda s: jax.vmap(apply, out_axes=(axis, None))(s),
                            seeds.reshape(steps, k, seeds.shape[1]))  # (steps, k, r) or (steps, r, k)
     if axis == 0:
         out = out.reshape(steps * k, out.shape[2])[:c]

@@ -22,8 +22,9 @@ def test_parse():
     assert _memory.parse("512 MiB", "w") == 512 * 2**20
     assert _memory.parse(1000, "w") == 1000
     assert _memory.parse("1.5kb", "w") == 1500
-    for bad in ("abc", "-1GB", 0, -5, "2 GBs"):
-        with pytest.raises(ValueError, match=r"jacobians.x: max_memory must be a positive number of bytes"):
+    assert _memory.parse("1e9", "w") == _memory.parse(np.int64(10**9), "w") == _memory.parse(1e9, "w") == 10**9
+    for bad in ("abc", "-1GB", 0, -5, "2 GBs", float("inf"), float("nan"), 0.5, "0.5B", np.ones(2)):
+        with pytest.raises(ValueError, match=r"jacobians.x: max_memory must be a finite number of bytes \(at least 1\)"):
             _memory.parse(bad, "jacobians.x")
     with pytest.raises(TypeError, match="got a bool"):
         _memory.parse(True, "jacobians.x")
@@ -79,6 +80,25 @@ def test_errors(rng):
         jacobians.jacobian(_pairwise, max_memory=1000)(x)
     with pytest.raises(ValueError, match="give chunk_size or max_memory, not both"):
         jacobians.jacobian(_pairwise, chunk_size=4, max_memory="1GB")
+    # No chunk size fits: the message gives the room a program may take, the budget less its reserve
+    # (what one pass needs may lie between the two).
+    one = _memory.measure(jacobians.jacobian(_pairwise, mode="fwd", chunk_size=1), (x,), {})[0]
+    budget = one + _memory.reserve(one) // 2
+    with pytest.raises(ValueError, match=r"no chunk size fits .* over the .* a program may take \(.* of the budget is "
+                                         r"kept for what XLA's analysis does not count\)"):
+        jacobians.jacobian(_pairwise, mode="fwd", max_memory=budget)(x)
+
+
+@pytest.mark.parametrize("make", [jacobians.jacobian_matrix, jacobians.value_and_jacobian])
+def test_every_chunked_transformation_takes_a_budget(make, rng):
+    x = randn(rng, (32,))
+    full = _memory.measure(make(_pairwise, mode="fwd"), (x,), {})[0]
+    bounded = make(_pairwise, mode="fwd", max_memory=full // 3)
+    out = bounded(x)
+    np.testing.assert_allclose(out[1] if make is jacobians.value_and_jacobian else out,
+                               jax.jacfwd(_pairwise)(x), rtol=1e-10, atol=1e-10)
+    fit = bounded.memory(x)
+    assert fit.chunk_size is not None and fit.bytes <= full // 3
 
 
 def test_laplacian_under_a_budget(rng):

@@ -461,3 +461,19 @@ def test_jax_debug_modes_see_the_users_computations_not_the_checks(rng):
     with jax.transfer_guard("disallow"):
         J = jacobians.jacobian(lambda v: jnp.sin(v) * v[::-1])(xd)
     np.testing.assert_allclose(J, jax.jacfwd(lambda v: jnp.sin(v) * v[::-1])(xd), rtol=1e-12)
+
+
+def test_a_check_compiled_another_way_than_the_call_allows_its_rounding(monkeypatch):
+    """float32 tanh near saturation: 1 - tanh(x)**2 rounds to 0 or to 7e-7 depending on XLA's optimisation level.
+
+    The call's program is compiled as JAX compiles (here the suite's level 0), the check's reference for speed
+    (here level 3, the other way round from a user's process): the check retries JAX's products compiled as
+    the call's program was, and the plan passes (it failed its certificate, strict: raised).
+    """
+    monkeypatch.setitem(_trust.COMPILER_OPTIONS, "xla_backend_optimization_level", 3)
+    f = lambda x: jnp.tanh(x * 2.0)  # noqa: E731
+    x = jnp.arange(8.0, dtype=jnp.float32)
+    J = jacobians.jacobian(f)
+    np.testing.assert_allclose(J(x), jax.jit(jax.jacfwd(f))(x), rtol=1e-6, atol=1e-6)
+    plan = J.plan(x)
+    assert plan.method == "compressed" and plan.certificate.status == "passed", plan

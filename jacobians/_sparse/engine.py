@@ -412,6 +412,7 @@ class Engine:
         self.plans: dict = {}
         self.t = _args.Transform(fun, argnums, where, self._build)
         self.t.recover = self._recover
+        self.t.shards = shards
 
     def _recover(self, spec, traced, error) -> bool:
         """XLA failed to compile a sparse plan's program: the dense plan (every entry), once, with a warning."""
