@@ -51,7 +51,8 @@ HOLOMORPHIC = frozenset(
     "square one_minus_square log2 polynomial add add_any sub mul div integer_pow pow logistic select_n copy "
     "copy_p".split()
 )
-IDENTITIES = ("optimization_barrier", "sharding_constraint", "device_put", "mesh_cast", "reshard")
+IDENTITIES = ("optimization_barrier", "sharding_constraint", "device_put", "mesh_cast", "reshard",
+              "name")  # jax.ad_checkpoint.checkpoint_name's tag
 # primitive -> positions of the operands whose data moves (None: all of them).
 MOVES = {
     "reshape": (0,),
@@ -84,7 +85,8 @@ LINEAR = frozenset(MOVES) | frozenset(IDENTITIES) | {
     "cumsum", "select_n", "optimization_barrier", "transpose", "stop_gradient", "fft", "reduce_window_sum",
 }  # fmt: skip
 PIECEWISE_LINEAR = frozenset({
-    "abs", "max", "min", "clamp", "rem", "sort", "top_k", "reduce_max", "reduce_min", "cummax", "cummin", "argmax",
+    "abs", "max", "min", "clamp", "rem", "sort", "top_k", "approx_top_k", "reduce_max", "reduce_min", "cummax",
+    "cummin", "argmax",
     "argmin", "scatter-min", "scatter_min", "scatter-max", "scatter_max", "reduce_window_max", "reduce_window_min",
     "select_and_gather_add", "select_and_scatter_add",  # linear in their first operand, the second only selects
 }) | frozenset(ZERO)  # fmt: skip

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.extend import core as jcore
 
 import jacobians
@@ -659,6 +660,10 @@ def _sort():
                    (3, 4))
     yield Conf("top_k", "", "indices used to gather", lambda x: jnp.take_along_axis(
         jnp.cos(x), lax.top_k(jnp.sin(x), 2)[1], axis=1), (3, 4))
+    for k, axis, largest in ((2, -1, True), (1, 0, False)):
+        yield Conf("approx_top_k", "", f"approx_{'max' if largest else 'min'}_k k={k} reduction_dimension={axis}",
+                   lambda x, k=k, a=axis, big=largest: (lax.approx_max_k if big else lax.approx_min_k)(
+                       jnp.sin(x), k, reduction_dimension=a)[0] * 2.0, (3, 4))
     yield Conf("sort", "", "median", lambda x: jnp.median(jnp.sin(x), axis=1), (3, 5))
     yield Conf("sort", "", "jnp.partition kth=2", lambda x: jnp.partition(jnp.sin(x), 2, axis=1), (3, 4))
 
@@ -935,6 +940,10 @@ def _call():
         pol = None if policy == "none" else getattr(jax.checkpoint_policies, policy)
         yield Conf("checkpoint", "", f"jax.checkpoint policy={policy}", lambda x, pol=pol: jax.checkpoint(
             lambda v: jnp.sin(v @ jnp.asarray(const)) * v, policy=pol)(x), (3, 4))
+    yield Conf("name", "", "checkpoint_name, alone and saved by a remat policy", lambda x: jax.checkpoint(
+        lambda v: checkpoint_name(jnp.sin(v), "h") * v[::-1],
+        policy=jax.checkpoint_policies.save_only_these_names("h"))(x) + checkpoint_name(x, "g"),
+        (3, 4))
     yield Conf("debug_callback", "", "jax.debug.callback (an effect)", lambda x: (
         jax.debug.callback(lambda *_: None, x), jnp.sin(x) * x[::-1])[1], (3, 4))
     yield Conf("sharding_constraint", "", "with_sharding_constraint on a 1-device mesh", lambda x: jnp.sin(

@@ -47,13 +47,15 @@ def cumulative(lat, eqn, ins):
 
 
 def along_axis(lat, eqn, ins):
-    """``sort`` / ``top_k``: each output element may come from any element of its line.
+    """``sort`` / ``top_k`` / ``approx_top_k``: each output element may come from any element of its line.
 
     Example: ``sort`` of [{0}, {1}, {2}] -> [{0, 1, 2}] * 3. Reads ``dimension``
-    (``sort``; every operand is permuted by the keys) or ``axis`` (``top_k``;
-    the last axis in JAX versions without the parameter).
+    (``sort``; every operand is permuted by the keys), ``axis`` (``top_k``;
+    the last axis in JAX versions without the parameter) or ``reduction_dimension``
+    (``approx_top_k``).
     """
-    axis = eqn.params.get("dimension", eqn.params.get("axis", -1)) % len(ins[0].shape)
+    p = eqn.params
+    axis = p.get("dimension", p.get("axis", p.get("reduction_dimension", -1))) % len(ins[0].shape)
     lines = union([_collapse(d, (axis,), lat.n) for d in ins], tuple(np.delete(ins[0].shape, axis)), lat.n)
     outs = []
     for v in eqn.outvars:
@@ -98,4 +100,4 @@ RULES = {name: reduce for name in REDUCTIONS}
 RULES["reduce"] = reduce_generic
 RULES["fft"] = fft
 RULES.update({name: cumulative for name in CUMULATIVE})
-RULES.update({"sort": along_axis, "top_k": along_axis})
+RULES.update({"sort": along_axis, "top_k": along_axis, "approx_top_k": along_axis})
