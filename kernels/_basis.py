@@ -78,7 +78,7 @@ def sharded_chunks(apply: Callable, count: int, rows, chunk_size: int, shards: S
         ``rows(g) -> (len(g), n)``: the seed rows at global indices ``g`` (int32, some ``>= count``:
         zero rows there), made where they are pushed (basis vectors: no identity held anywhere).
       chunk_size: seed rows per device per step.
-      shards: the devices (``count > 1``).
+      shards: the devices (more than one).
 
     Returns:
       The results stacked along axis 0, ``(count, r...)`` (and ``aux``).
