@@ -43,12 +43,12 @@ ENGINES = {
     "batch_aux": lambda mesh: jacobians.batch_jacobian(lambda X: (flow_b(X), (X.sum(), 2 * X)), has_aux=True,
                                                        mesh=mesh)(X[:5]),
     "hessian_diagonal_forward_5": lambda mesh: jacobians.hessian_diagonal(rosen, method="forward", mesh=mesh)(x[:5]),
-    # Chunks on every device at once, each device writing its own rows (sharded_chunks), uneven counts too.
+    # Chunks on every device at once, each device writing its own rows (sharded_chunks), uneven counts too
+    # (the Laplacian's HVPs: hessian_diagonal_hvp above).
     "jac_fwd_chunk_5": lambda mesh: jacobians.jacobian(lambda v: jnp.tanh(jnp.asarray(W[:5, :5]) @ v), mode="fwd",
                                                        chunk_size=1, mesh=mesh)(x[:5]),
     "sparse_chunk": lambda mesh: jacobians.sparse_jacobian(lambda v: jnp.tanh(jnp.asarray(W) @ v), output="dense",
                                                            chunk_size=1, mesh=mesh)(x),
-    "laplacian_hvp_chunk": lambda mesh: jacobians.laplacian(rosen, method="hvp", chunk_size=1, mesh=mesh)(x[:7]),
 }
 def results(mesh, names=tuple(ENGINES)):
     return {k: ENGINES[k](mesh) for k in names}
