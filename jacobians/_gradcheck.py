@@ -198,7 +198,7 @@ ROUNDING_ULPS = 4  # the rounding fun's value may carry at each point, in units 
 
 
 def _rounding(fun, x, out_dtype, step, method: str, jit: bool) -> np.ndarray:
-    """The finite differences' own rounding, ``out.shape + x.shape``: ``2 ulps(f(x)) / step_j``.
+    """The finite differences' own rounding, ``out.shape + x.shape``: ``2 ROUNDING_ULPS eps |f(x)| / step_j``.
 
     Each of the quotient's two values of ``fun`` is rounded (to ``ROUNDING_ULPS`` epsilons of its size,
     the size taken at ``x``); the complex step has no difference to round (0).
@@ -375,7 +375,11 @@ def gradcheck(
         expected = tuple(out.shape) + tuple(x.shape)
         if jac_fun is not None:
             analytic = jac_fun(x)
-            if not hasattr(analytic, "shape") or not jnp.issubdtype(np.asarray(analytic).dtype, jnp.number):
+            try:  # an array, or what NumPy makes one of (nested lists of numbers)
+                numeric_dtype = jnp.issubdtype(np.asarray(analytic).dtype, jnp.number)
+            except (TypeError, ValueError):
+                numeric_dtype = False
+            if not numeric_dtype:
                 return result("failed", f"jac_fun must return an array of numbers, got {_kind(analytic)}")
         elif jit:
             analytic = jacobian(fun, holomorphic=is_complex)(x)
