@@ -684,7 +684,8 @@ def own_evaluation() -> Iterator[None]:
 
 
 def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judge: Callable, what: str,
-            directions: Callable | None = None, computed: Callable | None = None) -> Certificate:
+            directions: Callable | None = None, computed: Callable | None = None,
+            at_inputs: bool = False) -> Certificate:
     """Run a plan's check once, on the host, and judge it.
 
     Args:
@@ -701,6 +702,7 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
         tangents of ``p.x``'s shape and dtype).
       computed: ``computed(point) -> array``, appended to the program's outputs (values the
         caller computes itself at the point).
+      at_inputs: check at the call's inputs (``values``) only, not first near them.
 
     Returns:
       The :class:`Certificate`.
@@ -720,7 +722,8 @@ def certify(traced_flat: tuple, values: Sequence | None, program: Callable, judg
     consts = _hoist.large(_compat.unclose(closed)[1])  # arguments of the check's program, not its constants
     tol = rtol(closed, meta.x.dtype, meta.out_dtype)
     tried = []
-    for label, point in points(closed, offsets, values):
+    for label, point in (points(closed, offsets, values) if not at_inputs or values is None
+                         else [("the call's inputs", list(values))]):
         T = directions(np.random.default_rng(SEED + 1), meta)
         try:
             with jax.ensure_compile_time_eval(), own_evaluation():

@@ -530,3 +530,22 @@ def test_many_inputs_check_the_rules_along_random_directions(monkeypatch, rng):
     got, caught = _lenient(lambda: jacobians.laplacian(_four_nodes, method="sparse")(x))
     np.testing.assert_allclose(got, np.trace(np.asarray(jax.hessian(_four_nodes)(x))), **F64)
     assert len(caught) == 1 and "failed its certificate (second derivatives along random directions" in caught[0]
+
+
+def test_a_saturated_point_near_the_inputs_is_judged_at_the_inputs_scale():
+    """float32 log-sum-exp whose logits scale by 5: near the call's inputs the softmax saturates, the forward
+    Laplacian's terms of |W|^2 size cancel to 2^-16 there and JAX's JVPs of JVPs to 0. The plan passes at the
+    call's inputs and near them within the tolerance of its values' scale there (it failed, strict: raised)."""
+    key = jax.random.PRNGKey(1)
+    W = jax.random.normal(jax.random.fold_in(key, 19), (10, 6), jnp.float32) * 5.0
+    x = jax.random.normal(jax.random.fold_in(key, 20), (6,), jnp.float32)
+
+    def g(x):
+        z = W @ x
+        return jax.nn.logsumexp(z) - z[3]
+
+    lap = jacobians.laplacian(g, method="forward")
+    want = np.trace(np.asarray(jax.hessian(lambda v: g(v.astype(jnp.float32)))(x)))
+    np.testing.assert_allclose(lap(x), want, rtol=1e-4, atol=1e-5)
+    cert = lap.plan(x).certificate
+    assert cert.status == "passed" and "scale at the call's inputs" in cert.detail, cert
