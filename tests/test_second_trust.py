@@ -16,6 +16,9 @@ Three properties on fresh random points, never zeros:
 
 import functools
 import inspect
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -495,3 +498,30 @@ def test_a_hessian_at_rounding_level_passes_its_checks(rng):
     np.testing.assert_allclose(jacobians.sparse_hessian(g, output="dense")(x), H, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(jacobians.laplacian(g, method="hvp")(x), np.trace(H), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(jacobians.hessian_diagonal(g, method="hvp")(x), np.diag(H), rtol=1e-12, atol=1e-12)
+
+
+
+_SATURATED = """
+import numpy as np, jax, jax.numpy as jnp, jacobians
+key = jax.random.PRNGKey(1)
+W = jax.random.normal(jax.random.fold_in(key, 19), (10, 6)) * 5.0
+x = jax.random.normal(jax.random.fold_in(key, 20), (6,))
+g = lambda x: jax.nn.logsumexp(W @ x) - (W @ x)[3]
+with jacobians.strict():
+    np.testing.assert_allclose(jacobians.hessian(g)(x), jax.hessian(g)(x), rtol=1e-4, atol=1e-5)
+    H = np.asarray(jax.hessian(g)(x))
+    np.testing.assert_allclose(jacobians.laplacian(g)(x), np.trace(H), rtol=1e-4, atol=1e-5)
+print("SATURATED OK")
+"""
+
+
+@pytest.mark.slow
+def test_checks_saturated_near_the_inputs_are_judged_at_the_inputs_scale():
+    """float32 log-sum-exp whose logits scale by 5, as a user runs it (XLA's default optimisation level, no x64):
+    near the call's inputs the softmax saturates and the plan's second derivatives and JAX's are both rounding
+    (the structured Hessian 8e-8 against -6e-8, the forward Laplacian 2^-16 against 0). Each plan passes at
+    the call's inputs and near them within the tolerance of the values' scale there (both failed, strict:
+    raised). In a fresh process: the suite compiles at level 0 and enables x64."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    out = subprocess.run([sys.executable, "-c", _SATURATED], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "SATURATED OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
