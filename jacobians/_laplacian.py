@@ -469,11 +469,11 @@ def _certify(traced_flat, values, plan: LaplacianPlan, kind: str, where: str) ->
              ("first derivatives along random directions", "first derivatives of the rules along random directions",
               "second derivatives along random directions"))
 
-    def judge(outs, T, tol, scales=None):
+    def judge(outs, T, tol, floor=None):  # floor: one per quantity (at_inputs_scale)
         k = len(names)
         got, ref, other = outs[:k], outs[k: 2 * k], outs[2 * k:] or [None] * k
         for i, (name, g, r, o) in enumerate(zip(names, got, ref, other, strict=True)):
-            scale = np.abs(g) if scales is None else np.abs(g) + scales[i]
+            scale = np.abs(g) if floor is None else np.abs(g) + floor[i]
             detail = _trust.compare(g, r, scale, tol, "output entry", noise=None if o is None else o - r)
             if detail is not None:
                 return f"{name}: {detail}"
@@ -482,27 +482,13 @@ def _certify(traced_flat, values, plan: LaplacianPlan, kind: str, where: str) ->
     what = "JVPs of JVPs along each of the {k} inputs" if exact else "directions (JVPs of JVPs)"
     directions = (lambda rng, p: np.eye(p.n, dtype=p.x.dtype)) if exact else None
     cert = _certify_within_rounding(traced_flat, values, program, judge, what, directions)
-    if not cert.failed or values is None:
+    if not cert.failed:
         return cert
-    # A saturated point near the call's inputs (a softmax whose logits scale by 5-20 in float32): the plan's
-    # Laplacian sums terms of |W|^2 size that cancel to rounding there, JAX's JVPs of JVPs to 0. The plan
-    # stands if it passes at the call's own inputs and, near them, agrees within the tolerance of the scale
-    # its values have at those inputs (a wrong rule or layout is wrong by that scale: at degenerate inputs,
-    # all zeros, the scale and so the allowance is 0).
-    scales: list = []
-
-    def at_inputs(outs, T, tol):
-        detail = judge(outs, T, tol)
-        k = len(names)
-        scales.extend(float(np.abs(r).max(initial=0.0)) for r in outs[k: 2 * k])
-        return detail
-
-    there = _trust.certify(traced_flat, values, program, at_inputs, what, directions, at_inputs=True)
-    if there.failed or not scales:
-        return cert
-    near = _trust.certify(traced_flat, values, program, lambda outs, T, tol: judge(outs, T, tol, scales),
-                          what + ", within the tolerance of the values' scale at the call's inputs", directions)
-    return near if not near.failed else cert
+    # (A saturated point near the call's inputs: a float32 log-sum-exp, whose sweep's |W|^2-size terms cancel.)
+    k = len(names)
+    calm = _trust.at_inputs_scale(traced_flat, values, program, judge, lambda outs: [
+        float(np.abs(r).max(initial=0.0)) for r in outs[k: 2 * k]], what, directions)
+    return cert if calm is None else calm
 
 
 def _certify_colors(traced_flat, values, colors: np.ndarray, where: str, closed) -> "_trust.Certificate":

@@ -586,6 +586,36 @@ def compare(got: np.ndarray, ref: np.ndarray, scale: np.ndarray, tol: float, wha
 _NOISE_FACTOR = 8.0  # compare's allowance of JAX's disagreement with itself
 
 
+def at_inputs_scale(traced_flat, values, program, judge: Callable, scale_of: Callable, what: str, directions,
+                    computed=None) -> "Certificate | None":
+    """A failed check again where the point near the call's inputs may saturate ``fun``: passed, or ``None``.
+
+    At a saturated point (a float32 softmax whose logits scale by 5) a plan's second derivatives and JAX's
+    are both rounding, of terms far larger than the results (the forward Laplacian's cancel to 2^-16, JAX's
+    to 0). The plan stands if it passes at the call's own inputs and, near them, agrees within the tolerance
+    of the scale its values have at those inputs: a wrong rule or layout is wrong by that scale, and at
+    degenerate inputs (zeros) the scale, and so the allowance, vanish.
+
+    Args:
+      judge: ``judge(outs, T, tol, floor) -> None or what disagrees``; ``floor`` (``None``: none) is added
+        to the scale each comparison allows errors relative to.
+      scale_of: ``scale_of(outs)``: the floor, from the outputs at the call's inputs.
+    """
+    if values is None:
+        return None
+    scales: list = []
+
+    def there(outs, T, tol):
+        scales.append(scale_of(outs))
+        return judge(outs, T, tol, None)
+
+    if certify(traced_flat, values, program, there, what, directions, computed, at_inputs=True).failed or not scales:
+        return None
+    near = certify(traced_flat, values, program, lambda outs, T, tol: judge(outs, T, tol, scales[0]),
+                   f"{what}, within the tolerance of the values' scale at the call's inputs,", directions, computed)
+    return None if near.failed else near
+
+
 def _second_opinion(traced_flat, values, program, judge, what, directions, computed, other,
                     each: bool = False) -> "Certificate | None":
     """The check again, allowing the disagreement between JAX's result and ``other(p, T)``'s, JAX's by another way.
@@ -844,7 +874,7 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
             ref = _args.jax_itself(products, p, p.x, T)
         return (ref,) if got is None else (got, ref)
 
-    def judge(outs, T, tol, noise=None, each=False, floor=0.0):
+    def judge(outs, T, tol, noise=None, each=False, floor=None):
         got, ref = (outs[1], outs[0]) if computed is not None else outs
         # A Hessian's rows where JAX's products were reverse over reverse: they equal its columns only where it
         # is symmetric, which JAX's jacrev(grad) of a custom_vjp whose rule is not a derivative is not.
@@ -868,7 +898,8 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
             # against 5-10 ms at n = 2304, most of a Gram matrix's certificate).
             A = J.T if rows_of else J
             prod, bound = (A @ T.T).T, (np.abs(A) @ np.abs(T).T).T
-        return compare(prod, ref, bound + floor, tol, "input entry" if rows_of else "output entry", noise, each)
+        bound = bound if floor is None else bound + floor
+        return compare(prod, ref, bound, tol, "input entry" if rows_of else "output entry", noise, each)
 
     what = ("Hessian-vector products" if hessian else "VJPs" if side_out else "JVPs")
     cert = certify(traced_flat, values, program, judge, what, directions, computed)
@@ -888,22 +919,12 @@ def linear(traced_flat: tuple, values, evaluate: Callable, *, mode: str, entries
         noisy = _second_opinion(traced_flat, values, program, judge, what, directions, computed, other)
         if noisy is not None and not noisy.failed:
             return noisy
-        # A saturated point near the call's inputs (a float32 log-sum-exp whose logits scale by 5): the plan's
-        # products and JAX's are both rounding there. The plan stands if it passes at the call's own inputs
-        # and, near them, agrees within the tolerance of the scale JAX's products have at those inputs (at
-        # degenerate inputs, zeros, that scale and so the allowance vanish).
-        scale: list = []
-
-        def at_inputs(outs, T, tol):
-            scale.append(float(np.abs(outs[0] if computed is not None else outs[1]).max(initial=0.0)))
-            return judge(outs, T, tol)
-
-        if values is not None and not certify(traced_flat, values, program, at_inputs, what, directions, computed,
-                                              at_inputs=True).failed and scale:
-            near = certify(traced_flat, values, program, lambda outs, T, tol: judge(outs, T, tol, floor=scale[0]),
-                           f"{what}, within the tolerance of their scale at the call's inputs,", directions, computed)
-            if not near.failed:
-                return near
+        # (Both sides rounding at a saturated point near the call's inputs: a float32 log-sum-exp.)
+        calm = at_inputs_scale(traced_flat, values, program, lambda outs, T, tol, floor: judge(
+            outs, T, tol, floor=floor), lambda outs: float(np.abs(outs[0] if computed is not None else outs[1]).max(
+                initial=0.0)), what, directions, computed)
+        if calm is not None:
+            return calm
     if cert.failed and not hessian and reference in (None, "with"):
         # Where fun amplifies rounding (a chaotic recurrence: a scan feeding sin values near 1e10), JAX's own
         # products move by as much when the point moves by a few ulps (two programs that round one step
