@@ -7,12 +7,6 @@ import jax
 import jax.numpy as jnp
 
 
-def _one_hot_rows(start: jax.Array | int, count: int, size: int, dtype) -> jax.Array:
-    """Rows ``start, ..., start + count - 1`` of the ``size x size`` identity."""
-    rows = start + jnp.arange(count)
-    return (rows[:, None] == jnp.arange(size)[None, :]).astype(dtype)
-
-
 def opaque(seeds):
     """Seeds (or any constant next to a function's closed-over arrays) that XLA will not constant-fold.
 
@@ -88,20 +82,20 @@ def sharded_chunks(apply: Callable, count: int, rows, chunk_size: int, shards: S
     steps = -(-count // (d * chunk))
     per = steps * chunk  # rows per device
     fn = apply if aux else (lambda s: (apply(s), None))
-    offsets = (jnp.arange(d, dtype=jnp.int32) * per)[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
-    if not callable(rows):
+    if callable(rows):
+        offsets = (jnp.arange(d, dtype=jnp.int32) * per)[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+
+        def seeds_at(t):  # step t's rows of every device, device-major
+            return rows((offsets + t * chunk).reshape(-1))
+    else:
         held = jnp.concatenate([rows, jnp.zeros((d * per - count,) + rows.shape[1:], rows.dtype)])
         held = shards.constrain(held.reshape((d, per) + rows.shape[1:]))  # device d holds its own rows
 
-        def rows(g, t):
-            del g
+        def seeds_at(t):
             return jax.lax.dynamic_slice_in_dim(held, t * chunk, chunk, axis=1).reshape((d * chunk,) + held.shape[2:])
-    else:
-        made = rows
-        rows = lambda g, t: made(g)  # noqa: E731
 
     def step(t):
-        seeds = shards.constrain(rows((offsets + t * chunk).reshape(-1), t))  # (d * chunk, n): device-major
+        seeds = shards.constrain(seeds_at(t))  # (d * chunk, n)
         out, a = jax.vmap(fn, out_axes=(0, None))(seeds)
         return shards.constrain(out.reshape((d, chunk) + out.shape[1:])), a
 
@@ -169,7 +163,7 @@ def basis_map(
         out = sharded_chunks(apply, size, lambda g: _one_hot(g, size, dtype), chunk_size, shards)
         return jnp.moveaxis(out, 0, axis)
 
-    k = chunk_size * per
+    k = chunk_size  # (one device here)
     probe = jax.eval_shape(apply, jax.ShapeDtypeStruct((size,), dtype))
     shape = list(probe.shape)
     shape.insert(axis, size)
@@ -179,7 +173,7 @@ def basis_map(
         # it recomputes a few columns but every step pushes exactly k vectors,
         # and the result is written in place into the loop-carried buffer.
         start = jnp.minimum(i * k, size - k)
-        block = _stack(apply, _one_hot_rows(start, k, size, dtype), shards, axis)
+        block = _stack(apply, _one_hot(start + jnp.arange(k), size, dtype), shards, axis)
         return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis)
 
     out = jnp.zeros(shape, probe.dtype)
